@@ -1,0 +1,276 @@
+"""HTTP API under /api/v1. Handlers parse, authorise and call the service layer."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from gpuprovider import __version__
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.states import TERMINAL, TaskState
+from gpuprovider.identity.keys import hash_token, new_token
+from gpuprovider.service.errors import NotFound, Rejected, ServiceError
+from gpuprovider.service.tasks import TaskService
+from gpuprovider.service.views import gpu_views, node_view, task_view
+from gpuprovider.store.records import TaskRecord, TokenRecord
+from gpuprovider.store.store import Store
+
+SCOPES = ("read", "submit", "admin")
+FOLLOW_POLL_S = 0.2
+
+
+@dataclass
+class ApiContext:
+    store: Store
+    tasks: TaskService
+    max_body_bytes: int
+
+
+class TokenRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    scopes: list[str] = Field(default_factory=lambda: ["read", "submit"], min_length=1)
+    tenant: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        self.status, self.message, self.headers = status, message, headers
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _field_errors(exc: RequestValidationError) -> list[str]:
+    lines = []
+    for item in exc.errors():
+        loc = [str(p) for p in item["loc"] if p not in ("body", "query", "path")]
+        msg = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field; check its spelling"
+        lines.append(f"{'.'.join(loc) or 'body'}: {msg}")
+    return lines
+
+
+class BodyLimit:
+    """Refuses request bodies over the limit with 413 before they are read whole."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = _error(413, f"request body is larger than the limit of {self.limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, f"request body is larger than the limit of {self.limit} bytes")
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except ApiError as exc:
+            await _error(exc.status, exc.message)(scope, receive, send)
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(
+        title="gpuprovider",
+        version=__version__,
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    store, tasks = ctx.store, ctx.tasks
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = _field_errors(exc)
+        return _error(422, "; ".join(details), details=details)
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        response = _error(exc.status, exc.message)
+        response.headers.update(exc.headers or {})
+        return response
+
+    def principal(authorization: Annotated[str | None, Header()] = None) -> TokenRecord:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise ApiError(
+                401,
+                "missing bearer token: send 'Authorization: Bearer <token>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        record = store.token_by_hash(hash_token(authorization[7:].strip()))
+        if record is None:
+            raise ApiError(401, "unknown or revoked token", {"WWW-Authenticate": "Bearer"})
+        return record
+
+    def needs(scope: str) -> Any:
+        def check(who: Annotated[TokenRecord, Depends(principal)]) -> TokenRecord:
+            if "admin" not in who.scopes and scope not in who.scopes:
+                raise ApiError(403, f"token {who.name!r} lacks the {scope!r} scope")
+            return who
+
+        return Depends(check)
+
+    def visible_task(ref: str, who: TokenRecord) -> TaskRecord:
+        task = tasks.get(ref)
+        if "admin" not in who.scopes and task.tenant != who.tenant:
+            raise NotFound(f"no task with id or name {ref!r}")
+        return task
+
+    def full_view(task: TaskRecord) -> dict[str, Any]:
+        alloc = store.allocation(task.id)
+        node = next((n for n in store.nodes() if alloc and n.id == alloc.node_id), None)
+        return task_view(task, alloc, node, store.events(task.id))
+
+    @app.get("/api/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "tasks": store.count_tasks()}
+
+    @app.get("/api/v1/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__, "api": "v1"}
+
+    @app.post("/api/v1/tasks", status_code=201)
+    async def submit(
+        spec: TaskSpec, who: Annotated[TokenRecord, needs("submit")], dry_run: bool = False
+    ) -> Any:
+        if dry_run:
+            return JSONResponse(tasks.dry_run(spec), status_code=200)
+        return task_view(tasks.submit(spec, who.tenant))
+
+    @app.get("/api/v1/tasks")
+    async def list_tasks(
+        who: Annotated[TokenRecord, needs("read")],
+        state: Annotated[list[str] | None, Query()] = None,
+        name: str | None = None,
+        kind: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    ) -> list[dict[str, Any]]:
+        try:
+            states = [TaskState(s) for item in state or [] for s in item.split(",") if s]
+        except ValueError as exc:
+            raise Rejected(
+                f"state: {exc}; known: {', '.join(s.value for s in TaskState)}"
+            ) from None
+        tenant = None if "admin" in who.scopes else who.tenant
+        found = store.tasks(
+            states=states, name=name, kind=kind, tenant=tenant, limit=limit, newest_first=True
+        )
+        return [task_view(t) for t in found]
+
+    @app.get("/api/v1/tasks/{ref}")
+    async def get_task(ref: str, who: Annotated[TokenRecord, needs("read")]) -> dict[str, Any]:
+        return full_view(visible_task(ref, who))
+
+    @app.get("/api/v1/tasks/{ref}/events")
+    async def task_events(ref: str, who: Annotated[TokenRecord, needs("read")]) -> list[Any]:
+        return full_view(visible_task(ref, who))["events"]
+
+    @app.post("/api/v1/tasks/{ref}/cancel")
+    async def cancel(ref: str, who: Annotated[TokenRecord, needs("submit")]) -> dict[str, Any]:
+        task = visible_task(ref, who)
+        return task_view(tasks.cancel(task.id, who.name))
+
+    @app.get("/api/v1/tasks/{ref}/logs")
+    async def logs(
+        ref: str,
+        who: Annotated[TokenRecord, needs("read")],
+        follow: bool = False,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> Any:
+        task = visible_task(ref, who)
+        path = Path(task.run_dir) / "output.log" if task.run_dir else None
+        if not follow:
+            if path is None or not path.exists():
+                return PlainTextResponse("")
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                return PlainTextResponse(handle.read().decode(errors="replace"))
+        return StreamingResponse(_follow(task.id, offset), media_type="text/event-stream")
+
+    async def _follow(task_id: str, offset: int) -> AsyncIterator[str]:
+        """Server-sent events: one `data:` event per chunk, `event: end` when done."""
+        position = offset
+        while True:
+            task = store.task(task_id)
+            done = task is None or task.state in TERMINAL
+            path = Path(task.run_dir) / "output.log" if task and task.run_dir else None
+            if path is not None and path.exists():
+                with open(path, "rb") as handle:
+                    handle.seek(position)
+                    chunk = handle.read(1 << 16)
+                if chunk:
+                    position += len(chunk)
+                    yield f"data: {json.dumps(chunk.decode(errors='replace'))}\n\n"
+                    continue
+            if done:
+                state = task.state.value if task else "gone"
+                yield f"event: end\ndata: {json.dumps(state)}\n\n"
+                return
+            await asyncio.sleep(FOLLOW_POLL_S)
+
+    @app.get("/api/v1/nodes")
+    async def nodes(who: Annotated[TokenRecord, needs("read")]) -> list[dict[str, Any]]:
+        return [node_view(n) for n in store.nodes()]
+
+    @app.get("/api/v1/gpus")
+    async def gpus(who: Annotated[TokenRecord, needs("read")]) -> list[dict[str, Any]]:
+        return gpu_views(store.nodes(), store.active_allocations())
+
+    @app.post("/api/v1/tokens", status_code=201)
+    async def create_token(
+        body: TokenRequest, who: Annotated[TokenRecord, needs("admin")]
+    ) -> dict[str, Any]:
+        unknown = sorted(set(body.scopes) - set(SCOPES))
+        if unknown:
+            raise Rejected(f"scopes: unknown {unknown}; choose from {list(SCOPES)}")
+        token = new_token()
+        try:
+            record = store.add_token(
+                body.name, hash_token(token), body.scopes, body.tenant or body.name
+            )
+        except ValueError as exc:
+            raise ServiceError(str(exc)) from None
+        return {
+            "name": record.name,
+            "scopes": record.scopes,
+            "tenant": record.tenant,
+            "token": token,
+        }
+
+    @app.get("/api/v1/tokens")
+    async def list_tokens(who: Annotated[TokenRecord, needs("admin")]) -> list[dict[str, Any]]:
+        return [
+            {"name": t.name, "scopes": t.scopes, "tenant": t.tenant, "created_at": t.created_at}
+            for t in store.tokens()
+        ]
+
+    return app
+
+
+def build_asgi(ctx: ApiContext) -> Any:
+    return BodyLimit(create_app(ctx), ctx.max_body_bytes)

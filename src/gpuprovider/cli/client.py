@@ -1,0 +1,87 @@
+"""The CLI's HTTP client: URL and token from the home unless given."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from gpuprovider.config import ConfigError, load_config
+from gpuprovider.home import Home
+
+
+class CliError(Exception):
+    """Ends the command with a message and an exit code (1 failure, 2 bad input)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def resolve_endpoint(home: Home, url: str | None, token: str | None) -> tuple[str, str | None]:
+    url = url or os.environ.get("GPUPROVIDER_URL")
+    token = token or os.environ.get("GPUPROVIDER_TOKEN")
+    if not url:
+        try:
+            api = load_config(home.config).api
+        except ConfigError as exc:
+            raise CliError(f"{exc}\n(or pass --url)", 2) from None
+        url = f"http://{api.host}:{api.port}"
+    if not token and home.token.exists():
+        token = home.token.read_text().strip()
+    return url.rstrip("/"), token
+
+
+class Client:
+    def __init__(self, url: str, token: str | None, timeout_s: float = 30.0):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s)
+
+    def _check(self, response: httpx.Response) -> Any:
+        if response.status_code < 400:
+            return response.json() if response.content else None
+        try:
+            message = response.json().get("error") or response.text
+        except ValueError:
+            message = response.text
+        # 4xx: the request was wrong (bad input, auth); 5xx: the provider failed.
+        raise CliError(message, 2 if response.status_code < 500 else 1)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, f"/api/v1{path}", **kwargs)
+        except httpx.TransportError as exc:
+            raise CliError(
+                f"cannot reach the provider at {self.url} ({exc.__class__.__name__}); "
+                "is `gpuprovider up` running?"
+            ) from None
+        return self._check(response)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: Any = None, **params: Any) -> Any:
+        return self.request("POST", path, json=body, params=params or None)
+
+    def stream_events(self, path: str, **params: Any) -> Iterator[tuple[str, Any]]:
+        """Server-sent events as (event, data) pairs."""
+        try:
+            with self.http.stream("GET", f"/api/v1{path}", params=params, timeout=None) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._check(resp)
+                event, data = "message", None
+                for line in resp.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data = json.loads(line[5:].strip())
+                    elif line == "" and data is not None:
+                        yield event, data
+                        event, data = "message", None
+        except httpx.TransportError as exc:
+            raise CliError(f"lost the provider at {self.url} ({exc.__class__.__name__})") from None

@@ -1,0 +1,222 @@
+"""`gpuprovider task ...`: submit, list, inspect, follow and cancel tasks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from gpuprovider.cli.client import CliError
+from gpuprovider.cli.common import globals_of
+from gpuprovider.cli.output import ago, console, print_json, table
+
+task_app = typer.Typer(help="Batch jobs and services.", no_args_is_help=True)
+JSON = typer.Option(False, "--json", help="Print JSON.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Say where it would run; store nothing.")
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{what} {item!r} must be KEY=VALUE", 2)
+        pairs[key] = value
+    return pairs
+
+
+def _submit(ctx: typer.Context, spec: dict[str, Any], dry_run: bool, as_json: bool) -> None:
+    client = globals_of(ctx).client()
+    if dry_run:
+        verdict = client.post("/tasks", spec, dry_run="true")
+        if as_json:
+            return print_json(verdict)
+        if verdict["placeable_now"]:
+            p = verdict["placement"]
+            console.print(f"would run now on node {p['node_id']} with GPUs {p['gpu_uuids'] or '-'}")
+        else:
+            console.print(verdict["message"])
+        return
+    task = client.post("/tasks", spec)
+    if as_json:
+        return print_json(task)
+    console.print(f"{task['id']} {task['name'] or ''} {task['state']}".strip())
+
+
+@task_app.command(
+    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def run(
+    ctx: typer.Context,
+    command: list[str] = typer.Argument(None, help="Program and arguments, after --."),
+    name: str | None = typer.Option(None, help="Name, unique among live tasks."),
+    gpu: str = typer.Option("0", help="GPUs: 1, 0.5, H100:80GB:2, A100|H100:1, 24GB..:1"),
+    cpu: float = typer.Option(0.0, help="CPU cores to reserve."),
+    memory: str | None = typer.Option(None, help="Memory to reserve, e.g. 16GB."),
+    kind: str = typer.Option("job", help="job or service."),
+    port: list[str] = typer.Option([], help="Named port for a service (repeatable)."),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeatable)."),
+    workdir: str | None = typer.Option(None, help="Absolute working directory."),
+    image: str | None = typer.Option(None, help="Container image (needs docker or podman)."),
+    max_duration: float | None = typer.Option(None, help="Seconds before it is stopped."),
+    attempts: int = typer.Option(1, help="Total attempts on failure."),
+    backoff: float = typer.Option(1.0, help="Seconds before the first retry (doubles)."),
+    priority: int = typer.Option(0, help="Higher runs first."),
+    preemptible: bool = typer.Option(False, help="May be evicted by higher priority work."),
+    label: list[str] = typer.Option([], help="KEY=VALUE (repeatable)."),
+    dry_run: bool = DRY_RUN,
+    as_json: bool = JSON,
+) -> None:
+    """Submit a task from flags: gpuprovider task run --gpu 1 -- python train.py"""
+    spec: dict[str, Any] = {
+        "kind": kind,
+        "resources": {"gpu": gpu, "cpu": cpu},
+        "env": _pairs(env, "--env"),
+        "ports": port,
+        "retry": {"attempts": attempts, "backoff_s": backoff},
+        "priority": priority,
+        "preemptible": preemptible,
+        "labels": _pairs(label, "--label"),
+    }
+    if memory is not None:
+        spec["resources"]["memory"] = memory
+    for key, value in (
+        ("name", name),
+        ("command", command or None),
+        ("image", image),
+        ("workdir", workdir),
+        ("max_duration_s", max_duration),
+    ):
+        if value is not None:
+            spec[key] = value
+    _submit(ctx, spec, dry_run, as_json)
+
+
+@task_app.command("submit")
+def submit(
+    ctx: typer.Context,
+    file: Path = typer.Option(..., "--file", "-f", help="Task spec, YAML or JSON ('-': stdin)."),
+    dry_run: bool = DRY_RUN,
+    as_json: bool = JSON,
+) -> None:
+    """Submit a task from a spec file."""
+    try:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {file}: {exc.strerror}", 2) from None
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CliError(f"{file} is not valid YAML or JSON: {exc}", 2) from None
+    if not isinstance(spec, dict):
+        raise CliError(f"{file} must hold a mapping of spec fields, not {type(spec).__name__}", 2)
+    _submit(ctx, spec, dry_run, as_json)
+
+
+@task_app.command("list")
+def list_tasks(
+    ctx: typer.Context,
+    state: list[str] = typer.Option([], help="Only these states (repeatable)."),
+    name: str | None = typer.Option(None),
+    limit: int = typer.Option(100, help="At most this many, newest first."),
+    as_json: bool = JSON,
+) -> None:
+    """List tasks, newest first, with why queued ones wait."""
+    tasks = globals_of(ctx).client().get("/tasks", state=state or None, name=name, limit=limit)
+    if as_json:
+        return print_json(tasks)
+    rows = [
+        [
+            t["id"],
+            t["name"],
+            t["kind"],
+            t["state"],
+            t["gpu"],
+            t["attempt"],
+            t["exit_code"],
+            ago(t["created_at"]),
+            t["reason"],
+        ]
+        for t in tasks
+    ]
+    table(
+        "Tasks", ["ID", "NAME", "KIND", "STATE", "GPU", "TRY", "EXIT", "SUBMITTED", "REASON"], rows
+    )
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds") if ts else "-"
+
+
+@task_app.command("get")
+def get(
+    ctx: typer.Context, ref: str = typer.Argument(..., help="Id or name."), as_json: bool = JSON
+) -> None:
+    """Show a task: spec, allocation, events with reasons, exit code."""
+    task = globals_of(ctx).client().get(f"/tasks/{ref}")
+    if as_json:
+        return print_json(task)
+    console.print(
+        f"[bold]{task['id']}[/] {task['name'] or ''}  {task['kind']}  "
+        f"[bold]{task['state']}[/]  {task['reason']}"
+    )
+    console.print(
+        f"attempt {task['attempt']}  exit code {task['exit_code']}  "
+        f"tenant {task['tenant']}  priority {task['priority']}"
+    )
+    console.print("spec " + json.dumps(task["spec"]))
+    alloc = task.get("allocation")
+    if alloc:
+        gpus = (
+            ", ".join(
+                f"{g['index']} {g['model']}{' [simulated]' if g['simulated'] else ''}"
+                for g in alloc["gpus"]
+            )
+            or "none"
+        )
+        share = f" share {alloc['gpu_share']:g}" if alloc["gpus"] and alloc["gpu_share"] < 1 else ""
+        console.print(
+            f"allocation node {alloc['node']}  GPUs {gpus}{share}  ports "
+            f"{alloc['ports'] or '-'}{'' if alloc['active'] else '  (released)'}"
+        )
+    for name, url in (task.get("endpoints") or {}).items():
+        console.print(f"endpoint {name} {url}")
+    table(
+        "Events",
+        ["AT", "FROM", "TO", "REASON"],
+        [[_when(e["at"]), e["from"], e["to"], e["reason"]] for e in task["events"]],
+    )
+
+
+@task_app.command("logs")
+def logs(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="Id or name."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the task ends."),
+) -> None:
+    """Print a task's output (stdout and stderr)."""
+    client = globals_of(ctx).client()
+    if not follow:
+        sys.stdout.write(client.request("GET", f"/tasks/{ref}/logs", params={}) or "")
+        return
+    for event, data in client.stream_events(f"/tasks/{ref}/logs", follow="true"):
+        if event == "end":
+            return
+        sys.stdout.write(data)
+        sys.stdout.flush()
+
+
+@task_app.command("cancel")
+def cancel(
+    ctx: typer.Context, ref: str = typer.Argument(..., help="Id or name."), as_json: bool = JSON
+) -> None:
+    """Cancel a task: SIGTERM, then SIGKILL after the grace period."""
+    task = globals_of(ctx).client().post(f"/tasks/{ref}/cancel")
+    if as_json:
+        return print_json(task)
+    console.print(f"{task['id']} {task['state']}")

@@ -1,0 +1,191 @@
+"""provider.toml: every setting with its default, loaded strictly (a typo is an error)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gpuprovider.domain import catalogue
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or wrong; the message says where and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8085, ge=1, le=65535)
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30)
+
+
+class StoreConfig(_Section):
+    url: str = ""  # empty: SQLite file `store.db` in the home
+
+
+class BackendConfig(_Section):
+    kind: Literal["local"] = "local"
+
+
+class SchedulerConfig(_Section):
+    policy: Literal["best-fit", "first-fit", "spread"] = "best-fit"
+    interval_s: float = Field(1.0, gt=0, le=3600)
+
+
+class ExecutorConfig(_Section):
+    poll_interval_s: float = Field(0.1, gt=0, le=60)
+    stop_grace_s: float = Field(10.0, ge=0, le=3600)
+    port_range: tuple[int, int] = (20000, 29999)
+
+    @field_validator("port_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = value
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError("port_range must be [low, high] with 1024 <= low <= high <= 65535")
+        return value
+
+
+class SimulatedGpu(_Section):
+    model: str
+    count: int = Field(1, ge=1, le=64)
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        ids = catalogue.resolve(value)
+        if len(ids) == 1:
+            return next(iter(ids))
+        if value in ids:
+            return value
+        raise ValueError(f"{value!r} names several models ({', '.join(sorted(ids))}); pick one")
+
+
+class InventoryConfig(_Section):
+    interval_s: float = Field(30.0, gt=0, le=3600)
+    node_name: str = ""  # empty: the host name
+    simulated_gpus: list[SimulatedGpu] = Field(default_factory=list)
+
+
+class ReaperConfig(_Section):
+    interval_s: float = Field(5.0, gt=0, le=3600)
+
+
+class ProviderConfig(_Section):
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    inventory: InventoryConfig = Field(default_factory=InventoryConfig)
+    reaper: ReaperConfig = Field(default_factory=ReaperConfig)
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> ProviderConfig:
+        lo, hi = self.executor.port_range
+        if lo <= self.api.port <= hi:
+            raise ValueError(f"api.port {self.api.port} lies inside executor.port_range")
+        return self
+
+
+def _where(loc: tuple) -> str:
+    """(`api`, `prot`) -> `[api] prot`."""
+    parts = [str(p) for p in loc]
+    if len(parts) == 1:
+        return parts[0]
+    return f"[{'.'.join(parts[:-1])}] {parts[-1]}"
+
+
+def describe_validation_error(path: Path | str, error: ValidationError) -> str:
+    lines = [f"{path} is not a valid provider config:"]
+    for item in error.errors():
+        where = _where(item["loc"]) if item["loc"] else "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(
+                f"  {where}: unknown key; check its spelling against `gpuprovider init`'s file"
+            )
+        else:
+            lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path) -> ProviderConfig:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist; run `gpuprovider init` first") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return ProviderConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, exc)) from None
+
+
+def render_default_config(simulated_gpus: list[SimulatedGpu]) -> str:
+    """provider.toml as `gpuprovider init` writes it: every default, commented."""
+    d = ProviderConfig()
+    sim = "\n".join(
+        f'[[inventory.simulated_gpus]]\nmodel = "{g.model}"\ncount = {g.count}\n'
+        for g in simulated_gpus
+    )
+    if not sim:
+        sim = (
+            "# Declare GPUs on a machine without them (shown as simulated everywhere):\n"
+            '# [[inventory.simulated_gpus]]\n# model = "h100-80gb-sxm"\n# count = 2\n'
+        )
+    lo, hi = d.executor.port_range
+    return f"""\
+# gpuprovider configuration. Every setting is written out with its default.
+# Secrets (API tokens, the node key) live in their own files, never here.
+
+[api]
+# Address the HTTP API listens on. Keep 127.0.0.1 unless a proxy fronts it.
+host = "{d.api.host}"
+port = {d.api.port}
+# Requests with a larger body are refused with 413.
+max_body_bytes = {d.api.max_body_bytes}
+
+[store]
+# SQLAlchemy URL of the store. Empty: the SQLite file store.db in this home.
+url = "{d.store.url}"
+
+[backend]
+# Where tasks run: "local" (processes on this machine).
+kind = "{d.backend.kind}"
+
+[scheduler]
+# Placement policy: "best-fit" (pack GPUs), "first-fit" or "spread".
+policy = "{d.scheduler.policy}"
+# The scheduler also wakes on every submission; this is its fallback timer.
+interval_s = {d.scheduler.interval_s}
+
+[executor]
+# How often running tasks are checked for exit.
+poll_interval_s = {d.executor.poll_interval_s}
+# On cancel: SIGTERM, then SIGKILL after this many seconds.
+stop_grace_s = {d.executor.stop_grace_s}
+# Ports handed to services, as [low, high].
+port_range = [{lo}, {hi}]
+
+[inventory]
+# How often this node's hardware and heartbeat are refreshed.
+interval_s = {d.inventory.interval_s}
+# Name of this node. Empty: the host name.
+node_name = "{d.inventory.node_name}"
+
+{sim}
+[reaper]
+# How often queue deadlines are checked.
+interval_s = {d.reaper.interval_s}
+"""

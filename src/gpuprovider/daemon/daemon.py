@@ -1,0 +1,160 @@
+"""`gpuprovider up`: one asyncio process, the API plus the loops."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import uvicorn
+import uvloop
+
+from gpuprovider.api.app import ApiContext, build_asgi
+from gpuprovider.backends.local import LocalBackend
+from gpuprovider.config import ProviderConfig
+from gpuprovider.daemon.loops import ExecutorLoop, Loop, ReaperLoop, SchedulerLoop
+from gpuprovider.home import Home
+from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
+from gpuprovider.inventory.local import read_local_node
+from gpuprovider.scheduler import Framework, policy
+from gpuprovider.service.tasks import TaskService
+from gpuprovider.store.store import Store
+
+log = logging.getLogger("gpuprovider")
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start; the message says what to fix."""
+
+
+class InventoryLoop(Loop):
+    """Registers this machine as a node and refreshes it (heartbeat, GPUs)."""
+
+    def __init__(
+        self, store: Store, home: Home, config: ProviderConfig, on_change: Callable[[], None]
+    ):
+        super().__init__("inventory", config.inventory.interval_s)
+        key = load_node_key(home.node_key)
+        self.node_id = node_id_for(key)
+        self.public_key = public_key_hex(key)
+        self.store, self.home, self.config = store, home, config
+        self.on_change = on_change
+
+    def tick(self) -> float | None:
+        node = read_local_node(
+            self.node_id,
+            self.config.inventory.node_name,
+            self.public_key,
+            self.home.root,
+            self.config.inventory.simulated_gpus,
+        )
+        self.store.upsert_node(node)
+        self.on_change()
+        return None
+
+
+def lock_home(home: Home) -> IO:
+    """One daemon per home: a second one would start every task twice."""
+    handle = open(home.lock, "a+")  # noqa: SIM115 - held open for the daemon's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise DaemonError(
+            f"another gpuprovider daemon (pid {holder}) is running on {home.root}; stop it first"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def bind_api_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DaemonError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; is another gpuprovider running? "
+            "change [api] port in provider.toml"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Daemon:
+    def __init__(self, home: Home, config: ProviderConfig):
+        if not home.config.exists():
+            raise DaemonError(f"{home.root} is not initialised; run `gpuprovider init` first")
+        self.home, self.config = home, config
+        self.store = Store(home.store_url(config.store.url))
+        try:
+            self.store.check_schema()
+        except Exception as exc:
+            raise DaemonError(str(exc)) from None
+        framework = Framework(policy(config.scheduler.policy))
+        self.backend = LocalBackend()
+        self.scheduler = SchedulerLoop(self.store, framework, config, on_placed=self._wake_executor)
+        self.executor = ExecutorLoop(
+            self.store, self.backend, config, Path(home.tasks), on_freed=self._wake_scheduler
+        )
+        self.inventory = InventoryLoop(self.store, home, config, on_change=self._wake_scheduler)
+        self.reaper = ReaperLoop(self.store, config)
+        self.tasks = TaskService(
+            self.store,
+            framework,
+            wake_scheduler=self._wake_scheduler,
+            wake_executor=self._wake_executor,
+        )
+        self.stopping = asyncio.Event()
+
+    def _wake_scheduler(self) -> None:
+        self.scheduler.wake()
+
+    def _wake_executor(self) -> None:
+        self.executor.wake()
+
+    async def serve(self) -> None:
+        lock = lock_home(self.home)
+        sock = bind_api_socket(self.config.api.host, self.config.api.port)
+        try:
+            self.inventory.tick()  # register this node before anything is placed
+            app = build_asgi(ApiContext(self.store, self.tasks, self.config.api.max_body_bytes))
+            server = uvicorn.Server(
+                uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+            )
+            loops = [
+                asyncio.create_task(loop.run(self.stopping), name=loop.name)
+                for loop in (self.inventory, self.scheduler, self.executor, self.reaper)
+            ]
+            log.info(
+                "gpuprovider listening on http://%s:%d (home %s)",
+                self.config.api.host,
+                self.config.api.port,
+                self.home.root,
+            )
+            await server.serve(sockets=[sock])  # returns on SIGINT / SIGTERM
+            self.stopping.set()
+            for loop in (self.inventory, self.scheduler, self.executor, self.reaper):
+                loop.wake()
+            await asyncio.gather(*loops)
+            log.info("gpuprovider stopped; running tasks keep running and are re-adopted on start")
+        finally:
+            sock.close()
+            self.store.close()
+            lock.close()
+
+
+def run_daemon(home: Home, config: ProviderConfig) -> None:
+    uvloop.run(Daemon(home, config).serve())

@@ -1,0 +1,334 @@
+"""The daemon's loops. Each reads in a short transaction, does slow work with no
+transaction open, and applies the result guarded by the task's version."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gpuprovider.backends.base import Backend, Exit, Handle, Launch
+from gpuprovider.config import ProviderConfig
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.states import TaskState
+from gpuprovider.scheduler import Framework, Placement
+from gpuprovider.service.placement import build_snapshot, choose_ports, task_request
+from gpuprovider.store.records import TaskRecord
+from gpuprovider.store.store import StaleTask, Store, Tx
+
+log = logging.getLogger(__name__)
+S = TaskState
+
+# Kept from the daemon's own environment out of what a task sees.
+_DAEMON_ONLY_ENV = ("GPUPROVIDER_", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+# How long past its grace period a stopping task may take before it is killed.
+KILL_AFTER_GRACE_S = 5.0
+
+
+class Loop:
+    """Runs `tick` when woken or every `interval_s`, whichever comes first."""
+
+    def __init__(self, name: str, interval_s: float):
+        self.name = name
+        self.interval_s = interval_s
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def tick(self) -> float | None:
+        """One pass. May return how soon it wants the next one."""
+        raise NotImplementedError
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            self._wake.clear()
+            try:
+                soon = self.tick()
+            except Exception:
+                log.exception("%s loop pass failed; retrying on the next pass", self.name)
+                soon = None
+            timeout = self.interval_s if soon is None else max(0.0, min(soon, self.interval_s))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+
+def fail_and_maybe_retry(tx: Tx, task: TaskRecord, spec: TaskSpec, ended: Exit) -> None:
+    """After a failure: queue the next attempt, restart a service, or stay failed."""
+    tx.transition(task, S.FAILED, ended.reason, exit_code=ended.exit_code)
+    delay = spec.retry.delay_s(task.attempt)
+    if spec.kind == "service":
+        why = f"service restarting in {delay:g}s after it {ended.reason}"
+    elif task.attempt < spec.retry.attempts:
+        why = f"retry: attempt {task.attempt + 1} of {spec.retry.attempts} in {delay:g}s"
+    else:
+        return
+    tx.transition(
+        task, S.QUEUED, why, not_before=tx.now + delay, node_id=None, pid=None, pid_start_time=None
+    )
+
+
+class SchedulerLoop(Loop):
+    def __init__(
+        self, store: Store, framework: Framework, config: ProviderConfig, on_placed: Callable
+    ):
+        super().__init__("scheduler", config.scheduler.interval_s)
+        self.store = store
+        self.framework = framework
+        self.port_range = config.executor.port_range
+        self.on_placed = on_placed
+
+    def tick(self) -> float | None:
+        now = time.time()
+        queued = self.store.tasks(states=[S.QUEUED])
+        ready = [t for t in queued if t.not_before <= now]
+        waiting = [t.not_before - now for t in queued if t.not_before > now]
+        if ready:
+            self._place(ready)
+        return min(waiting) if waiting else None
+
+    def _place(self, ready: list[TaskRecord]) -> None:
+        ready.sort(key=lambda t: (-t.priority, t.created_at))
+        specs = {t.id: t.task_spec for t in ready}
+        allocations = self.store.active_allocations()
+        snapshot = build_snapshot(self.store.nodes(), allocations)
+        decisions = self.framework.place(snapshot, [task_request(t.id, specs[t.id]) for t in ready])
+        taken_ports: dict[str, set[int]] = {}
+        for alloc in allocations:
+            taken_ports.setdefault(alloc.node_id, set()).update(alloc.ports.values())
+        placed = 0
+        for task, decision in zip(ready, decisions, strict=True):
+            spec = specs[task.id]
+            try:
+                with self.store.tx() as tx:
+                    if not isinstance(decision, Placement):
+                        if task.state_reason != decision.reason:
+                            tx.note(task, decision.reason)
+                        continue
+                    ports: dict[str, int] = {}
+                    if spec.ports:
+                        taken = taken_ports.setdefault(decision.node_id, set())
+                        chosen = choose_ports([p.name for p in spec.ports], taken, self.port_range)
+                        if chosen is None:
+                            tx.note(task, f"no free port left in {self.port_range}")
+                            continue
+                        ports = chosen
+                        taken.update(ports.values())
+                    tx.allocate(
+                        task,
+                        decision.node_id,
+                        decision.gpu_uuids,
+                        decision.gpu_milli,
+                        decision.cpu_milli,
+                        decision.memory_mib,
+                        ports,
+                    )
+                    node = snapshot.node(decision.node_id)
+                    where = node.name
+                    if decision.gpu_uuids:
+                        indices = [g.index for g in node.gpus if g.uuid in decision.gpu_uuids]
+                        where += f", GPU {','.join(map(str, indices))}"
+                        if decision.gpu_milli < 1000:
+                            where += f" ({decision.gpu_milli / 1000:g} share)"
+                    tx.transition(task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id)
+                    placed += 1
+            except StaleTask:
+                continue  # cancelled meanwhile; its reservation is simply not written
+        if placed:
+            self.on_placed()
+
+
+class ExecutorLoop(Loop):
+    def __init__(
+        self,
+        store: Store,
+        backend: Backend,
+        config: ProviderConfig,
+        tasks_dir: Path,
+        on_freed: Callable[[], None],
+    ):
+        super().__init__("executor", config.executor.poll_interval_s)
+        self.store = store
+        self.backend = backend
+        self.tasks_dir = tasks_dir
+        self.on_freed = on_freed
+        self.grace_s = config.executor.stop_grace_s
+        # Task id -> when to kill it if it has not stopped; memory only, since a
+        # restarted daemon simply sends the (idempotent) stop again.
+        self._kill_at: dict[str, float] = {}
+
+    def tick(self) -> float | None:
+        for task in self.store.tasks(states=[S.SCHEDULED]):
+            self._start(task)
+        freed = False
+        for task in self.store.tasks(states=[S.STARTING, S.RUNNING, S.CANCELLING]):
+            freed |= self._watch(task)
+        if freed:
+            self.on_freed()
+        return None
+
+    # -- start -----------------------------------------------------------------
+
+    def _env(
+        self,
+        task: TaskRecord,
+        spec: TaskSpec,
+        gpu_indices: list[int],
+        gpu_milli: int,
+        ports: dict[str, int],
+    ) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_DAEMON_ONLY_ENV)}
+        env.update(spec.env)
+        visible = ",".join(map(str, gpu_indices))
+        env["CUDA_VISIBLE_DEVICES"] = visible
+        env["NVIDIA_VISIBLE_DEVICES"] = visible or "none"
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices as NVML numbers them
+        env["GPUPROVIDER_TASK_ID"] = task.id
+        env["GPUPROVIDER_ATTEMPT"] = str(task.attempt)
+        if gpu_indices and gpu_milli < 1000:
+            env["GPUPROVIDER_GPU_SHARE"] = f"{gpu_milli / 1000:g}"
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, gpu_milli // 10))
+        for i, (name, port) in enumerate(ports.items()):
+            if i == 0:
+                env["PORT"] = str(port)
+            env[f"GPUPROVIDER_PORT_{name.upper()}"] = str(port)
+        return env
+
+    def _start(self, task: TaskRecord) -> None:
+        spec = task.task_spec
+        alloc = self.store.allocation(task.id)
+        run_dir = self.tasks_dir / task.id
+        try:
+            with self.store.tx() as tx:
+                tx.transition(
+                    task, S.STARTING, "starting", attempt=task.attempt + 1, run_dir=str(run_dir)
+                )
+        except StaleTask:
+            return
+        node = next((n for n in self.store.nodes() if n.id == alloc.node_id), None)
+        by_uuid = {g.uuid: g.idx for g in node.gpus} if node else {}
+        indices = sorted(by_uuid[u] for u in alloc.gpu_uuids if u in by_uuid)
+        argv = list(spec.command or [])
+        launch = Launch(
+            task_id=task.id,
+            attempt=task.attempt,
+            argv=argv,
+            env=self._env(task, spec, indices, alloc.gpu_milli, alloc.ports),
+            workdir=spec.workdir or str(run_dir / "work"),
+            run_dir=str(run_dir),
+            max_duration_s=spec.max_duration_s,
+            grace_s=self.grace_s,
+        )
+        try:
+            handle = self.backend.start(launch)
+        except OSError as exc:
+            with self.store.tx() as tx:
+                tx.release(task.id)
+                fail_and_maybe_retry(tx, task, spec, Exit(None, f"could not start: {exc}"))
+            self.on_freed()
+            return
+        with self.store.tx() as tx:
+            tx.transition(
+                task,
+                S.RUNNING,
+                f"running as pid {handle.pid}",
+                pid=handle.pid,
+                pid_start_time=handle.start_time,
+                started_at=tx.now,
+            )
+
+    # -- watch -----------------------------------------------------------------
+
+    def _handle(self, task: TaskRecord) -> Handle | None:
+        if task.pid is not None and task.run_dir is not None:
+            return Handle(task.pid, task.pid_start_time or 0.0, task.run_dir, task.attempt)
+        if task.state == S.STARTING and task.run_dir is not None:
+            # The daemon died between starting the runner and recording it.
+            handle = self.backend.recover(task.run_dir, task.attempt)
+            if handle is not None:
+                with self.store.tx() as tx:
+                    tx.transition(
+                        task,
+                        S.RUNNING,
+                        f"re-adopted pid {handle.pid} after a restart",
+                        pid=handle.pid,
+                        pid_start_time=handle.start_time,
+                        started_at=tx.now,
+                    )
+            return handle
+        return None
+
+    def _watch(self, task: TaskRecord) -> bool:
+        """Poll one task; True when its resources were freed."""
+        handle = self._handle(task)
+        if handle is None:
+            if task.state == S.CANCELLING:
+                ended = Exit(None, "never started")
+            else:
+                ended = Exit(None, "lost: the daemon stopped while starting it", lost=True)
+            self._finish(task, ended)
+            return True
+        ended = self.backend.poll(handle)
+        if ended is None:
+            if task.state == S.CANCELLING:
+                self._stop(task, handle)
+            return False
+        self._kill_at.pop(task.id, None)
+        self._finish(task, ended)
+        return True
+
+    def _stop(self, task: TaskRecord, handle: Handle) -> None:
+        kill_at = self._kill_at.get(task.id)
+        if kill_at is None:
+            self.backend.stop(handle)
+            self._kill_at[task.id] = time.time() + self.grace_s + KILL_AFTER_GRACE_S
+        elif time.time() > kill_at:
+            log.warning("task %s did not stop within its grace period; killing it", task.id)
+            self.backend.kill(handle)
+
+    def _finish(self, task: TaskRecord, ended: Exit) -> None:
+        spec = task.task_spec
+        try:
+            with self.store.tx() as tx:
+                tx.release(task.id)
+                if task.state == S.CANCELLING:
+                    tx.transition(
+                        task,
+                        S.CANCELLED,
+                        f"cancelled; it {ended.reason}",
+                        exit_code=ended.exit_code,
+                    )
+                elif spec.kind == "job" and ended.succeeded:
+                    tx.transition(task, S.SUCCEEDED, ended.reason, exit_code=ended.exit_code)
+                else:
+                    fail_and_maybe_retry(tx, task, spec, ended)
+        except StaleTask:
+            log.info("task %s changed while finishing; the next pass decides again", task.id)
+
+
+class ReaperLoop(Loop):
+    """Expires tasks queued past their deadline."""
+
+    def __init__(self, store: Store, config: ProviderConfig):
+        super().__init__("reaper", config.reaper.interval_s)
+        self.store = store
+
+    def tick(self) -> float | None:
+        now = time.time()
+        for task in self.store.tasks(states=[S.QUEUED]):
+            if task.queue_deadline is not None and task.queue_deadline < now:
+                try:
+                    with self.store.tx() as tx:
+                        tx.transition(
+                            task,
+                            S.EXPIRED,
+                            f"queued past its deadline ({task.task_spec.max_queue_s:g}s); "
+                            f"last reason: {task.state_reason}",
+                        )
+                except StaleTask:
+                    continue
+        return None

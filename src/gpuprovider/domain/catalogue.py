@@ -1,0 +1,88 @@
+"""The one GPU model catalogue that inventory, constraints and checks all read."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    id: str
+    family: str
+    memory_gb: int
+    nvml_names: tuple[str, ...]
+    source: str
+
+
+def _key(text: str) -> str:
+    """Fold a model name for matching: `NVIDIA GeForce RTX-4090` -> `rtx4090`."""
+    folded = text.lower()
+    for noise in ("nvidia", "geforce", "tesla"):
+        folded = folded.replace(noise, "")
+    return re.sub(r"[^a-z0-9]", "", folded)
+
+
+@cache
+def models() -> dict[str, GpuModel]:
+    raw = tomllib.loads(resources.files(__package__).joinpath("gpu_catalogue.toml").read_text())
+    return {
+        entry["id"]: GpuModel(
+            id=entry["id"],
+            family=entry["family"],
+            memory_gb=int(entry["memory_gb"]),
+            nvml_names=tuple(entry["nvml_names"]),
+            source=entry["source"],
+        )
+        for entry in raw["gpu"]
+    }
+
+
+@cache
+def _by_key() -> dict[str, frozenset[str]]:
+    """Every name a user may write (family or id) -> the model ids it stands for."""
+    index: dict[str, set[str]] = {}
+    for model in models().values():
+        index.setdefault(_key(model.family), set()).add(model.id)
+        index.setdefault(_key(model.id), set()).add(model.id)
+    return {name: frozenset(ids) for name, ids in index.items()}
+
+
+class UnknownGpuModel(ValueError):
+    pass
+
+
+def known_names() -> list[str]:
+    return sorted({m.family.upper() for m in models().values()})
+
+
+def resolve(name: str) -> frozenset[str]:
+    """The model ids a constraint name matches: `H100` -> every H100 variant."""
+    ids = _by_key().get(_key(name))
+    if not ids:
+        raise UnknownGpuModel(
+            f"unknown GPU model {name!r}; known models: {', '.join(known_names())}"
+        )
+    return ids
+
+
+def from_device_name(device_name: str, memory_mib: int) -> tuple[str, int]:
+    """Normalise an NVML device name to (model id, marketed memory in GB).
+
+    A device the catalogue does not know keeps a slug of its own name, so it is
+    still shown and schedulable by exact name.
+    """
+    for model in models().values():
+        if device_name in model.nvml_names:
+            return model.id, model.memory_gb
+    memory_gb = round(memory_mib / 1024)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower().replace("nvidia", "")).strip("-")
+    return f"{slug}-{memory_gb}gb", memory_gb
+
+
+def model_memory_gb(model_id: str) -> int | None:
+    model = models().get(model_id)
+    return model.memory_gb if model else None

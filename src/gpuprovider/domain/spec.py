@@ -1,0 +1,138 @@
+"""The task spec: what a tenant submits, validated once at the edge."""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpuprovider.domain.resources import GpuRequest, parse_gpu_request, parse_memory_mib
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Set by the provider from the allocation; a spec may not override them.
+RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "PORT", "GPUPROVIDER_")
+MAX_CPU = 4096
+MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB
+MAX_DURATION_S = 366 * 86400
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetryPolicy(_Strict):
+    attempts: int = Field(1, ge=1, le=1000, description="total attempts, the first included")
+    backoff_s: float = Field(1.0, ge=0, le=3600, description="wait before the second attempt")
+    backoff_factor: float = Field(2.0, ge=1, le=10)
+    max_backoff_s: float = Field(300.0, ge=0, le=86400)
+
+    def delay_s(self, failed_attempts: int) -> float:
+        """Wait before the attempt that follows `failed_attempts` failures."""
+        delay = self.backoff_s * self.backoff_factor ** max(failed_attempts - 1, 0)
+        return min(delay, self.max_backoff_s)
+
+
+class PortSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")]
+
+
+class Resources(_Strict):
+    gpu: str = Field("0", description="count, fraction or constraint: 2, 0.5, H100:80GB:2")
+    cpu: float = Field(0.0, ge=0, le=MAX_CPU, description="cores reserved (0 = best effort)")
+    memory_mib: int = Field(0, ge=0, le=MAX_MEMORY_MIB)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_memory(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "memory" in data:
+            data = dict(data)
+            if "memory_mib" in data:
+                raise ValueError("give either memory or memory_mib, not both")
+            data["memory_mib"] = parse_memory_mib(data.pop("memory"))
+        return data
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _read_gpu(cls, value: Any) -> str:
+        return parse_gpu_request(value).to_text()
+
+    @cached_property
+    def gpu_request(self) -> GpuRequest:
+        return parse_gpu_request(self.gpu)
+
+
+class TaskSpec(_Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    kind: Literal["job", "service"] = "job"
+    command: list[str] | None = Field(None, description="argv; with image, the container's args")
+    image: str | None = None
+    env: dict[Annotated[str, Field(pattern=ENV_KEY_PATTERN)], str] = Field(default_factory=dict)
+    workdir: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    ports: list[PortSpec] = Field(default_factory=list, max_length=16)
+    max_duration_s: float | None = Field(None, gt=0, le=MAX_DURATION_S)
+    max_queue_s: float | None = Field(None, gt=0, le=MAX_DURATION_S)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    priority: int = Field(0, ge=-1000, le=1000)
+    preemptible: bool = False
+    labels: dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=253)]] = (
+        Field(default_factory=dict)
+    )
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split_command(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return shlex.split(value)
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value or not value[0]:
+                raise ValueError("command is empty; give the program to run and its arguments")
+            if any("\x00" in arg for arg in value):
+                raise ValueError("command contains a NUL byte")
+        return value
+
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _port_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith(RESERVED_ENV) or key in RESERVED_ENV:
+                raise ValueError(
+                    f"env {key} is set by the provider from the task's allocation; remove it"
+                )
+        return value
+
+    @field_validator("workdir")
+    @classmethod
+    def _check_workdir(cls, value: str | None) -> str | None:
+        if value is not None and not posixpath.isabs(value):
+            raise ValueError(f"workdir {value!r} must be an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _check_whole(self) -> TaskSpec:
+        if self.command is None and self.image is None:
+            raise ValueError("give a command to run, or a container image")
+        names = [p.name for p in self.ports]
+        if len(set(names)) != len(names):
+            raise ValueError(f"port names repeat: {names}")
+        return self
+
+    @property
+    def gpu(self) -> GpuRequest:
+        return self.resources.gpu_request

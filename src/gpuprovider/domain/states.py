@@ -1,0 +1,57 @@
+"""The task state machine of DESIGN.md, as one table."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TaskState(StrEnum):
+    SUBMITTED = "submitted"
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+S = TaskState
+
+# Every allowed transition. `failed -> queued` is a retry (attempts left, or a
+# service being restarted); `preempted -> queued` puts evicted work back.
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    S.SUBMITTED: frozenset({S.QUEUED, S.CANCELLING}),
+    S.QUEUED: frozenset({S.SCHEDULED, S.EXPIRED, S.CANCELLING}),
+    S.SCHEDULED: frozenset({S.STARTING, S.QUEUED, S.CANCELLING}),
+    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.CANCELLING}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.PREEMPTED, S.CANCELLING}),
+    S.FAILED: frozenset({S.QUEUED}),
+    S.PREEMPTED: frozenset({S.QUEUED}),
+    S.CANCELLING: frozenset({S.CANCELLED}),
+    S.SUCCEEDED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.EXPIRED: frozenset(),
+}
+
+# States in which a task holds (or is about to hold) an allocation.
+HOLDS_ALLOCATION = frozenset({S.SCHEDULED, S.STARTING, S.RUNNING, S.CANCELLING})
+# States in which a process may exist for the task.
+MAY_HAVE_PROCESS = frozenset({S.STARTING, S.RUNNING, S.CANCELLING})
+# Done for good. A failure that is retried goes `failed -> queued` in the same
+# transaction, so a task seen `failed` at rest has no retry coming.
+TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED})
+
+
+class IllegalTransition(ValueError):
+    def __init__(self, current: TaskState, target: TaskState):
+        super().__init__(f"a task cannot go from {current} to {target}")
+        self.current, self.target = current, target
+
+
+def check_transition(current: TaskState, target: TaskState) -> None:
+    if target not in TRANSITIONS[current]:
+        raise IllegalTransition(current, target)

@@ -1,0 +1,54 @@
+"""The provider's home: where its config, store, secrets and task files live."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = "~/.gpuprovider"
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def resolve(cls, home: str | Path | None = None) -> Home:
+        chosen = home or os.environ.get("GPUPROVIDER_HOME") or DEFAULT_HOME
+        return cls(Path(chosen).expanduser().absolute())
+
+    @property
+    def config(self) -> Path:
+        return self.root / "provider.toml"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store.db"
+
+    @property
+    def token(self) -> Path:
+        """The admin token, for the CLI on this machine (mode 0600)."""
+        return self.root / "admin.token"
+
+    @property
+    def node_key(self) -> Path:
+        return self.root / "node.key"
+
+    @property
+    def tasks(self) -> Path:
+        return self.root / "tasks"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "daemon.lock"
+
+    def store_url(self, configured: str) -> str:
+        return configured or f"sqlite:///{self.store}"
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create a file readable by its owner only; never overwrite one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)

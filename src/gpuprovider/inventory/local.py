@@ -1,0 +1,124 @@
+"""Hardware of this machine: psutil for CPU, memory, disk; NVML for NVIDIA GPUs;
+GPUs declared in config for machines without them, marked simulated."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pynvml
+
+from gpuprovider.config import SimulatedGpu
+from gpuprovider.domain import catalogue
+from gpuprovider.store.records import GpuRecord, NodeRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NvmlReport:
+    gpus: list[GpuRecord] = field(default_factory=list)
+    driver_version: str = ""
+    cuda_version: str = ""
+    unavailable_reason: str = ""  # why NVML gave nothing (no driver, no library)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_nvml(node_id: str) -> NvmlReport:
+    """Every NVIDIA GPU the driver reports. No driver or library: an empty report saying why."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return NvmlReport(unavailable_reason=f"NVML unavailable: {exc}")
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        cuda_raw = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+        cuda = f"{cuda_raw // 1000}.{cuda_raw % 1000 // 10}"
+        report = NvmlReport(driver_version=driver, cuda_version=cuda)
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = _text(pynvml.nvmlDeviceGetName(handle))
+            memory_mib = pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20
+            model, memory_gb = catalogue.from_device_name(name, memory_mib)
+            report.gpus.append(
+                GpuRecord(
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                    node_id=node_id,
+                    idx=index,
+                    model=model,
+                    device_name=name,
+                    memory_mib=memory_mib,
+                    memory_gb=memory_gb,
+                    simulated=False,
+                    driver_version=driver,
+                    cuda_version=cuda,
+                )
+            )
+        return report
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def simulated_gpus(node_id: str, declared: list[SimulatedGpu], first_index: int) -> list[GpuRecord]:
+    """GPUs declared in config, with UUIDs stable across restarts of the same node."""
+    gpus = []
+    index = first_index
+    for entry in declared:
+        model = catalogue.models()[entry.model]
+        for _ in range(entry.count):
+            gpus.append(
+                GpuRecord(
+                    uuid=f"GPU-sim-{node_id}-{index}",
+                    node_id=node_id,
+                    idx=index,
+                    model=model.id,
+                    device_name=f"simulated {model.id}",
+                    memory_mib=model.memory_gb * 1024,
+                    memory_gb=model.memory_gb,
+                    simulated=True,
+                )
+            )
+            index += 1
+    return gpus
+
+
+def read_local_node(
+    node_id: str,
+    name: str,
+    public_key: str,
+    data_dir: Path,
+    declared: list[SimulatedGpu],
+    nvml: NvmlReport | None = None,
+) -> NodeRecord:
+    nvml = nvml if nvml is not None else read_nvml(node_id)
+    gpus = nvml.gpus + simulated_gpus(node_id, declared, first_index=len(nvml.gpus))
+    return NodeRecord(
+        id=node_id,
+        name=name or socket.gethostname(),
+        address="127.0.0.1",
+        backend="local",
+        labels={},
+        status="ready",
+        status_reason="",
+        cpu_count=psutil.cpu_count() or 1,
+        memory_mib=psutil.virtual_memory().total // 2**20,
+        disk_mib=psutil.disk_usage(str(data_dir)).free // 2**20,
+        public_key=public_key,
+        facts={
+            "os": platform.platform(),
+            "python": platform.python_version(),
+            "driver_version": nvml.driver_version,
+            "cuda_version": nvml.cuda_version,
+            "nvml": nvml.unavailable_reason or "ok",
+        },
+        last_heartbeat=time.time(),
+        gpus=gpus,
+    )

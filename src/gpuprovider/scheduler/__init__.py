@@ -1,0 +1,27 @@
+"""Placement library: snapshot in, decisions out, no I/O."""
+
+from gpuprovider.scheduler.framework import Framework, Policy
+from gpuprovider.scheduler.model import (
+    Decision,
+    GpuView,
+    NodeView,
+    Placement,
+    Snapshot,
+    TaskRequest,
+    Unplaced,
+)
+from gpuprovider.scheduler.plugins import POLICIES, policy
+
+__all__ = [
+    "POLICIES",
+    "Decision",
+    "Framework",
+    "GpuView",
+    "NodeView",
+    "Placement",
+    "Policy",
+    "Snapshot",
+    "TaskRequest",
+    "Unplaced",
+    "policy",
+]

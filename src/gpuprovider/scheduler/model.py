@@ -1,0 +1,79 @@
+"""What the scheduler sees and what it decides. Plain data, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gpuprovider.domain.resources import MILLI, GpuRequest
+
+
+@dataclass
+class GpuView:
+    uuid: str
+    index: int
+    model: str
+    memory_gb: int
+    used_milli: int = 0
+    unusable_reason: str = ""  # non-empty: unhealthy, failed a check, not present
+
+    @property
+    def free_milli(self) -> int:
+        return 0 if self.unusable_reason else MILLI - self.used_milli
+
+
+@dataclass
+class NodeView:
+    id: str
+    name: str
+    cpu_milli: int
+    memory_mib: int
+    gpus: list[GpuView] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    unusable_reason: str = ""  # non-empty: cordoned, draining, unreachable
+    used_cpu_milli: int = 0
+    used_memory_mib: int = 0
+
+    @property
+    def free_cpu_milli(self) -> int:
+        return self.cpu_milli - self.used_cpu_milli
+
+    @property
+    def free_memory_mib(self) -> int:
+        return self.memory_mib - self.used_memory_mib
+
+
+@dataclass
+class Snapshot:
+    nodes: list[NodeView]
+
+    def node(self, node_id: str) -> NodeView:
+        return next(n for n in self.nodes if n.id == node_id)
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    task_id: str
+    gpu: GpuRequest
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    priority: int = 0
+    node_selector: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Placement:
+    task_id: str
+    node_id: str
+    gpu_uuids: tuple[str, ...]
+    gpu_milli: int  # per GPU: 1000 for whole GPUs, the share for a fraction
+    cpu_milli: int
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    task_id: str
+    reason: str
+
+
+Decision = Placement | Unplaced

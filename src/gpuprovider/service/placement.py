@@ -1,0 +1,102 @@
+"""Between the store and the scheduler library: snapshots in, allocations out."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.scheduler import GpuView, NodeView, Snapshot, TaskRequest
+from gpuprovider.store.records import AllocationRecord, NodeRecord
+
+NODE_STATUS_REASONS = {
+    "cordoned": "node is cordoned",
+    "draining": "node is draining",
+    "unreachable": "node is unreachable",
+}
+
+
+def build_snapshot(
+    nodes: Iterable[NodeRecord], allocations: Iterable[AllocationRecord], idle: bool = False
+) -> Snapshot:
+    """The cluster as the scheduler sees it; `idle` ignores current allocations."""
+    views: dict[str, NodeView] = {}
+    for node in nodes:
+        views[node.id] = NodeView(
+            id=node.id,
+            name=node.name,
+            cpu_milli=node.cpu_count * 1000,
+            memory_mib=node.memory_mib,
+            labels=dict(node.labels),
+            unusable_reason=(
+                ""
+                if node.status == "ready"
+                else node.status_reason or NODE_STATUS_REASONS.get(node.status, node.status)
+            ),
+            gpus=[
+                GpuView(
+                    uuid=g.uuid,
+                    index=g.idx,
+                    model=g.model,
+                    memory_gb=g.memory_gb,
+                    unusable_reason=_gpu_unusable(g.present, g.health, g.health_reason),
+                )
+                for g in node.gpus
+            ],
+        )
+    if not idle:
+        for alloc in allocations:
+            view = views.get(alloc.node_id)
+            if view is None:
+                continue
+            view.used_cpu_milli += alloc.cpu_milli
+            view.used_memory_mib += alloc.memory_mib
+            taken = set(alloc.gpu_uuids)
+            for gpu in view.gpus:
+                if gpu.uuid in taken:
+                    gpu.used_milli += alloc.gpu_milli
+    return Snapshot(list(views.values()))
+
+
+def _gpu_unusable(present: bool, health: str, reason: str) -> str:
+    if not present:
+        return "GPU no longer present"
+    if health != "ok":
+        return reason or f"GPU health is {health}"
+    return ""
+
+
+def task_request(task_id: str, spec: TaskSpec) -> TaskRequest:
+    return TaskRequest(
+        task_id=task_id,
+        gpu=spec.gpu,
+        cpu_milli=round(spec.resources.cpu * 1000),
+        memory_mib=spec.resources.memory_mib,
+        priority=spec.priority,
+    )
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_ports(
+    names: list[str], taken: set[int], port_range: tuple[int, int]
+) -> dict[str, int] | None:
+    """Free host ports for a service's named ports, or None if the range is exhausted."""
+    chosen: dict[str, int] = {}
+    lo, hi = port_range
+    candidate = lo
+    for name in names:
+        while candidate <= hi and (candidate in taken or not port_free(candidate)):
+            candidate += 1
+        if candidate > hi:
+            return None
+        chosen[name] = candidate
+        candidate += 1
+    return chosen

@@ -1,0 +1,118 @@
+"""Task operations behind the API: submit, dry-run, cancel, read."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import cache
+from typing import Any
+
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.states import TERMINAL, TaskState
+from gpuprovider.scheduler import Framework, Placement
+from gpuprovider.service.errors import Conflict, NotFound, Rejected
+from gpuprovider.service.placement import build_snapshot, task_request
+from gpuprovider.store.records import TaskRecord
+from gpuprovider.store.store import NameTaken, StaleTask, Store
+
+ENGINES = ("docker", "podman")
+
+
+@cache
+def container_engine() -> str | None:
+    """The container engine that answers on this machine, if any."""
+    for engine in ENGINES:
+        if shutil.which(engine) is None:
+            continue
+        try:
+            done = subprocess.run(
+                [engine, "info"], capture_output=True, timeout=10, stdin=subprocess.DEVNULL
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return engine
+    return None
+
+
+class TaskService:
+    def __init__(
+        self,
+        store: Store,
+        framework: Framework,
+        wake_scheduler: Callable[[], None] = lambda: None,
+        wake_executor: Callable[[], None] = lambda: None,
+        engine_probe: Callable[[], str | None] = container_engine,
+    ):
+        self.store = store
+        self.framework = framework
+        self.wake_scheduler = wake_scheduler
+        self.wake_executor = wake_executor
+        self.engine_probe = engine_probe
+
+    def _check_runnable(self, spec: TaskSpec) -> None:
+        if spec.image and self.engine_probe() is None:
+            raise Rejected(
+                "image: no container engine (docker or podman) answers on this machine; "
+                "install and start one, or give a command instead of an image"
+            )
+
+    def submit(self, spec: TaskSpec, tenant: str) -> TaskRecord:
+        self._check_runnable(spec)
+        try:
+            task = self.store.submit(spec, tenant)
+        except NameTaken as exc:
+            raise Conflict(str(exc)) from None
+        self.wake_scheduler()
+        return task
+
+    def dry_run(self, spec: TaskSpec) -> dict[str, Any]:
+        """What would happen to `spec` now, storing nothing."""
+        self._check_runnable(spec)
+        if spec.name and (holder := self.store.task(spec.name)) and holder.state not in TERMINAL:
+            raise Conflict(f"a live task is already named {spec.name!r} ({holder.id})")
+        nodes = self.store.nodes()
+        request = task_request("dry-run", spec)
+        now = self.framework.place_one(
+            build_snapshot(nodes, self.store.active_allocations()), request
+        )
+        if isinstance(now, Placement):
+            return {"placeable_now": True, "would_wait": False, "placement": asdict(now)}
+        ever = self.framework.place_one(build_snapshot(nodes, [], idle=True), request)
+        verdict = {"placeable_now": False, "reason": now.reason}
+        if isinstance(ever, Placement):
+            verdict["would_wait"] = True
+            verdict["message"] = f"would stay queued until resources free up: {now.reason}"
+        else:
+            verdict["would_wait"] = False
+            verdict["message"] = (
+                f"would stay queued: no node could run it even when idle ({ever.reason})"
+            )
+        return verdict
+
+    def get(self, ref: str) -> TaskRecord:
+        task = self.store.task(ref)
+        if task is None:
+            raise NotFound(f"no task with id or name {ref!r}")
+        return task
+
+    def cancel(self, ref: str, by: str) -> TaskRecord:
+        for _ in range(5):
+            task = self.get(ref)
+            if task.state in TERMINAL:
+                raise Conflict(f"task {task.label} already {task.state}; nothing to cancel")
+            if task.state == TaskState.CANCELLING:
+                return task
+            try:
+                with self.store.tx() as tx:
+                    tx.transition(task, TaskState.CANCELLING, f"cancel requested by {by}")
+                    if task.pid is None:  # no process to stop: done at once
+                        tx.release(task.id)
+                        tx.transition(task, TaskState.CANCELLED, f"cancelled by {by} before it ran")
+            except StaleTask:
+                continue  # changed under us: read again and decide again
+            self.wake_executor()
+            return task
+        raise Conflict(f"task {ref} keeps changing; try the cancel again")

@@ -1,0 +1,114 @@
+"""JSON views of records, shared by the API (and so by the CLI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpuprovider.store.records import AllocationRecord, EventRecord, NodeRecord, TaskRecord
+
+
+def task_view(
+    task: TaskRecord,
+    allocation: AllocationRecord | None = None,
+    node: NodeRecord | None = None,
+    events: list[EventRecord] | None = None,
+) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": task.id,
+        "name": task.name,
+        "tenant": task.tenant,
+        "kind": task.kind,
+        "state": task.state.value,
+        "reason": task.state_reason,
+        "priority": task.priority,
+        "attempt": task.attempt,
+        "exit_code": task.exit_code,
+        "node_id": task.node_id,
+        "pid": task.pid,
+        "created_at": task.created_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "gpu": task.spec.get("resources", {}).get("gpu", "0"),
+        "spec": task.spec,
+    }
+    if allocation is not None:
+        gpus = {g.uuid: g for g in node.gpus} if node else {}
+        view["allocation"] = {
+            "node_id": allocation.node_id,
+            "node": node.name if node else allocation.node_id,
+            "active": allocation.active,
+            "gpus": [
+                {
+                    "uuid": uuid,
+                    "index": gpus[uuid].idx if uuid in gpus else None,
+                    "model": gpus[uuid].model if uuid in gpus else None,
+                    "simulated": gpus[uuid].simulated if uuid in gpus else None,
+                }
+                for uuid in allocation.gpu_uuids
+            ],
+            "gpu_share": allocation.gpu_milli / 1000,
+            "cpu": allocation.cpu_milli / 1000,
+            "memory_mib": allocation.memory_mib,
+            "ports": allocation.ports,
+        }
+        if allocation.ports and allocation.active and node is not None:
+            view["endpoints"] = {
+                name: f"http://{node.address}:{port}" for name, port in allocation.ports.items()
+            }
+    if events is not None:
+        view["events"] = [
+            {"at": e.at, "from": e.from_state, "to": e.to_state, "reason": e.reason} for e in events
+        ]
+    return view
+
+
+def node_view(node: NodeRecord) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "name": node.name,
+        "address": node.address,
+        "backend": node.backend,
+        "status": node.status,
+        "reason": node.status_reason,
+        "labels": node.labels,
+        "cpu_count": node.cpu_count,
+        "memory_mib": node.memory_mib,
+        "disk_free_mib": node.disk_mib,
+        "gpu_count": sum(1 for g in node.gpus if g.present),
+        "simulated_gpus": sum(1 for g in node.gpus if g.present and g.simulated),
+        "public_key": node.public_key,
+        "facts": node.facts,
+        "last_heartbeat": node.last_heartbeat,
+    }
+
+
+def gpu_views(nodes: list[NodeRecord], allocations: list[AllocationRecord]) -> list[dict[str, Any]]:
+    used: dict[str, list[tuple[str, int]]] = {}
+    for alloc in allocations:
+        for uuid in alloc.gpu_uuids:
+            used.setdefault(uuid, []).append((alloc.task_id, alloc.gpu_milli))
+    views = []
+    for node in nodes:
+        for gpu in node.gpus:
+            holders = used.get(gpu.uuid, [])
+            views.append(
+                {
+                    "uuid": gpu.uuid,
+                    "node_id": node.id,
+                    "node": node.name,
+                    "index": gpu.idx,
+                    "model": gpu.model,
+                    "device_name": gpu.device_name,
+                    "memory_gb": gpu.memory_gb,
+                    "memory_mib": gpu.memory_mib,
+                    "simulated": gpu.simulated,
+                    "present": gpu.present,
+                    "health": gpu.health,
+                    "health_reason": gpu.health_reason,
+                    "driver_version": gpu.driver_version,
+                    "cuda_version": gpu.cuda_version,
+                    "used_share": sum(m for _, m in holders) / 1000,
+                    "tasks": [task_id for task_id, _ in holders],
+                }
+            )
+    return views

@@ -1,0 +1,112 @@
+"""Plain records read from the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.states import TaskState
+
+
+@dataclass
+class TaskRecord:
+    id: str
+    name: str | None
+    tenant: str
+    kind: str
+    state: TaskState
+    state_reason: str
+    spec: dict[str, Any]
+    priority: int
+    attempt: int
+    not_before: float
+    queue_deadline: float | None
+    exit_code: int | None
+    node_id: str | None
+    pid: int | None
+    pid_start_time: float | None
+    run_dir: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    version: int
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        return TaskSpec.model_validate(self.spec)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id
+
+
+@dataclass
+class AllocationRecord:
+    id: int
+    task_id: str
+    attempt: int
+    node_id: str
+    gpu_uuids: list[str]
+    gpu_milli: int
+    cpu_milli: int
+    memory_mib: int
+    ports: dict[str, int]
+    active: bool
+    created_at: float
+    released_at: float | None
+
+
+@dataclass
+class EventRecord:
+    id: int
+    task_id: str
+    at: float
+    from_state: str | None
+    to_state: str
+    reason: str
+
+
+@dataclass
+class GpuRecord:
+    uuid: str
+    node_id: str
+    idx: int
+    model: str
+    device_name: str
+    memory_mib: int
+    memory_gb: int
+    simulated: bool
+    health: str = "ok"
+    health_reason: str = ""
+    driver_version: str = ""
+    cuda_version: str = ""
+    present: bool = True
+
+
+@dataclass
+class NodeRecord:
+    id: str
+    name: str
+    address: str
+    backend: str
+    labels: dict[str, str]
+    status: str
+    status_reason: str
+    cpu_count: int
+    memory_mib: int
+    disk_mib: int
+    public_key: str
+    facts: dict[str, Any]
+    last_heartbeat: float
+    gpus: list[GpuRecord] = field(default_factory=list)
+
+
+@dataclass
+class TokenRecord:
+    id: str
+    name: str
+    scopes: list[str]
+    tenant: str
+    created_at: float

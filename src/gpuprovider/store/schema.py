@@ -1,0 +1,132 @@
+"""Tables of the store. SQLAlchemy Core, so SQLite and PostgreSQL share one schema."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("scopes", JSON, nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("address", String(255), nullable=False),
+    Column("backend", String(32), nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("status_reason", Text, nullable=False, default=""),
+    Column("cpu_count", Integer, nullable=False),
+    Column("memory_mib", Integer, nullable=False),
+    Column("disk_mib", Integer, nullable=False),
+    Column("public_key", String(64), nullable=False, default=""),
+    Column("facts", JSON, nullable=False),
+    Column("last_heartbeat", Float, nullable=False),
+)
+
+gpus = Table(
+    "gpus",
+    metadata,
+    Column("uuid", String(96), primary_key=True),
+    Column("node_id", String(64), ForeignKey("nodes.id"), nullable=False, index=True),
+    Column("idx", Integer, nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("device_name", String(128), nullable=False),
+    Column("memory_mib", Integer, nullable=False),
+    Column("memory_gb", Integer, nullable=False),
+    Column("simulated", Boolean, nullable=False),
+    Column("health", String(16), nullable=False),
+    Column("health_reason", Text, nullable=False, default=""),
+    Column("driver_version", String(32), nullable=False, default=""),
+    Column("cuda_version", String(32), nullable=False, default=""),
+    Column("present", Boolean, nullable=False, default=True),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64)),
+    # The name while the task is live, NULL once it ends: unique among live tasks.
+    Column("live_name", String(64), unique=True),
+    Column("tenant", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("state_reason", Text, nullable=False, default=""),
+    Column("spec", JSON, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("not_before", Float, nullable=False, default=0.0),
+    Column("queue_deadline", Float),
+    Column("exit_code", Integer),
+    Column("node_id", String(64)),
+    Column("pid", Integer),
+    Column("pid_start_time", Float),
+    Column("run_dir", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("version", Integer, nullable=False, default=0),
+)
+Index("ix_tasks_name", tasks.c.name)
+
+allocations = Table(
+    "allocations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", String(32), ForeignKey("tasks.id"), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("node_id", String(64), nullable=False),
+    Column("gpu_uuids", JSON, nullable=False),
+    Column("gpu_milli", Integer, nullable=False),
+    Column("cpu_milli", Integer, nullable=False),
+    Column("memory_mib", Integer, nullable=False),
+    Column("ports", JSON, nullable=False),
+    Column("active", Boolean, nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("released_at", Float),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", String(32), ForeignKey("tasks.id"), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("from_state", String(16)),
+    Column("to_state", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+)
