@@ -75,19 +75,26 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_big(scope, receive, send)
         seen = 0
+        refused = False
 
         async def limited_receive() -> dict:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise ApiError(413, f"request body is larger than the limit of {self.limit} bytes")
+                # Answer 413 now; the app sees the client gone and its reply is dropped.
+                refused = True
+                await too_big(scope, receive, send)
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except ApiError as exc:
-            await _error(exc.status, exc.message)(scope, receive, send)
+        async def guarded_send(message: dict) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def create_app(ctx: ApiContext) -> FastAPI:

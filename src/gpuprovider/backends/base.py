@@ -54,8 +54,11 @@ class Backend(Protocol):
         """How the task ended, or None while it runs."""
         ...
 
-    def stop(self, handle: Handle) -> None:
-        """Ask the task to stop: SIGTERM, then SIGKILL after its grace period."""
+    def stop(self, handle: Handle) -> bool:
+        """Ask the task to stop: SIGTERM, then SIGKILL after its grace period.
+
+        False when the task cannot take the request yet; the caller asks again.
+        """
         ...
 
     def recover(self, run_dir: str, attempt: int) -> Handle | None:

@@ -119,10 +119,15 @@ class LocalBackend:
             return ended
         return Exit(None, "lost: its runner process vanished without an exit record", lost=True)
 
-    def stop(self, handle: Handle) -> None:
+    def stop(self, handle: Handle) -> bool:
+        # Until the runner has written its record it has no SIGTERM handler yet, and
+        # a signal would kill it before it can stop the command cleanly: ask later.
+        if not (Path(handle.run_dir) / f"runner-{handle.attempt}.json").exists():
+            return False
         if process_alive(handle.pid, handle.start_time):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(handle.pid, signal.SIGTERM)
+        return True
 
     def kill(self, handle: Handle) -> None:
         record = Path(handle.run_dir) / f"runner-{handle.attempt}.json"

@@ -43,7 +43,11 @@ class Client:
 
     def _check(self, response: httpx.Response) -> Any:
         if response.status_code < 400:
-            return response.json() if response.content else None
+            if not response.content:
+                return None
+            if response.headers.get("content-type", "").startswith("application/json"):
+                return response.json()
+            return response.text
         try:
             message = response.json().get("error") or response.text
         except ValueError:

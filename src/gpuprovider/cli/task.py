@@ -169,7 +169,7 @@ def get(
         f"attempt {task['attempt']}  exit code {task['exit_code']}  "
         f"tenant {task['tenant']}  priority {task['priority']}"
     )
-    console.print("spec " + json.dumps(task["spec"]))
+    console.print("spec " + json.dumps(task["spec"]), markup=False)
     alloc = task.get("allocation")
     if alloc:
         gpus = (
@@ -182,10 +182,11 @@ def get(
         share = f" share {alloc['gpu_share']:g}" if alloc["gpus"] and alloc["gpu_share"] < 1 else ""
         console.print(
             f"allocation node {alloc['node']}  GPUs {gpus}{share}  ports "
-            f"{alloc['ports'] or '-'}{'' if alloc['active'] else '  (released)'}"
+            f"{alloc['ports'] or '-'}{'' if alloc['active'] else '  (released)'}",
+            markup=False,
         )
     for name, url in (task.get("endpoints") or {}).items():
-        console.print(f"endpoint {name} {url}")
+        console.print(f"endpoint {name} {url}", markup=False)
     table(
         "Events",
         ["AT", "FROM", "TO", "REASON"],

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +32,14 @@ log = logging.getLogger("gpuprovider")
 
 class DaemonError(RuntimeError):
     """The daemon cannot start; the message says what to fix."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon stops it, then itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class InventoryLoop(Loop):
@@ -131,7 +141,7 @@ class Daemon:
         try:
             self.inventory.tick()  # register this node before anything is placed
             app = build_asgi(ApiContext(self.store, self.tasks, self.config.api.max_body_bytes))
-            server = uvicorn.Server(
+            server = _Server(
                 uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
             )
             loops = [
@@ -144,7 +154,10 @@ class Daemon:
                 self.config.api.port,
                 self.home.root,
             )
-            await server.serve(sockets=[sock])  # returns on SIGINT / SIGTERM
+            event_loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                event_loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+            await server.serve(sockets=[sock])  # returns once should_exit is set
             self.stopping.set()
             for loop in (self.inventory, self.scheduler, self.executor, self.reaper):
                 loop.wake()

@@ -284,8 +284,8 @@ class ExecutorLoop(Loop):
     def _stop(self, task: TaskRecord, handle: Handle) -> None:
         kill_at = self._kill_at.get(task.id)
         if kill_at is None:
-            self.backend.stop(handle)
-            self._kill_at[task.id] = time.time() + self.grace_s + KILL_AFTER_GRACE_S
+            if self.backend.stop(handle):
+                self._kill_at[task.id] = time.time() + self.grace_s + KILL_AFTER_GRACE_S
         elif time.time() > kill_at:
             log.warning("task %s did not stop within its grace period; killing it", task.id)
             self.backend.kill(handle)

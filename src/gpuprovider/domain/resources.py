@@ -12,6 +12,9 @@ MAX_GPUS_PER_TASK = 64
 MILLI = 1000
 
 _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*$", re.I)
+_SIZE = r"\d+(?:\.\d+)?\s*(?:mb|mib|gb|gib|tb|tib)"
+# `80GB`, `24GB..`, `..48GB`, `24GB..48GB`: a bound on GPU memory in a constraint.
+_MEMORY_BOUND_RE = re.compile(rf"^(?:{_SIZE}|{_SIZE}\.\.(?:{_SIZE})?|\.\.{_SIZE})$", re.I)
 _MIB_PER_UNIT = {
     "b": 1 / 2**20,
     "kb": 1000 / 2**20,
@@ -142,13 +145,13 @@ def parse_gpu_request(text: str | int | float) -> GpuRequest:
         raise ValueError("gpu constraint is empty")
     parts = text.split(":")
     count, share = 1, 0
-    if re.fullmatch(r"\d+(\.\d+)?|\.\d+", parts[-1].strip()):
+    if re.fullmatch(r"-?(\d+(\.\d+)?|\.\d+)", parts[-1].strip()):
         count, share = _parse_count(parts.pop().strip())
     models: frozenset[str] | None = None
     model_text = ""
     min_gb = max_gb = None
     for part in (p.strip() for p in parts):
-        if re.search(r"\d\s*(gb|gib|tb|mb)|\.\.", part, re.I):
+        if _MEMORY_BOUND_RE.match(part):
             if min_gb is not None or max_gb is not None:
                 raise ValueError(f"{text!r} gives GPU memory twice")
             min_gb, max_gb = _parse_memory_bound(part)

@@ -1,0 +1,274 @@
+"""The HTTP API of a real daemon on 127.0.0.1, with real task processes."""
+
+import json
+import sys
+
+import httpx
+import pytest
+
+from conftest import wait_for
+
+PY = sys.executable
+PRINT_ENV = (
+    "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']), "
+    "os.environ['NVIDIA_VISIBLE_DEVICES'], os.environ.get('GPUPROVIDER_GPU_SHARE'))"
+)
+
+
+def run_env(provider, gpu):
+    task = provider.submit(command=[PY, "-c", PRINT_ENV], resources={"gpu": gpu})
+    provider.wait_state(task["id"], "succeeded")
+    return provider.logs(task["id"]).strip()
+
+
+def test_open_endpoints_and_openapi(provider):
+    assert httpx.get(provider.url + "/api/v1/health").json()["status"] == "ok"
+    assert "version" in httpx.get(provider.url + "/api/v1/version").json()
+    paths = httpx.get(provider.url + "/api/v1/openapi.json").json()["paths"]
+    assert {"/api/v1/tasks", "/api/v1/tasks/{ref}/logs", "/api/v1/nodes", "/api/v1/gpus"} <= set(
+        paths
+    )
+
+
+def test_auth_401_and_403(provider):
+    bare = httpx.Client(base_url=provider.url + "/api/v1")
+    assert bare.get("/tasks").status_code == 401
+    assert "missing bearer token" in bare.get("/tasks").json()["error"]
+    wrong = bare.get("/tasks", headers={"Authorization": "Bearer gpp_nope"})
+    assert wrong.status_code == 401
+    made = provider.api.post("/tokens", json={"name": "viewer", "scopes": ["read"]}).json()
+    viewer = {"Authorization": f"Bearer {made['token']}"}
+    assert bare.get("/tasks", headers=viewer).status_code == 200
+    denied = bare.post("/tasks", json={"command": ["true"]}, headers=viewer)
+    assert denied.status_code == 403 and "lacks the 'submit' scope" in denied.json()["error"]
+    assert bare.post("/tokens", json={"name": "x"}, headers=viewer).status_code == 403
+
+
+def test_visible_devices_are_exactly_the_allocation(provider):
+    none = run_env(provider, "0")
+    assert none == "'' none None"
+    one = run_env(provider, "H100:1")
+    assert one.split()[0] in ("'0'", "'1'") and one.endswith("None")
+    assert run_env(provider, "H100:2").startswith("'0,1' 0,1")
+    assert run_env(provider, "RTX4090:1").startswith("'2' 2")
+    assert run_env(provider, "0.5").endswith("0.5")
+
+
+def test_task_lifecycle_events_and_allocation(provider):
+    task = provider.submit(name="life", command=[PY, "-c", "print('hi')"], resources={"gpu": 1})
+    done = provider.wait_state("life", "succeeded")
+    assert done["exit_code"] == 0 and done["attempt"] == 1
+    states = [e["to"] for e in done["events"]]
+    assert states == ["submitted", "queued", "scheduled", "starting", "running", "succeeded"]
+    assert all(e["reason"] for e in done["events"])
+    assert done["allocation"]["gpus"][0]["simulated"] is True
+    assert done["allocation"]["active"] is False  # released when it ended
+    assert provider.logs(task["id"]) == "hi\n"
+    events = provider.api.get(f"/tasks/{task['id']}/events").json()
+    assert events == done["events"]
+
+
+def test_unplaceable_task_stays_queued_with_reason(provider):
+    task = provider.submit(command=["true"], resources={"gpu": "H100:3"})
+    queued = wait_for(
+        lambda: (t := provider.task(task["id"]))["reason"].startswith("no node") and t
+    )
+    assert queued["state"] == "queued"
+    assert queued["reason"] == "no node has 3 H100 free (at most 2 on one node)"
+    listed = provider.api.get("/tasks", params={"state": "queued"}).json()
+    assert any(t["id"] == task["id"] and t["reason"] == queued["reason"] for t in listed)
+    provider.api.post(f"/tasks/{task['id']}/cancel")
+
+
+def test_dry_run_says_whether_and_where_and_stores_nothing(provider):
+    before = len(provider.api.get("/tasks").json())
+    ok = provider.api.post(
+        "/tasks", params={"dry_run": "true"}, json={"command": ["true"], "resources": {"gpu": 1}}
+    )
+    assert ok.status_code == 200 and ok.json()["placeable_now"] is True
+    never = provider.api.post(
+        "/tasks",
+        params={"dry_run": "true"},
+        json={"command": ["true"], "resources": {"gpu": "H100:8"}},
+    ).json()
+    assert never["placeable_now"] is False and never["would_wait"] is False
+    assert "even when idle" in never["message"]
+    assert len(provider.api.get("/tasks").json()) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (
+            {"command": ["true"], "resources": {"gpu": "H900:1"}},
+            422,
+            "resources.gpu: unknown GPU model 'H900'",
+        ),
+        ({"command": ["true"], "resources": {"cpu": -2}}, 422, "resources.cpu"),
+        ({"command": ["true"], "resources": {"memory": "9000TB"}}, 422, "resources.memory_mib"),
+        ({"command": ["true"], "resouces": {}}, 422, "resouces: unknown field"),
+        ({"name": "x y", "command": ["true"]}, 422, "name:"),
+        ({"command": ["true"], "resources": {"gpu": "T4:80GB:1"}}, 422, "no T4 has the GPU memory"),
+        ({"image": "busybox"}, 422, "no container engine"),
+        ([1, 2], 422, "body"),
+    ],
+)
+def test_bad_specs_are_rejected_naming_the_field(provider, body, status, message):
+    before = provider.api.get("/tasks", params={"limit": 100000}).json()
+    response = provider.api.post("/tasks", json=body)
+    assert response.status_code == status and message in response.json()["error"], response.text
+    assert provider.api.get("/tasks", params={"limit": 100000}).json() == before  # nothing stored
+
+
+def test_malformed_json_and_oversized_bodies(provider):
+    bad = provider.api.post(
+        "/tasks", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert bad.status_code == 422 and "JSON" in bad.json()["error"]
+    huge = {"command": ["true"], "env": {"BIG": "x" * 2_000_000}}
+    too_big = provider.api.post("/tasks", json=huge)
+    assert too_big.status_code == 413 and "larger than the limit" in too_big.json()["error"]
+
+    def chunks():
+        yield b'{"command": ["true"], "env": {"BIG": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}}'
+
+    streamed = provider.api.post(
+        "/tasks", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    assert provider.api.get("/health").status_code == 200  # still serving
+
+
+def test_name_clash_and_unknown_task(provider):
+    provider.submit(name="clash", command=[PY, "-c", "import time; time.sleep(30)"])
+    again = provider.api.post("/tasks", json={"name": "clash", "command": ["true"]})
+    assert again.status_code == 409 and "already named 'clash'" in again.json()["error"]
+    provider.api.post("/tasks/clash/cancel")
+    provider.wait_state("clash", "cancelled")
+    # once the first ended, the name is free again
+    reused = provider.submit(name="clash", command=["true"])
+    assert provider.wait_state("clash", "succeeded")["id"] == reused["id"]
+    missing = provider.api.get("/tasks/t-doesnotexist")
+    assert missing.status_code == 404 and "no task with id or name" in missing.json()["error"]
+    assert provider.api.post("/tasks/t-doesnotexist/cancel").status_code == 404
+
+
+def test_cancel_running_queued_and_finished(provider):
+    running = provider.submit(
+        command=[PY, "-c", "import time; print('up', flush=True); time.sleep(60)"]
+    )
+    provider.wait_state(running["id"], "running")
+    assert provider.api.post(f"/tasks/{running['id']}/cancel").json()["state"] == "cancelling"
+    done = provider.wait_state(running["id"], "cancelled")
+    assert done["exit_code"] == -15 and "cancelled" in done["reason"]
+    queued = provider.submit(command=["true"], resources={"gpu": "H100:5"})
+    assert provider.api.post(f"/tasks/{queued['id']}/cancel").json()["state"] == "cancelled"
+    again = provider.api.post(f"/tasks/{queued['id']}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["error"]
+
+
+def test_retries_with_backoff_then_failed(provider):
+    task = provider.submit(
+        command=[PY, "-c", "import sys; print('try'); sys.exit(4)"],
+        retry={"attempts": 3, "backoff_s": 0.1},
+    )
+    done = provider.wait_state(task["id"], "failed")
+    assert done["attempt"] == 3 and done["exit_code"] == 4
+    reasons = [e["reason"] for e in done["events"] if e["to"] == "queued"]
+    assert reasons[1:] == ["retry: attempt 2 of 3 in 0.1s", "retry: attempt 3 of 3 in 0.2s"]
+    assert provider.logs(task["id"]) == "try\n" * 3
+
+
+def test_max_duration_fails_the_job(provider):
+    task = provider.submit(command=[PY, "-c", "import time; time.sleep(60)"], max_duration_s=0.5)
+    done = provider.wait_state(task["id"], "failed")
+    assert "max duration" in done["reason"]
+
+
+def test_queue_deadline_expires(provider):
+    task = provider.submit(command=["true"], resources={"gpu": "H100:4"}, max_queue_s=0.3)
+    done = provider.wait_state(task["id"], "expired")
+    assert "queued past its deadline" in done["reason"]
+
+
+def test_service_gets_ports_endpoint_and_restarts(provider):
+    code = "import os; print(os.environ['PORT'], os.environ['GPUPROVIDER_PORT_HTTP'], flush=True)"
+    task = provider.submit(
+        name="svc",
+        kind="service",
+        command=[PY, "-c", code],
+        ports=["http"],
+        retry={"backoff_s": 0.1},
+    )
+    restarted = wait_for(lambda: (t := provider.task("svc"))["attempt"] >= 3 and t, what="restarts")
+    assert any("service restarting" in e["reason"] for e in restarted["events"])
+    port = provider.logs("svc").split()[0]
+    assert 31000 <= int(port) <= 31999 and provider.logs("svc").split()[1] == port
+    running = provider.wait_state("svc", {"running", "scheduled", "starting", "queued"})
+    if running.get("endpoints"):
+        assert running["endpoints"]["http"].endswith(
+            ":" + str(running["allocation"]["ports"]["http"])
+        )
+    provider.api.post("/tasks/svc/cancel")
+    provider.wait_state("svc", "cancelled")
+    assert task["kind"] == "service"
+
+
+def test_logs_follow_streams_until_the_end(provider):
+    code = "import time\nfor i in range(3):\n    print('line', i, flush=True); time.sleep(0.2)"
+    task = provider.submit(command=[PY, "-c", code])
+    chunks, end = [], None
+    with provider.api.stream("GET", f"/tasks/{task['id']}/logs", params={"follow": "true"}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        event = "message"
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+                if event == "end":
+                    end = data
+                    break
+                chunks.append(data)
+    assert "".join(chunks) == "line 0\nline 1\nline 2\n"
+    assert end == "succeeded"
+    assert len(chunks) >= 2  # it streamed while the task ran, not all at once
+
+
+def test_list_filters_and_tenants(provider):
+    made = provider.api.post(
+        "/tokens", json={"name": "team-b", "scopes": ["read", "submit"]}
+    ).json()
+    team_b = httpx.Client(
+        base_url=provider.url + "/api/v1", headers={"Authorization": f"Bearer {made['token']}"}
+    )
+    mine = team_b.post("/tasks", json={"name": "b-job", "command": ["true"]}).json()
+    assert mine["tenant"] == "team-b"
+    admin_task = provider.submit(name="admin-job", command=["true"])
+    assert [t["id"] for t in team_b.get("/tasks").json()] == [mine["id"]]
+    assert team_b.get(f"/tasks/{admin_task['id']}").status_code == 404
+    assert team_b.post(f"/tasks/{admin_task['id']}/cancel").status_code == 404
+    named = provider.api.get("/tasks", params={"name": "b-job"}).json()
+    assert [t["id"] for t in named] == [mine["id"]]
+    bad_state = provider.api.get("/tasks", params={"state": "sleeping"})
+    assert bad_state.status_code == 422 and "sleeping" in bad_state.json()["error"]
+
+
+def test_nodes_and_gpus_mark_simulated_and_show_use(provider):
+    nodes = provider.api.get("/nodes").json()
+    assert len(nodes) == 1 and nodes[0]["status"] == "ready"
+    assert nodes[0]["gpu_count"] == 3 and nodes[0]["simulated_gpus"] == 3
+    assert nodes[0]["cpu_count"] >= 1 and nodes[0]["memory_mib"] > 0
+    task = provider.submit(
+        command=[PY, "-c", "import time; time.sleep(30)"], resources={"gpu": "RTX4090:0.25"}
+    )
+    provider.wait_state(task["id"], "running")
+    gpus = {g["model"]: g for g in provider.api.get("/gpus").json()}
+    assert gpus["rtx-4090-24gb"]["simulated"] is True
+    assert gpus["rtx-4090-24gb"]["used_share"] == 0.25 and gpus["rtx-4090-24gb"]["tasks"] == [
+        task["id"]
+    ]
+    provider.api.post(f"/tasks/{task['id']}/cancel")

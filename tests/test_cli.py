@@ -1,0 +1,99 @@
+"""The CLI tour of the README, run as a user would: subprocesses against a real daemon."""
+
+import json
+import sys
+
+from conftest import GPUPROVIDER, free_port
+
+PY = sys.executable
+
+
+def test_tour(provider):
+    ran = provider.cli(
+        "task",
+        "run",
+        "--gpu",
+        "1",
+        "--name",
+        "hello",
+        "--",
+        PY,
+        "-c",
+        "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])",
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "hello" in ran.stdout
+    logs = provider.cli("task", "logs", "hello", "--follow")
+    assert logs.returncode == 0 and logs.stdout.strip() in ("0", "1")
+    listed = provider.cli("task", "list")
+    assert listed.returncode == 0 and "hello" in listed.stdout and "succeeded" in listed.stdout
+    got = provider.cli("task", "get", "hello")
+    assert got.returncode == 0
+    for text in ("succeeded", "exited with code 0", "placed on", "[simulated]", "Events"):
+        assert text in got.stdout, text
+    nodes = provider.cli("node", "list")
+    assert nodes.returncode == 0 and "3 simulated" in nodes.stdout
+    gpus = provider.cli("gpu", "list")
+    assert gpus.returncode == 0 and gpus.stdout.count("[simulated]") == 3
+
+
+def test_json_on_every_listing(provider):
+    provider.submit(name="json-job", command=["true"])
+    for args in (
+        ("task", "list"),
+        ("node", "list"),
+        ("gpu", "list"),
+        ("token", "list"),
+        ("task", "get", "json-job"),
+    ):
+        done = provider.cli(*args, "--json")
+        assert done.returncode == 0, (args, done.stderr)
+        json.loads(done.stdout)
+
+
+def test_cancel_and_queued_reason(provider):
+    provider.cli("task", "run", "--name", "sleepy", "--", PY, "-c", "import time; time.sleep(60)")
+    provider.wait_state("sleepy", "running")
+    cancelled = provider.cli("task", "cancel", "sleepy")
+    assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout
+    provider.wait_state("sleepy", "cancelled")
+    provider.cli("task", "run", "--name", "big", "--gpu", "H100:2", "--", "true")
+    provider.cli("task", "run", "--name", "bigger", "--gpu", "H100:16", "--", "true")
+    provider.wait_state("bigger", "queued")
+    listed = provider.cli("task", "list", "--state", "queued")
+    assert "no node has 16 H100 free" in listed.stdout
+    dry = provider.cli("task", "run", "--dry-run", "--gpu", "H100:16", "--", "true")
+    assert dry.returncode == 0 and "even when idle" in dry.stdout
+    provider.cli("task", "cancel", "bigger")
+
+
+def test_submit_from_yaml_file(provider, tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: from-file\ncommand: [{PY}, -c, 'print(42)']\nresources:\n  gpu: 0.5\n")
+    done = provider.cli("task", "submit", "-f", str(spec))
+    assert done.returncode == 0, done.stderr
+    provider.wait_state("from-file", "succeeded")
+    assert provider.cli("task", "logs", "from-file").stdout == "42\n"
+
+
+def test_exit_codes_for_bad_input(provider, tmp_path):
+    unknown = provider.cli("task", "run", "--gpu", "H900:1", "--", "true")
+    assert unknown.returncode == 2 and "unknown GPU model 'H900'" in unknown.stderr
+    missing = provider.cli("task", "get", "no-such-task")
+    assert missing.returncode == 2 and "no task with id or name" in missing.stderr
+    usage = provider.cli("task", "list", "--colour")
+    assert usage.returncode == 2
+    bad_env = provider.cli("task", "run", "--env", "NOEQUALS", "--", "true")
+    assert bad_env.returncode == 2 and "KEY=VALUE" in bad_env.stderr
+    not_yaml = tmp_path / "bad.yaml"
+    not_yaml.write_text("name: [unclosed\n")
+    assert provider.cli("task", "submit", "-f", str(not_yaml)).returncode == 2
+    assert provider.cli("task", "submit", "-f", str(tmp_path / "absent.yaml")).returncode == 2
+    wrong_token = provider.cli("--token", "gpp_wrong", "task", "list")
+    assert wrong_token.returncode == 2 and "unknown or revoked token" in wrong_token.stderr
+
+
+def test_unreachable_provider_exits_1(provider):
+    done = provider.cli("--url", f"http://127.0.0.1:{free_port()}", "task", "list")
+    assert done.returncode == 1 and "cannot reach the provider" in done.stderr
+    assert GPUPROVIDER

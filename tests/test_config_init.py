@@ -1,0 +1,109 @@
+"""`gpuprovider init` and provider.toml."""
+
+import stat
+import subprocess
+import tomllib
+
+import pytest
+
+from conftest import GPUPROVIDER
+from gpuprovider.bootstrap import init_home
+from gpuprovider.config import (
+    ConfigError,
+    ProviderConfig,
+    SimulatedGpu,
+    load_config,
+    render_default_config,
+)
+from gpuprovider.home import Home
+from gpuprovider.identity.keys import hash_token
+from gpuprovider.store.store import Store
+
+
+def test_default_config_writes_every_default_and_reads_back():
+    text = render_default_config([])
+    assert load_config_text(text) == ProviderConfig()
+    raw = tomllib.loads(text)
+    for section, model in ProviderConfig.model_fields.items():
+        for key in model.annotation.model_fields:
+            if key != "simulated_gpus":
+                assert key in raw[section], f"[{section}] {key} missing from the template"
+    declared = [SimulatedGpu(model="h100-80gb-sxm", count=2)]
+    assert load_config_text(render_default_config(declared)).inventory.simulated_gpus == declared
+
+
+def load_config_text(text):
+    return ProviderConfig.model_validate(tomllib.loads(text))
+
+
+def test_init_creates_home_with_secrets_private(tmp_path):
+    home = Home(tmp_path / "h")
+    report = init_home(home, simulate=True)
+    assert report.admin_token and report.node_id.startswith("n-")
+    for secret in (home.token, home.node_key):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert load_config(home.config).inventory.simulated_gpus[0].model == "h100-80gb-sxm"
+    store = Store(home.store_url(""))
+    # the token is stored hashed, never in clear
+    assert store.token_by_hash(hash_token(report.admin_token)).scopes == ["admin"]
+    assert report.admin_token not in home.store.read_bytes().decode(errors="ignore")
+
+
+def test_init_again_keeps_key_and_token(tmp_path):
+    home = Home(tmp_path / "h")
+    first = init_home(home, simulate=True)
+    key, token = home.node_key.read_bytes(), home.token.read_text()
+    again = init_home(home, simulate=True)
+    assert again.admin_token is None and again.created == []
+    assert any("node key" in k for k in again.kept) and any("admin token" in k for k in again.kept)
+    assert home.node_key.read_bytes() == key and home.token.read_text() == token
+    assert again.node_id == first.node_id
+
+
+def test_init_with_a_lost_store_re_registers_the_existing_token(tmp_path):
+    home = Home(tmp_path / "h")
+    init_home(home, simulate=True)
+    token = home.token.read_text()
+    home.store.unlink()
+    init_home(home, simulate=True)
+    assert home.token.read_text() == token
+    assert Store(home.store_url("")).token_by_hash(hash_token(token)) is not None
+
+
+def test_cli_init_says_what_exists(tmp_path):
+    args = [GPUPROVIDER, "--home", str(tmp_path / "h"), "init", "--simulate-gpus"]
+    first = subprocess.run(args, capture_output=True, text=True)
+    assert first.returncode == 0 and "gpp_" in first.stdout
+    second = subprocess.run(args, capture_output=True, text=True)
+    assert second.returncode == 0 and "gpp_" not in second.stdout
+    assert "exists, kept" in second.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[api]\nprot = 1\n", r"\[api\] prot: unknown key"),
+        ("[api]\nport = 'x'\n", r"\[api\] port"),
+        ("[scheduler]\npolicy = 'fastest'\n", r"\[scheduler\] policy"),
+        ("[inventory]\n[[inventory.simulated_gpus]]\nmodel = 'H900'\n", "unknown GPU model"),
+        ("[api\n", "not valid TOML"),
+        ("[executor]\nport_range = [9000, 8000]\n", "port_range"),
+        ("[colour]\n", "colour: unknown key"),
+    ],
+)
+def test_config_typos_are_errors_that_name_the_key(tmp_path, text, message):
+    path = tmp_path / "provider.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_cli_refuses_a_bad_config_with_exit_2(tmp_path):
+    home = Home(tmp_path / "h")
+    init_home(home, simulate=True)
+    home.config.write_text(home.config.read_text().replace("[api]", "[api]\nprot = 1"))
+    done = subprocess.run(
+        [GPUPROVIDER, "--home", str(home.root), "up"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "[api] prot: unknown key" in done.stderr

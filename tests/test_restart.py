@@ -1,0 +1,107 @@
+"""Restart safety: kill -9 the daemon while tasks run, start it again."""
+
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import wait_for
+
+PY = sys.executable
+
+
+def gated_job(gate: Path, starts: Path, code: int) -> list[str]:
+    """A job that records each start, waits for `gate` to exist, then exits `code`."""
+    script = (
+        "import os, pathlib, sys, time\n"
+        "task = os.environ['GPUPROVIDER_TASK_ID']\n"
+        f"with open({str(starts)!r}, 'a') as f: f.write(task + '\\n')\n"
+        f"while not pathlib.Path({str(gate)!r}).exists(): time.sleep(0.02)\n"
+        f"sys.exit({code})\n"
+    )
+    return [PY, "-c", script]
+
+
+@pytest.mark.slow
+def test_kill_9_then_restart_readopts_and_records_real_exit_codes(fresh_provider, tmp_path):
+    p = fresh_provider
+    p.start()
+    starts = tmp_path / "starts.txt"
+    finishes_while_down = p.submit(
+        name="a", command=gated_job(tmp_path / "gate-a", starts, 7), resources={"gpu": 1}
+    )
+    keeps_running = p.submit(
+        name="b", command=gated_job(tmp_path / "gate-b", starts, 0), resources={"gpu": 1}
+    )
+    queued = p.submit(name="c", command=["true"], resources={"gpu": "H100:1"})
+    running_b = p.wait_state("b", "running")
+    p.wait_state("a", "running")
+    wait_for(lambda: starts.exists() and len(starts.read_text().split()) == 2)
+
+    p.stop(signal.SIGKILL)
+    (tmp_path / "gate-a").touch()  # a finishes while no daemon watches
+    run_dir = Path(p.task_dir(finishes_while_down["id"]))
+    wait_for(lambda: (run_dir / "exit-1.json").exists(), what="a to finish")
+    assert psutil.pid_exists(running_b["pid"])
+
+    p.start()
+    a = p.wait_state("a", "failed")
+    assert a["exit_code"] == 7 and a["attempt"] == 1
+    b = p.task("b")
+    assert b["state"] == "running" and b["pid"] == running_b["pid"]  # adopted, not restarted
+    (tmp_path / "gate-b").touch()
+    assert p.wait_state("b", "succeeded")["exit_code"] == 0
+    p.wait_state("c", "succeeded")  # the third got the GPU once a and b released theirs
+    # nobody ran twice
+    assert sorted(starts.read_text().split()) == sorted(
+        [finishes_while_down["id"], keeps_running["id"]]
+    )
+    assert queued["state"] == "queued"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_daemon_cleanly_and_tasks_keep_running(fresh_provider, tmp_path):
+    p = fresh_provider
+    p.start()
+    starts = tmp_path / "starts.txt"
+    task = p.submit(name="steady", command=gated_job(tmp_path / "gate", starts, 0))
+    running = p.wait_state("steady", "running")
+    assert p.stop(signal.SIGTERM) == 0
+    assert "gpuprovider stopped" in p.log()
+    assert psutil.pid_exists(running["pid"])
+    p.start()
+    (tmp_path / "gate").touch()
+    assert p.wait_state("steady", "succeeded")["attempt"] == 1
+    assert starts.read_text().split() == [task["id"]]
+
+
+@pytest.mark.slow
+def test_runner_killed_while_daemon_down_is_lost_and_retried(fresh_provider, tmp_path):
+    p = fresh_provider
+    p.start()
+    starts = tmp_path / "starts.txt"
+    p.submit(
+        name="fragile",
+        command=gated_job(tmp_path / "gate", starts, 0),
+        retry={"attempts": 2, "backoff_s": 0},
+    )
+    first = p.wait_state("fragile", "running")
+    p.stop(signal.SIGKILL)
+    # the runner and its command die with no exit record, e.g. the machine's OOM killer
+    runner = psutil.Process(first["pid"])
+    for proc in [*runner.children(recursive=True), runner]:
+        proc.kill()
+    p.start()
+    (tmp_path / "gate").touch()
+    done = p.wait_state("fragile", "succeeded")
+    assert done["attempt"] == 2
+    assert any("lost" in e["reason"] for e in done["events"])
+
+
+def test_second_daemon_on_the_same_home_is_refused(fresh_provider):
+    p = fresh_provider
+    p.start()
+    second = p.cli("up", timeout=30)
+    assert second.returncode == 1 and "another gpuprovider daemon" in second.stderr
