@@ -1,172 +1,21 @@
-"""Shared fixtures: a real provider home and a real daemon on 127.0.0.1."""
+"""Fixtures: a real provider home and a real daemon on 127.0.0.1."""
 
-from __future__ import annotations
-
-import contextlib
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
-import psutil
 import pytest
 
-from gpuprovider.bootstrap import init_home
-from gpuprovider.home import Home
+from gpuprovider.testing import (
+    GPUPROVIDER,
+    Provider,
+    free_port,
+    kill_task_processes,
+    make_home,
+    wait_for,
+)
 
-GPUPROVIDER = str(Path(sys.executable).parent / "gpuprovider")
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-SIMULATED = """
-[[inventory.simulated_gpus]]
-model = "h100-80gb-sxm"
-count = 2
-
-[[inventory.simulated_gpus]]
-model = "rtx-4090-24gb"
-count = 1
-"""
-
-
-def make_home(root: Path, port: int, gpus: str = SIMULATED, **settings: str) -> Home:
-    """An initialised home listening on `port`, with fast loops for tests."""
-    home = Home(root)
-    init_home(home, simulate=False)
-    text = home.config.read_text()
-    text = text.replace("port = 8085", f"port = {port}")
-    text = text.replace("poll_interval_s = 0.1", "poll_interval_s = 0.05")
-    text = text.replace("stop_grace_s = 10.0", f"stop_grace_s = {settings.get('grace', '1.0')}")
-    text = re.sub(
-        r"(?m)^port_range = .*$", f"port_range = {settings.get('ports', '[31000, 31999]')}", text
-    )
-    text = text.replace(
-        "# How often queue deadlines are checked.\ninterval_s = 5.0",
-        "# How often queue deadlines are checked.\ninterval_s = 0.2",
-    )
-    home.config.write_text(text + gpus)
-    return home
-
-
-class Provider:
-    """A `gpuprovider up` subprocess and clients for it."""
-
-    def __init__(self, home: Home, port: int):
-        self.home, self.port = home, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.token = home.token.read_text().strip()
-        self.proc: subprocess.Popen | None = None
-        self.api = httpx.Client(
-            base_url=self.url + "/api/v1",
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=30,
-        )
-
-    def start(self) -> None:
-        log = open(self.home.root / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            [GPUPROVIDER, "--home", str(self.home.root), "up"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-
-        def healthy() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()}")
-            try:
-                return httpx.get(self.url + "/api/v1/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(healthy, what="the daemon to answer")
-
-    def log(self) -> str:
-        return (self.home.root / "daemon.log").read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=20)
-        return self.proc.returncode if self.proc else None
-
-    def cli(
-        self, *args: str, stdin: str | None = None, timeout: float = 60
-    ) -> subprocess.CompletedProcess:
-        env = {**os.environ, "COLUMNS": "200", "GPUPROVIDER_HOME": str(self.home.root)}
-        return subprocess.run(
-            [GPUPROVIDER, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            input=stdin,
-            timeout=timeout,
-        )
-
-    def submit(self, **spec: Any) -> dict:
-        response = self.api.post("/tasks", json=spec)
-        assert response.status_code == 201, response.text
-        return response.json()
-
-    def task(self, ref: str) -> dict:
-        response = self.api.get(f"/tasks/{ref}")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def wait_state(self, ref: str, states: set[str] | str, timeout: float = 20) -> dict:
-        wanted = {states} if isinstance(states, str) else states
-        return wait_for(
-            lambda: (t := self.task(ref))["state"] in wanted and t,
-            timeout,
-            f"task {ref} to reach {wanted}",
-        )
-
-    def task_dir(self, task_id: str) -> Path:
-        return self.home.tasks / task_id
-
-    def logs(self, ref: str) -> str:
-        return self.api.get(f"/tasks/{ref}/logs").text
-
-    def cancel_all(self) -> None:
-        for task in self.api.get("/tasks", params={"limit": 100000}).json():
-            if task["state"] not in TERMINAL:
-                self.api.post(f"/tasks/{task['id']}/cancel")
-
-
-def kill_task_processes(home: Home) -> None:
-    """Leave no task process behind a test, whatever happened to the daemon."""
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if any(str(home.tasks) in part for part in cmdline):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+__all__ = ["GPUPROVIDER", "free_port", "wait_for"]
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import wait_for
+from gpuprovider.testing import wait_for
 
 PY = sys.executable
 PRINT_ENV = (

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from conftest import GPUPROVIDER, free_port
+from gpuprovider.testing import GPUPROVIDER, free_port
 
 PY = sys.executable
 

@@ -6,7 +6,6 @@ import tomllib
 
 import pytest
 
-from conftest import GPUPROVIDER
 from gpuprovider.bootstrap import init_home
 from gpuprovider.config import (
     ConfigError,
@@ -18,6 +17,7 @@ from gpuprovider.config import (
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import hash_token
 from gpuprovider.store.store import Store
+from gpuprovider.testing import GPUPROVIDER
 
 
 def test_default_config_writes_every_default_and_reads_back():

@@ -9,9 +9,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_for
 from gpuprovider.backends.base import Handle, Launch
 from gpuprovider.backends.local import LocalBackend, process_alive
+from gpuprovider.testing import wait_for
 
 
 def launch(tmp_path: Path, code: str, attempt: int = 1, **kw) -> Launch:

@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_for
+from gpuprovider.testing import wait_for
 
 PY = sys.executable
 

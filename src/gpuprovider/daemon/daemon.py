@@ -117,20 +117,24 @@ class Daemon:
         self.backend = LocalBackend()
         self.scheduler = SchedulerLoop(self.store, framework, config, on_placed=self._wake_executor)
         self.executor = ExecutorLoop(
-            self.store, self.backend, config, Path(home.tasks), on_freed=self._wake_scheduler
+            self.store,
+            self.backend,
+            config,
+            Path(home.tasks),
+            on_freed=self.scheduler.capacity_changed,
         )
-        self.inventory = InventoryLoop(self.store, home, config, on_change=self._wake_scheduler)
+        self.inventory = InventoryLoop(
+            self.store, home, config, on_change=self.scheduler.capacity_changed
+        )
         self.reaper = ReaperLoop(self.store, config)
         self.tasks = TaskService(
             self.store,
             framework,
-            wake_scheduler=self._wake_scheduler,
-            wake_executor=self._wake_executor,
+            on_submitted=self.scheduler.wake,
+            on_cancel_requested=self._wake_executor,
+            on_capacity_freed=self.scheduler.capacity_changed,
         )
         self.stopping = asyncio.Event()
-
-    def _wake_scheduler(self) -> None:
-        self.scheduler.wake()
 
     def _wake_executor(self) -> None:
         self.executor.wake()

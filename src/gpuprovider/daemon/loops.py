@@ -81,11 +81,26 @@ class SchedulerLoop(Loop):
         self.framework = framework
         self.port_range = config.executor.port_range
         self.on_placed = on_placed
+        # Bumped whenever capacity may have grown (a task ended, a node changed).
+        # A task found unplaceable is not tried again until it moves, so a burst of
+        # submissions costs each pass only the new tasks.
+        self.generation = 0
+        self._unplaceable_at: dict[str, int] = {}
+
+    def capacity_changed(self) -> None:
+        self.generation += 1
+        self.wake()
 
     def tick(self) -> float | None:
         now = time.time()
         queued = self.store.tasks(states=[S.QUEUED])
-        ready = [t for t in queued if t.not_before <= now]
+        live = {t.id for t in queued}
+        self._unplaceable_at = {k: g for k, g in self._unplaceable_at.items() if k in live}
+        ready = [
+            t
+            for t in queued
+            if t.not_before <= now and self._unplaceable_at.get(t.id) != self.generation
+        ]
         waiting = [t.not_before - now for t in queued if t.not_before > now]
         if ready:
             self._place(ready)
@@ -106,6 +121,7 @@ class SchedulerLoop(Loop):
             try:
                 with self.store.tx() as tx:
                     if not isinstance(decision, Placement):
+                        self._unplaceable_at[task.id] = self.generation
                         if task.state_reason != decision.reason:
                             tx.note(task, decision.reason)
                         continue
@@ -114,6 +130,7 @@ class SchedulerLoop(Loop):
                         taken = taken_ports.setdefault(decision.node_id, set())
                         chosen = choose_ports([p.name for p in spec.ports], taken, self.port_range)
                         if chosen is None:
+                            self._unplaceable_at[task.id] = self.generation
                             tx.note(task, f"no free port left in {self.port_range}")
                             continue
                         ports = chosen

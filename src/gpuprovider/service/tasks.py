@@ -42,14 +42,16 @@ class TaskService:
         self,
         store: Store,
         framework: Framework,
-        wake_scheduler: Callable[[], None] = lambda: None,
-        wake_executor: Callable[[], None] = lambda: None,
+        on_submitted: Callable[[], None] = lambda: None,
+        on_cancel_requested: Callable[[], None] = lambda: None,
+        on_capacity_freed: Callable[[], None] = lambda: None,
         engine_probe: Callable[[], str | None] = container_engine,
     ):
         self.store = store
         self.framework = framework
-        self.wake_scheduler = wake_scheduler
-        self.wake_executor = wake_executor
+        self.on_submitted = on_submitted
+        self.on_cancel_requested = on_cancel_requested
+        self.on_capacity_freed = on_capacity_freed
         self.engine_probe = engine_probe
 
     def _check_runnable(self, spec: TaskSpec) -> None:
@@ -65,7 +67,7 @@ class TaskService:
             task = self.store.submit(spec, tenant)
         except NameTaken as exc:
             raise Conflict(str(exc)) from None
-        self.wake_scheduler()
+        self.on_submitted()
         return task
 
     def dry_run(self, spec: TaskSpec) -> dict[str, Any]:
@@ -113,6 +115,9 @@ class TaskService:
                         tx.transition(task, TaskState.CANCELLED, f"cancelled by {by} before it ran")
             except StaleTask:
                 continue  # changed under us: read again and decide again
-            self.wake_executor()
+            if task.state == TaskState.CANCELLED:
+                self.on_capacity_freed()
+            else:
+                self.on_cancel_requested()
             return task
         raise Conflict(f"task {ref} keeps changing; try the cancel again")

@@ -1,0 +1,175 @@
+"""Run a real provider for tests and benchmarks: a home in a temporary folder and
+`gpuprovider up` as a subprocess on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from gpuprovider.bootstrap import init_home
+from gpuprovider.home import Home
+
+GPUPROVIDER = str(Path(sys.executable).parent / "gpuprovider")
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+SIMULATED = """
+[[inventory.simulated_gpus]]
+model = "h100-80gb-sxm"
+count = 2
+
+[[inventory.simulated_gpus]]
+model = "rtx-4090-24gb"
+count = 1
+"""
+
+
+def make_home(
+    root: Path,
+    port: int,
+    gpus: str = SIMULATED,
+    poll_interval_s: float = 0.05,
+    grace_s: float = 1.0,
+    port_range: tuple[int, int] = (31000, 31999),
+) -> Home:
+    """An initialised home listening on `port`, with loops fast enough for tests."""
+    home = Home(root)
+    init_home(home, simulate=False)
+    text = home.config.read_text()
+    for pattern, value in (
+        (r"(?m)^port = 8085$", f"port = {port}"),
+        (r"(?m)^poll_interval_s = .*$", f"poll_interval_s = {poll_interval_s}"),
+        (r"(?m)^stop_grace_s = .*$", f"stop_grace_s = {grace_s}"),
+        (r"(?m)^port_range = .*$", f"port_range = [{port_range[0]}, {port_range[1]}]"),
+        (r"(?ms)^(\[reaper\].*?)^interval_s = .*?$", r"\1interval_s = 0.2"),
+    ):
+        text, count = re.subn(pattern, value, text)
+        assert count == 1, f"the default config changed: {pattern} not found"
+    home.config.write_text(text + gpus)
+    return home
+
+
+class Provider:
+    """A `gpuprovider up` subprocess and clients for it."""
+
+    def __init__(self, home: Home, port: int):
+        self.home, self.port = home, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.token = home.token.read_text().strip()
+        self.proc: subprocess.Popen | None = None
+        self.api = httpx.Client(
+            base_url=self.url + "/api/v1",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=30,
+        )
+
+    def start(self) -> None:
+        log = open(self.home.root / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [GPUPROVIDER, "--home", str(self.home.root), "up"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()}")
+            try:
+                return httpx.get(self.url + "/api/v1/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, what="the daemon to answer")
+
+    def log(self) -> str:
+        return (self.home.root / "daemon.log").read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+        return self.proc.returncode if self.proc else None
+
+    def cli(
+        self, *args: str, stdin: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        env = {**os.environ, "COLUMNS": "200", "GPUPROVIDER_HOME": str(self.home.root)}
+        return subprocess.run(
+            [GPUPROVIDER, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            input=stdin,
+            timeout=timeout,
+        )
+
+    def submit(self, **spec: Any) -> dict:
+        response = self.api.post("/tasks", json=spec)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def task(self, ref: str) -> dict:
+        response = self.api.get(f"/tasks/{ref}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_state(self, ref: str, states: set[str] | str, timeout: float = 20) -> dict:
+        wanted = {states} if isinstance(states, str) else states
+        return wait_for(
+            lambda: (t := self.task(ref))["state"] in wanted and t,
+            timeout,
+            f"task {ref} to reach {wanted}",
+        )
+
+    def task_dir(self, task_id: str) -> Path:
+        return self.home.tasks / task_id
+
+    def logs(self, ref: str) -> str:
+        return self.api.get(f"/tasks/{ref}/logs").text
+
+    def cancel_all(self) -> None:
+        for task in self.api.get("/tasks", params={"limit": 100000}).json():
+            if task["state"] not in TERMINAL:
+                self.api.post(f"/tasks/{task['id']}/cancel")
+
+
+def kill_task_processes(home: Home) -> None:
+    """Leave no task process behind a test, whatever happened to the daemon."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if any(str(home.tasks) in part for part in cmdline):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
