@@ -35,7 +35,7 @@ class BackendConfig(_Section):
 
 class SchedulerConfig(_Section):
     policy: Literal["best-fit", "first-fit", "spread"] = "best-fit"
-    interval_s: float = Field(1.0, gt=0, le=3600)
+    interval_s: float = Field(5.0, gt=0, le=3600)
 
 
 class ExecutorConfig(_Section):
@@ -167,7 +167,8 @@ kind = "{d.backend.kind}"
 [scheduler]
 # Placement policy: "best-fit" (pack GPUs), "first-fit" or "spread".
 policy = "{d.scheduler.policy}"
-# The scheduler also wakes on every submission; this is its fallback timer.
+# The scheduler runs on every submission and whenever capacity frees up; it
+# also reconsiders every queued task this often.
 interval_s = {d.scheduler.interval_s}
 
 [executor]

@@ -167,7 +167,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     ) -> Any:
         if dry_run:
             return JSONResponse(tasks.dry_run(spec), status_code=200)
-        return task_view(tasks.submit(spec, who.tenant))
+        return JSONResponse(task_view(tasks.submit(spec, who.tenant)), status_code=201)
 
     @app.get("/api/v1/tasks")
     async def list_tasks(
@@ -176,7 +176,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         name: str | None = None,
         kind: str | None = None,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
-    ) -> list[dict[str, Any]]:
+    ) -> JSONResponse:
         try:
             states = [TaskState(s) for item in state or [] for s in item.split(",") if s]
         except ValueError as exc:
@@ -187,11 +187,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         found = store.tasks(
             states=states, name=name, kind=kind, tenant=tenant, limit=limit, newest_first=True
         )
-        return [task_view(t) for t in found]
+        return JSONResponse([task_view(t) for t in found])
 
     @app.get("/api/v1/tasks/{ref}")
     async def get_task(ref: str, who: Annotated[TokenRecord, needs("read")]) -> dict[str, Any]:
-        return full_view(visible_task(ref, who))
+        return JSONResponse(full_view(visible_task(ref, who)))
 
     @app.get("/api/v1/tasks/{ref}/events")
     async def task_events(ref: str, who: Annotated[TokenRecord, needs("read")]) -> list[Any]:
@@ -242,11 +242,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/api/v1/nodes")
     async def nodes(who: Annotated[TokenRecord, needs("read")]) -> list[dict[str, Any]]:
-        return [node_view(n) for n in store.nodes()]
+        return JSONResponse([node_view(n) for n in store.nodes()])
 
     @app.get("/api/v1/gpus")
     async def gpus(who: Annotated[TokenRecord, needs("read")]) -> list[dict[str, Any]]:
-        return gpu_views(store.nodes(), store.active_allocations())
+        return JSONResponse(gpu_views(store.nodes(), store.active_allocations()))
 
     @app.post("/api/v1/tokens", status_code=201)
     async def create_token(

@@ -130,7 +130,7 @@ class Daemon:
         self.tasks = TaskService(
             self.store,
             framework,
-            on_submitted=self.scheduler.wake,
+            on_submitted=self.scheduler.submitted,
             on_cancel_requested=self._wake_executor,
             on_capacity_freed=self.scheduler.capacity_changed,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,16 +26,20 @@ S = TaskState
 
 # Kept from the daemon's own environment out of what a task sees.
 _DAEMON_ONLY_ENV = ("GPUPROVIDER_", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+# How often the executor re-reads live tasks from the store when nothing woke it.
+RESYNC_S = 5.0
 # How long past its grace period a stopping task may take before it is killed.
 KILL_AFTER_GRACE_S = 5.0
 
 
 class Loop:
-    """Runs `tick` when woken or every `interval_s`, whichever comes first."""
+    """Runs `tick` when woken, else after the delay the last pass asked for
+    (`interval_s` when it asked for none)."""
 
     def __init__(self, name: str, interval_s: float):
         self.name = name
         self.interval_s = interval_s
+        self.woken = False  # whether the current pass was woken rather than timed
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -46,13 +51,14 @@ class Loop:
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
+            self.woken = self._wake.is_set()
             self._wake.clear()
             try:
                 soon = self.tick()
             except Exception:
                 log.exception("%s loop pass failed; retrying on the next pass", self.name)
                 soon = None
-            timeout = self.interval_s if soon is None else max(0.0, min(soon, self.interval_s))
+            timeout = self.interval_s if soon is None else max(0.0, soon)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -73,6 +79,10 @@ def fail_and_maybe_retry(tx: Tx, task: TaskRecord, spec: TaskSpec, ended: Exit) 
 
 
 class SchedulerLoop(Loop):
+    """Places queued tasks. A submission costs a pass over that task alone; all
+    queued tasks are reconsidered when capacity may have grown, when a backoff
+    ends, and every `interval_s` as a safety net."""
+
     def __init__(
         self, store: Store, framework: Framework, config: ProviderConfig, on_placed: Callable
     ):
@@ -82,29 +92,47 @@ class SchedulerLoop(Loop):
         self.port_range = config.executor.port_range
         self.on_placed = on_placed
         # Bumped whenever capacity may have grown (a task ended, a node changed).
-        # A task found unplaceable is not tried again until it moves, so a burst of
-        # submissions costs each pass only the new tasks.
+        # A task found unplaceable is not tried again until it moves.
         self.generation = 0
         self._unplaceable_at: dict[str, int] = {}
+        self._submitted: set[str] = set()
+        self._full_pass_due = 0.0
+        self._backoff_ends: float | None = None
+
+    def submitted(self, task_id: str) -> None:
+        self._submitted.add(task_id)
+        self.wake()
 
     def capacity_changed(self) -> None:
         self.generation += 1
+        self._full_pass_due = 0.0
         self.wake()
 
     def tick(self) -> float | None:
         now = time.time()
-        queued = self.store.tasks(states=[S.QUEUED])
-        live = {t.id for t in queued}
-        self._unplaceable_at = {k: g for k, g in self._unplaceable_at.items() if k in live}
+        if now >= self._full_pass_due or (self._backoff_ends and now >= self._backoff_ends):
+            self._full_pass_due = now + self.interval_s
+            self._submitted.clear()
+            queued = self.store.tasks(states=[S.QUEUED])
+            live = {t.id for t in queued}
+            self._unplaceable_at = {k: g for k, g in self._unplaceable_at.items() if k in live}
+            self._backoff_ends = None
+        elif self._submitted:
+            ids, self._submitted = self._submitted, set()
+            queued = self.store.tasks(states=[S.QUEUED], ids=ids)
+        else:
+            queued = []
         ready = [
             t
             for t in queued
             if t.not_before <= now and self._unplaceable_at.get(t.id) != self.generation
         ]
-        waiting = [t.not_before - now for t in queued if t.not_before > now]
+        for task in queued:
+            if task.not_before > now:
+                self._backoff_ends = min(self._backoff_ends or task.not_before, task.not_before)
         if ready:
             self._place(ready)
-        return min(waiting) if waiting else None
+        return min(self._full_pass_due, self._backoff_ends or math.inf) - now
 
     def _place(self, ready: list[TaskRecord]) -> None:
         ready.sort(key=lambda t: (-t.priority, t.created_at))
@@ -168,7 +196,7 @@ class ExecutorLoop(Loop):
         tasks_dir: Path,
         on_freed: Callable[[], None],
     ):
-        super().__init__("executor", config.executor.poll_interval_s)
+        super().__init__("executor", RESYNC_S)
         self.store = store
         self.backend = backend
         self.tasks_dir = tasks_dir
@@ -177,16 +205,28 @@ class ExecutorLoop(Loop):
         # Task id -> when to kill it if it has not stopped; memory only, since a
         # restarted daemon simply sends the (idempotent) stop again.
         self._kill_at: dict[str, float] = {}
+        # Live tasks polled every `poll_interval_s` with no store access; re-read
+        # from the store when woken (placement, cancel) and every RESYNC_S.
+        self._watched: dict[str, TaskRecord] = {}
+        self._resync_at = 0.0
+        self.poll_interval_s = config.executor.poll_interval_s
 
     def tick(self) -> float | None:
-        for task in self.store.tasks(states=[S.SCHEDULED]):
-            self._start(task)
+        now = time.monotonic()
+        if self.woken or now >= self._resync_at:
+            self._resync_at = now + self.interval_s
+            for task in self.store.tasks(states=[S.SCHEDULED]):
+                self._start(task)
+            live = self.store.tasks(states=[S.STARTING, S.RUNNING, S.CANCELLING])
+            self._watched = {t.id: t for t in live}
         freed = False
-        for task in self.store.tasks(states=[S.STARTING, S.RUNNING, S.CANCELLING]):
-            freed |= self._watch(task)
+        for task in list(self._watched.values()):
+            if self._watch(task):
+                del self._watched[task.id]
+                freed = True
         if freed:
             self.on_freed()
-        return None
+        return self.poll_interval_s if self._watched else None
 
     # -- start -----------------------------------------------------------------
 

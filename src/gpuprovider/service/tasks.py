@@ -42,7 +42,7 @@ class TaskService:
         self,
         store: Store,
         framework: Framework,
-        on_submitted: Callable[[], None] = lambda: None,
+        on_submitted: Callable[[str], None] = lambda task_id: None,
         on_cancel_requested: Callable[[], None] = lambda: None,
         on_capacity_freed: Callable[[], None] = lambda: None,
         engine_probe: Callable[[], str | None] = container_engine,
@@ -67,7 +67,7 @@ class TaskService:
             task = self.store.submit(spec, tenant)
         except NameTaken as exc:
             raise Conflict(str(exc)) from None
-        self.on_submitted()
+        self.on_submitted(task.id)
         return task
 
     def dry_run(self, spec: TaskSpec) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any
@@ -339,6 +339,7 @@ class Store:
     def tasks(
         self,
         states: Sequence[TaskState] | None = None,
+        ids: Iterable[str] | None = None,
         name: str | None = None,
         kind: str | None = None,
         tenant: str | None = None,
@@ -348,6 +349,8 @@ class Store:
         query = select(t.tasks)
         if states:
             query = query.where(t.tasks.c.state.in_([s.value for s in states]))
+        if ids is not None:
+            query = query.where(t.tasks.c.id.in_(list(ids)))
         if name:
             query = query.where(t.tasks.c.name == name)
         if kind:

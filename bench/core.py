@@ -1,0 +1,314 @@
+"""Provider-core figures: submit->running latency, API throughput, daemon footprint.
+
+Each figure is measured against a baseline in the same run:
+  - latency against starting the same trivial job with a bare subprocess.Popen;
+  - API throughput against a bare uvicorn app answering the same requests
+    without validation, storage or scheduling (the HTTP stack's ceiling here).
+
+Usage: python bench/core.py [--jobs 1000] [--sequential 200] [--requests 2000]
+Prints a human summary, then JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from sqlalchemy import insert
+
+from gpuprovider.store import schema
+from gpuprovider.store.store import Store, new_task_id
+from gpuprovider.testing import Provider, free_port, make_home, wait_for
+
+EIGHT_GPUS = '\n[[inventory.simulated_gpus]]\nmodel = "h100-80gb-sxm"\ncount = 8\n'
+TRIVIAL = {"command": ["true"], "resources": {"gpu": 1}}
+NEVER_FITS = {"command": ["true"], "resources": {"gpu": "H100:64"}}
+DONE = {"succeeded", "failed", "cancelled"}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def ms(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(pct(values, 50) * 1000, 2),
+        "p99_ms": round(pct(values, 99) * 1000, 2),
+        "max_ms": round(max(values) * 1000, 2),
+    }
+
+
+def start_provider(root: Path, poll_interval_s: float = 0.1) -> Provider:
+    """A provider with the shipped defaults (poll interval included) and 8 simulated GPUs."""
+    port = free_port()
+    provider = Provider(make_home(root, port, EIGHT_GPUS, poll_interval_s=poll_interval_s), port)
+    provider.start()
+    return provider
+
+
+def all_tasks(provider: Provider) -> list[dict]:
+    return provider.api.get("/tasks", params={"limit": 100000}).json()
+
+
+# -- latency ------------------------------------------------------------------
+
+
+def bare_popen_latency(runs: int) -> list[float]:
+    """Baseline: fork+exec of the same trivial job, nothing else."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        proc = subprocess.Popen(["true"])
+        samples.append(time.perf_counter() - start)
+        proc.wait()
+    return samples
+
+
+def latency(root: Path, jobs: int, sequential: int) -> dict:
+    provider = start_provider(root)
+    try:
+        # One job in flight: submit, wait for it to end, next (as peers.md measures).
+        one_by_one = []
+        for _ in range(sequential):
+            task = provider.submit(**TRIVIAL)
+            done = provider.wait_state(task["id"], DONE, timeout=30)
+            one_by_one.append(done["started_at"] - done["created_at"])
+        # Burst: all jobs submitted back to back, 8 GPUs to share.
+        burst_start = time.time()
+        for _ in range(jobs):
+            provider.submit(**TRIVIAL)
+        submitted_s = time.time() - burst_start
+        wait_for(
+            lambda: sum(t["state"] in DONE for t in all_tasks(provider)) >= jobs + sequential,
+            timeout=600,
+            what="the burst to finish",
+        )
+        burst = [t for t in all_tasks(provider) if t["created_at"] >= burst_start]
+        waits = [t["started_at"] - t["created_at"] for t in burst]
+        last_end = max(t["finished_at"] for t in burst)
+        failed = sum(t["state"] != "succeeded" for t in burst)
+    finally:
+        provider.stop()
+    return {
+        "one_in_flight": {"jobs": sequential, **ms(one_by_one)},
+        "burst": {
+            "jobs": jobs,
+            "failed": failed,
+            "submit_s": round(submitted_s, 2),
+            "completed_per_s": round(jobs / (last_end - burst_start), 1),
+            **ms(waits),
+        },
+        "baseline_bare_popen": ms(bare_popen_latency(sequential)),
+    }
+
+
+# -- API throughput -------------------------------------------------------------
+
+
+def _client(args: tuple[int, str, str, str, bytes | None, int]) -> tuple[int, int]:
+    """One keep-alive connection sending `count` requests; (ok, errors)."""
+    port, token, method, path, body, count = args
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    ok = errors = 0
+    for _ in range(count):
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        if response.status < 400:
+            ok += 1
+        else:
+            errors += 1
+    conn.close()
+    return ok, errors
+
+
+def hammer(
+    port: int, token: str, method: str, path: str, body: dict | None, total: int, clients: int
+) -> dict:
+    payload = json.dumps(body).encode() if body is not None else None
+    per_client = total // clients
+    with multiprocessing.Pool(clients) as pool:
+        start = time.perf_counter()
+        results = pool.map(_client, [(port, token, method, path, payload, per_client)] * clients)
+        elapsed = time.perf_counter() - start
+    ok = sum(r[0] for r in results)
+    return {"requests": ok, "errors": sum(r[1] for r in results), "per_s": round(ok / elapsed, 1)}
+
+
+BARE_APP = """
+import sys, uvicorn
+from fastapi import FastAPI, Request
+app = FastAPI()
+@app.post("/api/v1/tasks", status_code=201)
+async def submit(request: Request):
+    return await request.json()
+@app.get("/api/v1/tasks")
+async def tasks():
+    return []
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+            access_log=False, loop="uvloop", http="httptools")
+"""
+
+
+def throughput(root: Path, requests: int, clients: int) -> dict:
+    provider = start_provider(root)
+    try:
+        submit = hammer(
+            provider.port, provider.token, "POST", "/api/v1/tasks", NEVER_FITS, requests, clients
+        )
+        listing = hammer(
+            provider.port,
+            provider.token,
+            "GET",
+            "/api/v1/tasks?limit=100",
+            None,
+            requests // 4,
+            clients,
+        )
+        queued = len(all_tasks(provider))
+    finally:
+        provider.stop()
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-c", BARE_APP, str(port)])
+    try:
+        wait_for(lambda: _answers(port), what="the bare app")
+        bare_submit = hammer(port, "-", "POST", "/api/v1/tasks", NEVER_FITS, requests, clients)
+        bare_list = hammer(port, "-", "GET", "/api/v1/tasks", None, requests // 4, clients)
+    finally:
+        bare.terminate()
+        bare.wait()
+    return {
+        "clients": clients,
+        "submissions": {**submit, "stored": queued},
+        "task_list_100": listing,
+        "baseline_bare_uvicorn": {
+            "post_per_s": bare_submit["per_s"],
+            "get_per_s": bare_list["per_s"],
+        },
+    }
+
+
+def _answers(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", "/api/v1/tasks")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+
+
+# -- footprint ----------------------------------------------------------------
+
+
+def idle_figures(provider: Provider, settle_s: float = 3.0, window_s: float = 10.0) -> dict:
+    proc = psutil.Process(provider.proc.pid)
+    time.sleep(settle_s)  # let start-up work finish before measuring idle
+    before = proc.cpu_times()
+    time.sleep(window_s)
+    after = proc.cpu_times()
+    busy = (after.user - before.user) + (after.system - before.system)
+    return {
+        "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+        "idle_cpu_pct": round(100 * busy / window_s, 2),
+    }
+
+
+def fill_finished(url: str, count: int) -> None:
+    """`count` finished tasks with their events, as a long-lived provider accumulates."""
+    store = Store(url)
+    now = time.time()
+    tasks, events = [], []
+    for i in range(count):
+        task_id = new_task_id()
+        tasks.append(
+            {
+                "id": task_id,
+                "name": f"old-{i}",
+                "live_name": None,
+                "tenant": "admin",
+                "kind": "job",
+                "state": "succeeded",
+                "state_reason": "exited with code 0",
+                "spec": {"command": ["true"]},
+                "priority": 0,
+                "attempt": 1,
+                "not_before": 0.0,
+                "exit_code": 0,
+                "created_at": now - count + i,
+                "updated_at": now,
+                "started_at": now,
+                "finished_at": now,
+                "version": 5,
+            }
+        )
+        for src, dst in (
+            (None, "submitted"),
+            ("submitted", "queued"),
+            ("queued", "scheduled"),
+            ("scheduled", "starting"),
+            ("starting", "running"),
+            ("running", "succeeded"),
+        ):
+            events.append(
+                {
+                    "task_id": task_id,
+                    "at": now,
+                    "from_state": src,
+                    "to_state": dst,
+                    "reason": "bench",
+                }
+            )
+    with store.engine.begin() as conn:
+        conn.execute(insert(schema.tasks), tasks)
+        conn.execute(insert(schema.events), events)
+    store.close()
+
+
+def footprint(root: Path, finished: int) -> dict:
+    provider = start_provider(root)
+    try:
+        empty = idle_figures(provider)
+    finally:
+        provider.stop()
+    fill_finished(provider.home.store_url(""), finished)
+    provider.start()
+    try:
+        full = idle_figures(provider)
+    finally:
+        provider.stop()
+    return {"empty_store": empty, f"with_{finished}_finished": full}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--sequential", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--finished", type=int, default=10000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        figures = {
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "latency": latency(tmp_path / "latency", args.jobs, args.sequential),
+            "throughput": throughput(tmp_path / "throughput", args.requests, args.clients),
+            "footprint": footprint(tmp_path / "footprint", args.finished),
+        }
+    print(json.dumps(figures, indent=2))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
