@@ -37,7 +37,7 @@ DONE = {"succeeded", "failed", "cancelled"}
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def ms(values: list[float]) -> dict[str, float]:
@@ -51,7 +51,8 @@ def ms(values: list[float]) -> dict[str, float]:
 def start_provider(root: Path, poll_interval_s: float = 0.1) -> Provider:
     """A provider with the shipped defaults (poll interval included) and 8 simulated GPUs."""
     port = free_port()
-    provider = Provider(make_home(root, port, EIGHT_GPUS, poll_interval_s=poll_interval_s), port)
+    home = make_home(root, port, EIGHT_GPUS, poll_interval_s=poll_interval_s, reaper_interval_s=5.0)
+    provider = Provider(home, port)
     provider.start()
     return provider
 

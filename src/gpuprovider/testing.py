@@ -61,6 +61,7 @@ def make_home(
     poll_interval_s: float = 0.05,
     grace_s: float = 1.0,
     port_range: tuple[int, int] = (31000, 31999),
+    reaper_interval_s: float = 0.2,
 ) -> Home:
     """An initialised home listening on `port`, with loops fast enough for tests."""
     home = Home(root)
@@ -71,7 +72,7 @@ def make_home(
         (r"(?m)^poll_interval_s = .*$", f"poll_interval_s = {poll_interval_s}"),
         (r"(?m)^stop_grace_s = .*$", f"stop_grace_s = {grace_s}"),
         (r"(?m)^port_range = .*$", f"port_range = [{port_range[0]}, {port_range[1]}]"),
-        (r"(?ms)^(\[reaper\].*?)^interval_s = .*?$", r"\1interval_s = 0.2"),
+        (r"(?ms)^(\[reaper\].*?)^interval_s = .*?$", rf"\1interval_s = {reaper_interval_s}"),
     ):
         text, count = re.subn(pattern, value, text)
         assert count == 1, f"the default config changed: {pattern} not found"

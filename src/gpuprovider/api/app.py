@@ -122,7 +122,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         response.headers.update(exc.headers or {})
         return response
 
-    def principal(authorization: Annotated[str | None, Header()] = None) -> TokenRecord:
+    async def principal(authorization: Annotated[str | None, Header()] = None) -> TokenRecord:
         if not authorization or not authorization.lower().startswith("bearer "):
             raise ApiError(
                 401,
@@ -135,7 +135,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return record
 
     def needs(scope: str) -> Any:
-        def check(who: Annotated[TokenRecord, Depends(principal)]) -> TokenRecord:
+        # async: FastAPI would run a plain def in a thread, and the store is not shared
+        # across threads.
+        async def check(who: Annotated[TokenRecord, Depends(principal)]) -> TokenRecord:
             if "admin" not in who.scopes and scope not in who.scopes:
                 raise ApiError(403, f"token {who.name!r} lacks the {scope!r} scope")
             return who

@@ -375,17 +375,14 @@ class ReaperLoop(Loop):
         self.store = store
 
     def tick(self) -> float | None:
-        now = time.time()
-        for task in self.store.tasks(states=[S.QUEUED]):
-            if task.queue_deadline is not None and task.queue_deadline < now:
-                try:
-                    with self.store.tx() as tx:
-                        tx.transition(
-                            task,
-                            S.EXPIRED,
-                            f"queued past its deadline ({task.task_spec.max_queue_s:g}s); "
-                            f"last reason: {task.state_reason}",
-                        )
-                except StaleTask:
-                    continue
+        for task in self.store.tasks(states=[S.QUEUED], deadline_before=time.time()):
+            reason = (
+                f"queued past its deadline ({task.task_spec.max_queue_s:g}s); "
+                f"last reason: {task.state_reason}"
+            )
+            try:
+                with self.store.tx() as tx:
+                    tx.transition(task, S.EXPIRED, reason)
+            except StaleTask:
+                continue  # placed or cancelled meanwhile
         return None

@@ -102,6 +102,7 @@ tasks = Table(
     Column("version", Integer, nullable=False, default=0),
 )
 Index("ix_tasks_name", tasks.c.name)
+Index("ix_tasks_created_at", tasks.c.created_at)
 
 allocations = Table(
     "allocations",

@@ -9,7 +9,18 @@ from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from gpuprovider.domain.spec import TaskSpec
@@ -45,10 +56,24 @@ def _record(cls: type, row: Any) -> Any:
     return cls(**{f.name: mapping[f.name] for f in fields(cls) if f.name in mapping})
 
 
+# Tasks are read often: select their columns in the record's field order and
+# build records positionally.
+_TASK_COLUMNS = [t.tasks.c[f.name] for f in fields(TaskRecord)]
+_SELECT_TASKS = select(*_TASK_COLUMNS)
+
+
 def _task(row: Any) -> TaskRecord:
-    task = _record(TaskRecord, row)
+    task = TaskRecord(*row)
     task.state = TaskState(task.state)
     return task
+
+
+# Constant statements: SQLAlchemy compiles each once and reuses it.
+_INSERT_TASK = insert(t.tasks)
+_INSERT_EVENT = insert(t.events)
+_UPDATE_GUARDED = update(t.tasks).where(
+    t.tasks.c.id == bindparam("b_id"), t.tasks.c.version == bindparam("b_version")
+)
 
 
 def new_task_id() -> str:
@@ -82,20 +107,19 @@ class Tx:
         if target in TERMINAL:
             values["finished_at"] = self.now
         result = self.conn.execute(
-            update(t.tasks)
-            .where(t.tasks.c.id == task.id, t.tasks.c.version == task.version)
-            .values(**values)
+            _UPDATE_GUARDED, {**values, "b_id": task.id, "b_version": task.version}
         )
         if result.rowcount != 1:
             raise StaleTask(task.id)
         self.conn.execute(
-            insert(t.events).values(
-                task_id=task.id,
-                at=self.now,
-                from_state=task.state.value,
-                to_state=target.value,
-                reason=reason,
-            )
+            _INSERT_EVENT,
+            {
+                "task_id": task.id,
+                "at": self.now,
+                "from_state": task.state.value,
+                "to_state": target.value,
+                "reason": reason,
+            },
         )
         for key, value in values.items():
             if hasattr(task, key):
@@ -106,9 +130,7 @@ class Tx:
     def note(self, task: TaskRecord, reason: str) -> None:
         """Change the visible reason of a task without changing its state (no event)."""
         self.conn.execute(
-            update(t.tasks)
-            .where(t.tasks.c.id == task.id, t.tasks.c.version == task.version)
-            .values(state_reason=reason)
+            _UPDATE_GUARDED, {"state_reason": reason, "b_id": task.id, "b_version": task.version}
         )
         task.state_reason = reason
 
@@ -298,23 +320,32 @@ class Store:
             attempt=0,
             not_before=0.0,
             queue_deadline=now + spec.max_queue_s if spec.max_queue_s else None,
+            exit_code=None,
+            node_id=None,
+            pid=None,
+            pid_start_time=None,
+            run_dir=None,
+            started_at=None,
+            finished_at=None,
             created_at=now,
             updated_at=now,
             version=0,
         )
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(t.tasks).values(**values))
+                conn.execute(_INSERT_TASK, values)
                 conn.execute(
-                    insert(t.events).values(
-                        task_id=task_id,
-                        at=now,
-                        from_state=None,
-                        to_state=TaskState.SUBMITTED.value,
-                        reason=f"submitted by {tenant}",
-                    )
+                    _INSERT_EVENT,
+                    {
+                        "task_id": task_id,
+                        "at": now,
+                        "from_state": None,
+                        "to_state": TaskState.SUBMITTED.value,
+                        "reason": f"submitted by {tenant}",
+                    },
                 )
-                task = _task(conn.execute(select(t.tasks).where(t.tasks.c.id == task_id)).one())
+                task = TaskRecord(**{k: v for k, v in values.items() if k != "live_name"})
+                task.state = TaskState.SUBMITTED
                 Tx(conn, now).transition(task, TaskState.QUEUED, "waiting for the scheduler")
         except IntegrityError:
             holder = self.task(spec.name or "")
@@ -325,8 +356,7 @@ class Store:
         """A task by id, else the live task of that name, else the newest of that name."""
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(t.tasks)
-                .where(or_(t.tasks.c.id == ref, t.tasks.c.name == ref))
+                _SELECT_TASKS.where(or_(t.tasks.c.id == ref, t.tasks.c.name == ref))
                 .order_by(
                     (t.tasks.c.id == ref).desc(),
                     t.tasks.c.live_name.is_(None),
@@ -340,15 +370,18 @@ class Store:
         self,
         states: Sequence[TaskState] | None = None,
         ids: Iterable[str] | None = None,
+        deadline_before: float | None = None,
         name: str | None = None,
         kind: str | None = None,
         tenant: str | None = None,
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[TaskRecord]:
-        query = select(t.tasks)
+        query = _SELECT_TASKS
         if states:
             query = query.where(t.tasks.c.state.in_([s.value for s in states]))
+        if deadline_before is not None:
+            query = query.where(t.tasks.c.queue_deadline < deadline_before)
         if ids is not None:
             query = query.where(t.tasks.c.id.in_(list(ids)))
         if name:
