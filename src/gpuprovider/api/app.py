@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,28 @@ class ApiContext:
     store: Store
     tasks: TaskService
     max_body_bytes: int
+
+
+class TokenCache:
+    """Token lookups, remembered for a few seconds: every request carries one."""
+
+    TTL_S = 5.0
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._seen: dict[str, tuple[float, TokenRecord]] = {}
+
+    def get(self, token_hash: str) -> TokenRecord | None:
+        now = time.monotonic()
+        hit = self._seen.get(token_hash)
+        if hit and now - hit[0] < self.TTL_S:
+            return hit[1]
+        record = self.store.token_by_hash(token_hash)
+        if record is not None:
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            self._seen[token_hash] = (now, record)
+        return record
 
 
 class TokenRequest(BaseModel):
@@ -106,6 +129,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         redoc_url=None,
     )
     store, tasks = ctx.store, ctx.tasks
+    tokens_seen = TokenCache(store)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -129,7 +153,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 "missing bearer token: send 'Authorization: Bearer <token>'",
                 {"WWW-Authenticate": "Bearer"},
             )
-        record = store.token_by_hash(hash_token(authorization[7:].strip()))
+        record = tokens_seen.get(hash_token(authorization[7:].strip()))
         if record is None:
             raise ApiError(401, "unknown or revoked token", {"WWW-Authenticate": "Bearer"})
         return record

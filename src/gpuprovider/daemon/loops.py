@@ -16,9 +16,9 @@ from gpuprovider.backends.base import Backend, Exit, Handle, Launch
 from gpuprovider.config import ProviderConfig
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
-from gpuprovider.scheduler import Framework, Placement
+from gpuprovider.scheduler import Framework, Placement, Snapshot
 from gpuprovider.service.placement import build_snapshot, choose_ports, task_request
-from gpuprovider.store.records import TaskRecord
+from gpuprovider.store.records import NodeRecord, TaskRecord
 from gpuprovider.store.store import StaleTask, Store, Tx
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class SchedulerLoop(Loop):
         self._submitted: set[str] = set()
         self._full_pass_due = 0.0
         self._backoff_ends: float | None = None
+        self._nodes: list[NodeRecord] = []  # refreshed on every full pass
 
     def submitted(self, task_id: str) -> None:
         self._submitted.add(task_id)
@@ -113,56 +114,56 @@ class SchedulerLoop(Loop):
         if now >= self._full_pass_due or (self._backoff_ends and now >= self._backoff_ends):
             self._full_pass_due = now + self.interval_s
             self._submitted.clear()
-            queued = self.store.tasks(states=[S.QUEUED])
-            live = {t.id for t in queued}
-            self._unplaceable_at = {k: g for k, g in self._unplaceable_at.items() if k in live}
-            self._backoff_ends = None
-        elif self._submitted:
-            ids, self._submitted = self._submitted, set()
-            queued = self.store.tasks(states=[S.QUEUED], ids=ids)
+            self._nodes = self.store.nodes()
+            queued = self.store.queued_brief()
+            self._unplaceable_at = {k: g for k, g in self._unplaceable_at.items() if k in queued}
+            waiting = [t for t in queued.values() if t > now]
+            self._backoff_ends = min(waiting) if waiting else None
+            candidates = [
+                task_id
+                for task_id, not_before in queued.items()
+                if not_before <= now and self._unplaceable_at.get(task_id) != self.generation
+            ]
         else:
-            queued = []
-        ready = [
-            t
-            for t in queued
-            if t.not_before <= now and self._unplaceable_at.get(t.id) != self.generation
-        ]
-        for task in queued:
-            if task.not_before > now:
-                self._backoff_ends = min(self._backoff_ends or task.not_before, task.not_before)
-        if ready:
-            self._place(ready)
+            candidates, self._submitted = list(self._submitted), set()
+        if candidates:
+            ready = self.store.tasks(states=[S.QUEUED], ids=candidates)
+            for task in ready:
+                if task.not_before > now:
+                    self._backoff_ends = min(self._backoff_ends or task.not_before, task.not_before)
+            ready = [t for t in ready if t.not_before <= now]
+            if ready:
+                self._place(ready)
         return min(self._full_pass_due, self._backoff_ends or math.inf) - now
 
     def _place(self, ready: list[TaskRecord]) -> None:
         ready.sort(key=lambda t: (-t.priority, t.created_at))
         specs = {t.id: t.task_spec for t in ready}
         allocations = self.store.active_allocations()
-        snapshot = build_snapshot(self.store.nodes(), allocations)
+        snapshot = build_snapshot(self._nodes, allocations)
         decisions = self.framework.place(snapshot, [task_request(t.id, specs[t.id]) for t in ready])
         taken_ports: dict[str, set[int]] = {}
         for alloc in allocations:
             taken_ports.setdefault(alloc.node_id, set()).update(alloc.ports.values())
+        notes: list[tuple[TaskRecord, str]] = []
         placed = 0
         for task, decision in zip(ready, decisions, strict=True):
-            spec = specs[task.id]
+            if not isinstance(decision, Placement):
+                notes.append((task, decision.reason))
+                continue
+            ports: dict[str, int] = {}
+            if specs[task.id].ports:
+                taken = taken_ports.setdefault(decision.node_id, set())
+                names = [p.name for p in specs[task.id].ports]
+                chosen = choose_ports(names, taken, self.port_range)
+                if chosen is None:
+                    notes.append((task, f"no free port left in {self.port_range}"))
+                    continue
+                ports = chosen
+                taken.update(ports.values())
+            where = describe_placement(snapshot, decision)
             try:
                 with self.store.tx() as tx:
-                    if not isinstance(decision, Placement):
-                        self._unplaceable_at[task.id] = self.generation
-                        if task.state_reason != decision.reason:
-                            tx.note(task, decision.reason)
-                        continue
-                    ports: dict[str, int] = {}
-                    if spec.ports:
-                        taken = taken_ports.setdefault(decision.node_id, set())
-                        chosen = choose_ports([p.name for p in spec.ports], taken, self.port_range)
-                        if chosen is None:
-                            self._unplaceable_at[task.id] = self.generation
-                            tx.note(task, f"no free port left in {self.port_range}")
-                            continue
-                        ports = chosen
-                        taken.update(ports.values())
                     tx.allocate(
                         task,
                         decision.node_id,
@@ -172,19 +173,31 @@ class SchedulerLoop(Loop):
                         decision.memory_mib,
                         ports,
                     )
-                    node = snapshot.node(decision.node_id)
-                    where = node.name
-                    if decision.gpu_uuids:
-                        indices = [g.index for g in node.gpus if g.uuid in decision.gpu_uuids]
-                        where += f", GPU {','.join(map(str, indices))}"
-                        if decision.gpu_milli < 1000:
-                            where += f" ({decision.gpu_milli / 1000:g} share)"
                     tx.transition(task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id)
-                    placed += 1
+                placed += 1
             except StaleTask:
                 continue  # cancelled meanwhile; its reservation is simply not written
+        changed = [(task, why) for task, why in notes if task.state_reason != why]
+        for task, _ in notes:
+            self._unplaceable_at[task.id] = self.generation
+        if changed:
+            with self.store.tx() as tx:  # reasons only: one transaction for the pass
+                for task, why in changed:
+                    tx.note(task, why)
         if placed:
             self.on_placed()
+
+
+def describe_placement(snapshot: Snapshot, decision: Placement) -> str:
+    """`node-a, GPU 0,1` or `node-a, GPU 2 (0.5 share)`, for events."""
+    node = snapshot.node(decision.node_id)
+    if not decision.gpu_uuids:
+        return node.name
+    indices = [g.index for g in node.gpus if g.uuid in decision.gpu_uuids]
+    where = f"{node.name}, GPU {','.join(map(str, indices))}"
+    if decision.gpu_milli < 1000:
+        where += f" ({decision.gpu_milli / 1000:g} share)"
+    return where
 
 
 class ExecutorLoop(Loop):

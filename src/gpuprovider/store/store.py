@@ -397,6 +397,16 @@ class Store:
         with self.engine.connect() as conn:
             return [_task(r) for r in conn.execute(query)]
 
+    def queued_brief(self) -> dict[str, float]:
+        """Every queued task's id and `not_before`, without decoding its spec."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.tasks.c.id, t.tasks.c.not_before).where(
+                    t.tasks.c.state == TaskState.QUEUED.value
+                )
+            )
+            return dict(rows.all())
+
     def count_tasks(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(
