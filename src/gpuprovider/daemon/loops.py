@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpuprovider.backends.base import Backend, Exit, Handle, Launch
+from gpuprovider.backends.container import container_argv, container_engine
 from gpuprovider.config import ProviderConfig
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
@@ -24,8 +25,15 @@ from gpuprovider.store.store import StaleTask, Store, Tx
 log = logging.getLogger(__name__)
 S = TaskState
 
-# Kept from the daemon's own environment out of what a task sees.
-_DAEMON_ONLY_ENV = ("GPUPROVIDER_", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+# Set by the provider for each task, never taken from the daemon's own environment.
+_VISIBILITY_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+_PROVIDER_ENV = frozenset({"PORT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", *_VISIBILITY_ENV})
+
+
+def _set_by_provider(key: str) -> bool:
+    return key in _PROVIDER_ENV or key.startswith("GPUPROVIDER_")
+
+
 # How often the executor re-reads live tasks from the store when nothing woke it.
 RESYNC_S = 5.0
 # How long past its grace period a stopping task may take before it is killed.
@@ -251,7 +259,7 @@ class ExecutorLoop(Loop):
         gpu_milli: int,
         ports: dict[str, int],
     ) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_DAEMON_ONLY_ENV)}
+        env = {k: v for k, v in os.environ.items() if not _set_by_provider(k)}
         env.update(spec.env)
         visible = ",".join(map(str, gpu_indices))
         env["CUDA_VISIBLE_DEVICES"] = visible
@@ -280,15 +288,34 @@ class ExecutorLoop(Loop):
         except StaleTask:
             return
         node = next((n for n in self.store.nodes() if n.id == alloc.node_id), None)
-        by_uuid = {g.uuid: g.idx for g in node.gpus} if node else {}
-        indices = sorted(by_uuid[u] for u in alloc.gpu_uuids if u in by_uuid)
+        gpus = [g for g in node.gpus if g.uuid in alloc.gpu_uuids] if node else []
+        indices = sorted(g.idx for g in gpus)
+        env = self._env(task, spec, indices, alloc.gpu_milli, alloc.ports)
         argv = list(spec.command or [])
+        workdir = spec.workdir or str(run_dir / "work")
+        if spec.image:
+            real_gpus = bool(gpus) and not any(g.simulated for g in gpus)
+            passed = set(spec.env) | {k for k in env if _set_by_provider(k)}
+            if real_gpus:  # the engine maps the devices; inside they count from 0
+                passed -= set(_VISIBILITY_ENV)
+            argv = container_argv(
+                container_engine() or "docker",
+                f"gpuprovider-{task.id}-{task.attempt}",
+                spec.image,
+                argv,
+                sorted(passed),
+                indices,
+                real_gpus,
+                alloc.ports,
+                spec.workdir,
+            )
+            workdir = str(run_dir / "work")
         launch = Launch(
             task_id=task.id,
             attempt=task.attempt,
             argv=argv,
-            env=self._env(task, spec, indices, alloc.gpu_milli, alloc.ports),
-            workdir=spec.workdir or str(run_dir / "work"),
+            env=env,
+            workdir=workdir,
             run_dir=str(run_dir),
             max_duration_s=spec.max_duration_s,
             grace_s=self.grace_s,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict
-from functools import cache
 from typing import Any
 
+from gpuprovider.backends.container import container_engine
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.scheduler import Framework, Placement
@@ -16,25 +14,6 @@ from gpuprovider.service.errors import Conflict, NotFound, Rejected
 from gpuprovider.service.placement import build_snapshot, task_request
 from gpuprovider.store.records import TaskRecord
 from gpuprovider.store.store import NameTaken, StaleTask, Store
-
-ENGINES = ("docker", "podman")
-
-
-@cache
-def container_engine() -> str | None:
-    """The container engine that answers on this machine, if any."""
-    for engine in ENGINES:
-        if shutil.which(engine) is None:
-            continue
-        try:
-            done = subprocess.run(
-                [engine, "info"], capture_output=True, timeout=10, stdin=subprocess.DEVNULL
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if done.returncode == 0:
-            return engine
-    return None
 
 
 class TaskService:
