@@ -17,7 +17,7 @@ from gpuprovider import __version__
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.identity.keys import hash_token, new_token
-from gpuprovider.service.errors import NotFound, Rejected, ServiceError
+from gpuprovider.service.errors import Conflict, NotFound, Rejected, ServiceError
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.views import gpu_views, node_view, task_view
 from gpuprovider.store.records import TaskRecord, TokenRecord
@@ -287,7 +287,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 body.name, hash_token(token), body.scopes, body.tenant or body.name
             )
         except ValueError as exc:
-            raise ServiceError(str(exc)) from None
+            raise Conflict(str(exc)) from None
         return {
             "name": record.name,
             "scopes": record.scopes,
