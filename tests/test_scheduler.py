@@ -2,17 +2,22 @@
 
 import pytest
 
-from gpuprovider.domain.resources import parse_gpu_request
+from gpuprovider.domain.resources import GpuRequest, parse_gpu_request
 from gpuprovider.scheduler import (
+    POLICIES,
     Framework,
     GpuView,
     NodeView,
     Placement,
+    Preemption,
+    RunningTask,
     Snapshot,
     TaskRequest,
     Unplaced,
     policy,
 )
+from gpuprovider.scheduler.fragmentation import TaskShape, TypicalTasks
+from gpuprovider.scheduler.state import ClusterState
 
 
 def node(name, models, cpus=8, **kw):
@@ -87,3 +92,191 @@ def test_unusable_nodes_and_gpus_are_skipped_with_their_reason():
 def test_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="unknown scheduler policy 'fastest'"):
         policy("fastest")
+
+
+# -- fragmentation and FGD ------------------------------------------------------------
+
+
+def share(task_id, milli, cpu=0):
+    return TaskRequest(task_id, GpuRequest(share_milli=milli), cpu_milli=cpu)
+
+
+def whole(task_id, count, cpu=0, models=None):
+    return TaskRequest(task_id, GpuRequest(count=count, models=models), cpu_milli=cpu)
+
+
+def gpu_node(name, used, model="G2", cpus=96):
+    gpus = [GpuView(f"{name}-{j}", j, model, 16, used_milli=u) for j, u in enumerate(used)]
+    return NodeView(name, name, cpus * 1000, 1 << 20, gpus)
+
+
+def test_node_fragmentation_follows_the_papers_definition():
+    # Typical tasks: half want 0.5 GPU, half want a whole GPU.
+    typical = TypicalTasks({TaskShape(0, 500, 1, None): 1, TaskShape(0, 1000, 1, None): 1})
+    state = ClusterState(
+        [
+            gpu_node("a", [700, 0]),
+            gpu_node("b", [1000, 1000]),
+            gpu_node("c", [700, 700], model="T4"),
+        ]
+    )
+    frag = typical.bind(state).node_frag(state.gpu_free, state.cpu_free, state.node_model)
+    # a: 300 free on GPU0 is too little for either shape; GPU1 serves both.
+    # b: nothing free, nothing fragmented. c: 300+300 free, neither shape fits anywhere.
+    assert frag.tolist() == [300.0, 0.0, 600.0]
+    only_g2 = TypicalTasks({TaskShape(0, 500, 1, frozenset({"G2"})): 1})
+    frag_c = only_g2.bind(state).node_frag(state.gpu_free, state.cpu_free, state.node_model)
+    assert frag_c.tolist() == [300.0, 0.0, 600.0]  # c's model is not accessible at all
+
+
+def test_typical_tasks_keep_the_common_shapes_covering_95_percent():
+    tasks = [share(f"s{i}", 500) for i in range(90)] + [whole(f"w{i}", 1) for i in range(6)]
+    tasks += [whole(f"r{i}", 8) for i in range(4)]
+    typical = TypicalTasks.from_tasks(tasks)
+    assert [s.milli for s in typical.shapes] == [500, 1000]
+    assert typical.freq.round(4).tolist() == [0.9375, 0.0625]
+
+
+def test_fgd_puts_a_share_where_it_closes_a_gap():
+    typical = TypicalTasks.from_tasks([share("x", 500), whole("y", 1)])
+    snap = Snapshot([gpu_node("fresh", [0] * 8), gpu_node("partly", [500] + [0] * 7)])
+    decision = Framework(policy("fgd"), typical=typical).place_one(snap, share("t", 500))
+    assert decision.node_id == "partly" and decision.gpu_uuids == ("partly-0",)
+    spread = Framework(policy("spread")).place_one(
+        Snapshot([gpu_node("fresh", [0] * 8), gpu_node("partly", [500] + [0] * 7)]), share("t", 500)
+    )
+    assert spread.node_id == "fresh"
+
+
+def test_fgd_bf_breaks_fgd_ties_by_best_fit():
+    # A whole GPU changes no node's fragmentation here, so FGD scores both nodes
+    # equally and takes the first; fgd-bf takes the fuller node, keeping a node whole.
+    typical = TypicalTasks.from_tasks([whole("y", 1)])
+
+    def snap():
+        return Snapshot([gpu_node("empty", [0] * 8), gpu_node("busy", [1000] * 6 + [0, 0])])
+
+    assert (
+        Framework(policy("fgd"), typical=typical).place_one(snap(), whole("t", 1)).node_id
+        == "empty"
+    )
+    assert (
+        Framework(policy("fgd-bf"), typical=typical).place_one(snap(), whole("t", 1)).node_id
+        == "busy"
+    )
+
+
+def test_fgd_without_typical_tasks_plans_for_the_queue():
+    placed = Framework(policy("fgd")).place(
+        Snapshot([gpu_node("a", [0, 0])]), [share("1", 300), share("2", 300)]
+    )
+    assert all(isinstance(p, Placement) for p in placed)
+    assert placed[0].gpu_uuids == placed[1].gpu_uuids  # packed onto one GPU
+
+
+def test_model_sets_and_cluster_state_bookkeeping():
+    nodes = [gpu_node("v16", [0, 0], model="V100M16"), gpu_node("t4", [0, 0], model="T4")]
+    state = ClusterState(nodes)
+    fw = Framework(policy("first-fit"))
+    d = fw.decide(state, whole("t", 2, models=frozenset({"T4", "V100M32"})))
+    assert d.node_id == "t4"
+    assert state.allocated_milli == 2000 and state.capacity_milli == 4000
+    assert isinstance(fw.decide(state, whole("u", 1, models=frozenset({"T4"}))), Unplaced)
+
+
+def test_every_policy_places_through_the_same_pipeline():
+    for name in POLICIES:
+        snap = Snapshot([gpu_node("a", [0, 0]), gpu_node("b", [500, 0])])
+        decisions = Framework(policy(name)).place(snap, [share("s", 500), whole("w", 1, cpu=1000)])
+        assert all(isinstance(d, Placement) for d in decisions), name
+        too_big = Framework(policy(name)).place_one(snap, whole("x", 3))
+        assert isinstance(too_big, Unplaced) and "no node has 3 GPU free" in too_big.reason
+
+
+# -- gangs and preemption -----------------------------------------------------------
+
+
+def member(task_id, gang, size, count=1):
+    return TaskRequest(task_id, GpuRequest(count=count), gang=gang, gang_size=size)
+
+
+def test_gang_is_placed_all_or_nothing():
+    snap = Snapshot([gpu_node("a", [0, 0]), gpu_node("b", [0, 0])])
+    fw = Framework(policy("best-fit"))
+    fits = fw.place(snap, [member("w0", "job", 3), member("w1", "job", 3), member("w2", "job", 3)])
+    assert all(isinstance(d, Placement) for d in fits)
+    snap = Snapshot([gpu_node("a", [0, 0]), gpu_node("b", [0, 0])])
+    too_big = fw.place(
+        snap, [member(f"x{i}", "big", 3, count=2) for i in range(3)] + [whole("solo", 2)]
+    )
+    assert all(isinstance(d, Unplaced) and "does not fit at once" in d.reason for d in too_big[:3])
+    assert isinstance(too_big[3], Placement)  # nothing of the gang was left reserved
+
+
+def test_incomplete_gang_waits_for_its_members():
+    snap = Snapshot([gpu_node("a", [0, 0])])
+    decisions = Framework(policy("best-fit")).place(snap, [member("w0", "g", 2)])
+    assert decisions[0].reason == "gang g: 1 of its 2 members queued; waiting for the rest"
+
+
+def running(task_id, node, slots, priority, started_at, preemptible=True):
+    return RunningTask(
+        task_id,
+        node,
+        tuple(f"{node}-{j}" for j in slots),
+        1000,
+        0,
+        0,
+        priority,
+        preemptible,
+        started_at,
+    )
+
+
+def busy_snapshot(jobs):
+    used = {}
+    for job in jobs:
+        for uuid in job.gpu_uuids:
+            used[uuid] = 1000
+    nodes = [gpu_node(n, [used.get(f"{n}-{j}", 0) for j in range(2)]) for n in ("a", "b")]
+    return Snapshot(nodes, running=list(jobs))
+
+
+def test_preemption_picks_the_victims_that_lose_the_least():
+    jobs = [
+        running("old-a", "a", [0], priority=0, started_at=100),
+        running("new-a", "a", [1], priority=0, started_at=900),
+        running("low-b", "b", [0], priority=-5, started_at=500),
+        running("keep-b", "b", [1], priority=0, started_at=950, preemptible=False),
+    ]
+    urgent = TaskRequest("urgent", GpuRequest(count=1), priority=10)
+    decision = Framework(policy("best-fit")).place_one(busy_snapshot(jobs), urgent)
+    # one victim suffices anywhere; the lowest priority one goes
+    assert isinstance(decision, Preemption) and decision.victims == ("low-b",)
+    two = TaskRequest("two", GpuRequest(count=2), priority=10)
+    decision = Framework(policy("best-fit")).place_one(busy_snapshot(jobs), two)
+    assert decision.node_id == "a" and set(decision.victims) == {"old-a", "new-a"}
+
+
+def test_no_preemption_of_equal_priority_or_protected_work():
+    jobs = [running("peer", "a", [0, 1], priority=10, started_at=1)]
+    jobs[0] = RunningTask("peer", "a", ("a-0", "a-1"), 1000, 0, 0, 10, True, 1)
+    snap = busy_snapshot(jobs)
+    snap.nodes = snap.nodes[:1]
+    task = TaskRequest("t", GpuRequest(count=1), priority=10)
+    assert isinstance(Framework(policy("best-fit")).place_one(snap, task), Unplaced)
+
+
+def test_one_pass_never_evicts_the_same_victim_twice():
+    jobs = [running("v", "a", [0], priority=0, started_at=1)]
+    snap = busy_snapshot(jobs)
+    snap.nodes = [gpu_node("a", [1000, 1000])]
+    first, second = Framework(policy("best-fit")).place(
+        snap,
+        [
+            TaskRequest("p1", GpuRequest(count=1), priority=5),
+            TaskRequest("p2", GpuRequest(count=1), priority=5),
+        ],
+    )
+    assert isinstance(first, Preemption) and first.victims == ("v",)
+    assert isinstance(second, Unplaced)

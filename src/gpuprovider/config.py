@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpuprovider.domain import catalogue
+from gpuprovider.scheduler.plugins import POLICIES
 
 
 class ConfigError(ValueError):
@@ -34,8 +35,15 @@ class BackendConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    policy: Literal["best-fit", "first-fit", "spread"] = "best-fit"
+    policy: str = "best-fit"
     interval_s: float = Field(5.0, gt=0, le=3600)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICIES)}")
+        return value
 
 
 class ExecutorConfig(_Section):
@@ -70,7 +78,12 @@ class SimulatedGpu(_Section):
 class InventoryConfig(_Section):
     interval_s: float = Field(30.0, gt=0, le=3600)
     node_name: str = ""  # empty: the host name
+    labels: dict[str, str] = Field(default_factory=dict)
     simulated_gpus: list[SimulatedGpu] = Field(default_factory=list)
+
+
+class QuotaConfig(_Section):
+    gpus: float = Field(ge=0, le=100_000, description="GPUs guaranteed to the tenant")
 
 
 class ReaperConfig(_Section):
@@ -85,6 +98,9 @@ class ProviderConfig(_Section):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     inventory: InventoryConfig = Field(default_factory=InventoryConfig)
     reaper: ReaperConfig = Field(default_factory=ReaperConfig)
+    # Per tenant: work within its GPUs is guaranteed; work beyond them runs only as
+    # preemptible. A tenant without an entry has no limit.
+    quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _ports_apart(self) -> ProviderConfig:
@@ -165,7 +181,8 @@ url = "{d.store.url}"
 kind = "{d.backend.kind}"
 
 [scheduler]
-# Placement policy: "best-fit" (pack GPUs), "first-fit" or "spread".
+# Placement policy: "best-fit" (pack CPU and GPU), "fgd-bf" (fragmentation
+# aware, best on shared GPUs), "fgd", "first-fit", "spread" or "random".
 policy = "{d.scheduler.policy}"
 # The scheduler runs on every submission and whenever capacity frees up; it
 # also reconsiders every queued task this often.
@@ -184,9 +201,16 @@ port_range = [{lo}, {hi}]
 interval_s = {d.inventory.interval_s}
 # Name of this node. Empty: the host name.
 node_name = "{d.inventory.node_name}"
+# Labels of this node, matched by a task's node_selector.
+labels = {{}}
 
 {sim}
 [reaper]
 # How often queue deadlines are checked.
 interval_s = {d.reaper.interval_s}
+
+# Per-tenant GPU quotas (DLWS style): work within a tenant's quota is guaranteed;
+# beyond it, work runs only as preemptible and gives way to guaranteed work.
+# [quotas.team-a]
+# gpus = 8
 """

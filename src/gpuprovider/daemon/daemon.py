@@ -62,6 +62,7 @@ class InventoryLoop(Loop):
             self.public_key,
             self.home.root,
             self.config.inventory.simulated_gpus,
+            self.config.inventory.labels,
         )
         self.store.upsert_node(node)
         self.on_change()

@@ -14,12 +14,14 @@ from pathlib import Path
 
 from gpuprovider.backends.base import Backend, Exit, Handle, Launch
 from gpuprovider.backends.container import container_argv, container_engine
-from gpuprovider.config import ProviderConfig
+from gpuprovider.config import ProviderConfig, QuotaConfig
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
-from gpuprovider.scheduler import Framework, Placement, Snapshot
+from gpuprovider.scheduler import Framework, Placement, Preemption, RunningTask, Snapshot
+from gpuprovider.scheduler.fragmentation import TypicalTasks
+from gpuprovider.service.gangs import STOPPING, release_gang
 from gpuprovider.service.placement import build_snapshot, choose_ports, task_request
-from gpuprovider.store.records import NodeRecord, TaskRecord
+from gpuprovider.store.records import AllocationRecord, NodeRecord, TaskRecord
 from gpuprovider.store.store import StaleTask, Store, Tx
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ def _set_by_provider(key: str) -> bool:
     return key in _PROVIDER_ENV or key.startswith("GPUPROVIDER_")
 
 
+# How many recent submissions fragmentation-aware policies take as typical.
+TYPICAL_TASK_WINDOW = 1000
 # How often the executor re-reads live tasks from the store when nothing woke it.
 RESYNC_S = 5.0
 # How long past its grace period a stopping task may take before it is killed.
@@ -77,7 +81,7 @@ def fail_and_maybe_retry(tx: Tx, task: TaskRecord, spec: TaskSpec, ended: Exit) 
     delay = spec.retry.delay_s(task.attempt)
     if spec.kind == "service":
         why = f"service restarting in {delay:g}s after it {ended.reason}"
-    elif task.attempt < spec.retry.attempts:
+    elif task.attempt - task.preemptions < spec.retry.attempts:  # preemption is no failure
         why = f"retry: attempt {task.attempt + 1} of {spec.retry.attempts} in {delay:g}s"
     else:
         return
@@ -98,6 +102,7 @@ class SchedulerLoop(Loop):
         self.store = store
         self.framework = framework
         self.port_range = config.executor.port_range
+        self.quotas = config.quotas
         self.on_placed = on_placed
         # Bumped whenever capacity may have grown (a task ended, a node changed).
         # A task found unplaceable is not tried again until it moves.
@@ -123,6 +128,8 @@ class SchedulerLoop(Loop):
             self._full_pass_due = now + self.interval_s
             self._submitted.clear()
             self._nodes = self.store.nodes()
+            if self.framework.policy.needs_typical_tasks:
+                self.framework.typical = self._typical_tasks()
             queued = self.store.queued_brief()
             self._unplaceable_at = {k: g for k, g in self._unplaceable_at.items() if k in queued}
             waiting = [t for t in queued.values() if t > now]
@@ -132,10 +139,16 @@ class SchedulerLoop(Loop):
                 for task_id, not_before in queued.items()
                 if not_before <= now and self._unplaceable_at.get(task_id) != self.generation
             ]
+            partial = False
         else:
             candidates, self._submitted = list(self._submitted), set()
+            partial = True
         if candidates:
             ready = self.store.tasks(states=[S.QUEUED], ids=candidates)
+            if partial and any(t.gang for t in ready):
+                # a gang is placed as a whole: look at every queued member
+                self._full_pass_due = 0.0
+                return 0.0
             for task in ready:
                 if task.not_before > now:
                     self._backoff_ends = min(self._backoff_ends or task.not_before, task.not_before)
@@ -144,18 +157,41 @@ class SchedulerLoop(Loop):
                 self._place(ready)
         return min(self._full_pass_due, self._backoff_ends or math.inf) - now
 
+    def _typical_tasks(self) -> TypicalTasks | None:
+        """The shapes of the latest submissions, for fragmentation-aware policies."""
+        recent = self.store.tasks(limit=TYPICAL_TASK_WINDOW, newest_first=True)
+        if not recent:
+            return None
+        return TypicalTasks.from_tasks(task_request(t.id, t.task_spec) for t in recent)
+
     def _place(self, ready: list[TaskRecord]) -> None:
-        ready.sort(key=lambda t: (-t.priority, t.created_at))
         specs = {t.id: t.task_spec for t in ready}
         allocations = self.store.active_allocations()
+        holders = {t.id: t for t in self.store.tasks(ids=[a.task_id for a in allocations])}
+        quota = QuotaBook(self.quotas, allocations, holders)
+        # Guaranteed work first, by priority; work beyond its tenant's quota ranks last.
+        ready.sort(key=lambda t: (-t.priority, t.created_at))
+        over_quota = {t.id: quota.admit(t.tenant, specs[t.id]) for t in ready}
+        ready.sort(key=lambda t: (-effective_priority(t.priority, over_quota[t.id]), t.created_at))
+        requests = [
+            task_request(
+                t.id, specs[t.id], effective_priority(t.priority, over_quota[t.id]), t.gang
+            )
+            for t in ready
+        ]
         snapshot = build_snapshot(self._nodes, allocations)
-        decisions = self.framework.place(snapshot, [task_request(t.id, specs[t.id]) for t in ready])
+        snapshot.running = running_work(allocations, holders)
+        decisions = self.framework.place(snapshot, requests)
         taken_ports: dict[str, set[int]] = {}
         for alloc in allocations:
             taken_ports.setdefault(alloc.node_id, set()).update(alloc.ports.values())
         notes: list[tuple[TaskRecord, str]] = []
-        placed = 0
+        placed = preempted = 0
         for task, decision in zip(ready, decisions, strict=True):
+            if isinstance(decision, Preemption):
+                preempted += self._preempt(task, decision, snapshot)
+                notes.append((task, decision.reason))
+                continue
             if not isinstance(decision, Placement):
                 notes.append((task, decision.reason))
                 continue
@@ -170,6 +206,8 @@ class SchedulerLoop(Loop):
                 ports = chosen
                 taken.update(ports.values())
             where = describe_placement(snapshot, decision)
+            if over_quota[task.id]:
+                where += f"; beyond tenant {task.tenant}'s quota, so preemptible"
             try:
                 with self.store.tx() as tx:
                     tx.allocate(
@@ -180,6 +218,7 @@ class SchedulerLoop(Loop):
                         decision.cpu_milli,
                         decision.memory_mib,
                         ports,
+                        over_quota[task.id],
                     )
                     tx.transition(task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id)
                 placed += 1
@@ -187,13 +226,98 @@ class SchedulerLoop(Loop):
                 continue  # cancelled meanwhile; its reservation is simply not written
         changed = [(task, why) for task, why in notes if task.state_reason != why]
         for task, _ in notes:
-            self._unplaceable_at[task.id] = self.generation
+            if not task.gang:  # a gang may become placeable when a member arrives
+                self._unplaceable_at[task.id] = self.generation
         if changed:
             with self.store.tx() as tx:  # reasons only: one transaction for the pass
                 for task, why in changed:
                     tx.note(task, why)
-        if placed:
+        if placed or preempted:
             self.on_placed()
+
+    def _preempt(self, task: TaskRecord, decision: Preemption, snapshot: Snapshot) -> int:
+        """Move the victims to `preempted`; the executor stops them and re-queues them."""
+        node = snapshot.node(decision.node_id).name
+        done = 0
+        for victim_id in decision.victims:
+            victim = self.store.task(victim_id)
+            if victim is None or victim.state != S.RUNNING:
+                continue
+            why = f"preempted by {task.label} (priority {task.priority}) to make room on {node}"
+            try:
+                with self.store.tx() as tx:
+                    tx.transition(victim, S.PREEMPTED, why)
+                done += 1
+            except StaleTask:
+                continue
+        return done
+
+
+# Work beyond its tenant's quota ranks below every guaranteed task.
+OVER_QUOTA_PENALTY = 10_000
+
+
+def effective_priority(priority: int, over_quota: bool) -> int:
+    return priority - OVER_QUOTA_PENALTY if over_quota else priority
+
+
+class QuotaBook:
+    """GPUs each tenant holds, against its quota (none configured: no limit)."""
+
+    def __init__(
+        self,
+        quotas: dict[str, QuotaConfig],
+        allocations: list[AllocationRecord],
+        holders: dict[str, TaskRecord],
+    ):
+        self.limit_milli = {tenant: int(q.gpus * 1000) for tenant, q in quotas.items()}
+        self.used_milli: dict[str, int] = {}
+        for alloc in allocations:
+            holder = holders.get(alloc.task_id)
+            if holder is not None and not alloc.over_quota:
+                self.used_milli[holder.tenant] = self.used_milli.get(
+                    holder.tenant, 0
+                ) + alloc.gpu_milli * len(alloc.gpu_uuids)
+
+    def admit(self, tenant: str, spec: TaskSpec) -> bool:
+        """Count the task against its tenant; True if that takes the tenant over quota."""
+        limit = self.limit_milli.get(tenant)
+        gpu = spec.gpu
+        want = gpu.milli_per_gpu * gpu.gpus_touched if gpu.wants_gpu else 0
+        if limit is None or want == 0:
+            return False
+        used = self.used_milli.get(tenant, 0)
+        if used + want > limit:
+            return True
+        self.used_milli[tenant] = used + want
+        return False
+
+
+def running_work(
+    allocations: list[AllocationRecord], holders: dict[str, TaskRecord]
+) -> list[RunningTask]:
+    """Running tasks as preemption candidates: preemptible if their spec says so or
+    they run beyond their tenant's quota."""
+    work = []
+    for alloc in allocations:
+        holder = holders.get(alloc.task_id)
+        if holder is None or holder.state != S.RUNNING:
+            continue
+        spec = holder.task_spec
+        work.append(
+            RunningTask(
+                task_id=holder.id,
+                node_id=alloc.node_id,
+                gpu_uuids=tuple(alloc.gpu_uuids),
+                gpu_milli=alloc.gpu_milli,
+                cpu_milli=alloc.cpu_milli,
+                memory_mib=alloc.memory_mib,
+                priority=effective_priority(holder.priority, alloc.over_quota),
+                preemptible=spec.preemptible or alloc.over_quota,
+                started_at=holder.started_at or 0.0,
+            )
+        )
+    return work
 
 
 def describe_placement(snapshot: Snapshot, decision: Placement) -> str:
@@ -238,7 +362,7 @@ class ExecutorLoop(Loop):
             self._resync_at = now + self.interval_s
             for task in self.store.tasks(states=[S.SCHEDULED]):
                 self._start(task)
-            live = self.store.tasks(states=[S.STARTING, S.RUNNING, S.CANCELLING])
+            live = self.store.tasks(states=[S.STARTING, S.RUNNING, S.CANCELLING, S.PREEMPTED])
             self._watched = {t.id: t for t in live}
         freed = False
         for task in list(self._watched.values()):
@@ -363,7 +487,7 @@ class ExecutorLoop(Loop):
         """Poll one task; True when its resources were freed."""
         handle = self._handle(task)
         if handle is None:
-            if task.state == S.CANCELLING:
+            if task.state in STOPPING:
                 ended = Exit(None, "never started")
             else:
                 ended = Exit(None, "lost: the daemon stopped while starting it", lost=True)
@@ -371,7 +495,7 @@ class ExecutorLoop(Loop):
             return True
         ended = self.backend.poll(handle)
         if ended is None:
-            if task.state == S.CANCELLING:
+            if task.state in STOPPING:
                 self._stop(task, handle)
             return False
         self._kill_at.pop(task.id, None)
@@ -399,10 +523,29 @@ class ExecutorLoop(Loop):
                         f"cancelled; it {ended.reason}",
                         exit_code=ended.exit_code,
                     )
+                    release_gang(self.store, tx, task, f"gang member {task.label} was cancelled")
+                elif task.state == S.PREEMPTED:
+                    tx.transition(
+                        task,
+                        S.QUEUED,
+                        f"re-queued after preemption; it {ended.reason}",
+                        preemptions=task.preemptions + 1,
+                        not_before=tx.now,
+                        node_id=None,
+                        pid=None,
+                        pid_start_time=None,
+                    )
                 elif spec.kind == "job" and ended.succeeded:
                     tx.transition(task, S.SUCCEEDED, ended.reason, exit_code=ended.exit_code)
                 else:
                     fail_and_maybe_retry(tx, task, spec, ended)
+                    release_gang(
+                        self.store,
+                        tx,
+                        task,
+                        f"gang member {task.label} {ended.reason}",
+                        restart=task.state == S.QUEUED,
+                    )
         except StaleTask:
             log.info("task %s changed while finishing; the next pass decides again", task.id)
 

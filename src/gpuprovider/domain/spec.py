@@ -40,6 +40,13 @@ class PortSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")]
 
 
+class GangSpec(_Strict):
+    """The workers of one distributed job: placed all together or not at all."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    size: int = Field(ge=2, le=1024, description="how many tasks carry this gang name")
+
+
 class Resources(_Strict):
     gpu: str = Field("0", description="count, fraction or constraint: 2, 0.5, H100:80GB:2")
     cpu: float = Field(0.0, ge=0, le=MAX_CPU, description="cores reserved (0 = best effort)")
@@ -79,6 +86,10 @@ class TaskSpec(_Strict):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     priority: int = Field(0, ge=-1000, le=1000)
     preemptible: bool = False
+    gang: GangSpec | None = None
+    node_selector: dict[
+        Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=63)]
+    ] = Field(default_factory=dict, description="labels a node must carry to run the task")
     labels: dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=253)]] = (
         Field(default_factory=dict)
     )

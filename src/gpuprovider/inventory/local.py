@@ -96,6 +96,7 @@ def read_local_node(
     public_key: str,
     data_dir: Path,
     declared: list[SimulatedGpu],
+    labels: dict[str, str] | None = None,
     nvml: NvmlReport | None = None,
 ) -> NodeRecord:
     nvml = nvml if nvml is not None else read_nvml(node_id)
@@ -105,7 +106,7 @@ def read_local_node(
         name=name or socket.gethostname(),
         address="127.0.0.1",
         backend="local",
-        labels={},
+        labels=dict(labels or {}),
         status="ready",
         status_reason="",
         cpu_count=psutil.cpu_count() or 1,

@@ -1,87 +1,288 @@
 """The placement pipeline: filter -> score -> select -> reserve, each a named
 extension point that policies plug into.
 
-A filter says why a node cannot take a task (or None if it can); a scorer ranks
-the nodes left; a GPU picker chooses devices on the chosen node; reserve
-records the placement in the snapshot so the next task sees it.
+- a *filter* marks the nodes that can take a task, and says why the others cannot;
+- a *scorer* ranks the nodes left (higher is better) and may choose GPUs too;
+- *select* takes the best score: the first such node, or a random one when the
+  policy asks for random ties (as kube-scheduler does);
+- a *GPU picker* chooses devices on the chosen node when the scorer did not;
+- *reserve* records the placement in the cluster state so the next task sees it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
+
+from gpuprovider.scheduler.fragmentation import FragTracker, TypicalTasks
 from gpuprovider.scheduler.model import (
     Decision,
-    GpuView,
-    NodeView,
     Placement,
+    Preemption,
+    RunningTask,
     Snapshot,
     TaskRequest,
     Unplaced,
 )
-
-Filter = Callable[[NodeView, TaskRequest], str | None]
-Scorer = Callable[[NodeView, TaskRequest], float]
-GpuPicker = Callable[[NodeView, TaskRequest], list[GpuView]]
+from gpuprovider.scheduler.state import ClusterState, CompiledTask
 
 
-def fitting_gpus(node: NodeView, task: TaskRequest) -> list[GpuView]:
-    """GPUs on `node` of a model the task accepts with room for its share."""
-    need = task.gpu.milli_per_gpu
-    return [g for g in node.gpus if g.free_milli >= need and task.gpu.matches(g.model, g.memory_gb)]
+@dataclass(frozen=True)
+class Filter:
+    name: str
+    # bool[N]: nodes that pass. `fitting` is bool[N, G], GPUs with room for the task.
+    check: Callable[[ClusterState, CompiledTask, np.ndarray], np.ndarray]
+    # Why node `i` fails, in words a user can act on.
+    reason: Callable[[ClusterState, CompiledTask, int], str]
+
+
+@dataclass
+class Context:
+    """What a scorer or GPU picker may look at for one task."""
+
+    state: ClusterState
+    task: CompiledTask
+    fitting: np.ndarray  # bool[N, G]
+    framework: Framework
+
+    def fragmentation(self) -> FragTracker:
+        return self.framework.frag_tracker(self.state)
+
+
+@dataclass
+class Scores:
+    values: np.ndarray  # one per candidate node; higher is better
+    gpus: list[list[int]] | None = None  # GPU slots chosen per candidate, if the scorer chose
+
+
+Scorer = Callable[[Context, np.ndarray], Scores]
+GpuPicker = Callable[[Context, int], list[int]]
 
 
 @dataclass
 class Policy:
     name: str
-    filters: Sequence[Filter]
     scorer: Scorer
     pick_gpus: GpuPicker
+    filters: Sequence[Filter] = ()
+    random_ties: bool = False
+    needs_typical_tasks: bool = False
+    description: str = ""
 
 
+@dataclass
 class Framework:
-    def __init__(self, policy: Policy):
-        self.policy = policy
+    policy: Policy
+    # The task shapes fragmentation-aware policies plan for. None: the tasks of each
+    # `place` call stand in for them.
+    typical: TypicalTasks | None = None
+    seed: int = 0
+    rng: np.random.Generator = field(init=False)
 
-    def place(self, snapshot: Snapshot, tasks: Sequence[TaskRequest]) -> list[Decision]:
-        """Place tasks in the order given (the caller orders them by priority)."""
-        return [self.place_one(snapshot, task) for task in tasks]
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        self._trackers: dict[int, FragTracker] = {}
+        self._typical_now = self.typical
+
+    # -- entry points -----------------------------------------------------------
+
+    def place(
+        self, snapshot: Snapshot, tasks: Sequence[TaskRequest], preempt: bool = True
+    ) -> list[Decision]:
+        """Place tasks in the order given (the caller orders them by priority).
+
+        A gang's members are placed together when the first of them comes up. A
+        task that fits nowhere may preempt lower-priority preemptible work.
+        """
+        state = ClusterState.from_snapshot(snapshot)
+        self._typical_now = self.typical
+        if self.policy.needs_typical_tasks and self.typical is None and tasks:
+            self._typical_now = TypicalTasks.from_tasks(tasks)
+        running = {r.task_id: r for r in snapshot.running}
+        gangs: dict[str, list[TaskRequest]] = {}
+        for task in tasks:
+            if task.gang:
+                gangs.setdefault(task.gang, []).append(task)
+        decisions: dict[str, Decision] = {}
+        for task in tasks:
+            if task.task_id in decisions:
+                continue
+            if task.gang:
+                for decision in self.place_gang(state, task.gang, gangs[task.gang]):
+                    decisions[decision.task_id] = decision
+                continue
+            decision = self.decide(state, task)
+            if isinstance(decision, Unplaced) and preempt and running:
+                decision = self.preempt(state, task, running) or decision
+            decisions[task.task_id] = decision
+        for decision in decisions.values():
+            if isinstance(decision, Placement):
+                reserve(snapshot, decision)
+        self._trackers.clear()
+        return [decisions[t.task_id] for t in tasks]
+
+    def place_gang(
+        self, state: ClusterState, name: str, members: Sequence[TaskRequest]
+    ) -> list[Decision]:
+        """All members placed, or none (and every member says why)."""
+        size = members[0].gang_size or len(members)
+        if len(members) < size:
+            why = f"gang {name}: {len(members)} of its {size} members queued; waiting for the rest"
+            return [Unplaced(m.task_id, why) for m in members]
+        placed: list[Placement] = []
+        for member in members:
+            decision = self.decide(state, member)
+            if not isinstance(decision, Placement):
+                for done in placed:
+                    state.unreserve(done)
+                why = f"gang {name} ({size} members) does not fit at once: {decision.reason}"
+                return [Unplaced(m.task_id, why) for m in members]
+            placed.append(decision)
+        return list(placed)
+
+    def preempt(
+        self, state: ClusterState, task: TaskRequest, running: dict[str, RunningTask]
+    ) -> Preemption | None:
+        """Evict preemptible work of lower priority to make room, choosing the node whose
+        victims lose the least: fewest, then lowest priority, then least progress.
+
+        The victims are released and the task reserved in `state`, so later tasks in
+        the same pass neither count on those resources nor pick the same victims.
+        """
+        by_node: dict[int, list[RunningTask]] = {}
+        for victim in running.values():
+            if victim.preemptible and victim.priority < task.priority:
+                by_node.setdefault(state.index[victim.node_id], []).append(victim)
+        best: tuple[tuple, int, list[RunningTask]] | None = None
+        for node, victims in by_node.items():
+            # lowest priority first; of equals, the latest started (least progress lost)
+            victims.sort(key=lambda v: (v.priority, -v.started_at))
+            chosen = self._victims_on(state, task, node, victims)
+            if chosen is None:
+                continue
+            cost = (
+                len(chosen),
+                max(v.priority for v in chosen),
+                -sum(v.started_at for v in chosen),
+            )
+            if best is None or cost < best[0]:
+                best = (cost, node, chosen)
+        if best is None:
+            return None
+        _, node, chosen = best
+        for victim in chosen:
+            state.release_running(victim)
+            del running[victim.task_id]
+        placement = self.decide(state, task)
+        assert isinstance(placement, Placement), "victims were chosen so that the task fits"
+        names = ", ".join(v.task_id for v in chosen)
+        return Preemption(
+            task.task_id,
+            placement.node_id,
+            tuple(v.task_id for v in chosen),
+            f"waiting for {names} (lower priority) to stop on {state.nodes[node].name}",
+        )
+
+    def _victims_on(
+        self, state: ClusterState, task: TaskRequest, node: int, victims: list[RunningTask]
+    ) -> list[RunningTask] | None:
+        """The fewest of `victims` (taken in order) whose eviction lets `task` fit on `node`."""
+        chosen: list[RunningTask] = []
+        fits = False
+        for victim in victims:
+            state.release_running(victim)
+            chosen.append(victim)
+            if self._fits(state, task, node):
+                fits = True
+                break
+        if fits:  # drop any victim the task turns out not to need
+            for victim in list(chosen[:-1]):
+                state.reserve_running(victim)
+                if self._fits(state, task, node):
+                    chosen.remove(victim)
+                else:
+                    state.release_running(victim)
+        for victim in chosen:
+            state.reserve_running(victim)
+        return chosen if fits else None
+
+    def _fits(self, state: ClusterState, task: TaskRequest, node: int) -> bool:
+        compiled = state.compile(task)
+        fitting = state.fitting_gpus(compiled)
+        return all(bool(f.check(state, compiled, fitting)[node]) for f in self.policy.filters)
 
     def place_one(self, snapshot: Snapshot, task: TaskRequest) -> Decision:
-        feasible: list[NodeView] = []
-        rejections: list[str] = []
-        for node in snapshot.nodes:
-            reason = self._filter(node, task)
-            if reason is None:
-                feasible.append(node)
-            else:
-                rejections.append(reason)
-        if not feasible:
-            return Unplaced(task.task_id, explain(snapshot, task, rejections))
-        # max() keeps the first of equal scores, so ties go to the earlier node.
-        chosen = max(feasible, key=lambda n: self.policy.scorer(n, task))
-        placement = Placement(
-            task_id=task.task_id,
-            node_id=chosen.id,
-            gpu_uuids=tuple(g.uuid for g in self.policy.pick_gpus(chosen, task)),
-            gpu_milli=task.gpu.milli_per_gpu if task.gpu.wants_gpu else 0,
-            cpu_milli=task.cpu_milli,
-            memory_mib=task.memory_mib,
-        )
-        reserve(snapshot, placement)
-        return placement
+        return self.place(snapshot, [task])[0]
 
-    def _filter(self, node: NodeView, task: TaskRequest) -> str | None:
+    def decide(self, state: ClusterState, request: TaskRequest) -> Decision:
+        """Place one task on `state` and reserve it there, or say why not."""
+        task = state.compile(request)
+        fitting = state.fitting_gpus(task)
+        ok = np.ones(len(state), dtype=bool)
         for check in self.policy.filters:
-            reason = check(node, task)
-            if reason is not None:
-                return reason
-        return None
+            ok &= check.check(state, task, fitting)
+        candidates = np.nonzero(ok)[0]
+        if not len(candidates):
+            return Unplaced(request.task_id, self.explain(state, task, fitting))
+        context = Context(state, task, fitting, self)
+        scores = self.policy.scorer(context, candidates)
+        best = np.nonzero(scores.values == scores.values.max())[0]
+        pos = int(best[self.rng.integers(len(best))]) if self.policy.random_ties else int(best[0])
+        node = int(candidates[pos])
+        gpus = scores.gpus[pos] if scores.gpus is not None else self.policy.pick_gpus(context, node)
+        state.reserve(node, gpus, task.milli, task.cpu, task.memory)
+        view = state.nodes[node]
+        return Placement(
+            task_id=request.task_id,
+            node_id=view.id,
+            gpu_uuids=tuple(view.gpus[j].uuid for j in gpus),
+            gpu_milli=task.milli,
+            cpu_milli=task.cpu,
+            memory_mib=task.memory,
+        )
+
+    def frag_tracker(self, state: ClusterState) -> FragTracker:
+        tracker = self._trackers.get(id(state))
+        if tracker is None or tracker.state is not state:
+            if self._typical_now is None:
+                raise ValueError(f"policy {self.policy.name} needs typical tasks")
+            tracker = FragTracker(self._typical_now.bind(state), state)
+            self._trackers[id(state)] = tracker
+        return tracker
+
+    # -- reasons ----------------------------------------------------------------
+
+    def explain(self, state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> str:
+        """One line a user can act on: `no node has 2 H100 free (at most 1 on one node)`."""
+        if not len(state):
+            return "no node is registered yet"
+        remaining = np.ones(len(state), dtype=bool)
+        why: Counter[str] = Counter()
+        gpu_short = 0
+        for check in self.policy.filters:
+            failed = remaining & ~check.check(state, task, fitting)
+            for i in np.nonzero(failed)[0]:
+                if check.name == "gpus":
+                    gpu_short += 1
+                else:
+                    why[check.reason(state, task, int(i))] += 1
+            remaining &= ~failed
+        if gpu_short == len(state):
+            most = int(fitting.sum(axis=1).max()) if fitting.size else 0
+            return f"no node has {task.request.gpu.describe()} free (at most {most} on one node)"
+        if gpu_short:
+            why["not enough free GPUs of the kind asked"] += gpu_short
+        if len(state) == 1:
+            return f"{state.nodes[0].name}: {next(iter(why))}"
+        detail = "; ".join(f"{n} node{'s' if n > 1 else ''}: {w}" for w, n in why.most_common(3))
+        return f"no node fits ({detail})"
 
 
 def reserve(snapshot: Snapshot, placement: Placement) -> None:
+    """Record a placement in the snapshot's node views."""
     node = snapshot.node(placement.node_id)
     node.used_cpu_milli += placement.cpu_milli
     node.used_memory_mib += placement.memory_mib
@@ -89,20 +290,3 @@ def reserve(snapshot: Snapshot, placement: Placement) -> None:
     for gpu in node.gpus:
         if gpu.uuid in chosen:
             gpu.used_milli += placement.gpu_milli
-
-
-GPU_SHORT = "not enough free GPUs of the kind asked"
-
-
-def explain(snapshot: Snapshot, task: TaskRequest, rejections: list[str]) -> str:
-    """One line a user can act on: `no node has 2 free H100 (at most 1 on one node)`."""
-    if not snapshot.nodes:
-        return "no node is registered yet"
-    counts = Counter(rejections)
-    if set(counts) == {GPU_SHORT}:
-        most = max(len(fitting_gpus(n, task)) for n in snapshot.nodes)
-        return f"no node has {task.gpu.describe()} free (at most {most} on one node)"
-    if len(snapshot.nodes) == 1:
-        return f"{snapshot.nodes[0].name}: {rejections[0]}"
-    detail = "; ".join(f"{n} node{'s' if n > 1 else ''}: {why}" for why, n in counts.most_common(3))
-    return f"no node fits ({detail})"

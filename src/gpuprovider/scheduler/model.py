@@ -42,9 +42,25 @@ class NodeView:
         return self.memory_mib - self.used_memory_mib
 
 
+@dataclass(frozen=True)
+class RunningTask:
+    """Work holding resources now, as preemption sees it."""
+
+    task_id: str
+    node_id: str
+    gpu_uuids: tuple[str, ...]
+    gpu_milli: int
+    cpu_milli: int
+    memory_mib: int
+    priority: int
+    preemptible: bool
+    started_at: float  # the latest started loses the least when evicted
+
+
 @dataclass
 class Snapshot:
     nodes: list[NodeView]
+    running: list[RunningTask] = field(default_factory=list)
 
     def node(self, node_id: str) -> NodeView:
         return next(n for n in self.nodes if n.id == node_id)
@@ -58,6 +74,9 @@ class TaskRequest:
     memory_mib: int = 0
     priority: int = 0
     node_selector: tuple[tuple[str, str], ...] = ()
+    # Members of one gang are placed all together or not at all.
+    gang: str | None = None
+    gang_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,4 +95,14 @@ class Unplaced:
     reason: str
 
 
-Decision = Placement | Unplaced
+@dataclass(frozen=True)
+class Preemption:
+    """The task fits on `node_id` once `victims` have stopped; until then it waits."""
+
+    task_id: str
+    node_id: str
+    victims: tuple[str, ...]
+    reason: str
+
+
+Decision = Placement | Unplaced | Preemption

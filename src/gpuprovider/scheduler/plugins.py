@@ -2,88 +2,241 @@
 
 from __future__ import annotations
 
-from gpuprovider.scheduler.framework import GPU_SHORT, Policy, fitting_gpus
-from gpuprovider.scheduler.model import GpuView, NodeView, TaskRequest
+import numpy as np
 
-# -- filters ----------------------------------------------------------------
+from gpuprovider.domain.resources import MILLI
+from gpuprovider.scheduler.framework import Context, Filter, Policy, Scores
+from gpuprovider.scheduler.state import ClusterState, CompiledTask
 
-
-def node_usable(node: NodeView, task: TaskRequest) -> str | None:
-    return node.unusable_reason or None
-
-
-def node_selector(node: NodeView, task: TaskRequest) -> str | None:
-    for key, value in task.node_selector:
-        if node.labels.get(key) != value:
-            return f"label {key}={value} not set"
-    return None
+# -- filters ------------------------------------------------------------------
 
 
-def cpu_fits(node: NodeView, task: TaskRequest) -> str | None:
-    if task.cpu_milli > node.free_cpu_milli:
-        return (
-            f"not enough free CPU ({node.free_cpu_milli / 1000:g} of "
-            f"{task.cpu_milli / 1000:g} cores asked)"
-        )
-    return None
+def _selector_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> np.ndarray:
+    selector = task.request.node_selector
+    if not selector:
+        return np.ones(len(state), dtype=bool)
+    return np.array([all(n.labels.get(k) == v for k, v in selector) for n in state.nodes])
 
 
-def memory_fits(node: NodeView, task: TaskRequest) -> str | None:
-    if task.memory_mib > node.free_memory_mib:
-        return f"not enough free memory ({node.free_memory_mib} of {task.memory_mib} MiB asked)"
-    return None
+def _selector_reason(state: ClusterState, task: CompiledTask, i: int) -> str:
+    labels = state.nodes[i].labels
+    missing = [f"{k}={v}" for k, v in task.request.node_selector if labels.get(k) != v]
+    return f"label {missing[0]} not set"
 
 
-def gpus_fit(node: NodeView, task: TaskRequest) -> str | None:
-    if task.gpu.wants_gpu and len(fitting_gpus(node, task)) < task.gpu.gpus_touched:
-        return GPU_SHORT
-    return None
+def _gpus_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> np.ndarray:
+    if not task.wants_gpu:
+        return np.ones(len(state), dtype=bool)
+    return fitting.sum(axis=1) >= task.count
 
+
+node_usable = Filter(
+    "usable", lambda s, t, f: s.usable.copy(), lambda s, t, i: s.nodes[i].unusable_reason
+)
+node_selector = Filter("selector", _selector_ok, _selector_reason)
+cpu_fits = Filter(
+    "cpu",
+    lambda s, t, f: s.cpu_free >= t.cpu,
+    lambda s, t, i: (
+        f"not enough free CPU ({s.cpu_free[i] / 1000:g} of {t.cpu / 1000:g} cores asked)"
+    ),
+)
+memory_fits = Filter(
+    "memory",
+    lambda s, t, f: s.mem_free >= t.memory,
+    lambda s, t, i: f"not enough free memory ({s.mem_free[i]} of {t.memory} MiB asked)",
+)
+gpus_fit = Filter("gpus", _gpus_ok, lambda s, t, i: "not enough free GPUs of the kind asked")
 
 DEFAULT_FILTERS = (node_usable, node_selector, cpu_fits, memory_fits, gpus_fit)
 
-# -- scorers ----------------------------------------------------------------
+# -- GPU pickers ----------------------------------------------------------------
 
 
-def _free_gpu_milli(node: NodeView) -> int:
-    return sum(g.free_milli for g in node.gpus)
+def pick_tightest(ctx: Context, node: int) -> list[int]:
+    """A share goes to the GPU with the least room that fits (lowest index on ties),
+    so whole GPUs stay whole; whole GPUs are the lowest-indexed free ones."""
+    fits = np.nonzero(ctx.fitting[node])[0]
+    if ctx.task.milli < MILLI:
+        free = ctx.state.gpu_free[node, fits]
+        return [int(fits[np.argmin(free)])][: ctx.task.count]
+    return [int(j) for j in fits[: ctx.task.count]]
 
 
-def score_pack(node: NodeView, task: TaskRequest) -> float:
-    """Best fit: the node left with the least free GPU (then CPU) wins."""
-    return -(_free_gpu_milli(node) * 1e6 + node.free_cpu_milli)
+def pick_roomiest(ctx: Context, node: int) -> list[int]:
+    fits = np.nonzero(ctx.fitting[node])[0]
+    if ctx.task.milli < MILLI:
+        free = ctx.state.gpu_free[node, fits]
+        return [int(fits[np.argmax(free)])][: ctx.task.count]
+    return [int(j) for j in fits[: ctx.task.count]]
 
 
-def score_spread(node: NodeView, task: TaskRequest) -> float:
-    return -score_pack(node, task)
+def pick_lowest(ctx: Context, node: int) -> list[int]:
+    return [int(j) for j in np.nonzero(ctx.fitting[node])[0][: ctx.task.count]]
 
 
-def score_first(node: NodeView, task: TaskRequest) -> float:
-    return 0.0
+# -- scorers --------------------------------------------------------------------
+
+# Normalisation constants of the FGD paper's best-fit score (milli-CPU, milli-GPU).
+MAX_SPEC_CPU = 128_000
+MAX_SPEC_GPU = 8_000
 
 
-# -- GPU pickers ------------------------------------------------------------
+def _leftover(ctx: Context, candidates: np.ndarray) -> np.ndarray:
+    """0.5 * CPU left + 0.5 * GPU left after placing, each scaled to [0, 1]."""
+    state, task = ctx.state, ctx.task
+    cpu_left = (state.cpu_free[candidates] - task.cpu) / MAX_SPEC_CPU
+    gpu_total = state.gpu_free[candidates].sum(axis=1)
+    gpu_left = (gpu_total - task.milli * task.count) / MAX_SPEC_GPU
+    return 0.5 * cpu_left + 0.5 * gpu_left
 
 
-def pick_packed(node: NodeView, task: TaskRequest) -> list[GpuView]:
-    """Fill the GPU with the least room first, so whole GPUs stay whole."""
-    candidates = sorted(fitting_gpus(node, task), key=lambda g: (g.free_milli, g.index))
-    return candidates[: task.gpu.gpus_touched]
+def _kube_normalise(raw: np.ndarray) -> np.ndarray:
+    """Integer scores min-max scaled to 0..100, as kube-scheduler plugins do."""
+    lo, hi = raw.min(), raw.max()
+    if hi == lo:
+        return np.zeros_like(raw)
+    return (raw - lo) * 100 // (hi - lo)
 
 
-def pick_spread(node: NodeView, task: TaskRequest) -> list[GpuView]:
-    candidates = sorted(fitting_gpus(node, task), key=lambda g: (-g.free_milli, g.index))
-    return candidates[: task.gpu.gpus_touched]
+def score_first(ctx: Context, candidates: np.ndarray) -> Scores:
+    return Scores(np.zeros(len(candidates)))
 
 
-def pick_first(node: NodeView, task: TaskRequest) -> list[GpuView]:
-    return sorted(fitting_gpus(node, task), key=lambda g: g.index)[: task.gpu.gpus_touched]
+def score_best_fit(ctx: Context, candidates: np.ndarray) -> Scores:
+    """The FGD paper's BestFit: least CPU and GPU left over, on kube's integer scale."""
+    raw = ((1.0 - _leftover(ctx, candidates)) * 100).astype(np.int64)
+    return Scores(_kube_normalise(raw))
+
+
+def score_spread(ctx: Context, candidates: np.ndarray) -> Scores:
+    return Scores(_leftover(ctx, candidates))
+
+
+def _after_states(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each candidate placement's node state after it: (rows, gpu, free, cpu, model).
+
+    A share may go to any GPU with room; GPUs of a node with equal room lead to the
+    same state, so only the lowest-indexed of each is tried. Whole GPUs go to the
+    lowest-indexed free ones.
+    """
+    state, task = ctx.state, ctx.task
+    free = state.gpu_free[candidates]
+    fits = ctx.fitting[candidates]
+    if task.wants_gpu and task.milli < MILLI:
+        # the same room as an earlier fitting GPU on the node: that one stands for it
+        same = (free[:, :, None] == free[:, None, :]) & fits[:, None, :]
+        earlier = np.tril(np.ones((free.shape[1], free.shape[1]), dtype=bool), k=-1)
+        duplicate = (same & earlier[None, :, :]).any(axis=2)
+        rows, gpus = np.nonzero(fits & ~duplicate)
+        after = free[rows].copy()
+        after[np.arange(len(rows)), gpus] -= task.milli
+    else:
+        rows, gpus = np.arange(len(candidates)), None
+        after = free.copy()
+        if task.wants_gpu:
+            take = fits & (np.cumsum(fits, axis=1) <= task.count)
+            after -= np.where(take, task.milli, 0)
+    cpu = state.cpu_free[candidates][rows] - task.cpu
+    return rows, gpus, after, cpu, state.node_model[candidates][rows]
+
+
+def _best_per_node(
+    ctx: Context,
+    candidates: np.ndarray,
+    rows: np.ndarray,
+    gpus: np.ndarray | None,
+    values: np.ndarray,
+) -> Scores:
+    """Reduce per-(node, GPU) scores to one per node, keeping its best GPU (lowest index
+    among equals)."""
+    if gpus is None:
+        return Scores(values)
+    best = np.full(len(candidates), -np.inf)
+    np.maximum.at(best, rows, values)
+    chosen: list[list[int]] = [[] for _ in candidates]
+    for r, j, v in zip(rows.tolist(), gpus.tolist(), values.tolist(), strict=True):
+        if not chosen[r] and v == best[r]:
+            chosen[r] = [j]
+    return Scores(best, chosen)
+
+
+def _frag_growth(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
+    """How much each candidate placement would grow its node's fragmentation."""
+    tracker = ctx.fragmentation()
+    rows, gpus, after, cpu, model = _after_states(ctx, candidates)
+    before = tracker.current()[candidates][rows]
+    growth = tracker.typical.node_frag(after, cpu, model) - before
+    return rows, gpus, growth
+
+
+def score_fgd(ctx: Context, candidates: np.ndarray) -> Scores:
+    """Fragmentation Gradient Descent, as the paper's simulator scores it: the
+    sigmoid of the fragmentation removed (in GPUs), on kube's integer 0..100 scale."""
+    rows, gpus, growth = _frag_growth(ctx, candidates)
+    values = np.floor(100.0 / (1.0 + np.exp(growth / MILLI))).astype(np.int64)
+    return _best_per_node(ctx, candidates, rows, gpus, values)
+
+
+def score_fgd_best_fit(ctx: Context, candidates: np.ndarray) -> Scores:
+    """FGD's score first; among equal scores, best fit (least CPU and GPU left).
+
+    FGD's integer score makes many nodes equal, and the paper's simulator then takes
+    the first in node order. Breaking those ties by best fit instead keeps nodes
+    whole for the multi-GPU tasks that typical-task fragmentation does not see.
+    """
+    rows, gpus, growth = _frag_growth(ctx, candidates)
+    fgd = np.floor(100.0 / (1.0 + np.exp(growth / MILLI)))
+    values = fgd * 1e4 - _leftover(ctx, candidates)[rows]  # leftover < 2: never outranks FGD
+    return _best_per_node(ctx, candidates, rows, gpus, values)
 
 
 POLICIES: dict[str, Policy] = {
-    "best-fit": Policy("best-fit", DEFAULT_FILTERS, score_pack, pick_packed),
-    "first-fit": Policy("first-fit", DEFAULT_FILTERS, score_first, pick_first),
-    "spread": Policy("spread", DEFAULT_FILTERS, score_spread, pick_spread),
+    "best-fit": Policy(
+        "best-fit",
+        score_best_fit,
+        pick_tightest,
+        DEFAULT_FILTERS,
+        description="least CPU and GPU left on the node (the FGD paper's BestFit)",
+    ),
+    "first-fit": Policy(
+        "first-fit",
+        score_first,
+        pick_lowest,
+        DEFAULT_FILTERS,
+        description="the first node that fits, in node order",
+    ),
+    "spread": Policy(
+        "spread",
+        score_spread,
+        pick_roomiest,
+        DEFAULT_FILTERS,
+        description="the node with the most left (worst fit)",
+    ),
+    "random": Policy(
+        "random",
+        score_first,
+        pick_lowest,
+        DEFAULT_FILTERS,
+        random_ties=True,
+        description="any node that fits, uniformly",
+    ),
+    "fgd": Policy(
+        "fgd",
+        score_fgd,
+        pick_tightest,
+        DEFAULT_FILTERS,
+        needs_typical_tasks=True,
+        description="fragmentation gradient descent (Weng et al., USENIX ATC'23)",
+    ),
+    "fgd-bf": Policy(
+        "fgd-bf",
+        score_fgd_best_fit,
+        pick_tightest,
+        DEFAULT_FILTERS,
+        needs_typical_tasks=True,
+        description="FGD, with equal scores broken by best fit rather than node order",
+    ),
 }
 
 

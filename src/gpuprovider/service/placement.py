@@ -66,13 +66,19 @@ def _gpu_unusable(present: bool, health: str, reason: str) -> str:
     return ""
 
 
-def task_request(task_id: str, spec: TaskSpec) -> TaskRequest:
+def task_request(
+    task_id: str, spec: TaskSpec, priority: int | None = None, gang: str | None = None
+) -> TaskRequest:
+    """What the scheduler needs of a task; `priority` overrides the spec's (quotas)."""
     return TaskRequest(
         task_id=task_id,
         gpu=spec.gpu,
         cpu_milli=round(spec.resources.cpu * 1000),
         memory_mib=spec.resources.memory_mib,
-        priority=spec.priority,
+        priority=spec.priority if priority is None else priority,
+        node_selector=tuple(sorted(spec.node_selector.items())),
+        gang=gang,
+        gang_size=spec.gang.size if spec.gang else 0,
     )
 
 

@@ -11,6 +11,7 @@ from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.scheduler import Framework, Placement
 from gpuprovider.service.errors import Conflict, NotFound, Rejected
+from gpuprovider.service.gangs import release_gang
 from gpuprovider.service.placement import build_snapshot, task_request
 from gpuprovider.store.records import TaskRecord
 from gpuprovider.store.store import NameTaken, StaleTask, Store
@@ -42,12 +43,30 @@ class TaskService:
 
     def submit(self, spec: TaskSpec, tenant: str) -> TaskRecord:
         self._check_runnable(spec)
+        if spec.gang:
+            self._check_gang(spec, tenant)
         try:
             task = self.store.submit(spec, tenant)
         except NameTaken as exc:
             raise Conflict(str(exc)) from None
         self.on_submitted(task.id)
         return task
+
+    def _check_gang(self, spec: TaskSpec, tenant: str) -> None:
+        assert spec.gang is not None
+        live = [
+            t
+            for t in self.store.gang_members(f"{tenant}/{spec.gang.name}")
+            if t.state not in TERMINAL
+        ]
+        sizes = {t.task_spec.gang.size for t in live if t.task_spec.gang}
+        if sizes and spec.gang.size not in sizes:
+            raise Conflict(
+                f"gang.size: gang {spec.gang.name!r} already has members of size "
+                f"{sizes.pop()}; this task says {spec.gang.size}"
+            )
+        if len(live) >= spec.gang.size:
+            raise Conflict(f"gang {spec.gang.name!r} already has its {spec.gang.size} live members")
 
     def dry_run(self, spec: TaskSpec) -> dict[str, Any]:
         """What would happen to `spec` now, storing nothing."""
@@ -92,6 +111,9 @@ class TaskService:
                     if task.pid is None:  # no process to stop: done at once
                         tx.release(task.id)
                         tx.transition(task, TaskState.CANCELLED, f"cancelled by {by} before it ran")
+                        release_gang(
+                            self.store, tx, task, f"gang member {task.label} was cancelled"
+                        )
             except StaleTask:
                 continue  # changed under us: read again and decide again
             if task.state == TaskState.CANCELLED:

@@ -20,6 +20,8 @@ class TaskRecord:
     spec: dict[str, Any]
     priority: int
     attempt: int
+    preemptions: int
+    gang: str | None
     not_before: float
     queue_deadline: float | None
     exit_code: int | None
@@ -53,6 +55,7 @@ class AllocationRecord:
     cpu_milli: int
     memory_mib: int
     ports: dict[str, int]
+    over_quota: bool
     active: bool
     created_at: float
     released_at: float | None

@@ -88,6 +88,8 @@ tasks = Table(
     Column("spec", JSON, nullable=False),
     Column("priority", Integer, nullable=False),
     Column("attempt", Integer, nullable=False, default=0),
+    Column("preemptions", Integer, nullable=False, default=0),
+    Column("gang", String(160)),  # tenant/name: members are placed and released together
     Column("not_before", Float, nullable=False, default=0.0),
     Column("queue_deadline", Float),
     Column("exit_code", Integer),
@@ -103,6 +105,7 @@ tasks = Table(
 )
 Index("ix_tasks_name", tasks.c.name)
 Index("ix_tasks_created_at", tasks.c.created_at)
+Index("ix_tasks_gang", tasks.c.gang)
 
 allocations = Table(
     "allocations",
@@ -116,6 +119,7 @@ allocations = Table(
     Column("cpu_milli", Integer, nullable=False),
     Column("memory_mib", Integer, nullable=False),
     Column("ports", JSON, nullable=False),
+    Column("over_quota", Boolean, nullable=False, default=False),
     Column("active", Boolean, nullable=False, index=True),
     Column("created_at", Float, nullable=False),
     Column("released_at", Float),

@@ -143,6 +143,7 @@ class Tx:
         cpu_milli: int,
         memory_mib: int,
         ports: dict[str, int],
+        over_quota: bool = False,
     ) -> None:
         self.conn.execute(
             insert(t.allocations).values(
@@ -154,6 +155,7 @@ class Tx:
                 cpu_milli=cpu_milli,
                 memory_mib=memory_mib,
                 ports=ports,
+                over_quota=over_quota,
                 active=True,
                 created_at=self.now,
             )
@@ -318,6 +320,8 @@ class Store:
             spec=spec.model_dump(mode="json", exclude_defaults=True),
             priority=spec.priority,
             attempt=0,
+            preemptions=0,
+            gang=f"{tenant}/{spec.gang.name}" if spec.gang else None,
             not_before=0.0,
             queue_deadline=now + spec.max_queue_s if spec.max_queue_s else None,
             exit_code=None,
@@ -431,6 +435,10 @@ class Store:
                 .limit(1)
             ).first()
         return _record(AllocationRecord, row) if row else None
+
+    def gang_members(self, gang: str) -> list[TaskRecord]:
+        with self.engine.connect() as conn:
+            return [_task(r) for r in conn.execute(_SELECT_TASKS.where(t.tasks.c.gang == gang))]
 
     def active_allocations(self) -> list[AllocationRecord]:
         with self.engine.connect() as conn:

@@ -1,0 +1,140 @@
+"""GPU fragmentation as defined by FGD (Weng et al., USENIX ATC'23).
+
+A node's idle GPU capacity is *fragmented* for a task it cannot serve. Given the
+tasks a cluster typically sees, with their frequencies, a node's fragmentation
+is the expected amount of its idle GPU capacity that the next typical task could
+not use:
+
+- the task needs no GPU, or cannot use this node's model, or does not fit
+  (not enough GPUs with room for its per-GPU share, or not enough CPU): all the
+  node's idle GPU capacity is fragmented for it;
+- the task fits: only the GPUs with less room than its per-GPU share are.
+
+FGD places each task where it grows the cluster's fragmentation the least.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpuprovider.scheduler.model import TaskRequest
+from gpuprovider.scheduler.state import ClusterState
+
+# The paper's simulator keeps the most common task shapes that together cover
+# this share of all tasks, and renormalises their frequencies.
+TYPICAL_COVERAGE = 0.95
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    cpu: int
+    milli: int  # per GPU
+    count: int
+    models: frozenset[str] | None
+
+    @classmethod
+    def of(cls, task: TaskRequest) -> TaskShape:
+        gpu = task.gpu
+        if not gpu.wants_gpu:
+            return cls(task.cpu_milli, 0, 0, None)
+        return cls(task.cpu_milli, gpu.milli_per_gpu, gpu.gpus_touched, gpu.models)
+
+
+class TypicalTasks:
+    """The shapes tasks usually have, with how often each occurs."""
+
+    def __init__(self, shapes: dict[TaskShape, float]):
+        total = sum(shapes.values())
+        if total <= 0:
+            raise ValueError("typical tasks need at least one shape with a positive weight")
+        self.shapes = list(shapes)
+        self.freq = np.array([shapes[s] / total for s in self.shapes], dtype=np.float64)
+
+    @classmethod
+    def from_tasks(
+        cls, tasks: Iterable[TaskRequest], coverage: float = TYPICAL_COVERAGE
+    ) -> TypicalTasks:
+        counts = Counter(TaskShape.of(t) for t in tasks)
+        total = sum(counts.values())
+        # Most common first; equal counts ordered by shape so the cut is deterministic.
+        ranked = sorted(
+            counts.items(),
+            key=lambda kv: (-kv[1], kv[0].cpu, kv[0].milli, kv[0].count, str(kv[0].models)),
+        )
+        kept: dict[TaskShape, float] = {}
+        covered = 0
+        for shape, count in ranked:
+            if covered >= coverage * total:
+                break
+            kept[shape] = count
+            covered += count
+        return cls(kept)
+
+    def bind(self, state: ClusterState) -> BoundTypicalTasks:
+        return BoundTypicalTasks(self, state)
+
+
+class BoundTypicalTasks:
+    """Typical tasks as arrays against one cluster's model codes."""
+
+    def __init__(self, typical: TypicalTasks, state: ClusterState):
+        shapes = typical.shapes
+        self.freq = typical.freq
+        self.cpu = np.array([s.cpu for s in shapes], dtype=np.int64)
+        self.count = np.array([s.count for s in shapes], dtype=np.int64)
+        self.is_gpu = np.array([s.milli > 0 for s in shapes], dtype=bool)
+        self.thresholds = np.array(sorted({s.milli for s in shapes if s.milli > 0}), dtype=np.int64)
+        where = {int(u): k for k, u in enumerate(self.thresholds)}
+        self.threshold_of = np.array([where.get(s.milli, 0) for s in shapes], dtype=np.int64)
+        # access[m, t]: whether a node of model code m can serve shape t (last row: no GPU)
+        access = np.zeros((len(state.models) + 1, len(shapes)), dtype=bool)
+        for t, shape in enumerate(shapes):
+            access[:-1, t] = state.model_mask(shape.models)
+        self.access = access
+
+    def node_frag(
+        self, gpu_free: np.ndarray, cpu_free: np.ndarray, model: np.ndarray
+    ) -> np.ndarray:
+        """Expected fragmented milli-GPU of each node state (rows of the arrays)."""
+        total = gpu_free.sum(axis=1)
+        if not len(self.thresholds):
+            return total * float(self.freq.sum())
+        u = self.thresholds[None, None, :]
+        free = gpu_free[:, :, None]
+        fits_count = (free >= u).sum(axis=1)  # [K, U]: GPUs with room for each share size
+        short_sum = np.where(free < u, free, 0).sum(axis=1)  # [K, U]: room on the others
+        fits = (
+            self.is_gpu[None, :]
+            & (fits_count[:, self.threshold_of] >= self.count[None, :])
+            & (cpu_free[:, None] >= self.cpu[None, :])
+            & self.access[model]  # model -1 (no GPU) reads the last row: no access
+        )
+        frag = np.where(fits, short_sum[:, self.threshold_of], total[:, None])
+        return frag @ self.freq
+
+
+class FragTracker:
+    """Each node's fragmentation in a cluster state, recomputed only where it changed."""
+
+    def __init__(self, typical: BoundTypicalTasks, state: ClusterState):
+        self.typical = typical
+        self.state = state
+        self.seen_version = np.full(len(state), -1, dtype=np.int64)
+        self.frag = np.zeros(len(state), dtype=np.float64)
+
+    def current(self) -> np.ndarray:
+        state = self.state
+        stale = np.nonzero(state.version != self.seen_version)[0]
+        if len(stale):
+            self.frag[stale] = self.typical.node_frag(
+                state.gpu_free[stale], state.cpu_free[stale], state.node_model[stale]
+            )
+            self.seen_version[stale] = state.version[stale]
+        return self.frag
+
+    def total(self) -> float:
+        return float(self.current().sum())
