@@ -30,6 +30,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
+	$(BIN)/python bench/openb.py
+	$(BIN)/python bench/scheduler_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

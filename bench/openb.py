@@ -116,7 +116,7 @@ def replay(trace: str, policy_name: str, seed: int) -> dict:
         level = round(100 * arrived / capacity)
         alloc_by_bin[level].append(100 * state.allocated_milli / capacity)
         if level in (0, 100) or level % 10 == 0:
-            frag_by_bin[level].append(100 * measure.total() / capacity)
+            frag_by_bin[level].append(100 * measure.total_frag() / capacity)
     wall_s = time.perf_counter() - started
     return {
         "trace": trace,

@@ -148,20 +148,20 @@ def test_fgd_puts_a_share_where_it_closes_a_gap():
     assert spread.node_id == "fresh"
 
 
-def test_fgd_bf_breaks_fgd_ties_by_best_fit():
+def test_fgd_warm_breaks_fgd_ties_for_a_node_in_use():
     # A whole GPU changes no node's fragmentation here, so FGD scores both nodes
-    # equally and takes the first; fgd-bf takes the fuller node, keeping a node whole.
+    # equally and takes the first; fgd-warm takes the node in use, keeping one whole.
     typical = TypicalTasks.from_tasks([whole("y", 1)])
 
     def snap():
-        return Snapshot([gpu_node("empty", [0] * 8), gpu_node("busy", [1000] * 6 + [0, 0])])
+        return Snapshot([gpu_node("empty", [0] * 8), gpu_node("busy", [1000] * 2 + [0] * 6)])
 
     assert (
         Framework(policy("fgd"), typical=typical).place_one(snap(), whole("t", 1)).node_id
         == "empty"
     )
     assert (
-        Framework(policy("fgd-bf"), typical=typical).place_one(snap(), whole("t", 1)).node_id
+        Framework(policy("fgd-warm"), typical=typical).place_one(snap(), whole("t", 1)).node_id
         == "busy"
     )
 

@@ -54,7 +54,7 @@ def client(provider: Provider, tenant: str) -> httpx.Client:
     )
 
 
-@pytest.mark.parametrize("policy", ["best-fit", "fgd-bf"])
+@pytest.mark.parametrize("policy", ["best-fit", "fgd-warm"])
 def test_fractional_tasks_share_one_gpu(start, policy):
     p = start(two_gpus(), policy)
     a = p.submit(command=SHARE, resources={"gpu": 0.5})

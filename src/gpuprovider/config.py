@@ -181,8 +181,8 @@ url = "{d.store.url}"
 kind = "{d.backend.kind}"
 
 [scheduler]
-# Placement policy: "best-fit" (pack CPU and GPU), "fgd-bf" (fragmentation
-# aware, best on shared GPUs), "fgd", "first-fit", "spread" or "random".
+# Placement policy: "best-fit" (pack CPU and GPU), "fgd-warm" (fragmentation
+# aware; the best on shared GPUs), "fgd", "first-fit", "spread" or "random".
 policy = "{d.scheduler.policy}"
 # The scheduler runs on every submission and whenever capacity frees up; it
 # also reconsiders every queued task this often.

@@ -96,17 +96,26 @@ class BoundTypicalTasks:
             access[:-1, t] = state.model_mask(shape.models)
         self.access = access
 
-    def node_frag(
-        self, gpu_free: np.ndarray, cpu_free: np.ndarray, model: np.ndarray
-    ) -> np.ndarray:
-        """Expected fragmented milli-GPU of each node state (rows of the arrays)."""
-        total = gpu_free.sum(axis=1)
-        if not len(self.thresholds):
-            return total * float(self.freq.sum())
+    def stats(self, gpu_free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per node state: GPUs with room for each share size, the room on the GPUs
+        without, and all the room; what fragmentation is computed from."""
         u = self.thresholds[None, None, :]
         free = gpu_free[:, :, None]
-        fits_count = (free >= u).sum(axis=1)  # [K, U]: GPUs with room for each share size
-        short_sum = np.where(free < u, free, 0).sum(axis=1)  # [K, U]: room on the others
+        fits_count = (free >= u).sum(axis=1)  # [K, U]
+        short_sum = np.where(free < u, free, 0).sum(axis=1)  # [K, U]
+        return fits_count, short_sum, gpu_free.sum(axis=1)
+
+    def frag_from(
+        self,
+        fits_count: np.ndarray,
+        short_sum: np.ndarray,
+        total: np.ndarray,
+        cpu_free: np.ndarray,
+        model: np.ndarray,
+    ) -> np.ndarray:
+        """Expected fragmented milli-GPU of each node state."""
+        if not len(self.thresholds):
+            return total * float(self.freq.sum())
         fits = (
             self.is_gpu[None, :]
             & (fits_count[:, self.threshold_of] >= self.count[None, :])
@@ -116,25 +125,40 @@ class BoundTypicalTasks:
         frag = np.where(fits, short_sum[:, self.threshold_of], total[:, None])
         return frag @ self.freq
 
+    def node_frag(
+        self, gpu_free: np.ndarray, cpu_free: np.ndarray, model: np.ndarray
+    ) -> np.ndarray:
+        return self.frag_from(*self.stats(gpu_free), cpu_free, model)
+
 
 class FragTracker:
-    """Each node's fragmentation in a cluster state, recomputed only where it changed."""
+    """Each node's fragmentation in a cluster state (and what it is computed from),
+    recomputed only for the nodes that changed."""
 
     def __init__(self, typical: BoundTypicalTasks, state: ClusterState):
         self.typical = typical
         self.state = state
-        self.seen_version = np.full(len(state), -1, dtype=np.int64)
-        self.frag = np.zeros(len(state), dtype=np.float64)
+        n, u = len(state), len(typical.thresholds)
+        self.seen_version = np.full(n, -1, dtype=np.int64)
+        self.frag = np.zeros(n, dtype=np.float64)
+        self.fits_count = np.zeros((n, u), dtype=np.int64)
+        self.short_sum = np.zeros((n, u), dtype=np.int64)
+        self.total = np.zeros(n, dtype=np.int64)
 
-    def current(self) -> np.ndarray:
+    def refresh(self) -> None:
         state = self.state
         stale = np.nonzero(state.version != self.seen_version)[0]
         if len(stale):
-            self.frag[stale] = self.typical.node_frag(
-                state.gpu_free[stale], state.cpu_free[stale], state.node_model[stale]
+            fits, short, total = self.typical.stats(state.gpu_free[stale])
+            self.fits_count[stale], self.short_sum[stale], self.total[stale] = fits, short, total
+            self.frag[stale] = self.typical.frag_from(
+                fits, short, total, state.cpu_free[stale], state.node_model[stale]
             )
             self.seen_version[stale] = state.version[stale]
+
+    def current(self) -> np.ndarray:
+        self.refresh()
         return self.frag
 
-    def total(self) -> float:
+    def total_frag(self) -> float:
         return float(self.current().sum())

@@ -113,32 +113,15 @@ def score_spread(ctx: Context, candidates: np.ndarray) -> Scores:
     return Scores(_leftover(ctx, candidates))
 
 
-def _after_states(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Each candidate placement's node state after it: (rows, gpu, free, cpu, model).
-
-    A share may go to any GPU with room; GPUs of a node with equal room lead to the
-    same state, so only the lowest-indexed of each is tried. Whole GPUs go to the
-    lowest-indexed free ones.
-    """
-    state, task = ctx.state, ctx.task
-    free = state.gpu_free[candidates]
+def _share_candidates(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate row, GPU slot) pairs a share may go to. GPUs of a node with equal
+    room lead to the same state, so only the lowest-indexed of each is tried."""
+    free = ctx.state.gpu_free[candidates]
     fits = ctx.fitting[candidates]
-    if task.wants_gpu and task.milli < MILLI:
-        # the same room as an earlier fitting GPU on the node: that one stands for it
-        same = (free[:, :, None] == free[:, None, :]) & fits[:, None, :]
-        earlier = np.tril(np.ones((free.shape[1], free.shape[1]), dtype=bool), k=-1)
-        duplicate = (same & earlier[None, :, :]).any(axis=2)
-        rows, gpus = np.nonzero(fits & ~duplicate)
-        after = free[rows].copy()
-        after[np.arange(len(rows)), gpus] -= task.milli
-    else:
-        rows, gpus = np.arange(len(candidates)), None
-        after = free.copy()
-        if task.wants_gpu:
-            take = fits & (np.cumsum(fits, axis=1) <= task.count)
-            after -= np.where(take, task.milli, 0)
-    cpu = state.cpu_free[candidates][rows] - task.cpu
-    return rows, gpus, after, cpu, state.node_model[candidates][rows]
+    same = (free[:, :, None] == free[:, None, :]) & fits[:, None, :]
+    earlier = np.tril(np.ones((free.shape[1], free.shape[1]), dtype=bool), k=-1)
+    duplicate = (same & earlier[None, :, :]).any(axis=2)
+    return np.nonzero(fits & ~duplicate)
 
 
 def _best_per_node(
@@ -162,12 +145,37 @@ def _best_per_node(
 
 
 def _frag_growth(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
-    """How much each candidate placement would grow its node's fragmentation."""
+    """How much each candidate placement would grow its node's fragmentation.
+
+    Returns (candidate row, GPU slot or None, growth). The after-state is the node's
+    cached statistics updated by what the placement changes: one GPU for a share,
+    whole free GPUs otherwise, and CPU.
+    """
     tracker = ctx.fragmentation()
-    rows, gpus, after, cpu, model = _after_states(ctx, candidates)
-    before = tracker.current()[candidates][rows]
-    growth = tracker.typical.node_frag(after, cpu, model) - before
-    return rows, gpus, growth
+    tracker.refresh()
+    typical, state, task = tracker.typical, ctx.state, ctx.task
+    u = typical.thresholds[None, :]
+    if task.wants_gpu and task.milli < MILLI:
+        rows, gpus = _share_candidates(ctx, candidates)
+        nodes = candidates[rows]
+        before = state.gpu_free[nodes, gpus][:, None]
+        after = before - task.milli
+        fits = tracker.fits_count[nodes] - (before >= u) + (after >= u)
+        short = (
+            tracker.short_sum[nodes]
+            - np.where(before < u, before, 0)
+            + np.where(after < u, after, 0)
+        )
+    else:
+        rows, gpus, nodes = np.arange(len(candidates)), None, candidates
+        # whole GPUs go from all room to none: each leaves every share size's count
+        fits = tracker.fits_count[nodes] - task.count * (u <= MILLI)
+        short = tracker.short_sum[nodes]
+    total = tracker.total[nodes] - task.milli * task.count
+    frag_after = typical.frag_from(
+        fits, short, total, state.cpu_free[nodes] - task.cpu, state.node_model[nodes]
+    )
+    return rows, gpus, frag_after - tracker.frag[nodes]
 
 
 def score_fgd(ctx: Context, candidates: np.ndarray) -> Scores:
@@ -178,17 +186,21 @@ def score_fgd(ctx: Context, candidates: np.ndarray) -> Scores:
     return _best_per_node(ctx, candidates, rows, gpus, values)
 
 
-def score_fgd_best_fit(ctx: Context, candidates: np.ndarray) -> Scores:
-    """FGD's score first; among equal scores, best fit (least CPU and GPU left).
+def score_fgd_warm(ctx: Context, candidates: np.ndarray) -> Scores:
+    """FGD's score first; among equal scores, a node already in use before an idle one.
 
-    FGD's integer score makes many nodes equal, and the paper's simulator then takes
-    the first in node order. Breaking those ties by best fit instead keeps nodes
-    whole for the multi-GPU tasks that typical-task fragmentation does not see.
+    FGD's integer score makes many nodes equal, whole-GPU tasks above all (they seldom
+    change typical-task fragmentation). Keeping such work off idle nodes keeps those
+    whole for the multi-GPU tasks too rare to be typical. Ties left go to node order,
+    as in FGD; unlike best fit, this does not favour small nodes of a scarce model.
     """
     rows, gpus, growth = _frag_growth(ctx, candidates)
     fgd = np.floor(100.0 / (1.0 + np.exp(growth / MILLI)))
-    values = fgd * 1e4 - _leftover(ctx, candidates)[rows]  # leftover < 2: never outranks FGD
-    return _best_per_node(ctx, candidates, rows, gpus, values)
+    state = ctx.state
+    nodes = candidates[rows]
+    idle = (state.gpu_free[nodes] == np.where(state.gpu_usable[nodes], MILLI, 0)).all(axis=1)
+    idle &= state.cpu_free[nodes] == state.cpu_total[nodes]
+    return _best_per_node(ctx, candidates, rows, gpus, fgd * 2 - idle)
 
 
 POLICIES: dict[str, Policy] = {
@@ -229,13 +241,13 @@ POLICIES: dict[str, Policy] = {
         needs_typical_tasks=True,
         description="fragmentation gradient descent (Weng et al., USENIX ATC'23)",
     ),
-    "fgd-bf": Policy(
-        "fgd-bf",
-        score_fgd_best_fit,
+    "fgd-warm": Policy(
+        "fgd-warm",
+        score_fgd_warm,
         pick_tightest,
         DEFAULT_FILTERS,
         needs_typical_tasks=True,
-        description="FGD, with equal scores broken by best fit rather than node order",
+        description="FGD, with equal scores going to a node already in use",
     ),
 }
 
