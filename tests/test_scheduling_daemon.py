@@ -159,8 +159,8 @@ def test_node_selector_and_gang_size_conflicts(start):
     home_cfg = p.home.config.read_text()
     assert "labels = {}" in home_cfg
     picky = p.submit(command=["true"], node_selector={"zone": "eu"})
-    waiting = wait_for(lambda: (t := p.task(picky["id"]))["reason"] and t)
-    assert "label zone=eu not set" in waiting["reason"]
+    waiting = wait_for(lambda: "label" in (t := p.task(picky["id"]))["reason"] and t)
+    assert waiting["state"] == "queued" and "label zone=eu not set" in waiting["reason"]
     gang = {"name": "g", "size": 2}
     p.submit(command=SLEEP, gang=gang)
     clash = p.api.post("/tasks", json={"command": ["true"], "gang": {"name": "g", "size": 3}})
