@@ -80,15 +80,21 @@ def gpu_milli(task: TaskRequest) -> int:
 
 
 def arrivals(tasks: list[TaskRequest], capacity: int, seed: int) -> list[TaskRequest]:
-    """Shuffled by seed, then inflated with uniform draws up to 130 % of GPU capacity."""
+    """Shuffled by seed, then extended with uniform draws, up to the task whose GPU
+    request would take arrived demand past 130 % of capacity."""
     rng = np.random.default_rng(seed)
-    order = [tasks[i] for i in rng.permutation(len(tasks))]
-    total = sum(gpu_milli(t) for t in order)
+    stream = []
+    total = 0
+    for task in (tasks[i] for i in rng.permutation(len(tasks))):
+        if total + gpu_milli(task) > INFLATION * capacity:
+            return stream
+        stream.append(task)
+        total += gpu_milli(task)
     while True:
         extra = tasks[int(rng.integers(len(tasks)))]
         if total + gpu_milli(extra) > INFLATION * capacity:
-            return order
-        order.append(extra)
+            return stream
+        stream.append(extra)
         total += gpu_milli(extra)
 
 
@@ -172,7 +178,15 @@ def main() -> None:
         rows = {}
         for name in args.policies.split(","):
             mine = [r for r in runs if r["trace"] == trace and r["policy"] == name]
+            levels = sorted(set.intersection(*(set(r["alloc"]) for r in mine)))
             rows[name] = {
+                "alloc_by_demand": {
+                    lv: round(statistics.fmean(r["alloc"][lv] for r in mine), 2) for lv in levels
+                },
+                "frag_by_demand": {
+                    lv: round(statistics.fmean(r["frag"][lv] for r in mine), 2)
+                    for lv in sorted(set.intersection(*(set(r["frag"]) for r in mine)))
+                },
                 "alloc_at_100": round(statistics.fmean(r["alloc"][100] for r in mine), 2),
                 "frag_at_100": round(statistics.fmean(r["frag"][100] for r in mine), 2),
                 "wall_s": round(statistics.fmean(r["wall_s"] for r in mine), 2),
@@ -183,12 +197,18 @@ def main() -> None:
             if name in PUBLISHED_NAMES and PUBLISHED_NAMES[name] in paper:
                 rows[name]["published_alloc_at_100"] = round(paper[PUBLISHED_NAMES[name]], 2)
         summary[trace] = rows
-        print(f"\n{trace}  (seeds {args.seeds}; GPU allocation % at 100 % arrived demand)")
-        print(f"  {'policy':<12}{'ours':>8}{'paper':>8}{'frag %':>8}{'wall s':>8}{'p99 ms':>8}")
+        print(f"\n{trace}  (seeds {args.seeds}; GPU allocation % by arrived demand %)")
+        curve = (50, 70, 80, 90, 100, 110, 120, 130)
+        print(
+            f"  {'policy':<10}"
+            + "".join(f"{lv:>7}" for lv in curve)
+            + f"{'paper@100':>10}{'frag@100':>9}{'wall s':>8}{'p99 ms':>8}"
+        )
         for name, row in rows.items():
             paper_value = row.get("published_alloc_at_100", "")
+            points = "".join(f"{row['alloc_by_demand'].get(lv, ''):>7}" for lv in curve)
             print(
-                f"  {name:<12}{row['alloc_at_100']:>8}{paper_value:>8}{row['frag_at_100']:>8}"
+                f"  {name:<10}{points}{paper_value:>10}{row['frag_at_100']:>9}"
                 f"{row['wall_s']:>8}{row['decision_p99_ms']:>8}"
             )
     print(json.dumps({"seeds": args.seeds, "traces": summary}))

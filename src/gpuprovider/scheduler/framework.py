@@ -35,8 +35,8 @@ class Filter:
     name: str
     # bool[N]: nodes that pass. `fitting` is bool[N, G], GPUs with room for the task.
     check: Callable[[ClusterState, CompiledTask, np.ndarray], np.ndarray]
-    # Why node `i` fails, in words a user can act on.
-    reason: Callable[[ClusterState, CompiledTask, int], str]
+    # Why the nodes given fail, in words a user can act on: reason -> how many nodes.
+    reason: Callable[[ClusterState, CompiledTask, np.ndarray], dict[str, int]]
 
 
 @dataclass
@@ -256,25 +256,27 @@ class Framework:
     # -- reasons ----------------------------------------------------------------
 
     def explain(self, state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> str:
-        """One line a user can act on: `no node has 2 H100 free (at most 1 on one node)`."""
+        """One line a user can act on: `no node has 2 H100 free (at most 1 on one node)`.
+
+        Each node is charged to the first filter it fails; each filter words its
+        nodes' failure once, for all of them.
+        """
         if not len(state):
             return "no node is registered yet"
         remaining = np.ones(len(state), dtype=bool)
         why: Counter[str] = Counter()
-        gpu_short = 0
         for check in self.policy.filters:
             failed = remaining & ~check.check(state, task, fitting)
-            for i in np.nonzero(failed)[0]:
-                if check.name == "gpus":
-                    gpu_short += 1
-                else:
-                    why[check.reason(state, task, int(i))] += 1
             remaining &= ~failed
-        if gpu_short == len(state):
-            most = int(fitting.sum(axis=1).max()) if fitting.size else 0
-            return f"no node has {task.request.gpu.describe()} free (at most {most} on one node)"
-        if gpu_short:
-            why["not enough free GPUs of the kind asked"] += gpu_short
+            if not failed.any():
+                continue
+            if check.name == "gpus" and failed.all():
+                most = int(fitting.sum(axis=1).max()) if fitting.size else 0
+                return (
+                    f"no node has {task.request.gpu.describe()} free (at most {most} on one node)"
+                )
+            for reason, count in check.reason(state, task, np.nonzero(failed)[0]).items():
+                why[reason] += count
         if len(state) == 1:
             return f"{state.nodes[0].name}: {next(iter(why))}"
         detail = "; ".join(f"{n} node{'s' if n > 1 else ''}: {w}" for w, n in why.most_common(3))

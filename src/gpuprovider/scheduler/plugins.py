@@ -18,10 +18,31 @@ def _selector_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -
     return np.array([all(n.labels.get(k) == v for k, v in selector) for n in state.nodes])
 
 
-def _selector_reason(state: ClusterState, task: CompiledTask, i: int) -> str:
-    labels = state.nodes[i].labels
-    missing = [f"{k}={v}" for k, v in task.request.node_selector if labels.get(k) != v]
-    return f"label {missing[0]} not set"
+def _selector_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> dict[str, int]:
+    why: dict[str, int] = {}
+    for i in failed:
+        labels = state.nodes[i].labels
+        missing = next(f"{k}={v}" for k, v in task.request.node_selector if labels.get(k) != v)
+        why[f"label {missing} not set"] = why.get(f"label {missing} not set", 0) + 1
+    return why
+
+
+def _usable_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> dict[str, int]:
+    why: dict[str, int] = {}
+    for i in failed:
+        reason = state.nodes[i].unusable_reason
+        why[reason] = why.get(reason, 0) + 1
+    return why
+
+
+def _cpu_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> dict[str, int]:
+    most = state.cpu_free[failed].max() / 1000
+    return {f"not enough free CPU (at most {most:g} of {task.cpu / 1000:g} cores)": len(failed)}
+
+
+def _memory_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> dict[str, int]:
+    most = state.mem_free[failed].max()
+    return {f"not enough free memory (at most {most} of {task.memory} MiB)": len(failed)}
 
 
 def _gpus_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> np.ndarray:
@@ -30,23 +51,13 @@ def _gpus_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> np
     return fitting.sum(axis=1) >= task.count
 
 
-node_usable = Filter(
-    "usable", lambda s, t, f: s.usable.copy(), lambda s, t, i: s.nodes[i].unusable_reason
-)
+node_usable = Filter("usable", lambda s, t, f: s.usable.copy(), _usable_reason)
 node_selector = Filter("selector", _selector_ok, _selector_reason)
-cpu_fits = Filter(
-    "cpu",
-    lambda s, t, f: s.cpu_free >= t.cpu,
-    lambda s, t, i: (
-        f"not enough free CPU ({s.cpu_free[i] / 1000:g} of {t.cpu / 1000:g} cores asked)"
-    ),
+cpu_fits = Filter("cpu", lambda s, t, f: s.cpu_free >= t.cpu, _cpu_reason)
+memory_fits = Filter("memory", lambda s, t, f: s.mem_free >= t.memory, _memory_reason)
+gpus_fit = Filter(
+    "gpus", _gpus_ok, lambda s, t, failed: {"not enough free GPUs of the kind asked": len(failed)}
 )
-memory_fits = Filter(
-    "memory",
-    lambda s, t, f: s.mem_free >= t.memory,
-    lambda s, t, i: f"not enough free memory ({s.mem_free[i]} of {t.memory} MiB asked)",
-)
-gpus_fit = Filter("gpus", _gpus_ok, lambda s, t, i: "not enough free GPUs of the kind asked")
 
 DEFAULT_FILTERS = (node_usable, node_selector, cpu_fits, memory_fits, gpus_fit)
 
@@ -132,16 +143,16 @@ def _best_per_node(
     values: np.ndarray,
 ) -> Scores:
     """Reduce per-(node, GPU) scores to one per node, keeping its best GPU (lowest index
-    among equals)."""
+    among equals). Pairs come grouped by node, every candidate node with at least one."""
     if gpus is None:
         return Scores(values)
-    best = np.full(len(candidates), -np.inf)
-    np.maximum.at(best, rows, values)
-    chosen: list[list[int]] = [[] for _ in candidates]
-    for r, j, v in zip(rows.tolist(), gpus.tolist(), values.tolist(), strict=True):
-        if not chosen[r] and v == best[r]:
-            chosen[r] = [j]
-    return Scores(best, chosen)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    best = np.maximum.reduceat(values, starts)
+    at_best = np.flatnonzero(
+        values == best[np.searchsorted(starts, np.arange(len(rows)), "right") - 1]
+    )
+    first = at_best[np.unique(rows[at_best], return_index=True)[1]]
+    return Scores(best.astype(np.float64), [[int(j)] for j in gpus[first]])
 
 
 def _frag_growth(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
