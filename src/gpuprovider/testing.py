@@ -168,9 +168,13 @@ class Provider:
 
 
 def kill_task_processes(home: Home) -> None:
-    """Leave no task process behind a test, whatever happened to the daemon."""
+    """Leave no task process behind a test, whatever happened to the daemon: every
+    runner of this home, and each command it started in a process group of its own."""
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if any(str(home.tasks) in part for part in cmdline):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        if not any(str(home.tasks) in part for part in cmdline):
+            continue
+        with contextlib.suppress(psutil.Error):
+            for member in [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(member.pid, signal.SIGKILL)
