@@ -27,7 +27,7 @@ from gpuprovider.scheduler.model import (
     TaskRequest,
     Unplaced,
 )
-from gpuprovider.scheduler.state import ClusterState, CompiledTask
+from gpuprovider.scheduler.state import ClusterState, CompiledTask, row_count
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class Framework:
             if not failed.any():
                 continue
             if check.name == "gpus" and failed.all():
-                most = int(fitting.sum(axis=1).max()) if fitting.size else 0
+                most = int(row_count(fitting).max()) if fitting.size else 0
                 return (
                     f"no node has {task.request.gpu.describe()} free (at most {most} on one node)"
                 )

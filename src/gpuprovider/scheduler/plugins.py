@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from gpuprovider.domain.resources import MILLI
 from gpuprovider.scheduler.framework import Context, Filter, Policy, Scores
-from gpuprovider.scheduler.state import ClusterState, CompiledTask
+from gpuprovider.scheduler.state import ClusterState, CompiledTask, row_count
 
 # -- filters ------------------------------------------------------------------
 
@@ -18,21 +20,15 @@ def _selector_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -
     return np.array([all(n.labels.get(k) == v for k, v in selector) for n in state.nodes])
 
 
-def _selector_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> dict[str, int]:
-    why: dict[str, int] = {}
-    for i in failed:
-        labels = state.nodes[i].labels
-        missing = next(f"{k}={v}" for k, v in task.request.node_selector if labels.get(k) != v)
-        why[f"label {missing} not set"] = why.get(f"label {missing} not set", 0) + 1
-    return why
+def _selector_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> Counter:
+    def missing(labels: dict[str, str]) -> str:
+        return next(f"{k}={v}" for k, v in task.request.node_selector if labels.get(k) != v)
+
+    return Counter(f"label {missing(state.nodes[i].labels)} not set" for i in failed)
 
 
-def _usable_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> dict[str, int]:
-    why: dict[str, int] = {}
-    for i in failed:
-        reason = state.nodes[i].unusable_reason
-        why[reason] = why.get(reason, 0) + 1
-    return why
+def _usable_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> Counter:
+    return Counter(state.nodes[i].unusable_reason for i in failed)
 
 
 def _cpu_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> dict[str, int]:
@@ -48,10 +44,10 @@ def _memory_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) 
 def _gpus_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> np.ndarray:
     if not task.wants_gpu:
         return np.ones(len(state), dtype=bool)
-    return fitting.sum(axis=1) >= task.count
+    return row_count(fitting) >= task.count
 
 
-node_usable = Filter("usable", lambda s, t, f: s.usable.copy(), _usable_reason)
+node_usable = Filter("usable", lambda s, t, f: s.usable, _usable_reason)
 node_selector = Filter("selector", _selector_ok, _selector_reason)
 cpu_fits = Filter("cpu", lambda s, t, f: s.cpu_free >= t.cpu, _cpu_reason)
 memory_fits = Filter("memory", lambda s, t, f: s.mem_free >= t.memory, _memory_reason)
@@ -97,17 +93,8 @@ def _leftover(ctx: Context, candidates: np.ndarray) -> np.ndarray:
     """0.5 * CPU left + 0.5 * GPU left after placing, each scaled to [0, 1]."""
     state, task = ctx.state, ctx.task
     cpu_left = (state.cpu_free[candidates] - task.cpu) / MAX_SPEC_CPU
-    gpu_total = state.gpu_free[candidates].sum(axis=1)
-    gpu_left = (gpu_total - task.milli * task.count) / MAX_SPEC_GPU
+    gpu_left = (state.gpu_free_total[candidates] - task.milli * task.count) / MAX_SPEC_GPU
     return 0.5 * cpu_left + 0.5 * gpu_left
-
-
-def _kube_normalise(raw: np.ndarray) -> np.ndarray:
-    """Integer scores min-max scaled to 0..100, as kube-scheduler plugins do."""
-    lo, hi = raw.min(), raw.max()
-    if hi == lo:
-        return np.zeros_like(raw)
-    return (raw - lo) * 100 // (hi - lo)
 
 
 def score_first(ctx: Context, candidates: np.ndarray) -> Scores:
@@ -115,9 +102,10 @@ def score_first(ctx: Context, candidates: np.ndarray) -> Scores:
 
 
 def score_best_fit(ctx: Context, candidates: np.ndarray) -> Scores:
-    """The FGD paper's BestFit: least CPU and GPU left over, on kube's integer scale."""
-    raw = ((1.0 - _leftover(ctx, candidates)) * 100).astype(np.int64)
-    return Scores(_kube_normalise(raw))
+    """The FGD paper's BestFit: least CPU and GPU left over, on kube's integer scale.
+    (kube then rescales scores min-max to 0..100, which changes no node's rank and
+    no tie at the top, so that step is left out.)"""
+    return Scores(np.floor((1.0 - _leftover(ctx, candidates)) * 100))
 
 
 def score_spread(ctx: Context, candidates: np.ndarray) -> Scores:

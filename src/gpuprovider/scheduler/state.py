@@ -36,7 +36,8 @@ class ClusterState:
 
     def __init__(self, nodes: list[NodeView]):
         n = len(nodes)
-        g = max((len(node.gpus) for node in nodes), default=0)
+        # GPU columns padded to a multiple of 8 so rows can be counted 8 at a time
+        g = max(8, -(-max((len(node.gpus) for node in nodes), default=0) // 8) * 8)
         self.nodes = nodes
         self.index = {node.id: i for i, node in enumerate(nodes)}
         self.models: list[str] = sorted({gpu.model for node in nodes for gpu in node.gpus})
@@ -63,6 +64,7 @@ class ClusterState:
             if node.gpus:
                 self.node_model[i] = code[node.gpus[0].model]
         self.capacity_milli = int(self.gpu_usable.sum()) * MILLI
+        self.gpu_free_total = self.gpu_free.sum(axis=1)
         # Bumped for a node on every reservation, so per-node caches know what changed.
         self.version = np.zeros(n, dtype=np.int64)
 
@@ -106,6 +108,7 @@ class ClusterState:
         self.mem_free[node] -= memory
         for j in gpus:
             self.gpu_free[node, j] -= milli
+        self.gpu_free_total[node] -= milli * len(gpus)
         self.version[node] += 1
 
     def release(self, node: int, gpus: list[int], milli: int, cpu: int, memory: int) -> None:
@@ -139,4 +142,16 @@ class ClusterState:
 
     @property
     def allocated_milli(self) -> int:
-        return self.capacity_milli - int(self.gpu_free[self.gpu_usable].sum())
+        return self.capacity_milli - int(self.gpu_free_total.sum())
+
+
+_ONE_PER_BYTE = np.uint64(0x0101010101010101)
+
+
+def row_count(mask: np.ndarray) -> np.ndarray:
+    """True cells per row of a bool[N, G] array, G a multiple of 8: eight booleans are
+    one 64-bit word, and multiplying by 0x0101... sums its bytes into the top byte
+    (an order of magnitude faster than sum(axis=1) on short rows)."""
+    words = np.ascontiguousarray(mask).view(np.uint64)
+    counts = (words * _ONE_PER_BYTE) >> np.uint64(56)
+    return counts[:, 0] if counts.shape[1] == 1 else counts.sum(axis=1)
