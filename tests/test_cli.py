@@ -3,7 +3,7 @@
 import json
 import sys
 
-from gpuprovider.testing import GPUPROVIDER, free_port
+from gpuprovider.testing import GPUPROVIDER, free_port, wait_for
 
 PY = sys.executable
 
@@ -97,3 +97,16 @@ def test_unreachable_provider_exits_1(provider):
     done = provider.cli("--url", f"http://127.0.0.1:{free_port()}", "task", "list")
     assert done.returncode == 1 and "cannot reach the provider" in done.stderr
     assert GPUPROVIDER
+
+
+def test_task_get_shows_reasons_verbatim(provider):
+    provider.cli("task", "run", "--name", "exits-3", "--", "sh", "-c", "exit 3")
+    provider.wait_state("exits-3", "failed")
+    got = provider.cli("task", "get", "exits-3")
+    assert got.returncode == 0 and "exited with code 3" in got.stdout
+    assert "preempted 0x" in got.stdout
+    provider.cli("task", "run", "--name", "picky", "--gpu", "1", "--cpu", "999", "--", "true")
+    reason = wait_for(lambda: "CPU" in (t := provider.task("picky"))["reason"] and t["reason"])
+    shown = " ".join(provider.cli("task", "get", "picky").stdout.split())
+    assert reason in shown  # "vm: not enough free CPU (at most 2 of 999 cores)", brackets and all
+    provider.cli("task", "cancel", "picky")

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 import yaml
+from rich.markup import escape
 
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import globals_of
@@ -162,12 +163,14 @@ def get(
     if as_json:
         return print_json(task)
     console.print(
-        f"[bold]{task['id']}[/] {task['name'] or ''}  {task['kind']}  "
-        f"[bold]{task['state']}[/]  {task['reason']}"
+        f"[bold]{task['id']}[/] {escape(task['name'] or '')}  {task['kind']}  "
+        f"[bold]{task['state']}[/]  {escape(task['reason'])}"
     )
     console.print(
-        f"attempt {task['attempt']}  exit code {task['exit_code']}  "
-        f"tenant {task['tenant']}  priority {task['priority']}"
+        f"attempt {task['attempt']}  exit code {task['exit_code']}  tenant {task['tenant']}  "
+        f"priority {task['priority']}  preempted {task['preemptions']}x"
+        + (f"  gang {task['gang']}" if task["gang"] else ""),
+        markup=False,
     )
     console.print("spec " + json.dumps(task["spec"]), markup=False)
     alloc = task.get("allocation")

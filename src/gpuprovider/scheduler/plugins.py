@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
 from gpuprovider.domain.resources import MILLI
-from gpuprovider.scheduler.framework import Context, Filter, Policy, Scores
+from gpuprovider.scheduler.framework import Context, Filter, GpuPicker, Policy, Scores
 from gpuprovider.scheduler.state import ClusterState, CompiledTask, row_count
 
 # -- filters ------------------------------------------------------------------
@@ -60,22 +61,24 @@ DEFAULT_FILTERS = (node_usable, node_selector, cpu_fits, memory_fits, gpus_fit)
 # -- GPU pickers ----------------------------------------------------------------
 
 
-def pick_tightest(ctx: Context, node: int) -> list[int]:
-    """A share goes to the GPU with the least room that fits (lowest index on ties),
-    so whole GPUs stay whole; whole GPUs are the lowest-indexed free ones."""
-    fits = np.nonzero(ctx.fitting[node])[0]
-    if ctx.task.milli < MILLI:
-        free = ctx.state.gpu_free[node, fits]
-        return [int(fits[np.argmin(free)])][: ctx.task.count]
-    return [int(j) for j in fits[: ctx.task.count]]
+def _share_goes_to(choose: Callable[[np.ndarray], np.intp]) -> GpuPicker:
+    """A picker that gives a share the GPU `choose` selects by room left (lowest index
+    on ties) and whole GPUs the lowest-indexed free ones."""
+
+    def pick(ctx: Context, node: int) -> list[int]:
+        if not ctx.task.count:
+            return []
+        fits = np.nonzero(ctx.fitting[node])[0]
+        if ctx.task.milli < MILLI:
+            return [int(fits[choose(ctx.state.gpu_free[node, fits])])]
+        return [int(j) for j in fits[: ctx.task.count]]
+
+    return pick
 
 
-def pick_roomiest(ctx: Context, node: int) -> list[int]:
-    fits = np.nonzero(ctx.fitting[node])[0]
-    if ctx.task.milli < MILLI:
-        free = ctx.state.gpu_free[node, fits]
-        return [int(fits[np.argmax(free)])][: ctx.task.count]
-    return [int(j) for j in fits[: ctx.task.count]]
+# The GPU with the least room that fits: shares pack, so whole GPUs stay whole.
+pick_tightest = _share_goes_to(np.argmin)
+pick_roomiest = _share_goes_to(np.argmax)
 
 
 def pick_lowest(ctx: Context, node: int) -> list[int]:

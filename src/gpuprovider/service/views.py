@@ -22,6 +22,8 @@ def task_view(
         "reason": task.state_reason,
         "priority": task.priority,
         "attempt": task.attempt,
+        "preemptions": task.preemptions,
+        "gang": task.gang,
         "exit_code": task.exit_code,
         "node_id": task.node_id,
         "pid": task.pid,
