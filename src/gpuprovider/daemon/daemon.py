@@ -19,7 +19,9 @@ import uvloop
 from gpuprovider.api.app import ApiContext, build_asgi
 from gpuprovider.backends.local import LocalBackend
 from gpuprovider.config import ProviderConfig
-from gpuprovider.daemon.loops import ExecutorLoop, Loop, ReaperLoop, SchedulerLoop
+from gpuprovider.daemon.executor import ExecutorLoop
+from gpuprovider.daemon.loops import Loop, ReaperLoop
+from gpuprovider.daemon.scheduling import SchedulerLoop
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
 from gpuprovider.inventory.local import read_local_node
