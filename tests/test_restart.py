@@ -1,6 +1,7 @@
 """Restart safety: kill -9 the daemon while tasks run, start it again."""
 
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -105,3 +106,13 @@ def test_second_daemon_on_the_same_home_is_refused(fresh_provider):
     p.start()
     second = p.cli("up", timeout=30)
     assert second.returncode == 1 and "another gpuprovider daemon" in second.stderr
+
+
+def test_a_taken_port_is_a_clear_error(fresh_provider):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", fresh_provider.port))
+        squatter.listen(1)
+        done = fresh_provider.cli("up", timeout=30)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{fresh_provider.port}" in done.stderr
+    assert "Traceback" not in done.stderr

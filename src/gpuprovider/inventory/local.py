@@ -3,6 +3,7 @@ GPUs declared in config for machines without them, marked simulated."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import socket
@@ -33,7 +34,9 @@ def _text(value: bytes | str) -> str:
 
 
 def read_nvml(node_id: str) -> NvmlReport:
-    """Every NVIDIA GPU the driver reports. No driver or library: an empty report saying why."""
+    """Every NVIDIA GPU the driver reports. No driver or library: an empty report saying
+    why. A device NVML cannot read is left out and named in the report, so one bad GPU
+    never hides the others nor stops the daemon."""
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
@@ -41,30 +44,42 @@ def read_nvml(node_id: str) -> NvmlReport:
     try:
         driver = _text(pynvml.nvmlSystemGetDriverVersion())
         cuda_raw = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-        cuda = f"{cuda_raw // 1000}.{cuda_raw % 1000 // 10}"
-        report = NvmlReport(driver_version=driver, cuda_version=cuda)
+        report = NvmlReport(
+            driver_version=driver, cuda_version=f"{cuda_raw // 1000}.{cuda_raw % 1000 // 10}"
+        )
+        unreadable = []
         for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = _text(pynvml.nvmlDeviceGetName(handle))
-            memory_mib = pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20
-            model, memory_gb = catalogue.from_device_name(name, memory_mib)
-            report.gpus.append(
-                GpuRecord(
-                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
-                    node_id=node_id,
-                    idx=index,
-                    model=model,
-                    device_name=name,
-                    memory_mib=memory_mib,
-                    memory_gb=memory_gb,
-                    simulated=False,
-                    driver_version=driver,
-                    cuda_version=cuda,
-                )
-            )
+            try:
+                report.gpus.append(_read_device(node_id, index, report))
+            except pynvml.NVMLError as exc:
+                unreadable.append(f"GPU {index}: {exc}")
+        if unreadable:
+            report.unavailable_reason = "NVML could not read " + "; ".join(unreadable)
         return report
+    except pynvml.NVMLError as exc:
+        return NvmlReport(unavailable_reason=f"NVML failed: {exc}")
     finally:
-        pynvml.nvmlShutdown()
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def _read_device(node_id: str, index: int, report: NvmlReport) -> GpuRecord:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    name = _text(pynvml.nvmlDeviceGetName(handle))
+    memory_mib = pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20
+    model, memory_gb = catalogue.from_device_name(name, memory_mib)
+    return GpuRecord(
+        uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+        node_id=node_id,
+        idx=index,
+        model=model,
+        device_name=name,
+        memory_mib=memory_mib,
+        memory_gb=memory_gb,
+        simulated=False,
+        driver_version=report.driver_version,
+        cuda_version=report.cuda_version,
+    )
 
 
 def simulated_gpus(node_id: str, declared: list[SimulatedGpu], first_index: int) -> list[GpuRecord]:
