@@ -111,6 +111,8 @@ def test_dry_run_says_whether_and_where_and_stores_nothing(provider):
         ({"command": ["true"], "resources": {"gpu": "T4:80GB:1"}}, 422, "no T4 has the GPU memory"),
         ({"image": "busybox"}, 422, "no container engine"),
         ([1, 2], 422, "body"),
+        ({"command": ["true"], "resources": {"gpu": {"count": 1}}}, 422, "gpu must be a count"),
+        ({"command": ["true"], "resources": {"memory": ["1GB"]}}, 422, "memory must be a size"),
     ],
 )
 def test_bad_specs_are_rejected_naming_the_field(provider, body, status, message):

@@ -30,7 +30,7 @@ _MIB_PER_UNIT = {
 
 def parse_memory_mib(value: str | int | float) -> int:
     """`16GB`, `512MiB` or a bare number of MiB -> MiB."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError("memory must be a size such as '16GB' or a number of MiB")
     if isinstance(value, int | float):
         number, unit = float(value), "mib"
@@ -136,7 +136,7 @@ def _parse_count(text: str) -> tuple[int, int]:
 
 
 def parse_gpu_request(text: str | int | float) -> GpuRequest:
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
         raise ValueError("gpu must be a count or a constraint such as 'H100:80GB:2'")
     if isinstance(text, int | float):
         text = f"{text:g}" if isinstance(text, float) else str(text)
