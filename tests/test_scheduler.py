@@ -258,10 +258,15 @@ def test_preemption_picks_the_victims_that_lose_the_least():
     assert decision.node_id == "a" and set(decision.victims) == {"old-a", "new-a"}
 
 
-def test_no_preemption_of_equal_priority_or_protected_work():
-    jobs = [running("peer", "a", [0, 1], priority=10, started_at=1)]
-    jobs[0] = RunningTask("peer", "a", ("a-0", "a-1"), 1000, 0, 0, 10, True, 1)
-    snap = busy_snapshot(jobs)
+@pytest.mark.parametrize(
+    "holder",
+    [
+        running("peer", "a", [0, 1], priority=10, started_at=1),  # equal priority
+        running("kept", "a", [0, 1], priority=0, started_at=1, preemptible=False),
+    ],
+)
+def test_no_preemption_of_equal_priority_or_protected_work(holder):
+    snap = busy_snapshot([holder])
     snap.nodes = snap.nodes[:1]
     task = TaskRequest("t", GpuRequest(count=1), priority=10)
     assert isinstance(Framework(policy("best-fit")).place_one(snap, task), Unplaced)

@@ -172,11 +172,14 @@ class ExecutorLoop(Loop):
                 fail_and_maybe_retry(tx, task, spec, Exit(None, f"could not start: {exc}"))
             self.on_freed()
             return
+        self._mark_running(task, handle, f"running as pid {handle.pid}")
+
+    def _mark_running(self, task: TaskRecord, handle: Handle, why: str) -> None:
         with self.store.tx() as tx:
             tx.transition(
                 task,
                 S.RUNNING,
-                f"running as pid {handle.pid}",
+                why,
                 pid=handle.pid,
                 pid_start_time=handle.start_time,
                 started_at=tx.now,
@@ -191,15 +194,7 @@ class ExecutorLoop(Loop):
             # The daemon died between starting the runner and recording it.
             handle = self.backend.recover(task.run_dir, task.attempt)
             if handle is not None:
-                with self.store.tx() as tx:
-                    tx.transition(
-                        task,
-                        S.RUNNING,
-                        f"re-adopted pid {handle.pid} after a restart",
-                        pid=handle.pid,
-                        pid_start_time=handle.start_time,
-                        started_at=tx.now,
-                    )
+                self._mark_running(task, handle, f"re-adopted pid {handle.pid} after a restart")
             return handle
         return None
 
