@@ -196,27 +196,32 @@ def test_queue_deadline_expires(provider):
     assert "queued past its deadline" in done["reason"]
 
 
-def test_service_gets_ports_endpoint_and_restarts(provider):
-    code = "import os; print(os.environ['PORT'], os.environ['GPUPROVIDER_PORT_HTTP'], flush=True)"
-    task = provider.submit(
-        name="svc",
-        kind="service",
-        command=[PY, "-c", code],
-        ports=["http"],
-        retry={"backoff_s": 0.1},
+def test_service_gets_its_port_and_endpoint(provider):
+    code = (
+        "import os, time; print(os.environ['PORT'], os.environ['GPUPROVIDER_PORT_HTTP'], "
+        "flush=True); time.sleep(60)"
     )
-    restarted = wait_for(lambda: (t := provider.task("svc"))["attempt"] >= 3 and t, what="restarts")
-    assert any("service restarting" in e["reason"] for e in restarted["events"])
-    port = provider.logs("svc").split()[0]
-    assert 31000 <= int(port) <= 31999 and provider.logs("svc").split()[1] == port
-    running = provider.wait_state("svc", {"running", "scheduled", "starting", "queued"})
-    if running.get("endpoints"):
-        assert running["endpoints"]["http"].endswith(
-            ":" + str(running["allocation"]["ports"]["http"])
-        )
-    provider.api.post("/tasks/svc/cancel")
-    provider.wait_state("svc", "cancelled")
-    assert task["kind"] == "service"
+    task = provider.submit(kind="service", command=[PY, "-c", code], ports=["http"])
+    running = provider.wait_state(task["id"], "running")
+    port = running["allocation"]["ports"]["http"]
+    assert 31000 <= port <= 31999
+    assert running["endpoints"]["http"] == f"http://127.0.0.1:{port}"
+    assert wait_for(lambda: provider.logs(task["id"])).split() == [str(port), str(port)]
+    provider.api.post(f"/tasks/{task['id']}/cancel")
+    provider.wait_state(task["id"], "cancelled")
+
+
+def test_service_is_restarted_when_it_exits(provider):
+    task = provider.submit(
+        kind="service", command=[PY, "-c", "print('up')"], retry={"backoff_s": 0.1}
+    )
+    restarted = wait_for(
+        lambda: (t := provider.task(task["id"]))["attempt"] >= 3 and t, what="two restarts"
+    )
+    assert any(e["reason"].startswith("service restarting") for e in restarted["events"])
+    assert restarted["state"] not in ("succeeded", "failed")  # a service never ends by itself
+    provider.api.post(f"/tasks/{task['id']}/cancel")
+    provider.wait_state(task["id"], "cancelled")
 
 
 def test_logs_follow_streams_until_the_end(provider):

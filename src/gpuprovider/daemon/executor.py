@@ -16,7 +16,7 @@ from gpuprovider.daemon.loops import Loop
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
 from gpuprovider.service.gangs import STOPPING, release_gang
-from gpuprovider.store.records import TaskRecord
+from gpuprovider.store.records import NodeRecord, TaskRecord
 from gpuprovider.store.store import StaleTask, Store, Tx
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,11 @@ class ExecutorLoop(Loop):
         now = time.monotonic()
         if self.woken or now >= self._resync_at:
             self._resync_at = now + self.interval_s
-            for task in self.store.tasks(states=[S.SCHEDULED]):
-                self._start(task)
+            placed = self.store.tasks(states=[S.SCHEDULED])
+            if placed:
+                nodes = {n.id: n for n in self.store.nodes()}  # once per pass, not per task
+                for task in placed:
+                    self._start(task, nodes)
             live = self.store.tasks(states=[S.STARTING, S.RUNNING, S.CANCELLING, S.PREEMPTED])
             self._watched = {t.id: t for t in live}
         freed = False
@@ -120,7 +123,7 @@ class ExecutorLoop(Loop):
             env[f"GPUPROVIDER_PORT_{name.upper()}"] = str(port)
         return env
 
-    def _start(self, task: TaskRecord) -> None:
+    def _start(self, task: TaskRecord, nodes: dict[str, NodeRecord]) -> None:
         spec = task.task_spec
         alloc = self.store.allocation(task.id)
         run_dir = self.tasks_dir / task.id
@@ -131,7 +134,7 @@ class ExecutorLoop(Loop):
                 )
         except StaleTask:
             return
-        node = next((n for n in self.store.nodes() if n.id == alloc.node_id), None)
+        node = nodes.get(alloc.node_id)
         gpus = [g for g in node.gpus if g.uuid in alloc.gpu_uuids] if node else []
         indices = sorted(g.idx for g in gpus)
         env = self._env(task, spec, indices, alloc.gpu_milli, alloc.ports)

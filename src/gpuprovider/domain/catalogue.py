@@ -81,8 +81,3 @@ def from_device_name(device_name: str, memory_mib: int) -> tuple[str, int]:
     memory_gb = round(memory_mib / 1024)
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower().replace("nvidia", "")).strip("-")
     return f"{slug}-{memory_gb}gb", memory_gb
-
-
-def model_memory_gb(model_id: str) -> int | None:
-    model = models().get(model_id)
-    return model.memory_gb if model else None

@@ -69,25 +69,27 @@ class GpuRequest:
     def milli_per_gpu(self) -> int:
         return MILLI if self.count else self.share_milli
 
+    @property
+    def memory_range(self) -> str:
+        """`80GB..`, `..48GB`, `24GB..48GB`, or empty when memory is not constrained."""
+        if self.min_memory_gb is None and self.max_memory_gb is None:
+            return ""
+        lo = f"{self.min_memory_gb}GB" if self.min_memory_gb is not None else ""
+        hi = f"{self.max_memory_gb}GB" if self.max_memory_gb is not None else ""
+        return f"{lo}..{hi}"
+
     def describe(self) -> str:
-        """`2 H100 (>=80GB)` or `0.5 of any GPU`, for reasons shown to users."""
+        """`2 H100 (80GB..)` or `0.5 of one GPU`, for reasons shown to users."""
         what = self.model_text or "GPU"
-        if self.min_memory_gb is not None or self.max_memory_gb is not None:
-            lo = f"{self.min_memory_gb}GB" if self.min_memory_gb is not None else ""
-            hi = f"{self.max_memory_gb}GB" if self.max_memory_gb is not None else ""
-            what += f" ({lo}..{hi})"
+        if self.memory_range:
+            what += f" ({self.memory_range})"
         if self.count:
             return f"{self.count} {what}"
         return f"{self.share_milli / MILLI:g} of one {what}"
 
     def to_text(self) -> str:
-        parts = []
-        if self.model_text:
-            parts.append(self.model_text)
-        if self.min_memory_gb is not None or self.max_memory_gb is not None:
-            lo = f"{self.min_memory_gb}GB" if self.min_memory_gb is not None else ""
-            hi = f"{self.max_memory_gb}GB" if self.max_memory_gb is not None else ""
-            parts.append(f"{lo}.." + hi if hi or not lo else f"{lo}..")
+        """The canonical constraint text, which parses back to this request."""
+        parts = [p for p in (self.model_text, self.memory_range) if p]
         parts.append(str(self.count) if self.count else f"{self.share_milli / MILLI:g}")
         return ":".join(parts)
 
@@ -177,6 +179,3 @@ def parse_gpu_request(text: str | int | float) -> GpuRequest:
                 f"{model_text} comes with {', '.join(f'{s}GB' for s in sizes)}"
             )
     return request
-
-
-NO_GPU = GpuRequest()

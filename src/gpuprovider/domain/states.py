@@ -37,10 +37,6 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     S.EXPIRED: frozenset(),
 }
 
-# States in which a task holds (or is about to hold) an allocation.
-HOLDS_ALLOCATION = frozenset({S.SCHEDULED, S.STARTING, S.RUNNING, S.CANCELLING})
-# States in which a process may exist for the task.
-MAY_HAVE_PROCESS = frozenset({S.STARTING, S.RUNNING, S.CANCELLING})
 # Done for good. A failure that is retried goes `failed -> queued` in the same
 # transaction, so a task seen `failed` at rest has no retry coming.
 TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.EXPIRED})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gpuprovider.domain.resources import MILLI, GpuRequest
+from gpuprovider.domain.resources import GpuRequest
 
 
 @dataclass
@@ -15,10 +15,6 @@ class GpuView:
     memory_gb: int
     used_milli: int = 0
     unusable_reason: str = ""  # non-empty: unhealthy, failed a check, not present
-
-    @property
-    def free_milli(self) -> int:
-        return 0 if self.unusable_reason else MILLI - self.used_milli
 
 
 @dataclass
@@ -32,14 +28,6 @@ class NodeView:
     unusable_reason: str = ""  # non-empty: cordoned, draining, unreachable
     used_cpu_milli: int = 0
     used_memory_mib: int = 0
-
-    @property
-    def free_cpu_milli(self) -> int:
-        return self.cpu_milli - self.used_cpu_milli
-
-    @property
-    def free_memory_mib(self) -> int:
-        return self.memory_mib - self.used_memory_mib
 
 
 @dataclass(frozen=True)

@@ -285,10 +285,6 @@ class Store:
             for uuid in set(known) - seen:
                 conn.execute(update(t.gpus).where(t.gpus.c.uuid == uuid).values(present=False))
 
-    def heartbeat(self, node_id: str, now: float) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(t.nodes).where(t.nodes.c.id == node_id).values(last_heartbeat=now))
-
     def nodes(self) -> list[NodeRecord]:
         with self.engine.connect() as conn:
             node_rows = conn.execute(select(t.nodes).order_by(t.nodes.c.name)).all()
