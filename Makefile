@@ -32,6 +32,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/core.py
 	$(BIN)/python bench/openb.py
 	$(BIN)/python bench/scheduler_speed.py
+	$(BIN)/python bench/check.py
+	$(BIN)/python bench/proof.py
+	$(BIN)/python bench/ray_backend.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

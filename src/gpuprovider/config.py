@@ -31,7 +31,8 @@ class StoreConfig(_Section):
 
 
 class BackendConfig(_Section):
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "ray"] = "local"
+    address: str = ""  # ray: the head's host:port; empty: RAY_ADDRESS or a local head
 
 
 class SchedulerConfig(_Section):
@@ -64,6 +65,17 @@ class SimulatedGpu(_Section):
     model: str
     count: int = Field(1, ge=1, le=64)
 
+    @classmethod
+    def parse(cls, text: str) -> SimulatedGpu:
+        """`h100-80gb-sxm:8` (count 1 when left out); ValueError saying what is wrong."""
+        model, _, count = text.partition(":")
+        if count and not count.isdigit():
+            raise ValueError(f"{text!r}: write MODEL:COUNT, e.g. h100-80gb-sxm:8")
+        try:
+            return cls(model=model, count=int(count or 1))
+        except ValidationError as exc:
+            raise ValueError(f"{text!r}: {exc.errors()[0]['msg']}") from None
+
     @field_validator("model")
     @classmethod
     def _known(cls, value: str) -> str:
@@ -75,15 +87,26 @@ class SimulatedGpu(_Section):
         raise ValueError(f"{value!r} names several models ({', '.join(sorted(ids))}); pick one")
 
 
+class ExpectedGpu(SimulatedGpu):
+    """GPUs this machine should have; `gpuprovider check` FAILs when NVML finds others."""
+
+
 class InventoryConfig(_Section):
     interval_s: float = Field(30.0, gt=0, le=3600)
     node_name: str = ""  # empty: the host name
     labels: dict[str, str] = Field(default_factory=dict)
     simulated_gpus: list[SimulatedGpu] = Field(default_factory=list)
+    expected_gpus: list[ExpectedGpu] = Field(default_factory=list)
 
 
 class QuotaConfig(_Section):
     gpus: float = Field(ge=0, le=100_000, description="GPUs guaranteed to the tenant")
+
+
+class ProofConfig(_Section):
+    required: bool = False
+    max_age_s: float = Field(86400.0, gt=0, le=365 * 86400)
+    simulated_memory_mib: int = Field(64, ge=1, le=4096)
 
 
 class ReaperConfig(_Section):
@@ -98,6 +121,7 @@ class ProviderConfig(_Section):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     inventory: InventoryConfig = Field(default_factory=InventoryConfig)
     reaper: ReaperConfig = Field(default_factory=ReaperConfig)
+    proof: ProofConfig = Field(default_factory=ProofConfig)
     # Per tenant: work within its GPUs is guaranteed; work beyond them runs only as
     # preemptible. A tenant without an entry has no limit.
     quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
@@ -177,8 +201,11 @@ max_body_bytes = {d.api.max_body_bytes}
 url = "{d.store.url}"
 
 [backend]
-# Where tasks run: "local" (processes on this machine).
+# Where tasks run: "local" (processes on this machine) or "ray" (on the nodes of a
+# Ray cluster that joined with `gpuprovider node join`).
 kind = "{d.backend.kind}"
+# ray: address of the Ray head, host:port. Empty: $RAY_ADDRESS or the local head.
+address = "{d.backend.address}"
 
 [scheduler]
 # Placement policy: "best-fit" (pack CPU and GPU), "fgd-warm" (fragmentation
@@ -205,9 +232,23 @@ node_name = "{d.inventory.node_name}"
 labels = {{}}
 
 {sim}
+# GPUs this machine must have; `gpuprovider check` FAILs when the driver reports
+# others (a card that fell off the bus, a wrong model):
+# [[inventory.expected_gpus]]
+# model = "h100-80gb-sxm"
+# count = 8
+
 [reaper]
 # How often queue deadlines are checked.
 interval_s = {d.reaper.interval_s}
+
+[proof]
+# Proof of GPU (`gpuprovider proof`). When required, new work goes only to GPUs
+# whose latest proof passed less than max_age_s ago.
+required = {str(d.proof.required).lower()}
+max_age_s = {d.proof.max_age_s}
+# A simulated GPU proves this much host memory with the CPU prover.
+simulated_memory_mib = {d.proof.simulated_memory_mib}
 
 # Per-tenant GPU quotas (DLWS style): work within a tenant's quota is guaranteed;
 # beyond it, work runs only as preemptible and gives way to guaranteed work.

@@ -88,6 +88,8 @@ class Provider:
         self.url = f"http://127.0.0.1:{port}"
         self.token = home.token.read_text().strip()
         self.proc: subprocess.Popen | None = None
+        self.up_args: list[str] = []  # options for `gpuprovider up`
+        self.start_timeout_s = 15.0
         self.api = httpx.Client(
             base_url=self.url + "/api/v1",
             headers={"Authorization": f"Bearer {self.token}"},
@@ -97,7 +99,7 @@ class Provider:
     def start(self) -> None:
         log = open(self.home.root / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [GPUPROVIDER, "--home", str(self.home.root), "up"],
+            [GPUPROVIDER, "--home", str(self.home.root), "up", *self.up_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -113,7 +115,13 @@ class Provider:
             except httpx.TransportError:
                 return False
 
-        wait_for(healthy, what="the daemon to answer")
+        try:
+            wait_for(healthy, self.start_timeout_s, "the daemon to answer")
+        except AssertionError:  # never leave a daemon (or its trial Ray cluster) behind
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.stop(signal.SIGTERM)
+            self.stop(signal.SIGKILL)
+            raise
 
     def log(self) -> str:
         return (self.home.root / "daemon.log").read_text(errors="replace")

@@ -3,28 +3,33 @@
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from gpuprovider import __version__
+from gpuprovider.backends.base import Backend
+from gpuprovider.check.registry import GROUPS
+from gpuprovider.check.result import Result
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.identity.keys import hash_token, new_token
 from gpuprovider.service.errors import Conflict, NotFound, Rejected, ServiceError
+from gpuprovider.service.nodes import NodeService
+from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.views import gpu_views, node_view, task_view
 from gpuprovider.store.records import TaskRecord, TokenRecord
 from gpuprovider.store.store import Store
 
-SCOPES = ("read", "submit", "admin")
+SCOPES = ("read", "submit", "admin", "verify")
 FOLLOW_POLL_S = 0.2
+LOG_CHUNK = 1 << 16
 
 
 @dataclass
@@ -32,6 +37,68 @@ class ApiContext:
     store: Store
     tasks: TaskService
     max_body_bytes: int
+    backend: Backend  # where task output is read from: the node that ran the task
+    on_nodes_changed: Callable[[], None] = lambda: None  # GPU health may have changed
+    proofs: ProofService | None = None
+
+
+class ProofParamsIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    n: int
+    m: int
+    matrices: int
+    per_step: int
+    steps: int
+    epoch: int
+    openings: int
+
+
+class ChallengeIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    id: Annotated[str, Field(max_length=64)]
+    seed: Annotated[str, Field(max_length=128)]
+    gpu_uuid: Annotated[str, Field(max_length=96)]
+    provider_key: Annotated[str, Field(max_length=128)]
+    params: ProofParamsIn
+
+
+class OpeningsIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    challenge_id: Annotated[str, Field(max_length=64)]
+    openings: Annotated[
+        list[Annotated[list[int], Field(min_length=3, max_length=3)]],
+        Field(min_length=1, max_length=100_000),
+    ]
+
+
+class VerdictIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    challenge_id: Annotated[str, Field(max_length=64)]
+    passed: bool
+    reason: Annotated[str, Field(max_length=2000)]
+    figures: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckResultIn(BaseModel):
+    """One result of `gpuprovider check`, as the CLI posts it."""
+
+    model_config = {"extra": "forbid"}
+    status: Literal["PASS", "WARN", "FAIL", "SKIP"]
+    value: float | Annotated[str, Field(max_length=500)] | None = None
+    unit: Annotated[str, Field(max_length=32)] = ""
+    threshold: Annotated[str, Field(max_length=2000)] = ""
+    advice: Annotated[str, Field(max_length=2000)] = ""
+    subject: Annotated[str, Field(max_length=64)] = ""
+    gpu_uuid: Annotated[str, Field(max_length=96)] = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+    group: Literal[GROUPS]
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+
+
+class CheckRunIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    ran_at: Annotated[float, Field(gt=0)]
+    results: Annotated[list[CheckResultIn], Field(min_length=1, max_length=10_000)]
 
 
 class TokenCache:
@@ -129,6 +196,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         redoc_url=None,
     )
     store, tasks = ctx.store, ctx.tasks
+    nodes_service = NodeService(store, ctx.on_nodes_changed, tasks.on_cancel_requested)
     tokens_seen = TokenCache(store)
 
     @app.exception_handler(RequestValidationError)
@@ -185,7 +253,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/api/v1/version")
     async def version() -> dict[str, str]:
-        return {"version": __version__, "api": "v1"}
+        return {"name": "gpuprovider", "version": __version__, "api": "v1"}
 
     @app.post("/api/v1/tasks", status_code=201)
     async def submit(
@@ -236,14 +304,20 @@ def create_app(ctx: ApiContext) -> FastAPI:
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> Any:
         task = visible_task(ref, who)
-        path = Path(task.run_dir) / "output.log" if task.run_dir else None
         if not follow:
-            if path is None or not path.exists():
-                return PlainTextResponse("")
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                return PlainTextResponse(handle.read().decode(errors="replace"))
+            text = b""
+            while chunk := await read_log(task, offset + len(text)):
+                text += chunk
+            return PlainTextResponse(text.decode(errors="replace"))
         return StreamingResponse(_follow(task.id, offset), media_type="text/event-stream")
+
+    async def read_log(task: TaskRecord, offset: int) -> bytes:
+        """The next piece of a task's output, from whichever node runs it."""
+        if not task.run_dir:
+            return b""
+        return await asyncio.to_thread(
+            ctx.backend.read_log, task.node_id or "", task.run_dir, offset, LOG_CHUNK
+        )
 
     async def _follow(task_id: str, offset: int) -> AsyncIterator[str]:
         """Server-sent events: one `data:` event per chunk, `event: end` when done."""
@@ -251,15 +325,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         while True:
             task = store.task(task_id)
             done = task is None or task.state in TERMINAL
-            path = Path(task.run_dir) / "output.log" if task and task.run_dir else None
-            if path is not None and path.exists():
-                with open(path, "rb") as handle:
-                    handle.seek(position)
-                    chunk = handle.read(1 << 16)
-                if chunk:
-                    position += len(chunk)
-                    yield f"data: {json.dumps(chunk.decode(errors='replace'))}\n\n"
-                    continue
+            chunk = await read_log(task, position) if task else b""
+            if chunk:
+                position += len(chunk)
+                yield f"data: {json.dumps(chunk.decode(errors='replace'))}\n\n"
+                continue
             if done:
                 state = task.state.value if task else "gone"
                 yield f"event: end\ndata: {json.dumps(state)}\n\n"
@@ -269,6 +339,66 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/api/v1/nodes")
     async def nodes(who: Annotated[TokenRecord, needs("read")]) -> list[dict[str, Any]]:
         return JSONResponse([node_view(n) for n in store.nodes()])
+
+    @app.post("/api/v1/nodes/{ref}/drain")
+    async def drain_node(ref: str, who: Annotated[TokenRecord, needs("admin")]) -> dict:
+        return nodes_service.drain(ref, who.name)
+
+    @app.post("/api/v1/nodes/{ref}/resume")
+    async def resume_node(ref: str, who: Annotated[TokenRecord, needs("admin")]) -> dict:
+        return nodes_service.resume(ref)
+
+    @app.delete("/api/v1/nodes/{ref}")
+    async def remove_node(ref: str, who: Annotated[TokenRecord, needs("admin")]) -> dict:
+        return nodes_service.remove(ref)
+
+    @app.get("/api/v1/nodes/{ref}/checks")
+    async def node_checks(ref: str, who: Annotated[TokenRecord, needs("read")]) -> dict[str, Any]:
+        node = nodes_service.get(ref)
+        return {"node_id": node.id, "node": node.name, "results": store.check_results(node.id)}
+
+    @app.post("/api/v1/nodes/{ref}/checks")
+    async def save_node_checks(
+        ref: str, body: CheckRunIn, who: Annotated[TokenRecord, needs("admin")]
+    ) -> dict[str, Any]:
+        node = nodes_service.get(ref)
+        known = {g.uuid for g in node.gpus}
+        strangers = sorted({r.gpu_uuid for r in body.results if r.gpu_uuid} - known)
+        if strangers:
+            raise ApiError(422, f"GPUs {', '.join(strangers)} are not on node {node.name}")
+        results = [Result.from_dict(r.model_dump()) for r in body.results]
+        store.save_check_results(node.id, results, body.ran_at)
+        ctx.on_nodes_changed()
+        return {"node_id": node.id, "saved": len(results)}
+
+    def proofs() -> ProofService:
+        if ctx.proofs is None:
+            raise ApiError(503, "proof of GPU is not served by this provider")
+        return ctx.proofs
+
+    @app.get("/api/v1/gpus/{uuid}/proof")
+    async def proof_info(uuid: str, who: Annotated[TokenRecord, needs("verify")]) -> dict:
+        return proofs().describe(uuid)
+
+    @app.post("/api/v1/gpus/{uuid}/proof/challenge")
+    async def proof_challenge(
+        uuid: str, body: ChallengeIn, who: Annotated[TokenRecord, needs("verify")]
+    ) -> dict[str, Any]:
+        return await proofs().answer(uuid, body.model_dump())
+
+    @app.post("/api/v1/gpus/{uuid}/proof/open")
+    async def proof_open(
+        uuid: str, body: OpeningsIn, who: Annotated[TokenRecord, needs("verify")]
+    ) -> Response:
+        opened = proofs().open(uuid, body.challenge_id, body.openings)
+        return Response(opened, media_type="application/octet-stream")
+
+    @app.post("/api/v1/gpus/{uuid}/proof/result")
+    async def proof_result(
+        uuid: str, body: VerdictIn, who: Annotated[TokenRecord, needs("verify")]
+    ) -> dict[str, Any]:
+        proofs().record(uuid, body.model_dump(), verifier=who.name)
+        return {"gpu_uuid": uuid, "stored": True}
 
     @app.get("/api/v1/gpus")
     async def gpus(who: Annotated[TokenRecord, needs("read")]) -> list[dict[str, Any]]:

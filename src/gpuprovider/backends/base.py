@@ -19,6 +19,7 @@ class Launch:
     run_dir: str
     max_duration_s: float | None = None
     grace_s: float = 10.0
+    node_id: str = ""  # the node the scheduler chose; the local backend has only one
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Handle:
     start_time: float
     run_dir: str
     attempt: int
+    node_id: str = ""
 
 
 @dataclass
@@ -43,6 +45,18 @@ class Exit:
     @property
     def succeeded(self) -> bool:
         return self.exit_code == 0 and not (self.stopped or self.timed_out or self.lost)
+
+
+class NodeDown(OSError):
+    """The task's node is gone: nothing more can run or be learnt there."""
+
+    def __init__(self, node_id: str, why: str):
+        super().__init__(why)
+        self.node_id = node_id
+
+
+def node_lost(node_id: str) -> Exit:
+    return Exit(None, f"lost: node {node_id} died", lost=True, details={"node_down": node_id})
 
 
 class Backend(Protocol):
@@ -61,8 +75,12 @@ class Backend(Protocol):
         """
         ...
 
-    def recover(self, run_dir: str, attempt: int) -> Handle | None:
+    def recover(self, run_dir: str, attempt: int, node_id: str = "") -> Handle | None:
         """Find a runner started for this attempt but never recorded (daemon crash)."""
+        ...
+
+    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:
+        """Up to `limit` bytes of a task's output from `offset`, wherever it runs."""
         ...
 
     def kill(self, handle: Handle) -> None:

@@ -101,7 +101,7 @@ class LocalBackend:
             start_time = psutil.Process(proc.pid).create_time()
         except psutil.NoSuchProcess:
             start_time = 0.0  # already gone: poll reads its exit record
-        return Handle(proc.pid, start_time, launch.run_dir, launch.attempt)
+        return Handle(proc.pid, start_time, launch.run_dir, launch.attempt, launch.node_id)
 
     def poll(self, handle: Handle) -> Exit | None:
         ended = read_exit(handle.run_dir, handle.attempt)
@@ -139,7 +139,15 @@ class LocalBackend:
         if process_alive(handle.pid, handle.start_time):
             os.kill(handle.pid, signal.SIGKILL)
 
-    def recover(self, run_dir: str, attempt: int) -> Handle | None:
+    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:
+        try:
+            with open(Path(run_dir) / "output.log", "rb") as handle:
+                handle.seek(offset)
+                return handle.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    def recover(self, run_dir: str, attempt: int, node_id: str = "") -> Handle | None:
         record = Path(run_dir) / f"runner-{attempt}.json"
         try:
             started = json.loads(record.read_text())
@@ -147,7 +155,7 @@ class LocalBackend:
         except (OSError, ValueError, KeyError):
             return None
         if (Path(run_dir) / f"exit-{attempt}.json").exists():
-            return Handle(pid, started.get("started_at", 0.0), run_dir, attempt)  # poll reads it
+            return Handle(pid, started.get("started_at", 0.0), run_dir, attempt, node_id)
         try:
             proc = psutil.Process(pid)
             cmdline = proc.cmdline()
@@ -157,7 +165,7 @@ class LocalBackend:
         # The pid must still be that runner, not a process that reused the number.
         if RUNNER_PATH not in cmdline or run_dir not in cmdline:
             return None
-        return Handle(pid, start_time, run_dir, attempt)
+        return Handle(pid, start_time, run_dir, attempt, node_id)
 
     def _reap(self, pid: int) -> None:
         child = self._children.pop(pid, None)

@@ -21,6 +21,10 @@ class CliError(Exception):
         self.code = code
 
 
+class Unreachable(CliError):
+    """No provider answers at the URL."""
+
+
 def resolve_endpoint(home: Home, url: str | None, token: str | None) -> tuple[str, str | None]:
     url = url or os.environ.get("GPUPROVIDER_URL")
     token = token or os.environ.get("GPUPROVIDER_TOKEN")
@@ -59,7 +63,7 @@ class Client:
         try:
             response = self.http.request(method, f"/api/v1{path}", **kwargs)
         except httpx.TransportError as exc:
-            raise CliError(
+            raise Unreachable(
                 f"cannot reach the provider at {self.url} ({exc.__class__.__name__}); "
                 "is `gpuprovider up` running?"
             ) from None

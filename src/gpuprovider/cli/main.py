@@ -9,9 +9,11 @@ from rich.markup import escape
 
 from gpuprovider import __version__
 from gpuprovider.cli import provider
+from gpuprovider.cli.check import check
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import Globals
 from gpuprovider.cli.output import errors
+from gpuprovider.cli.proof import proof_app
 from gpuprovider.cli.resources import gpu_app, node_app, token_app
 from gpuprovider.cli.task import task_app
 from gpuprovider.home import Home
@@ -44,10 +46,12 @@ def main(
 
 app.command()(provider.init)
 app.command()(provider.up)
+app.command()(check)
 app.add_typer(task_app, name="task")
 app.add_typer(node_app, name="node")
 app.add_typer(gpu_app, name="gpu")
 app.add_typer(token_app, name="token")
+app.add_typer(proof_app, name="proof")
 
 
 def run() -> None:

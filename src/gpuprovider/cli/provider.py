@@ -10,7 +10,7 @@ from gpuprovider.bootstrap import init_home
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import globals_of
 from gpuprovider.cli.output import console
-from gpuprovider.config import ConfigError, load_config
+from gpuprovider.config import ConfigError, SimulatedGpu, load_config
 from gpuprovider.daemon.daemon import DaemonError, run_daemon
 
 
@@ -42,17 +42,60 @@ def init(
         )
 
 
-def up(ctx: typer.Context) -> None:
+def up(
+    ctx: typer.Context,
+    backend: str | None = typer.Option(
+        None, help="local or ray (default: [backend] kind in provider.toml)."
+    ),
+    ray_node: list[str] = typer.Option(
+        [],
+        "--ray-node",
+        help="With --backend ray and no [backend] address: start a local trial Ray node "
+        "with these simulated GPUs, NAME=MODEL:COUNT[,MODEL:COUNT] (repeatable).",
+    ),
+) -> None:
     """Run the provider: HTTP API and loops, until Ctrl-C or SIGTERM."""
     home = globals_of(ctx).home
     try:
         config = load_config(home.config)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
+    if backend not in (None, "local", "ray"):
+        raise CliError(f"--backend {backend!r}: choose local or ray", 2)
+    if backend:
+        config.backend.kind = backend
+    trial_nodes = [_trial_node(text) for text in ray_node]
+    if trial_nodes and (config.backend.kind != "ray" or config.backend.address):
+        raise CliError(
+            "--ray-node starts a local trial cluster: use it with --backend ray "
+            "and no [backend] address",
+            2,
+        )
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    trial = None
+    if config.backend.kind == "ray" and not config.backend.address:
+        from gpuprovider.backends.ray import LocalRayCluster
+
+        console.print(f"starting a local Ray cluster: head + {len(trial_nodes)} node(s)")
+        trial = LocalRayCluster(trial_nodes)
+        config.backend.address = trial.address
     try:
         run_daemon(home, config)
     except DaemonError as exc:
         raise CliError(str(exc)) from None
+    finally:
+        if trial is not None:
+            trial.shutdown()
+
+
+def _trial_node(text: str) -> tuple[str, list[tuple[str, int]]]:
+    name, sep, gpus = text.partition("=")
+    if not sep or not name:
+        raise CliError(f"--ray-node {text!r}: write NAME=MODEL:COUNT[,MODEL:COUNT]", 2)
+    try:
+        sims = [SimulatedGpu.parse(part) for part in filter(None, gpus.split(","))]
+    except ValueError as exc:
+        raise CliError(f"--ray-node {name}: {exc}", 2) from None
+    return name, [(g.model, g.count) for g in sims]

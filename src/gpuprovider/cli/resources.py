@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import typer
 
+from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import globals_of
 from gpuprovider.cli.output import ago, console, print_json, table
+from gpuprovider.config import SimulatedGpu
 
 node_app = typer.Typer(help="Nodes of the pool.", no_args_is_help=True)
 gpu_app = typer.Typer(help="GPUs of every node.", no_args_is_help=True)
@@ -26,6 +35,8 @@ def node_list(ctx: typer.Context, as_json: bool = JSON) -> None:
         if n["simulated_gpus"]:
             gpus += f" ({n['simulated_gpus']} simulated)"
         status = n["status"] + (f": {n['reason']}" if n["reason"] else "")
+        for bad in n["unusable_gpus"]:
+            status += f"; GPU {bad['index']} unusable: {bad['reason']}"
         rows.append(
             [
                 n["name"],
@@ -41,6 +52,125 @@ def node_list(ctx: typer.Context, as_json: bool = JSON) -> None:
     table("Nodes", ["NAME", "ID", "BACKEND", "STATUS", "CPUS", "MEMORY", "GPUS", "HEARTBEAT"], rows)
 
 
+@node_app.command("join")
+def node_join(
+    head: str = typer.Argument(..., help="The Ray head's host:port."),
+    name: str = typer.Option(socket.gethostname(), help="This node's name in the provider."),
+    simulate_gpu: list[str] = typer.Option(
+        [], "--simulate-gpu", help="Declare simulated GPUs, MODEL:COUNT (repeatable)."
+    ),
+    label: list[str] = typer.Option([], "--label", help="A node label KEY=VALUE (repeatable)."),
+    num_cpus: int | None = typer.Option(None, help="CPUs Ray may use here (default: all)."),
+    node_ip: str | None = typer.Option(None, help="This machine's address as the head sees it."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check, print `ray start`, stop."),
+) -> None:
+    """Make this machine a node of a provider running on Ray (wraps `ray start`)."""
+    from gpuprovider.backends.ray import BadRayAddress, RayBackendError, check_head, join_command
+
+    sims = [_simulated(text) for text in simulate_gpu]
+    labels = dict(_label(text) for text in label)
+    if not re.fullmatch(LABEL_VALUE, name):
+        raise CliError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (<= 63)", 2)
+    try:
+        version = check_head(head)
+    except RayBackendError as exc:
+        raise CliError(str(exc), 2 if isinstance(exc, BadRayAddress) else 1) from None
+    argv = join_command(head, name, sims, labels, num_cpus, node_ip)
+    argv[0] = str(Path(sys.executable).parent / "ray")
+    console.print(f"head {head} runs gpuprovider {version}; joining as {name}")
+    if dry_run:
+        print(shlex.join(argv))
+        return
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CliError(f"`ray start` failed:\n{done.stderr.strip() or done.stdout.strip()}")
+    console.print(f"joined: node {name} appears in `gpuprovider node list` within seconds")
+
+
+LABEL_VALUE = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+
+
+def _simulated(text: str) -> tuple[str, int]:
+    try:
+        gpu = SimulatedGpu.parse(text)
+    except ValueError as exc:
+        raise CliError(f"--simulate-gpu {exc}", 2) from None
+    return gpu.model, gpu.count
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(LABEL_VALUE, key) or not re.fullmatch(LABEL_VALUE, value):
+        raise CliError(f"--label {text!r}: write KEY=VALUE with letters, digits, '.', '_', '-'", 2)
+    return key, value
+
+
+@node_app.command("drain")
+def node_drain(
+    ctx: typer.Context, node: str = typer.Argument(..., help="Node name or id.")
+) -> None:
+    """No new work on a node: its jobs finish there, its services move elsewhere."""
+    done = globals_of(ctx).client().post(f"/nodes/{node}/drain")
+    console.print(f"node {done['node']} draining")
+    if done["moved"]:
+        console.print(f"  services moving elsewhere: {', '.join(done['moved'])}")
+    if done["finishing"]:
+        console.print(f"  finishing there: {', '.join(done['finishing'])}")
+    console.print(f"then `gpuprovider node remove {done['node']}` once nothing runs there")
+
+
+@node_app.command("resume")
+def node_resume(
+    ctx: typer.Context, node: str = typer.Argument(..., help="Node name or id.")
+) -> None:
+    """Give a drained node work again."""
+    done = globals_of(ctx).client().post(f"/nodes/{node}/resume")
+    console.print(f"node {done['node']} ready")
+
+
+@node_app.command("remove")
+def node_remove(
+    ctx: typer.Context, node: str = typer.Argument(..., help="Node name or id.")
+) -> None:
+    """Forget a drained node that runs nothing (stop its Ray node first, or it rejoins)."""
+    done = globals_of(ctx).client().request("DELETE", f"/nodes/{node}")
+    console.print(f"node {done['node']} removed")
+
+
+@node_app.command("checks")
+def node_checks(
+    ctx: typer.Context,
+    node: str | None = typer.Argument(None, help="Node name or id (default: the only node)."),
+    as_json: bool = JSON,
+) -> None:
+    """The latest result of every check on a node (`gpuprovider check`, preflight at `up`)."""
+    client = globals_of(ctx).client()
+    if node is None:
+        nodes = client.get("/nodes")
+        if len(nodes) != 1:
+            names = ", ".join(n["name"] for n in nodes) or "none yet"
+            raise CliError(f"name the node: {names}", 2)
+        node = nodes[0]["id"]
+    found = client.get(f"/nodes/{node}/checks")
+    if as_json:
+        return print_json(found)
+    table(
+        f"Checks on {found['node']}",
+        ["CHECK", "STATUS", "VALUE", "THRESHOLD", "WHAT TO DO", "RAN"],
+        [
+            [
+                r["key"],
+                r["status"],
+                f"{r['value']} {r['unit']}".strip() if r["value"] is not None else "",
+                r["threshold"],
+                r["advice"],
+                ago(r["ran_at"]),
+            ]
+            for r in found["results"]
+        ],
+    )
+
+
 @gpu_app.command("list")
 def gpu_list(ctx: typer.Context, as_json: bool = JSON) -> None:
     """List GPUs, marking simulated ones, with the share in use."""
@@ -53,14 +183,25 @@ def gpu_list(ctx: typer.Context, as_json: bool = JSON) -> None:
             g["index"],
             g["model"] + (" [simulated]" if g["simulated"] else ""),
             f"{g['memory_gb']} GB",
-            g["health"] if g["present"] else "absent",
+            (g["health"] + (f": {g['health_reason']}" if g["health_reason"] else ""))
+            if g["present"]
+            else "absent",
             f"{g['used_share']:g}",
             ",".join(g["tasks"]),
+            _proof(g["proof"]),
             g["uuid"],
         ]
         for g in gpus
     ]
-    table("GPUs", ["NODE", "IDX", "MODEL", "MEMORY", "HEALTH", "IN USE", "TASKS", "UUID"], rows)
+    columns = ["NODE", "IDX", "MODEL", "MEMORY", "HEALTH", "IN USE", "TASKS", "PROOF", "UUID"]
+    table("GPUs", columns, rows)
+
+
+def _proof(proof: dict | None) -> str:
+    if proof is None:
+        return "none"
+    verdict = "passed" if proof["passed"] else f"failed: {proof['reason']}"
+    return f"{verdict} ({ago(proof['at'])})"
 
 
 @token_app.command("create")

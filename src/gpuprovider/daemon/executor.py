@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpuprovider.backends.base import Backend, Exit, Handle, Launch
+from gpuprovider.backends.base import Backend, Exit, Handle, Launch, NodeDown
 from gpuprovider.backends.container import container_argv, container_engine
 from gpuprovider.config import ProviderConfig
 from gpuprovider.daemon.loops import Loop
@@ -166,10 +166,13 @@ class ExecutorLoop(Loop):
             run_dir=str(run_dir),
             max_duration_s=spec.max_duration_s,
             grace_s=self.grace_s,
+            node_id=alloc.node_id,
         )
         try:
             handle = self.backend.start(launch)
         except OSError as exc:
+            if isinstance(exc, NodeDown):
+                self._node_down(exc.node_id, str(exc))
             with self.store.tx() as tx:
                 tx.release(task.id)
                 fail_and_maybe_retry(tx, task, spec, Exit(None, f"could not start: {exc}"))
@@ -192,10 +195,12 @@ class ExecutorLoop(Loop):
 
     def _handle(self, task: TaskRecord) -> Handle | None:
         if task.pid is not None and task.run_dir is not None:
-            return Handle(task.pid, task.pid_start_time or 0.0, task.run_dir, task.attempt)
+            return Handle(
+                task.pid, task.pid_start_time or 0.0, task.run_dir, task.attempt, task.node_id or ""
+            )
         if task.state == S.STARTING and task.run_dir is not None:
             # The daemon died between starting the runner and recording it.
-            handle = self.backend.recover(task.run_dir, task.attempt)
+            handle = self.backend.recover(task.run_dir, task.attempt, task.node_id or "")
             if handle is not None:
                 self._mark_running(task, handle, f"re-adopted pid {handle.pid} after a restart")
             return handle
@@ -217,8 +222,15 @@ class ExecutorLoop(Loop):
                 self._stop(task, handle)
             return False
         self._kill_at.pop(task.id, None)
+        if down := ended.details.get("node_down"):
+            self._node_down(down, ended.reason)
         self._finish(task, ended)
         return True
+
+    def _node_down(self, node_id: str, why: str) -> None:
+        """Nothing new lands on a node found dead, even before the inventory says so."""
+        if self.store.set_node_status(node_id, "unreachable", why):
+            log.warning("node %s is down: %s", node_id, why)
 
     def _stop(self, task: TaskRecord, handle: Handle) -> None:
         kill_at = self._kill_at.get(task.id)

@@ -36,6 +36,7 @@ class SchedulerLoop(Loop):
         self.framework = framework
         self.port_range = config.executor.port_range
         self.quotas = config.quotas
+        self.proof_max_age_s = config.proof.max_age_s if config.proof.required else None
         self.on_placed = on_placed
         # Bumped whenever capacity may have grown (a task ended, a node changed).
         # A task found unplaceable is not tried again until it moves.
@@ -112,7 +113,7 @@ class SchedulerLoop(Loop):
             )
             for t in ready
         ]
-        snapshot = build_snapshot(self._nodes, allocations)
+        snapshot = build_snapshot(self._nodes, allocations, proof_max_age_s=self.proof_max_age_s)
         snapshot.running = running_work(allocations, holders)
         decisions = self.framework.place(snapshot, requests)
         taken_ports: dict[str, set[int]] = {}

@@ -16,6 +16,9 @@ class GpuModel:
     memory_gb: int
     nvml_names: tuple[str, ...]
     source: str
+    peak: dict[str, float]  # dense TFLOPS per dtype (int8: TOPS); absent: no tensor path
+    bandwidth_gbs: float
+    perf_source: str
 
 
 def _key(text: str) -> str:
@@ -36,6 +39,9 @@ def models() -> dict[str, GpuModel]:
             memory_gb=int(entry["memory_gb"]),
             nvml_names=tuple(entry["nvml_names"]),
             source=entry["source"],
+            peak={dtype: float(value) for dtype, value in entry["peak"].items()},
+            bandwidth_gbs=float(entry["bandwidth_gbs"]),
+            perf_source=entry["perf_source"],
         )
         for entry in raw["gpu"]
     }

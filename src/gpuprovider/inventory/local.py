@@ -82,6 +82,17 @@ def _read_device(node_id: str, index: int, report: NvmlReport) -> GpuRecord:
     )
 
 
+def torch_index(torch, uuid: str) -> int | None:
+    """PyTorch's device index for an NVML GPU, matched by UUID: the orders can differ."""
+    if not torch.cuda.is_available():
+        return None
+    for index in range(torch.cuda.device_count()):
+        found = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))
+        if found and uuid.removeprefix("GPU-") == found.removeprefix("GPU-"):
+            return index
+    return None
+
+
 def simulated_gpus(node_id: str, declared: list[SimulatedGpu], first_index: int) -> list[GpuRecord]:
     """GPUs declared in config, with UUIDs stable across restarts of the same node."""
     gpus = []

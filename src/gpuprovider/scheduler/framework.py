@@ -274,6 +274,7 @@ class Framework:
                 most = int(row_count(fitting).max()) if fitting.size else 0
                 return (
                     f"no node has {task.request.gpu.describe()} free (at most {most} on one node)"
+                    + _unusable_gpus(state, task.request.gpu.models)
                 )
             for reason, count in check.reason(state, task, np.nonzero(failed)[0]).items():
                 why[reason] += count
@@ -281,6 +282,20 @@ class Framework:
             return f"{state.nodes[0].name}: {next(iter(why))}"
         detail = "; ".join(f"{n} node{'s' if n > 1 else ''}: {w}" for w, n in why.most_common(3))
         return f"no node fits ({detail})"
+
+
+def _unusable_gpus(state: ClusterState, models: frozenset[str] | None) -> str:
+    """`; unusable: node-a GPU 1 (last check FAILed: ...)` for GPUs the task could use."""
+    found = [
+        f"{node.name} GPU {gpu.index} ({gpu.unusable_reason})"
+        for node in state.nodes
+        for gpu in node.gpus
+        if gpu.unusable_reason and (models is None or gpu.model in models)
+    ]
+    if not found:
+        return ""
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return "; unusable: " + "; ".join(found[:3]) + more
 
 
 def reserve(snapshot: Snapshot, placement: Placement) -> None:

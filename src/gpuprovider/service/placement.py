@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.scheduler import GpuView, NodeView, Snapshot, TaskRequest
+from gpuprovider.service.views import gpu_unusable_reason
 from gpuprovider.store.records import AllocationRecord, NodeRecord
 
 NODE_STATUS_REASONS = {
@@ -17,9 +18,13 @@ NODE_STATUS_REASONS = {
 
 
 def build_snapshot(
-    nodes: Iterable[NodeRecord], allocations: Iterable[AllocationRecord], idle: bool = False
+    nodes: Iterable[NodeRecord],
+    allocations: Iterable[AllocationRecord],
+    idle: bool = False,
+    proof_max_age_s: float | None = None,
 ) -> Snapshot:
-    """The cluster as the scheduler sees it; `idle` ignores current allocations."""
+    """The cluster as the scheduler sees it; `idle` ignores current allocations;
+    `proof_max_age_s` keeps work off GPUs without a recent passing proof of GPU."""
     views: dict[str, NodeView] = {}
     for node in nodes:
         views[node.id] = NodeView(
@@ -39,7 +44,7 @@ def build_snapshot(
                     index=g.idx,
                     model=g.model,
                     memory_gb=g.memory_gb,
-                    unusable_reason=_gpu_unusable(g.present, g.health, g.health_reason),
+                    unusable_reason=gpu_unusable_reason(g, proof_max_age_s),
                 )
                 for g in node.gpus
             ],
@@ -56,14 +61,6 @@ def build_snapshot(
                 if gpu.uuid in taken:
                     gpu.used_milli += alloc.gpu_milli
     return Snapshot(list(views.values()))
-
-
-def _gpu_unusable(present: bool, health: str, reason: str) -> str:
-    if not present:
-        return "GPU no longer present"
-    if health != "ok":
-        return reason or f"GPU health is {health}"
-    return ""
 
 
 def task_request(

@@ -26,6 +26,7 @@ class TaskService:
         on_cancel_requested: Callable[[], None] = lambda: None,
         on_capacity_freed: Callable[[], None] = lambda: None,
         engine_probe: Callable[[], str | None] = container_engine,
+        proof_max_age_s: float | None = None,
     ):
         self.store = store
         self.framework = framework
@@ -33,6 +34,7 @@ class TaskService:
         self.on_cancel_requested = on_cancel_requested
         self.on_capacity_freed = on_capacity_freed
         self.engine_probe = engine_probe
+        self.proof_max_age_s = proof_max_age_s
 
     def _check_runnable(self, spec: TaskSpec) -> None:
         if spec.image and self.engine_probe() is None:
@@ -76,11 +78,16 @@ class TaskService:
         nodes = self.store.nodes()
         request = task_request("dry-run", spec)
         now = self.framework.place_one(
-            build_snapshot(nodes, self.store.active_allocations()), request
+            build_snapshot(
+                nodes, self.store.active_allocations(), proof_max_age_s=self.proof_max_age_s
+            ),
+            request,
         )
         if isinstance(now, Placement):
             return {"placeable_now": True, "would_wait": False, "placement": asdict(now)}
-        ever = self.framework.place_one(build_snapshot(nodes, [], idle=True), request)
+        ever = self.framework.place_one(
+            build_snapshot(nodes, [], idle=True, proof_max_age_s=self.proof_max_age_s), request
+        )
         verdict = {"placeable_now": False, "reason": now.reason}
         if isinstance(ever, Placement):
             verdict["would_wait"] = True

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from gpuprovider.store.records import AllocationRecord, EventRecord, NodeRecord, TaskRecord
+from gpuprovider.store.records import (
+    AllocationRecord,
+    EventRecord,
+    GpuRecord,
+    NodeRecord,
+    TaskRecord,
+)
 
 
 def task_view(
@@ -78,10 +85,33 @@ def node_view(node: NodeRecord) -> dict[str, Any]:
         "disk_free_mib": node.disk_mib,
         "gpu_count": sum(1 for g in node.gpus if g.present),
         "simulated_gpus": sum(1 for g in node.gpus if g.present and g.simulated),
+        # GPUs given no new work, and why (a FAILed check, gone from the bus)
+        "unusable_gpus": [
+            {"index": g.idx, "uuid": g.uuid, "reason": reason}
+            for g in node.gpus
+            if (reason := gpu_unusable_reason(g))
+        ],
         "public_key": node.public_key,
         "facts": node.facts,
         "last_heartbeat": node.last_heartbeat,
     }
+
+
+def gpu_unusable_reason(gpu: GpuRecord, proof_max_age_s: float | None = None) -> str:
+    """Why the scheduler gives this GPU no new work; empty when it may. With
+    `proof_max_age_s`, a GPU also needs a passing proof of GPU at most that old."""
+    if not gpu.present:
+        return "GPU no longer present"
+    if gpu.health != "ok":
+        return gpu.health_reason or f"GPU health is {gpu.health}"
+    if proof_max_age_s is not None:
+        if gpu.proof_passed is None:
+            return "no proof of GPU yet (proof.required)"
+        if not gpu.proof_passed:
+            return f"latest proof of GPU failed: {gpu.proof_reason}"
+        if time.time() - (gpu.proof_at or 0) > proof_max_age_s:
+            return f"proof of GPU older than {proof_max_age_s:g} s (proof.max_age_s)"
+    return ""
 
 
 def gpu_views(nodes: list[NodeRecord], allocations: list[AllocationRecord]) -> list[dict[str, Any]]:
@@ -107,6 +137,13 @@ def gpu_views(nodes: list[NodeRecord], allocations: list[AllocationRecord]) -> l
                     "present": gpu.present,
                     "health": gpu.health,
                     "health_reason": gpu.health_reason,
+                    "proof": None
+                    if gpu.proof_passed is None
+                    else {
+                        "passed": gpu.proof_passed,
+                        "at": gpu.proof_at,
+                        "reason": gpu.proof_reason,
+                    },
                     "driver_version": gpu.driver_version,
                     "cuda_version": gpu.cuda_version,
                     "used_share": sum(m for _, m in holders) / 1000,

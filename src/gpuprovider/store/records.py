@@ -86,6 +86,10 @@ class GpuRecord:
     driver_version: str = ""
     cuda_version: str = ""
     present: bool = True
+    # the latest proof-of-GPU verdict (table gpu_proofs), None when never proven
+    proof_passed: bool | None = None
+    proof_at: float | None = None
+    proof_reason: str = ""
 
 
 @dataclass

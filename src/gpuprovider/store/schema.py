@@ -135,3 +135,36 @@ events = Table(
     Column("to_state", String(16), nullable=False),
     Column("reason", Text, nullable=False),
 )
+
+# The latest proof-of-GPU verdict per GPU, as its verifier reported it.
+gpu_proofs = Table(
+    "gpu_proofs",
+    metadata,
+    Column("gpu_uuid", String(96), primary_key=True),
+    Column("node_id", String(64), nullable=False),
+    Column("challenge_id", String(32), nullable=False),
+    Column("passed", Boolean, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("figures", JSON, nullable=False),
+    Column("verifier", String(255), nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+# The latest result of each check on each node (`gpuprovider check`, preflight at `up`).
+check_results = Table(
+    "check_results",
+    metadata,
+    Column("node_id", String(64), primary_key=True),
+    Column("key", String(200), primary_key=True),  # group/name[/subject]
+    Column("group", String(32), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("subject", String(64), nullable=False),
+    Column("gpu_uuid", String(96), nullable=False, index=True),
+    Column("status", String(8), nullable=False),
+    Column("value", JSON),
+    Column("unit", String(32), nullable=False),
+    Column("threshold", Text, nullable=False),
+    Column("advice", Text, nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("ran_at", Float, nullable=False),
+)

@@ -204,6 +204,7 @@ class Store:
                 f"the store was written by a newer gpuprovider (schema {version}, "
                 f"this one knows {t.SCHEMA_VERSION}); upgrade gpuprovider"
             )
+        t.metadata.create_all(self.engine)  # tables added since the store was made
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
@@ -271,7 +272,11 @@ class Store:
                 for row in conn.execute(select(t.gpus).where(t.gpus.c.node_id == node.id))
             }
             for gpu in node.gpus:
-                gpu_values = {f.name: getattr(gpu, f.name) for f in fields(GpuRecord)}
+                gpu_values = {
+                    f.name: getattr(gpu, f.name)
+                    for f in fields(GpuRecord)
+                    if not f.name.startswith("proof_")
+                }
                 if gpu.uuid in known:
                     # Health set by checks is kept; inventory only refreshes facts.
                     gpu_values.pop("health")
@@ -281,23 +286,116 @@ class Store:
                     )
                 else:
                     conn.execute(insert(t.gpus).values(**gpu_values))
+                    _apply_check_health(conn, gpu.uuid)  # checked before it was registered
             seen = {g.uuid for g in node.gpus}
             for uuid in set(known) - seen:
                 conn.execute(update(t.gpus).where(t.gpus.c.uuid == uuid).values(present=False))
+
+    def set_node_status(self, node_id: str, status: str, reason: str) -> bool:
+        """Set a known node's status (ready, unreachable, ...); False if it is unknown."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(t.nodes)
+                .where(t.nodes.c.id == node_id)
+                .where((t.nodes.c.status != status) | (t.nodes.c.status_reason != reason))
+                .values(status=status, status_reason=reason)
+            )
+        return done.rowcount > 0
+
+    def remove_node(self, node_id: str) -> None:
+        """Forget a node and its GPUs (its tasks' history stays)."""
+        with self.engine.begin() as conn:
+            conn.execute(t.gpus.delete().where(t.gpus.c.node_id == node_id))
+            conn.execute(t.check_results.delete().where(t.check_results.c.node_id == node_id))
+            conn.execute(t.nodes.delete().where(t.nodes.c.id == node_id))
 
     def nodes(self) -> list[NodeRecord]:
         with self.engine.connect() as conn:
             node_rows = conn.execute(select(t.nodes).order_by(t.nodes.c.name)).all()
             gpu_rows = conn.execute(select(t.gpus).order_by(t.gpus.c.node_id, t.gpus.c.idx)).all()
+            proofs = {row.gpu_uuid: row for row in conn.execute(select(t.gpu_proofs))}
         by_node: dict[str, list[GpuRecord]] = {}
         for row in gpu_rows:
-            by_node.setdefault(row.node_id, []).append(_record(GpuRecord, row))
+            gpu = _record(GpuRecord, row)
+            if proof := proofs.get(gpu.uuid):
+                gpu.proof_passed, gpu.proof_at, gpu.proof_reason = (
+                    proof.passed,
+                    proof.at,
+                    proof.reason,
+                )
+            by_node.setdefault(row.node_id, []).append(gpu)
         result = []
         for row in node_rows:
             node = _record(NodeRecord, row)
             node.gpus = by_node.get(node.id, [])
             result.append(node)
         return result
+
+    # -- proofs of GPU --------------------------------------------------------
+
+    def save_proof(
+        self,
+        gpu_uuid: str,
+        node_id: str,
+        challenge_id: str,
+        passed: bool,
+        reason: str,
+        figures: dict[str, Any],
+        verifier: str,
+        at: float,
+    ) -> None:
+        """Keep the latest verdict for a GPU."""
+        with self.engine.begin() as conn:
+            conn.execute(t.gpu_proofs.delete().where(t.gpu_proofs.c.gpu_uuid == gpu_uuid))
+            conn.execute(
+                insert(t.gpu_proofs).values(
+                    gpu_uuid=gpu_uuid,
+                    node_id=node_id,
+                    challenge_id=challenge_id,
+                    passed=passed,
+                    reason=reason,
+                    figures=figures,
+                    verifier=verifier,
+                    at=at,
+                )
+            )
+
+    def proof(self, gpu_uuid: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(t.gpu_proofs).where(t.gpu_proofs.c.gpu_uuid == gpu_uuid)
+            ).first()
+        return dict(row._mapping) if row else None
+
+    # -- check results -------------------------------------------------------
+
+    def save_check_results(self, node_id: str, results: Sequence[Any], ran_at: float) -> None:
+        """Keep each check's latest result; a GPU with any FAIL among its latest results
+        is marked failed (no new work), and cleared once none is left."""
+        with self.engine.begin() as conn:
+            touched: set[str] = set()
+            for result in results:
+                row = result.to_dict() | {"node_id": node_id, "key": result.key, "ran_at": ran_at}
+                conn.execute(
+                    t.check_results.delete().where(
+                        (t.check_results.c.node_id == node_id)
+                        & (t.check_results.c.key == result.key)
+                    )
+                )
+                conn.execute(insert(t.check_results).values(**row))
+                if result.gpu_uuid:
+                    touched.add(result.gpu_uuid)
+            for uuid in touched:
+                _apply_check_health(conn, uuid)
+
+    def check_results(self, node_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.check_results)
+                .where(t.check_results.c.node_id == node_id)
+                .order_by(t.check_results.c.ran_at, t.check_results.c.group, t.check_results.c.key)
+            ).all()
+        return [dict(row._mapping) for row in rows]
 
     # -- tasks ---------------------------------------------------------------
 
@@ -440,6 +538,27 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(select(t.allocations).where(t.allocations.c.active.is_(True)))
             return [_record(AllocationRecord, r) for r in rows]
+
+
+def _apply_check_health(conn: Connection, uuid: str) -> None:
+    """A GPU with a FAIL among its latest check results is `failed`; otherwise `ok`.
+    Health set by anything else is left alone."""
+    failed = conn.execute(
+        select(t.check_results.c.key, t.check_results.c.advice)
+        .where(t.check_results.c.gpu_uuid == uuid)
+        .where(t.check_results.c.status == "FAIL")
+        .order_by(t.check_results.c.key)
+    ).all()
+    reason = "; ".join(f"{r.key}: {r.advice}" if r.advice else r.key for r in failed)
+    conn.execute(
+        update(t.gpus)
+        .where(t.gpus.c.uuid == uuid)
+        .where(t.gpus.c.health.in_(("ok", "failed")))
+        .values(
+            health="failed" if failed else "ok",
+            health_reason=f"last check FAILed: {reason}" if failed else "",
+        )
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -1,0 +1,187 @@
+"""Ray backend figures: throughput and latency over 4 local Ray nodes against the local
+backend in the same run, dead-node detection, and the head's overhead per Ray node.
+
+Every Ray process listens on 127.0.0.1 (Ray's multi-node-on-one-machine tool, as the
+tests use it). Both providers get 8 simulated H100s: 4 Ray nodes x 2, or one local node
+x 8; jobs are `true` asking for one GPU.
+
+Usage: python bench/ray_backend.py [--jobs 500] [--deaths 3]
+Prints a human summary, then JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process on 127.0.0.1
+
+from ray.cluster_utils import Cluster
+
+from gpuprovider.backends.ray import node_labels
+from gpuprovider.testing import (
+    Provider,
+    free_port,
+    kill_task_processes,
+    make_home,
+    wait_for,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core import DONE, EIGHT_GPUS, TRIVIAL, all_tasks, ms
+
+HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
+def cluster_with(nodes: int) -> tuple[Cluster, list]:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "_system_config": HEALTH,
+        },
+    )
+    added = [
+        cluster.add_node(
+            num_cpus=2,
+            node_ip_address="127.0.0.1",
+            labels=node_labels(f"node-{i}", [("h100-80gb-sxm", 2)], {}),
+        )
+        for i in range(nodes)
+    ]
+    cluster.wait_for_nodes()
+    return cluster, added
+
+
+def provider_for(root: Path, address: str | None, gpus_expected: int = 8) -> Provider:
+    port = free_port()
+    gpus = "" if address else EIGHT_GPUS
+    home = make_home(root, port, gpus, poll_interval_s=0.1, reaper_interval_s=5.0)
+    if address:
+        text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
+        home.config.write_text(text.replace('address = ""', f'address = "{address}"', 1))
+    provider = Provider(home, port)
+    provider.start()
+    wait_for(lambda: len(provider.api.get("/gpus").json()) == gpus_expected, 60, "the GPUs")
+    return provider
+
+
+def burst(provider: Provider, jobs: int) -> dict:
+    start = time.time()
+    for _ in range(jobs):
+        provider.submit(**TRIVIAL)
+    wait_for(lambda: sum(t["state"] in DONE for t in all_tasks(provider)) >= jobs, 900)
+    tasks = [t for t in all_tasks(provider) if t["created_at"] >= start]
+    waits = [t["started_at"] - t["created_at"] for t in tasks]
+    span = max(t["started_at"] for t in tasks) - min(t["created_at"] for t in tasks)
+    return {
+        "jobs": jobs,
+        "failed": sum(t["state"] != "succeeded" for t in tasks),
+        "placements_per_s": round(jobs / span, 1),
+        **ms(waits),
+    }
+
+
+def footprint(pid: int, seconds: float = 10.0) -> dict:
+    proc = psutil.Process(pid)
+    proc.cpu_percent(None)
+    time.sleep(seconds)
+    return {
+        "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+        "cpu_pct": round(proc.cpu_percent(None), 2),
+    }
+
+
+def deaths(root: Path, runs: int) -> list[float]:
+    """Seconds from a node's death to its job re-queued, `runs` times."""
+    cluster, nodes = cluster_with(runs + 1)
+    provider = provider_for(root, cluster.address, gpus_expected=2 * (runs + 1))
+    by_name = {f"node-{i}": node for i, node in enumerate(nodes)}
+    found = []
+    try:
+        for _ in range(runs):
+            task = provider.submit(
+                command=["sleep", "300"],
+                resources={"gpu": 1},
+                retry={"attempts": 5, "backoff_s": 0},
+            )
+            running = provider.wait_state(task["id"], "running", timeout=60)
+            victim = running["allocation"]["node"]
+            died = time.time()
+            cluster.remove_node(by_name.pop(victim), allow_graceful=False)
+            requeued = wait_for(
+                lambda t=task: [
+                    e
+                    for e in provider.task(t["id"])["events"]
+                    if e["to"] == "queued" and "attempt 2" in e["reason"]
+                ],
+                60,
+            )
+            found.append(round(requeued[0]["at"] - died, 2))
+            provider.api.post(f"/tasks/{task['id']}/cancel")
+    finally:
+        provider.stop()
+        kill_task_processes(provider.home)
+        cluster.shutdown()
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--deaths", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        local = provider_for(root / "local", None)
+        try:
+            local_burst = burst(local, args.jobs)
+        finally:
+            local.stop()
+        cluster, _ = cluster_with(1)
+        one = provider_for(root / "ray1", cluster.address, gpus_expected=2)
+        one_node = footprint(one.proc.pid)
+        one.stop()
+        cluster.shutdown()
+        cluster, _ = cluster_with(4)
+        ray = provider_for(root / "ray4", cluster.address)
+        try:
+            four_nodes = footprint(ray.proc.pid)
+            ray_burst = burst(ray, args.jobs)
+        finally:
+            ray.stop()
+            kill_task_processes(ray.home)
+            cluster.shutdown()
+        detection = deaths(root / "deaths", args.deaths)
+    per_node = {
+        "rss_mb": round((four_nodes["rss_mb"] - one_node["rss_mb"]) / 3, 1),
+        "cpu_pct": round((four_nodes["cpu_pct"] - one_node["cpu_pct"]) / 3, 2),
+    }
+    figures = {
+        "ray_4_nodes": ray_burst,
+        "local_baseline": local_burst,
+        "dead_node_to_requeued_s": detection,
+        "head_idle": {"1_node": one_node, "4_nodes": four_nodes, "per_extra_node": per_node},
+    }
+    print(f"{args.jobs} jobs, 8 GPUs: Ray over 4 nodes vs the local backend")
+    for name, got in (("ray, 4 nodes", ray_burst), ("local", local_burst)):
+        print(
+            f"  {name:13s} {got['placements_per_s']:7.1f} placements/s  "
+            f"p50 {got['p50_ms']:8.1f} ms  p99 {got['p99_ms']:8.1f} ms  failed {got['failed']}"
+        )
+    print(f"dead node -> job re-queued: {detection} s (goal < 10 s)")
+    print(f"head idle: 1 node {one_node}, 4 nodes {four_nodes}, per extra node {per_node}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Ray backend: tasks run on the Ray node the scheduler chose, under the same runner.
+
+Each gpuprovider node of the Ray cluster (a Ray node labelled `gpuprovider.io/node`)
+gets one detached agent actor pinned to it with hard node affinity. The agent runs the
+local backend there (the runner, its exit records, the task's log) and reports the
+node's hardware with the same inventory code as a local node. The daemon is a Ray
+driver: it places with its own scheduler and only asks the chosen node's agent to
+start, poll, stop or read a task. Agents are detached, so a restarted daemon finds them
+and the runners they started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from gpuprovider import __version__
+from gpuprovider.backends.base import Exit, Handle, Launch, NodeDown, node_lost
+from gpuprovider.backends.local import LocalBackend
+from gpuprovider.config import SimulatedGpu
+from gpuprovider.inventory.local import read_local_node
+from gpuprovider.store.records import NodeRecord
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "gpuprovider"
+LABEL_NODE = "gpuprovider.io/node"  # "1" on every Ray node that serves gpuprovider
+LABEL_NAME = "gpuprovider.io/name"
+SIM_PREFIX = "gpuprovider.io/sim-"  # gpuprovider.io/sim-<model> = count of simulated GPUs
+CLUSTER_KEY = "gpuprovider:cluster"  # in Ray's KV store: this Ray cluster serves gpuprovider
+CALL_TIMEOUT_S = 30.0
+POLL_TIMEOUT_S = 3.0  # a poll blocks the executor: a node that cannot answer is checked
+
+
+class RayBackendError(RuntimeError):
+    """Ray cannot be used as configured; the message says what to fix."""
+
+
+class BadRayAddress(RayBackendError, ValueError):
+    """The address is not host:port."""
+
+
+def our_node_id(ray_node_id: str) -> str:
+    return "ray-" + ray_node_id[:12]
+
+
+def node_labels(name: str, simulated: list[tuple[str, int]], labels: dict[str, str]) -> dict:
+    """Ray node labels that make a Ray node a gpuprovider node (`node join`)."""
+    made = {LABEL_NODE: "1", LABEL_NAME: name, **labels}
+    made.update({f"{SIM_PREFIX}{model}": str(count) for model, count in simulated})
+    return made
+
+
+class NodeAgent:
+    """Runs on one Ray node (as a detached actor): the local backend, there."""
+
+    def __init__(self, node_id: str, name: str, labels: dict[str, str], data_dir: str):
+        # unnamed (a KubeRay worker group): the pod's host name
+        self.node_id, self.name, self.data_dir = node_id, name or socket.gethostname(), data_dir
+        self.declared = [
+            SimulatedGpu(model=key.removeprefix(SIM_PREFIX), count=int(value))
+            for key, value in labels.items()
+            if key.startswith(SIM_PREFIX)
+        ]
+        self.labels = {
+            k: v for k, v in labels.items() if not k.startswith(("gpuprovider.io/", "ray.io/"))
+        }
+        self.local = LocalBackend()
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+
+    def inventory(self, address: str) -> NodeRecord:
+        node = read_local_node(
+            self.node_id, self.name, "", Path(self.data_dir), self.declared, self.labels
+        )
+        node.backend, node.address = "ray", address
+        node.facts["host"] = socket.gethostname()
+        return node
+
+    def start(self, launch: Launch) -> Handle:
+        import ray
+
+        launch.env["GPUPROVIDER_RAY_NODE"] = ray.get_runtime_context().get_node_id()
+        return self.local.start(launch)
+
+    def poll(self, handle: Handle) -> Exit | None:
+        return self.local.poll(handle)
+
+    def stop(self, handle: Handle) -> bool:
+        return self.local.stop(handle)
+
+    def kill(self, handle: Handle) -> None:
+        self.local.kill(handle)
+
+    def recover(self, run_dir: str, attempt: int) -> Handle | None:
+        return self.local.recover(run_dir, attempt, self.node_id)
+
+    def read_log(self, run_dir: str, offset: int, limit: int) -> bytes:
+        return self.local.read_log(self.node_id, run_dir, offset, limit)
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, address: str, data_dir: Path):
+        self.address, self.data_dir = address, str(data_dir)
+        self.ray: Any = None
+        self.agents: dict[str, Any] = {}  # our node id -> agent actor handle
+        self.ray_ids: dict[str, str] = {}  # our node id -> Ray node id
+        self.dead: set[str] = set()
+
+    def connect(self) -> None:
+        """Join the Ray cluster as a driver (once); RayBackendError says what to fix."""
+        if self.ray is not None:
+            return
+        try:
+            import ray
+        except ImportError:
+            raise RayBackendError(
+                "[backend] kind = \"ray\" needs Ray: pip install 'gpuprovider[ray]'"
+            ) from None
+        if self.address:
+            reachable(self.address)
+        try:
+            ray.init(
+                address=self.address or "auto",
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+            )
+        except Exception as exc:
+            raise RayBackendError(
+                f"cannot connect to the Ray cluster at {self.address or 'auto'}: {exc}; "
+                "check [backend] address (host:port of the Ray head) and that the head runs"
+            ) from None
+        self._agent_cls = ray.remote(NodeAgent)
+        self.ray = ray
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(
+            CLUSTER_KEY, json.dumps({"gpuprovider": __version__}), namespace=NAMESPACE
+        )
+
+    # -- nodes -------------------------------------------------------------------
+
+    def _gpuprovider_nodes(self) -> list[dict]:
+        self.connect()
+        found = []
+        for info in self.ray.nodes():
+            labels = info.get("Labels") or {}
+            if labels.get(LABEL_NODE) != "1":
+                continue
+            node_id = our_node_id(info["NodeID"])
+            self.ray_ids[node_id] = info["NodeID"]
+            if info["Alive"]:
+                self.dead.discard(node_id)
+            else:
+                self.dead.add(node_id)
+                self.agents.pop(node_id, None)
+            found.append(info | {"node_id": node_id, "labels": labels})
+        return found
+
+    def dead_nodes(self) -> dict[str, str]:
+        """{node id: why} for gpuprovider nodes Ray reports dead (cheap: no node is asked)."""
+        return {
+            n["node_id"]: "Ray reports the node dead"
+            for n in self._gpuprovider_nodes()
+            if not n["Alive"]
+        }
+
+    def discover(self) -> tuple[list[NodeRecord], dict[str, str]]:
+        """(alive gpuprovider nodes with their hardware, {dead node id: why})."""
+        refs, dead = [], {}
+        for info in self._gpuprovider_nodes():
+            node_id = info["node_id"]
+            if not info["Alive"]:
+                dead[node_id] = "Ray reports the node dead"
+                continue
+            agent = self._agent(node_id, info["NodeID"], info["labels"])
+            refs.append((node_id, agent.inventory.remote(info["NodeManagerAddress"])))
+        nodes = []
+        for node_id, ref in refs:
+            try:
+                nodes.append(self.ray.get(ref, timeout=CALL_TIMEOUT_S))
+            except Exception as exc:  # one node's trouble never hides the others
+                dead[node_id] = f"its agent does not answer: {type(exc).__name__}"
+        return nodes, dead
+
+    def _agent(self, node_id: str, ray_node_id: str, labels: dict[str, str]):
+        agent = self.agents.get(node_id)
+        if agent is None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            agent = self._agent_cls.options(
+                name=f"agent-{ray_node_id}",
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_concurrency=16,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray_node_id, soft=False),
+            ).remote(node_id, labels.get(LABEL_NAME, ""), labels, self.data_dir)
+            self.agents[node_id] = agent
+        return agent
+
+    def _call(self, node_id: str, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+        agent = self.agents.get(node_id)
+        if agent is None:
+            self.discover()
+            agent = self.agents.get(node_id)
+        if agent is None:
+            raise NodeDown(node_id, f"node {node_id} is not an alive node of the Ray cluster")
+        return self.ray.get(getattr(agent, method).remote(*args), timeout=timeout)
+
+    # -- tasks -------------------------------------------------------------------
+
+    def start(self, launch: Launch) -> Handle:
+        if launch.node_id in self.dead:
+            raise NodeDown(launch.node_id, f"node {launch.node_id} died")
+        try:
+            return self._call(launch.node_id, "start", launch)
+        except OSError:
+            raise
+        except Exception as exc:
+            if self._node_dead(launch.node_id):
+                raise NodeDown(launch.node_id, f"node {launch.node_id} died") from None
+            raise OSError(f"Ray could not start it on {launch.node_id}: {exc}") from None
+
+    def poll(self, handle: Handle) -> Exit | None:
+        if handle.node_id in self.dead:
+            return node_lost(handle.node_id)
+        try:
+            return self._call(handle.node_id, "poll", handle, timeout=POLL_TIMEOUT_S)
+        except RayBackendError:
+            return None  # Ray itself is unreachable: nothing is known, ask again later
+        except Exception as exc:  # timed out, actor died, node gone
+            if self._node_dead(handle.node_id):
+                return node_lost(handle.node_id)
+            log.warning("polling pid %s on %s failed: %s", handle.pid, handle.node_id, exc)
+            return None
+
+    def _node_dead(self, node_id: str) -> bool:
+        ray_id = self.ray_ids.get(node_id)
+        alive = {n["NodeID"] for n in self.ray.nodes() if n["Alive"]}
+        if ray_id not in alive:
+            self.dead.add(node_id)
+            self.agents.pop(node_id, None)
+            return True
+        return False
+
+    def stop(self, handle: Handle) -> bool:
+        try:
+            return self._call(handle.node_id, "stop", handle)
+        except Exception:
+            return False
+
+    def kill(self, handle: Handle) -> None:
+        try:
+            self._call(handle.node_id, "kill", handle)
+        except Exception as exc:
+            log.warning("could not kill %s on %s: %s", handle.pid, handle.node_id, exc)
+
+    def recover(self, run_dir: str, attempt: int, node_id: str = "") -> Handle | None:
+        try:
+            return self._call(node_id, "recover", run_dir, attempt)
+        except Exception:
+            return None
+
+    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:
+        try:
+            return self._call(node_id, "read_log", run_dir, offset, limit)
+        except Exception:
+            return b""
+
+
+def reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast with a clear message when nothing listens at host:port (Ray itself would
+    retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise BadRayAddress(f"Ray address {address!r}: write host:port, e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RayBackendError(
+            f"nothing answers at {address} ({exc.strerror or exc}); check the Ray head's "
+            "address, that `ray start --head` runs there, and the firewall"
+        ) from None
+
+
+def check_head(address: str) -> str:
+    """Connect to a Ray head as `node join` does before joining: it must answer, run our
+    Ray version and serve gpuprovider. Returns the head's gpuprovider version."""
+    try:
+        import ray
+        from ray.experimental import internal_kv
+    except ImportError:
+        raise RayBackendError("joining needs Ray: pip install 'gpuprovider[ray]'") from None
+    reachable(address)
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            configure_logging=False,
+        )
+    except Exception as exc:
+        text = str(exc)
+        if "version" in text.lower():
+            raise RayBackendError(
+                f"the head at {address} runs another Ray version ({text.splitlines()[0]}); "
+                f"install the head's Ray version here (this one is {ray.__version__})"
+            ) from None
+        raise RayBackendError(
+            f"cannot reach a Ray head at {address}: {text.splitlines()[0] if text else exc!r}; "
+            "check the address (host:port of `ray start --head`) and the firewall"
+        ) from None
+    try:
+        marker = internal_kv._internal_kv_get(CLUSTER_KEY, namespace=NAMESPACE)
+    finally:
+        ray.shutdown()
+    if not marker:
+        raise RayBackendError(
+            f"the Ray cluster at {address} is not a gpuprovider cluster: no provider runs "
+            'on it; start one there with [backend] kind = "ray" (`gpuprovider up`)'
+        )
+    return json.loads(marker)["gpuprovider"]
+
+
+def join_command(
+    address: str,
+    name: str,
+    simulated: list[tuple[str, int]],
+    labels: dict[str, str],
+    num_cpus: int | None,
+    node_ip: str | None,
+) -> list[str]:
+    """The `ray start` that makes this machine a gpuprovider node of the cluster."""
+    made = node_labels(name, simulated, labels)
+    argv = [
+        "ray",
+        "start",
+        "--address",
+        address,
+        "--labels",
+        ",".join(f"{k}={v}" for k, v in made.items()),
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        argv += ["--num-cpus", str(num_cpus)]
+    if node_ip:
+        argv += ["--node-ip-address", node_ip]
+    return argv
+
+
+class LocalRayCluster:
+    """A Ray cluster on this machine for a trial (`gpuprovider up --backend ray`): a head
+    and one Ray node per `nodes` entry, every process on 127.0.0.1. Built with Ray's own
+    multi-node-on-one-machine tool; stopped with the daemon."""
+
+    def __init__(self, nodes: list[tuple[str, list[tuple[str, int]]]]):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on 127.0.0.1
+        from ray.cluster_utils import Cluster
+
+        head_labels = {} if nodes else node_labels("ray-head", [], {})
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 1,
+                "node_ip_address": "127.0.0.1",
+                "include_dashboard": False,
+                "labels": head_labels,
+                "_system_config": {
+                    "health_check_period_ms": 1000,
+                    "health_check_failure_threshold": 3,
+                },
+            },
+        )
+        for name, sims in nodes:
+            self.cluster.add_node(
+                num_cpus=2, node_ip_address="127.0.0.1", labels=node_labels(name, sims, {})
+            )
+        self.cluster.wait_for_nodes()
+        self.address = self.cluster.address
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()  # the daemon's driver first: Ray refuses to stop a node it is on
+        self.cluster.shutdown()

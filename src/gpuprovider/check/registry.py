@@ -1,0 +1,34 @@
+"""Checks register here by group; the runner and the CLI read the registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from gpuprovider.check.context import CheckContext
+from gpuprovider.check.result import Result
+
+GROUPS = ("preflight", "hardware", "compute", "workload")
+
+CheckFn = Callable[[CheckContext], Result | Iterable[Result]]
+
+
+@dataclass(frozen=True)
+class Check:
+    group: str
+    name: str
+    title: str
+    fn: CheckFn
+
+
+CHECKS: list[Check] = []
+
+
+def check(group: str, name: str, title: str) -> Callable[[CheckFn], CheckFn]:
+    assert group in GROUPS, group
+
+    def register(fn: CheckFn) -> CheckFn:
+        CHECKS.append(Check(group, name, title, fn))
+        return fn
+
+    return register

@@ -1,0 +1,42 @@
+"""Draining and removing a node: jobs finish, services move, nothing is lost."""
+
+import sys
+
+PY = sys.executable
+
+
+def test_drain_then_remove(fresh_provider):
+    p = fresh_provider
+    p.start()
+    node = p.api.get("/nodes").json()[0]["name"]
+    job = p.submit(name="finishing", command=[PY, "-c", "import time; time.sleep(3)"])
+    service = p.submit(
+        name="web", kind="service", command=[PY, "-c", "import time; time.sleep(300)"]
+    )
+    p.wait_state(job["id"], "running")
+    p.wait_state(service["id"], "running")
+    drained = p.cli("node", "drain", node)
+    assert drained.returncode == 0, drained.stderr
+    assert "services moving elsewhere: web" in drained.stdout and "finishing" in drained.stdout
+    moved = p.wait_state(service["id"], "queued")  # no other node: it waits, saying why
+    assert moved["preemptions"] == 1 and moved["attempt"] == 1
+    assert any("draining" in e["reason"] for e in p.task(service["id"])["events"])
+    refused = p.cli("node", "remove", node)
+    assert refused.returncode == 2 and "still runs finishing" in refused.stderr
+    p.wait_state(job["id"], "succeeded")
+    assert p.api.get("/nodes").json()[0]["status"] == "draining"
+    fresh = p.submit(name="waits", command=["true"])
+    waiting = p.task(fresh["id"])
+    assert waiting["state"] == "queued"
+    p.cli("task", "cancel", "web")
+    p.cli("task", "cancel", "waits")
+    removed = p.cli("node", "remove", node)
+    assert removed.returncode == 0 and "removed" in removed.stdout
+
+
+def test_bad_node_commands_name_the_problem(provider):
+    node = provider.api.get("/nodes").json()[0]["name"]
+    unknown = provider.cli("node", "drain", "no-such-node")
+    assert unknown.returncode == 2 and f"no node 'no-such-node'; nodes: {node}" in unknown.stderr
+    busy = provider.cli("node", "remove", node)
+    assert busy.returncode == 2 and "drain node" in busy.stderr

@@ -1,0 +1,294 @@
+"""The Ray backend on a real Ray cluster: several nodes on 127.0.0.1 in one machine."""
+
+import contextlib
+import os
+import signal
+import sys
+
+import psutil
+import pytest
+
+from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
+
+ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every Ray process on 127.0.0.1
+
+pytestmark = pytest.mark.slow
+
+PY = sys.executable
+
+
+def gpuprovider_node(cluster, name, sims):
+    labels = {"gpuprovider.io/node": "1", "gpuprovider.io/name": name}
+    labels.update({f"gpuprovider.io/sim-{model}": str(n) for model, n in sims})
+    return cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", labels=labels)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    made = ray_cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            # notice a dead node within seconds, not Ray's default ~30 s
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+        },
+    )
+    made.nodes_by_name = {
+        "node-h100": gpuprovider_node(made, "node-h100", [("h100-80gb-sxm", 2)]),
+        "node-a100": gpuprovider_node(made, "node-a100", [("a100-80gb-sxm", 1)]),
+    }
+    made.wait_for_nodes()
+    yield made
+    made.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_provider(cluster, tmp_path_factory):
+    port = free_port()
+    home = make_home(tmp_path_factory.mktemp("ray-home"), port, gpus="")
+    text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
+    text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
+    home.config.write_text(text)
+    provider = Provider(home, port)
+    provider.start()
+    yield provider
+    provider.cancel_all()
+    provider.stop()
+    kill_task_processes(home)
+
+
+def kill_processes_of(task_id):
+    for proc in psutil.process_iter(["environ"]):
+        with contextlib.suppress(psutil.Error):
+            if (proc.info["environ"] or {}).get("GPUPROVIDER_TASK_ID") == task_id:
+                proc.kill()
+
+
+def nodes_by_name(p):
+    return {n["name"]: n for n in p.api.get("/nodes").json()}
+
+
+def test_nodes_come_from_ray_with_their_declared_gpus(ray_provider):
+    nodes = wait_for(lambda: len(nodes_by_name(ray_provider)) == 2 and nodes_by_name(ray_provider))
+    assert {n["backend"] for n in nodes.values()} == {"ray"}
+    gpus = ray_provider.api.get("/gpus").json()
+    models = {(g["node"], g["model"]) for g in gpus}
+    assert models == {("node-h100", "h100-80gb-sxm"), ("node-a100", "a100-80gb-sxm")}
+    assert len([g for g in gpus if g["node"] == "node-h100"]) == 2
+
+
+def test_placement_follows_the_model_and_runs_on_that_ray_node(ray_provider, cluster):
+    script = (
+        "import os; print(os.environ['GPUPROVIDER_RAY_NODE'], os.environ['CUDA_VISIBLE_DEVICES'])"
+    )
+    task = ray_provider.submit(
+        name="on-a100", command=[PY, "-c", script], resources={"gpu": "A100:1"}
+    )
+    done = ray_provider.wait_state(task["id"], "succeeded", timeout=60)
+    assert done["allocation"]["node"] == "node-a100"
+    ray_node, visible = ray_provider.logs(task["id"]).split()
+    assert ray_node == cluster.nodes_by_name["node-a100"].node_id and visible == "0"
+    followed = ray_provider.cli("task", "logs", "on-a100", "--follow")
+    assert followed.returncode == 0 and ray_node in followed.stdout
+
+
+def test_cancel_stops_the_process_on_its_node(ray_provider):
+    task = ray_provider.submit(
+        name="sleeper",
+        command=[PY, "-c", "import time; time.sleep(300)"],
+        resources={"gpu": "H100:2"},
+    )
+    ray_provider.wait_state(task["id"], "running", timeout=60)
+    cancelled = ray_provider.cli("task", "cancel", "sleeper")
+    assert cancelled.returncode == 0
+    ended = ray_provider.wait_state(task["id"], "cancelled", timeout=60)
+    assert ended["allocation"]["node"] == "node-h100"
+
+
+def test_max_duration_as_on_the_local_backend(ray_provider):
+    task = ray_provider.submit(
+        name="too-long", command=[PY, "-c", "import time; time.sleep(60)"], max_duration_s=1
+    )
+    ended = ray_provider.wait_state(task["id"], "failed", timeout=60)
+    assert "max duration" in ended["reason"]
+
+
+def test_exit_codes_and_retries_as_on_the_local_backend(ray_provider):
+    task = ray_provider.submit(
+        name="fails",
+        command=[PY, "-c", "raise SystemExit(3)"],
+        resources={"gpu": 1},
+        retry={"attempts": 2, "backoff_s": 0},
+    )
+    ended = ray_provider.wait_state(task["id"], "failed", timeout=60)
+    assert ended["exit_code"] == 3 and ended["attempt"] == 2
+
+
+def test_a_dead_node_is_noticed_its_job_retried_and_its_service_restarted_elsewhere(
+    ray_provider, cluster
+):
+    job = ray_provider.submit(
+        name="survivor",
+        command=[
+            PY,
+            "-c",
+            "import os, time; print(os.environ['GPUPROVIDER_RAY_NODE']); "
+            "time.sleep(1 if os.environ['GPUPROVIDER_ATTEMPT'] != '1' else 300)",
+        ],
+        resources={"gpu": "H100|A100:0.5"},
+        retry={"attempts": 3, "backoff_s": 0},
+    )
+    running = ray_provider.wait_state(job["id"], "running", timeout=60)
+    victim = running["allocation"]["node"]
+    service = ray_provider.submit(
+        name="web-on-ray",
+        kind="service",
+        command=[PY, "-c", "import time; time.sleep(300)"],
+        resources={"gpu": "H100|A100:0.5"},
+    )
+    served = ray_provider.wait_state(service["id"], "running", timeout=60)
+    assert served["allocation"]["node"] == victim  # packed beside the job (best-fit)
+    cluster.remove_node(cluster.nodes_by_name[victim], allow_graceful=False)
+    try:
+        ended = ray_provider.wait_state(job["id"], "succeeded", timeout=90)
+        moved = wait_for(
+            lambda: (
+                (t := ray_provider.task(service["id"]))["state"] == "running"
+                and t["allocation"]["node"] != victim
+                and t
+            ),
+            60,
+            "the service to run elsewhere",
+        )
+    finally:
+        kill_processes_of(job["id"])  # on one machine, the dead node's processes live on
+        kill_processes_of(service["id"])
+    assert "died" in " ".join(e["reason"] for e in ended["events"])
+    assert ended["allocation"]["node"] != victim
+    assert any("restarting" in e["reason"] for e in moved["events"])
+    gone = wait_for(lambda: nodes_by_name(ray_provider)[victim]["status"] == "unreachable", 30)
+    assert gone
+    ray_provider.api.post(f"/tasks/{service['id']}/cancel")
+
+
+def test_daemon_kill_9_and_restart_re_adopts_tasks_on_ray(ray_provider, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = (
+        "import os, time, pathlib; "
+        f"pathlib.Path({str(marks)!r}, 'ran-' + os.environ['GPUPROVIDER_ATTEMPT']).touch(); "
+        "time.sleep(4)"
+    )
+    task = ray_provider.submit(
+        name="outlives", command=[PY, "-c", script], resources={"gpu": "H100:1"}
+    )
+    ray_provider.wait_state(task["id"], "running", timeout=60)
+    ray_provider.stop(signal.SIGKILL)
+    ray_provider.start()
+    ended = ray_provider.wait_state(task["id"], "succeeded", timeout=60)
+    assert ended["attempt"] == 1 and [p.name for p in marks.iterdir()] == ["ran-1"]
+
+
+def test_join_checks_the_head_then_wraps_ray_start(ray_provider, cluster):
+    done = ray_provider.cli(
+        "node",
+        "join",
+        cluster.address,
+        "--name",
+        "gpu-box",
+        "--simulate-gpu",
+        "h100-80gb-sxm:2",
+        "--label",
+        "zone=eu",
+        "--num-cpus",
+        "4",
+        "--dry-run",
+    )
+    assert done.returncode == 0, done.stderr
+    command = done.stdout.strip().splitlines()[-1]
+    assert f"ray start --address {cluster.address} --labels " in command
+    for label in (
+        "gpuprovider.io/node=1",
+        "gpuprovider.io/name=gpu-box",
+        "gpuprovider.io/sim-h100-80gb-sxm=2",
+        "zone=eu",
+    ):
+        assert label in command
+    unreachable = ray_provider.cli("node", "join", "127.0.0.1:1")
+    assert unreachable.returncode == 1 and "nothing answers at 127.0.0.1:1" in unreachable.stderr
+    malformed = ray_provider.cli("node", "join", "head-without-port")
+    assert malformed.returncode == 2 and "write host:port" in malformed.stderr
+    bad_gpu = ray_provider.cli("node", "join", cluster.address, "--simulate-gpu", "h100:2")
+    assert bad_gpu.returncode == 2 and "names several models" in bad_gpu.stderr
+
+
+def test_join_refuses_a_ray_cluster_that_is_not_a_provider(ray_provider):
+    plain = ray_cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    try:
+        done = ray_provider.cli("node", "join", plain.address, "--dry-run")
+    finally:
+        plain.shutdown()
+    assert done.returncode == 1 and "is not a gpuprovider cluster" in done.stderr
+
+
+def test_unreachable_ray_address_is_logged_and_the_api_keeps_serving(tmp_path):
+    port = free_port()
+    home = make_home(tmp_path / "home", port, gpus="")
+    text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
+    home.config.write_text(text.replace('address = ""', 'address = "127.0.0.1:1"', 1))
+    provider = Provider(home, port)
+    provider.start()
+    try:
+        task = provider.submit(command=["true"])
+        waiting = wait_for(lambda: (t := provider.task(task["id"]))["reason"] and t)
+        assert waiting["state"] == "queued" and "no node" in waiting["reason"]
+        wait_for(lambda: "nothing answers at 127.0.0.1:1" in provider.log())
+        assert provider.api.get("/health").status_code == 200
+    finally:
+        provider.stop()
+
+
+def test_readme_trial_walkthrough_up_with_local_ray_nodes(tmp_path):
+    """`gpuprovider up --backend ray --ray-node ...`: a local Ray head and trial nodes."""
+    port = free_port()
+    home = make_home(tmp_path / "home", port, gpus="")
+    provider = Provider(home, port)
+    provider.up_args = [
+        "--backend",
+        "ray",
+        "--ray-node",
+        "big=h100-80gb-sxm:2",
+        "--ray-node",
+        "small=a10-24gb:1",
+    ]
+    provider.start_timeout_s = 90.0  # it starts a Ray head and two nodes first
+    try:
+        provider.start()
+        nodes = wait_for(lambda: len(nodes_by_name(provider)) == 2 and nodes_by_name(provider), 60)
+        assert {n["backend"] for n in nodes.values()} == {"ray"}
+        ran = provider.cli(
+            "task",
+            "run",
+            "--gpu",
+            "A10:1",
+            "--name",
+            "hello",
+            "--",
+            PY,
+            "-c",
+            "print('hello from', 'small')",
+        )
+        assert ran.returncode == 0, ran.stderr
+        done = provider.wait_state("hello", "succeeded", timeout=60)
+        assert done["allocation"]["node"] == "small"
+        assert provider.logs("hello").strip() == "hello from small"
+    finally:
+        provider.stop()
+    assert provider.proc.returncode == 0
+    assert "starting a local Ray cluster: head + 2 node(s)" in provider.log()
