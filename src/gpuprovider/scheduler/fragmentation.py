@@ -52,7 +52,9 @@ class TypicalTasks:
         if total <= 0:
             raise ValueError("typical tasks need at least one shape with a positive weight")
         self.shapes = list(shapes)
-        self.freq = np.array([shapes[s] / total for s in self.shapes], dtype=np.float64)
+        self.weight = np.array([shapes[s] for s in self.shapes], dtype=np.float64)
+        self.total_weight = float(total)
+        self.freq = self.weight / total
 
     @classmethod
     def from_tasks(
@@ -84,6 +86,7 @@ class BoundTypicalTasks:
     def __init__(self, typical: TypicalTasks, state: ClusterState):
         shapes = typical.shapes
         self.freq = typical.freq
+        self.weight, self.total_weight = typical.weight, typical.total_weight
         self.cpu = np.array([s.cpu for s in shapes], dtype=np.int64)
         self.count = np.array([s.count for s in shapes], dtype=np.int64)
         self.is_gpu = np.array([s.milli > 0 for s in shapes], dtype=bool)
@@ -113,7 +116,12 @@ class BoundTypicalTasks:
         cpu_free: np.ndarray,
         model: np.ndarray,
     ) -> np.ndarray:
-        """Expected fragmented milli-GPU of each node state."""
+        """Expected fragmented milli-GPU of each node state.
+
+        Summed with the raw weights (task counts: integers, so the sum is exact in any
+        order) and divided once: equal node states get equal values whichever batch
+        they are computed in, and a placement that changes nothing grows it by exactly
+        zero, where FGD's integer score would otherwise flip on a rounding error."""
         if not len(self.thresholds):
             return total * float(self.freq.sum())
         fits = (
@@ -123,7 +131,7 @@ class BoundTypicalTasks:
             & self.access[model]  # model -1 (no GPU) reads the last row: no access
         )
         frag = np.where(fits, short_sum[:, self.threshold_of], total[:, None])
-        return frag @ self.freq
+        return (frag @ self.weight) / self.total_weight
 
     def node_frag(
         self, gpu_free: np.ndarray, cpu_free: np.ndarray, model: np.ndarray

@@ -7,11 +7,17 @@ extension point that policies plug into.
   policy asks for random ties (as kube-scheduler does);
 - a *GPU picker* chooses devices on the chosen node when the scorer did not;
 - *reserve* records the placement in the cluster state so the next task sees it.
+
+A filter's verdict and a scorer's score on a node must depend only on that node and the
+task. The framework relies on it: per task shape it keeps each node's verdict and score,
+and recomputes them only for the nodes a reservation changed since (a placement changes
+one node), so a decision costs a pass over flat arrays rather than the plugins' work on
+every node.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,14 +33,15 @@ from gpuprovider.scheduler.model import (
     TaskRequest,
     Unplaced,
 )
-from gpuprovider.scheduler.state import ClusterState, CompiledTask, row_count
+from gpuprovider.scheduler.state import ALL, ClusterState, CompiledTask, row_count
 
 
 @dataclass(frozen=True)
 class Filter:
     name: str
-    # bool[N]: nodes that pass. `fitting` is bool[N, G], GPUs with room for the task.
-    check: Callable[[ClusterState, CompiledTask, np.ndarray], np.ndarray]
+    # bool[len(rows)]: which of the nodes `rows` (indices, or slice(None): all) pass.
+    # `fitting` is bool[len(rows), G]: their GPUs with room for the task.
+    check: Callable[[ClusterState, CompiledTask, np.ndarray | slice, np.ndarray], np.ndarray]
     # Why the nodes given fail, in words a user can act on: reason -> how many nodes.
     reason: Callable[[ClusterState, CompiledTask, np.ndarray], dict[str, int]]
 
@@ -45,8 +52,11 @@ class Context:
 
     state: ClusterState
     task: CompiledTask
-    fitting: np.ndarray  # bool[N, G]
     framework: Framework
+
+    def fitting(self, rows: np.ndarray | int) -> np.ndarray:
+        """bool[..., G]: the GPUs of nodes `rows` with room for the task now."""
+        return self.state.fitting_gpus(self.task, rows)
 
     def fragmentation(self) -> FragTracker:
         return self.framework.frag_tracker(self.state)
@@ -55,7 +65,7 @@ class Context:
 @dataclass
 class Scores:
     values: np.ndarray  # one per candidate node; higher is better
-    gpus: list[list[int]] | None = None  # GPU slots chosen per candidate, if the scorer chose
+    share_gpu: np.ndarray | None = None  # for a share: the GPU slot chosen per candidate
 
 
 Scorer = Callable[[Context, np.ndarray], Scores]
@@ -73,6 +83,66 @@ class Policy:
     description: str = ""
 
 
+# Task shapes whose per-node verdicts and scores are kept, most recently used.
+SHAPES_KEPT = 256
+
+
+class ShapeCache:
+    """What one task shape sees on every node: whether the node passes the filters, its
+    score there, and the GPU its scorer chose for a share. Each entry holds while its
+    node's version is the one it was computed at."""
+
+    def __init__(self, n: int):
+        self.ok = np.zeros(n, dtype=bool)
+        self.values = np.zeros(n, dtype=np.float64)
+        self.share_gpu = np.full(n, -1, dtype=np.int64)  # -1: left to the GPU picker
+        self.seen_at = np.full(n, -1, dtype=np.int64)
+
+    def refresh(self, context: Context, policy: Policy) -> None:
+        """Filter and score again the nodes changed since this shape last looked."""
+        state, task = context.state, context.task
+        changed = np.nonzero(self.seen_at != state.version)[0]
+        if not len(changed):
+            return
+        fitting = state.fitting_gpus(task, changed)
+        ok = np.ones(len(changed), dtype=bool)
+        for check in policy.filters:
+            ok &= check.check(state, task, changed, fitting)
+        self.ok[changed] = ok
+        self.seen_at[changed] = state.version[changed]
+        passing = changed[ok]
+        if len(passing):
+            fresh = policy.scorer(context, passing)
+            self.values[passing] = fresh.values
+            if fresh.share_gpu is not None:
+                self.share_gpu[passing] = fresh.share_gpu
+
+    def best(self, policy: Policy, rng: np.random.Generator) -> int:
+        """The node to take: the first of the best scores in node order, or any of them
+        with random ties."""
+        values = np.where(self.ok, self.values, -np.inf)
+        if not policy.random_ties:
+            return int(values.argmax())
+        best = np.nonzero(values == values.max())[0]
+        return int(best[rng.integers(len(best))])
+
+
+def shape_key(task: CompiledTask) -> tuple:
+    """What a verdict or score depends on besides the node: the task's resources and
+    constraints."""
+    gpu = task.request.gpu
+    return (
+        task.request.node_selector,
+        task.cpu,
+        task.memory,
+        task.count,
+        task.milli,
+        gpu.models,
+        gpu.min_memory_gb,
+        gpu.max_memory_gb,
+    )
+
+
 @dataclass
 class Framework:
     policy: Policy
@@ -85,6 +155,7 @@ class Framework:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
         self._trackers: dict[int, FragTracker] = {}
+        self._shape_caches: dict[int, tuple[ClusterState, OrderedDict[tuple, ShapeCache]]] = {}
         self._typical_now = self.typical
 
     # -- entry points -----------------------------------------------------------
@@ -122,6 +193,7 @@ class Framework:
             if isinstance(decision, Placement):
                 reserve(snapshot, decision)
         self._trackers.clear()
+        self._shape_caches.clear()
         return [decisions[t.task_id] for t in tasks]
 
     def place_gang(
@@ -211,8 +283,9 @@ class Framework:
 
     def _fits(self, state: ClusterState, task: TaskRequest, node: int) -> bool:
         compiled = state.compile(task)
-        fitting = state.fitting_gpus(compiled)
-        return all(bool(f.check(state, compiled, fitting)[node]) for f in self.policy.filters)
+        rows = np.array([node])
+        fitting = state.fitting_gpus(compiled, rows)
+        return all(bool(f.check(state, compiled, rows, fitting)[0]) for f in self.policy.filters)
 
     def place_one(self, snapshot: Snapshot, task: TaskRequest) -> Decision:
         return self.place(snapshot, [task])[0]
@@ -220,19 +293,14 @@ class Framework:
     def decide(self, state: ClusterState, request: TaskRequest) -> Decision:
         """Place one task on `state` and reserve it there, or say why not."""
         task = state.compile(request)
-        fitting = state.fitting_gpus(task)
-        ok = np.ones(len(state), dtype=bool)
-        for check in self.policy.filters:
-            ok &= check.check(state, task, fitting)
-        candidates = np.nonzero(ok)[0]
-        if not len(candidates):
-            return Unplaced(request.task_id, self.explain(state, task, fitting))
-        context = Context(state, task, fitting, self)
-        scores = self.policy.scorer(context, candidates)
-        best = np.nonzero(scores.values == scores.values.max())[0]
-        pos = int(best[self.rng.integers(len(best))]) if self.policy.random_ties else int(best[0])
-        node = int(candidates[pos])
-        gpus = scores.gpus[pos] if scores.gpus is not None else self.policy.pick_gpus(context, node)
+        context = Context(state, task, self)
+        cache = self.shape_cache(state, task)
+        cache.refresh(context, self.policy)
+        if not cache.ok.any():
+            return Unplaced(request.task_id, self.explain(state, task))
+        node = cache.best(self.policy, self.rng)
+        chosen = int(cache.share_gpu[node])
+        gpus = [chosen] if chosen >= 0 else self.policy.pick_gpus(context, node)
         state.reserve(node, gpus, task.milli, task.cpu, task.memory)
         view = state.nodes[node]
         return Placement(
@@ -243,6 +311,19 @@ class Framework:
             cpu_milli=task.cpu,
             memory_mib=task.memory,
         )
+
+    def shape_cache(self, state: ClusterState, task: CompiledTask) -> ShapeCache:
+        held = self._shape_caches.get(id(state))
+        if held is None or held[0] is not state:
+            held = self._shape_caches[id(state)] = (state, OrderedDict())
+        caches, key = held[1], shape_key(task)
+        cache = caches.get(key)
+        if cache is None:
+            cache = caches[key] = ShapeCache(len(state))
+            if len(caches) > SHAPES_KEPT:
+                caches.popitem(last=False)
+        caches.move_to_end(key)
+        return cache
 
     def frag_tracker(self, state: ClusterState) -> FragTracker:
         tracker = self._trackers.get(id(state))
@@ -255,7 +336,7 @@ class Framework:
 
     # -- reasons ----------------------------------------------------------------
 
-    def explain(self, state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> str:
+    def explain(self, state: ClusterState, task: CompiledTask) -> str:
         """One line a user can act on: `no node has 2 H100 free (at most 1 on one node)`.
 
         Each node is charged to the first filter it fails; each filter words its
@@ -263,10 +344,11 @@ class Framework:
         """
         if not len(state):
             return "no node is registered yet"
+        fitting = state.fitting_gpus(task)
         remaining = np.ones(len(state), dtype=bool)
         why: Counter[str] = Counter()
         for check in self.policy.filters:
-            failed = remaining & ~check.check(state, task, fitting)
+            failed = remaining & ~check.check(state, task, ALL, fitting)
             remaining &= ~failed
             if not failed.any():
                 continue

@@ -14,11 +14,12 @@ from gpuprovider.scheduler.state import ClusterState, CompiledTask, row_count
 # -- filters ------------------------------------------------------------------
 
 
-def _selector_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> np.ndarray:
+def _selector_ok(state: ClusterState, task: CompiledTask, rows, fitting: np.ndarray) -> np.ndarray:
     selector = task.request.node_selector
     if not selector:
-        return np.ones(len(state), dtype=bool)
-    return np.array([all(n.labels.get(k) == v for k, v in selector) for n in state.nodes])
+        return np.ones(len(fitting), dtype=bool)
+    nodes = [state.nodes[i] for i in np.arange(len(state))[rows]]
+    return np.array([all(n.labels.get(k) == v for k, v in selector) for n in nodes], dtype=bool)
 
 
 def _selector_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> Counter:
@@ -42,16 +43,16 @@ def _memory_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) 
     return {f"not enough free memory (at most {most} of {task.memory} MiB)": len(failed)}
 
 
-def _gpus_ok(state: ClusterState, task: CompiledTask, fitting: np.ndarray) -> np.ndarray:
+def _gpus_ok(state: ClusterState, task: CompiledTask, rows, fitting: np.ndarray) -> np.ndarray:
     if not task.wants_gpu:
-        return np.ones(len(state), dtype=bool)
+        return np.ones(len(fitting), dtype=bool)
     return row_count(fitting) >= task.count
 
 
-node_usable = Filter("usable", lambda s, t, f: s.usable, _usable_reason)
+node_usable = Filter("usable", lambda s, t, rows, f: s.usable[rows], _usable_reason)
 node_selector = Filter("selector", _selector_ok, _selector_reason)
-cpu_fits = Filter("cpu", lambda s, t, f: s.cpu_free >= t.cpu, _cpu_reason)
-memory_fits = Filter("memory", lambda s, t, f: s.mem_free >= t.memory, _memory_reason)
+cpu_fits = Filter("cpu", lambda s, t, rows, f: s.cpu_free[rows] >= t.cpu, _cpu_reason)
+memory_fits = Filter("memory", lambda s, t, rows, f: s.mem_free[rows] >= t.memory, _memory_reason)
 gpus_fit = Filter(
     "gpus", _gpus_ok, lambda s, t, failed: {"not enough free GPUs of the kind asked": len(failed)}
 )
@@ -68,7 +69,7 @@ def _share_goes_to(choose: Callable[[np.ndarray], np.intp]) -> GpuPicker:
     def pick(ctx: Context, node: int) -> list[int]:
         if not ctx.task.count:
             return []
-        fits = np.nonzero(ctx.fitting[node])[0]
+        fits = np.nonzero(ctx.fitting(node))[0]
         if ctx.task.milli < MILLI:
             return [int(fits[choose(ctx.state.gpu_free[node, fits])])]
         return [int(j) for j in fits[: ctx.task.count]]
@@ -82,7 +83,7 @@ pick_roomiest = _share_goes_to(np.argmax)
 
 
 def pick_lowest(ctx: Context, node: int) -> list[int]:
-    return [int(j) for j in np.nonzero(ctx.fitting[node])[0][: ctx.task.count]]
+    return [int(j) for j in np.nonzero(ctx.fitting(node))[0][: ctx.task.count]]
 
 
 # -- scorers --------------------------------------------------------------------
@@ -119,7 +120,7 @@ def _share_candidates(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray,
     """(candidate row, GPU slot) pairs a share may go to. GPUs of a node with equal
     room lead to the same state, so only the lowest-indexed of each is tried."""
     free = ctx.state.gpu_free[candidates]
-    fits = ctx.fitting[candidates]
+    fits = ctx.fitting(candidates)
     same = (free[:, :, None] == free[:, None, :]) & fits[:, None, :]
     earlier = np.tril(np.ones((free.shape[1], free.shape[1]), dtype=bool), k=-1)
     duplicate = (same & earlier[None, :, :]).any(axis=2)
@@ -143,7 +144,7 @@ def _best_per_node(
         values == best[np.searchsorted(starts, np.arange(len(rows)), "right") - 1]
     )
     first = at_best[np.unique(rows[at_best], return_index=True)[1]]
-    return Scores(best.astype(np.float64), [[int(j)] for j in gpus[first]])
+    return Scores(best.astype(np.float64), gpus[first])
 
 
 def _frag_growth(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpuprovider.domain.resources import MILLI
+from gpuprovider.domain.resources import MILLI, GpuRequest
 from gpuprovider.scheduler.model import NodeView, Placement, RunningTask, Snapshot, TaskRequest
+
+ALL = slice(None)  # every node, as a row index
 
 
 @dataclass
@@ -67,6 +69,7 @@ class ClusterState:
         self.gpu_free_total = self.gpu_free.sum(axis=1)
         # Bumped for a node on every reservation, so per-node caches know what changed.
         self.version = np.zeros(n, dtype=np.int64)
+        self._eligible: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> ClusterState:
@@ -81,15 +84,26 @@ class ClusterState:
             return np.ones(len(self.models), dtype=bool)
         return np.array([m in allowed for m in self.models], dtype=bool)
 
+    def eligible_gpus(self, gpu: GpuRequest) -> np.ndarray:
+        """bool[N, G], read-only: usable GPUs of an accepted model and memory. Computed
+        once per constraint: what makes a GPU eligible never changes in a state."""
+        key = (gpu.models, gpu.min_memory_gb, gpu.max_memory_gb)
+        eligible = self._eligible.get(key)
+        if eligible is None:
+            eligible = self.gpu_usable.copy()
+            if gpu.models is not None and len(self.models):
+                eligible &= self.model_mask(gpu.models)[np.maximum(self.gpu_model, 0)]
+            if gpu.min_memory_gb is not None:
+                eligible &= self.gpu_memory_gb >= gpu.min_memory_gb
+            if gpu.max_memory_gb is not None:
+                eligible &= self.gpu_memory_gb <= gpu.max_memory_gb
+            eligible.flags.writeable = False
+            self._eligible[key] = eligible
+        return eligible
+
     def compile(self, task: TaskRequest) -> CompiledTask:
         gpu = task.gpu
-        eligible = self.gpu_usable.copy()
-        if gpu.models is not None and len(self.models):
-            eligible &= self.model_mask(gpu.models)[np.maximum(self.gpu_model, 0)]
-        if gpu.min_memory_gb is not None:
-            eligible &= self.gpu_memory_gb >= gpu.min_memory_gb
-        if gpu.max_memory_gb is not None:
-            eligible &= self.gpu_memory_gb <= gpu.max_memory_gb
+        eligible = self.eligible_gpus(gpu)
         return CompiledTask(
             request=task,
             cpu=task.cpu_milli,
@@ -99,9 +113,9 @@ class ClusterState:
             eligible=eligible,
         )
 
-    def fitting_gpus(self, task: CompiledTask) -> np.ndarray:
-        """bool[N, G]: GPUs that could take the task's share now."""
-        return task.eligible & (self.gpu_free >= task.milli)
+    def fitting_gpus(self, task: CompiledTask, rows: np.ndarray | int | slice = ALL) -> np.ndarray:
+        """bool[..., G]: GPUs of nodes `rows` that could take the task's share now."""
+        return task.eligible[rows] & (self.gpu_free[rows] >= task.milli)
 
     def reserve(self, node: int, gpus: list[int], milli: int, cpu: int, memory: int) -> None:
         self.cpu_free[node] -= cpu
