@@ -18,7 +18,6 @@ import time
 import numpy as np
 
 from gpuprovider.scheduler import POLICIES, Framework, GpuView, NodeView, Placement
-from gpuprovider.scheduler.fragmentation import TypicalTasks
 from gpuprovider.scheduler.state import ClusterState
 from openb import TRACES, load_tasks
 
@@ -35,9 +34,9 @@ def synthetic_nodes(count: int, seed: int = 7) -> list[NodeView]:
     return nodes
 
 
-def run(policy: str, nodes: list[NodeView], tasks: list, typical: TypicalTasks) -> dict:
+def run(policy: str, nodes: list[NodeView], tasks: list, trace: list) -> dict:
     state = ClusterState(nodes)
-    framework = Framework(POLICIES[policy], typical=typical)
+    framework = Framework(POLICIES[policy], typical=POLICIES[policy].typical_tasks(trace))
     latencies = []
     placed = 0
     start = time.perf_counter()
@@ -63,9 +62,8 @@ def main() -> None:
     trace = load_tasks(TRACES / "openb_pod_list_default.csv")
     rng = np.random.default_rng(1)
     tasks = [trace[int(i)] for i in rng.integers(len(trace), size=args.tasks)]
-    typical = TypicalTasks.from_tasks(trace)
     nodes = synthetic_nodes(args.nodes)
-    figures = {p: run(p, nodes, tasks, typical) for p in args.policies.split(",")}
+    figures = {p: run(p, nodes, tasks, trace) for p in args.policies.split(",")}
     print(f"{args.nodes} nodes x 8 GPUs, {args.tasks} openb-shaped tasks")
     print(f"  {'policy':<12}{'placed/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
     for name, row in figures.items():

@@ -169,6 +169,23 @@ def test_fgd_warm_breaks_fgd_ties_for_a_node_in_use():
     )
 
 
+def test_fgd_full_plans_for_the_rare_shapes_too():
+    # 19 shares and one 2-GPU task: at 95 % coverage the 2-GPU shape is not typical, so a
+    # whole GPU grows no fragmentation anywhere and goes to the first node; planning for
+    # every shape, fgd-full keeps two GPUs free together for the 2-GPU task.
+    seen = [share(f"s{i}", 500) for i in range(19)] + [whole("pair", 2)]
+
+    def placed_by(name):
+        chosen = policy(name)
+        snap = Snapshot([gpu_node("two", [0] * 2), gpu_node("three", [0] * 3)])
+        framework = Framework(chosen, typical=chosen.typical_tasks(seen))
+        return framework.place_one(snap, whole("t", 1)).node_id
+
+    assert [s.count for s in policy("fgd-full").typical_tasks(seen).shapes] == [1, 2]
+    assert placed_by("fgd") == placed_by("fgd-warm") == "two"
+    assert placed_by("fgd-full") == "three"
+
+
 def test_fgd_without_typical_tasks_plans_for_the_queue():
     placed = Framework(policy("fgd")).place(
         Snapshot([gpu_node("a", [0, 0])]), [share("1", 300), share("2", 300)]

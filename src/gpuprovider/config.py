@@ -208,8 +208,9 @@ kind = "{d.backend.kind}"
 address = "{d.backend.address}"
 
 [scheduler]
-# Placement policy: "best-fit" (pack CPU and GPU), "fgd-warm" (fragmentation
-# aware; the best on shared GPUs), "fgd", "first-fit", "spread" or "random".
+# Placement policy: "best-fit" (pack CPU and GPU; the fastest packer), "fgd-full"
+# (fragmentation aware: the most GPUs allocated on the openb traces), "fgd-warm",
+# "fgd", "first-fit", "spread" or "random".
 policy = "{d.scheduler.policy}"
 # The scheduler runs on every submission and whenever capacity frees up; it
 # also reconsiders every queued task this often.

@@ -96,7 +96,8 @@ class SchedulerLoop(Loop):
         recent = self.store.tasks(limit=TYPICAL_TASK_WINDOW, newest_first=True)
         if not recent:
             return None
-        return TypicalTasks.from_tasks(task_request(t.id, t.task_spec) for t in recent)
+        policy = self.framework.policy
+        return policy.typical_tasks(task_request(t.id, t.task_spec) for t in recent)
 
     def _place(self, ready: list[TaskRecord]) -> None:
         specs = {t.id: t.task_spec for t in ready}

@@ -18,12 +18,12 @@ every node.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpuprovider.scheduler.fragmentation import FragTracker, TypicalTasks
+from gpuprovider.scheduler.fragmentation import TYPICAL_COVERAGE, FragTracker, TypicalTasks
 from gpuprovider.scheduler.model import (
     Decision,
     Placement,
@@ -79,8 +79,18 @@ class Policy:
     pick_gpus: GpuPicker
     filters: Sequence[Filter] = ()
     random_ties: bool = False
-    needs_typical_tasks: bool = False
+    # Fragmentation-aware policies plan for typical tasks: the most common shapes that
+    # cover this share of the tasks seen. None: the policy does not use them.
+    typical_coverage: float | None = None
     description: str = ""
+
+    @property
+    def needs_typical_tasks(self) -> bool:
+        return self.typical_coverage is not None
+
+    def typical_tasks(self, tasks: Iterable[TaskRequest]) -> TypicalTasks:
+        """The typical tasks this policy plans for, from the tasks seen."""
+        return TypicalTasks.from_tasks(tasks, self.typical_coverage or TYPICAL_COVERAGE)
 
 
 # Task shapes whose per-node verdicts and scores are kept, most recently used.
@@ -171,7 +181,7 @@ class Framework:
         state = ClusterState.from_snapshot(snapshot)
         self._typical_now = self.typical
         if self.policy.needs_typical_tasks and self.typical is None and tasks:
-            self._typical_now = TypicalTasks.from_tasks(tasks)
+            self._typical_now = self.policy.typical_tasks(tasks)
         running = {r.task_id: r for r in snapshot.running}
         gangs: dict[str, list[TaskRequest]] = {}
         for task in tasks:

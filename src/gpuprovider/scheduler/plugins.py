@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from gpuprovider.domain.resources import MILLI
+from gpuprovider.scheduler.fragmentation import TYPICAL_COVERAGE
 from gpuprovider.scheduler.framework import Context, Filter, GpuPicker, Policy, Scores
 from gpuprovider.scheduler.state import ClusterState, CompiledTask, row_count
 
@@ -241,7 +242,7 @@ POLICIES: dict[str, Policy] = {
         score_fgd,
         pick_tightest,
         DEFAULT_FILTERS,
-        needs_typical_tasks=True,
+        typical_coverage=TYPICAL_COVERAGE,
         description="fragmentation gradient descent (Weng et al., USENIX ATC'23)",
     ),
     "fgd-warm": Policy(
@@ -249,8 +250,17 @@ POLICIES: dict[str, Policy] = {
         score_fgd_warm,
         pick_tightest,
         DEFAULT_FILTERS,
-        needs_typical_tasks=True,
+        typical_coverage=TYPICAL_COVERAGE,
         description="FGD, with equal scores going to a node already in use",
+    ),
+    "fgd-full": Policy(
+        "fgd-full",
+        score_fgd_warm,
+        pick_tightest,
+        DEFAULT_FILTERS,
+        typical_coverage=1.0,
+        description="fgd-warm planning for every task shape seen, not only the most "
+        "common ones covering 95 %",
     ),
 }
 
