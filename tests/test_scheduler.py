@@ -20,7 +20,8 @@ from gpuprovider.scheduler import (
     policy,
 )
 from gpuprovider.scheduler.fragmentation import TaskShape, TypicalTasks
-from gpuprovider.scheduler.state import ClusterState
+from gpuprovider.scheduler.framework import Context
+from gpuprovider.scheduler.state import ALL, ClusterState
 
 
 def node(name, models, cpus=8, **kw):
@@ -213,23 +214,36 @@ def test_every_policy_places_through_the_same_pipeline():
         assert isinstance(too_big, Unplaced) and "no node has 3 GPU free" in too_big.reason
 
 
-# -- gangs and preemption -----------------------------------------------------------
+def look_afresh(framework, state, request):
+    """The pipeline's plain definition, as an oracle: filter and score every node, take
+    the first of the best, let the scorer's or the picker's GPUs stand, reserve."""
+    task = state.compile(request)
+    fitting = state.fitting_gpus(task)
+    ok = np.ones(len(state), dtype=bool)
+    for check in framework.policy.filters:
+        ok &= check.check(state, task, ALL, fitting)
+    candidates = np.nonzero(ok)[0]
+    if not len(candidates):
+        return None
+    context = Context(state, task, framework)
+    scores = framework.policy.scorer(context, candidates)
+    pos = int(np.argmax(scores.values))
+    node = int(candidates[pos])
+    if scores.share_gpu is not None:
+        gpus = [int(scores.share_gpu[pos])]
+    else:
+        gpus = framework.policy.pick_gpus(context, node)
+    state.reserve(node, gpus, task.milli, task.cpu, task.memory)
+    return state.nodes[node].id, tuple(state.nodes[node].gpus[j].uuid for j in gpus)
 
 
-def member(task_id, gang, size, count=1):
-    return TaskRequest(task_id, GpuRequest(count=count), gang=gang, gang_size=size)
-
-
-@pytest.mark.parametrize("name", ["best-fit", "fgd", "fgd-warm", "spread"])
-def test_kept_verdicts_and_scores_decide_as_a_fresh_look_would(name):
-    # The framework rescores only nodes changed since a task shape was last seen; a
-    # framework that has never seen the shape must pick the same node and GPUs.
+@pytest.mark.parametrize("name", ["best-fit", "fgd", "fgd-warm", "fgd-full", "spread"])
+def test_kept_verdicts_and_scores_decide_as_scoring_every_node_would(name):
+    # The framework redoes only nodes changed since a task shape was last placed, and
+    # scores nodes in equal states once; a plain look at every node must agree.
     rng = np.random.default_rng(5)
     models = ["h100-80gb-sxm", "rtx-4090-24gb", "a10-24gb"]
-    nodes = [
-        node(f"n{i}", [models[i % 3]] * int(rng.integers(1, 9)), cpus=int(rng.integers(8, 65)))
-        for i in range(40)
-    ]
+    nodes = [node(f"n{i}", [models[i % 3]] * (8 if i % 2 else 4), cpus=32) for i in range(60)]
     nodes[3].labels = {"zone": "b"}
     shapes = ["0.25", "0.5", "1", "2", "H100:1", "24GB..:1", "0"]
     tasks = [
@@ -239,17 +253,29 @@ def test_kept_verdicts_and_scores_decide_as_a_fresh_look_would(name):
             cpu=int(rng.choice([1000, 2000, 4000])),
             node_selector=(("zone", "b"),) if k % 17 == 0 else (),
         )
-        for k in range(300)
+        for k in range(400)
     ]
-    typical = TypicalTasks.from_tasks(tasks)
-    kept, fresh = ClusterState(nodes), ClusterState(copy.deepcopy(nodes))
-    keeping = Framework(POLICIES[name], typical=typical)
-    decided = []
+    chosen = POLICIES[name]
+    typical = chosen.typical_tasks(tasks)
+    kept, plain = ClusterState(nodes), ClusterState(copy.deepcopy(nodes))
+    keeping, oracle = Framework(chosen, typical=typical), Framework(chosen, typical=typical)
+    outcomes = set()
     for task in tasks:
-        decided.append(keeping.decide(kept, task))
-        assert decided[-1] == Framework(POLICIES[name], typical=typical).decide(fresh, task)
-    kinds = {type(d) for d in decided}
-    assert kinds == {Placement, Unplaced}  # it filled up: both outcomes were compared
+        decision = keeping.decide(kept, task)
+        expected = look_afresh(oracle, plain, task)
+        if expected is None:
+            assert isinstance(decision, Unplaced)
+        else:
+            assert (decision.node_id, decision.gpu_uuids) == expected
+        outcomes.add(type(decision))
+    assert outcomes == {Placement, Unplaced}  # it filled up: both outcomes were compared
+
+
+# -- gangs and preemption -----------------------------------------------------------
+
+
+def member(task_id, gang, size, count=1):
+    return TaskRequest(task_id, GpuRequest(count=count), gang=gang, gang_size=size)
 
 
 def test_gang_is_placed_all_or_nothing():

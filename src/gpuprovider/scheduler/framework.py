@@ -12,7 +12,8 @@ A filter's verdict and a scorer's score on a node must depend only on that node 
 task. The framework relies on it: per task shape it keeps each node's verdict and score,
 and recomputes them only for the nodes a reservation changed since (a placement changes
 one node), so a decision costs a pass over flat arrays rather than the plugins' work on
-every node.
+every node. When many nodes need scoring at once (a shape's first look), nodes in equal
+states (same hardware, labels and free resources) are scored once.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class Policy:
 
 # Task shapes whose per-node verdicts and scores are kept, most recently used.
 SHAPES_KEPT = 256
+# From this many nodes to score at once, nodes in equal states are scored once.
+SCORE_DISTINCT_FROM = 32
 
 
 class ShapeCache:
@@ -121,11 +124,15 @@ class ShapeCache:
         self.ok[changed] = ok
         self.seen_at[changed] = state.version[changed]
         passing = changed[ok]
+        if len(passing) >= SCORE_DISTINCT_FROM:  # a first look: score each state once
+            scored, spread = state.distinct(passing)
+        else:
+            scored, spread = passing, slice(None)
         if len(passing):
-            fresh = policy.scorer(context, passing)
-            self.values[passing] = fresh.values
+            fresh = policy.scorer(context, scored)
+            self.values[passing] = fresh.values[spread]
             if fresh.share_gpu is not None:
-                self.share_gpu[passing] = fresh.share_gpu
+                self.share_gpu[passing] = fresh.share_gpu[spread]
 
     def best(self, policy: Policy, rng: np.random.Generator) -> int:
         """The node to take: the first of the best scores in node order, or any of them

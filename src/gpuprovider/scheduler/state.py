@@ -69,6 +69,11 @@ class ClusterState:
         self.gpu_free_total = self.gpu_free.sum(axis=1)
         # Bumped for a node on every reservation, so per-node caches know what changed.
         self.version = np.zeros(n, dtype=np.int64)
+        # Equal for nodes in equal states (same hardware, labels and free resources), so
+        # a scorer can score one node of each state.
+        self._state_ids: dict[tuple, int] = {}
+        self._fixed = [self._fixed_key(i) for i in range(n)]
+        self.state_id = np.array([self._state_key(i) for i in range(n)], dtype=np.int64)
         self._eligible: dict[tuple, np.ndarray] = {}
 
     @classmethod
@@ -124,6 +129,33 @@ class ClusterState:
             self.gpu_free[node, j] -= milli
         self.gpu_free_total[node] -= milli * len(gpus)
         self.version[node] += 1
+        self.state_id[node] = self._state_key(node)
+
+    def _fixed_key(self, i: int) -> tuple:
+        node = self.nodes[i]
+        return (
+            tuple(sorted(node.labels.items())),
+            bool(self.usable[i]),
+            int(self.cpu_total[i]),
+            int(self.node_model[i]),
+            self.gpu_model[i].tobytes(),
+            self.gpu_memory_gb[i].tobytes(),
+            self.gpu_usable[i].tobytes(),
+        )
+
+    def _state_key(self, i: int) -> int:
+        key = (
+            self._fixed[i],
+            int(self.cpu_free[i]),
+            int(self.mem_free[i]),
+            self.gpu_free[i].tobytes(),
+        )
+        return self._state_ids.setdefault(key, len(self._state_ids))
+
+    def distinct(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(one row per distinct node state among `rows`, each row's index into those)."""
+        _, first, inverse = np.unique(self.state_id[rows], return_index=True, return_inverse=True)
+        return rows[first], inverse
 
     def release(self, node: int, gpus: list[int], milli: int, cpu: int, memory: int) -> None:
         self.reserve(node, gpus, -milli, -cpu, -memory)
