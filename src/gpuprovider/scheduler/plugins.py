@@ -15,7 +15,9 @@ from gpuprovider.scheduler.state import ClusterState, CompiledTask, row_count
 # -- filters ------------------------------------------------------------------
 
 
-def _selector_ok(state: ClusterState, task: CompiledTask, rows, fitting: np.ndarray) -> np.ndarray:
+def _selector_ok(
+    state: ClusterState, task: CompiledTask, rows: np.ndarray | slice, fitting: np.ndarray
+) -> np.ndarray:
     selector = task.request.node_selector
     if not selector:
         return np.ones(len(fitting), dtype=bool)
@@ -44,7 +46,9 @@ def _memory_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) 
     return {f"not enough free memory (at most {most} of {task.memory} MiB)": len(failed)}
 
 
-def _gpus_ok(state: ClusterState, task: CompiledTask, rows, fitting: np.ndarray) -> np.ndarray:
+def _gpus_ok(
+    state: ClusterState, task: CompiledTask, rows: np.ndarray | slice, fitting: np.ndarray
+) -> np.ndarray:
     if not task.wants_gpu:
         return np.ones(len(fitting), dtype=bool)
     return row_count(fitting) >= task.count
