@@ -18,6 +18,7 @@ from gpuprovider.check.measure import (
     gpu_result,
     no_gpus,
     nvml,
+    on_gpu,
     per_cuda_gpu,
     per_gpu,
 )
@@ -43,12 +44,13 @@ def cpu(ctx: CheckContext) -> list[Result]:
     gflops, spread = best_rate(lambda: a @ a, 2 * n**3 / 1e9)
     ok = cores >= need
     return [
-        Result(
-            Status.PASS if ok else Status.WARN,
+        Result.judged(
+            ok,
+            Status.WARN,
             cores,
             "cores",
             threshold=f">= {need} cores ({CORES_PER_GPU} per GPU)",
-            advice="" if ok else "tasks need CPU to feed their GPUs; give each GPU 2 cores",
+            advice="tasks need CPU to feed their GPUs; give each GPU 2 cores",
             name="cpu-cores",
         ),
         Result(
@@ -107,14 +109,13 @@ def disk(ctx: CheckContext) -> list[Result]:
             rate, spread = best_rate(work, amount, reps=3)
             ok = rate >= DISK_WARN_MBS
             results.append(
-                Result(
-                    Status.PASS if ok else Status.WARN,
+                Result.judged(
+                    ok,
+                    Status.WARN,
                     round(rate, 1),
                     "MB/s",
                     threshold=f">= {DISK_WARN_MBS:.0f} MB/s",
-                    advice=""
-                    if ok
-                    else f"{ctx.data_dir} is slow; put the provider's home on "
+                    advice=f"{ctx.data_dir} is slow; put the provider's home on "
                     "an SSD: images and models load from it",
                     name=name,
                     data={"path": str(ctx.data_dir), "spread_pct": round(spread, 2)},
@@ -284,15 +285,14 @@ def vram(ctx: CheckContext) -> list[Result]:
             held.clear()
         pct = 100 * allocated / total
         ok = pct >= VRAM_ALLOCATABLE_PCT and readable
-        return gpu_result(
-            gpu,
-            Status.PASS if ok else Status.FAIL,
+        return Result.judged(
+            ok,
+            Status.FAIL,
             round(pct, 2),
             "%",
+            **on_gpu(gpu),
             threshold=f">= {VRAM_ALLOCATABLE_PCT:.0f} % of {total / GIB:.1f} GiB",
-            advice=""
-            if ok
-            else "memory that cannot be allocated is memory a renter pays "
+            advice="memory that cannot be allocated is memory a renter pays "
             "for and cannot use: stop other processes on the GPU or replace it",
             data={
                 "allocated_gib": round(allocated / GIB, 2),

@@ -50,8 +50,13 @@ def nvml() -> Iterator[None]:
             pynvml.nvmlShutdown()
 
 
+def on_gpu(gpu: GpuRecord) -> dict[str, str]:
+    """The fields that tie a result to one GPU (a FAIL there keeps work off that GPU)."""
+    return {"subject": f"GPU {gpu.idx}", "gpu_uuid": gpu.uuid}
+
+
 def gpu_result(gpu: GpuRecord, status: Status, value=None, unit: str = "", **fields) -> Result:
-    return Result(status, value, unit, subject=f"GPU {gpu.idx}", gpu_uuid=gpu.uuid, **fields)
+    return Result(status, value, unit, **on_gpu(gpu), **fields)
 
 
 def no_gpus(ctx: CheckContext) -> list[Result]:

@@ -44,11 +44,12 @@ def os_and_kernel(ctx: CheckContext) -> Result:
         )
     kernel = platform.release()
     ok = _version_tuple(kernel)[:2] >= MIN_KERNEL
-    return Result(
-        Status.PASS if ok else Status.WARN,
+    return Result.judged(
+        ok,
+        Status.WARN,
         f"{_distro()} / kernel {kernel}",
         threshold=f"kernel >= {'.'.join(map(str, MIN_KERNEL))}",
-        advice="" if ok else "upgrade the kernel: current NVIDIA drivers need 4.15 or later",
+        advice="upgrade the kernel: current NVIDIA drivers need 4.15 or later",
     )
 
 
@@ -66,11 +67,12 @@ def driver(ctx: CheckContext) -> Result:
     version = ctx.nvml.driver_version
     major = (_version_tuple(version) or (0,))[0]
     ok = major >= MIN_DRIVER
-    return Result(
-        Status.PASS if ok else Status.FAIL,
+    return Result.judged(
+        ok,
+        Status.FAIL,
         f"{version} (CUDA {ctx.nvml.cuda_version})",
         threshold=f"driver >= {MIN_DRIVER}",
-        advice="" if ok else f"install NVIDIA driver {MIN_DRIVER} or newer",
+        advice=f"install NVIDIA driver {MIN_DRIVER} or newer",
     )
 
 
@@ -95,14 +97,13 @@ def ram_vs_vram(ctx: CheckContext) -> Result:
     ram = psutil.virtual_memory().total / GIB
     vram = sum(g.memory_mib for g in ctx.gpus) / 1024
     ok = ram >= vram
-    return Result(
-        Status.PASS if ok else Status.FAIL,
+    return Result.judged(
+        ok,
+        Status.FAIL,
         round(ram, 1),
         "GiB",
         threshold=f">= {vram:.0f} GiB (total VRAM)",
-        advice=""
-        if ok
-        else f"add {vram - ram:.0f} GiB of RAM: work that loads a model into every GPU "
+        advice=f"add {vram - ram:.0f} GiB of RAM: work that loads a model into every GPU "
         "stages it in host memory first",
     )
 
@@ -204,11 +205,12 @@ def ip_forward(ctx: CheckContext) -> Result:
     if value is None:
         return Result(Status.SKIP, advice="/proc/sys/net/ipv4/ip_forward not readable")
     ok = value == "1"
-    return Result(
-        Status.PASS if ok else Status.WARN,
+    return Result.judged(
+        ok,
+        Status.WARN,
         value,
         threshold="1 to join a Kubernetes cluster",
-        advice="" if ok else "sysctl -w net.ipv4.ip_forward=1 (needed only to join Kubernetes)",
+        advice="sysctl -w net.ipv4.ip_forward=1 (needed only to join Kubernetes)",
     )
 
 
@@ -216,13 +218,12 @@ def ip_forward(ctx: CheckContext) -> Result:
 def br_netfilter(ctx: CheckContext) -> Result:
     value = _sysctl("/proc/sys/net/bridge/bridge-nf-call-iptables")
     ok = value == "1"
-    return Result(
-        Status.PASS if ok else Status.WARN,
+    return Result.judged(
+        ok,
+        Status.WARN,
         "module not loaded" if value is None else value,
         threshold="br_netfilter loaded, bridge-nf-call-iptables = 1 to join Kubernetes",
-        advice=""
-        if ok
-        else "modprobe br_netfilter; sysctl -w net.bridge.bridge-nf-call-iptables=1 "
+        advice="modprobe br_netfilter; sysctl -w net.bridge.bridge-nf-call-iptables=1 "
         "(needed only to join Kubernetes)",
     )
 

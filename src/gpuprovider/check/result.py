@@ -27,6 +27,22 @@ class Result:
     group: str = ""  # filled in by the runner
     name: str = ""
 
+    @classmethod
+    def judged(
+        cls,
+        ok: bool,
+        otherwise: Status,
+        value: float | str | None = None,
+        unit: str = "",
+        *,
+        advice: str,
+        **fields: Any,
+    ) -> Result:
+        """PASS when `ok`; else `otherwise` (WARN or FAIL) with the `advice`."""
+        return cls(
+            Status.PASS if ok else otherwise, value, unit, advice="" if ok else advice, **fields
+        )
+
     @property
     def key(self) -> str:
         return f"{self.group}/{self.name}" + (f"/{self.subject}" if self.subject else "")

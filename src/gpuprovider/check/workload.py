@@ -6,7 +6,7 @@ import copy
 import time
 
 from gpuprovider.check.context import CheckContext
-from gpuprovider.check.measure import gpu_result, per_cuda_gpu
+from gpuprovider.check.measure import on_gpu, per_cuda_gpu
 from gpuprovider.check.registry import check
 from gpuprovider.check.result import Result, Status
 from gpuprovider.store.records import GpuRecord
@@ -72,15 +72,14 @@ def pytorch(ctx: CheckContext) -> list[Result]:
         diff = compare_with_cpu(torch, f"cuda:{index}")
         worst = max(diff["train"], diff["inference"])
         ok = worst <= TOLERANCE
-        return gpu_result(
-            gpu,
-            Status.PASS if ok else Status.FAIL,
+        return Result.judged(
+            ok,
+            Status.FAIL,
             f"{worst:.1e}",
             "max rel. diff",
+            **on_gpu(gpu),
             threshold=f"<= {TOLERANCE:.0e} against the CPU",
-            advice=""
-            if ok
-            else "the GPU computes wrong results: rerun; if it persists, "
+            advice="the GPU computes wrong results: rerun; if it persists, "
             "check ECC errors and take the GPU out of service",
             data={k: round(v, 9) for k, v in diff.items()},
         )
