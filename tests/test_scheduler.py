@@ -297,7 +297,7 @@ def test_incomplete_gang_waits_for_its_members():
     assert decisions[0].reason == "gang g: 1 of its 2 members queued; waiting for the rest"
 
 
-def running(task_id, node, slots, priority, started_at, preemptible=True):
+def running(task_id, node, slots, priority, started_at, preemptible=True, gang=None):
     return RunningTask(
         task_id,
         node,
@@ -308,6 +308,7 @@ def running(task_id, node, slots, priority, started_at, preemptible=True):
         priority,
         preemptible,
         started_at,
+        gang,
     )
 
 
@@ -348,6 +349,56 @@ def test_no_preemption_of_equal_priority_or_protected_work(holder):
     snap.nodes = snap.nodes[:1]
     task = TaskRequest("t", GpuRequest(count=1), priority=10)
     assert isinstance(Framework(policy("best-fit")).place_one(snap, task), Unplaced)
+
+
+def test_a_gang_is_evicted_whole_and_counts_as_all_its_members():
+    jobs = [
+        # a two-worker gang, one worker per node, started last: alone it would lose least
+        running("ddp-0", "a", [0], priority=0, started_at=900, gang="ddp"),
+        running("ddp-1", "b", [0], priority=0, started_at=900, gang="ddp"),
+        running("solo", "b", [1], priority=0, started_at=100),
+        running("owner", "a", [1], priority=0, started_at=1, preemptible=False),
+    ]
+    urgent = TaskRequest("urgent", GpuRequest(count=1), priority=10)
+    decision = Framework(policy("best-fit")).place_one(busy_snapshot(jobs), urgent)
+    # evicting one worker stops the whole gang (two tasks): the single task goes instead
+    assert isinstance(decision, Preemption) and decision.victims == ("solo",)
+    jobs[2] = running("solo", "b", [1], priority=0, started_at=100, preemptible=False)
+    decision = Framework(policy("best-fit")).place_one(busy_snapshot(jobs), urgent)
+    assert set(decision.victims) == {"ddp-0", "ddp-1"}  # never half a gang
+    jobs[0] = running("ddp-0", "a", [0], priority=0, started_at=900, gang="ddp", preemptible=False)
+    decision = Framework(policy("best-fit")).place_one(busy_snapshot(jobs), urgent)
+    assert isinstance(decision, Unplaced)  # one protected member protects the gang
+
+
+def test_a_gang_preempts_as_a_whole_or_not_at_all():
+    jobs = [
+        running("low-a", "a", [1], priority=0, started_at=1),
+        running("low-b", "b", [1], priority=0, started_at=1),
+        running("kept-b", "b", [0], priority=0, started_at=1, preemptible=False),
+    ]
+    gang = [
+        TaskRequest(f"w{i}", GpuRequest(count=1), priority=10, gang="g", gang_size=3)
+        for i in range(3)
+    ]
+    # a-0 is free; one more GPU comes from evicting low-a or low-b, a third from the other
+    decisions = Framework(policy("best-fit")).place(busy_snapshot(jobs), gang)
+    assert all(isinstance(d, Preemption) for d in decisions)  # nobody starts alone
+    assert {v for d in decisions for v in d.victims} == {"low-a", "low-b"}
+    assert len({(d.node_id, d.task_id) for d in decisions}) == 3
+    # four workers cannot fit even with every eviction: nothing is evicted at all
+    big = [
+        TaskRequest(f"x{i}", GpuRequest(count=1), priority=10, gang="big", gang_size=4)
+        for i in range(4)
+    ]
+    decisions = Framework(policy("best-fit")).place(
+        busy_snapshot(jobs), [*big, TaskRequest("later", GpuRequest(count=2), priority=10)]
+    )
+    assert all(
+        isinstance(d, Unplaced) and "does not fit at once" in d.reason for d in decisions[:4]
+    )
+    # what the gang let go of still runs: the next task must evict it again
+    assert isinstance(decisions[4], Preemption) and decisions[4].victims == ("low-a",)
 
 
 def test_one_pass_never_evicts_the_same_victim_twice():

@@ -115,6 +115,47 @@ def test_gang_waits_for_all_members_and_ends_together(start):
     assert "gang member rank1 was cancelled" in [e["reason"] for e in done["events"]][-2:][0]
 
 
+def test_a_gang_is_preempted_whole_and_comes_back_whole(start):
+    p = start(two_gpus())
+    gang = {"name": "mining", "size": 2}
+    for rank in range(2):
+        p.submit(
+            name=f"mine{rank}",
+            command=SLEEP,
+            resources={"gpu": 1},
+            gang=gang,
+            priority=-10,
+            preemptible=True,
+        )
+    for rank in range(2):
+        p.wait_state(f"mine{rank}", "running")
+    p.submit(name="rental", command=[PY, "-c", "print('paid')"], resources={"gpu": 1}, priority=10)
+    assert p.wait_state("rental", "succeeded")["exit_code"] == 0
+    for rank in range(2):  # both workers stopped, though the rental needed one GPU
+        back = p.wait_state(f"mine{rank}", "running")
+        reasons = [e["reason"] for e in back["events"] if e["to"] == "preempted"]
+        assert reasons and reasons[0].startswith("preempted by rental (priority 10)")
+        assert back["attempt"] == 2
+
+
+def test_a_gang_preempts_lower_priority_work_for_all_its_members(start):
+    p = start(two_gpus())
+    for name in ("low0", "low1"):
+        p.submit(name=name, command=SLEEP, resources={"gpu": 1}, priority=-5, preemptible=True)
+        p.wait_state(name, "running")
+    gang = {"name": "train", "size": 2}
+    for rank in range(2):
+        p.submit(name=f"rank{rank}", command=["true"], resources={"gpu": 1}, gang=gang, priority=5)
+    for rank in range(2):
+        p.wait_state(f"rank{rank}", "succeeded")
+    for name in ("low0", "low1"):
+        evicted = p.task(name)
+        assert any(
+            e["to"] == "preempted" and e["reason"].startswith("preempted by rank")
+            for e in evicted["events"]
+        )
+
+
 def test_gang_too_big_for_the_cluster_stays_queued_with_the_reason(start):
     p = start(two_gpus())
     gang = {"name": "huge", "size": 3}

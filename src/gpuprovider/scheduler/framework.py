@@ -183,13 +183,13 @@ class Framework:
         """Place tasks in the order given (the caller orders them by priority).
 
         A gang's members are placed together when the first of them comes up. A
-        task that fits nowhere may preempt lower-priority preemptible work.
+        task or gang that fits nowhere may preempt lower-priority preemptible work.
         """
         state = ClusterState.from_snapshot(snapshot)
         self._typical_now = self.typical
         if self.policy.needs_typical_tasks and self.typical is None and tasks:
             self._typical_now = self.policy.typical_tasks(tasks)
-        running = {r.task_id: r for r in snapshot.running}
+        running = {r.task_id: r for r in snapshot.running} if preempt else {}
         gangs: dict[str, list[TaskRequest]] = {}
         for task in tasks:
             if task.gang:
@@ -199,11 +199,11 @@ class Framework:
             if task.task_id in decisions:
                 continue
             if task.gang:
-                for decision in self.place_gang(state, task.gang, gangs[task.gang]):
+                for decision in self.place_gang(state, task.gang, gangs[task.gang], running):
                     decisions[decision.task_id] = decision
                 continue
             decision = self.decide(state, task)
-            if isinstance(decision, Unplaced) and preempt and running:
+            if isinstance(decision, Unplaced) and running:
                 decision = self.preempt(state, task, running) or decision
             decisions[task.task_id] = decision
         for decision in decisions.values():
@@ -214,42 +214,91 @@ class Framework:
         return [decisions[t.task_id] for t in tasks]
 
     def place_gang(
-        self, state: ClusterState, name: str, members: Sequence[TaskRequest]
+        self,
+        state: ClusterState,
+        name: str,
+        members: Sequence[TaskRequest],
+        running: dict[str, RunningTask] | None = None,
     ) -> list[Decision]:
-        """All members placed, or none (and every member says why)."""
+        """All members placed, or none (and every member says why).
+
+        With `running` given, a member that fits nowhere may preempt. Then no member
+        starts yet: each waits (its room stays reserved for this pass) until the
+        victims have stopped, and the next pass places the gang whole.
+        """
+        running = {} if running is None else running
         size = members[0].gang_size or len(members)
         if len(members) < size:
             why = f"gang {name}: {len(members)} of its {size} members queued; waiting for the rest"
             return [Unplaced(m.task_id, why) for m in members]
         placed: list[Placement] = []
+        evicted: list[RunningTask] = []
         for member in members:
             decision = self.decide(state, member)
+            if isinstance(decision, Unplaced) and running:
+                made = self._make_room(state, member, running)
+                if made is not None:
+                    decision, victims = made
+                    evicted += victims
             if not isinstance(decision, Placement):
                 for done in placed:
                     state.unreserve(done)
+                for victim in evicted:  # nobody is evicted for a gang that cannot start
+                    state.reserve_running(victim)
+                    running[victim.task_id] = victim
                 why = f"gang {name} ({size} members) does not fit at once: {decision.reason}"
                 return [Unplaced(m.task_id, why) for m in members]
             placed.append(decision)
-        return list(placed)
+        if not evicted:
+            return list(placed)
+        victims = tuple(v.task_id for v in evicted)
+        why = f"gang {name} waits for {', '.join(victims)} (lower priority) to stop"
+        return [Preemption(p.task_id, p.node_id, victims, why) for p in placed]
 
     def preempt(
         self, state: ClusterState, task: TaskRequest, running: dict[str, RunningTask]
     ) -> Preemption | None:
-        """Evict preemptible work of lower priority to make room, choosing the node whose
-        victims lose the least: fewest, then lowest priority, then least progress.
+        """Evict preemptible work of lower priority to make room for `task`, or None
+        when no eviction would (see `_make_room`)."""
+        made = self._make_room(state, task, running)
+        if made is None:
+            return None
+        placement, victims = made
+        names = ", ".join(v.task_id for v in victims)
+        node = state.nodes[state.index[placement.node_id]].name
+        return Preemption(
+            task.task_id,
+            placement.node_id,
+            tuple(v.task_id for v in victims),
+            f"waiting for {names} (lower priority) to stop on {node}",
+        )
 
-        The victims are released and the task reserved in `state`, so later tasks in
-        the same pass neither count on those resources nor pick the same victims.
+    def _make_room(
+        self, state: ClusterState, task: TaskRequest, running: dict[str, RunningTask]
+    ) -> tuple[Placement, list[RunningTask]] | None:
+        """Choose the node whose victims lose the least (fewest tasks, then lowest
+        priority, then least progress), release them and reserve the task there.
+
+        A gang is evicted whole, wherever its members run: it lives and ends together.
+        The victims leave `running`, so later tasks in the same pass neither count on
+        those resources nor pick the same victims.
         """
-        by_node: dict[int, list[RunningTask]] = {}
-        for victim in running.values():
-            if victim.preemptible and victim.priority < task.priority:
-                by_node.setdefault(state.index[victim.node_id], []).append(victim)
+        units: dict[str, list[RunningTask]] = {}
+        for work in running.values():
+            units.setdefault(f"gang {work.gang}" if work.gang else work.task_id, []).append(work)
+        by_node: dict[int, list[list[RunningTask]]] = {}
+        for unit in units.values():
+            if all(v.preemptible and v.priority < task.priority for v in unit):
+                for node in {state.index[v.node_id] for v in unit}:
+                    by_node.setdefault(node, []).append(unit)
         best: tuple[tuple, int, list[RunningTask]] | None = None
-        for node, victims in by_node.items():
-            # lowest priority first; of equals, the latest started (least progress lost)
-            victims.sort(key=lambda v: (v.priority, -v.started_at))
-            chosen = self._victims_on(state, task, node, victims)
+        for node, candidates in by_node.items():
+            # lowest priority first; then the smallest; of equals, the latest started
+            # (least progress lost)
+            candidates.sort(
+                key=lambda u: (max(v.priority for v in u), len(u), -max(v.started_at for v in u))
+            )
+            chosen = self._victims_on(state, task, node, candidates)
             if chosen is None:
                 continue
             cost = (
@@ -267,36 +316,35 @@ class Framework:
             del running[victim.task_id]
         placement = self.decide(state, task)
         assert isinstance(placement, Placement), "victims were chosen so that the task fits"
-        names = ", ".join(v.task_id for v in chosen)
-        return Preemption(
-            task.task_id,
-            placement.node_id,
-            tuple(v.task_id for v in chosen),
-            f"waiting for {names} (lower priority) to stop on {state.nodes[node].name}",
-        )
+        return placement, chosen
 
     def _victims_on(
-        self, state: ClusterState, task: TaskRequest, node: int, victims: list[RunningTask]
+        self, state: ClusterState, task: TaskRequest, node: int, units: list[list[RunningTask]]
     ) -> list[RunningTask] | None:
-        """The fewest of `victims` (taken in order) whose eviction lets `task` fit on `node`."""
-        chosen: list[RunningTask] = []
+        """The fewest of `units` (taken in order) whose eviction lets `task` fit on
+        `node`, as the tasks they stop."""
+        chosen: list[list[RunningTask]] = []
         fits = False
-        for victim in victims:
-            state.release_running(victim)
-            chosen.append(victim)
+        for unit in units:
+            for victim in unit:
+                state.release_running(victim)
+            chosen.append(unit)
             if self._fits(state, task, node):
                 fits = True
                 break
-        if fits:  # drop any victim the task turns out not to need
-            for victim in list(chosen[:-1]):
-                state.reserve_running(victim)
+        if fits:  # drop any unit the task turns out not to need
+            for unit in list(chosen[:-1]):
+                for victim in unit:
+                    state.reserve_running(victim)
                 if self._fits(state, task, node):
-                    chosen.remove(victim)
+                    chosen.remove(unit)
                 else:
-                    state.release_running(victim)
-        for victim in chosen:
+                    for victim in unit:
+                        state.release_running(victim)
+        stopped = [victim for unit in chosen for victim in unit]
+        for victim in stopped:
             state.reserve_running(victim)
-        return chosen if fits else None
+        return stopped if fits else None
 
     def _fits(self, state: ClusterState, task: TaskRequest, node: int) -> bool:
         compiled = state.compile(task)

@@ -43,6 +43,7 @@ class RunningTask:
     priority: int
     preemptible: bool
     started_at: float  # the latest started loses the least when evicted
+    gang: str | None = None  # a gang's members are evicted together
 
 
 @dataclass

@@ -73,6 +73,7 @@ def running_work(
                 priority=effective_priority(holder.priority, alloc.over_quota),
                 preemptible=spec.preemptible or alloc.over_quota,
                 started_at=holder.started_at or 0.0,
+                gang=holder.gang,
             )
         )
     return work
