@@ -212,6 +212,19 @@ def main() -> None:
                 f"  {name:<10}{points}{paper_value:>10}{row['frag_at_100']:>9}"
                 f"{row['wall_s']:>8}{row['decision_p99_ms']:>8}"
             )
+    if "fgd" in args.policies.split(",") and len(traces) > 1:
+        print(f"\nagainst FGD at 100 % arrived demand, over {len(traces)} traces:")
+        for name in args.policies.split(","):
+            if name != "fgd":
+                gains = [
+                    rows[name]["alloc_at_100"] - rows["fgd"]["alloc_at_100"]
+                    for rows in summary.values()
+                ]
+                above = sum(g > 0 for g in gains)
+                print(
+                    f"  {name:<10} above on {above}, below on {sum(g < 0 for g in gains)}; "
+                    f"gain {min(gains):+.2f} to {max(gains):+.2f} points"
+                )
     print(json.dumps({"seeds": args.seeds, "traces": summary}))
 
 

@@ -109,9 +109,14 @@ def whole(task_id, count, cpu=0, models=None):
     return TaskRequest(task_id, GpuRequest(count=count, models=models), cpu_milli=cpu)
 
 
-def gpu_node(name, used, model="G2", cpus=96):
+def gpu_node(name, used, model="G2", cpus=96, memory_mib=1 << 20):
     gpus = [GpuView(f"{name}-{j}", j, model, 16, used_milli=u) for j, u in enumerate(used)]
-    return NodeView(name, name, cpus * 1000, 1 << 20, gpus)
+    return NodeView(name, name, cpus * 1000, memory_mib, gpus)
+
+
+def node_frag(typical, state):
+    bound = typical.bind(state)
+    return bound.node_frag(state.gpu_free, state.cpu_free, state.mem_free, state.node_model)
 
 
 def test_node_fragmentation_follows_the_papers_definition():
@@ -124,13 +129,21 @@ def test_node_fragmentation_follows_the_papers_definition():
             gpu_node("c", [700, 700], model="T4"),
         ]
     )
-    frag = typical.bind(state).node_frag(state.gpu_free, state.cpu_free, state.node_model)
+    frag = node_frag(typical, state)
     # a: 300 free on GPU0 is too little for either shape; GPU1 serves both.
     # b: nothing free, nothing fragmented. c: 300+300 free, neither shape fits anywhere.
     assert frag.tolist() == [300.0, 0.0, 600.0]
     only_g2 = TypicalTasks({TaskShape(0, 500, 1, frozenset({"G2"})): 1})
-    frag_c = only_g2.bind(state).node_frag(state.gpu_free, state.cpu_free, state.node_model)
-    assert frag_c.tolist() == [300.0, 0.0, 600.0]  # c's model is not accessible at all
+    assert node_frag(only_g2, state).tolist() == [300.0, 0.0, 600.0]  # c's model: no access
+
+
+def test_fragmentation_with_memory_counts_gpus_stranded_without_memory():
+    state = ClusterState([gpu_node("roomy", [0, 0]), gpu_node("short", [0, 0], memory_mib=8192)])
+    paper = TypicalTasks({TaskShape(0, 1000, 1, None): 1})
+    with_memory = TypicalTasks({TaskShape(0, 1000, 1, None, memory=16384): 1})
+    assert node_frag(paper, state).tolist() == [0.0, 0.0]
+    # "short" has two whole GPUs but not the memory to run the typical task beside them
+    assert node_frag(with_memory, state).tolist() == [0.0, 2000.0]
 
 
 def test_typical_tasks_keep_the_common_shapes_covering_95_percent():
@@ -185,6 +198,23 @@ def test_fgd_full_plans_for_the_rare_shapes_too():
     assert [s.count for s in policy("fgd-full").typical_tasks(seen).shapes] == [1, 2]
     assert placed_by("fgd") == placed_by("fgd-warm") == "two"
     assert placed_by("fgd-full") == "three"
+
+
+def test_fgd_full_keeps_memory_beside_free_gpus():
+    # The typical task wants a GPU and 32 GiB; a CPU-only task wanting 40 GiB fits on
+    # either node. FGD reads no memory and takes the first node, which leaves its two
+    # GPUs without the memory to use them; fgd-full takes the node with memory to spare.
+    gpu_task = TaskRequest("g", GpuRequest(count=1), memory_mib=32768)
+    seen = [gpu_task] * 9 + [TaskRequest("c", GpuRequest(), memory_mib=40960)]
+
+    def placed_by(name):
+        chosen = policy(name)
+        snap = Snapshot([gpu_node("small", [0, 0], memory_mib=65536), gpu_node("big", [0, 0])])
+        framework = Framework(chosen, typical=chosen.typical_tasks(seen))
+        return framework.place_one(snap, seen[-1]).node_id
+
+    assert placed_by("fgd") == "small"
+    assert placed_by("fgd-full") == "big"
 
 
 def test_fgd_without_typical_tasks_plans_for_the_queue():

@@ -35,13 +35,15 @@ class TaskShape:
     milli: int  # per GPU
     count: int
     models: frozenset[str] | None
+    memory: int = 0  # MiB; 0 where fragmentation is read without memory (the paper's)
 
     @classmethod
-    def of(cls, task: TaskRequest) -> TaskShape:
+    def of(cls, task: TaskRequest, memory: bool = False) -> TaskShape:
         gpu = task.gpu
+        mem = task.memory_mib if memory else 0
         if not gpu.wants_gpu:
-            return cls(task.cpu_milli, 0, 0, None)
-        return cls(task.cpu_milli, gpu.milli_per_gpu, gpu.gpus_touched, gpu.models)
+            return cls(task.cpu_milli, 0, 0, None, mem)
+        return cls(task.cpu_milli, gpu.milli_per_gpu, gpu.gpus_touched, gpu.models, mem)
 
 
 class TypicalTasks:
@@ -58,14 +60,21 @@ class TypicalTasks:
 
     @classmethod
     def from_tasks(
-        cls, tasks: Iterable[TaskRequest], coverage: float = TYPICAL_COVERAGE
+        cls, tasks: Iterable[TaskRequest], coverage: float = TYPICAL_COVERAGE, memory: bool = False
     ) -> TypicalTasks:
-        counts = Counter(TaskShape.of(t) for t in tasks)
+        counts = Counter(TaskShape.of(t, memory) for t in tasks)
         total = sum(counts.values())
         # Most common first; equal counts ordered by shape so the cut is deterministic.
         ranked = sorted(
             counts.items(),
-            key=lambda kv: (-kv[1], kv[0].cpu, kv[0].milli, kv[0].count, str(kv[0].models)),
+            key=lambda kv: (
+                -kv[1],
+                kv[0].cpu,
+                kv[0].milli,
+                kv[0].count,
+                str(kv[0].models),
+                kv[0].memory,
+            ),
         )
         kept: dict[TaskShape, float] = {}
         covered = 0
@@ -88,6 +97,7 @@ class BoundTypicalTasks:
         self.freq = typical.freq
         self.weight, self.total_weight = typical.weight, typical.total_weight
         self.cpu = np.array([s.cpu for s in shapes], dtype=np.int64)
+        self.memory = np.array([s.memory for s in shapes], dtype=np.int64)
         self.count = np.array([s.count for s in shapes], dtype=np.int64)
         self.is_gpu = np.array([s.milli > 0 for s in shapes], dtype=bool)
         self.thresholds = np.array(sorted({s.milli for s in shapes if s.milli > 0}), dtype=np.int64)
@@ -114,6 +124,7 @@ class BoundTypicalTasks:
         short_sum: np.ndarray,
         total: np.ndarray,
         cpu_free: np.ndarray,
+        mem_free: np.ndarray,
         model: np.ndarray,
     ) -> np.ndarray:
         """Expected fragmented milli-GPU of each node state.
@@ -128,15 +139,16 @@ class BoundTypicalTasks:
             self.is_gpu[None, :]
             & (fits_count[:, self.threshold_of] >= self.count[None, :])
             & (cpu_free[:, None] >= self.cpu[None, :])
+            & (mem_free[:, None] >= self.memory[None, :])
             & self.access[model]  # model -1 (no GPU) reads the last row: no access
         )
         frag = np.where(fits, short_sum[:, self.threshold_of], total[:, None])
         return (frag @ self.weight) / self.total_weight
 
     def node_frag(
-        self, gpu_free: np.ndarray, cpu_free: np.ndarray, model: np.ndarray
+        self, gpu_free: np.ndarray, cpu_free: np.ndarray, mem_free: np.ndarray, model: np.ndarray
     ) -> np.ndarray:
-        return self.frag_from(*self.stats(gpu_free), cpu_free, model)
+        return self.frag_from(*self.stats(gpu_free), cpu_free, mem_free, model)
 
 
 class FragTracker:
@@ -160,7 +172,12 @@ class FragTracker:
             fits, short, total = self.typical.stats(state.gpu_free[stale])
             self.fits_count[stale], self.short_sum[stale], self.total[stale] = fits, short, total
             self.frag[stale] = self.typical.frag_from(
-                fits, short, total, state.cpu_free[stale], state.node_model[stale]
+                fits,
+                short,
+                total,
+                state.cpu_free[stale],
+                state.mem_free[stale],
+                state.node_model[stale],
             )
             self.seen_version[stale] = state.version[stale]
 

@@ -83,6 +83,9 @@ class Policy:
     # Fragmentation-aware policies plan for typical tasks: the most common shapes that
     # cover this share of the tasks seen. None: the policy does not use them.
     typical_coverage: float | None = None
+    # Whether typical tasks carry their memory, so a node short of memory counts as
+    # fragmented for them (the paper's FGD reads CPU and GPUs only).
+    typical_memory: bool = False
     description: str = ""
 
     @property
@@ -91,7 +94,9 @@ class Policy:
 
     def typical_tasks(self, tasks: Iterable[TaskRequest]) -> TypicalTasks:
         """The typical tasks this policy plans for, from the tasks seen."""
-        return TypicalTasks.from_tasks(tasks, self.typical_coverage or TYPICAL_COVERAGE)
+        return TypicalTasks.from_tasks(
+            tasks, self.typical_coverage or TYPICAL_COVERAGE, self.typical_memory
+        )
 
 
 # Task shapes whose per-node verdicts and scores are kept, most recently used.

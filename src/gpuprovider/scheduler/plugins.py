@@ -181,7 +181,12 @@ def _frag_growth(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]
         short = tracker.short_sum[nodes]
     total = tracker.total[nodes] - task.milli * task.count
     frag_after = typical.frag_from(
-        fits, short, total, state.cpu_free[nodes] - task.cpu, state.node_model[nodes]
+        fits,
+        short,
+        total,
+        state.cpu_free[nodes] - task.cpu,
+        state.mem_free[nodes] - task.memory,
+        state.node_model[nodes],
     )
     return rows, gpus, frag_after - tracker.frag[nodes]
 
@@ -263,8 +268,9 @@ POLICIES: dict[str, Policy] = {
         pick_tightest,
         DEFAULT_FILTERS,
         typical_coverage=1.0,
-        description="fgd-warm planning for every task shape seen, not only the most "
-        "common ones covering 95 %",
+        typical_memory=True,
+        description="fgd-warm planning for every task shape seen (not only the most "
+        "common ones covering 95 %), memory included",
     ),
 }
 
