@@ -103,10 +103,11 @@ class BoundTypicalTasks:
         self.thresholds = np.array(sorted({s.milli for s in shapes if s.milli > 0}), dtype=np.int64)
         where = {int(u): k for k, u in enumerate(self.thresholds)}
         self.threshold_of = np.array([where.get(s.milli, 0) for s in shapes], dtype=np.int64)
-        # access[m, t]: whether a node of model code m can serve shape t (last row: no GPU)
+        # access[m, t]: whether a node of model code m can serve shape t, which wants a
+        # GPU (last row: a node without GPUs)
         access = np.zeros((len(state.models) + 1, len(shapes)), dtype=bool)
         for t, shape in enumerate(shapes):
-            access[:-1, t] = state.model_mask(shape.models)
+            access[:-1, t] = state.model_mask(shape.models) & self.is_gpu[t]
         self.access = access
 
     def stats(self, gpu_free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,8 +137,7 @@ class BoundTypicalTasks:
         if not len(self.thresholds):
             return total * float(self.freq.sum())
         fits = (
-            self.is_gpu[None, :]
-            & (fits_count[:, self.threshold_of] >= self.count[None, :])
+            (fits_count[:, self.threshold_of] >= self.count[None, :])
             & (cpu_free[:, None] >= self.cpu[None, :])
             & (mem_free[:, None] >= self.memory[None, :])
             & self.access[model]  # model -1 (no GPU) reads the last row: no access
@@ -159,7 +159,7 @@ class FragTracker:
         self.typical = typical
         self.state = state
         n, u = len(state), len(typical.thresholds)
-        self.seen_version = np.full(n, -1, dtype=np.int64)
+        self.seen = -1  # position in the state's change log
         self.frag = np.zeros(n, dtype=np.float64)
         self.fits_count = np.zeros((n, u), dtype=np.int64)
         self.short_sum = np.zeros((n, u), dtype=np.int64)
@@ -167,7 +167,8 @@ class FragTracker:
 
     def refresh(self) -> None:
         state = self.state
-        stale = np.nonzero(state.version != self.seen_version)[0]
+        stale = state.changed_since(self.seen)
+        self.seen = len(state.changes)
         if len(stale):
             fits, short, total = self.typical.stats(state.gpu_free[stale])
             self.fits_count[stale], self.short_sum[stale], self.total[stale] = fits, short, total
@@ -179,7 +180,6 @@ class FragTracker:
                 state.mem_free[stale],
                 state.node_model[stale],
             )
-            self.seen_version[stale] = state.version[stale]
 
     def current(self) -> np.ndarray:
         self.refresh()

@@ -10,9 +10,9 @@ extension point that policies plug into.
 
 A filter's verdict and a scorer's score on a node must depend only on that node and the
 task. The framework relies on it: per task shape it keeps each node's verdict and score,
-and recomputes them only for the nodes a reservation changed since (a placement changes
-one node), so a decision costs a pass over flat arrays rather than the plugins' work on
-every node. When many nodes need scoring at once (a shape's first look), nodes in equal
+and recomputes them only for the nodes reserved on since (from the state's change log),
+so a decision costs one pass over a flat array rather than the plugins' work on every
+node. When many nodes need scoring at once (a shape's first look), nodes in equal
 states (same hardware, labels and free resources) are scored once.
 """
 
@@ -45,6 +45,9 @@ class Filter:
     check: Callable[[ClusterState, CompiledTask, np.ndarray | slice, np.ndarray], np.ndarray]
     # Why the nodes given fail, in words a user can act on: reason -> how many nodes.
     reason: Callable[[ClusterState, CompiledTask, np.ndarray], dict[str, int]]
+    # True: the verdict depends only on what a node is (labels, usability), never on
+    # what is free, so a task shape asks it once per node.
+    static: bool = False
 
 
 @dataclass
@@ -106,46 +109,56 @@ SCORE_DISTINCT_FROM = 32
 
 
 class ShapeCache:
-    """What one task shape sees on every node: whether the node passes the filters, its
-    score there, and the GPU its scorer chose for a share. Each entry holds while its
-    node's version is the one it was computed at."""
+    """What one task shape sees on every node: its score there (-inf where the node
+    fails a filter) and the GPU its scorer chose for a share, each computed when the
+    node last changed."""
 
     def __init__(self, n: int):
-        self.ok = np.zeros(n, dtype=bool)
-        self.values = np.zeros(n, dtype=np.float64)
+        self.score = np.full(n, -np.inf)
         self.share_gpu = np.full(n, -1, dtype=np.int64)  # -1: left to the GPU picker
-        self.seen_at = np.full(n, -1, dtype=np.int64)
+        self.static_ok: np.ndarray | None = None  # static filters' verdict per node
+        self.seen = -1  # position in the state's change log at the last look
 
     def refresh(self, context: Context, policy: Policy) -> None:
         """Filter and score again the nodes changed since this shape last looked."""
         state, task = context.state, context.task
-        changed = np.nonzero(self.seen_at != state.version)[0]
+        changed = state.changed_since(self.seen)
+        self.seen = len(state.changes)
         if not len(changed):
             return
         fitting = state.fitting_gpus(task, changed)
-        ok = np.ones(len(changed), dtype=bool)
+        if self.static_ok is None:  # the first look: `changed` is every node
+            self.static_ok = np.ones(len(state), dtype=bool)
+            for check in policy.filters:
+                if check.static:
+                    self.static_ok &= check.check(state, task, changed, fitting)
+        ok = self.static_ok[changed]
         for check in policy.filters:
-            ok &= check.check(state, task, changed, fitting)
-        self.ok[changed] = ok
-        self.seen_at[changed] = state.version[changed]
+            if not check.static:
+                ok &= check.check(state, task, changed, fitting)
+        self.score[changed[~ok]] = -np.inf
         passing = changed[ok]
+        if not len(passing):
+            return
         if len(passing) >= SCORE_DISTINCT_FROM:  # a first look: score each state once
             scored, spread = state.distinct(passing)
         else:
             scored, spread = passing, slice(None)
-        if len(passing):
-            fresh = policy.scorer(context, scored)
-            self.values[passing] = fresh.values[spread]
-            if fresh.share_gpu is not None:
-                self.share_gpu[passing] = fresh.share_gpu[spread]
+        fresh = policy.scorer(context, scored)
+        self.score[passing] = fresh.values[spread]
+        if fresh.share_gpu is not None:
+            self.share_gpu[passing] = fresh.share_gpu[spread]
 
-    def best(self, policy: Policy, rng: np.random.Generator) -> int:
+    def best(self, policy: Policy, rng: np.random.Generator) -> int | None:
         """The node to take: the first of the best scores in node order, or any of them
-        with random ties."""
-        values = np.where(self.ok, self.values, -np.inf)
+        with random ties; None when every node fails a filter."""
+        first = int(self.score.argmax())
+        top = self.score[first]
+        if top == -np.inf:
+            return None
         if not policy.random_ties:
-            return int(values.argmax())
-        best = np.nonzero(values == values.max())[0]
+            return first
+        best = np.nonzero(self.score == top)[0]
         return int(best[rng.integers(len(best))])
 
 
@@ -366,9 +379,9 @@ class Framework:
         context = Context(state, task, self)
         cache = self.shape_cache(state, task)
         cache.refresh(context, self.policy)
-        if not cache.ok.any():
-            return Unplaced(request.task_id, self.explain(state, task))
         node = cache.best(self.policy, self.rng)
+        if node is None:
+            return Unplaced(request.task_id, self.explain(state, task))
         chosen = int(cache.share_gpu[node])
         gpus = [chosen] if chosen >= 0 else self.policy.pick_gpus(context, node)
         state.reserve(node, gpus, task.milli, task.cpu, task.memory)

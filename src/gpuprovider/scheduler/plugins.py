@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 
@@ -54,8 +55,8 @@ def _gpus_ok(
     return row_count(fitting) >= task.count
 
 
-node_usable = Filter("usable", lambda s, t, rows, f: s.usable[rows], _usable_reason)
-node_selector = Filter("selector", _selector_ok, _selector_reason)
+node_usable = Filter("usable", lambda s, t, rows, f: s.usable[rows], _usable_reason, static=True)
+node_selector = Filter("selector", _selector_ok, _selector_reason, static=True)
 cpu_fits = Filter("cpu", lambda s, t, rows, f: s.cpu_free[rows] >= t.cpu, _cpu_reason)
 memory_fits = Filter("memory", lambda s, t, rows, f: s.mem_free[rows] >= t.memory, _memory_reason)
 gpus_fit = Filter(
@@ -121,15 +122,28 @@ def score_spread(ctx: Context, candidates: np.ndarray) -> Scores:
     return Scores(_leftover(ctx, candidates))
 
 
+@functools.cache
+def _earlier(g: int) -> np.ndarray:
+    """bool[1, G, G]: whether slot k comes before slot j, at [0, j, k]."""
+    return np.tril(np.ones((g, g), dtype=bool), k=-1)[None, :, :]
+
+
 def _share_candidates(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(candidate row, GPU slot) pairs a share may go to. GPUs of a node with equal
     room lead to the same state, so only the lowest-indexed of each is tried."""
     free = ctx.state.gpu_free[candidates]
     fits = ctx.fitting(candidates)
     same = (free[:, :, None] == free[:, None, :]) & fits[:, None, :]
-    earlier = np.tril(np.ones((free.shape[1], free.shape[1]), dtype=bool), k=-1)
-    duplicate = (same & earlier[None, :, :]).any(axis=2)
+    duplicate = (same & _earlier(free.shape[1])).any(axis=2)
     return np.nonzero(fits & ~duplicate)
+
+
+def _group_starts(keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal keys begins in `keys` (grouped)."""
+    starts = np.empty(len(keys), dtype=bool)
+    starts[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=starts[1:])
+    return np.flatnonzero(starts)
 
 
 def _best_per_node(
@@ -143,12 +157,11 @@ def _best_per_node(
     among equals). Pairs come grouped by node, every candidate node with at least one."""
     if gpus is None:
         return Scores(values)
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    starts = _group_starts(rows)
     best = np.maximum.reduceat(values, starts)
-    at_best = np.flatnonzero(
-        values == best[np.searchsorted(starts, np.arange(len(rows)), "right") - 1]
-    )
-    first = at_best[np.unique(rows[at_best], return_index=True)[1]]
+    sizes = np.diff(starts, append=len(rows))
+    at_best = np.flatnonzero(values == np.repeat(best, sizes))
+    first = at_best[_group_starts(rows[at_best])]
     return Scores(best.astype(np.float64), gpus[first])
 
 

@@ -15,6 +15,8 @@ from gpuprovider.domain.resources import MILLI, GpuRequest
 from gpuprovider.scheduler.model import NodeView, Placement, RunningTask, Snapshot, TaskRequest
 
 ALL = slice(None)  # every node, as a row index
+# Up to this many changes, a cache reads the change log; beyond, one pass over the nodes.
+READ_LOG_UP_TO = 32
 
 
 @dataclass
@@ -67,8 +69,11 @@ class ClusterState:
                 self.node_model[i] = code[node.gpus[0].model]
         self.capacity_milli = int(self.gpu_usable.sum()) * MILLI
         self.gpu_free_total = self.gpu_free.sum(axis=1)
-        # Bumped for a node on every reservation, so per-node caches know what changed.
-        self.version = np.zeros(n, dtype=np.int64)
+        # Every reservation's node, in order, and where in that log each node last
+        # appears: per-node caches look only at the nodes changed since they last
+        # looked (a position in the log).
+        self.changes: list[int] = []
+        self.changed_at = np.full(n, -1, dtype=np.int64)
         # Equal for nodes in equal states (same hardware, labels and free resources), so
         # a scorer can score one node of each state.
         self._state_ids: dict[tuple, int] = {}
@@ -128,8 +133,21 @@ class ClusterState:
         for j in gpus:
             self.gpu_free[node, j] -= milli
         self.gpu_free_total[node] -= milli * len(gpus)
-        self.version[node] += 1
+        self.changed_at[node] = len(self.changes)
+        self.changes.append(node)
         self.state_id[node] = self._state_key(node)
+
+    def changed_since(self, seen: int) -> np.ndarray:
+        """Rows of the nodes reserved on since the log held `seen` entries, in node order
+        and each once; every node for `seen` -1 (a cache's first look)."""
+        if seen < 0:
+            return np.arange(len(self))
+        recent = len(self.changes) - seen
+        if not recent:
+            return _NONE
+        if recent <= READ_LOG_UP_TO:
+            return np.array(sorted(set(self.changes[seen:])), dtype=np.int64)
+        return np.flatnonzero(self.changed_at >= seen)
 
     def _fixed_key(self, i: int) -> tuple:
         node = self.nodes[i]
@@ -191,6 +209,7 @@ class ClusterState:
         return self.capacity_milli - int(self.gpu_free_total.sum())
 
 
+_NONE = np.zeros(0, dtype=np.int64)
 _ONE_PER_BYTE = np.uint64(0x0101010101010101)
 
 
