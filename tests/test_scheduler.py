@@ -244,6 +244,12 @@ def test_every_policy_places_through_the_same_pipeline():
         assert isinstance(too_big, Unplaced) and "no node has 3 GPU free" in too_big.reason
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_an_empty_cluster_leaves_every_task_queued_with_the_reason(name):
+    decisions = Framework(policy(name)).place(Snapshot([]), [req("t", "1"), req("c")])
+    assert [d.reason for d in decisions] == ["no node is registered yet"] * 2
+
+
 def look_afresh(framework, state, request):
     """The pipeline's plain definition, as an oracle: filter and score every node, take
     the first of the best, let the scorer's or the picker's GPUs stand, reserve."""

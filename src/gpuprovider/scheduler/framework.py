@@ -151,7 +151,9 @@ class ShapeCache:
 
     def best(self, policy: Policy, rng: np.random.Generator) -> int | None:
         """The node to take: the first of the best scores in node order, or any of them
-        with random ties; None when every node fails a filter."""
+        with random ties; None when there is none or every node fails a filter."""
+        if not len(self.score):
+            return None
         first = int(self.score.argmax())
         top = self.score[first]
         if top == -np.inf:
