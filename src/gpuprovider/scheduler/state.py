@@ -75,10 +75,12 @@ class ClusterState:
         self.changes: list[int] = []
         self.changed_at = np.full(n, -1, dtype=np.int64)
         # Equal for nodes in equal states (same hardware, labels and free resources), so
-        # a scorer can score one node of each state.
+        # a scorer can score one node of each state. Brought up to date when read, not
+        # on every reservation: only a shape's first look reads them.
         self._state_ids: dict[tuple, int] = {}
         self._fixed = [self._fixed_key(i) for i in range(n)]
-        self.state_id = np.array([self._state_key(i) for i in range(n)], dtype=np.int64)
+        self._state_id = np.array([self._state_key(i) for i in range(n)], dtype=np.int64)
+        self._state_ids_at = 0  # the change log position they are current at
         self._eligible: dict[tuple, np.ndarray] = {}
 
     @classmethod
@@ -135,7 +137,6 @@ class ClusterState:
         self.gpu_free_total[node] -= milli * len(gpus)
         self.changed_at[node] = len(self.changes)
         self.changes.append(node)
-        self.state_id[node] = self._state_key(node)
 
     def changed_since(self, seen: int) -> np.ndarray:
         """Rows of the nodes reserved on since the log held `seen` entries, in node order
@@ -169,6 +170,14 @@ class ClusterState:
             self.gpu_free[i].tobytes(),
         )
         return self._state_ids.setdefault(key, len(self._state_ids))
+
+    @property
+    def state_id(self) -> np.ndarray:
+        """int[N], read-only: equal for nodes in equal states."""
+        for i in self.changed_since(self._state_ids_at).tolist():
+            self._state_id[i] = self._state_key(i)
+        self._state_ids_at = len(self.changes)
+        return self._state_id
 
     def distinct(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(one row per distinct node state among `rows`, each row's index into those)."""
