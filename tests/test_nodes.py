@@ -9,7 +9,9 @@ def test_drain_then_remove(fresh_provider):
     p = fresh_provider
     p.start()
     node = p.api.get("/nodes").json()[0]["name"]
-    job = p.submit(name="finishing", command=[PY, "-c", "import time; time.sleep(3)"])
+    go = p.home.root / "finish-now"  # the job runs until the test lets it finish
+    wait = f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.05)"
+    job = p.submit(name="finishing", command=[PY, "-c", wait])
     service = p.submit(
         name="web", kind="service", command=[PY, "-c", "import time; time.sleep(300)"]
     )
@@ -23,6 +25,7 @@ def test_drain_then_remove(fresh_provider):
     assert any("draining" in e["reason"] for e in p.task(service["id"])["events"])
     refused = p.cli("node", "remove", node)
     assert refused.returncode == 2 and "still runs finishing" in refused.stderr
+    go.touch()
     p.wait_state(job["id"], "succeeded")
     assert p.api.get("/nodes").json()[0]["status"] == "draining"
     fresh = p.submit(name="waits", command=["true"])
