@@ -40,7 +40,7 @@ from core import DONE, EIGHT_GPUS, TRIVIAL, all_tasks, ms
 HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
-def cluster_with(nodes: int) -> tuple[Cluster, list]:
+def cluster_with(nodes: int, gpus_each: int = 2) -> tuple[Cluster, list]:
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -54,7 +54,7 @@ def cluster_with(nodes: int) -> tuple[Cluster, list]:
         cluster.add_node(
             num_cpus=2,
             node_ip_address="127.0.0.1",
-            labels=node_labels(f"node-{i}", [("h100-80gb-sxm", 2)], {}),
+            labels=node_labels(f"node-{i}", [("h100-80gb-sxm", gpus_each)], {}),
         )
         for i in range(nodes)
     ]
@@ -89,6 +89,37 @@ def burst(provider: Provider, jobs: int) -> dict:
         "placements_per_s": round(jobs / span, 1),
         **ms(waits),
     }
+
+
+def api_latency(provider: Provider, requests: int = 300) -> dict:
+    """GET /health back to back: what the executor's passes cost the API."""
+    took = []
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        provider.api.get("/health").raise_for_status()
+        took.append(time.perf_counter() - t0)
+    return ms(took)
+
+
+def api_with_running(root: Path, running: int) -> dict:
+    """API latency with no task, then with `running` tasks running on 4 Ray nodes."""
+    cluster, _ = cluster_with(4, gpus_each=-(-running // 4))
+    provider = provider_for(root, cluster.address, gpus_expected=4 * -(-running // 4))
+    try:
+        idle = api_latency(provider)
+        for _ in range(running):
+            provider.submit(command=["sleep", "600"], resources={"gpu": 1})
+        wait_for(
+            lambda: sum(t["state"] == "running" for t in all_tasks(provider)) >= running,
+            300,
+            "every task running",
+        )
+        busy = api_latency(provider)
+    finally:
+        provider.stop()
+        kill_task_processes(provider.home)
+        cluster.shutdown()
+    return {"running": running, "idle": idle, "busy": busy}
 
 
 def footprint(pid: int, seconds: float = 10.0) -> dict:
@@ -139,9 +170,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--deaths", type=int, default=3)
+    parser.add_argument("--running", type=int, default=200)
+    parser.add_argument("--only-running", action="store_true", help="only the API-latency phase")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        loaded = api_with_running(root / "running", args.running)
+        print(
+            f"API /health with {args.running} tasks running on Ray: p50 "
+            f"{loaded['busy']['p50_ms']} ms, p99 {loaded['busy']['p99_ms']} ms "
+            f"(none running: p50 {loaded['idle']['p50_ms']} ms, p99 {loaded['idle']['p99_ms']} ms)"
+        )
+        if args.only_running:
+            print(json.dumps({"api_with_running": loaded}))
+            return
         local = provider_for(root / "local", None)
         try:
             local_burst = burst(local, args.jobs)
@@ -171,6 +213,7 @@ def main() -> None:
         "local_baseline": local_burst,
         "dead_node_to_requeued_s": detection,
         "head_idle": {"1_node": one_node, "4_nodes": four_nodes, "per_extra_node": per_node},
+        "api_with_running": loaded,
     }
     print(f"{args.jobs} jobs, 8 GPUs: Ray over 4 nodes vs the local backend")
     for name, got in (("ray, 4 nodes", ray_burst), ("local", local_burst)):

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 
 import psutil
@@ -125,6 +126,55 @@ def test_exit_codes_and_retries_as_on_the_local_backend(ray_provider):
     )
     ended = ray_provider.wait_state(task["id"], "failed", timeout=60)
     assert ended["exit_code"] == 3 and ended["attempt"] == 2
+
+
+# Run as a second Ray driver in its own process, so that Ray reads
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before it is imported and talks on 127.0.0.1 only.
+POLL_ON_AN_OLDER_AGENT = """
+import sys
+import ray
+from gpuprovider.backends.base import Launch
+from gpuprovider.backends.local import LocalBackend
+from gpuprovider.backends.ray import RayBackend
+from gpuprovider.testing import wait_for
+
+class OlderAgent:
+    # a node agent as an older gpuprovider started it: no poll_many (agents are
+    # detached, so one may outlive an upgrade of the provider)
+    def __init__(self):
+        self.local = LocalBackend()
+    def start(self, launch):
+        return self.local.start(launch)
+    def poll(self, handle):
+        return self.local.poll(handle)
+
+address, tmp = sys.argv[1:]
+backend = RayBackend(address, tmp)
+backend.connect()
+nodes = {node.name: node.id for node in backend.discover()[0]}
+backend.agents[nodes["node-a100"]] = ray.remote(OlderAgent).options(num_cpus=0).remote()
+handles = []
+for i, (name, code) in enumerate([("node-h100", 0), ("node-a100", 3), ("node-a100", 4)]):
+    argv = [sys.executable, "-c", f"raise SystemExit({code})"]
+    launch = Launch(f"t{i}", 1, argv, {}, tmp, f"{tmp}/run{i}", node_id=nodes[name])
+    handles.append(backend.start(launch))
+ended = wait_for(lambda: all(got := backend.poll_many(handles)) and got)
+print([e.exit_code for e in ended])
+ray.shutdown()
+"""
+
+
+def test_tasks_are_polled_per_node_at_once_even_on_an_older_agent(cluster, tmp_path):
+    # before the dead-node test below, which takes a node away
+    done = subprocess.run(
+        [PY, "-c", POLL_ON_AN_OLDER_AGENT, cluster.address, str(tmp_path)],
+        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[0, 3, 4]"
 
 
 def test_a_dead_node_is_noticed_its_job_retried_and_its_service_restarted_elsewhere(

@@ -68,6 +68,10 @@ class Backend(Protocol):
         """How the task ended, or None while it runs."""
         ...
 
+    def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
+        """`poll` for each handle, in order; a remote backend asks every node at once."""
+        ...
+
     def stop(self, handle: Handle) -> bool:
         """Ask the task to stop: SIGTERM, then SIGKILL after its grace period.
 

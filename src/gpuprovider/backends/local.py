@@ -103,6 +103,9 @@ class LocalBackend:
             start_time = 0.0  # already gone: poll reads its exit record
         return Handle(proc.pid, start_time, launch.run_dir, launch.attempt, launch.node_id)
 
+    def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
+        return [self.poll(handle) for handle in handles]
+
     def poll(self, handle: Handle) -> Exit | None:
         ended = read_exit(handle.run_dir, handle.attempt)
         if ended is not None:

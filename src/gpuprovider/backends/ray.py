@@ -33,7 +33,9 @@ LABEL_NAME = "gpuprovider.io/name"
 SIM_PREFIX = "gpuprovider.io/sim-"  # gpuprovider.io/sim-<model> = count of simulated GPUs
 CLUSTER_KEY = "gpuprovider:cluster"  # in Ray's KV store: this Ray cluster serves gpuprovider
 CALL_TIMEOUT_S = 30.0
-POLL_TIMEOUT_S = 3.0  # a poll blocks the executor: a node that cannot answer is checked
+# An executor pass waits this long at most for all its polls together; a node that
+# cannot answer in time is checked for death.
+POLL_TIMEOUT_S = 3.0
 
 
 class RayBackendError(RuntimeError):
@@ -88,6 +90,9 @@ class NodeAgent:
 
     def poll(self, handle: Handle) -> Exit | None:
         return self.local.poll(handle)
+
+    def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
+        return self.local.poll_many(handles)
 
     def stop(self, handle: Handle) -> bool:
         return self.local.stop(handle)
@@ -206,14 +211,17 @@ class RayBackend:
             self.agents[node_id] = agent
         return agent
 
-    def _call(self, node_id: str, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+    def _agent_of(self, node_id: str) -> Any:
         agent = self.agents.get(node_id)
         if agent is None:
             self.discover()
             agent = self.agents.get(node_id)
         if agent is None:
             raise NodeDown(node_id, f"node {node_id} is not an alive node of the Ray cluster")
-        return self.ray.get(getattr(agent, method).remote(*args), timeout=timeout)
+        return agent
+
+    def _call(self, node_id: str, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+        return self.ray.get(getattr(self._agent_of(node_id), method).remote(*args), timeout=timeout)
 
     # -- tasks -------------------------------------------------------------------
 
@@ -230,17 +238,56 @@ class RayBackend:
             raise OSError(f"Ray could not start it on {launch.node_id}: {exc}") from None
 
     def poll(self, handle: Handle) -> Exit | None:
-        if handle.node_id in self.dead:
-            return node_lost(handle.node_id)
-        try:
-            return self._call(handle.node_id, "poll", handle, timeout=POLL_TIMEOUT_S)
-        except RayBackendError:
-            return None  # Ray itself is unreachable: nothing is known, ask again later
-        except Exception as exc:  # timed out, actor died, node gone
-            if self._node_dead(handle.node_id):
-                return node_lost(handle.node_id)
-            log.warning("polling pid %s on %s failed: %s", handle.pid, handle.node_id, exc)
-            return None
+        return self.poll_many([handle])[0]
+
+    def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
+        """Every node asked at once, one call for all its tasks, waiting POLL_TIMEOUT_S
+        at most for them all. A task whose node cannot answer reads None (nothing
+        known, ask again later) unless Ray reports the node dead."""
+        results: list[Exit | None] = [None] * len(handles)
+        by_node: dict[str, list[int]] = {}
+        for i, handle in enumerate(handles):
+            if handle.node_id in self.dead:
+                results[i] = node_lost(handle.node_id)
+            else:
+                by_node.setdefault(handle.node_id, []).append(i)
+        # call -> (node id, tasks asked, whether it answers for many)
+        pending: dict[Any, tuple[str, list[int], bool]] = {}
+        failed: dict[str, str] = {}  # node id -> why its tasks are unknown
+        for node_id, rows in by_node.items():
+            try:
+                agent = self._agent_of(node_id)
+            except RayBackendError:
+                return results  # Ray itself is unreachable: nothing is known
+            except NodeDown as exc:
+                failed[node_id] = str(exc)
+                continue
+            if hasattr(agent, "poll_many"):
+                pending[agent.poll_many.remote([handles[i] for i in rows])] = (node_id, rows, True)
+            else:  # an agent an older gpuprovider started: one call per task
+                for i in rows:
+                    pending[agent.poll.remote(handles[i])] = (node_id, [i], False)
+        if pending:
+            ready, late = self.ray.wait(
+                list(pending), num_returns=len(pending), timeout=POLL_TIMEOUT_S
+            )
+            for ref in ready:
+                node_id, rows, many = pending[ref]
+                try:
+                    answer = self.ray.get(ref)
+                    for i, ended in zip(rows, answer if many else [answer], strict=True):
+                        results[i] = ended
+                except Exception as exc:  # the actor died, the node went
+                    failed[node_id] = f"{type(exc).__name__}: {exc}"
+            for ref in late:
+                failed[pending[ref][0]] = f"no answer within {POLL_TIMEOUT_S:g}s"
+        for node_id, why in failed.items():
+            if self._node_dead(node_id):
+                for i in by_node[node_id]:
+                    results[i] = node_lost(node_id)
+            else:
+                log.warning("polling tasks on %s failed: %s", node_id, why)
+        return results
 
     def _node_dead(self, node_id: str) -> bool:
         ray_id = self.ray_ids.get(node_id)

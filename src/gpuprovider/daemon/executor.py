@@ -88,8 +88,19 @@ class ExecutorLoop(Loop):
             live = self.store.tasks(states=[S.STARTING, S.RUNNING, S.CANCELLING, S.PREEMPTED])
             self._watched = {t.id: t for t in live}
         freed = False
+        watching: list[tuple[TaskRecord, Handle]] = []
         for task in list(self._watched.values()):
-            if self._watch(task):
+            handle = self._handle(task)
+            if handle is None:
+                self._never_started(task)
+                del self._watched[task.id]
+                freed = True
+            else:
+                watching.append((task, handle))
+        # one call for every task: a remote backend asks all its nodes at once
+        ended = self.backend.poll_many([handle for _, handle in watching]) if watching else []
+        for (task, handle), result in zip(watching, ended, strict=True):
+            if self._settle(task, handle, result):
                 del self._watched[task.id]
                 freed = True
         if freed:
@@ -206,17 +217,14 @@ class ExecutorLoop(Loop):
             return handle
         return None
 
-    def _watch(self, task: TaskRecord) -> bool:
-        """Poll one task; True when its resources were freed."""
-        handle = self._handle(task)
-        if handle is None:
-            if task.state in STOPPING:
-                ended = Exit(None, "never started")
-            else:
-                ended = Exit(None, "lost: the daemon stopped while starting it", lost=True)
-            self._finish(task, ended)
-            return True
-        ended = self.backend.poll(handle)
+    def _never_started(self, task: TaskRecord) -> None:
+        if task.state in STOPPING:
+            self._finish(task, Exit(None, "never started"))
+        else:
+            self._finish(task, Exit(None, "lost: the daemon stopped while starting it", lost=True))
+
+    def _settle(self, task: TaskRecord, handle: Handle, ended: Exit | None) -> bool:
+        """Act on one task's poll; True when its resources were freed."""
         if ended is None:
             if task.state in STOPPING:
                 self._stop(task, handle)
