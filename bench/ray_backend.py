@@ -1,11 +1,12 @@
 """Ray backend figures: throughput and latency over 4 local Ray nodes against the local
-backend in the same run, dead-node detection, and the head's overhead per Ray node.
+backend in the same run, dead-node detection, the head's overhead per Ray node, and the
+API's latency while many tasks run on Ray (against none running).
 
 Every Ray process listens on 127.0.0.1 (Ray's multi-node-on-one-machine tool, as the
 tests use it). Both providers get 8 simulated H100s: 4 Ray nodes x 2, or one local node
 x 8; jobs are `true` asking for one GPU.
 
-Usage: python bench/ray_backend.py [--jobs 500] [--deaths 3]
+Usage: python bench/ray_backend.py [--jobs 500] [--deaths 3] [--running 200] [--only-running]
 Prints a human summary, then JSON on the last line.
 """
 
@@ -122,6 +123,15 @@ def api_with_running(root: Path, running: int) -> dict:
     return {"running": running, "idle": idle, "busy": busy}
 
 
+def describe_loaded(loaded: dict) -> str:
+    busy, idle = loaded["busy"], loaded["idle"]
+    return (
+        f"API /health with {loaded['running']} tasks running on Ray: p50 {busy['p50_ms']} ms, "
+        f"p99 {busy['p99_ms']} ms (none running: p50 {idle['p50_ms']} ms, "
+        f"p99 {idle['p99_ms']} ms)"
+    )
+
+
 def footprint(pid: int, seconds: float = 10.0) -> dict:
     proc = psutil.Process(pid)
     proc.cpu_percent(None)
@@ -176,12 +186,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         loaded = api_with_running(root / "running", args.running)
-        print(
-            f"API /health with {args.running} tasks running on Ray: p50 "
-            f"{loaded['busy']['p50_ms']} ms, p99 {loaded['busy']['p99_ms']} ms "
-            f"(none running: p50 {loaded['idle']['p50_ms']} ms, p99 {loaded['idle']['p99_ms']} ms)"
-        )
         if args.only_running:
+            print(describe_loaded(loaded))
             print(json.dumps({"api_with_running": loaded}))
             return
         local = provider_for(root / "local", None)
@@ -223,6 +229,7 @@ def main() -> None:
         )
     print(f"dead node -> job re-queued: {detection} s (goal < 10 s)")
     print(f"head idle: 1 node {one_node}, 4 nodes {four_nodes}, per extra node {per_node}")
+    print(describe_loaded(loaded))
     print(json.dumps(figures))
 
 
