@@ -272,7 +272,9 @@ def test_nodes_and_gpus_mark_simulated_and_show_use(provider):
     task = provider.submit(
         command=[PY, "-c", "import time; time.sleep(30)"], resources={"gpu": "RTX4090:0.25"}
     )
-    provider.wait_state(task["id"], "running")
+    running = provider.wait_state(task["id"], "running")
+    assert running["allocation"]["node"] == nodes[0]["name"]
+    assert running["allocation"]["gpus"][0]["model"] == "rtx-4090-24gb"
     gpus = {g["model"]: g for g in provider.api.get("/gpus").json()}
     assert gpus["rtx-4090-24gb"]["simulated"] is True
     assert gpus["rtx-4090-24gb"]["used_share"] == 0.25 and gpus["rtx-4090-24gb"]["tasks"] == [

@@ -244,7 +244,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     def full_view(task: TaskRecord) -> dict[str, Any]:
         alloc = store.allocation(task.id)
-        node = next((n for n in store.nodes() if alloc and n.id == alloc.node_id), None)
+        node = next(iter(store.nodes([alloc.node_id])), None) if alloc else None
         return task_view(task, alloc, node, store.events(task.id))
 
     @app.get("/api/v1/health")

@@ -309,11 +309,19 @@ class Store:
             conn.execute(t.check_results.delete().where(t.check_results.c.node_id == node_id))
             conn.execute(t.nodes.delete().where(t.nodes.c.id == node_id))
 
-    def nodes(self) -> list[NodeRecord]:
+    def nodes(self, ids: list[str] | None = None) -> list[NodeRecord]:
+        """Every node with its GPUs, or only the nodes `ids`."""
+        node_q = select(t.nodes).order_by(t.nodes.c.name)
+        gpu_q = select(t.gpus).order_by(t.gpus.c.node_id, t.gpus.c.idx)
+        proof_q = select(t.gpu_proofs)
+        if ids is not None:
+            node_q = node_q.where(t.nodes.c.id.in_(ids))
+            gpu_q = gpu_q.where(t.gpus.c.node_id.in_(ids))
+            proof_q = proof_q.where(t.gpu_proofs.c.node_id.in_(ids))
         with self.engine.connect() as conn:
-            node_rows = conn.execute(select(t.nodes).order_by(t.nodes.c.name)).all()
-            gpu_rows = conn.execute(select(t.gpus).order_by(t.gpus.c.node_id, t.gpus.c.idx)).all()
-            proofs = {row.gpu_uuid: row for row in conn.execute(select(t.gpu_proofs))}
+            node_rows = conn.execute(node_q).all()
+            gpu_rows = conn.execute(gpu_q).all()
+            proofs = {row.gpu_uuid: row for row in conn.execute(proof_q)}
         by_node: dict[str, list[GpuRecord]] = {}
         for row in gpu_rows:
             gpu = _record(GpuRecord, row)
