@@ -420,7 +420,8 @@ def test_a_gang_preempts_as_a_whole_or_not_at_all():
     # a-0 is free; one more GPU comes from evicting low-a or low-b, a third from the other
     decisions = Framework(policy("best-fit")).place(busy_snapshot(jobs), gang)
     assert all(isinstance(d, Preemption) for d in decisions)  # nobody starts alone
-    assert {v for d in decisions for v in d.victims} == {"low-a", "low-b"}
+    assert sorted(v for d in decisions for v in d.victims) == ["low-a", "low-b"]  # once each
+    assert all("gang g waits for low-a, low-b" in d.reason for d in decisions)
     assert len({(d.node_id, d.task_id) for d in decisions}) == 3
     # four workers cannot fit even with every eviction: nothing is evicted at all
     big = [

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,9 @@ class RayBackend:
                     failed[node_id] = f"{type(exc).__name__}: {exc}"
             for ref in late:
                 failed[pending[ref][0]] = f"no answer within {POLL_TIMEOUT_S:g}s"
+        dead = self._dead_among(failed) if failed else set()
         for node_id, why in failed.items():
-            if self._node_dead(node_id):
+            if node_id in dead:
                 for i in by_node[node_id]:
                     results[i] = node_lost(node_id)
             else:
@@ -290,13 +292,16 @@ class RayBackend:
         return results
 
     def _node_dead(self, node_id: str) -> bool:
-        ray_id = self.ray_ids.get(node_id)
+        return node_id in self._dead_among([node_id])
+
+    def _dead_among(self, node_ids: Iterable[str]) -> set[str]:
+        """Those of `node_ids` that Ray no longer lists alive (asked once), marked dead."""
         alive = {n["NodeID"] for n in self.ray.nodes() if n["Alive"]}
-        if ray_id not in alive:
-            self.dead.add(node_id)
+        dead = {node_id for node_id in node_ids if self.ray_ids.get(node_id) not in alive}
+        self.dead |= dead
+        for node_id in dead:
             self.agents.pop(node_id, None)
-            return True
-        return False
+        return dead
 
     def stop(self, handle: Handle) -> bool:
         try:

@@ -244,7 +244,8 @@ class Framework:
 
         With `running` given, a member that fits nowhere may preempt. Then no member
         starts yet: each waits (its room stays reserved for this pass) until the
-        victims have stopped, and the next pass places the gang whole.
+        victims have stopped, and the next pass places the gang whole. Each member's
+        decision names the victims it needs; the others name none.
         """
         running = {} if running is None else running
         size = members[0].gang_size or len(members)
@@ -253,6 +254,7 @@ class Framework:
             return [Unplaced(m.task_id, why) for m in members]
         placed: list[Placement] = []
         evicted: list[RunningTask] = []
+        victims_of: dict[str, tuple[str, ...]] = {}  # member -> the victims it needs
         for member in members:
             decision = self.decide(state, member)
             if isinstance(decision, Unplaced) and running:
@@ -260,6 +262,7 @@ class Framework:
                 if made is not None:
                     decision, victims = made
                     evicted += victims
+                    victims_of[member.task_id] = tuple(v.task_id for v in victims)
             if not isinstance(decision, Placement):
                 for done in placed:
                     state.unreserve(done)
@@ -271,9 +274,11 @@ class Framework:
             placed.append(decision)
         if not evicted:
             return list(placed)
-        victims = tuple(v.task_id for v in evicted)
-        why = f"gang {name} waits for {', '.join(victims)} (lower priority) to stop"
-        return [Preemption(p.task_id, p.node_id, victims, why) for p in placed]
+        names = ", ".join(v.task_id for v in evicted)
+        why = f"gang {name} waits for {names} (lower priority) to stop"
+        return [
+            Preemption(p.task_id, p.node_id, victims_of.get(p.task_id, ()), why) for p in placed
+        ]
 
     def preempt(
         self, state: ClusterState, task: TaskRequest, running: dict[str, RunningTask]
