@@ -26,7 +26,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process on 12
 
 from ray.cluster_utils import Cluster
 
-from gpuprovider.backends.ray import node_labels
+from gpuprovider.backends.ray.common import node_labels
 from gpuprovider.testing import (
     Provider,
     free_port,

@@ -22,8 +22,8 @@ from gpuprovider.check.report import as_html, report_data
 from gpuprovider.check.result import graded
 from gpuprovider.config import ProviderConfig
 from gpuprovider.domain import catalogue
+from gpuprovider.domain.records import GpuRecord
 from gpuprovider.inventory.local import NvmlReport
-from gpuprovider.store.records import GpuRecord
 
 REQUIRED_MODELS = [
     "h200-141gb-sxm", "h100-80gb-sxm", "h100-80gb-pcie", "h100-94gb-nvl", "a100-40gb-sxm",
@@ -213,6 +213,9 @@ def test_cli_runs_every_group_stores_and_serves_results(provider, tmp_path):
     for r in data["results"]:
         assert r["status"] in ("PASS", "WARN", "SKIP") and r["name"]
         assert r["status"] == "PASS" or r["advice"], r  # every non-pass says what to do
+    # the test home offers declared GPUs only, whatever this machine has: no GPU is measured
+    vram = next(r for r in data["results"] if r["group"] == "hardware" and r["name"] == "vram")
+    assert vram["status"] == "SKIP" and "[inventory] nvml = false" in vram["advice"]
     assert report.read_text().startswith("<!doctype html>")
     node = provider.api.get("/nodes").json()[0]
     served = provider.api.get(f"/nodes/{node['name']}/checks").json()

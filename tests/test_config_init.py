@@ -48,9 +48,9 @@ def test_init_creates_home_with_secrets_private(tmp_path):
     for secret in (home.token, home.node_key):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert load_config(home.config).inventory.simulated_gpus[0].model == "h100-80gb-sxm"
-    store = Store(home.store_url(""))
     # the token is stored hashed, never in clear
-    assert store.token_by_hash(hash_token(report.admin_token)).scopes == ["admin"]
+    with Store(home.store_url("")).read() as r:
+        assert r.tokens.by_hash(hash_token(report.admin_token)).scopes == ["admin"]
     assert report.admin_token not in home.store.read_bytes().decode(errors="ignore")
 
 
@@ -72,7 +72,8 @@ def test_init_with_a_lost_store_re_registers_the_existing_token(tmp_path):
     home.store.unlink()
     init_home(home, simulate=True)
     assert home.token.read_text() == token
-    assert Store(home.store_url("")).token_by_hash(hash_token(token)) is not None
+    with Store(home.store_url("")).read() as r:
+        assert r.tokens.by_hash(hash_token(token)) is not None
 
 
 def test_cli_init_says_what_exists(tmp_path):

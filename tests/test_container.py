@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 
-from gpuprovider.backends.container import container_argv
+from gpuprovider.backends.container import ContainerLaunch, container_argv
 from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
 FAKE_DOCKER = f"""#!{sys.executable}
@@ -19,17 +19,11 @@ print(json.dumps({{"argv": sys.argv[1:], "port": os.environ.get("PORT")}}))
 
 
 def test_argv_maps_real_gpus_ports_and_env_names_only():
-    argv = container_argv(
-        "docker",
-        "gpuprovider-t-1-1",
-        "img:1",
-        ["serve", "--fast"],
-        ["HF_TOKEN", "PORT"],
-        [2, 3],
-        True,
-        {"http": 20001},
+    container = ContainerLaunch(
+        "docker", "gpuprovider-t-1-1", "img:1", ["serve", "--fast"], ["HF_TOKEN"], [2, 3], True,
         "/app",
-    )
+    )  # fmt: skip
+    argv = container_argv(container, {"http": 20001}, ["HF_TOKEN", "PORT"])
     assert argv == [
         "docker",
         "run",
@@ -51,8 +45,8 @@ def test_argv_maps_real_gpus_ports_and_env_names_only():
         "serve",
         "--fast",
     ]
-    simulated = container_argv("podman", "n", "img", [], [], [0], False, {}, None)
-    assert "--gpus" not in simulated
+    simulated = ContainerLaunch("podman", "n", "img", [], [], [0], False, None)
+    assert "--gpus" not in container_argv(simulated, {}, [])
 
 
 def test_image_task_runs_through_the_engine(tmp_path):
@@ -62,7 +56,7 @@ def test_image_task_runs_through_the_engine(tmp_path):
     docker.write_text(FAKE_DOCKER)
     docker.chmod(docker.stat().st_mode | stat.S_IEXEC)
     port = free_port()
-    provider = Provider(make_home(tmp_path / "home", port), port)
+    provider = Provider(make_home(tmp_path / "home", port, container_engine="auto"), port)
     old_path = os.environ["PATH"]
     os.environ["PATH"] = f"{bin_dir}:{old_path}"
     try:

@@ -125,6 +125,9 @@ def test_spec_defaults_and_shapes():
         ({"resources": {"gpu": "H900:1"}}, "gpu"),
         ({"name": "has space"}, "name"),
         ({"env": {"CUDA_VISIBLE_DEVICES": "0"}}, "env"),
+        ({"env": {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}}, "env"),
+        ({"env": {"PORT": "80"}}, "env"),
+        ({"env": {"GPUPROVIDER_TASK_ID": "t-forged"}}, "env"),
         ({"env": {"1BAD": "x"}}, "env"),
         ({"workdir": "relative/dir"}, "workdir"),
         ({"max_duration_s": 0}, "max_duration_s"),
@@ -139,6 +142,12 @@ def test_bad_specs_name_the_field(fields, where):
     with pytest.raises(ValidationError) as caught:
         _spec(**fields)
     assert where in str(caught.value)
+
+
+def test_ordinary_names_that_start_like_reserved_ones_are_fine():
+    """PORTAL_URL was refused because it starts with PORT."""
+    env = {"PORTAL_URL": "https://x", "PORTS": "80", "CUDA_HOME": "/usr/local/cuda"}
+    assert _spec(env=env).env == env
 
 
 def test_spec_needs_command_or_image():
@@ -162,8 +171,8 @@ def test_state_machine_table():
         check_transition(S.SUCCEEDED, S.RUNNING)
     with pytest.raises(IllegalTransition):
         check_transition(S.QUEUED, S.RUNNING)  # never skips scheduling
-    # every non-terminal state can be cancelled, directly or through cancelling
+    # every state at rest but the ends can be cancelled
     for state in TaskState:
-        if state not in TERMINAL and state not in (S.CANCELLING, S.FAILED, S.PREEMPTED):
+        if state not in TERMINAL and state != S.CANCELLING:
             assert S.CANCELLING in TRANSITIONS[state], state
     assert all(not TRANSITIONS[s] for s in (S.SUCCEEDED, S.CANCELLED, S.EXPIRED))

@@ -1,17 +1,33 @@
-"""The local backend and its runner: real processes, groups, signals, exit records."""
+"""The local backend and its runner: real processes, groups, signals, exit records,
+the runner server that forks runners, and ports chosen on the node."""
 
-import os
 import signal
+import socket
+import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from gpuprovider.backends.base import Handle, Launch
-from gpuprovider.backends.local import LocalBackend, process_alive
-from gpuprovider.testing import wait_for
+from gpuprovider.backends.base import Handle, Launch, NoFreePort
+from gpuprovider.backends.local import LocalProcesses, process_alive
+from gpuprovider.testing import kill_processes_mentioning, wait_for
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """Where runner servers live for a test; none is left running after it."""
+    path = tmp_path / "data"
+    yield path
+    kill_processes_mentioning(path)
+
+
+@pytest.fixture
+def processes(data_dir):
+    return LocalProcesses(data_dir)
 
 
 def launch(tmp_path: Path, code: str, attempt: int = 1, **kw) -> Launch:
@@ -19,7 +35,7 @@ def launch(tmp_path: Path, code: str, attempt: int = 1, **kw) -> Launch:
         task_id="t-test",
         attempt=attempt,
         argv=[sys.executable, "-c", code],
-        env={**os.environ, "MARK": "x"},
+        env={"MARK": "x"},
         workdir=str(tmp_path / "work"),
         run_dir=str(tmp_path / "run"),
         **kw,
@@ -30,8 +46,8 @@ def finish(backend, handle, timeout=15):
     return wait_for(lambda: backend.poll(handle), timeout, "the task to end")
 
 
-def test_exit_code_output_and_workdir(tmp_path):
-    backend = LocalBackend()
+def test_exit_code_output_and_workdir(tmp_path, processes):
+    backend = processes
     handle = backend.start(
         launch(tmp_path, "import os,sys; print(os.getcwd(), os.environ['MARK']); sys.exit(3)")
     )
@@ -41,16 +57,16 @@ def test_exit_code_output_and_workdir(tmp_path):
     assert f"{tmp_path / 'work'} x" in log
 
 
-def test_missing_program_is_a_clear_failure(tmp_path):
-    backend = LocalBackend()
+def test_missing_program_is_a_clear_failure(tmp_path, processes):
+    backend = processes
     spec = launch(tmp_path, "")
     spec.argv = ["no-such-program-xyz"]
     ended = finish(backend, backend.start(spec))
     assert ended.exit_code == 127 and "cannot start 'no-such-program-xyz'" in ended.reason
 
 
-def test_stop_sends_sigterm_to_the_whole_group_then_sigkill(tmp_path):
-    backend = LocalBackend()
+def test_stop_sends_sigterm_to_the_whole_group_then_sigkill(tmp_path, processes):
+    backend = processes
     # A parent that ignores SIGTERM, with a child in the same group.
     code = (
         "import signal,subprocess,sys,time\n"
@@ -72,8 +88,8 @@ def test_stop_sends_sigterm_to_the_whole_group_then_sigkill(tmp_path):
     )
 
 
-def test_sigterm_honoured_within_grace(tmp_path):
-    backend = LocalBackend()
+def test_sigterm_honoured_within_grace(tmp_path, processes):
+    backend = processes
     handle = backend.start(launch(tmp_path, "import time; time.sleep(60)", grace_s=30))
     wait_for(lambda: (tmp_path / "run" / "runner-1.json").exists())
     backend.stop(handle)
@@ -81,8 +97,8 @@ def test_sigterm_honoured_within_grace(tmp_path):
     assert ended.stopped and ended.exit_code == -signal.SIGTERM
 
 
-def test_max_duration_is_enforced_by_the_runner(tmp_path):
-    backend = LocalBackend()
+def test_max_duration_is_enforced_by_the_runner(tmp_path, processes):
+    backend = processes
     handle = backend.start(
         launch(tmp_path, "import time; time.sleep(60)", max_duration_s=0.3, grace_s=0.2)
     )
@@ -96,8 +112,8 @@ def test_recycled_pid_is_not_mistaken_for_the_task(tmp_path):
     assert not process_alive(me.pid, me.create_time() - 100)  # same pid, other process
 
 
-def test_runner_killed_without_record_is_lost(tmp_path):
-    backend = LocalBackend()
+def test_runner_killed_without_record_is_lost(tmp_path, processes):
+    backend = processes
     handle = backend.start(launch(tmp_path, "import time; time.sleep(60)"))
     wait_for(lambda: (tmp_path / "run" / "runner-1.json").exists())
     backend.kill(handle)
@@ -105,24 +121,91 @@ def test_runner_killed_without_record_is_lost(tmp_path):
     assert ended.lost and "vanished" in ended.reason
 
 
-def test_adopted_process_is_polled_by_pid_and_start_time(tmp_path):
-    first = LocalBackend()
+def test_adopted_process_is_polled_by_pid_and_start_time(tmp_path, data_dir):
+    first = LocalProcesses(data_dir)
     handle = first.start(launch(tmp_path, "import time; time.sleep(0.5)"))
     # A new backend (as after a daemon restart) knows only the recorded handle.
-    second = LocalBackend()
+    second = LocalProcesses(data_dir)
     adopted = Handle(handle.pid, handle.start_time, handle.run_dir, handle.attempt)
     assert second.poll(adopted) is None
     assert finish(second, adopted).exit_code == 0
 
 
 @pytest.mark.parametrize("exists", [True, False])
-def test_recover_finds_a_runner_started_but_not_recorded(tmp_path, exists):
-    backend = LocalBackend()
+def test_recover_finds_a_runner_started_but_not_recorded(tmp_path, data_dir, exists):
+    backend = LocalProcesses(data_dir)
     handle = backend.start(launch(tmp_path, "import time; time.sleep(30)"))
     wait_for(lambda: (tmp_path / "run" / "runner-1.json").exists())
     if exists:
-        found = LocalBackend().recover(str(tmp_path / "run"), 1)
+        found = LocalProcesses(data_dir).recover(str(tmp_path / "run"), 1)
         assert found is not None and found.pid == handle.pid
     else:
-        assert LocalBackend().recover(str(tmp_path / "run"), 2) is None
+        assert LocalProcesses(data_dir).recover(str(tmp_path / "run"), 2) is None
     backend.kill(handle)
+
+
+def test_a_recycled_pid_is_not_recovered_as_the_runner(tmp_path, processes):
+    handle = processes.start(launch(tmp_path, "import time; time.sleep(30)"))
+    record = tmp_path / "run" / "runner-1.json"
+    wait_for(record.exists)
+    # the record says the runner started at another time than the pid's process
+    record.write_text(record.read_text().replace('"proc_start": ', '"proc_start": 1'))
+    assert processes.recover(str(tmp_path / "run"), 1) is None
+    processes.kill(handle)
+
+
+def test_runners_are_forked_by_a_server_that_outlives_the_daemon(tmp_path, data_dir):
+    exits = threading.Event()
+    first = LocalProcesses(data_dir, on_exit=exits.set)
+    handle = first.start(launch(tmp_path, "import time; time.sleep(0.3)"))
+    server = psutil.Process(handle.pid).parent()
+    assert "--serve" in server.cmdline()  # a fork of the server, not a Python of its own
+    assert exits.wait(10)  # told of the exit at once, not at the next poll
+    assert finish(first, handle).exit_code == 0
+    first.close()
+    # another daemon (a restart) uses the same server, which kept running
+    second = LocalProcesses(data_dir)
+    again = second.start(launch(tmp_path, "pass", attempt=2))
+    assert psutil.Process(again.pid).ppid() == server.pid
+    assert finish(second, again).exit_code == 0
+    # only the provider's user can reach it
+    sockets = list((data_dir / ".runner").glob("runner-*.sock"))
+    assert len(sockets) == 1 and stat.S_IMODE(sockets[0].stat().st_mode) == 0o600
+    assert stat.S_IMODE((data_dir / ".runner").stat().st_mode) == 0o700
+
+
+def test_without_a_server_runners_start_as_processes_of_their_own(tmp_path, data_dir):
+    backend = LocalProcesses(data_dir)
+    (data_dir / ".runner").rmdir() if (data_dir / ".runner").exists() else None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / ".runner").write_text("not a directory")  # the server cannot live here
+    handle = backend.start(launch(tmp_path, "print('fallback')"))
+    assert "--serve" not in psutil.Process(handle.pid).cmdline()
+    assert finish(backend, handle).exit_code == 0
+    assert "fallback" in (tmp_path / "run" / "output.log").read_text()
+
+
+def test_ports_are_chosen_on_the_node_and_given_to_the_task(tmp_path, processes):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        busy = squatter.getsockname()[1]
+        code = "import os; print(os.environ['PORT'], os.environ['GPUPROVIDER_PORT_ADMIN'])"
+        taken_by_other_work = busy + 1
+        handle = processes.start(
+            launch(
+                tmp_path,
+                code,
+                port_names=["http", "admin"],
+                taken_ports=[taken_by_other_work],
+                port_range=(busy, busy + 10),
+            )
+        )
+    assert finish(processes, handle).exit_code == 0
+    http, admin = handle.ports["http"], handle.ports["admin"]
+    assert busy not in (http, admin) and taken_by_other_work not in (http, admin)
+    assert (tmp_path / "run" / "output.log").read_text().split() == [str(http), str(admin)]
+    full = launch(tmp_path, "pass", attempt=2, port_names=["http"], port_range=(busy, busy))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", busy))
+        with pytest.raises(NoFreePort, match="no free port"):
+            processes.start(full)

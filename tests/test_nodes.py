@@ -2,6 +2,8 @@
 
 import sys
 
+from gpuprovider.testing import wait_for
+
 PY = sys.executable
 
 
@@ -43,3 +45,35 @@ def test_bad_node_commands_name_the_problem(provider):
     assert unknown.returncode == 2 and f"no node 'no-such-node'; nodes: {node}" in unknown.stderr
     busy = provider.cli("node", "remove", node)
     assert busy.returncode == 2 and "drain node" in busy.stderr
+
+
+def test_cordon_keeps_new_work_off_until_uncordoned(fresh_provider):
+    p = fresh_provider
+    p.start()
+    node = p.api.get("/nodes").json()[0]["name"]
+    done = p.cli("node", "cordon", node, "--reason", "fan replaced tomorrow")
+    assert done.returncode == 0, done.stderr
+    listed = p.cli("node", "list")
+    assert "cordoned" in listed.stdout and "fan replaced tomorrow" in listed.stdout
+    task = p.submit(name="waits", command=["true"])
+    waiting = wait_for(lambda: "cordoned" in (t := p.task(task["id"]))["reason"] and t)
+    assert waiting["state"] == "queued" and "fan replaced tomorrow" in waiting["reason"]
+    assert p.cli("node", "uncordon", node).returncode == 0
+    p.wait_state(task["id"], "succeeded")
+    history = [(e["from"], e["to"]) for e in p.api.get(f"/nodes/{node}").json()["events"]]
+    assert history[-2:] == [("ready", "cordoned"), ("cordoned", "ready")]
+
+
+def test_a_cordoned_gpu_gets_no_new_work_and_says_why(fresh_provider):
+    p = fresh_provider
+    p.start()
+    h100s = [g for g in p.api.get("/gpus").json() if g["model"] == "h100-80gb-sxm"]
+    for gpu in h100s:
+        assert p.cli("gpu", "cordon", gpu["uuid"], "--reason", "XID 79").returncode == 0
+    assert "GPU cordoned: by admin: XID 79" in p.cli("gpu", "list").stdout
+    task = p.submit(name="h100-job", command=["true"], resources={"gpu": "H100:1"})
+    waiting = wait_for(lambda: "XID 79" in (t := p.task(task["id"]))["reason"] and t)
+    assert waiting["state"] == "queued"
+    assert p.cli("gpu", "uncordon", h100s[0]["uuid"]).returncode == 0
+    p.wait_state(task["id"], "succeeded")
+    assert p.cli("gpu", "cordon", "GPU-nope").returncode == 2

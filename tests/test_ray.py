@@ -133,16 +133,17 @@ def test_exit_codes_and_retries_as_on_the_local_backend(ray_provider):
 POLL_ON_AN_OLDER_AGENT = """
 import sys
 import ray
+from pathlib import Path
 from gpuprovider.backends.base import Launch
-from gpuprovider.backends.local import LocalBackend
-from gpuprovider.backends.ray import RayBackend
+from gpuprovider.backends.local import LocalProcesses
+from gpuprovider.backends.ray.driver import RayBackend
 from gpuprovider.testing import wait_for
 
 class OlderAgent:
     # a node agent as an older gpuprovider started it: no poll_many (agents are
     # detached, so one may outlive an upgrade of the provider)
-    def __init__(self):
-        self.local = LocalBackend()
+    def __init__(self, data_dir):
+        self.local = LocalProcesses(Path(data_dir))
     def start(self, launch):
         return self.local.start(launch)
     def poll(self, handle):
@@ -151,8 +152,8 @@ class OlderAgent:
 address, tmp = sys.argv[1:]
 backend = RayBackend(address, tmp)
 backend.connect()
-nodes = {node.name: node.id for node in backend.discover()[0]}
-backend.agents[nodes["node-a100"]] = ray.remote(OlderAgent).options(num_cpus=0).remote()
+nodes = {node.name: node.id for node in backend.discover(full=True).nodes}
+backend.agents[nodes["node-a100"]] = ray.remote(OlderAgent).options(num_cpus=0).remote(tmp)
 handles = []
 for i, (name, code) in enumerate([("node-h100", 0), ("node-a100", 3), ("node-a100", 4)]):
     argv = [sys.executable, "-c", f"raise SystemExit({code})"]
@@ -340,5 +341,6 @@ def test_readme_trial_walkthrough_up_with_local_ray_nodes(tmp_path):
         assert provider.logs("hello").strip() == "hello from small"
     finally:
         provider.stop()
+        kill_task_processes(provider.home)  # the runner servers the trial's agents started
     assert provider.proc.returncode == 0
     assert "starting a local Ray cluster: head + 2 node(s)" in provider.log()

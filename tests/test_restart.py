@@ -30,16 +30,19 @@ def test_kill_9_then_restart_readopts_and_records_real_exit_codes(fresh_provider
     p = fresh_provider
     p.start()
     starts = tmp_path / "starts.txt"
+    h100 = {"gpu": "H100:1"}  # the home has two: a and b take both, c must wait
     finishes_while_down = p.submit(
-        name="a", command=gated_job(tmp_path / "gate-a", starts, 7), resources={"gpu": 1}
+        name="a", command=gated_job(tmp_path / "gate-a", starts, 7), resources=h100
     )
     keeps_running = p.submit(
-        name="b", command=gated_job(tmp_path / "gate-b", starts, 0), resources={"gpu": 1}
+        name="b", command=gated_job(tmp_path / "gate-b", starts, 0), resources=h100
     )
-    queued = p.submit(name="c", command=["true"], resources={"gpu": "H100:1"})
+    p.submit(name="c", command=["true"], resources=h100)
     running_b = p.wait_state("b", "running")
     p.wait_state("a", "running")
     wait_for(lambda: starts.exists() and len(starts.read_text().split()) == 2)
+    waiting = wait_for(lambda: "H100" in (t := p.task("c"))["reason"] and t, what="c to wait")
+    assert waiting["state"] == "queued"
 
     p.stop(signal.SIGKILL)
     (tmp_path / "gate-a").touch()  # a finishes while no daemon watches
@@ -54,12 +57,13 @@ def test_kill_9_then_restart_readopts_and_records_real_exit_codes(fresh_provider
     assert b["state"] == "running" and b["pid"] == running_b["pid"]  # adopted, not restarted
     (tmp_path / "gate-b").touch()
     assert p.wait_state("b", "succeeded")["exit_code"] == 0
-    p.wait_state("c", "succeeded")  # the third got the GPU once a and b released theirs
+    # the third got a GPU once a's end was recorded after the restart, not before
+    c = p.wait_state("c", "succeeded")
+    assert c["started_at"] >= a["finished_at"]
     # nobody ran twice
     assert sorted(starts.read_text().split()) == sorted(
         [finishes_while_down["id"], keeps_running["id"]]
     )
-    assert queued["state"] == "queued"
 
 
 @pytest.mark.slow

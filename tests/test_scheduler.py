@@ -20,7 +20,7 @@ from gpuprovider.scheduler import (
     policy,
 )
 from gpuprovider.scheduler.fragmentation import TaskShape, TypicalTasks
-from gpuprovider.scheduler.framework import Context
+from gpuprovider.scheduler.framework import Context, Filter, Policy
 from gpuprovider.scheduler.state import ALL, ClusterState
 
 
@@ -451,3 +451,38 @@ def test_one_pass_never_evicts_the_same_victim_twice():
     )
     assert isinstance(first, Preemption) and first.victims == ("v",)
     assert isinstance(second, Unplaced)
+
+
+def vip_only(signs):
+    """A filter that reads a field the default filters do not: priority (nodes labelled
+    vip take only work of priority > 0)."""
+
+    def check(state, task, rows, fitting):
+        nodes = [state.nodes[i] for i in np.arange(len(state))[rows]]
+        return np.array([n.labels.get("vip") != "1" or task.request.priority > 0 for n in nodes])
+
+    return Filter(
+        "vip", check, lambda s, t, failed: {"node takes priority work only": len(failed)}, signs
+    )
+
+
+@pytest.mark.parametrize(
+    "signs", [lambda t: t.request.priority > 0, lambda t: None], ids=["signs", "cannot-sign"]
+)
+def test_a_filter_reading_another_field_never_gets_a_stale_verdict(signs):
+    """Kept verdicts were keyed by a fixed list of fields: a new filter reading another
+    one got another task's verdict. Each filter now signs what it reads (or keeps
+    nothing, when it cannot)."""
+    base = policy("first-fit")
+    custom = Policy(base.name, base.scorer, base.pick_gpus, (*base.filters, vip_only(signs)))
+    snap = Snapshot(
+        [node("vip", ["h100-80gb-sxm"] * 4, labels={"vip": "1"}), node("plain", ["h100-80gb-sxm"])]
+    )
+    # `free` finds the vip node closed to it; nothing changes there before `paid` looks
+    free, paid = Framework(custom).place(
+        snap, [req("free", "1", priority=0), req("paid", "1", priority=5)]
+    )
+    assert isinstance(free, Placement) and free.node_id == "plain"
+    assert isinstance(paid, Placement) and paid.node_id == "vip"
+    compiled = ClusterState(snap.nodes).compile(req("x", "1"))
+    assert (custom.shape_key(compiled) is None) == (signs(compiled) is None)

@@ -78,18 +78,20 @@ def test_paying_work_preempts_the_operators_own_work(start):
         name="owner-mining", command=SLEEP, resources={"gpu": 1}, priority=-10, preemptible=True
     )
     p.wait_state("owner-mining", "running")
-    paid = p.submit(
-        name="rental", command=[PY, "-c", "print('paid')"], resources={"gpu": 1}, priority=10
-    )
-    assert p.wait_state("rental", "succeeded")["exit_code"] == 0
+    p.submit(name="rental", command=[PY, "-c", "print('paid')"], resources={"gpu": 1}, priority=10)
+    paid = p.wait_state("rental", "succeeded")
+    assert paid["exit_code"] == 0
     evicted = p.task(own["id"])
-    reasons = [e["reason"] for e in evicted["events"] if e["to"] == "preempted"]
-    assert reasons and reasons[0].startswith("preempted by rental (priority 10)")
-    assert any(e["to"] == "queued" and "after preemption" in e["reason"] for e in evicted["events"])
+    preempted = [e for e in evicted["events"] if e["to"] == "preempted"]
+    assert preempted and preempted[0]["reason"].startswith("preempted by rental (priority 10)")
+    requeued = [
+        e for e in evicted["events"] if e["to"] == "queued" and "after preemption" in e["reason"]
+    ]
+    # the paid work started on the GPU the evicted work gave back, not beside it
+    assert requeued and paid["started_at"] >= requeued[0]["at"]
     # the evicted work comes back once the GPU is free, without using up its attempts
     back = p.wait_state(own["id"], "running")
     assert back["attempt"] == 2
-    assert paid["priority"] == 10
 
 
 def test_equal_priority_or_protected_work_is_not_preempted(start):

@@ -54,9 +54,15 @@ def init_home(home: Home, simulate: bool | None = None) -> InitReport:
 
     store = Store(home.store_url(config.store.url))
     try:
-        existed = home.store.exists() if not config.store.url else None
-        store.create()
-        (report.kept if existed else report.created).append(f"store {store.url}")
+        upgrade = store.upgrade()
+        if upgrade.before is None:
+            report.created.append(f"store {store.url}")
+        elif upgrade.changed:
+            report.created.append(
+                f"store {store.url} upgraded from schema {upgrade.before} to {upgrade.after}"
+            )
+        else:
+            report.kept.append(f"store {store.url}")
 
         if home.node_key.exists():
             key = load_node_key(home.node_key)
@@ -68,18 +74,20 @@ def init_home(home: Home, simulate: bool | None = None) -> InitReport:
             )
         report.node_id = node_id_for(key)
 
-        if ADMIN in store.token_names():
-            report.kept.append(f"admin token (in {home.token}; not shown again)")
-        elif home.token.exists():
-            # A new store beside an existing token file: register that token again.
-            store.add_token(ADMIN, hash_token(home.token.read_text().strip()), [ADMIN], ADMIN)
-            report.kept.append(f"admin token from {home.token}, registered in the new store")
-        else:
-            token = new_token()
-            store.add_token(ADMIN, hash_token(token), [ADMIN], ADMIN)
-            write_secret(home.token, token.encode())
-            report.admin_token = token
-            report.created.append(f"admin token (saved for this machine's CLI in {home.token})")
+        with store.tx() as tx:
+            if ADMIN in {t.name for t in tx.tokens.all()}:
+                report.kept.append(f"admin token (in {home.token}; not shown again)")
+            elif home.token.exists():
+                # A new store beside an existing token file: register that token again.
+                secret = home.token.read_text().strip()
+                tx.tokens.add(ADMIN, hash_token(secret), [ADMIN], ADMIN)
+                report.kept.append(f"admin token from {home.token}, registered in the new store")
+            else:
+                token = new_token()
+                tx.tokens.add(ADMIN, hash_token(token), [ADMIN], ADMIN)
+                write_secret(home.token, token.encode())
+                report.admin_token = token
+                report.created.append(f"admin token (saved for this machine's CLI in {home.token})")
     finally:
         store.close()
     return report

@@ -51,6 +51,7 @@ class ExecutorConfig(_Section):
     poll_interval_s: float = Field(0.1, gt=0, le=60)
     stop_grace_s: float = Field(10.0, ge=0, le=3600)
     port_range: tuple[int, int] = (20000, 29999)
+    container_engine: Literal["auto", "docker", "podman", "none"] = "auto"
 
     @field_validator("port_range")
     @classmethod
@@ -94,6 +95,7 @@ class ExpectedGpu(SimulatedGpu):
 class InventoryConfig(_Section):
     interval_s: float = Field(30.0, gt=0, le=3600)
     node_name: str = ""  # empty: the host name
+    nvml: bool = True  # false: offer only declared GPUs, whatever the driver reports
     labels: dict[str, str] = Field(default_factory=dict)
     simulated_gpus: list[SimulatedGpu] = Field(default_factory=list)
     expected_gpus: list[ExpectedGpu] = Field(default_factory=list)
@@ -221,8 +223,11 @@ interval_s = {d.scheduler.interval_s}
 poll_interval_s = {d.executor.poll_interval_s}
 # On cancel: SIGTERM, then SIGKILL after this many seconds.
 stop_grace_s = {d.executor.stop_grace_s}
-# Ports handed to services, as [low, high].
+# Ports handed to services, as [low, high]; each node chooses free ones in it.
 port_range = [{lo}, {hi}]
+# Engine for tasks given as an image: "auto" (docker, else podman: the first that
+# answers), "docker", "podman", or "none" (refuse image tasks).
+container_engine = "{d.executor.container_engine}"
 
 [inventory]
 # How often this node's hardware and heartbeat are refreshed.
@@ -231,6 +236,8 @@ interval_s = {d.inventory.interval_s}
 node_name = "{d.inventory.node_name}"
 # Labels of this node, matched by a task's node_selector.
 labels = {{}}
+# Offer the NVIDIA GPUs the driver reports (false: only the GPUs declared below).
+nvml = {str(d.inventory.nvml).lower()}
 
 {sim}
 # GPUs this machine must have; `gpuprovider check` FAILs when the driver reports

@@ -62,6 +62,7 @@ def make_home(
     grace_s: float = 1.0,
     port_range: tuple[int, int] = (31000, 31999),
     reaper_interval_s: float = 0.2,
+    container_engine: str = "none",
 ) -> Home:
     """An initialised home listening on `port`, with loops fast enough for tests."""
     home = Home(root)
@@ -73,6 +74,9 @@ def make_home(
         (r"(?m)^stop_grace_s = .*$", f"stop_grace_s = {grace_s}"),
         (r"(?m)^port_range = .*$", f"port_range = [{port_range[0]}, {port_range[1]}]"),
         (r"(?ms)^(\[reaper\].*?)^interval_s = .*?$", rf"\1interval_s = {reaper_interval_s}"),
+        # whatever GPUs and engines the machine has, tests see what they ask for only
+        (r"(?m)^nvml = true$", "nvml = false"),
+        (r'(?m)^container_engine = "auto"$', f'container_engine = "{container_engine}"'),
     ):
         text, count = re.subn(pattern, value, text)
         assert count == 1, f"the default config changed: {pattern} not found"
@@ -176,13 +180,22 @@ class Provider:
 
 
 def kill_task_processes(home: Home) -> None:
-    """Leave no task process behind a test, whatever happened to the daemon: every
-    runner of this home, and each command it started in a process group of its own."""
+    """Leave no task process behind a test, whatever happened to the daemon: the
+    runner server of this home, every runner, and each command a runner started in a
+    process group of its own."""
+    kill_processes_mentioning(home.tasks)
+
+
+def kill_processes_mentioning(path: Path) -> None:
+    """Kill every process whose command line names `path`, with its descendants and
+    their process groups."""
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if not any(str(home.tasks) in part for part in cmdline):
+        if not any(str(path) in part for part in cmdline):
             continue
         with contextlib.suppress(psutil.Error):
             for member in [proc, *proc.children(recursive=True)]:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(member.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(member.pid, signal.SIGKILL)

@@ -1,6 +1,8 @@
-"""What every backend does: start, poll, stop and re-adopt task processes.
+"""What every backend does: discover its nodes, and start, poll, stop and re-adopt
+task processes on them.
 
-Placement is not here: a backend runs a task where the scheduler put it.
+Placement is not here: a backend runs a task where the scheduler put it. Building
+what to run is not here either: `launch.py` builds it, once, for every backend.
 """
 
 from __future__ import annotations
@@ -8,18 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gpuprovider.backends.launch import Launch
+from gpuprovider.domain.process import Exit
+from gpuprovider.domain.records import NodeRecord
 
-@dataclass
-class Launch:
-    task_id: str
-    attempt: int
-    argv: list[str]
-    env: dict[str, str]
-    workdir: str
-    run_dir: str
-    max_duration_s: float | None = None
-    grace_s: float = 10.0
-    node_id: str = ""  # the node the scheduler chose; the local backend has only one
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "Discovery",
+    "Exit",
+    "Handle",
+    "Launch",
+    "NoFreePort",
+    "NodeDown",
+]
 
 
 @dataclass
@@ -31,20 +35,18 @@ class Handle:
     run_dir: str
     attempt: int
     node_id: str = ""
+    ports: dict[str, int] = field(default_factory=dict)  # chosen by the node at start
 
 
 @dataclass
-class Exit:
-    exit_code: int | None
-    reason: str
-    stopped: bool = False
-    timed_out: bool = False
-    lost: bool = False
-    details: dict = field(default_factory=dict)
+class Discovery:
+    nodes: list[NodeRecord] = field(default_factory=list)  # alive, with their hardware
+    lost: dict[str, str] = field(default_factory=dict)  # node id -> why it is gone
 
-    @property
-    def succeeded(self) -> bool:
-        return self.exit_code == 0 and not (self.stopped or self.timed_out or self.lost)
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot be asked at all now (its cluster is unreachable); the message
+    says what to fix. The daemon keeps serving and asks again later."""
 
 
 class NodeDown(OSError):
@@ -55,21 +57,34 @@ class NodeDown(OSError):
         self.node_id = node_id
 
 
+class NoFreePort(OSError):
+    """The node has no free port left in the configured range."""
+
+
 def node_lost(node_id: str) -> Exit:
     return Exit(None, f"lost: node {node_id} died", lost=True, details={"node_down": node_id})
 
 
 class Backend(Protocol):
     name: str
+    # How often nodes' liveness is worth asking between full discoveries; None when a
+    # backend's nodes cannot die apart from the daemon (the local machine).
+    liveness_interval_s: float | None
 
-    def start(self, launch: Launch) -> Handle: ...
+    def discover(self, full: bool) -> Discovery:
+        """The backend's nodes: with `full`, every alive node with its hardware; without,
+        only which nodes are lost (cheap: asks no node)."""
+        ...
 
-    def poll(self, handle: Handle) -> Exit | None:
-        """How the task ended, or None while it runs."""
+    def start(self, launch: Launch) -> Handle:
+        """Start one attempt where `launch.node_id` says. NodeDown or NoFreePort when the
+        node cannot take it (not the task's fault); another OSError when the task's own
+        launch cannot work (a workdir that cannot be made)."""
         ...
 
     def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
-        """`poll` for each handle, in order; a remote backend asks every node at once."""
+        """How each task ended, or None while it runs, in order; a remote backend asks
+        every node at once."""
         ...
 
     def stop(self, handle: Handle) -> bool:
@@ -77,6 +92,10 @@ class Backend(Protocol):
 
         False when the task cannot take the request yet; the caller asks again.
         """
+        ...
+
+    def kill(self, handle: Handle) -> None:
+        """Stop at once, runner included (used when a stop is not honoured)."""
         ...
 
     def recover(self, run_dir: str, attempt: int, node_id: str = "") -> Handle | None:
@@ -87,6 +106,4 @@ class Backend(Protocol):
         """Up to `limit` bytes of a task's output from `offset`, wherever it runs."""
         ...
 
-    def kill(self, handle: Handle) -> None:
-        """Stop at once, runner included (used when a stop is not honoured)."""
-        ...
+    def close(self) -> None: ...

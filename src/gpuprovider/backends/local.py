@@ -1,21 +1,33 @@
-"""Local backend: each task a process on this machine, under the task runner."""
+"""Local backend: each task a process on this machine, under the task runner.
+
+`LocalProcesses` starts, watches and stops task processes on the machine it runs on;
+the local backend is that plus this machine as its one node, and the Ray backend's
+agent is that on each Ray node.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from gpuprovider.backends import runner
-from gpuprovider.backends.base import Exit, Handle, Launch
+from gpuprovider.backends.base import Discovery, Exit, Handle, NoFreePort
+from gpuprovider.backends.launch import Launch, choose_ports, settle
+from gpuprovider.backends.spawner import RUNNER_PATH, Spawner, SpawnerError
+from gpuprovider.config import SimulatedGpu
+from gpuprovider.inventory.local import read_local_node
 
-RUNNER_PATH = runner.__file__
+log = logging.getLogger(__name__)
+
 # Process start times read twice may differ by clock-tick rounding.
 START_TIME_TOLERANCE_S = 0.05
 
@@ -59,49 +71,81 @@ def process_alive(pid: int, start_time: float) -> bool:
         return False
 
 
-class LocalBackend:
-    name = "local"
+class LocalProcesses:
+    """Task processes on this machine. `data_dir` holds the runner server's socket
+    (`.runner/`); `on_exit` is called, from a thread, whenever a runner ends."""
 
-    def __init__(self) -> None:
-        # Runners this daemon started; polled so they never linger as zombies.
+    def __init__(self, data_dir: Path, on_exit: Callable[[], None] | None = None):
+        self.spawner = Spawner(Path(data_dir) / ".runner", on_exit)
+        self.spawner.watch()
+        # Runners started without the server (it could not start); polled so they
+        # never linger as zombies.
         self._children: dict[int, subprocess.Popen] = {}
 
     def start(self, launch: Launch) -> Handle:
         Path(launch.run_dir).mkdir(parents=True, exist_ok=True)
         Path(launch.workdir).mkdir(parents=True, exist_ok=True)
-        argv = [
-            sys.executable,
-            "-I",
-            RUNNER_PATH,
-            "--run-dir",
-            launch.run_dir,
-            "--attempt",
-            str(launch.attempt),
-            "--grace",
-            str(launch.grace_s),
-            "--max-duration",
-            str(launch.max_duration_s or 0),
-            "--",
-            *launch.argv,
-        ]
-        log_path = Path(launch.run_dir) / "output.log"
-        with open(log_path, "ab") as log:
+        ports: dict[str, int] = {}
+        if launch.port_names:
+            chosen = choose_ports(launch.port_names, set(launch.taken_ports), launch.port_range)
+            if chosen is None:
+                raise NoFreePort(f"no free port left in {list(launch.port_range)} on this node")
+            ports = chosen
+        argv, env = settle(launch, ports)
+        log_path = str(Path(launch.run_dir) / "output.log")
+        Path(log_path).touch()  # readable at once, whoever writes to it first
+        try:
+            pid = self.spawner.start(
+                {
+                    "argv": argv,
+                    "env": env,
+                    "workdir": launch.workdir,
+                    "run_dir": launch.run_dir,
+                    "attempt": launch.attempt,
+                    "grace_s": launch.grace_s,
+                    "max_duration_s": launch.max_duration_s or 0,
+                    "log": log_path,
+                }
+            )
+        except SpawnerError as exc:
+            log.warning("%s; starting the runner as a process of its own", exc)
+            pid = self._start_process(launch, argv, env, log_path)
+        try:
+            start_time = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess:
+            start_time = 0.0  # already gone: poll reads its exit record
+        return Handle(pid, start_time, launch.run_dir, launch.attempt, launch.node_id, ports)
+
+    def _start_process(
+        self, launch: Launch, argv: list[str], env: dict[str, str], log_path: str
+    ) -> int:
+        with open(log_path, "ab") as output:
             proc = subprocess.Popen(
-                argv,
+                [
+                    sys.executable,
+                    "-I",
+                    RUNNER_PATH,
+                    "--run-dir",
+                    launch.run_dir,
+                    "--attempt",
+                    str(launch.attempt),
+                    "--grace",
+                    str(launch.grace_s),
+                    "--max-duration",
+                    str(launch.max_duration_s or 0),
+                    "--",
+                    *argv,
+                ],
                 cwd=launch.workdir,
-                env=launch.env,
+                env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
             )
         self._children[proc.pid] = proc
-        try:
-            start_time = psutil.Process(proc.pid).create_time()
-        except psutil.NoSuchProcess:
-            start_time = 0.0  # already gone: poll reads its exit record
-        return Handle(proc.pid, start_time, launch.run_dir, launch.attempt, launch.node_id)
+        return proc.pid
 
     def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
         return [self.poll(handle) for handle in handles]
@@ -142,7 +186,7 @@ class LocalBackend:
         if process_alive(handle.pid, handle.start_time):
             os.kill(handle.pid, signal.SIGKILL)
 
-    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:
+    def read_output(self, run_dir: str, offset: int, limit: int) -> bytes:
         try:
             with open(Path(run_dir) / "output.log", "rb") as handle:
                 handle.seek(offset)
@@ -158,15 +202,20 @@ class LocalBackend:
         except (OSError, ValueError, KeyError):
             return None
         if (Path(run_dir) / f"exit-{attempt}.json").exists():
-            return Handle(pid, started.get("started_at", 0.0), run_dir, attempt, node_id)
+            return Handle(pid, started.get("proc_start", 0.0), run_dir, attempt, node_id)
         try:
             proc = psutil.Process(pid)
-            cmdline = proc.cmdline()
             start_time = proc.create_time()
+            cmdline = proc.cmdline()
         except psutil.Error:
             return None
-        # The pid must still be that runner, not a process that reused the number.
-        if RUNNER_PATH not in cmdline or run_dir not in cmdline:
+        # The pid must still be that runner, not a process that reused the number: a
+        # forked runner recorded when it started; one started as a process of its own
+        # carries its run folder on its command line.
+        if "proc_start" in started:
+            if abs(start_time - started["proc_start"]) > START_TIME_TOLERANCE_S:
+                return None
+        elif RUNNER_PATH not in cmdline or run_dir not in cmdline:
             return None
         return Handle(pid, start_time, run_dir, attempt, node_id)
 
@@ -174,3 +223,46 @@ class LocalBackend:
         child = self._children.pop(pid, None)
         if child is not None:
             child.poll()
+
+    def close(self) -> None:
+        self.spawner.close()
+
+
+@dataclass(frozen=True)
+class LocalNode:
+    """This machine as a node: who it is and what it declares."""
+
+    node_id: str
+    name: str
+    public_key: str
+    home: Path
+    simulated_gpus: tuple[SimulatedGpu, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    nvml: bool = True  # false: only declared GPUs, whatever the driver reports
+
+
+class LocalBackend(LocalProcesses):
+    name = "local"
+    liveness_interval_s = None  # the machine is alive as long as the daemon is
+
+    def __init__(self, node: LocalNode, data_dir: Path, on_exit: Callable[[], None] | None = None):
+        super().__init__(data_dir, on_exit)
+        self.node = node
+
+    def discover(self, full: bool) -> Discovery:
+        if not full:
+            return Discovery()
+        n = self.node
+        found = read_local_node(
+            n.node_id,
+            n.name,
+            n.public_key,
+            n.home,
+            list(n.simulated_gpus),
+            dict(n.labels),
+            use_nvml=n.nvml,
+        )
+        return Discovery(nodes=[found])
+
+    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:
+        return self.read_output(run_dir, offset, limit)

@@ -6,20 +6,35 @@ period", and writes how the command ended to `exit-<attempt>.json`. Because it
 outlives the daemon, a task that finishes while the daemon is down still has
 its real exit code on record.
 
-Standard library only and run by path (`python -I runner.py`), so it starts
-fast and is the same code on every backend.
+Standard library only and run by path (`python -I runner.py`), so it is the same
+code on every backend. Starting a Python process per task costs ~20 ms of CPU, so
+the daemon keeps one *runner server* per machine (`runner.py --serve SOCKET`),
+started on first use, which forks a runner per attempt: a fork costs well under a
+millisecond and the runner is the same code. The server outlives the daemon too,
+reaps the runners it forked, and tells whoever watches (the daemon) when one ends,
+so the daemon learns of an exit at once instead of at its next poll.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
+
+# Servers of different runner code never mix: the socket name carries this.
+with open(__file__, "rb") as _source:
+    VERSION = hashlib.sha256(_source.read()).hexdigest()[:12]
+
+IDLE_EXIT_S = 600.0  # a server with no runner and no client this long exits
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -34,18 +49,33 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="gpuprovider-runner")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--attempt", type=int, required=True)
-    parser.add_argument("--grace", type=float, default=10.0)
-    parser.add_argument("--max-duration", type=float, default=0.0)
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    exit_path = os.path.join(args.run_dir, f"exit-{args.attempt}.json")
+def process_start_time(pid: int) -> float:
+    """When `pid` started, in seconds since the epoch, as psutil computes it (so the
+    daemon can tell this process from one that reused its pid)."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rsplit(b")", 1)[1].split()
+    ticks = int(fields[19])  # field 22 of proc(5), counted after the command name
+    with open("/proc/stat", "rb") as handle:
+        boot = next(int(line.split()[1]) for line in handle if line.startswith(b"btime"))
+    return ticks / os.sysconf("SC_CLK_TCK") + boot
+
+
+def run(
+    command: list[str],
+    run_dir: str,
+    attempt: int,
+    grace_s: float,
+    max_duration_s: float,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run one attempt of a task's command to its end, and record how it ended."""
+    exit_path = os.path.join(run_dir, f"exit-{attempt}.json")
     started = time.time()
-    stop = {"reason": "", "deadline": None}
+    stop = {"reason": "", "deadline": 0.0}
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
 
     def request_stop(signum: int, _frame: object) -> None:
         if not stop["reason"]:
@@ -54,7 +84,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        child = subprocess.Popen(command, process_group=0, close_fds=True)
+        child = subprocess.Popen(command, process_group=0, close_fds=True, env=env)
     except OSError as exc:
         print(f"gpuprovider: cannot start {command[0]!r}: {exc.strerror}", file=sys.stderr)
         _write_json(
@@ -67,25 +97,43 @@ def main(argv: list[str]) -> int:
         )
         return 0
     _write_json(
-        os.path.join(args.run_dir, f"runner-{args.attempt}.json"),
-        {"pid": os.getpid(), "child_pid": child.pid, "started_at": started},
+        os.path.join(run_dir, f"runner-{attempt}.json"),
+        {
+            "pid": os.getpid(),
+            "child_pid": child.pid,
+            "started_at": started,
+            "proc_start": process_start_time(os.getpid()),
+        },
     )
+    # Wait on the child's pidfd (readable when it exits) and on signals, no polling.
+    selector = selectors.DefaultSelector()
+    selector.register(wake_r, selectors.EVENT_READ)
+    try:
+        pidfd = os.pidfd_open(child.pid)
+        selector.register(pidfd, selectors.EVENT_READ)
+    except (AttributeError, OSError):  # kernel < 5.3: poll instead
+        pidfd = None
     signalled = False
-    while True:
-        try:
-            code = child.wait(timeout=0.05)
-            break
-        except subprocess.TimeoutExpired:
-            pass
+    while (code := child.poll()) is None:
         now = time.time()
-        if args.max_duration and not stop["reason"] and now - started > args.max_duration:
+        if max_duration_s and not stop["reason"] and now - started > max_duration_s:
             stop["reason"] = "max_duration"
         if stop["reason"] and not signalled:
             _signal_group(child.pid, signal.SIGTERM)
-            stop["deadline"] = now + args.grace
+            stop["deadline"] = now + grace_s
             signalled = True
         elif signalled and now > stop["deadline"]:
             _signal_group(child.pid, signal.SIGKILL)
+            stop["deadline"] = now + 1.0
+        timeout = 1.0 if pidfd is not None else 0.05
+        if signalled:
+            timeout = min(timeout, max(stop["deadline"] - now, 0.0))
+        elif max_duration_s:
+            timeout = min(timeout, max(started + max_duration_s - now, 0.0) + 0.001)
+        selector.select(timeout)
+        with contextlib.suppress(BlockingIOError):
+            while wake_r.recv(512):
+                pass
     # Whatever the command left behind in its group goes with it.
     _signal_group(child.pid, signal.SIGKILL)
     _write_json(
@@ -98,6 +146,190 @@ def main(argv: list[str]) -> int:
         },
     )
     return 0
+
+
+# -- the runner server -------------------------------------------------------------
+
+
+def _become_runner(request: dict, inherited: list[int]) -> None:
+    """In a forked child of the server: detach, take the task's log as output, run."""
+    for fd in inherited:  # the server's sockets and descriptors are not the runner's
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    code = 1
+    try:
+        os.setsid()
+        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        os.close(null)
+        os.chdir(request["workdir"])
+        code = run(
+            request["argv"],
+            request["run_dir"],
+            int(request["attempt"]),
+            float(request["grace_s"]),
+            float(request["max_duration_s"]),
+            request["env"],
+        )
+    except BaseException as exc:  # never return into the server's loop
+        with contextlib.suppress(Exception):
+            print(f"gpuprovider runner: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def bind_path(directory_fd: int, name: str) -> str:
+    """A short path to `name` in a directory, whatever the directory's own path length
+    (a Unix socket path is limited to 107 bytes)."""
+    return f"/proc/self/fd/{directory_fd}/{name}"
+
+
+def serve(directory: str, name: str) -> None:
+    """Fork runners on request until idle; tell watchers when a runner ends.
+
+    Requests and answers are JSON lines on a Unix socket of mode 0600 in the
+    provider's own directory: only the provider's user can ask for a runner.
+    """
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    # One server per socket: a second one started in a race leaves the first be.
+    lock_fd = os.open(bind_path(dir_fd, name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    path = bind_path(dir_fd, name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    listener.setblocking(False)
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopped only by SIGKILL or idleness
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, "accept")
+    selector.register(wake_r, selectors.EVENT_READ, "signal")
+    clients: dict[socket.socket, bytearray] = {}
+    watchers: set[socket.socket] = set()
+    runners: set[int] = set()
+    idle_since = time.monotonic()
+
+    def drop(conn: socket.socket) -> None:
+        selector.unregister(conn)
+        clients.pop(conn, None)
+        watchers.discard(conn)
+        conn.close()
+
+    def reap() -> None:
+        ended = []
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            runners.discard(pid)
+            ended.append(pid)
+        for pid in ended:
+            line = json.dumps({"exited": pid}).encode() + b"\n"
+            for watcher in list(watchers):
+                try:
+                    watcher.sendall(line)
+                except OSError:
+                    drop(watcher)
+
+    def handle(conn: socket.socket, request: dict) -> dict | None:
+        op = request.get("op")
+        if op == "hello":
+            return {"version": VERSION, "pid": os.getpid()}
+        if op == "watch":
+            watchers.add(conn)
+            return {"watching": True}
+        if op == "start":
+            pid = os.fork()
+            if pid == 0:
+                sockets = [listener, wake_r, wake_w, *clients]
+                others = [selector.fileno(), dir_fd, lock_fd]
+                _become_runner(request, [s.fileno() for s in sockets] + others)
+            runners.add(pid)
+            return {"pid": pid}
+        return {"error": f"unknown op {op!r}"}
+
+    while True:
+        if runners or clients:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > IDLE_EXIT_S:
+            break
+        for key, _ in selector.select(timeout=5.0):
+            if key.data == "accept":
+                with contextlib.suppress(BlockingIOError):
+                    conn, _ = listener.accept()
+                    conn.setblocking(True)
+                    clients[conn] = bytearray()
+                    selector.register(conn, selectors.EVENT_READ, "client")
+            elif key.data == "signal":
+                with contextlib.suppress(BlockingIOError):
+                    while wake_r.recv(512):
+                        pass
+                reap()
+            else:
+                conn = key.fileobj
+                try:
+                    data = conn.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    drop(conn)
+                    continue
+                buffer = clients[conn]
+                buffer += data
+                while b"\n" in buffer:
+                    line, _, rest = bytes(buffer).partition(b"\n")
+                    buffer[:] = rest
+                    try:
+                        reply = handle(conn, json.loads(line))
+                    except (ValueError, KeyError, TypeError, OSError) as exc:
+                        reply = {"error": f"{type(exc).__name__}: {exc}"}
+                    try:
+                        conn.sendall(json.dumps(reply).encode() + b"\n")
+                    except OSError:
+                        drop(conn)
+                        break
+        reap()  # a SIGCHLD may have come between the select and its handler
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="gpuprovider-runner")
+    parser.add_argument("--serve", metavar="NAME", help="run the runner server as NAME")
+    parser.add_argument("--dir", help="the server's directory (with --serve)")
+    parser.add_argument("--run-dir")
+    parser.add_argument("--attempt", type=int, default=0)
+    parser.add_argument("--grace", type=float, default=10.0)
+    parser.add_argument("--max-duration", type=float, default=0.0)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.dir, args.serve)
+        return 0
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run(command, args.run_dir, args.attempt, args.grace, args.max_duration)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from gpuprovider.check.context import CheckContext
 from gpuprovider.check.measure import cuda_rate, gpu_result, per_cuda_gpu
 from gpuprovider.check.registry import check
 from gpuprovider.check.result import Result, Status, graded
-from gpuprovider.store.records import GpuRecord
+from gpuprovider.domain.records import GpuRecord
 
 DTYPES = ("bf16", "fp16", "tf32", "int8")
 # A healthy card reaches 60-85 % of its datasheet peak on a large square GEMM and

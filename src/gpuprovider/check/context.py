@@ -10,8 +10,8 @@ from types import ModuleType
 
 from gpuprovider.config import ProviderConfig
 from gpuprovider.domain import catalogue
+from gpuprovider.domain.records import GpuRecord
 from gpuprovider.inventory.local import NvmlReport, read_nvml, torch_index
-from gpuprovider.store.records import GpuRecord
 
 
 @dataclass
@@ -24,7 +24,9 @@ class CheckContext:
     nvml: NvmlReport | None = None
 
     def __post_init__(self) -> None:
-        if self.nvml is None:
+        if self.nvml is None and not self.config.inventory.nvml:
+            self.nvml = NvmlReport(unavailable_reason="NVML is off ([inventory] nvml = false)")
+        elif self.nvml is None:
             self.nvml = read_nvml(self.node_id)
 
     @property

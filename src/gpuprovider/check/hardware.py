@@ -24,7 +24,7 @@ from gpuprovider.check.measure import (
 )
 from gpuprovider.check.registry import check
 from gpuprovider.check.result import Result, Status, graded
-from gpuprovider.store.records import GpuRecord
+from gpuprovider.domain.records import GpuRecord
 
 MIB, GIB = 2**20, 2**30
 MEMORY_BANDWIDTH_WARN_GBS = 5.0

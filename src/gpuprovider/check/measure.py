@@ -10,7 +10,7 @@ import pynvml
 
 from gpuprovider.check.context import CheckContext
 from gpuprovider.check.result import Result, Status
-from gpuprovider.store.records import GpuRecord
+from gpuprovider.domain.records import GpuRecord
 
 
 def best_rate(work: Callable[[], None], amount: float, reps: int = 10) -> tuple[float, float]:

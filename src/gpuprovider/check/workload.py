@@ -9,7 +9,7 @@ from gpuprovider.check.context import CheckContext
 from gpuprovider.check.measure import on_gpu, per_cuda_gpu
 from gpuprovider.check.registry import check
 from gpuprovider.check.result import Result, Status
-from gpuprovider.store.records import GpuRecord
+from gpuprovider.domain.records import GpuRecord
 
 # fp32 on both sides (TF32 off): the GPU and CPU results differ only by summation order.
 TOLERANCE = 1e-4

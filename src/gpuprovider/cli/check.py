@@ -19,7 +19,7 @@ from gpuprovider.cli.output import console, errors
 from gpuprovider.config import ConfigError, ProviderConfig, load_config
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for
-from gpuprovider.store.store import Store
+from gpuprovider.store.store import Store, StoreError
 
 QUICK_SCALE = 0.05
 
@@ -120,8 +120,11 @@ def _store(
     home = globals_.home
     db = Store(home.store_url(config.store.url))
     try:
-        db.check_schema()
-        db.save_check_results(node_id, results, ran_at)
+        db.upgrade()
+        with db.tx() as tx:
+            tx.checks.save(node_id, results, ran_at)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
     finally:
         db.close()
     return "results stored (no provider running)"

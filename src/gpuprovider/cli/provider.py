@@ -12,6 +12,7 @@ from gpuprovider.cli.common import globals_of
 from gpuprovider.cli.output import console
 from gpuprovider.config import ConfigError, SimulatedGpu, load_config
 from gpuprovider.daemon.daemon import DaemonError, run_daemon
+from gpuprovider.store.store import StoreError
 
 
 def init(
@@ -28,6 +29,8 @@ def init(
         report = init_home(home, simulate_gpus)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
     for item in report.created:
         console.print(f"[green]created[/] {item}")
     for item in report.kept:
@@ -76,7 +79,7 @@ def up(
     )
     trial = None
     if config.backend.kind == "ray" and not config.backend.address:
-        from gpuprovider.backends.ray import LocalRayCluster
+        from gpuprovider.backends.ray.trial import LocalRayCluster
 
         console.print(f"starting a local Ray cluster: head + {len(trial_nodes)} node(s)")
         trial = LocalRayCluster(trial_nodes)

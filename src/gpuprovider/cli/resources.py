@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from gpuprovider.backends.ray.common import BadRayAddress, RayBackendError
+from gpuprovider.backends.ray.join import check_head, join_command
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import globals_of
 from gpuprovider.cli.output import ago, console, print_json, table
@@ -24,9 +26,13 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
 @node_app.command("list")
-def node_list(ctx: typer.Context, as_json: bool = JSON) -> None:
+def node_list(
+    ctx: typer.Context,
+    every: bool = typer.Option(False, "--all", help="Removed nodes too."),
+    as_json: bool = JSON,
+) -> None:
     """List nodes with their capacity and status."""
-    nodes = globals_of(ctx).client().get("/nodes")
+    nodes = globals_of(ctx).client().get("/nodes", removed="true" if every else None)
     if as_json:
         return print_json(nodes)
     rows = []
@@ -65,7 +71,6 @@ def node_join(
     dry_run: bool = typer.Option(False, "--dry-run", help="Check, print `ray start`, stop."),
 ) -> None:
     """Make this machine a node of a provider running on Ray (wraps `ray start`)."""
-    from gpuprovider.backends.ray import BadRayAddress, RayBackendError, check_head, join_command
 
     sims = [_simulated(text) for text in simulate_gpu]
     labels = dict(_label(text) for text in label)
@@ -119,13 +124,27 @@ def node_drain(
     console.print(f"then `gpuprovider node remove {done['node']}` once nothing runs there")
 
 
+@node_app.command("cordon")
+def node_cordon(
+    ctx: typer.Context,
+    node: str = typer.Argument(..., help="Node name or id."),
+    reason: str = typer.Option("", help="Why, shown wherever the node is."),
+) -> None:
+    """No new work on a node; what runs there stays (drain moves services too)."""
+    done = globals_of(ctx).client().post(f"/nodes/{node}/cordon", {"reason": reason})
+    console.print(f"node {done['node']} cordoned")
+
+
 @node_app.command("resume")
 def node_resume(
     ctx: typer.Context, node: str = typer.Argument(..., help="Node name or id.")
 ) -> None:
-    """Give a drained node work again."""
+    """Give a cordoned or drained node work again."""
     done = globals_of(ctx).client().post(f"/nodes/{node}/resume")
     console.print(f"node {done['node']} ready")
+
+
+node_app.command("uncordon", help="Give a cordoned or drained node work again.")(node_resume)
 
 
 @node_app.command("remove")
@@ -186,6 +205,7 @@ def gpu_list(ctx: typer.Context, as_json: bool = JSON) -> None:
             (g["health"] + (f": {g['health_reason']}" if g["health_reason"] else ""))
             if g["present"]
             else "absent",
+            g["unusable_reason"] or "yes",
             f"{g['used_share']:g}",
             ",".join(g["tasks"]),
             _proof(g["proof"]),
@@ -193,8 +213,37 @@ def gpu_list(ctx: typer.Context, as_json: bool = JSON) -> None:
         ]
         for g in gpus
     ]
-    columns = ["NODE", "IDX", "MODEL", "MEMORY", "HEALTH", "IN USE", "TASKS", "PROOF", "UUID"]
+    columns = [
+        "NODE",
+        "IDX",
+        "MODEL",
+        "MEMORY",
+        "HEALTH",
+        "NEW WORK",
+        "IN USE",
+        "TASKS",
+        "PROOF",
+        "UUID",
+    ]
     table("GPUs", columns, rows)
+
+
+@gpu_app.command("cordon")
+def gpu_cordon(
+    ctx: typer.Context,
+    uuid: str = typer.Argument(..., help="GPU UUID (`gpu list` shows them)."),
+    reason: str = typer.Option("", help="Why, shown wherever the GPU is."),
+) -> None:
+    """No new work on one GPU; what runs there stays."""
+    done = globals_of(ctx).client().post(f"/gpus/{uuid}/cordon", {"reason": reason})
+    console.print(f"GPU {done['gpu_uuid']} cordoned ({done['reason']})")
+
+
+@gpu_app.command("uncordon")
+def gpu_uncordon(ctx: typer.Context, uuid: str = typer.Argument(..., help="GPU UUID.")) -> None:
+    """Give a cordoned GPU work again."""
+    done = globals_of(ctx).client().post(f"/gpus/{uuid}/uncordon")
+    console.print(f"GPU {done['gpu_uuid']} takes work again")
 
 
 def _proof(proof: dict | None) -> str:

@@ -1,4 +1,5 @@
-"""`gpuprovider up`: one asyncio process, the API plus the loops."""
+"""`gpuprovider up`: the API on an asyncio event loop, and the loops, each on a thread
+of its own, woken by the signals the store publishes."""
 
 from __future__ import annotations
 
@@ -9,33 +10,37 @@ import logging
 import os
 import signal
 import socket
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
+from functools import partial
 from typing import IO
 
 import uvicorn
 import uvloop
 
-from gpuprovider.api.app import ApiContext, build_asgi
-from gpuprovider.backends.local import LocalBackend
-from gpuprovider.backends.ray import RayBackend, RayBackendError
+from gpuprovider.api.app import build_asgi
+from gpuprovider.api.deps import Services
+from gpuprovider.backends.base import Backend
+from gpuprovider.backends.container import container_engine
+from gpuprovider.backends.local import LocalBackend, LocalNode
+from gpuprovider.backends.ray.driver import RayBackend
 from gpuprovider.check import CheckContext, Status, run_checks, select, summary
 from gpuprovider.config import ProviderConfig
 from gpuprovider.daemon.executor import ExecutorLoop
+from gpuprovider.daemon.inventory import InventoryLoop
 from gpuprovider.daemon.loops import Loop, ReaperLoop
 from gpuprovider.daemon.scheduling import SchedulerLoop
+from gpuprovider.domain.usability import Usability
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
-from gpuprovider.inventory.local import read_local_node
 from gpuprovider.scheduler import Framework, policy
+from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.tasks import TaskService
-from gpuprovider.store.store import Store
+from gpuprovider.service.tokens import TokenService
+from gpuprovider.store.signals import Signal, Signals
+from gpuprovider.store.store import Store, StoreError
 
 log = logging.getLogger("gpuprovider")
-RAY_RETRY_S = 5.0
-RAY_LIVENESS_S = 1.0
 
 
 class DaemonError(RuntimeError):
@@ -48,79 +53,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-class InventoryLoop(Loop):
-    """Registers this machine as a node and refreshes it (heartbeat, GPUs)."""
-
-    def __init__(
-        self, store: Store, home: Home, config: ProviderConfig, on_change: Callable[[], None]
-    ):
-        super().__init__("inventory", config.inventory.interval_s)
-        self.key = load_node_key(home.node_key)
-        self.node_id = node_id_for(self.key)
-        self.public_key = public_key_hex(self.key)
-        self.store, self.home, self.config = store, home, config
-        self.on_change = on_change
-
-    def tick(self) -> float | None:
-        node = read_local_node(
-            self.node_id,
-            self.config.inventory.node_name,
-            self.public_key,
-            self.home.root,
-            self.config.inventory.simulated_gpus,
-            self.config.inventory.labels,
-        )
-        self.store.upsert_node(node)
-        self.on_change()
-        return None
-
-
-class RayInventoryLoop(Loop):
-    """The nodes of the Ray cluster that joined as gpuprovider nodes: liveness every
-    second (dead ones marked unreachable at once, so nothing new lands there), and each
-    node's hardware, as the node reports it, every `interval_s`. Ray trouble is logged
-    and retried; the daemon keeps serving the API meanwhile."""
-
-    def __init__(self, store: Store, backend: RayBackend, interval_s: float, on_change):
-        super().__init__("inventory", interval_s)
-        self.store, self.backend, self.on_change = store, backend, on_change
-        self.problem = ""
-        self._inventory_due = 0.0
-        self.unreachable: set[str] = set()  # dead nodes already marked in the store
-
-    def tick(self) -> float | None:
-        now = time.monotonic()
-        try:
-            if now >= self._inventory_due:
-                self._inventory_due = now + self.interval_s
-                nodes, dead = self.backend.discover()
-            else:
-                nodes, dead = [], self.backend.dead_nodes()
-        except RayBackendError as exc:
-            if str(exc) != self.problem:
-                log.error("%s", exc)
-            self.problem = str(exc)
-            self._inventory_due = 0.0
-            return RAY_RETRY_S
-        self.problem = ""
-        changed = False
-        if nodes:
-            status = {n.id: n.status for n in self.store.nodes()}
-            for node in nodes:
-                self.store.upsert_node(node)
-                if status.get(node.id, "unreachable") == "unreachable":  # new, or back
-                    self.store.set_node_status(node.id, "ready", "")
-                    changed = True
-                self.unreachable.discard(node.id)
-        for node_id, why in dead.items():
-            if node_id not in self.unreachable:
-                self.unreachable.add(node_id)
-                changed |= self.store.set_node_status(node_id, "unreachable", why)
-        if changed:
-            self.on_change()
-        return RAY_LIVENESS_S
 
 
 def lock_home(home: Home) -> IO:
@@ -163,60 +95,64 @@ class Daemon:
         if not home.config.exists():
             raise DaemonError(f"{home.root} is not initialised; run `gpuprovider init` first")
         self.home, self.config = home, config
-        self.store = Store(home.store_url(config.store.url))
+        self.signals = Signals()
+        self.store = Store(home.store_url(config.store.url), self.signals)
         try:
-            self.store.check_schema()
-        except Exception as exc:
+            upgraded = self.store.upgrade()
+        except StoreError as exc:
             raise DaemonError(str(exc)) from None
-        framework = Framework(policy(config.scheduler.policy))
-        if config.backend.kind == "ray":
-            self.backend = RayBackend(config.backend.address, home.tasks)
-        else:
-            self.backend = LocalBackend()
-        self.scheduler = SchedulerLoop(self.store, framework, config, on_placed=self._wake_executor)
-        self.executor = ExecutorLoop(
-            self.store,
-            self.backend,
-            config,
-            Path(home.tasks),
-            on_freed=self.scheduler.capacity_changed,
-        )
-        self.inventory = InventoryLoop(
-            self.store, home, config, on_change=self.scheduler.capacity_changed
-        )
-        self.nodes_loop: Loop = self.inventory
-        if isinstance(self.backend, RayBackend):
-            self.nodes_loop = RayInventoryLoop(
-                self.store,
-                self.backend,
-                config.inventory.interval_s,
-                on_change=self.scheduler.capacity_changed,
-            )
+        if upgraded.changed and upgraded.before is not None:
+            log.info("store upgraded from schema %s to %s", upgraded.before, upgraded.after)
+        key = load_node_key(home.node_key)
+        self.node_id, public_key = node_id_for(key), public_key_hex(key)
+        usability = Usability(config.proof.max_age_s if config.proof.required else None)
+        engine = partial(container_engine, config.executor.container_engine)
+        self.backend = self._backend(public_key)
+        framework_policy = policy(config.scheduler.policy)
+        self.scheduler = SchedulerLoop(self.store, Framework(framework_policy), config, usability)
+        self.executor = ExecutorLoop(self.store, self.backend, config, home.tasks, engine)
+        self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
         self.reaper = ReaperLoop(self.store, config)
-        self.tasks = TaskService(
-            self.store,
-            framework,
-            on_submitted=self.scheduler.submitted,
-            on_cancel_requested=self._wake_executor,
-            on_capacity_freed=self.scheduler.capacity_changed,
-            proof_max_age_s=self.scheduler.proof_max_age_s,
+        self.loops: list[Loop] = [self.inventory, self.scheduler, self.executor, self.reaper]
+        for fired, listener in (
+            (Signal.QUEUED, self.scheduler.submitted),
+            (Signal.CAPACITY, self.scheduler.capacity_changed),
+            (Signal.PLACED, self.executor.resync),
+            (Signal.STOP, self.executor.resync),
+            (Signal.EXITED, self.executor.wake),
+        ):
+            self.signals.subscribe(fired, listener)
+        self.services = Services(
+            tasks=TaskService(self.store, framework_policy, usability, self.backend, engine),
+            nodes=NodeService(self.store, usability),
+            tokens=TokenService(self.store),
+            proofs=ProofService(
+                self.store, key, self.node_id, public_key, config.proof.simulated_memory_mib
+            ),
         )
-        self.proofs = ProofService(
-            self.store,
-            self.inventory.key,
-            self.inventory.node_id,
-            self.inventory.public_key,
-            config.proof.simulated_memory_mib,
-            on_gpus_changed=self.scheduler.capacity_changed,
+
+    def _backend(self, public_key: str) -> Backend:
+        config = self.config
+        if config.backend.kind == "ray":
+            return RayBackend(config.backend.address, self.home.tasks)
+        node = LocalNode(
+            node_id=self.node_id,
+            name=config.inventory.node_name,
+            public_key=public_key,
+            home=self.home.root,
+            simulated_gpus=tuple(config.inventory.simulated_gpus),
+            labels=tuple(sorted(config.inventory.labels.items())),
+            nvml=config.inventory.nvml,
         )
-        self.stopping = asyncio.Event()
+        return LocalBackend(
+            node, self.home.tasks, on_exit=partial(self.signals.fire, Signal.EXITED)
+        )
 
     def preflight(self) -> None:
         """The preflight checks, logged and stored; their trouble never stops the daemon."""
         try:
-            node_id = self.inventory.node_id
             run = run_checks(
-                CheckContext(self.config, self.home.root, node_id), select(["preflight"])
+                CheckContext(self.config, self.home.root, self.node_id), select(["preflight"])
             )
             counts = summary(run.results)
             log.info(
@@ -232,36 +168,23 @@ class Daemon:
                     log.warning(
                         "preflight %s %s: %s; %s", r.name, r.status, r.shown_value, r.advice
                     )
-            self.store.save_check_results(node_id, run.results, run.started_at)
+            with self.store.tx() as tx:
+                tx.checks.save(self.node_id, run.results, run.started_at)
         except Exception:
             log.exception("preflight checks failed; starting anyway")
 
-    def _wake_executor(self) -> None:
-        self.executor.wake()
-
     async def serve(self) -> None:
         lock = lock_home(self.home)
+        self.inventory.tick()  # register the nodes (and connect a cluster) first
         self.preflight()  # before binding: the API port must still be free
         sock = bind_api_socket(self.config.api.host, self.config.api.port)
         try:
-            self.nodes_loop.tick()  # register the nodes before anything is placed
-            app = build_asgi(
-                ApiContext(
-                    self.store,
-                    self.tasks,
-                    self.config.api.max_body_bytes,
-                    self.backend,
-                    on_nodes_changed=self.scheduler.capacity_changed,
-                    proofs=self.proofs,
-                )
-            )
+            app = build_asgi(self.services, self.config.api.max_body_bytes)
             server = _Server(
                 uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
             )
-            loops = [
-                asyncio.create_task(loop.run(self.stopping), name=loop.name)
-                for loop in (self.nodes_loop, self.scheduler, self.executor, self.reaper)
-            ]
+            for loop in self.loops:
+                loop.start()
             log.info(
                 "gpuprovider listening on http://%s:%d (home %s)",
                 self.config.api.host,
@@ -272,13 +195,12 @@ class Daemon:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 event_loop.add_signal_handler(sig, setattr, server, "should_exit", True)
             await server.serve(sockets=[sock])  # returns once should_exit is set
-            self.stopping.set()
-            for loop in (self.nodes_loop, self.scheduler, self.executor, self.reaper):
-                loop.wake()
-            await asyncio.gather(*loops)
+            for loop in self.loops:
+                await asyncio.to_thread(loop.stop)
             log.info("gpuprovider stopped; running tasks keep running and are re-adopted on start")
         finally:
             sock.close()
+            self.backend.close()
             self.store.close()
             lock.close()
 

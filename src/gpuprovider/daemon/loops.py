@@ -1,17 +1,19 @@
-"""The daemon's loops share one shape: a pass when woken or on a timer. Each reads in
-a short transaction, does slow work with no transaction open, and applies the result
-guarded by the task's version."""
+"""The daemon's loops share one shape: a pass when woken or on a timer, each loop on a
+thread of its own, so that no store or backend call ever runs on the thread that
+serves the API. A pass reads in a short transaction, does slow work with no
+transaction open, and applies the result guarded by the task's version."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+import threading
 import time
 
 from gpuprovider.config import ProviderConfig
 from gpuprovider.domain.states import TaskState
-from gpuprovider.store.store import StaleTask, Store
+from gpuprovider.lifecycle.tasks import transition
+from gpuprovider.store.store import Store
+from gpuprovider.store.tasks import StaleTask
 
 log = logging.getLogger(__name__)
 S = TaskState
@@ -19,33 +21,46 @@ S = TaskState
 
 class Loop:
     """Runs `tick` when woken, else after the delay the last pass asked for
-    (`interval_s` when it asked for none)."""
+    (`interval_s` when it asked for none). `wake` may be called from any thread."""
 
     def __init__(self, name: str, interval_s: float):
         self.name = name
         self.interval_s = interval_s
         self.woken = False  # whether the current pass was woken rather than timed
-        self._wake = asyncio.Event()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def wake(self) -> None:
+    def wake(self, *_: object) -> None:
         self._wake.set()
 
     def tick(self) -> float | None:
         """One pass. May return how soon it wants the next one."""
         raise NotImplementedError
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            self.woken = self._wake.is_set()
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        soon: float | None = 0.0
+        while not self._stopping.is_set():
+            timeout = self.interval_s if soon is None else max(0.0, soon)
+            self.woken = self._wake.wait(timeout)
             self._wake.clear()
+            if self._stopping.is_set():
+                return
             try:
                 soon = self.tick()
             except Exception:
                 log.exception("%s loop pass failed; retrying on the next pass", self.name)
                 soon = None
-            timeout = self.interval_s if soon is None else max(0.0, soon)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
 
 
 class ReaperLoop(Loop):
@@ -56,14 +71,16 @@ class ReaperLoop(Loop):
         self.store = store
 
     def tick(self) -> float | None:
-        for task in self.store.tasks(states=[S.QUEUED], deadline_before=time.time()):
+        with self.store.read() as r:
+            overdue = r.tasks.find(states=[S.QUEUED], deadline_before=time.time())
+        for task in overdue:
             reason = (
                 f"queued past its deadline ({task.task_spec.max_queue_s:g}s); "
                 f"last reason: {task.state_reason}"
             )
             try:
                 with self.store.tx() as tx:
-                    tx.transition(task, S.EXPIRED, reason)
+                    transition(tx, task, S.EXPIRED, reason)
             except StaleTask:
                 continue  # placed or cancelled meanwhile
         return None

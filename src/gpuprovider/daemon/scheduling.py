@@ -4,18 +4,21 @@ placement library."""
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Callable
 
 from gpuprovider.config import ProviderConfig
 from gpuprovider.daemon.loops import Loop
+from gpuprovider.domain.records import NodeRecord, TaskRecord
 from gpuprovider.domain.states import TaskState
+from gpuprovider.domain.usability import Usability
+from gpuprovider.lifecycle.tasks import transition
 from gpuprovider.scheduler import Framework, Placement, Preemption, Snapshot
 from gpuprovider.scheduler.fragmentation import TypicalTasks
-from gpuprovider.service.placement import build_snapshot, choose_ports, task_request
+from gpuprovider.service.placement import build_snapshot, task_request
 from gpuprovider.service.quotas import QuotaBook, effective_priority, running_work
-from gpuprovider.store.records import NodeRecord, TaskRecord
-from gpuprovider.store.store import StaleTask, Store
+from gpuprovider.store.store import Store
+from gpuprovider.store.tasks import StaleTask
 
 S = TaskState
 
@@ -29,80 +32,92 @@ class SchedulerLoop(Loop):
     ends, and every `interval_s` as a safety net."""
 
     def __init__(
-        self, store: Store, framework: Framework, config: ProviderConfig, on_placed: Callable
+        self, store: Store, framework: Framework, config: ProviderConfig, usability: Usability
     ):
         super().__init__("scheduler", config.scheduler.interval_s)
         self.store = store
         self.framework = framework
-        self.port_range = config.executor.port_range
         self.quotas = config.quotas
-        self.proof_max_age_s = config.proof.max_age_s if config.proof.required else None
-        self.on_placed = on_placed
+        self.usability = usability
         # Bumped whenever capacity may have grown (a task ended, a node changed).
         # A task found unplaceable is not tried again until it moves.
         self.generation = 0
         self._unplaceable_at: dict[str, int] = {}
-        self._submitted: set[str] = set()
+        self._submitted: set[str] = set()  # filled from other threads: under the lock
+        self._lock = threading.Lock()
         self._full_pass_due = 0.0
         self._backoff_ends: float | None = None
         self._nodes: list[NodeRecord] = []  # refreshed on every full pass
 
-    def submitted(self, task_id: str) -> None:
-        self._submitted.add(task_id)
+    def submitted(self, task_ids: set[str]) -> None:
+        with self._lock:
+            self._submitted |= task_ids
         self.wake()
 
-    def capacity_changed(self) -> None:
-        self.generation += 1
-        self._full_pass_due = 0.0
+    def capacity_changed(self, _: object = None) -> None:
+        with self._lock:
+            self.generation += 1
+            self._full_pass_due = 0.0
         self.wake()
 
     def tick(self) -> float | None:
         now = time.time()
-        if now >= self._full_pass_due or (self._backoff_ends and now >= self._backoff_ends):
-            self._full_pass_due = now + self.interval_s
-            self._submitted.clear()
-            self._nodes = self.store.nodes()
+        with self._lock:
+            full = now >= self._full_pass_due or bool(
+                self._backoff_ends and now >= self._backoff_ends
+            )
+            if full:
+                self._full_pass_due = now + self.interval_s
+            generation = self.generation
+            submitted, self._submitted = self._submitted, set()
+        if full:
+            with self.store.read() as r:
+                self._nodes = r.nodes.list()
+                queued = r.tasks.queued_brief()
             if self.framework.policy.needs_typical_tasks:
                 self.framework.typical = self._typical_tasks()
-            queued = self.store.queued_brief()
             self._unplaceable_at = {k: g for k, g in self._unplaceable_at.items() if k in queued}
             waiting = [t for t in queued.values() if t > now]
             self._backoff_ends = min(waiting) if waiting else None
             candidates = [
                 task_id
                 for task_id, not_before in queued.items()
-                if not_before <= now and self._unplaceable_at.get(task_id) != self.generation
+                if not_before <= now and self._unplaceable_at.get(task_id) != generation
             ]
-            partial = False
         else:
-            candidates, self._submitted = list(self._submitted), set()
-            partial = True
+            candidates = list(submitted)
         if candidates:
-            ready = self.store.tasks(states=[S.QUEUED], ids=candidates)
-            if partial and any(t.gang for t in ready):
+            with self.store.read() as r:
+                ready = r.tasks.find(states=[S.QUEUED], ids=candidates)
+            if not full and any(t.gang for t in ready):
                 # a gang is placed as a whole: look at every queued member
-                self._full_pass_due = 0.0
+                with self._lock:
+                    self._full_pass_due = 0.0
                 return 0.0
             for task in ready:
                 if task.not_before > now:
                     self._backoff_ends = min(self._backoff_ends or task.not_before, task.not_before)
             ready = [t for t in ready if t.not_before <= now]
             if ready:
-                self._place(ready)
-        return min(self._full_pass_due, self._backoff_ends or math.inf) - now
+                self._place(ready, generation)
+        with self._lock:
+            due = self._full_pass_due
+        return min(due, self._backoff_ends or math.inf) - time.time()
 
     def _typical_tasks(self) -> TypicalTasks | None:
         """The shapes of the latest submissions, for fragmentation-aware policies."""
-        recent = self.store.tasks(limit=TYPICAL_TASK_WINDOW, newest_first=True)
+        with self.store.read() as r:
+            recent = r.tasks.find(limit=TYPICAL_TASK_WINDOW, newest_first=True)
         if not recent:
             return None
         policy = self.framework.policy
         return policy.typical_tasks(task_request(t.id, t.task_spec) for t in recent)
 
-    def _place(self, ready: list[TaskRecord]) -> None:
+    def _place(self, ready: list[TaskRecord], generation: int) -> None:
         specs = {t.id: t.task_spec for t in ready}
-        allocations = self.store.active_allocations()
-        holders = {t.id: t for t in self.store.tasks(ids=[a.task_id for a in allocations])}
+        with self.store.read() as r:
+            allocations = r.tasks.active_allocations()
+            holders = {t.id: t for t in r.tasks.find(ids=[a.task_id for a in allocations])}
         quota = QuotaBook(self.quotas, allocations, holders)
         # Guaranteed work first, by priority; work beyond its tenant's quota ranks last.
         ready.sort(key=lambda t: (-t.priority, t.created_at))
@@ -114,78 +129,60 @@ class SchedulerLoop(Loop):
             )
             for t in ready
         ]
-        snapshot = build_snapshot(self._nodes, allocations, proof_max_age_s=self.proof_max_age_s)
+        snapshot = build_snapshot(self._nodes, allocations, self.usability)
         snapshot.running = running_work(allocations, holders)
         decisions = self.framework.place(snapshot, requests)
-        taken_ports: dict[str, set[int]] = {}
-        for alloc in allocations:
-            taken_ports.setdefault(alloc.node_id, set()).update(alloc.ports.values())
         notes: list[tuple[TaskRecord, str]] = []
-        placed = preempted = 0
         for task, decision in zip(ready, decisions, strict=True):
             if isinstance(decision, Preemption):
-                preempted += self._preempt(task, decision, snapshot)
+                self._preempt(task, decision, snapshot)
                 notes.append((task, decision.reason))
                 continue
             if not isinstance(decision, Placement):
                 notes.append((task, decision.reason))
                 continue
-            ports: dict[str, int] = {}
-            if specs[task.id].ports:
-                taken = taken_ports.setdefault(decision.node_id, set())
-                names = [p.name for p in specs[task.id].ports]
-                chosen = choose_ports(names, taken, self.port_range)
-                if chosen is None:
-                    notes.append((task, f"no free port left in {self.port_range}"))
-                    continue
-                ports = chosen
-                taken.update(ports.values())
             where = describe_placement(snapshot, decision)
             if over_quota[task.id]:
                 where += f"; beyond tenant {task.tenant}'s quota, so preemptible"
             try:
                 with self.store.tx() as tx:
-                    tx.allocate(
+                    tx.tasks.allocate(
                         task,
                         decision.node_id,
                         decision.gpu_uuids,
                         decision.gpu_milli,
                         decision.cpu_milli,
                         decision.memory_mib,
-                        ports,
                         over_quota[task.id],
                     )
-                    tx.transition(task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id)
-                placed += 1
+                    transition(
+                        tx, task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id
+                    )
             except StaleTask:
                 continue  # cancelled meanwhile; its reservation is simply not written
         changed = [(task, why) for task, why in notes if task.state_reason != why]
         for task, _ in notes:
             if not task.gang:  # a gang may become placeable when a member arrives
-                self._unplaceable_at[task.id] = self.generation
+                self._unplaceable_at[task.id] = generation
         if changed:
             with self.store.tx() as tx:  # reasons only: one transaction for the pass
                 for task, why in changed:
-                    tx.note(task, why)
-        if placed or preempted:
-            self.on_placed()
+                    tx.tasks.note(task, why)
 
-    def _preempt(self, task: TaskRecord, decision: Preemption, snapshot: Snapshot) -> int:
+    def _preempt(self, task: TaskRecord, decision: Preemption, snapshot: Snapshot) -> None:
         """Move the victims to `preempted`; the executor stops them and re-queues them."""
         node = snapshot.node(decision.node_id).name
-        done = 0
+        why = f"preempted by {task.label} (priority {task.priority}) to make room on {node}"
         for victim_id in decision.victims:
-            victim = self.store.task(victim_id)
+            with self.store.read() as r:
+                victim = r.tasks.get(victim_id)
             if victim is None or victim.state != S.RUNNING:
                 continue
-            why = f"preempted by {task.label} (priority {task.priority}) to make room on {node}"
             try:
                 with self.store.tx() as tx:
-                    tx.transition(victim, S.PREEMPTED, why)
-                done += 1
+                    transition(tx, victim, S.PREEMPTED, why)
             except StaleTask:
                 continue
-        return done
 
 
 def describe_placement(snapshot: Snapshot, decision: Placement) -> str:

@@ -13,8 +13,15 @@ from gpuprovider.domain.resources import GpuRequest, parse_gpu_request, parse_me
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-# Set by the provider from the allocation; a spec may not override them.
-RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "PORT", "GPUPROVIDER_")
+# Set by the provider for each task from its allocation; a spec may not set them.
+VISIBILITY_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+PROVIDER_ENV = frozenset({"PORT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", *VISIBILITY_ENV})
+PROVIDER_ENV_PREFIX = "GPUPROVIDER_"
+
+
+def set_by_provider(key: str) -> bool:
+    """Whether the provider sets this environment variable for every task."""
+    return key in PROVIDER_ENV or key.startswith(PROVIDER_ENV_PREFIX)
 MAX_CPU = 4096
 MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB
 MAX_DURATION_S = 366 * 86400
@@ -122,7 +129,7 @@ class TaskSpec(_Strict):
     @classmethod
     def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if key.startswith(RESERVED_ENV) or key in RESERVED_ENV:
+            if set_by_provider(key):
                 raise ValueError(
                     f"env {key} is set by the provider from the task's allocation; remove it"
                 )

@@ -16,7 +16,8 @@ import pynvml
 
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.domain import catalogue
-from gpuprovider.store.records import GpuRecord, NodeRecord
+from gpuprovider.domain.nodes import NodeStatus
+from gpuprovider.domain.records import GpuRecord, NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,14 @@ def read_local_node(
     declared: list[SimulatedGpu],
     labels: dict[str, str] | None = None,
     nvml: NvmlReport | None = None,
+    use_nvml: bool = True,
 ) -> NodeRecord:
-    nvml = nvml if nvml is not None else read_nvml(node_id)
+    """This machine as a node: its hardware, the GPUs NVML finds (unless `use_nvml` is
+    off) and those declared as simulated."""
+    if nvml is None:
+        nvml = (
+            read_nvml(node_id) if use_nvml else NvmlReport(unavailable_reason="NVML off in config")
+        )
     gpus = nvml.gpus + simulated_gpus(node_id, declared, first_index=len(nvml.gpus))
     return NodeRecord(
         id=node_id,
@@ -133,7 +140,7 @@ def read_local_node(
         address="127.0.0.1",
         backend="local",
         labels=dict(labels or {}),
-        status="ready",
+        status=NodeStatus.READY,
         status_reason="",
         cpu_count=psutil.cpu_count() or 1,
         memory_mib=psutil.virtual_memory().total // 2**20,

@@ -19,7 +19,7 @@ states (same hardware, labels and free resources) are scored once.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +36,26 @@ from gpuprovider.scheduler.model import (
 )
 from gpuprovider.scheduler.state import ALL, ClusterState, CompiledTask, row_count
 
+# What a plugin's verdict or score depends on besides the node: the part of the task
+# it reads, as a hashable value. Tasks that sign alike share kept verdicts and scores;
+# a plugin that cannot say returns None, and then nothing is kept for the task.
+Signer = Callable[[CompiledTask], Hashable | None]
+
+
+def signs_nothing(task: CompiledTask) -> tuple:
+    return ()
+
+
+def signs_resources(task: CompiledTask) -> tuple:
+    """For plugins that read what the task takes: CPU, memory, GPUs and share."""
+    return (task.cpu, task.memory, task.count, task.milli)
+
+
+def signs_gpu_fit(task: CompiledTask) -> tuple:
+    """What `fitting` (the GPUs with room, handed to every plugin) depends on."""
+    gpu = task.request.gpu
+    return (task.count, task.milli, gpu.models, gpu.min_memory_gb, gpu.max_memory_gb)
+
 
 @dataclass(frozen=True)
 class Filter:
@@ -45,6 +65,8 @@ class Filter:
     check: Callable[[ClusterState, CompiledTask, np.ndarray | slice, np.ndarray], np.ndarray]
     # Why the nodes given fail, in words a user can act on: reason -> how many nodes.
     reason: Callable[[ClusterState, CompiledTask, np.ndarray], dict[str, int]]
+    # The part of the task `check` reads (see Signer).
+    signs: Signer
     # True: the verdict depends only on what a node is (labels, usability), never on
     # what is free, so a task shape asks it once per node.
     static: bool = False
@@ -90,6 +112,15 @@ class Policy:
     # fragmented for them (the paper's FGD reads CPU and GPUs only).
     typical_memory: bool = False
     description: str = ""
+    # The part of the task the scorer reads (see Signer).
+    scorer_signs: Signer = signs_resources
+
+    def shape_key(self, task: CompiledTask) -> tuple | None:
+        """The key under which a task's verdicts and scores are kept: every plugin's
+        signature, or None when one cannot sign."""
+        parts = [signs_gpu_fit(task), self.scorer_signs(task)]
+        parts += [check.signs(task) for check in self.filters]
+        return None if any(p is None for p in parts) else tuple(parts)
 
     @property
     def needs_typical_tasks(self) -> bool:
@@ -162,22 +193,6 @@ class ShapeCache:
             return first
         best = np.nonzero(self.score == top)[0]
         return int(best[rng.integers(len(best))])
-
-
-def shape_key(task: CompiledTask) -> tuple:
-    """What a verdict or score depends on besides the node: the task's resources and
-    constraints."""
-    gpu = task.request.gpu
-    return (
-        task.request.node_selector,
-        task.cpu,
-        task.memory,
-        task.count,
-        task.milli,
-        gpu.models,
-        gpu.min_memory_gb,
-        gpu.max_memory_gb,
-    )
 
 
 @dataclass
@@ -406,7 +421,9 @@ class Framework:
         held = self._shape_caches.get(id(state))
         if held is None or held[0] is not state:
             held = self._shape_caches[id(state)] = (state, OrderedDict())
-        caches, key = held[1], shape_key(task)
+        caches, key = held[1], self.policy.shape_key(task)
+        if key is None:  # a plugin cannot sign: keep nothing for this task
+            return ShapeCache(len(state))
         cache = caches.get(key)
         if cache is None:
             cache = caches[key] = ShapeCache(len(state))
@@ -472,10 +489,6 @@ def _unusable_gpus(state: ClusterState, models: frozenset[str] | None) -> str:
 
 def reserve(snapshot: Snapshot, placement: Placement) -> None:
     """Record a placement in the snapshot's node views."""
-    node = snapshot.node(placement.node_id)
-    node.used_cpu_milli += placement.cpu_milli
-    node.used_memory_mib += placement.memory_mib
-    chosen = set(placement.gpu_uuids)
-    for gpu in node.gpus:
-        if gpu.uuid in chosen:
-            gpu.used_milli += placement.gpu_milli
+    snapshot.node(placement.node_id).take(
+        placement.gpu_uuids, placement.gpu_milli, placement.cpu_milli, placement.memory_mib
+    )

@@ -29,6 +29,21 @@ class NodeView:
     used_cpu_milli: int = 0
     used_memory_mib: int = 0
 
+    def take(
+        self,
+        gpu_uuids: tuple[str, ...] | list[str],
+        gpu_milli: int,
+        cpu_milli: int,
+        memory_mib: int,
+    ) -> None:
+        """Count work holding these resources on this node (the one place that does)."""
+        self.used_cpu_milli += cpu_milli
+        self.used_memory_mib += memory_mib
+        chosen = set(gpu_uuids)
+        for gpu in self.gpus:
+            if gpu.uuid in chosen:
+                gpu.used_milli += gpu_milli
+
 
 @dataclass(frozen=True)
 class RunningTask:

@@ -10,7 +10,14 @@ import numpy as np
 
 from gpuprovider.domain.resources import MILLI
 from gpuprovider.scheduler.fragmentation import TYPICAL_COVERAGE
-from gpuprovider.scheduler.framework import Context, Filter, GpuPicker, Policy, Scores
+from gpuprovider.scheduler.framework import (
+    Context,
+    Filter,
+    GpuPicker,
+    Policy,
+    Scores,
+    signs_nothing,
+)
 from gpuprovider.scheduler.state import ClusterState, CompiledTask, row_count
 
 # -- filters ------------------------------------------------------------------
@@ -55,12 +62,30 @@ def _gpus_ok(
     return row_count(fitting) >= task.count
 
 
-node_usable = Filter("usable", lambda s, t, rows, f: s.usable[rows], _usable_reason, static=True)
-node_selector = Filter("selector", _selector_ok, _selector_reason, static=True)
-cpu_fits = Filter("cpu", lambda s, t, rows, f: s.cpu_free[rows] >= t.cpu, _cpu_reason)
-memory_fits = Filter("memory", lambda s, t, rows, f: s.mem_free[rows] >= t.memory, _memory_reason)
+node_usable = Filter(
+    "usable", lambda s, t, rows, f: s.usable[rows], _usable_reason, signs_nothing, static=True
+)
+node_selector = Filter(
+    "selector",
+    _selector_ok,
+    _selector_reason,
+    lambda t: t.request.node_selector,
+    static=True,
+)
+cpu_fits = Filter(
+    "cpu", lambda s, t, rows, f: s.cpu_free[rows] >= t.cpu, _cpu_reason, lambda t: t.cpu
+)
+memory_fits = Filter(
+    "memory",
+    lambda s, t, rows, f: s.mem_free[rows] >= t.memory,
+    _memory_reason,
+    lambda t: t.memory,
+)
 gpus_fit = Filter(
-    "gpus", _gpus_ok, lambda s, t, failed: {"not enough free GPUs of the kind asked": len(failed)}
+    "gpus",
+    _gpus_ok,
+    lambda s, t, failed: {"not enough free GPUs of the kind asked": len(failed)},
+    signs_nothing,  # reads only `fitting`, which the framework signs
 )
 
 DEFAULT_FILTERS = (node_usable, node_selector, cpu_fits, memory_fits, gpus_fit)

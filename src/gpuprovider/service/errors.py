@@ -3,6 +3,7 @@
 
 class ServiceError(Exception):
     status = 400
+    headers: dict[str, str] = {}
 
 
 class Rejected(ServiceError):
@@ -11,9 +12,22 @@ class Rejected(ServiceError):
     status = 422
 
 
+class Unauthenticated(ServiceError):
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
 class NotFound(ServiceError):
     status = 404
 
 
 class Conflict(ServiceError):
     status = 409
+
+
+class Unavailable(ServiceError):
+    status = 503

@@ -1,76 +1,123 @@
-"""Operators' actions on nodes: drain (no new work, jobs finish, services move),
-resume, remove."""
+"""Nodes and GPUs behind the API: list, drain, cordon, resume, remove, checks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from gpuprovider.domain.states import TERMINAL, TaskState
-from gpuprovider.service.errors import Conflict, NotFound
-from gpuprovider.store.records import NodeRecord
-from gpuprovider.store.store import StaleTask, Store
+from gpuprovider.check.result import Result
+from gpuprovider.domain.nodes import NodeStatus
+from gpuprovider.domain.records import NodeRecord, TokenRecord
+from gpuprovider.domain.states import TaskState
+from gpuprovider.domain.usability import Usability
+from gpuprovider.lifecycle import nodes as lifecycle
+from gpuprovider.lifecycle.nodes import Refused
+from gpuprovider.service.errors import Conflict, NotFound, Rejected
+from gpuprovider.service.views import gpu_views, node_view
+from gpuprovider.store.signals import Signal
+from gpuprovider.store.store import Store, Tx
 
-S = TaskState
+N = NodeStatus
 
 
 class NodeService:
-    def __init__(
-        self,
-        store: Store,
-        on_nodes_changed: Callable[[], None] = lambda: None,
-        on_tasks_moved: Callable[[], None] = lambda: None,
-    ):
+    def __init__(self, store: Store, usability: Usability):
         self.store = store
-        self.on_nodes_changed, self.on_tasks_moved = on_nodes_changed, on_tasks_moved
+        self.usability = usability
 
-    def get(self, ref: str) -> NodeRecord:
-        nodes = self.store.nodes()
-        for node in nodes:
-            if ref in (node.id, node.name):
-                return node
-        names = ", ".join(n.name for n in nodes) or "none yet"
-        raise NotFound(f"no node {ref!r}; nodes: {names}")
+    @staticmethod
+    def _find(tx: Tx, ref: str) -> NodeRecord:
+        node = tx.nodes.get(ref)
+        if node is None:
+            names = ", ".join(n.name for n in tx.nodes.list()) or "none yet"
+            raise NotFound(f"no node {ref!r}; nodes: {names}")
+        return node
 
-    def live_tasks(self, node_id: str) -> list:
-        live = [s for s in S if s not in TERMINAL and s not in (S.SUBMITTED, S.QUEUED)]
-        return [t for t in self.store.tasks(states=live) if t.node_id == node_id]
+    def list(self, removed: bool = False) -> list[dict[str, Any]]:
+        with self.store.read() as r:
+            return [node_view(n, self.usability) for n in r.nodes.list(removed=removed)]
 
-    def drain(self, ref: str, by: str) -> dict[str, Any]:
+    def get(self, ref: str) -> dict[str, Any]:
+        with self.store.read() as r:
+            node = self._find(r, ref)
+            return node_view(node, self.usability, r.nodes.events(node.id))
+
+    def _set(self, ref: str, target: NodeStatus, who: TokenRecord, why: str = "") -> NodeRecord:
+        try:
+            with self.store.tx() as tx:
+                node = self._find(tx, ref)
+                lifecycle.operator_sets(tx, node, target, who.name, why)
+        except Refused as exc:
+            raise Conflict(str(exc)) from None
+        return node
+
+    def drain(self, ref: str, who: TokenRecord) -> dict[str, Any]:
         """No new work on the node; its running services move to other nodes (they are
         re-queued like preempted work, keeping their attempts); its jobs finish there."""
-        node = self.get(ref)
-        self.store.set_node_status(node.id, "draining", f"drained by {by}")
-        moved, staying = [], []
-        for task in self.live_tasks(node.id):
-            if task.kind == "service" and task.state == S.RUNNING:
-                try:
-                    with self.store.tx() as tx:
-                        tx.transition(task, S.PREEMPTED, f"moving: node {node.name} is draining")
-                    moved.append(task.label)
-                    continue
-                except StaleTask:
-                    pass
-            staying.append(task.label)
-        self.on_nodes_changed()
-        if moved:
-            self.on_tasks_moved()
-        return {"node": node.name, "status": "draining", "moved": moved, "finishing": staying}
+        node = self._set(ref, N.DRAINING, who)
+        with self.store.read() as r:
+            live = r.tasks.find(states=lifecycle.LIVE_ON_NODE, node_id=node.id)
+        moved = [t.label for t in live if t.state == TaskState.PREEMPTED and t.kind == "service"]
+        staying = [t.label for t in live if t.label not in moved]
+        return {
+            "node": node.name,
+            "status": node.status.value,
+            "moved": moved,
+            "finishing": staying,
+        }
 
-    def resume(self, ref: str) -> dict[str, Any]:
-        node = self.get(ref)
-        self.store.set_node_status(node.id, "ready", "")
-        self.on_nodes_changed()
-        return {"node": node.name, "status": "ready"}
+    def cordon(self, ref: str, who: TokenRecord, why: str) -> dict[str, Any]:
+        node = self._set(ref, N.CORDONED, who, why)
+        return {"node": node.name, "status": node.status.value}
 
-    def remove(self, ref: str) -> dict[str, Any]:
-        node = self.get(ref)
-        if node.status != "draining" and node.status != "unreachable":
+    def resume(self, ref: str, who: TokenRecord) -> dict[str, Any]:
+        node = self._set(ref, N.READY, who)
+        return {"node": node.name, "status": node.status.value}
+
+    def remove(self, ref: str, who: TokenRecord) -> dict[str, Any]:
+        with self.store.read() as r:
+            node = self._find(r, ref)
+        if node.status not in (N.DRAINING, N.UNREACHABLE):
             raise Conflict(f"drain node {node.name} first: `gpuprovider node drain {node.name}`")
-        live = self.live_tasks(node.id)
-        if live:
-            names = ", ".join(t.label for t in live)
-            raise Conflict(f"node {node.name} still runs {names}; wait for them or cancel them")
-        self.store.remove_node(node.id)
-        self.on_nodes_changed()
+        self._set(node.id, N.REMOVED, who)
         return {"node": node.name, "removed": True}
+
+    # -- GPUs ----------------------------------------------------------------------
+
+    def gpus(self) -> list[dict[str, Any]]:
+        with self.store.read() as r:
+            return gpu_views(r.nodes.list(), r.tasks.active_allocations(), self.usability)
+
+    def cordon_gpu(self, uuid: str, who: TokenRecord, why: str) -> dict[str, Any]:
+        """No new work on one GPU; what runs there stays."""
+        return self._gpu_cordon(uuid, f"by {who.name}" + (f": {why}" if why else ""))
+
+    def uncordon_gpu(self, uuid: str) -> dict[str, Any]:
+        return self._gpu_cordon(uuid, "")
+
+    def _gpu_cordon(self, uuid: str, reason: str) -> dict[str, Any]:
+        with self.store.tx() as tx:
+            if tx.nodes.gpu(uuid) is None:
+                raise NotFound(f"no GPU {uuid!r}; `gpuprovider gpu list` shows them")
+            lifecycle.gpu_cordon(tx, uuid, reason)
+        return {"gpu_uuid": uuid, "cordoned": bool(reason), "reason": reason}
+
+    # -- checks --------------------------------------------------------------------
+
+    def checks(self, ref: str) -> dict[str, Any]:
+        with self.store.read() as r:
+            node = self._find(r, ref)
+            return {"node_id": node.id, "node": node.name, "results": r.checks.latest(node.id)}
+
+    def save_checks(self, ref: str, results: list[Result], ran_at: float) -> dict[str, Any]:
+        """Store a `gpuprovider check` run; a GPU whose latest result FAILs gets no new
+        work until a passing run clears it."""
+        with self.store.tx() as tx:
+            node = self._find(tx, ref)
+            strangers = sorted(
+                {r.gpu_uuid for r in results if r.gpu_uuid} - {g.uuid for g in node.gpus}
+            )
+            if strangers:
+                raise Rejected(f"GPUs {', '.join(strangers)} are not on node {node.name}")
+            if tx.checks.save(node.id, results, ran_at):
+                tx.signal(Signal.CAPACITY)
+        return {"node_id": node.id, "saved": len(results)}

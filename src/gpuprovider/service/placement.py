@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import socket
+import time
 from collections.abc import Iterable
 
+from gpuprovider.domain.records import AllocationRecord, NodeRecord
 from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.usability import Usability
 from gpuprovider.scheduler import GpuView, NodeView, Snapshot, TaskRequest
-from gpuprovider.service.views import gpu_unusable_reason
-from gpuprovider.store.records import AllocationRecord, NodeRecord
-
-NODE_STATUS_REASONS = {
-    "cordoned": "node is cordoned",
-    "draining": "node is draining",
-    "unreachable": "node is unreachable",
-}
 
 
 def build_snapshot(
     nodes: Iterable[NodeRecord],
     allocations: Iterable[AllocationRecord],
+    usability: Usability,
     idle: bool = False,
-    proof_max_age_s: float | None = None,
 ) -> Snapshot:
-    """The cluster as the scheduler sees it; `idle` ignores current allocations;
-    `proof_max_age_s` keeps work off GPUs without a recent passing proof of GPU."""
+    """The cluster as the scheduler sees it; `idle` ignores current allocations."""
+    now = time.time()
     views: dict[str, NodeView] = {}
     for node in nodes:
         views[node.id] = NodeView(
@@ -33,33 +27,22 @@ def build_snapshot(
             cpu_milli=node.cpu_count * 1000,
             memory_mib=node.memory_mib,
             labels=dict(node.labels),
-            unusable_reason=(
-                ""
-                if node.status == "ready"
-                else node.status_reason or NODE_STATUS_REASONS.get(node.status, node.status)
-            ),
+            unusable_reason=usability.node_reason(node),
             gpus=[
                 GpuView(
                     uuid=g.uuid,
                     index=g.idx,
                     model=g.model,
                     memory_gb=g.memory_gb,
-                    unusable_reason=gpu_unusable_reason(g, proof_max_age_s),
+                    unusable_reason=usability.gpu_reason(g, now),
                 )
                 for g in node.gpus
             ],
         )
     if not idle:
         for alloc in allocations:
-            view = views.get(alloc.node_id)
-            if view is None:
-                continue
-            view.used_cpu_milli += alloc.cpu_milli
-            view.used_memory_mib += alloc.memory_mib
-            taken = set(alloc.gpu_uuids)
-            for gpu in view.gpus:
-                if gpu.uuid in taken:
-                    gpu.used_milli += alloc.gpu_milli
+            if view := views.get(alloc.node_id):
+                view.take(alloc.gpu_uuids, alloc.gpu_milli, alloc.cpu_milli, alloc.memory_mib)
     return Snapshot(list(views.values()))
 
 
@@ -77,29 +60,3 @@ def task_request(
         gang=gang,
         gang_size=spec.gang.size if spec.gang else 0,
     )
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def choose_ports(
-    names: list[str], taken: set[int], port_range: tuple[int, int]
-) -> dict[str, int] | None:
-    """Free host ports for a service's named ports, or None if the range is exhausted."""
-    chosen: dict[str, int] = {}
-    lo, hi = port_range
-    candidate = lo
-    for name in names:
-        while candidate <= hi and (candidate in taken or not port_free(candidate)):
-            candidate += 1
-        if candidate > hi:
-            return None
-        chosen[name] = candidate
-        candidate += 1
-    return chosen

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuprovider.domain.records import GpuRecord
 from gpuprovider.inventory.local import torch_index
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.protocol import Challenge, ProofError
 from gpuprovider.proof.prover import NumpyBackend, Prover, TorchBackend
 from gpuprovider.service.errors import Conflict, NotFound, Rejected
-from gpuprovider.store.records import GpuRecord
+from gpuprovider.store.signals import Signal
 from gpuprovider.store.store import Store
 
 MIB = 2**20
@@ -37,16 +37,16 @@ class ProofService:
         node_id: str,
         public_key: str,
         simulated_memory_mib: int,
-        on_gpus_changed: Callable[[], None] = lambda: None,
     ):
         self.store, self.key, self.node_id, self.public_key = store, node_key, node_id, public_key
         self.simulated_memory_mib = simulated_memory_mib
-        self.on_gpus_changed = on_gpus_changed
         self.proving: set[str] = set()
         self.answered: dict[str, Answered] = {}
 
     def _gpu(self, uuid: str) -> GpuRecord:
-        for node in self.store.nodes():
+        with self.store.read() as r:
+            nodes = r.nodes.list()
+        for node in nodes:
             for gpu in node.gpus:
                 if gpu.uuid == uuid and gpu.present:
                     if node.id != self.node_id:
@@ -67,12 +67,20 @@ class ProofService:
             "simulated": gpu.simulated,
             "memory_bytes": self.memory_bytes(gpu),
             "provider_key": self.public_key,
-            "proof": self.store.proof(uuid),
+            "proof": self._latest(uuid),
         }
+
+    def _tasks_on(self, uuid: str) -> list[str]:
+        with self.store.read() as r:
+            return [a.task_id for a in r.tasks.active_allocations() if uuid in a.gpu_uuids]
+
+    def _latest(self, uuid: str) -> dict[str, Any] | None:
+        with self.store.read() as r:
+            return r.proofs.get(uuid)
 
     async def answer(self, uuid: str, raw: Any) -> dict[str, Any]:
         """Prove a challenge on one GPU (the daemon keeps serving meanwhile)."""
-        gpu = self._gpu(uuid)
+        gpu = await asyncio.to_thread(self._gpu, uuid)
         try:
             challenge = Challenge.from_dict(raw if isinstance(raw, dict) else {})
         except ProofError as exc:
@@ -91,7 +99,7 @@ class ProofService:
             raise Rejected("the challenge uses each matrix more than 64 times; refused")
         if uuid in self.proving:
             raise Conflict(f"GPU {uuid} is already answering a challenge; one at a time")
-        busy = [a.task_id for a in self.store.active_allocations() if uuid in a.gpu_uuids]
+        busy = await asyncio.to_thread(self._tasks_on, uuid)
         if busy and not gpu.simulated:
             raise Conflict(f"GPU {uuid} runs tasks {', '.join(busy)}; prove it when idle")
         prover = Prover(challenge, self._backend(gpu))
@@ -152,14 +160,14 @@ class ProofService:
         """Store the verifier's verdict for the challenge this GPU last answered."""
         entry = self._pending(uuid, body["challenge_id"])
         self.answered.pop(uuid, None)
-        self.store.save_proof(
-            uuid,
-            self.node_id,
-            entry.challenge.id,
-            body["passed"],
-            body["reason"],
-            body["figures"],
-            verifier,
-            time.time(),
-        )
-        self.on_gpus_changed()
+        with self.store.tx() as tx:
+            tx.proofs.save(
+                uuid,
+                self.node_id,
+                entry.challenge.id,
+                body["passed"],
+                body["reason"],
+                body["figures"],
+                verifier,
+            )
+            tx.signal(Signal.CAPACITY)  # `[proof] required` may now allow the GPU

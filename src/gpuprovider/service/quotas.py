@@ -4,10 +4,10 @@ work beyond it runs only as preemptible, below every guaranteed task."""
 from __future__ import annotations
 
 from gpuprovider.config import QuotaConfig
+from gpuprovider.domain.records import AllocationRecord, TaskRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
 from gpuprovider.scheduler import RunningTask
-from gpuprovider.store.records import AllocationRecord, TaskRecord
 
 S = TaskState
 

@@ -1,66 +1,87 @@
-"""Task operations behind the API: submit, dry-run, cancel, read."""
+"""Task operations behind the API: submit, dry-run, list, inspect, cancel, logs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
-from gpuprovider.backends.container import container_engine
+from sqlalchemy.exc import IntegrityError
+
+from gpuprovider.backends.base import Backend
+from gpuprovider.domain.records import TaskRecord, TokenRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
-from gpuprovider.scheduler import Framework, Placement
+from gpuprovider.domain.usability import Usability
+from gpuprovider.lifecycle import tasks as lifecycle
+from gpuprovider.scheduler import Framework, Placement, Policy
 from gpuprovider.service.errors import Conflict, NotFound, Rejected
-from gpuprovider.service.gangs import release_gang
 from gpuprovider.service.placement import build_snapshot, task_request
-from gpuprovider.store.records import TaskRecord
-from gpuprovider.store.store import NameTaken, StaleTask, Store
+from gpuprovider.service.views import task_view
+from gpuprovider.store.store import Store
+from gpuprovider.store.tasks import StaleTask
+
+FOLLOW_POLL_S = 0.2
+LOG_CHUNK = 1 << 20  # one read from a task's log, local or remote
 
 
 class TaskService:
     def __init__(
         self,
         store: Store,
-        framework: Framework,
-        on_submitted: Callable[[str], None] = lambda task_id: None,
-        on_cancel_requested: Callable[[], None] = lambda: None,
-        on_capacity_freed: Callable[[], None] = lambda: None,
-        engine_probe: Callable[[], str | None] = container_engine,
-        proof_max_age_s: float | None = None,
+        policy: Policy,
+        usability: Usability,
+        backend: Backend,
+        container_engine: Callable[[], str | None],
     ):
         self.store = store
-        self.framework = framework
-        self.on_submitted = on_submitted
-        self.on_cancel_requested = on_cancel_requested
-        self.on_capacity_freed = on_capacity_freed
-        self.engine_probe = engine_probe
-        self.proof_max_age_s = proof_max_age_s
+        # The scheduler loop has its own framework; dry runs come from API threads.
+        self._framework = Framework(policy)
+        self._framework_lock = threading.Lock()
+        self.usability = usability
+        self.backend = backend
+        self.container_engine = container_engine
+
+    # -- submit --------------------------------------------------------------------
 
     def _check_runnable(self, spec: TaskSpec) -> None:
-        if spec.image and self.engine_probe() is None:
+        if spec.image and self.container_engine() is None:
             raise Rejected(
-                "image: no container engine (docker or podman) answers on this machine; "
-                "install and start one, or give a command instead of an image"
+                "image: no container engine to run it (docker or podman must answer, and "
+                "[executor] container_engine allow it); start one, or give a command instead"
             )
 
-    def submit(self, spec: TaskSpec, tenant: str) -> TaskRecord:
+    def submit(self, spec: TaskSpec, who: TokenRecord) -> dict[str, Any]:
+        """Store a spec and queue it, in one transaction."""
         self._check_runnable(spec)
-        if spec.gang:
-            self._check_gang(spec, tenant)
         try:
-            task = self.store.submit(spec, tenant)
-        except NameTaken as exc:
-            raise Conflict(str(exc)) from None
-        self.on_submitted(task.id)
-        return task
+            with self.store.tx() as tx:
+                if spec.gang:
+                    self._check_gang(tx.tasks.gang_members(f"{who.tenant}/{spec.gang.name}"), spec)
+                if spec.name and (holder := tx.tasks.live_named(spec.name)):
+                    raise self._name_taken(spec.name, holder, who)
+                task = tx.tasks.insert(spec, who.tenant)
+                lifecycle.submit(tx, task)
+        except IntegrityError:  # a concurrent submission took the name first
+            raise Conflict(
+                f"a live task is already named {spec.name!r}; choose another name"
+            ) from None
+        return task_view(task)
 
-    def _check_gang(self, spec: TaskSpec, tenant: str) -> None:
+    @staticmethod
+    def _name_taken(name: str, holder: TaskRecord, who: TokenRecord) -> Conflict:
+        shown = f" ({holder.id})" if who.sees(holder.tenant) else ""
+        return Conflict(
+            f"a live task is already named {name!r}{shown}; cancel it or choose another name"
+        )
+
+    @staticmethod
+    def _check_gang(members: list[TaskRecord], spec: TaskSpec) -> None:
         assert spec.gang is not None
-        live = [
-            t
-            for t in self.store.gang_members(f"{tenant}/{spec.gang.name}")
-            if t.state not in TERMINAL
-        ]
+        live = [t for t in members if t.state not in TERMINAL]
         sizes = {t.task_spec.gang.size for t in live if t.task_spec.gang}
         if sizes and spec.gang.size not in sizes:
             raise Conflict(
@@ -70,25 +91,25 @@ class TaskService:
         if len(live) >= spec.gang.size:
             raise Conflict(f"gang {spec.gang.name!r} already has its {spec.gang.size} live members")
 
-    def dry_run(self, spec: TaskSpec) -> dict[str, Any]:
+    def dry_run(self, spec: TaskSpec, who: TokenRecord) -> dict[str, Any]:
         """What would happen to `spec` now, storing nothing."""
         self._check_runnable(spec)
-        if spec.name and (holder := self.store.task(spec.name)) and holder.state not in TERMINAL:
-            raise Conflict(f"a live task is already named {spec.name!r} ({holder.id})")
-        nodes = self.store.nodes()
+        with self.store.read() as r:
+            if spec.name and (holder := r.tasks.live_named(spec.name)):
+                raise self._name_taken(spec.name, holder, who)
+            nodes = r.nodes.list()
+            allocations = r.tasks.active_allocations()
         request = task_request("dry-run", spec)
-        now = self.framework.place_one(
-            build_snapshot(
-                nodes, self.store.active_allocations(), proof_max_age_s=self.proof_max_age_s
-            ),
-            request,
-        )
-        if isinstance(now, Placement):
-            return {"placeable_now": True, "would_wait": False, "placement": asdict(now)}
-        ever = self.framework.place_one(
-            build_snapshot(nodes, [], idle=True, proof_max_age_s=self.proof_max_age_s), request
-        )
-        verdict = {"placeable_now": False, "reason": now.reason}
+        with self._framework_lock:
+            now = self._framework.place_one(
+                build_snapshot(nodes, allocations, self.usability), request
+            )
+            if isinstance(now, Placement):
+                return {"placeable_now": True, "would_wait": False, "placement": asdict(now)}
+            ever = self._framework.place_one(
+                build_snapshot(nodes, [], self.usability, idle=True), request
+            )
+        verdict: dict[str, Any] = {"placeable_now": False, "reason": now.reason}
         if isinstance(ever, Placement):
             verdict["would_wait"] = True
             verdict["message"] = f"would stay queued until resources free up: {now.reason}"
@@ -99,33 +120,107 @@ class TaskService:
             )
         return verdict
 
-    def get(self, ref: str) -> TaskRecord:
-        task = self.store.task(ref)
-        if task is None:
+    # -- read ----------------------------------------------------------------------
+
+    def visible(self, ref: str, who: TokenRecord) -> TaskRecord:
+        """The task `ref` as `who` may see it; another tenant's task is not found."""
+        with self.store.read() as r:
+            task = r.tasks.get(ref)
+        if task is None or not who.sees(task.tenant):
             raise NotFound(f"no task with id or name {ref!r}")
         return task
 
-    def cancel(self, ref: str, by: str) -> TaskRecord:
+    def list(
+        self,
+        who: TokenRecord,
+        states: list[str],
+        name: str | None,
+        kind: str | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        try:
+            wanted = [TaskState(s) for item in states for s in item.split(",") if s]
+        except ValueError as exc:
+            known = ", ".join(s.value for s in TaskState)
+            raise Rejected(f"state: {exc}; known: {known}") from None
+        with self.store.read() as r:
+            found = r.tasks.find(
+                states=wanted,
+                name=name,
+                kind=kind,
+                tenant=None if who.is_admin else who.tenant,
+                limit=limit,
+                newest_first=True,
+            )
+        return [task_view(t) for t in found]
+
+    def detail(self, ref: str, who: TokenRecord) -> dict[str, Any]:
+        """The task with its allocation, endpoints and events."""
+        task = self.visible(ref, who)
+        with self.store.read() as r:
+            alloc = r.tasks.allocation(task.id)
+            node = next(iter(r.nodes.list([alloc.node_id], removed=True)), None) if alloc else None
+            events = r.tasks.events(task.id)
+        return task_view(task, alloc, node, events)
+
+    def events(self, ref: str, who: TokenRecord) -> list[dict[str, Any]]:
+        return self.detail(ref, who)["events"]
+
+    def counts(self) -> dict[str, int]:
+        with self.store.read() as r:
+            return r.tasks.count_by_state()
+
+    # -- cancel --------------------------------------------------------------------
+
+    def cancel(self, ref: str, who: TokenRecord) -> dict[str, Any]:
         for _ in range(5):
-            task = self.get(ref)
+            task = self.visible(ref, who)
             if task.state in TERMINAL:
                 raise Conflict(f"task {task.label} already {task.state}; nothing to cancel")
             if task.state == TaskState.CANCELLING:
-                return task
+                return task_view(task)
             try:
                 with self.store.tx() as tx:
-                    tx.transition(task, TaskState.CANCELLING, f"cancel requested by {by}")
-                    if task.pid is None:  # no process to stop: done at once
-                        tx.release(task.id)
-                        tx.transition(task, TaskState.CANCELLED, f"cancelled by {by} before it ran")
-                        release_gang(
-                            self.store, tx, task, f"gang member {task.label} was cancelled"
-                        )
+                    lifecycle.request_cancel(tx, task, who.name)
             except StaleTask:
                 continue  # changed under us: read again and decide again
-            if task.state == TaskState.CANCELLED:
-                self.on_capacity_freed()
-            else:
-                self.on_cancel_requested()
-            return task
+            return task_view(task)
         raise Conflict(f"task {ref} keeps changing; try the cancel again")
+
+    # -- logs ----------------------------------------------------------------------
+
+    def _read_log(self, task: TaskRecord, offset: int) -> bytes:
+        """The next piece of a task's output, from whichever node runs it."""
+        if not task.run_dir:
+            return b""
+        return self.backend.read_log(task.node_id or "", task.run_dir, offset, LOG_CHUNK)
+
+    def log(self, ref: str, who: TokenRecord, offset: int) -> str:
+        task = self.visible(ref, who)
+        pieces, position = [], offset
+        while chunk := self._read_log(task, position):
+            pieces.append(chunk)
+            position += len(chunk)
+        return b"".join(pieces).decode(errors="replace")
+
+    async def follow(self, ref: str, who: TokenRecord, offset: int) -> AsyncIterator[str]:
+        """Server-sent events: one `data:` event per chunk, `event: end` when done."""
+        task_id = (await asyncio.to_thread(self.visible, ref, who)).id
+        position = offset
+        while True:
+            task = await asyncio.to_thread(self._reread, task_id)
+            done = task is None or task.state in TERMINAL
+            chunk = await asyncio.to_thread(self._read_log, task, position) if task else b""
+            if chunk:
+                position += len(chunk)
+                yield f"data: {json.dumps(chunk.decode(errors='replace'))}\n\n"
+                continue
+            if done:
+                state = task.state.value if task else "gone"
+                yield f"event: end\ndata: {json.dumps(state)}\n\n"
+                return
+            await asyncio.sleep(FOLLOW_POLL_S)
+
+    def _reread(self, task_id: str) -> TaskRecord | None:
+        with self.store.read() as r:
+            return r.tasks.get(task_id)

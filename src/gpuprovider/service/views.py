@@ -1,17 +1,20 @@
-"""JSON views of records, shared by the API (and so by the CLI)."""
+"""JSON views of records, shared by the API (and so by the CLI). Their shapes are the
+response models of `api/schemas.py`."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from gpuprovider.store.records import (
+from gpuprovider.domain.records import (
     AllocationRecord,
     EventRecord,
-    GpuRecord,
+    NodeEventRecord,
     NodeRecord,
     TaskRecord,
+    TokenRecord,
 )
+from gpuprovider.domain.usability import Usability
 
 
 def task_view(
@@ -71,13 +74,16 @@ def task_view(
     return view
 
 
-def node_view(node: NodeRecord) -> dict[str, Any]:
-    return {
+def node_view(
+    node: NodeRecord, usability: Usability, events: list[NodeEventRecord] | None = None
+) -> dict[str, Any]:
+    now = time.time()
+    view: dict[str, Any] = {
         "id": node.id,
         "name": node.name,
         "address": node.address,
         "backend": node.backend,
-        "status": node.status,
+        "status": node.status.value,
         "reason": node.status_reason,
         "labels": node.labels,
         "cpu_count": node.cpu_count,
@@ -85,36 +91,28 @@ def node_view(node: NodeRecord) -> dict[str, Any]:
         "disk_free_mib": node.disk_mib,
         "gpu_count": sum(1 for g in node.gpus if g.present),
         "simulated_gpus": sum(1 for g in node.gpus if g.present and g.simulated),
-        # GPUs given no new work, and why (a FAILed check, gone from the bus)
+        # GPUs given no new work, and why (a FAILed check, a cordon, no proof, gone)
         "unusable_gpus": [
             {"index": g.idx, "uuid": g.uuid, "reason": reason}
             for g in node.gpus
-            if (reason := gpu_unusable_reason(g))
+            if (reason := usability.gpu_reason(g, now))
         ],
         "public_key": node.public_key,
         "facts": node.facts,
         "last_heartbeat": node.last_heartbeat,
     }
+    if events is not None:
+        view["events"] = [
+            {"at": e.at, "from": e.from_status, "to": e.to_status, "reason": e.reason}
+            for e in events
+        ]
+    return view
 
 
-def gpu_unusable_reason(gpu: GpuRecord, proof_max_age_s: float | None = None) -> str:
-    """Why the scheduler gives this GPU no new work; empty when it may. With
-    `proof_max_age_s`, a GPU also needs a passing proof of GPU at most that old."""
-    if not gpu.present:
-        return "GPU no longer present"
-    if gpu.health != "ok":
-        return gpu.health_reason or f"GPU health is {gpu.health}"
-    if proof_max_age_s is not None:
-        if gpu.proof_passed is None:
-            return "no proof of GPU yet (proof.required)"
-        if not gpu.proof_passed:
-            return f"latest proof of GPU failed: {gpu.proof_reason}"
-        if time.time() - (gpu.proof_at or 0) > proof_max_age_s:
-            return f"proof of GPU older than {proof_max_age_s:g} s (proof.max_age_s)"
-    return ""
-
-
-def gpu_views(nodes: list[NodeRecord], allocations: list[AllocationRecord]) -> list[dict[str, Any]]:
+def gpu_views(
+    nodes: list[NodeRecord], allocations: list[AllocationRecord], usability: Usability
+) -> list[dict[str, Any]]:
+    now = time.time()
     used: dict[str, list[tuple[str, int]]] = {}
     for alloc in allocations:
         for uuid in alloc.gpu_uuids:
@@ -137,6 +135,10 @@ def gpu_views(nodes: list[NodeRecord], allocations: list[AllocationRecord]) -> l
                     "present": gpu.present,
                     "health": gpu.health,
                     "health_reason": gpu.health_reason,
+                    "cordon_reason": gpu.cordon_reason,
+                    # the scheduler's own verdict, from the same rule
+                    "unusable_reason": usability.node_reason(node)
+                    or usability.gpu_reason(gpu, now),
                     "proof": None
                     if gpu.proof_passed is None
                     else {
@@ -151,3 +153,12 @@ def gpu_views(nodes: list[NodeRecord], allocations: list[AllocationRecord]) -> l
                 }
             )
     return views
+
+
+def token_view(token: TokenRecord) -> dict[str, Any]:
+    return {
+        "name": token.name,
+        "scopes": token.scopes,
+        "tenant": token.tenant,
+        "created_at": token.created_at,
+    }

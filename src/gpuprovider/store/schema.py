@@ -1,4 +1,5 @@
-"""Tables of the store. SQLAlchemy Core, so SQLite and PostgreSQL share one schema."""
+"""Tables of the store, as the latest migration leaves them. SQLAlchemy Core, so SQLite
+and PostgreSQL share one schema; `store/migrations/` gets any older store here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 1
+# In `meta`: what gpuprovider 0.1.0 reads to refuse a store newer than itself. Alembic's
+# revision is what this code goes by; this number is bumped with any migration an older
+# release must not open.
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -54,6 +58,19 @@ nodes = Table(
     Column("public_key", String(64), nullable=False, default=""),
     Column("facts", JSON, nullable=False),
     Column("last_heartbeat", Float, nullable=False),
+    Column("prior_status", String(16)),  # while unreachable: the status it returns to
+)
+
+# Every node status change, with its reason (the node's side of `events`).
+node_events = Table(
+    "node_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("node_id", String(64), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("from_status", String(16)),
+    Column("to_status", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
 )
 
 gpus = Table(
@@ -72,6 +89,7 @@ gpus = Table(
     Column("driver_version", String(32), nullable=False, default=""),
     Column("cuda_version", String(32), nullable=False, default=""),
     Column("present", Boolean, nullable=False, default=True),
+    Column("cordon_reason", Text, nullable=False, default="", server_default=""),
 )
 
 tasks = Table(

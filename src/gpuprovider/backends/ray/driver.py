@@ -1,115 +1,49 @@
 """Ray backend: tasks run on the Ray node the scheduler chose, under the same runner.
 
 Each gpuprovider node of the Ray cluster (a Ray node labelled `gpuprovider.io/node`)
-gets one detached agent actor pinned to it with hard node affinity. The agent runs the
-local backend there (the runner, its exit records, the task's log) and reports the
-node's hardware with the same inventory code as a local node. The daemon is a Ray
-driver: it places with its own scheduler and only asks the chosen node's agent to
-start, poll, stop or read a task. Agents are detached, so a restarted daemon finds them
-and the runners they started.
+gets one detached agent actor pinned to it with hard node affinity (`agent.py`). The
+agent runs the local backend's processes there (the runner, its exit records, the
+task's log) and reports the node's hardware with the same inventory code as a local
+node. The daemon is a Ray driver (this module): it places with its own scheduler and
+only asks the chosen node's agent to start, poll, stop or read a task. Agents are
+detached, so a restarted daemon finds them and the runners they started. Every call
+here blocks, with a deadline: the daemon makes them from its loops' threads, never
+from the thread that serves the API.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from gpuprovider import __version__
-from gpuprovider.backends.base import Exit, Handle, Launch, NodeDown, node_lost
-from gpuprovider.backends.local import LocalBackend
-from gpuprovider.config import SimulatedGpu
-from gpuprovider.inventory.local import read_local_node
-from gpuprovider.store.records import NodeRecord
+from gpuprovider.backends.base import Discovery, Exit, Handle, Launch, NodeDown, node_lost
+from gpuprovider.backends.ray.agent import NodeAgent
+from gpuprovider.backends.ray.common import (
+    CLUSTER_KEY,
+    LABEL_NAME,
+    LABEL_NODE,
+    NAMESPACE,
+    RayBackendError,
+    our_node_id,
+)
+from gpuprovider.backends.ray.join import reachable
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "gpuprovider"
-LABEL_NODE = "gpuprovider.io/node"  # "1" on every Ray node that serves gpuprovider
-LABEL_NAME = "gpuprovider.io/name"
-SIM_PREFIX = "gpuprovider.io/sim-"  # gpuprovider.io/sim-<model> = count of simulated GPUs
-CLUSTER_KEY = "gpuprovider:cluster"  # in Ray's KV store: this Ray cluster serves gpuprovider
 CALL_TIMEOUT_S = 30.0
 # An executor pass waits this long at most for all its polls together; a node that
 # cannot answer in time is checked for death.
 POLL_TIMEOUT_S = 3.0
-
-
-class RayBackendError(RuntimeError):
-    """Ray cannot be used as configured; the message says what to fix."""
-
-
-class BadRayAddress(RayBackendError, ValueError):
-    """The address is not host:port."""
-
-
-def our_node_id(ray_node_id: str) -> str:
-    return "ray-" + ray_node_id[:12]
-
-
-def node_labels(name: str, simulated: list[tuple[str, int]], labels: dict[str, str]) -> dict:
-    """Ray node labels that make a Ray node a gpuprovider node (`node join`)."""
-    made = {LABEL_NODE: "1", LABEL_NAME: name, **labels}
-    made.update({f"{SIM_PREFIX}{model}": str(count) for model, count in simulated})
-    return made
-
-
-class NodeAgent:
-    """Runs on one Ray node (as a detached actor): the local backend, there."""
-
-    def __init__(self, node_id: str, name: str, labels: dict[str, str], data_dir: str):
-        # unnamed (a KubeRay worker group): the pod's host name
-        self.node_id, self.name, self.data_dir = node_id, name or socket.gethostname(), data_dir
-        self.declared = [
-            SimulatedGpu(model=key.removeprefix(SIM_PREFIX), count=int(value))
-            for key, value in labels.items()
-            if key.startswith(SIM_PREFIX)
-        ]
-        self.labels = {
-            k: v for k, v in labels.items() if not k.startswith(("gpuprovider.io/", "ray.io/"))
-        }
-        self.local = LocalBackend()
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-
-    def inventory(self, address: str) -> NodeRecord:
-        node = read_local_node(
-            self.node_id, self.name, "", Path(self.data_dir), self.declared, self.labels
-        )
-        node.backend, node.address = "ray", address
-        node.facts["host"] = socket.gethostname()
-        return node
-
-    def start(self, launch: Launch) -> Handle:
-        import ray
-
-        launch.env["GPUPROVIDER_RAY_NODE"] = ray.get_runtime_context().get_node_id()
-        return self.local.start(launch)
-
-    def poll(self, handle: Handle) -> Exit | None:
-        return self.local.poll(handle)
-
-    def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
-        return self.local.poll_many(handles)
-
-    def stop(self, handle: Handle) -> bool:
-        return self.local.stop(handle)
-
-    def kill(self, handle: Handle) -> None:
-        self.local.kill(handle)
-
-    def recover(self, run_dir: str, attempt: int) -> Handle | None:
-        return self.local.recover(run_dir, attempt, self.node_id)
-
-    def read_log(self, run_dir: str, offset: int, limit: int) -> bytes:
-        return self.local.read_log(self.node_id, run_dir, offset, limit)
+LIVENESS_S = 1.0  # how often nodes' liveness is asked between full discoveries
 
 
 class RayBackend:
     name = "ray"
+    liveness_interval_s = LIVENESS_S
 
     def __init__(self, address: str, data_dir: Path):
         self.address, self.data_dir = address, str(data_dir)
@@ -170,18 +104,15 @@ class RayBackend:
             found.append(info | {"node_id": node_id, "labels": labels})
         return found
 
-    def dead_nodes(self) -> dict[str, str]:
-        """{node id: why} for gpuprovider nodes Ray reports dead (cheap: no node is asked)."""
-        return {
-            n["node_id"]: "Ray reports the node dead"
-            for n in self._gpuprovider_nodes()
-            if not n["Alive"]
-        }
-
-    def discover(self) -> tuple[list[NodeRecord], dict[str, str]]:
-        """(alive gpuprovider nodes with their hardware, {dead node id: why})."""
+    def discover(self, full: bool) -> Discovery:
+        """Without `full`: the gpuprovider nodes Ray reports dead (cheap: no node is
+        asked). With it: also every alive node's hardware, as its agent reports it."""
+        infos = self._gpuprovider_nodes()
+        if not full:
+            dead = {n["node_id"]: "Ray reports the node dead" for n in infos if not n["Alive"]}
+            return Discovery(lost=dead)
         refs, dead = [], {}
-        for info in self._gpuprovider_nodes():
+        for info in infos:
             node_id = info["node_id"]
             if not info["Alive"]:
                 dead[node_id] = "Ray reports the node dead"
@@ -194,7 +125,7 @@ class RayBackend:
                 nodes.append(self.ray.get(ref, timeout=CALL_TIMEOUT_S))
             except Exception as exc:  # one node's trouble never hides the others
                 dead[node_id] = f"its agent does not answer: {type(exc).__name__}"
-        return nodes, dead
+        return Discovery(nodes, dead)
 
     def _agent(self, node_id: str, ray_node_id: str, labels: dict[str, str]):
         agent = self.agents.get(node_id)
@@ -215,7 +146,7 @@ class RayBackend:
     def _agent_of(self, node_id: str) -> Any:
         agent = self.agents.get(node_id)
         if agent is None:
-            self.discover()
+            self.discover(full=True)
             agent = self.agents.get(node_id)
         if agent is None:
             raise NodeDown(node_id, f"node {node_id} is not an alive node of the Ray cluster")
@@ -327,120 +258,5 @@ class RayBackend:
         except Exception:
             return b""
 
-
-def reachable(address: str, timeout_s: float = 3.0) -> None:
-    """Fail fast with a clear message when nothing listens at host:port (Ray itself would
-    retry for minutes)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise BadRayAddress(f"Ray address {address!r}: write host:port, e.g. 10.0.0.5:6379")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise RayBackendError(
-            f"nothing answers at {address} ({exc.strerror or exc}); check the Ray head's "
-            "address, that `ray start --head` runs there, and the firewall"
-        ) from None
-
-
-def check_head(address: str) -> str:
-    """Connect to a Ray head as `node join` does before joining: it must answer, run our
-    Ray version and serve gpuprovider. Returns the head's gpuprovider version."""
-    try:
-        import ray
-        from ray.experimental import internal_kv
-    except ImportError:
-        raise RayBackendError("joining needs Ray: pip install 'gpuprovider[ray]'") from None
-    reachable(address)
-    try:
-        ray.init(
-            address=address,
-            namespace=NAMESPACE,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            configure_logging=False,
-        )
-    except Exception as exc:
-        text = str(exc)
-        if "version" in text.lower():
-            raise RayBackendError(
-                f"the head at {address} runs another Ray version ({text.splitlines()[0]}); "
-                f"install the head's Ray version here (this one is {ray.__version__})"
-            ) from None
-        raise RayBackendError(
-            f"cannot reach a Ray head at {address}: {text.splitlines()[0] if text else exc!r}; "
-            "check the address (host:port of `ray start --head`) and the firewall"
-        ) from None
-    try:
-        marker = internal_kv._internal_kv_get(CLUSTER_KEY, namespace=NAMESPACE)
-    finally:
-        ray.shutdown()
-    if not marker:
-        raise RayBackendError(
-            f"the Ray cluster at {address} is not a gpuprovider cluster: no provider runs "
-            'on it; start one there with [backend] kind = "ray" (`gpuprovider up`)'
-        )
-    return json.loads(marker)["gpuprovider"]
-
-
-def join_command(
-    address: str,
-    name: str,
-    simulated: list[tuple[str, int]],
-    labels: dict[str, str],
-    num_cpus: int | None,
-    node_ip: str | None,
-) -> list[str]:
-    """The `ray start` that makes this machine a gpuprovider node of the cluster."""
-    made = node_labels(name, simulated, labels)
-    argv = [
-        "ray",
-        "start",
-        "--address",
-        address,
-        "--labels",
-        ",".join(f"{k}={v}" for k, v in made.items()),
-        "--disable-usage-stats",
-    ]
-    if num_cpus is not None:
-        argv += ["--num-cpus", str(num_cpus)]
-    if node_ip:
-        argv += ["--node-ip-address", node_ip]
-    return argv
-
-
-class LocalRayCluster:
-    """A Ray cluster on this machine for a trial (`gpuprovider up --backend ray`): a head
-    and one Ray node per `nodes` entry, every process on 127.0.0.1. Built with Ray's own
-    multi-node-on-one-machine tool; stopped with the daemon."""
-
-    def __init__(self, nodes: list[tuple[str, list[tuple[str, int]]]]):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on 127.0.0.1
-        from ray.cluster_utils import Cluster
-
-        head_labels = {} if nodes else node_labels("ray-head", [], {})
-        self.cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 1,
-                "node_ip_address": "127.0.0.1",
-                "include_dashboard": False,
-                "labels": head_labels,
-                "_system_config": {
-                    "health_check_period_ms": 1000,
-                    "health_check_failure_threshold": 3,
-                },
-            },
-        )
-        for name, sims in nodes:
-            self.cluster.add_node(
-                num_cpus=2, node_ip_address="127.0.0.1", labels=node_labels(name, sims, {})
-            )
-        self.cluster.wait_for_nodes()
-        self.address = self.cluster.address
-
-    def shutdown(self) -> None:
-        import ray
-
-        ray.shutdown()  # the daemon's driver first: Ray refuses to stop a node it is on
-        self.cluster.shutdown()
+    def close(self) -> None:
+        pass  # agents and their runners outlive the daemon by design

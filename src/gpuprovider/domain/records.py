@@ -1,10 +1,12 @@
-"""Plain records read from the store."""
+"""The domain's records: tasks, their allocations and events, nodes, GPUs, tokens.
+Plain dataclasses; the store reads and writes them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpuprovider.domain.nodes import NodeStatus
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
 
@@ -86,6 +88,7 @@ class GpuRecord:
     driver_version: str = ""
     cuda_version: str = ""
     present: bool = True
+    cordon_reason: str = ""  # non-empty: cordoned (by an operator or a repair rule)
     # the latest proof-of-GPU verdict (table gpu_proofs), None when never proven
     proof_passed: bool | None = None
     proof_at: float | None = None
@@ -99,7 +102,7 @@ class NodeRecord:
     address: str
     backend: str
     labels: dict[str, str]
-    status: str
+    status: NodeStatus
     status_reason: str
     cpu_count: int
     memory_mib: int
@@ -108,12 +111,37 @@ class NodeRecord:
     facts: dict[str, Any]
     last_heartbeat: float
     gpus: list[GpuRecord] = field(default_factory=list)
+    # While unreachable: the status it returns to when it answers again.
+    prior_status: NodeStatus | None = None
+
+
+@dataclass
+class NodeEventRecord:
+    id: int
+    node_id: str
+    at: float
+    from_status: str | None
+    to_status: str
+    reason: str
 
 
 @dataclass
 class TokenRecord:
+    """An API token as the provider knows it (the secret is never kept): who calls."""
+
     id: str
     name: str
     scopes: list[str]
     tenant: str
     created_at: float
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def allows(self, scope: str) -> bool:
+        return self.is_admin or scope in self.scopes
+
+    def sees(self, tenant: str) -> bool:
+        """Whether this caller may see a tenant's tasks."""
+        return self.is_admin or tenant == self.tenant

@@ -1,0 +1,25 @@
+"""/gpus: every GPU of the pool, and cordons on one."""
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from gpuprovider.api.deps import Admin, Reader, Svc
+from gpuprovider.api.routers import ERRORS, answer
+from gpuprovider.api.schemas import CordonIn, GpuCordonOut, GpuOut
+
+router = APIRouter(prefix="/gpus", tags=["gpus"], responses=ERRORS)
+
+
+@router.get("", response_model=list[GpuOut])
+def gpus(who: Reader, svc: Svc) -> JSONResponse:
+    return answer(svc.nodes.gpus())
+
+
+@router.post("/{uuid}/cordon", response_model=GpuCordonOut)
+def cordon(uuid: str, who: Admin, svc: Svc, body: CordonIn | None = None) -> JSONResponse:
+    return answer(svc.nodes.cordon_gpu(uuid, who, body.reason if body else ""))
+
+
+@router.post("/{uuid}/uncordon", response_model=GpuCordonOut)
+def uncordon(uuid: str, who: Admin, svc: Svc) -> JSONResponse:
+    return answer(svc.nodes.uncordon_gpu(uuid))

@@ -1,0 +1,72 @@
+"""/tasks: submit, dry-run, list, inspect, cancel, logs."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from gpuprovider.api.deps import Reader, Submitter, Svc
+from gpuprovider.api.routers import ERRORS, answer
+from gpuprovider.api.schemas import DryRunOut, EventOut, TaskDetailOut, TaskOut
+from gpuprovider.domain.spec import TaskSpec
+
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERRORS)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=TaskOut,
+    responses={200: {"model": DryRunOut, "description": "with dry_run: what would happen"}},
+)
+def submit(spec: TaskSpec, who: Submitter, svc: Svc, dry_run: bool = False) -> JSONResponse:
+    if dry_run:
+        return answer(svc.tasks.dry_run(spec, who))
+    return answer(svc.tasks.submit(spec, who), 201)
+
+
+@router.get("", response_model=list[TaskOut])
+def list_tasks(
+    who: Reader,
+    svc: Svc,
+    state: Annotated[list[str] | None, Query()] = None,
+    name: str | None = None,
+    kind: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+) -> JSONResponse:
+    return answer(svc.tasks.list(who, state or [], name, kind, limit))
+
+
+@router.get("/{ref}", response_model=TaskDetailOut)
+def get_task(ref: str, who: Reader, svc: Svc) -> JSONResponse:
+    return answer(svc.tasks.detail(ref, who))
+
+
+@router.get("/{ref}/events", response_model=list[EventOut])
+def task_events(ref: str, who: Reader, svc: Svc) -> JSONResponse:
+    return answer(svc.tasks.events(ref, who))
+
+
+@router.post("/{ref}/cancel", response_model=TaskOut)
+def cancel(ref: str, who: Submitter, svc: Svc) -> JSONResponse:
+    return answer(svc.tasks.cancel(ref, who))
+
+
+@router.get(
+    "/{ref}/logs",
+    response_class=PlainTextResponse,
+    response_model=None,
+    responses={200: {"content": {"text/plain": {}, "text/event-stream": {}}}},
+)
+def logs(
+    ref: str,
+    who: Reader,
+    svc: Svc,
+    follow: bool = False,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> PlainTextResponse | StreamingResponse:
+    """The task's output (stdout and stderr) from `offset`; with `follow`, server-sent
+    events until the task ends."""
+    if follow:
+        return StreamingResponse(svc.tasks.follow(ref, who, offset), media_type="text/event-stream")
+    return PlainTextResponse(svc.tasks.log(ref, who, offset))

@@ -1,0 +1,311 @@
+"""Request and response models of the HTTP API: what the OpenAPI schema documents.
+
+Responses are built as plain dicts by `service/views.py` in these shapes (fast to
+serialise) and declared here; the fuzz test holds every answer to its schema."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpuprovider.check.registry import GROUPS
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests ---------------------------------------------------------------------
+
+
+class ProofParamsIn(_In):
+    n: int
+    m: int
+    matrices: int
+    per_step: int
+    steps: int
+    epoch: int
+    openings: int
+
+
+class ChallengeIn(_In):
+    id: Annotated[str, Field(max_length=64)]
+    seed: Annotated[str, Field(max_length=128)]
+    gpu_uuid: Annotated[str, Field(max_length=96)]
+    provider_key: Annotated[str, Field(max_length=128)]
+    params: ProofParamsIn
+
+
+class OpeningsIn(_In):
+    challenge_id: Annotated[str, Field(max_length=64)]
+    openings: Annotated[
+        list[Annotated[list[int], Field(min_length=3, max_length=3)]],
+        Field(min_length=1, max_length=100_000),
+    ]
+
+
+class VerdictIn(_In):
+    challenge_id: Annotated[str, Field(max_length=64)]
+    passed: bool
+    reason: Annotated[str, Field(max_length=2000)]
+    figures: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckResultIn(_In):
+    """One result of `gpuprovider check`, as the CLI posts it."""
+
+    status: Literal["PASS", "WARN", "FAIL", "SKIP"]
+    value: float | Annotated[str, Field(max_length=500)] | None = None
+    unit: Annotated[str, Field(max_length=32)] = ""
+    threshold: Annotated[str, Field(max_length=2000)] = ""
+    advice: Annotated[str, Field(max_length=2000)] = ""
+    subject: Annotated[str, Field(max_length=64)] = ""
+    gpu_uuid: Annotated[str, Field(max_length=96)] = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+    group: Literal[GROUPS]
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+
+
+class CheckRunIn(_In):
+    ran_at: Annotated[float, Field(gt=0)]
+    results: Annotated[list[CheckResultIn], Field(min_length=1, max_length=10_000)]
+
+
+class TokenIn(_In):
+    name: Annotated[str, Field(pattern=NAME)]
+    scopes: list[str] = Field(default_factory=lambda: ["read", "submit"], min_length=1)
+    tenant: Annotated[str, Field(pattern=NAME)] | None = None
+
+
+class CordonIn(_In):
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+# -- responses ----------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    error: str
+    details: list[str] | None = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    tasks: dict[str, int]
+
+
+class VersionOut(BaseModel):
+    name: str
+    version: str
+    api: str
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    at: float
+    from_: str | None = Field(alias="from")
+    to: str
+    reason: str
+
+
+class TaskOut(BaseModel):
+    id: str
+    name: str | None
+    tenant: str
+    kind: str
+    state: str
+    reason: str
+    priority: int
+    attempt: int
+    preemptions: int
+    gang: str | None
+    exit_code: int | None
+    node_id: str | None
+    pid: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    gpu: str
+    spec: dict[str, Any]
+
+
+class AllocatedGpuOut(BaseModel):
+    uuid: str
+    index: int | None
+    model: str | None
+    simulated: bool | None
+
+
+class AllocationOut(BaseModel):
+    node_id: str
+    node: str
+    active: bool
+    gpus: list[AllocatedGpuOut]
+    gpu_share: float
+    cpu: float
+    memory_mib: int
+    ports: dict[str, int]
+
+
+class TaskDetailOut(TaskOut):
+    allocation: AllocationOut | None = None
+    endpoints: dict[str, str] | None = None
+    events: list[EventOut]
+
+
+class PlacementOut(BaseModel):
+    task_id: str
+    node_id: str
+    gpu_uuids: list[str]
+    gpu_milli: int
+    cpu_milli: int
+    memory_mib: int
+
+
+class DryRunOut(BaseModel):
+    placeable_now: bool
+    would_wait: bool
+    placement: PlacementOut | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class UnusableGpuOut(BaseModel):
+    index: int
+    uuid: str
+    reason: str
+
+
+class NodeOut(BaseModel):
+    id: str
+    name: str
+    address: str
+    backend: str
+    status: Literal["ready", "cordoned", "draining", "unreachable", "removed"]
+    reason: str
+    labels: dict[str, str]
+    cpu_count: int
+    memory_mib: int
+    disk_free_mib: int
+    gpu_count: int
+    simulated_gpus: int
+    unusable_gpus: list[UnusableGpuOut]
+    public_key: str
+    facts: dict[str, Any]
+    last_heartbeat: float
+
+
+class NodeDetailOut(NodeOut):
+    events: list[EventOut]
+
+
+class NodeStatusOut(BaseModel):
+    node: str
+    status: str
+
+
+class DrainOut(NodeStatusOut):
+    moved: list[str]
+    finishing: list[str]
+
+
+class RemovedOut(BaseModel):
+    node: str
+    removed: bool
+
+
+class CheckResultOut(BaseModel):
+    node_id: str
+    key: str
+    group: str
+    name: str
+    subject: str
+    gpu_uuid: str
+    status: str
+    value: float | str | None
+    unit: str
+    threshold: str
+    advice: str
+    data: dict[str, Any]
+    ran_at: float
+
+
+class NodeChecksOut(BaseModel):
+    node_id: str
+    node: str
+    results: list[CheckResultOut]
+
+
+class ChecksSavedOut(BaseModel):
+    node_id: str
+    saved: int
+
+
+class ProofVerdictOut(BaseModel):
+    passed: bool
+    at: float | None
+    reason: str
+
+
+class GpuOut(BaseModel):
+    uuid: str
+    node_id: str
+    node: str
+    index: int
+    model: str
+    device_name: str
+    memory_gb: int
+    memory_mib: int
+    simulated: bool
+    present: bool
+    health: str
+    health_reason: str
+    cordon_reason: str
+    unusable_reason: str
+    proof: ProofVerdictOut | None
+    driver_version: str
+    cuda_version: str
+    used_share: float
+    tasks: list[str]
+
+
+class GpuCordonOut(BaseModel):
+    gpu_uuid: str
+    cordoned: bool
+    reason: str
+
+
+class ProofInfoOut(BaseModel):
+    gpu_uuid: str
+    model: str
+    simulated: bool
+    memory_bytes: int
+    provider_key: str
+    proof: dict[str, Any] | None
+
+
+class CommitmentOut(BaseModel):
+    challenge_id: str
+    roots: str  # base64, 32 bytes per state
+    signature: str
+    prover_s: float
+    backend: str
+
+
+class VerdictStoredOut(BaseModel):
+    gpu_uuid: str
+    stored: bool
+
+
+class TokenOut(BaseModel):
+    name: str
+    scopes: list[str]
+    tenant: str
+    created_at: float
+
+
+class TokenCreatedOut(TokenOut):
+    token: str

@@ -1,0 +1,277 @@
+"""What each task transition causes, as rules bound to (from-states, to-states).
+
+`transition` is the one way a task changes state: it checks the change against the
+table in `domain/states.py`, lets the matching rules add to the change, writes it with
+its event, then applies the rules' consequences, all in the caller's transaction. A
+consequence may itself be a transition (a failed job retried, a cancelled gang member's
+siblings stopped), applied the same way. A feature that makes a transition cause
+something adds a rule to `TASK_RULES`, not a branch in a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gpuprovider.domain.process import Exit
+from gpuprovider.domain.records import TaskRecord
+from gpuprovider.domain.states import (
+    NOT_STARTED,
+    STOPPING,
+    TERMINAL,
+    UNALLOCATED,
+    TaskState,
+    check_transition,
+)
+from gpuprovider.store.signals import Signal
+from gpuprovider.store.store import Tx
+
+S = TaskState
+ANY = frozenset(S)
+
+
+@dataclass(frozen=True)
+class Change:
+    """A transition being applied: the task is already in `target` when rules see it."""
+
+    source: TaskState
+    target: TaskState
+    reason: str
+
+
+@dataclass(frozen=True)
+class TaskRule:
+    name: str
+    doc: str
+    targets: frozenset[TaskState]
+    sources: frozenset[TaskState] = ANY
+    # Fields to write with the transition itself, from the task as it was read.
+    changes: Callable[[Tx, TaskRecord], dict[str, Any]] | None = None
+    # What the transition causes, in the same transaction, once it is written.
+    then: Callable[[Tx, TaskRecord, Change], None] | None = None
+
+    def matches(self, source: TaskState, target: TaskState) -> bool:
+        return target in self.targets and source in self.sources
+
+
+def transition(tx: Tx, task: TaskRecord, target: TaskState, reason: str, **changes: Any) -> None:
+    """Move `task` to `target` with an event saying `reason`, and apply what that causes.
+
+    Raises IllegalTransition for a change the table forbids and StaleTask when the task
+    changed since it was read (nothing is then written: the caller's transaction fails).
+    """
+    source = task.state
+    check_transition(source, target)
+    rules = rules_for(source, target)
+    written: dict[str, Any] = {}
+    for rule in rules:
+        if rule.changes is not None:
+            written.update(rule.changes(tx, task))
+    written.update(changes)
+    tx.tasks.write_transition(task, target, reason, written)
+    change = Change(source, target, reason)
+    for rule in rules:
+        if rule.then is not None:
+            rule.then(tx, task, change)
+
+
+_BY_PAIR: dict[tuple[TaskState, TaskState], list[TaskRule]] = {}
+
+
+def rules_for(source: TaskState, target: TaskState) -> list[TaskRule]:
+    found = _BY_PAIR.get((source, target))
+    if found is None:
+        found = _BY_PAIR[source, target] = [r for r in TASK_RULES if r.matches(source, target)]
+    return found
+
+
+# -- the rules ------------------------------------------------------------------------
+
+
+def _count_attempt(tx: Tx, task: TaskRecord) -> dict[str, Any]:
+    return {"attempt": task.attempt + 1}
+
+
+def _give_attempt_back(tx: Tx, task: TaskRecord) -> dict[str, Any]:
+    return {"attempt": max(task.attempt - 1, 0)}
+
+
+def _stamp_start(tx: Tx, task: TaskRecord) -> dict[str, Any]:
+    return {"started_at": tx.now}
+
+
+def _clear_placement(tx: Tx, task: TaskRecord) -> dict[str, Any]:
+    return {"node_id": None, "pid": None, "pid_start_time": None}
+
+
+def _count_preemption(tx: Tx, task: TaskRecord) -> dict[str, Any]:
+    return {"preemptions": task.preemptions + 1, "not_before": tx.now}
+
+
+def _release(tx: Tx, task: TaskRecord, change: Change) -> None:
+    if tx.tasks.release(task.id):
+        tx.signal(Signal.CAPACITY)
+
+
+def _signal(signal: Signal) -> Callable[[Tx, TaskRecord, Change], None]:
+    def then(tx: Tx, task: TaskRecord, change: Change) -> None:
+        tx.signal(signal, task.id)
+
+    return then
+
+
+def _end_unstarted(tx: Tx, task: TaskRecord, change: Change) -> None:
+    transition(tx, task, S.CANCELLED, f"{change.reason}; it never ran")
+
+
+def _retry(tx: Tx, task: TaskRecord, change: Change) -> None:
+    spec = task.task_spec
+    delay = spec.retry.delay_s(task.attempt)
+    if spec.kind == "service":
+        why = f"service restarting in {delay:g}s after it {change.reason}"
+    elif task.attempt - task.preemptions < spec.retry.attempts:  # preemption is no failure
+        why = f"retry: attempt {task.attempt + 1} of {spec.retry.attempts} in {delay:g}s"
+    else:
+        return
+    transition(tx, task, S.QUEUED, why, not_before=tx.now + delay)
+
+
+def _gang_together(tx: Tx, task: TaskRecord, change: Change) -> None:
+    """A gang lives and ends together. When a member fails or is cancelled, running
+    members are stopped: preempted to run again when the member restarts, else
+    cancelled; members not started yet are cancelled unless it restarts."""
+    if not task.gang:
+        return
+    restarts = task.state == S.QUEUED  # the retry rule has already re-queued it
+    ended = "was cancelled" if change.target == S.CANCELLED else change.reason
+    why = f"gang member {task.label} {ended}"
+    for listed in tx.tasks.gang_members(task.gang):
+        # read again: stopping one member may already have moved another
+        sibling = tx.tasks.get(listed.id)
+        if sibling is None or sibling.id == task.id:
+            continue
+        if sibling.state in TERMINAL or sibling.state in STOPPING:
+            continue
+        if sibling.state == S.RUNNING:
+            transition(tx, sibling, S.PREEMPTED if restarts else S.CANCELLING, why)
+        elif not restarts:
+            transition(tx, sibling, S.CANCELLING, why)
+
+
+TASK_RULES: list[TaskRule] = [
+    TaskRule(
+        "count-attempt",
+        "starting a task counts an attempt",
+        frozenset({S.STARTING}),
+        changes=_count_attempt,
+    ),
+    TaskRule(
+        "give-attempt-back",
+        "a start that never happened (node gone, no free port) counts no attempt",
+        frozenset({S.QUEUED}),
+        frozenset({S.STARTING}),
+        changes=_give_attempt_back,
+    ),
+    TaskRule(
+        "stamp-start",
+        "a running task says since when",
+        frozenset({S.RUNNING}),
+        changes=_stamp_start,
+    ),
+    TaskRule(
+        "clear-placement",
+        "a re-queued task forgets its node and process",
+        frozenset({S.QUEUED}),
+        changes=_clear_placement,
+    ),
+    TaskRule(
+        "count-preemption",
+        "evicted work comes back at once, its preemption counted (not as a failure)",
+        frozenset({S.QUEUED}),
+        frozenset({S.PREEMPTED}),
+        changes=_count_preemption,
+    ),
+    TaskRule(
+        "release",
+        "a task that holds nothing any more gives its allocation back",
+        UNALLOCATED,
+        then=_release,
+    ),
+    TaskRule(
+        "wake-scheduler",
+        "queued work is looked at",
+        frozenset({S.QUEUED}),
+        then=_signal(Signal.QUEUED),
+    ),
+    TaskRule(
+        "wake-executor",
+        "placed work is started",
+        frozenset({S.SCHEDULED}),
+        then=_signal(Signal.PLACED),
+    ),
+    TaskRule(
+        "stop-process",
+        "a task to stop has its process stopped",
+        STOPPING,
+        then=_signal(Signal.STOP),
+    ),
+    TaskRule(
+        "cancel-unstarted",
+        "a task cancelled before any process started ends at once",
+        frozenset({S.CANCELLING}),
+        NOT_STARTED,
+        then=_end_unstarted,
+    ),
+    TaskRule(
+        "retry",
+        "a failed job with attempts left runs again after its backoff; a service always does",
+        frozenset({S.FAILED}),
+        then=_retry,
+    ),
+    TaskRule(
+        "gang-together",
+        "a gang member that fails or is cancelled stops the others (after the retry rule)",
+        frozenset({S.FAILED, S.CANCELLED}),
+        then=_gang_together,
+    ),
+]
+
+
+# -- what actors report, as transitions ----------------------------------------------
+
+
+def process_ended(tx: Tx, task: TaskRecord, ended: Exit) -> None:
+    """A task's process ended (or was found gone): the transition that follows."""
+    if task.state == S.CANCELLING:
+        transition(
+            tx, task, S.CANCELLED, f"cancelled; it {ended.reason}", exit_code=ended.exit_code
+        )
+    elif task.state == S.PREEMPTED:
+        transition(tx, task, S.QUEUED, f"re-queued after preemption; it {ended.reason}")
+    elif task.kind == "job" and ended.succeeded:
+        transition(tx, task, S.SUCCEEDED, ended.reason, exit_code=ended.exit_code)
+    else:
+        transition(tx, task, S.FAILED, ended.reason, exit_code=ended.exit_code)
+
+
+def start_failed(tx: Tx, task: TaskRecord, why: str, task_at_fault: bool) -> None:
+    """Starting `task` did not work. The task's own fault (a workdir that cannot be
+    made) fails the attempt; the provider's (node gone, no port free) re-queues it
+    without counting one."""
+    if task.state != S.STARTING:  # cancelled meanwhile: nothing ran
+        process_ended(tx, task, Exit(None, f"never started: {why}"))
+    elif task_at_fault:
+        transition(tx, task, S.FAILED, f"could not start: {why}")
+    else:
+        transition(
+            tx, task, S.QUEUED, f"could not start: {why}; re-queued", not_before=tx.now + 1.0
+        )
+
+
+def request_cancel(tx: Tx, task: TaskRecord, by: str) -> None:
+    transition(tx, task, S.CANCELLING, f"cancel requested by {by}")
+
+
+def submit(tx: Tx, task: TaskRecord) -> None:
+    transition(tx, task, S.QUEUED, "waiting for the scheduler")

@@ -1,0 +1,74 @@
+"""API tokens: who calls (with a short cache), minting and listing."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from gpuprovider.domain.records import TokenRecord
+from gpuprovider.identity.keys import hash_token, new_token
+from gpuprovider.service.errors import Conflict, Forbidden, Rejected, Unauthenticated
+from gpuprovider.service.views import token_view
+from gpuprovider.store.store import Store
+
+SCOPES = ("read", "submit", "admin", "verify")
+
+
+class TokenService:
+    # Every request carries a token: lookups are remembered this long.
+    CACHE_TTL_S = 5.0
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._seen: dict[str, tuple[float, TokenRecord]] = {}
+
+    @staticmethod
+    def _hash(authorization: str | None) -> str:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise Unauthenticated("missing bearer token: send 'Authorization: Bearer <token>'")
+        return hash_token(authorization[7:].strip())
+
+    def cached(self, authorization: str | None) -> TokenRecord | None:
+        """The caller, if its token was looked up less than CACHE_TTL_S ago."""
+        hit = self._seen.get(self._hash(authorization))
+        if hit and time.monotonic() - hit[0] < self.CACHE_TTL_S:
+            return hit[1]
+        return None
+
+    def authenticate(self, authorization: str | None) -> TokenRecord:
+        """The caller of a request, from its Authorization header."""
+        token_hash = self._hash(authorization)
+        now = time.monotonic()
+        with self.store.read() as r:
+            found = r.tokens.by_hash(token_hash)
+        if found is None:
+            raise Unauthenticated("unknown or revoked token")
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[token_hash] = (now, found)
+        return found
+
+    @staticmethod
+    def require(who: TokenRecord, scope: str) -> TokenRecord:
+        if not who.allows(scope):
+            raise Forbidden(f"token {who.name!r} lacks the {scope!r} scope")
+        return who
+
+    def create(self, name: str, scopes: list[str], tenant: str | None) -> dict[str, Any]:
+        """A new token, shown once: only its hash is stored."""
+        unknown = sorted(set(scopes) - set(SCOPES))
+        if unknown:
+            raise Rejected(f"scopes: unknown {unknown}; choose from {list(SCOPES)}")
+        secret = new_token()
+        try:
+            with self.store.tx() as tx:
+                made = tx.tokens.add(name, hash_token(secret), scopes, tenant or name)
+        except IntegrityError:
+            raise Conflict(f"a token named {name!r} exists already") from None
+        return token_view(made) | {"token": secret}
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.store.read() as r:
+            return [token_view(t) for t in r.tokens.all()]

@@ -1,0 +1,49 @@
+"""The latest proof-of-GPU verdict per GPU."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import insert, select
+
+from gpuprovider.store import schema as t
+
+if TYPE_CHECKING:
+    from gpuprovider.store.store import Tx
+
+
+class ProofRepo:
+    def __init__(self, tx: Tx):
+        self.tx = tx
+
+    def save(
+        self,
+        gpu_uuid: str,
+        node_id: str,
+        challenge_id: str,
+        passed: bool,
+        reason: str,
+        figures: dict[str, Any],
+        verifier: str,
+    ) -> None:
+        """Keep this verdict as the GPU's latest."""
+        conn = self.tx.conn
+        conn.execute(t.gpu_proofs.delete().where(t.gpu_proofs.c.gpu_uuid == gpu_uuid))
+        conn.execute(
+            insert(t.gpu_proofs).values(
+                gpu_uuid=gpu_uuid,
+                node_id=node_id,
+                challenge_id=challenge_id,
+                passed=passed,
+                reason=reason,
+                figures=figures,
+                verifier=verifier,
+                at=self.tx.now,
+            )
+        )
+
+    def get(self, gpu_uuid: str) -> dict[str, Any] | None:
+        row = self.tx.conn.execute(
+            select(t.gpu_proofs).where(t.gpu_proofs.c.gpu_uuid == gpu_uuid)
+        ).first()
+        return dict(row._mapping) if row else None

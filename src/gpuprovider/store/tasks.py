@@ -1,0 +1,278 @@
+"""Tasks with their allocations and events."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import bindparam, func, insert, or_, select, update
+
+from gpuprovider.domain.records import AllocationRecord, EventRecord, TaskRecord
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.states import TERMINAL, TaskState
+from gpuprovider.store import schema as t
+from gpuprovider.store.rows import record
+
+if TYPE_CHECKING:
+    from gpuprovider.store.store import Tx
+
+
+class StaleTask(RuntimeError):
+    """The task changed since it was read; the caller re-reads and decides again."""
+
+
+# Tasks are read often: select their columns in the record's field order and build
+# records positionally. Statements are constants, so SQLAlchemy compiles each once.
+_SELECT_TASKS = select(*[t.tasks.c[f.name] for f in fields(TaskRecord)])
+_INSERT_TASK = insert(t.tasks)
+_INSERT_EVENT = insert(t.events)
+_UPDATE_GUARDED = update(t.tasks).where(
+    t.tasks.c.id == bindparam("b_id"), t.tasks.c.version == bindparam("b_version")
+)
+_RELEASE = (
+    update(t.allocations)
+    .where(t.allocations.c.task_id == bindparam("b_task"), t.allocations.c.active.is_(True))
+    .values(active=False, released_at=bindparam("b_at"))
+)
+
+
+def _task(row: Any) -> TaskRecord:
+    task = TaskRecord(*row)
+    task.state = TaskState(task.state)
+    return task
+
+
+def new_task_id() -> str:
+    return "t-" + secrets.token_hex(6)
+
+
+class TaskRepo:
+    def __init__(self, tx: Tx):
+        self.tx = tx
+
+    # -- writes (the lifecycle's: it checks each change against the state table) ----
+
+    def insert(self, spec: TaskSpec, tenant: str) -> TaskRecord:
+        """Store a validated spec as `submitted`, with its event. IntegrityError when a
+        live task has the name."""
+        now = self.tx.now
+        values: dict[str, Any] = dict(
+            id=new_task_id(),
+            name=spec.name,
+            live_name=spec.name,
+            tenant=tenant,
+            kind=spec.kind,
+            state=TaskState.SUBMITTED.value,
+            state_reason="",
+            spec=spec.model_dump(mode="json", exclude_defaults=True),
+            priority=spec.priority,
+            attempt=0,
+            preemptions=0,
+            gang=f"{tenant}/{spec.gang.name}" if spec.gang else None,
+            not_before=0.0,
+            queue_deadline=now + spec.max_queue_s if spec.max_queue_s else None,
+            exit_code=None,
+            node_id=None,
+            pid=None,
+            pid_start_time=None,
+            run_dir=None,
+            started_at=None,
+            finished_at=None,
+            created_at=now,
+            updated_at=now,
+            version=0,
+        )
+        self.tx.conn.execute(_INSERT_TASK, values)
+        self._event(values["id"], None, TaskState.SUBMITTED, f"submitted by {tenant}")
+        values.pop("live_name")
+        task = TaskRecord(**values)
+        task.state = TaskState.SUBMITTED
+        return task
+
+    def write_transition(
+        self, task: TaskRecord, target: TaskState, reason: str, changes: dict[str, Any]
+    ) -> None:
+        """Store a state change, guarded by the task's version, and its event; update
+        `task` to match. StaleTask when anything else changed the task since it was read."""
+        values = dict(changes)
+        values.update(
+            state=target.value,
+            state_reason=reason,
+            updated_at=self.tx.now,
+            version=task.version + 1,
+            live_name=None if target in TERMINAL else task.name,
+        )
+        if target in TERMINAL:
+            values["finished_at"] = self.tx.now
+        done = self.tx.conn.execute(
+            _UPDATE_GUARDED, {**values, "b_id": task.id, "b_version": task.version}
+        )
+        if done.rowcount != 1:
+            raise StaleTask(task.id)
+        self._event(task.id, task.state, target, reason)
+        for key, value in values.items():
+            if hasattr(task, key):
+                setattr(task, key, value)
+        task.state = target
+
+    def _event(self, task_id: str, source: TaskState | None, target: TaskState, why: str) -> None:
+        self.tx.conn.execute(
+            _INSERT_EVENT,
+            {
+                "task_id": task_id,
+                "at": self.tx.now,
+                "from_state": source.value if source else None,
+                "to_state": target.value,
+                "reason": why,
+            },
+        )
+
+    def write_fields(self, task: TaskRecord, **fields: Any) -> None:
+        """Change fields of a task without changing its state (no event), guarded by
+        its version like a transition."""
+        values = {**fields, "updated_at": self.tx.now, "version": task.version + 1}
+        done = self.tx.conn.execute(
+            _UPDATE_GUARDED, {**values, "b_id": task.id, "b_version": task.version}
+        )
+        if done.rowcount != 1:
+            raise StaleTask(task.id)
+        for key, value in values.items():
+            setattr(task, key, value)
+
+    def note(self, task: TaskRecord, reason: str) -> None:
+        """Change the visible reason of a task without changing its state (no event)."""
+        self.tx.conn.execute(
+            _UPDATE_GUARDED, {"state_reason": reason, "b_id": task.id, "b_version": task.version}
+        )
+        task.state_reason = reason
+
+    def allocate(
+        self,
+        task: TaskRecord,
+        node_id: str,
+        gpu_uuids: Sequence[str],
+        gpu_milli: int,
+        cpu_milli: int,
+        memory_mib: int,
+        over_quota: bool = False,
+    ) -> None:
+        self.tx.conn.execute(
+            insert(t.allocations).values(
+                task_id=task.id,
+                attempt=task.attempt,
+                node_id=node_id,
+                gpu_uuids=list(gpu_uuids),
+                gpu_milli=gpu_milli,
+                cpu_milli=cpu_milli,
+                memory_mib=memory_mib,
+                ports={},
+                over_quota=over_quota,
+                active=True,
+                created_at=self.tx.now,
+            )
+        )
+
+    def set_ports(self, task_id: str, ports: dict[str, int]) -> None:
+        """The ports the node chose for the task's active allocation."""
+        self.tx.conn.execute(
+            update(t.allocations)
+            .where(t.allocations.c.task_id == task_id, t.allocations.c.active.is_(True))
+            .values(ports=ports)
+        )
+
+    def release(self, task_id: str) -> bool:
+        """End the task's active allocation; False when it had none."""
+        done = self.tx.conn.execute(_RELEASE, {"b_task": task_id, "b_at": self.tx.now})
+        return done.rowcount > 0
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get(self, ref: str) -> TaskRecord | None:
+        """A task by id, else the live task of that name, else the newest of that name."""
+        row = self.tx.conn.execute(
+            _SELECT_TASKS.where(or_(t.tasks.c.id == ref, t.tasks.c.name == ref))
+            .order_by(
+                (t.tasks.c.id == ref).desc(),
+                t.tasks.c.live_name.is_(None),
+                t.tasks.c.created_at.desc(),
+            )
+            .limit(1)
+        ).first()
+        return _task(row) if row else None
+
+    def live_named(self, name: str) -> TaskRecord | None:
+        row = self.tx.conn.execute(_SELECT_TASKS.where(t.tasks.c.live_name == name)).first()
+        return _task(row) if row else None
+
+    def find(
+        self,
+        states: Sequence[TaskState] | None = None,
+        ids: Iterable[str] | None = None,
+        deadline_before: float | None = None,
+        name: str | None = None,
+        kind: str | None = None,
+        tenant: str | None = None,
+        node_id: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[TaskRecord]:
+        query = _SELECT_TASKS
+        if states:
+            query = query.where(t.tasks.c.state.in_([s.value for s in states]))
+        if deadline_before is not None:
+            query = query.where(t.tasks.c.queue_deadline < deadline_before)
+        if ids is not None:
+            query = query.where(t.tasks.c.id.in_(list(ids)))
+        if name:
+            query = query.where(t.tasks.c.name == name)
+        if kind:
+            query = query.where(t.tasks.c.kind == kind)
+        if tenant:
+            query = query.where(t.tasks.c.tenant == tenant)
+        if node_id:
+            query = query.where(t.tasks.c.node_id == node_id)
+        order = t.tasks.c.created_at.desc() if newest_first else t.tasks.c.created_at
+        query = query.order_by(order, t.tasks.c.id)
+        if limit:
+            query = query.limit(limit)
+        return [_task(r) for r in self.tx.conn.execute(query)]
+
+    def queued_brief(self) -> dict[str, float]:
+        """Every queued task's id and `not_before`, without decoding its spec."""
+        rows = self.tx.conn.execute(
+            select(t.tasks.c.id, t.tasks.c.not_before).where(
+                t.tasks.c.state == TaskState.QUEUED.value
+            )
+        )
+        return dict(rows.all())
+
+    def count_by_state(self) -> dict[str, int]:
+        rows = self.tx.conn.execute(
+            select(t.tasks.c.state, func.count()).group_by(t.tasks.c.state)
+        ).all()
+        return {state: n for state, n in rows}
+
+    def events(self, task_id: str) -> list[EventRecord]:
+        rows = self.tx.conn.execute(
+            select(t.events).where(t.events.c.task_id == task_id).order_by(t.events.c.id)
+        )
+        return [record(EventRecord, r) for r in rows]
+
+    def allocation(self, task_id: str) -> AllocationRecord | None:
+        """The task's latest allocation, active or not."""
+        row = self.tx.conn.execute(
+            select(t.allocations)
+            .where(t.allocations.c.task_id == task_id)
+            .order_by(t.allocations.c.id.desc())
+            .limit(1)
+        ).first()
+        return record(AllocationRecord, row) if row else None
+
+    def gang_members(self, gang: str) -> list[TaskRecord]:
+        return [_task(r) for r in self.tx.conn.execute(_SELECT_TASKS.where(t.tasks.c.gang == gang))]
+
+    def active_allocations(self) -> list[AllocationRecord]:
+        rows = self.tx.conn.execute(select(t.allocations).where(t.allocations.c.active.is_(True)))
+        return [record(AllocationRecord, r) for r in rows]

@@ -1,0 +1,51 @@
+"""API tokens (their hashes; the secrets are never stored)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from sqlalchemy import insert, select
+
+from gpuprovider.domain.records import TokenRecord
+from gpuprovider.store import schema as t
+from gpuprovider.store.rows import record
+
+if TYPE_CHECKING:
+    from gpuprovider.store.store import Tx
+
+
+class TokenRepo:
+    def __init__(self, tx: Tx):
+        self.tx = tx
+
+    def add(self, name: str, token_hash: str, scopes: list[str], tenant: str) -> TokenRecord:
+        """A new token; IntegrityError (at commit or here) when the name is taken."""
+        made = TokenRecord(
+            id="k-" + secrets.token_hex(6),
+            name=name,
+            scopes=scopes,
+            tenant=tenant,
+            created_at=self.tx.now,
+        )
+        self.tx.conn.execute(
+            insert(t.tokens).values(
+                id=made.id,
+                name=name,
+                token_hash=token_hash,
+                scopes=scopes,
+                tenant=tenant,
+                created_at=made.created_at,
+            )
+        )
+        return made
+
+    def by_hash(self, token_hash: str) -> TokenRecord | None:
+        row = self.tx.conn.execute(
+            select(t.tokens).where(t.tokens.c.token_hash == token_hash)
+        ).first()
+        return record(TokenRecord, row) if row else None
+
+    def all(self) -> list[TokenRecord]:
+        rows = self.tx.conn.execute(select(t.tokens).order_by(t.tokens.c.created_at))
+        return [record(TokenRecord, r) for r in rows]
