@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
 
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.service.errors import Unavailable
@@ -14,36 +15,66 @@ from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
+from gpuprovider.store.store import Store
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass
 class Services:
+    """What the routers call, and where each call runs: never on the event loop that
+    serves every request if it could wait. A read of a SQLite store runs on the loop:
+    in WAL mode a reader waits for no one, and the hop to a thread would cost more than
+    the read. A write runs on the loop only when the store's turn to write is free at
+    once (SQLite commits do not wait for the disk); else it waits its turn on a worker
+    thread. A call that asks a node or computes at length always runs on a thread. On
+    PostgreSQL every store call is a network round trip: all go to threads."""
+
     tasks: TaskService
     nodes: NodeService
     tokens: TokenService
+    store: Store
     proofs: ProofService | None = None
 
+    @property
+    def reads_wait(self) -> bool:
+        return not self.store.is_sqlite
 
-def services(request: Request) -> Services:
+    async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self.reads_wait:
+            return await run_in_threadpool(call, *args, **kwargs)
+        return call(*args, **kwargs)
+
+    async def write(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        with self.store.writing_at_once() as held:
+            if held:
+                return call(*args, **kwargs)
+        return await run_in_threadpool(call, *args, **kwargs)
+
+    async def call(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await run_in_threadpool(call, *args, **kwargs)
+
+
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def proofs(request: Request) -> ProofService:
+async def proofs(request: Request) -> ProofService:
     found = request.app.state.services.proofs
     if found is None:
         raise Unavailable("proof of GPU is not served by this provider")
     return found
 
 
-# Dependencies are async so that a request costs one hop to a worker thread (its
-# handler), not one per dependency; a token not in the cache is read on a thread.
+# Dependencies are async: FastAPI runs a plain function on a worker thread, a hop
+# each; a token not in the cache is read like any other read.
 async def caller(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> TokenRecord:
-    tokens: TokenService = request.app.state.services.tokens
-    return tokens.cached(authorization) or await asyncio.to_thread(
-        tokens.authenticate, authorization
-    )
+    services: Services = request.app.state.services
+    tokens = services.tokens
+    return tokens.cached(authorization) or await services.read(tokens.authenticate, authorization)
 
 
 def needs(scope: str) -> Any:

@@ -82,6 +82,10 @@ class Backend(Protocol):
         launch cannot work (a workdir that cannot be made)."""
         ...
 
+    def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
+        """`start` for each launch, all at once; for each, its handle or its error."""
+        ...
+
     def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
         """How each task ended, or None while it runs, in order; a remote backend asks
         every node at once."""

@@ -16,6 +16,7 @@ from gpuprovider.backends.container import ContainerLaunch, container_argv
 from gpuprovider.domain.records import AllocationRecord, GpuRecord, TaskRecord
 from gpuprovider.domain.spec import VISIBILITY_ENV, set_by_provider
 
+
 @dataclass
 class Launch:
     task_id: str

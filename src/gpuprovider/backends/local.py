@@ -83,38 +83,69 @@ class LocalProcesses:
         self._children: dict[int, subprocess.Popen] = {}
 
     def start(self, launch: Launch) -> Handle:
+        started = self.start_many([launch])[0]
+        if isinstance(started, OSError):
+            raise started
+        return started
+
+    def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
+        """Start each attempt; for each, its handle or why it could not start."""
+        results: list[Handle | OSError | None] = [None] * len(launches)
+        requests: list[tuple[int, dict, list[str], dict[str, str], dict[str, int]]] = []
+        claimed: set[int] = set()  # ports chosen for launches of this batch
+        for i, launch in enumerate(launches):
+            try:
+                requests.append((i, *self._prepare(launch, claimed)))
+            except OSError as exc:
+                results[i] = exc
+        try:
+            pids = self.spawner.start_many([request for _, request, *_ in requests])
+        except SpawnerError as exc:
+            log.warning("%s; starting runners as processes of their own", exc)
+            pids = [
+                self._start_process(launches[i], argv, env, request["log"])
+                for i, request, argv, env, _ in requests
+            ]
+        for (i, _, _, _, ports), pid in zip(requests, pids, strict=True):
+            try:
+                start_time = psutil.Process(pid).create_time()
+            except psutil.NoSuchProcess:
+                start_time = 0.0  # already gone: poll reads its exit record
+            launch = launches[i]
+            results[i] = Handle(
+                pid, start_time, launch.run_dir, launch.attempt, launch.node_id, ports
+            )
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _prepare(
+        launch: Launch, claimed: set[int]
+    ) -> tuple[dict, list[str], dict[str, str], dict[str, int]]:
+        """On this node: folders, ports, the argv and environment; the runner request."""
         Path(launch.run_dir).mkdir(parents=True, exist_ok=True)
         Path(launch.workdir).mkdir(parents=True, exist_ok=True)
         ports: dict[str, int] = {}
         if launch.port_names:
-            chosen = choose_ports(launch.port_names, set(launch.taken_ports), launch.port_range)
+            taken = claimed | set(launch.taken_ports)
+            chosen = choose_ports(launch.port_names, taken, launch.port_range)
             if chosen is None:
                 raise NoFreePort(f"no free port left in {list(launch.port_range)} on this node")
             ports = chosen
+            claimed.update(ports.values())
         argv, env = settle(launch, ports)
         log_path = str(Path(launch.run_dir) / "output.log")
         Path(log_path).touch()  # readable at once, whoever writes to it first
-        try:
-            pid = self.spawner.start(
-                {
-                    "argv": argv,
-                    "env": env,
-                    "workdir": launch.workdir,
-                    "run_dir": launch.run_dir,
-                    "attempt": launch.attempt,
-                    "grace_s": launch.grace_s,
-                    "max_duration_s": launch.max_duration_s or 0,
-                    "log": log_path,
-                }
-            )
-        except SpawnerError as exc:
-            log.warning("%s; starting the runner as a process of its own", exc)
-            pid = self._start_process(launch, argv, env, log_path)
-        try:
-            start_time = psutil.Process(pid).create_time()
-        except psutil.NoSuchProcess:
-            start_time = 0.0  # already gone: poll reads its exit record
-        return Handle(pid, start_time, launch.run_dir, launch.attempt, launch.node_id, ports)
+        request = {
+            "argv": argv,
+            "env": env,
+            "workdir": launch.workdir,
+            "run_dir": launch.run_dir,
+            "attempt": launch.attempt,
+            "grace_s": launch.grace_s,
+            "max_duration_s": launch.max_duration_s or 0,
+            "log": log_path,
+        }
+        return request, argv, env, ports
 
     def _start_process(
         self, launch: Launch, argv: list[str], env: dict[str, str], log_path: str

@@ -100,22 +100,35 @@ class Spawner:
 
     # -- starting runners ------------------------------------------------------------
 
-    def start(self, request: dict) -> int:
-        """Fork a runner for one attempt (see runner._become_runner); its pid."""
+    def start_many(self, requests: list[dict]) -> list[int]:
+        """Fork a runner for each attempt (see runner._become_runner); their pids. The
+        requests go out together and the server answers them back to back."""
         with self._lock:
             for retry in (True, False):
                 try:
                     if self._conn is None:
                         self._conn = self._connect()
                         self._reader = self._conn.makefile("rb")
-                    return int(
-                        self._call(self._conn, self._reader, {"op": "start", **request})["pid"]
-                    )
+                    return self._start_all(self._conn, self._reader, requests)
                 except (OSError, ValueError) as exc:
                     self._drop()
                     if not retry:
                         raise SpawnerError(f"cannot start a runner: {exc}") from None
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _start_all(sock: socket.socket, reader: object, requests: list[dict]) -> list[int]:
+        sock.sendall(b"".join(json.dumps({"op": "start", **r}).encode() + b"\n" for r in requests))
+        pids = []
+        for _ in requests:
+            line = reader.readline()  # type: ignore[attr-defined]
+            if not line:
+                raise SpawnerError("the runner server closed the connection")
+            answer = json.loads(line)
+            if "error" in answer:
+                raise SpawnerError(f"the runner server refused: {answer['error']}")
+            pids.append(int(answer["pid"]))
+        return pids
 
     def _drop(self) -> None:
         if self._conn is not None:

@@ -117,7 +117,8 @@ class Daemon:
         for fired, listener in (
             (Signal.QUEUED, self.scheduler.submitted),
             (Signal.CAPACITY, self.scheduler.capacity_changed),
-            (Signal.PLACED, self.executor.resync),
+            (Signal.NODES, self.scheduler.nodes_changed),
+            (Signal.PLACED, self.executor.placed),
             (Signal.STOP, self.executor.resync),
             (Signal.EXITED, self.executor.wake),
         ):
@@ -129,6 +130,7 @@ class Daemon:
             proofs=ProofService(
                 self.store, key, self.node_id, public_key, config.proof.simulated_memory_mib
             ),
+            store=self.store,
         )
 
     def _backend(self, public_key: str) -> Backend:

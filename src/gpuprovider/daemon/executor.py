@@ -1,9 +1,13 @@
 """The executor loop: starts placed tasks through a backend, watches them, stops
-them, and reports how they ended to the lifecycle (which decides what follows)."""
+them, and reports how they ended to the lifecycle (which decides what follows).
+
+Work comes in batches: the tasks placed since the last pass are marked starting in one
+transaction, started, and marked running in another; the tasks found ended in a pass
+are recorded in one transaction. A batch that meets a task changed meanwhile is
+redone task by task."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -14,11 +18,11 @@ from gpuprovider.backends.base import Backend, Exit, Handle, NodeDown, NoFreePor
 from gpuprovider.backends.launch import build_launch
 from gpuprovider.config import ProviderConfig
 from gpuprovider.daemon.loops import Loop
-from gpuprovider.domain.records import AllocationRecord, NodeRecord, TaskRecord
+from gpuprovider.domain.records import AllocationRecord, TaskRecord
 from gpuprovider.domain.states import STOPPING, TaskState
 from gpuprovider.lifecycle import nodes as node_lifecycle
 from gpuprovider.lifecycle import tasks as lifecycle
-from gpuprovider.store.store import Store
+from gpuprovider.store.store import Store, Tx
 from gpuprovider.store.tasks import StaleTask
 
 log = logging.getLogger(__name__)
@@ -47,132 +51,174 @@ class ExecutorLoop(Loop):
         self.container_engine = container_engine
         self.grace_s = config.executor.stop_grace_s
         self.port_range = config.executor.port_range
+        self.poll_interval_s = config.executor.poll_interval_s
         # Task id -> when to kill it if it has not stopped; memory only, since a
         # restarted daemon simply sends the (idempotent) stop again.
         self._kill_at: dict[str, float] = {}
         # Live tasks polled every `poll_interval_s` (and whenever a runner ends) with
-        # no store access; re-read from the store when work is placed or must stop,
-        # and every RESYNC_S.
+        # no store access; read again when tasks must stop, and every RESYNC_S.
         self._watched: dict[str, TaskRecord] = {}
         self._resync = threading.Event()
         self._resync_at = 0.0
-        self.poll_interval_s = config.executor.poll_interval_s
+        self._to_start: set[str] = set()  # placed since the last pass (from other threads)
+        self._lock = threading.Lock()
 
     def resync(self, _: object = None) -> None:
-        """Work was placed or must stop: read the store on the next pass."""
+        """Tasks must stop (or anything else changed): read every live task again."""
         self._resync.set()
+        self.wake()
+
+    def placed(self, task_ids: set[str]) -> None:
+        """Tasks were placed: start them on the next pass."""
+        with self._lock:
+            self._to_start |= task_ids
         self.wake()
 
     def tick(self) -> float | None:
         now = time.monotonic()
-        if self._resync.is_set() or now >= self._resync_at:
+        with self._lock:
+            to_start, self._to_start = self._to_start, set()
+        full = self._resync.is_set() or now >= self._resync_at
+        if full:
             self._resync.clear()
             self._resync_at = now + self.interval_s
-            with self.store.read() as r:
+        with self.store.read() as r:
+            if full:
                 placed = r.tasks.find(states=[S.SCHEDULED])
-                if placed:  # once per pass, not per task
-                    nodes = {n.id: n for n in r.nodes.list(removed=True)}
-                    allocations = r.tasks.active_allocations()
-            for task in placed:
-                self._start(task, nodes, allocations)
-            with self.store.read() as r:
                 self._watched = {t.id: t for t in r.tasks.find(states=LIVE)}
+            else:
+                placed = r.tasks.by_ids(to_start, state=S.SCHEDULED)
+        if placed:
+            self._start(placed)
         watching: list[tuple[TaskRecord, Handle]] = []
+        ended: list[tuple[TaskRecord, Exit]] = []
         for task in list(self._watched.values()):
             handle = self._handle(task)
-            if handle is None:
-                self._never_started(task)
+            if handle is not None:
+                watching.append((task, handle))
+            elif task.state == S.STARTING:  # no runner started for it: a start that failed
+                self._start_failed([(task, "the daemon stopped while starting it", False)])
                 del self._watched[task.id]
             else:
-                watching.append((task, handle))
+                ended.append((task, Exit(None, "never started")))
         # one call for every task: a remote backend asks all its nodes at once
-        ended = self.backend.poll_many([handle for _, handle in watching]) if watching else []
-        for (task, handle), result in zip(watching, ended, strict=True):
-            if self._settle(task, handle, result):
-                del self._watched[task.id]
+        polled = self.backend.poll_many([handle for _, handle in watching]) if watching else []
+        for (task, handle), result in zip(watching, polled, strict=True):
+            if result is None:
+                if task.state in STOPPING:
+                    self._stop(task, handle)
+                continue
+            self._kill_at.pop(task.id, None)
+            if down := result.details.get("node_down"):
+                self._node_down(down, result.reason)
+            ended.append((task, result))
+        if ended:
+            self._finish(ended)
         return self.poll_interval_s if self._watched else None
 
     # -- start -----------------------------------------------------------------------
 
-    def _start(
-        self, task: TaskRecord, nodes: dict[str, NodeRecord], allocations: list[AllocationRecord]
-    ) -> None:
-        mine = next((a for a in allocations if a.task_id == task.id), None)
-        if mine is None:  # never written so; placed again rather than stuck
-            with contextlib.suppress(StaleTask), self.store.tx() as tx:
-                lifecycle.transition(tx, task, S.QUEUED, "scheduled without an allocation")
-            return
-        run_dir = str(self.tasks_dir / task.id)
-        try:
-            with self.store.tx() as tx:
-                lifecycle.transition(tx, task, S.STARTING, "starting", run_dir=run_dir)
-        except StaleTask:
-            return
-        node = nodes.get(mine.node_id)
-        gpus = [g for g in node.gpus if g.uuid in mine.gpu_uuids] if node else []
-        taken = [
-            port
-            for a in allocations
-            if a.node_id == mine.node_id and a.task_id != task.id
-            for port in a.ports.values()
-        ]
-        launch = build_launch(
-            task,
-            mine,
-            gpus,
-            run_dir,
-            self.grace_s,
-            self.port_range,
-            taken,
-            self.container_engine(),
-        )
-        try:
-            handle = self.backend.start(launch)
-        except (NodeDown, NoFreePort) as exc:
-            if isinstance(exc, NodeDown):
-                self._node_down(exc.node_id, str(exc))
-            self._start_failed(task, str(exc), task_at_fault=False)
-            return
-        except OSError as exc:
-            self._start_failed(task, str(exc), task_at_fault=True)
-            return
-        self._record_process(task, handle, f"running as pid {handle.pid}")
+    def _start(self, tasks: list[TaskRecord]) -> None:
+        with self.store.read() as r:
+            allocations = {a.task_id: a for a in r.tasks.active_allocations()}
+            wanted = {allocations[t.id].node_id for t in tasks if t.id in allocations}
+            nodes = {n.id: n for n in r.nodes.list(ids=list(wanted), removed=True)}
+        starting: list[tuple[TaskRecord, AllocationRecord]] = []
+        with self.store.tx() as tx:
+            for task in tasks:
+                mine = allocations.get(task.id)
+                try:
+                    if mine is None:  # never written so; placed again rather than stuck
+                        lifecycle.transition(tx, task, S.QUEUED, "scheduled without allocation")
+                        continue
+                    run_dir = str(self.tasks_dir / task.id)
+                    lifecycle.transition(tx, task, S.STARTING, "starting", run_dir=run_dir)
+                    starting.append((task, mine))
+                except StaleTask:  # nothing was written for it: cancelled meanwhile
+                    continue
+        engine = self.container_engine() if any(t.task_spec.image for t, _ in starting) else None
+        launches = []
+        for task, mine in starting:
+            node = nodes.get(mine.node_id)
+            gpus = [g for g in node.gpus if g.uuid in mine.gpu_uuids] if node else []
+            taken = [
+                port
+                for other in allocations.values()
+                if other.node_id == mine.node_id and other.task_id != task.id
+                for port in other.ports.values()
+            ]
+            launches.append(
+                build_launch(
+                    task,
+                    mine,
+                    gpus,
+                    task.run_dir or "",
+                    self.grace_s,
+                    self.port_range,
+                    taken,
+                    engine,
+                )
+            )
+        started: list[tuple[TaskRecord, Handle]] = []
+        failed: list[tuple[TaskRecord, str, bool]] = []
+        results = self.backend.start_many(launches) if launches else []
+        for (task, _), result in zip(starting, results, strict=True):
+            if isinstance(result, Handle):
+                started.append((task, result))
+            elif isinstance(result, NodeDown | NoFreePort):  # not the task's fault
+                if isinstance(result, NodeDown):
+                    self._node_down(result.node_id, str(result))
+                failed.append((task, str(result), False))
+            else:
+                failed.append((task, str(result), True))
+        self._record_processes(started, "running as pid {pid}")
+        if failed:
+            self._start_failed(failed)
 
-    def _start_failed(self, task: TaskRecord, why: str, task_at_fault: bool) -> None:
-        for _ in range(3):
-            try:
-                with self.store.tx() as tx:
-                    lifecycle.start_failed(tx, task, why, task_at_fault)
-                return
-            except StaleTask:
+    def _record_processes(self, started: list[tuple[TaskRecord, Handle]], why: str) -> None:
+        """Runners started: their tasks run (a task cancelled while starting keeps its
+        process on record, so that the next pass stops it)."""
+        stale: list[tuple[TaskRecord, Handle]] = []
+        with self.store.tx() as tx:
+            for task, handle in started:
+                try:
+                    self._record_process(tx, task, handle, why.format(pid=handle.pid))
+                except StaleTask:  # nothing was written for it
+                    stale.append((task, handle))
+        for task, handle in stale:
+            for _ in range(3):
                 with self.store.read() as r:
                     task = r.tasks.get(task.id)
+                try:
+                    with self.store.tx() as tx:
+                        self._record_process(tx, task, handle, why.format(pid=handle.pid))
+                    break
+                except StaleTask:
+                    continue
+        for task, _ in started:
+            self._watched[task.id] = task
 
-    def _record_process(self, task: TaskRecord, handle: Handle, why: str) -> None:
-        """A runner started: the task runs; if it was cancelled while starting, its
-        process is recorded so the next pass stops it."""
-        for _ in range(3):
-            try:
-                with self.store.tx() as tx:
-                    if handle.ports:
-                        tx.tasks.set_ports(task.id, handle.ports)
-                    if task.state == S.STARTING:
-                        lifecycle.transition(
-                            tx,
-                            task,
-                            S.RUNNING,
-                            why,
-                            pid=handle.pid,
-                            pid_start_time=handle.start_time,
-                        )
-                    else:
-                        tx.tasks.write_fields(
-                            task, pid=handle.pid, pid_start_time=handle.start_time
-                        )
-                return
-            except StaleTask:
-                with self.store.read() as r:
-                    task = r.tasks.get(task.id)
+    @staticmethod
+    def _record_process(tx: Tx, task: TaskRecord, handle: Handle, why: str) -> None:
+        if task.state == S.STARTING:
+            lifecycle.transition(
+                tx, task, S.RUNNING, why, pid=handle.pid, pid_start_time=handle.start_time
+            )
+        else:
+            tx.tasks.write_fields(task, pid=handle.pid, pid_start_time=handle.start_time)
+        if handle.ports:
+            tx.tasks.set_ports(task.id, handle.ports)
+
+    def _start_failed(self, failed: list[tuple[TaskRecord, str, bool]]) -> None:
+        for task, why, task_at_fault in failed:
+            for _ in range(3):
+                try:
+                    with self.store.tx() as tx:
+                        lifecycle.start_failed(tx, task, why, task_at_fault)
+                    break
+                except StaleTask:
+                    with self.store.read() as r:
+                        task = r.tasks.get(task.id)
 
     # -- watch -----------------------------------------------------------------------
 
@@ -185,27 +231,9 @@ class ExecutorLoop(Loop):
             # The daemon died between starting the runner and recording it.
             handle = self.backend.recover(task.run_dir, task.attempt, task.node_id or "")
             if handle is not None:
-                self._record_process(task, handle, f"re-adopted pid {handle.pid} after a restart")
+                self._record_processes([(task, handle)], "re-adopted pid {pid} after a restart")
             return handle
         return None
-
-    def _never_started(self, task: TaskRecord) -> None:
-        if task.state in STOPPING:
-            self._finish(task, Exit(None, "never started"))
-        else:
-            self._finish(task, Exit(None, "lost: the daemon stopped while starting it", lost=True))
-
-    def _settle(self, task: TaskRecord, handle: Handle, ended: Exit | None) -> bool:
-        """Act on one task's poll; True when it is done with."""
-        if ended is None:
-            if task.state in STOPPING:
-                self._stop(task, handle)
-            return False
-        self._kill_at.pop(task.id, None)
-        if down := ended.details.get("node_down"):
-            self._node_down(down, ended.reason)
-        self._finish(task, ended)
-        return True
 
     def _node_down(self, node_id: str, why: str) -> None:
         """Nothing new lands on a node found dead, even before the inventory says so."""
@@ -222,10 +250,26 @@ class ExecutorLoop(Loop):
             log.warning("task %s did not stop within its grace period; killing it", task.id)
             self.backend.kill(handle)
 
-    def _finish(self, task: TaskRecord, ended: Exit) -> None:
+    def _finish(self, ended: list[tuple[TaskRecord, Exit]]) -> None:
+        """Record how tasks ended, all in one transaction; if any of them changed
+        meanwhile, each on its own (what follows an end can reach other tasks)."""
+        for task, _ in ended:
+            self._watched.pop(task.id, None)
         try:
             with self.store.tx() as tx:
-                lifecycle.process_ended(tx, task, ended)
+                for task, result in ended:
+                    lifecycle.process_ended(tx, task, result)
+            return
         except StaleTask:
-            log.info("task %s changed while finishing; the next pass decides again", task.id)
-            self.resync()
+            pass
+        for listed, result in ended:
+            with self.store.read() as r:  # the failed batch changed records, not the store
+                task = r.tasks.get(listed.id)
+            if task is None or task.state not in LIVE:
+                continue
+            try:
+                with self.store.tx() as tx:
+                    lifecycle.process_ended(tx, task, result)
+            except StaleTask:
+                log.info("task %s changed while finishing; the next pass decides again", task.id)
+                self.resync()

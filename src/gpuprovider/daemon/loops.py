@@ -64,7 +64,8 @@ class Loop:
 
 
 class ReaperLoop(Loop):
-    """Expires tasks queued past their deadline."""
+    """Expires tasks queued past their deadline, and checkpoints the store's log (so
+    that no commit ever does)."""
 
     def __init__(self, store: Store, config: ProviderConfig):
         super().__init__("reaper", config.reaper.interval_s)
@@ -83,4 +84,5 @@ class ReaperLoop(Loop):
                     transition(tx, task, S.EXPIRED, reason)
             except StaleTask:
                 continue  # placed or cancelled meanwhile
+        self.store.checkpoint()
         return None

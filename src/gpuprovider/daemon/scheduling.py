@@ -24,6 +24,11 @@ S = TaskState
 
 # How many recent submissions fragmentation-aware policies take as typical.
 TYPICAL_TASK_WINDOW = 1000
+# Submissions arriving within this long of the last pass wait for each other and are
+# placed in one pass (a lone submission is placed at once).
+BATCH_WINDOW_S = 0.005
+# Why tasks wait is written at most this often, in one transaction for all of them.
+NOTES_EVERY_S = 0.02
 
 
 class SchedulerLoop(Loop):
@@ -47,12 +52,22 @@ class SchedulerLoop(Loop):
         self._lock = threading.Lock()
         self._full_pass_due = 0.0
         self._backoff_ends: float | None = None
-        self._nodes: list[NodeRecord] = []  # refreshed on every full pass
+        self._nodes: list[NodeRecord] = []  # read again when nodes changed, and each interval
+        self._nodes_stale = True
+        self._nodes_read = 0.0
+        self._last_pass = 0.0
+        self._queued: dict[str, TaskRecord] = {}  # queued tasks as last read
+        self._notes: dict[str, tuple[TaskRecord, str]] = {}  # task id -> why it waits
+        self._notes_written = 0.0
 
     def submitted(self, task_ids: set[str]) -> None:
         with self._lock:
             self._submitted |= task_ids
         self.wake()
+
+    def nodes_changed(self, _: object = None) -> None:
+        self._nodes_stale = True
+        self.capacity_changed()
 
     def capacity_changed(self, _: object = None) -> None:
         with self._lock:
@@ -61,6 +76,32 @@ class SchedulerLoop(Loop):
         self.wake()
 
     def tick(self) -> float | None:
+        since = time.monotonic() - self._last_pass
+        with self._lock:
+            only_submissions = self._full_pass_due > time.time()
+        if self.woken and only_submissions and since < BATCH_WINDOW_S:  # let a burst gather
+            time.sleep(BATCH_WINDOW_S - since)
+        try:
+            soon = self._pass()
+        finally:
+            self._last_pass = time.monotonic()
+        if self._notes:
+            due = self._notes_written + NOTES_EVERY_S - self._last_pass
+            if due <= 0:
+                self._write_notes()
+            else:
+                soon = min(soon if soon is not None else math.inf, due)
+        return soon
+
+    def _write_notes(self) -> None:
+        """Say why each task still waits (reasons only: no state changes, no events)."""
+        notes, self._notes = self._notes, {}
+        with self.store.tx() as tx:
+            for task, why in notes.values():
+                tx.tasks.note(task, why)
+        self._notes_written = time.monotonic()
+
+    def _pass(self) -> float | None:
         now = time.time()
         with self._lock:
             full = now >= self._full_pass_due or bool(
@@ -72,37 +113,51 @@ class SchedulerLoop(Loop):
             submitted, self._submitted = self._submitted, set()
         if full:
             with self.store.read() as r:
-                self._nodes = r.nodes.list()
+                if self._nodes_stale or now - self._nodes_read >= self.interval_s:
+                    self._nodes_stale, self._nodes_read = False, now
+                    self._nodes = r.nodes.list()
                 queued = r.tasks.queued_brief()
+                changed = [k for k, (_, v) in queued.items() if self._version(k) != v]
+                self._remember(r.tasks.by_ids(changed, state=S.QUEUED))
             if self.framework.policy.needs_typical_tasks:
                 self.framework.typical = self._typical_tasks()
+            self._queued = {k: t for k, t in self._queued.items() if k in queued}
             self._unplaceable_at = {k: g for k, g in self._unplaceable_at.items() if k in queued}
-            waiting = [t for t in queued.values() if t > now]
+            waiting = [nb for nb, _ in queued.values() if nb > now]
             self._backoff_ends = min(waiting) if waiting else None
-            candidates = [
-                task_id
-                for task_id, not_before in queued.items()
-                if not_before <= now and self._unplaceable_at.get(task_id) != generation
+            ready = [
+                task
+                for task_id, task in self._queued.items()
+                if task.not_before <= now and self._unplaceable_at.get(task_id) != generation
             ]
         else:
-            candidates = list(submitted)
-        if candidates:
             with self.store.read() as r:
-                ready = r.tasks.find(states=[S.QUEUED], ids=candidates)
-            if not full and any(t.gang for t in ready):
+                fresh = r.tasks.by_ids(submitted, state=S.QUEUED)
+            self._remember(fresh)
+            if any(t.gang for t in fresh):
                 # a gang is placed as a whole: look at every queued member
                 with self._lock:
                     self._full_pass_due = 0.0
                 return 0.0
-            for task in ready:
+            for task in fresh:
                 if task.not_before > now:
                     self._backoff_ends = min(self._backoff_ends or task.not_before, task.not_before)
-            ready = [t for t in ready if t.not_before <= now]
-            if ready:
-                self._place(ready, generation)
+            ready = [t for t in fresh if t.not_before <= now]
+        if ready:
+            self._place(ready, generation)
         with self._lock:
             due = self._full_pass_due
         return min(due, self._backoff_ends or math.inf) - time.time()
+
+    def _version(self, task_id: str) -> int | None:
+        known = self._queued.get(task_id)
+        return known.version if known is not None else None
+
+    def _remember(self, tasks: list[TaskRecord]) -> None:
+        """Queued tasks are looked at again on every full pass: their records (and
+        decoded specs) are kept, and read again only once changed."""
+        for task in tasks:
+            self._queued[task.id] = task
 
     def _typical_tasks(self) -> TypicalTasks | None:
         """The shapes of the latest submissions, for fragmentation-aware policies."""
@@ -117,7 +172,7 @@ class SchedulerLoop(Loop):
         specs = {t.id: t.task_spec for t in ready}
         with self.store.read() as r:
             allocations = r.tasks.active_allocations()
-            holders = {t.id: t for t in r.tasks.find(ids=[a.task_id for a in allocations])}
+            holders = {t.id: t for t in r.tasks.by_ids(a.task_id for a in allocations)}
         quota = QuotaBook(self.quotas, allocations, holders)
         # Guaranteed work first, by priority; work beyond its tenant's quota ranks last.
         ready.sort(key=lambda t: (-t.priority, t.created_at))
@@ -133,19 +188,27 @@ class SchedulerLoop(Loop):
         snapshot.running = running_work(allocations, holders)
         decisions = self.framework.place(snapshot, requests)
         notes: list[tuple[TaskRecord, str]] = []
+        placed: list[tuple[TaskRecord, Placement]] = []
         for task, decision in zip(ready, decisions, strict=True):
             if isinstance(decision, Preemption):
                 self._preempt(task, decision, snapshot)
                 notes.append((task, decision.reason))
-                continue
-            if not isinstance(decision, Placement):
+            elif isinstance(decision, Placement):
+                placed.append((task, decision))
+            else:
                 notes.append((task, decision.reason))
-                continue
-            where = describe_placement(snapshot, decision)
-            if over_quota[task.id]:
-                where += f"; beyond tenant {task.tenant}'s quota, so preemptible"
-            try:
-                with self.store.tx() as tx:
+        if placed:
+            with self.store.tx() as tx:  # one transaction for the pass's placements
+                for task, decision in placed:
+                    where = describe_placement(snapshot, decision)
+                    if over_quota[task.id]:
+                        where += f"; beyond tenant {task.tenant}'s quota, so preemptible"
+                    try:
+                        transition(
+                            tx, task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id
+                        )
+                    except StaleTask:  # cancelled meanwhile: nothing written, nothing reserved
+                        continue
                     tx.tasks.allocate(
                         task,
                         decision.node_id,
@@ -155,19 +218,11 @@ class SchedulerLoop(Loop):
                         decision.memory_mib,
                         over_quota[task.id],
                     )
-                    transition(
-                        tx, task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id
-                    )
-            except StaleTask:
-                continue  # cancelled meanwhile; its reservation is simply not written
-        changed = [(task, why) for task, why in notes if task.state_reason != why]
-        for task, _ in notes:
+        for task, why in notes:
             if not task.gang:  # a gang may become placeable when a member arrives
                 self._unplaceable_at[task.id] = generation
-        if changed:
-            with self.store.tx() as tx:  # reasons only: one transaction for the pass
-                for task, why in changed:
-                    tx.tasks.note(task, why)
+            if task.state_reason != why:
+                self._notes[task.id] = (task, why)
 
     def _preempt(self, task: TaskRecord, decision: Preemption, snapshot: Snapshot) -> None:
         """Move the victims to `preempted`; the executor stops them and re-queues them."""

@@ -4,6 +4,7 @@ Plain dataclasses; the store reads and writes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from gpuprovider.domain.nodes import NodeStatus
@@ -37,8 +38,9 @@ class TaskRecord:
     finished_at: float | None
     version: int
 
-    @property
+    @cached_property
     def task_spec(self) -> TaskSpec:
+        """The spec as a model (validated once per record: records are read often)."""
         return TaskSpec.model_validate(self.spec)
 
     @property

@@ -22,6 +22,8 @@ PROVIDER_ENV_PREFIX = "GPUPROVIDER_"
 def set_by_provider(key: str) -> bool:
     """Whether the provider sets this environment variable for every task."""
     return key in PROVIDER_ENV or key.startswith(PROVIDER_ENV_PREFIX)
+
+
 MAX_CPU = 4096
 MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB
 MAX_DURATION_S = 366 * 86400

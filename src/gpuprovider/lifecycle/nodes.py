@@ -48,7 +48,7 @@ def node_transition(tx: Tx, node: NodeRecord, target: NodeStatus, reason: str) -
             rule.guard(tx, node)
     prior = source if target == N.UNREACHABLE else None
     tx.nodes.write_status(node, target, reason, prior)
-    tx.signal(Signal.CAPACITY)
+    tx.signal(Signal.NODES)
     for rule in rules:
         if rule.then is not None:
             rule.then(tx, node, reason)
@@ -100,9 +100,10 @@ def node_seen(tx: Tx, node: NodeRecord) -> bool:
         node.status, node.status_reason, node.prior_status = N.READY, "", None
         tx.nodes.write_inventory(node)
         tx.nodes.event(node.id, None, N.READY, "registered")
-        tx.signal(Signal.CAPACITY)
+        tx.signal(Signal.NODES)
         return True
     tx.nodes.write_inventory(node)
+    tx.signal(Signal.NODES)  # its hardware may have changed
     if known.status == N.UNREACHABLE:
         back = known.prior_status or N.READY
         why = "answers again" + ("" if back == N.READY else f"; {back} as before it went")
@@ -146,4 +147,4 @@ def operator_sets(tx: Tx, node: NodeRecord, target: NodeStatus, by: str, why: st
 def gpu_cordon(tx: Tx, uuid: str, reason: str) -> None:
     """Cordon a GPU (no new work; what runs there stays), or lift it (`reason` empty)."""
     tx.nodes.set_gpu_cordon(uuid, reason)
-    tx.signal(Signal.CAPACITY)
+    tx.signal(Signal.NODES)

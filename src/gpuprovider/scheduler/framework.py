@@ -230,6 +230,9 @@ class Framework:
             if task.gang:
                 gangs.setdefault(task.gang, []).append(task)
         decisions: dict[str, Decision] = {}
+        # Free room only shrinks during a pass (until a preemption frees some): a task
+        # shaped like one found to fit nowhere fits nowhere either, and says so at once.
+        nowhere: dict[tuple, str] = {}
         for task in tasks:
             if task.task_id in decisions:
                 continue
@@ -237,9 +240,20 @@ class Framework:
                 for decision in self.place_gang(state, task.gang, gangs[task.gang], running):
                     decisions[decision.task_id] = decision
                 continue
-            decision = self.decide(state, task)
+            compiled = state.compile(task)
+            key = self.policy.shape_key(compiled)
+            if key is not None:
+                key = (key, task.priority) if running else key
+                if key in nowhere:
+                    decisions[task.task_id] = Unplaced(task.task_id, nowhere[key])
+                    continue
+            decision = self.decide(state, task, compiled)
             if isinstance(decision, Unplaced) and running:
                 decision = self.preempt(state, task, running) or decision
+            if isinstance(decision, Unplaced) and key is not None:
+                nowhere[key] = decision.reason
+            elif isinstance(decision, Preemption):
+                nowhere.clear()
             decisions[task.task_id] = decision
         for decision in decisions.values():
             if isinstance(decision, Placement):
@@ -395,9 +409,11 @@ class Framework:
     def place_one(self, snapshot: Snapshot, task: TaskRequest) -> Decision:
         return self.place(snapshot, [task])[0]
 
-    def decide(self, state: ClusterState, request: TaskRequest) -> Decision:
+    def decide(
+        self, state: ClusterState, request: TaskRequest, compiled: CompiledTask | None = None
+    ) -> Decision:
         """Place one task on `state` and reserve it there, or say why not."""
-        task = state.compile(request)
+        task = compiled or state.compile(request)
         context = Context(state, task, self)
         cache = self.shape_cache(state, task)
         cache.refresh(context, self.policy)

@@ -119,5 +119,5 @@ class NodeService:
             if strangers:
                 raise Rejected(f"GPUs {', '.join(strangers)} are not on node {node.name}")
             if tx.checks.save(node.id, results, ran_at):
-                tx.signal(Signal.CAPACITY)
+                tx.signal(Signal.NODES)
         return {"node_id": node.id, "saved": len(results)}

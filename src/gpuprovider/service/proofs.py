@@ -170,4 +170,4 @@ class ProofService:
                 body["figures"],
                 verifier,
             )
-            tx.signal(Signal.CAPACITY)  # `[proof] required` may now allow the GPU
+            tx.signal(Signal.NODES)  # `[proof] required` may now allow the GPU

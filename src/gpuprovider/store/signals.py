@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 class Signal(StrEnum):
     QUEUED = "queued"  # tasks (ids) wait for the scheduler: submitted, retried, re-queued
-    CAPACITY = "capacity"  # resources freed, or nodes or GPUs changed: look at every task
+    CAPACITY = "capacity"  # resources freed: look at every queued task again
+    NODES = "nodes"  # nodes or GPUs changed (status, health, cordons, proofs, hardware)
     PLACED = "placed"  # tasks (ids) placed: the executor starts them
     STOP = "stop"  # tasks (ids) whose process must stop: cancel, preemption, drain
     EXITED = "exited"  # a backend saw task processes end (not from the store)

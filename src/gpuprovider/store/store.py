@@ -8,12 +8,18 @@ make a transition atomically.
 
 Threads: the engine is shared by every thread of the daemon (the API's worker threads
 and each loop's thread). A transaction is used by the thread that opened it only;
-each checks out its own connection from the engine's pool (SQLite: WAL, so readers
-never wait for the writer, and writers wait up to `busy_timeout` for each other).
+each checks out its own connection from the engine's pool. On SQLite (WAL: readers
+never wait for the writer) the daemon's writing transactions take turns on a lock of
+its own: SQLite has one writer at a time anyway, and its busy handler, which would
+otherwise arbitrate, sleeps in steps of milliseconds. Commits write to the WAL without
+waiting for the disk; the daemon checkpoints the WAL into the database from a loop
+(`checkpoint`), never in a commit, so a commit never waits for the disk either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +82,7 @@ class Store:
         self.engine: Engine = create_engine(url, connect_args=connect_args)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._writing = threading.RLock() if self.is_sqlite else contextlib.nullcontext()
 
     def upgrade(self) -> Upgrade:
         """Create the schema, or bring an older store to it with its data; refuse a
@@ -90,11 +97,31 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
-        with self.engine.begin() as conn:
+        with self._writing, self.engine.begin() as conn:
             tx = Tx(conn, time.time())
             yield tx
         if tx.fired:
             self.signals.publish(tx.fired)
+
+    @contextmanager
+    def writing_at_once(self) -> Iterator[bool]:
+        """Hold the turn to write if no one has it now (True), without waiting for it
+        (False, and then nothing is held). Only SQLite takes turns."""
+        if not self.is_sqlite:
+            yield False
+            return
+        held = self._writing.acquire(blocking=False)
+        try:
+            yield held
+        finally:
+            if held:
+                self._writing.release()
+
+    def checkpoint(self) -> None:
+        """Move what the WAL holds into the database file (SQLite; nothing elsewhere)."""
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -111,4 +138,5 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA wal_autocheckpoint=0")  # the daemon checkpoints (Store.checkpoint)
     cursor.close()

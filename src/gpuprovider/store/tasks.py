@@ -28,8 +28,16 @@ class StaleTask(RuntimeError):
 _SELECT_TASKS = select(*[t.tasks.c[f.name] for f in fields(TaskRecord)])
 _INSERT_TASK = insert(t.tasks)
 _INSERT_EVENT = insert(t.events)
+_INSERT_ALLOCATION = insert(t.allocations)
 _UPDATE_GUARDED = update(t.tasks).where(
     t.tasks.c.id == bindparam("b_id"), t.tasks.c.version == bindparam("b_version")
+)
+_SELECT_BY_IDS = _SELECT_TASKS.where(t.tasks.c.id.in_(bindparam("ids", expanding=True)))
+_SELECT_BY_IDS_IN_STATE = _SELECT_BY_IDS.where(t.tasks.c.state == bindparam("state"))
+_SELECT_ACTIVE = select(t.allocations).where(t.allocations.c.active.is_(True))
+_COUNT_BY_STATE = select(t.tasks.c.state, func.count()).group_by(t.tasks.c.state)
+_QUEUED_BRIEF = select(t.tasks.c.id, t.tasks.c.not_before, t.tasks.c.version).where(
+    t.tasks.c.state == TaskState.QUEUED.value
 )
 _RELEASE = (
     update(t.allocations)
@@ -159,19 +167,20 @@ class TaskRepo:
         over_quota: bool = False,
     ) -> None:
         self.tx.conn.execute(
-            insert(t.allocations).values(
-                task_id=task.id,
-                attempt=task.attempt,
-                node_id=node_id,
-                gpu_uuids=list(gpu_uuids),
-                gpu_milli=gpu_milli,
-                cpu_milli=cpu_milli,
-                memory_mib=memory_mib,
-                ports={},
-                over_quota=over_quota,
-                active=True,
-                created_at=self.tx.now,
-            )
+            _INSERT_ALLOCATION,
+            {
+                "task_id": task.id,
+                "attempt": task.attempt,
+                "node_id": node_id,
+                "gpu_uuids": list(gpu_uuids),
+                "gpu_milli": gpu_milli,
+                "cpu_milli": cpu_milli,
+                "memory_mib": memory_mib,
+                "ports": {},
+                "over_quota": over_quota,
+                "active": True,
+                "created_at": self.tx.now,
+            },
         )
 
     def set_ports(self, task_id: str, ports: dict[str, int]) -> None:
@@ -239,20 +248,23 @@ class TaskRepo:
             query = query.limit(limit)
         return [_task(r) for r in self.tx.conn.execute(query)]
 
-    def queued_brief(self) -> dict[str, float]:
-        """Every queued task's id and `not_before`, without decoding its spec."""
-        rows = self.tx.conn.execute(
-            select(t.tasks.c.id, t.tasks.c.not_before).where(
-                t.tasks.c.state == TaskState.QUEUED.value
-            )
-        )
-        return dict(rows.all())
+    def by_ids(self, ids: Iterable[str], state: TaskState | None = None) -> list[TaskRecord]:
+        """The tasks `ids` (those in `state` only, if given), in no set order."""
+        wanted = list(ids)
+        if not wanted:
+            return []
+        if state is None:
+            rows = self.tx.conn.execute(_SELECT_BY_IDS, {"ids": wanted})
+        else:
+            rows = self.tx.conn.execute(_SELECT_BY_IDS_IN_STATE, {"ids": wanted, "state": state})
+        return [_task(r) for r in rows]
+
+    def queued_brief(self) -> dict[str, tuple[float, int]]:
+        """Every queued task's id, `not_before` and version, without decoding its spec."""
+        return {row[0]: (row[1], row[2]) for row in self.tx.conn.execute(_QUEUED_BRIEF)}
 
     def count_by_state(self) -> dict[str, int]:
-        rows = self.tx.conn.execute(
-            select(t.tasks.c.state, func.count()).group_by(t.tasks.c.state)
-        ).all()
-        return {state: n for state, n in rows}
+        return {state: n for state, n in self.tx.conn.execute(_COUNT_BY_STATE)}
 
     def events(self, task_id: str) -> list[EventRecord]:
         rows = self.tx.conn.execute(
@@ -274,5 +286,4 @@ class TaskRepo:
         return [_task(r) for r in self.tx.conn.execute(_SELECT_TASKS.where(t.tasks.c.gang == gang))]
 
     def active_allocations(self) -> list[AllocationRecord]:
-        rows = self.tx.conn.execute(select(t.allocations).where(t.allocations.c.active.is_(True)))
-        return [record(AllocationRecord, r) for r in rows]
+        return [record(AllocationRecord, r) for r in self.tx.conn.execute(_SELECT_ACTIVE)]

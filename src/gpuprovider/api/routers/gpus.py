@@ -11,15 +11,15 @@ router = APIRouter(prefix="/gpus", tags=["gpus"], responses=ERRORS)
 
 
 @router.get("", response_model=list[GpuOut])
-def gpus(who: Reader, svc: Svc) -> JSONResponse:
-    return answer(svc.nodes.gpus())
+async def gpus(who: Reader, svc: Svc) -> JSONResponse:
+    return answer(await svc.read(svc.nodes.gpus))
 
 
 @router.post("/{uuid}/cordon", response_model=GpuCordonOut)
-def cordon(uuid: str, who: Admin, svc: Svc, body: CordonIn | None = None) -> JSONResponse:
-    return answer(svc.nodes.cordon_gpu(uuid, who, body.reason if body else ""))
+async def cordon(uuid: str, who: Admin, svc: Svc, body: CordonIn | None = None) -> JSONResponse:
+    return answer(await svc.write(svc.nodes.cordon_gpu, uuid, who, body.reason if body else ""))
 
 
 @router.post("/{uuid}/uncordon", response_model=GpuCordonOut)
-def uncordon(uuid: str, who: Admin, svc: Svc) -> JSONResponse:
-    return answer(svc.nodes.uncordon_gpu(uuid))
+async def uncordon(uuid: str, who: Admin, svc: Svc) -> JSONResponse:
+    return answer(await svc.write(svc.nodes.uncordon_gpu, uuid))

@@ -12,8 +12,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=HealthOut)
-def health(svc: Svc) -> JSONResponse:
-    return answer({"status": "ok", "tasks": svc.tasks.counts()})
+async def health(svc: Svc) -> JSONResponse:
+    return answer({"status": "ok", "tasks": await svc.read(svc.tasks.counts)})
 
 
 @router.get("/version", response_model=VersionOut)

@@ -22,42 +22,42 @@ router = APIRouter(prefix="/nodes", tags=["nodes"], responses=ERRORS)
 
 
 @router.get("", response_model=list[NodeOut])
-def nodes(who: Reader, svc: Svc, removed: bool = False) -> JSONResponse:
-    return answer(svc.nodes.list(removed))
+async def nodes(who: Reader, svc: Svc, removed: bool = False) -> JSONResponse:
+    return answer(await svc.read(svc.nodes.list, removed))
 
 
 @router.get("/{ref}", response_model=NodeDetailOut)
-def node(ref: str, who: Reader, svc: Svc) -> JSONResponse:
-    return answer(svc.nodes.get(ref))
+async def node(ref: str, who: Reader, svc: Svc) -> JSONResponse:
+    return answer(await svc.read(svc.nodes.get, ref))
 
 
 @router.post("/{ref}/drain", response_model=DrainOut)
-def drain(ref: str, who: Admin, svc: Svc) -> JSONResponse:
-    return answer(svc.nodes.drain(ref, who))
+async def drain(ref: str, who: Admin, svc: Svc) -> JSONResponse:
+    return answer(await svc.write(svc.nodes.drain, ref, who))
 
 
 @router.post("/{ref}/cordon", response_model=NodeStatusOut)
-def cordon(ref: str, who: Admin, svc: Svc, body: CordonIn | None = None) -> JSONResponse:
-    return answer(svc.nodes.cordon(ref, who, body.reason if body else ""))
+async def cordon(ref: str, who: Admin, svc: Svc, body: CordonIn | None = None) -> JSONResponse:
+    return answer(await svc.write(svc.nodes.cordon, ref, who, body.reason if body else ""))
 
 
 @router.post("/{ref}/resume", response_model=NodeStatusOut)
-def resume(ref: str, who: Admin, svc: Svc) -> JSONResponse:
+async def resume(ref: str, who: Admin, svc: Svc) -> JSONResponse:
     """Give a cordoned or drained node work again (`uncordon` says the same)."""
-    return answer(svc.nodes.resume(ref, who))
+    return answer(await svc.write(svc.nodes.resume, ref, who))
 
 
 @router.delete("/{ref}", response_model=RemovedOut)
-def remove(ref: str, who: Admin, svc: Svc) -> JSONResponse:
-    return answer(svc.nodes.remove(ref, who))
+async def remove(ref: str, who: Admin, svc: Svc) -> JSONResponse:
+    return answer(await svc.write(svc.nodes.remove, ref, who))
 
 
 @router.get("/{ref}/checks", response_model=NodeChecksOut)
-def checks(ref: str, who: Reader, svc: Svc) -> JSONResponse:
-    return answer(svc.nodes.checks(ref))
+async def checks(ref: str, who: Reader, svc: Svc) -> JSONResponse:
+    return answer(await svc.read(svc.nodes.checks, ref))
 
 
 @router.post("/{ref}/checks", response_model=ChecksSavedOut)
-def save_checks(ref: str, body: CheckRunIn, who: Admin, svc: Svc) -> JSONResponse:
+async def save_checks(ref: str, body: CheckRunIn, who: Admin, svc: Svc) -> JSONResponse:
     results = [Result.from_dict(r.model_dump()) for r in body.results]
-    return answer(svc.nodes.save_checks(ref, results, body.ran_at))
+    return answer(await svc.write(svc.nodes.save_checks, ref, results, body.ran_at))

@@ -19,14 +19,14 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERRORS)
     response_model=TaskOut,
     responses={200: {"model": DryRunOut, "description": "with dry_run: what would happen"}},
 )
-def submit(spec: TaskSpec, who: Submitter, svc: Svc, dry_run: bool = False) -> JSONResponse:
+async def submit(spec: TaskSpec, who: Submitter, svc: Svc, dry_run: bool = False) -> JSONResponse:
     if dry_run:
-        return answer(svc.tasks.dry_run(spec, who))
-    return answer(svc.tasks.submit(spec, who), 201)
+        return answer(await svc.call(svc.tasks.dry_run, spec, who))
+    return answer(await svc.write(svc.tasks.submit, spec, who), 201)
 
 
 @router.get("", response_model=list[TaskOut])
-def list_tasks(
+async def list_tasks(
     who: Reader,
     svc: Svc,
     state: Annotated[list[str] | None, Query()] = None,
@@ -34,22 +34,22 @@ def list_tasks(
     kind: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
 ) -> JSONResponse:
-    return answer(svc.tasks.list(who, state or [], name, kind, limit))
+    return answer(await svc.read(svc.tasks.list, who, state or [], name, kind, limit))
 
 
 @router.get("/{ref}", response_model=TaskDetailOut)
-def get_task(ref: str, who: Reader, svc: Svc) -> JSONResponse:
-    return answer(svc.tasks.detail(ref, who))
+async def get_task(ref: str, who: Reader, svc: Svc) -> JSONResponse:
+    return answer(await svc.read(svc.tasks.detail, ref, who))
 
 
 @router.get("/{ref}/events", response_model=list[EventOut])
-def task_events(ref: str, who: Reader, svc: Svc) -> JSONResponse:
-    return answer(svc.tasks.events(ref, who))
+async def task_events(ref: str, who: Reader, svc: Svc) -> JSONResponse:
+    return answer(await svc.read(svc.tasks.events, ref, who))
 
 
 @router.post("/{ref}/cancel", response_model=TaskOut)
-def cancel(ref: str, who: Submitter, svc: Svc) -> JSONResponse:
-    return answer(svc.tasks.cancel(ref, who))
+async def cancel(ref: str, who: Submitter, svc: Svc) -> JSONResponse:
+    return answer(await svc.write(svc.tasks.cancel, ref, who))
 
 
 @router.get(
@@ -58,7 +58,7 @@ def cancel(ref: str, who: Submitter, svc: Svc) -> JSONResponse:
     response_model=None,
     responses={200: {"content": {"text/plain": {}, "text/event-stream": {}}}},
 )
-def logs(
+async def logs(
     ref: str,
     who: Reader,
     svc: Svc,
@@ -69,4 +69,4 @@ def logs(
     events until the task ends."""
     if follow:
         return StreamingResponse(svc.tasks.follow(ref, who, offset), media_type="text/event-stream")
-    return PlainTextResponse(svc.tasks.log(ref, who, offset))
+    return PlainTextResponse(await svc.call(svc.tasks.log, ref, who, offset))

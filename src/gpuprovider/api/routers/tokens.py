@@ -11,10 +11,10 @@ router = APIRouter(prefix="/tokens", tags=["tokens"], responses=ERRORS)
 
 
 @router.post("", status_code=201, response_model=TokenCreatedOut)
-def create_token(body: TokenIn, who: Admin, svc: Svc) -> JSONResponse:
-    return answer(svc.tokens.create(body.name, body.scopes, body.tenant), 201)
+async def create_token(body: TokenIn, who: Admin, svc: Svc) -> JSONResponse:
+    return answer(await svc.write(svc.tokens.create, body.name, body.scopes, body.tenant), 201)
 
 
 @router.get("", response_model=list[TokenOut])
-def list_tokens(who: Admin, svc: Svc) -> JSONResponse:
-    return answer(svc.tokens.list())
+async def list_tokens(who: Admin, svc: Svc) -> JSONResponse:
+    return answer(await svc.read(svc.tokens.list))

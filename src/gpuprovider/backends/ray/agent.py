@@ -45,6 +45,14 @@ class NodeAgent:
         launch.env["GPUPROVIDER_RAY_NODE"] = ray.get_runtime_context().get_node_id()
         return self.local.start(launch)
 
+    def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        for launch in launches:
+            launch.env["GPUPROVIDER_RAY_NODE"] = node
+        return self.local.start_many(launches)
+
     def poll(self, handle: Handle) -> Exit | None:
         return self.local.poll(handle)
 

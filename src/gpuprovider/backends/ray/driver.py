@@ -158,16 +158,60 @@ class RayBackend:
     # -- tasks -------------------------------------------------------------------
 
     def start(self, launch: Launch) -> Handle:
-        if launch.node_id in self.dead:
-            raise NodeDown(launch.node_id, f"node {launch.node_id} died")
-        try:
-            return self._call(launch.node_id, "start", launch)
-        except OSError:
-            raise
-        except Exception as exc:
-            if self._node_dead(launch.node_id):
-                raise NodeDown(launch.node_id, f"node {launch.node_id} died") from None
-            raise OSError(f"Ray could not start it on {launch.node_id}: {exc}") from None
+        started = self.start_many([launch])[0]
+        if isinstance(started, OSError):
+            raise started
+        return started
+
+    def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
+        """Every node asked at once, one call for all its launches."""
+        results: list[Handle | OSError | None] = [None] * len(launches)
+        by_node: dict[str, list[int]] = {}
+        for i, launch in enumerate(launches):
+            if launch.node_id in self.dead:
+                results[i] = NodeDown(launch.node_id, f"node {launch.node_id} died")
+            else:
+                by_node.setdefault(launch.node_id, []).append(i)
+        pending: dict[Any, tuple[str, list[int], bool]] = {}
+        for node_id, rows in by_node.items():
+            try:
+                agent = self._agent_of(node_id)
+            except (NodeDown, RayBackendError) as exc:
+                for i in rows:
+                    results[i] = exc if isinstance(exc, OSError) else OSError(str(exc))
+                continue
+            if hasattr(agent, "start_many"):
+                ref = agent.start_many.remote([launches[i] for i in rows])
+                pending[ref] = (node_id, rows, True)
+            else:  # an agent an older gpuprovider started: one call per launch
+                for i in rows:
+                    pending[agent.start.remote(launches[i])] = (node_id, [i], False)
+        if pending:
+            ready, late = self.ray.wait(
+                list(pending), num_returns=len(pending), timeout=CALL_TIMEOUT_S
+            )
+            failed: dict[str, str] = {}
+            for ref in ready:
+                node_id, rows, many = pending[ref]
+                try:
+                    answer = self.ray.get(ref)
+                    for i, got in zip(rows, answer if many else [answer], strict=True):
+                        results[i] = got
+                except Exception as exc:  # the actor died, the node went
+                    failed[node_id] = f"{type(exc).__name__}: {exc}"
+            for ref in late:
+                failed[pending[ref][0]] = f"no answer within {CALL_TIMEOUT_S:g}s"
+            dead = self._dead_among(failed) if failed else set()
+            for node_id, rows, _ in pending.values():
+                if node_id not in failed:
+                    continue
+                for i in rows:
+                    results[i] = (
+                        NodeDown(node_id, f"node {node_id} died")
+                        if node_id in dead
+                        else OSError(f"Ray could not start it on {node_id}: {failed[node_id]}")
+                    )
+        return results  # type: ignore[return-value]
 
     def poll(self, handle: Handle) -> Exit | None:
         return self.poll_many([handle])[0]
