@@ -36,7 +36,7 @@ from gpuprovider.testing import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core import DONE, EIGHT_GPUS, TRIVIAL, all_tasks, ms
+from core import EIGHT_GPUS, TRIVIAL, all_tasks, done_count, ms
 
 HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
@@ -80,7 +80,7 @@ def burst(provider: Provider, jobs: int) -> dict:
     start = time.time()
     for _ in range(jobs):
         provider.submit(**TRIVIAL)
-    wait_for(lambda: sum(t["state"] in DONE for t in all_tasks(provider)) >= jobs, 900)
+    wait_for(lambda: done_count(provider) >= jobs, 900)
     tasks = [t for t in all_tasks(provider) if t["created_at"] >= start]
     waits = [t["started_at"] - t["created_at"] for t in tasks]
     span = max(t["started_at"] for t in tasks) - min(t["created_at"] for t in tasks)

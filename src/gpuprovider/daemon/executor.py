@@ -18,7 +18,7 @@ from gpuprovider.backends.base import Backend, Exit, Handle, NodeDown, NoFreePor
 from gpuprovider.backends.launch import build_launch
 from gpuprovider.config import ProviderConfig
 from gpuprovider.daemon.loops import Loop
-from gpuprovider.domain.records import AllocationRecord, TaskRecord
+from gpuprovider.domain.records import AllocationRecord, GpuRecord, TaskRecord
 from gpuprovider.domain.states import STOPPING, TaskState
 from gpuprovider.lifecycle import nodes as node_lifecycle
 from gpuprovider.lifecycle import tasks as lifecycle
@@ -61,6 +61,8 @@ class ExecutorLoop(Loop):
         self._resync = threading.Event()
         self._resync_at = 0.0
         self._to_start: set[str] = set()  # placed since the last pass (from other threads)
+        # What a launch needs of a GPU (its index, whether simulated) never changes.
+        self._gpus: dict[str, GpuRecord] = {}
         self._lock = threading.Lock()
 
     def resync(self, _: object = None) -> None:
@@ -120,9 +122,15 @@ class ExecutorLoop(Loop):
 
     def _start(self, tasks: list[TaskRecord]) -> None:
         with self.store.read() as r:
-            allocations = {a.task_id: a for a in r.tasks.active_allocations()}
-            wanted = {allocations[t.id].node_id for t in tasks if t.id in allocations}
-            nodes = {n.id: n for n in r.nodes.list(ids=list(wanted), removed=True)}
+            if any(t.task_spec.ports for t in tasks):  # ports others hold matter
+                allocations = {a.task_id: a for a in r.tasks.active_allocations()}
+            else:
+                allocations = {
+                    a.task_id: a for a in r.tasks.active_allocations_of(t.id for t in tasks)
+                }
+            wanted = {uuid for a in allocations.values() for uuid in a.gpu_uuids}
+            if not wanted <= self._gpus.keys():  # a GPU not seen yet: read them all
+                self._gpus = {g.uuid: g for n in r.nodes.list(removed=True) for g in n.gpus}
         starting: list[tuple[TaskRecord, AllocationRecord]] = []
         with self.store.tx() as tx:
             for task in tasks:
@@ -139,8 +147,7 @@ class ExecutorLoop(Loop):
         engine = self.container_engine() if any(t.task_spec.image for t, _ in starting) else None
         launches = []
         for task, mine in starting:
-            node = nodes.get(mine.node_id)
-            gpus = [g for g in node.gpus if g.uuid in mine.gpu_uuids] if node else []
+            gpus = [self._gpus[uuid] for uuid in mine.gpu_uuids if uuid in self._gpus]
             taken = [
                 port
                 for other in allocations.values()

@@ -29,6 +29,8 @@ from gpuprovider.store.store import Tx
 
 S = TaskState
 ANY = frozenset(S)
+# States in which a task may hold an allocation (placed, until it is released).
+ALLOCATED = frozenset(S) - UNALLOCATED - {S.SUBMITTED}
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ TASK_RULES: list[TaskRule] = [
         "release",
         "a task that holds nothing any more gives its allocation back",
         UNALLOCATED,
+        ALLOCATED,
         then=_release,
     ),
     TaskRule(

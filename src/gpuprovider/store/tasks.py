@@ -35,6 +35,9 @@ _UPDATE_GUARDED = update(t.tasks).where(
 _SELECT_BY_IDS = _SELECT_TASKS.where(t.tasks.c.id.in_(bindparam("ids", expanding=True)))
 _SELECT_BY_IDS_IN_STATE = _SELECT_BY_IDS.where(t.tasks.c.state == bindparam("state"))
 _SELECT_ACTIVE = select(t.allocations).where(t.allocations.c.active.is_(True))
+_SELECT_ACTIVE_OF = _SELECT_ACTIVE.where(
+    t.allocations.c.task_id.in_(bindparam("ids", expanding=True))
+)
 _COUNT_BY_STATE = select(t.tasks.c.state, func.count()).group_by(t.tasks.c.state)
 _QUEUED_BRIEF = select(t.tasks.c.id, t.tasks.c.not_before, t.tasks.c.version).where(
     t.tasks.c.state == TaskState.QUEUED.value
@@ -284,6 +287,13 @@ class TaskRepo:
 
     def gang_members(self, gang: str) -> list[TaskRecord]:
         return [_task(r) for r in self.tx.conn.execute(_SELECT_TASKS.where(t.tasks.c.gang == gang))]
+
+    def active_allocations_of(self, task_ids: Iterable[str]) -> list[AllocationRecord]:
+        wanted = list(task_ids)
+        if not wanted:
+            return []
+        rows = self.tx.conn.execute(_SELECT_ACTIVE_OF, {"ids": wanted})
+        return [record(AllocationRecord, r) for r in rows]
 
     def active_allocations(self) -> list[AllocationRecord]:
         return [record(AllocationRecord, r) for r in self.tx.conn.execute(_SELECT_ACTIVE)]
