@@ -23,6 +23,7 @@ from gpuprovider.lifecycle.tasks import (
 )
 from gpuprovider.service.placement import build_snapshot
 from gpuprovider.service.views import gpu_views, node_view
+from gpuprovider.store import migrate
 from gpuprovider.store.signals import Signal, Signals
 from gpuprovider.store.store import Store
 
@@ -49,7 +50,7 @@ class World:
         for signal in Signal:
             self.signals.subscribe(signal, lambda ids, s=signal: self.fired.append((s, ids)))
         self.store = Store(f"sqlite:///{tmp_path / 'store.db'}", self.signals)
-        self.store.upgrade()
+        migrate.upgrade(self.store)
         with self.store.tx() as tx:
             node_seen(tx, node_record())
         self.fired.clear()

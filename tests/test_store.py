@@ -18,7 +18,7 @@ from gpuprovider.bootstrap import init_home
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
 from gpuprovider.lifecycle.tasks import submit, transition
-from gpuprovider.store import schema
+from gpuprovider.store import migrate, schema
 from gpuprovider.store.signals import Signal, Signals
 from gpuprovider.store.store import Store, StoreError
 from gpuprovider.store.tasks import StaleTask
@@ -37,7 +37,7 @@ def test_store_operations(store_url):
     signals = Signals()
     signals.subscribe(Signal.QUEUED, fired.append)
     store = Store(store_url, signals)
-    assert store.upgrade().before is None
+    assert migrate.upgrade(store).before is None
     with store.tx() as tx:
         task = tx.tasks.insert(spec(name="job", resources={"gpu": 1}), "admin")
         submit(tx, task)
@@ -73,7 +73,7 @@ def test_store_operations(store_url):
 
 def test_a_transaction_that_fails_writes_nothing(store_url):
     store = Store(store_url)
-    store.upgrade()
+    migrate.upgrade(store)
     with pytest.raises(RuntimeError), store.tx() as tx:
         task = tx.tasks.insert(spec(name="half"), "admin")
         submit(tx, task)
@@ -85,23 +85,23 @@ def test_a_transaction_that_fails_writes_nothing(store_url):
 
 def test_migrations_make_exactly_the_schema_the_code_declares(store_url):
     store = Store(store_url)
-    store.upgrade()
+    migrate.upgrade(store)
     with store.engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), schema.metadata)
         assert conn.execute(select(schema.meta.c.value)).scalar() == str(schema.SCHEMA_VERSION)
     assert differences == []
-    assert not store.upgrade().changed  # upgrading again changes nothing
+    assert not migrate.upgrade(store).changed  # upgrading again changes nothing
     store.close()
 
 
 def test_a_store_newer_than_the_code_is_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = Store(url)
-    store.upgrade()
+    migrate.upgrade(store)
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     with pytest.raises(StoreError, match=r"written by a newer gpuprovider.*revision 0099"):
-        store.upgrade()
+        migrate.upgrade(store)
     store.close()
 
 

@@ -17,6 +17,7 @@ from gpuprovider.identity.keys import (
     node_id_for,
 )
 from gpuprovider.inventory.local import read_nvml
+from gpuprovider.store import migrate
 from gpuprovider.store.store import Store
 
 ADMIN = "admin"
@@ -54,7 +55,7 @@ def init_home(home: Home, simulate: bool | None = None) -> InitReport:
 
     store = Store(home.store_url(config.store.url))
     try:
-        upgrade = store.upgrade()
+        upgrade = migrate.upgrade(store)
         if upgrade.before is None:
             report.created.append(f"store {store.url}")
         elif upgrade.changed:

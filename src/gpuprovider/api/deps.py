@@ -67,23 +67,22 @@ async def proofs(request: Request) -> ProofService:
     return found
 
 
-# Dependencies are async: FastAPI runs a plain function on a worker thread, a hop
-# each; a token not in the cache is read like any other read.
-async def caller(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> TokenRecord:
-    services: Services = request.app.state.services
-    tokens = services.tokens
-    return tokens.cached(authorization) or await services.read(tokens.authenticate, authorization)
-
-
 def needs(scope: str) -> Any:
-    """A dependency: the caller, who must hold `scope` (admin holds every scope)."""
+    """A dependency: the caller, from its bearer token, who must hold `scope` (admin
+    holds every scope). Async, as every dependency here: FastAPI would run a plain
+    function on a worker thread; a token not in the cache is read like any read."""
 
-    async def check(who: Annotated[TokenRecord, Depends(caller)]) -> TokenRecord:
+    async def caller(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> TokenRecord:
+        services: Services = request.app.state.services
+        tokens = services.tokens
+        who = tokens.cached(authorization) or await services.read(
+            tokens.authenticate, authorization
+        )
         return TokenService.require(who, scope)
 
-    return Depends(check)
+    return Depends(caller)
 
 
 Svc = Annotated[Services, Depends(services)]

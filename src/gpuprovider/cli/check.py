@@ -19,6 +19,7 @@ from gpuprovider.cli.output import console, errors
 from gpuprovider.config import ConfigError, ProviderConfig, load_config
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for
+from gpuprovider.store import migrate
 from gpuprovider.store.store import Store, StoreError
 
 QUICK_SCALE = 0.05
@@ -120,7 +121,7 @@ def _store(
     home = globals_.home
     db = Store(home.store_url(config.store.url))
     try:
-        db.upgrade()
+        migrate.upgrade(db)
         with db.tx() as tx:
             tx.checks.save(node_id, results, ran_at)
     except StoreError as exc:

@@ -98,7 +98,7 @@ class Daemon:
         self.signals = Signals()
         self.store = Store(home.store_url(config.store.url), self.signals)
         try:
-            upgraded = self.store.upgrade()
+            upgraded = self.store.upgrade_in_child()
         except StoreError as exc:
             raise DaemonError(str(exc)) from None
         if upgraded.changed and upgraded.before is not None:

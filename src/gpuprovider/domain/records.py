@@ -3,6 +3,7 @@ Plain dataclasses; the store reads and writes them."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -10,6 +11,33 @@ from typing import Any
 from gpuprovider.domain.nodes import NodeStatus
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
+
+
+class SpecCache:
+    """Decoded specs by task id, shared by every reader of tasks in the process: a spec
+    never changes once submitted, and validating it again costs more than the read."""
+
+    def __init__(self, size: int = 8192):
+        self.size = size
+        self._specs: dict[str, TaskSpec] = {}
+        self._lock = threading.Lock()
+
+    def get(self, task_id: str, raw: dict[str, Any]) -> TaskSpec:
+        spec = self._specs.get(task_id)
+        if spec is None:
+            spec = TaskSpec.model_validate(raw)
+            self.put(task_id, spec)
+        return spec
+
+    def put(self, task_id: str, spec: TaskSpec) -> None:
+        with self._lock:
+            if len(self._specs) >= self.size:  # forget the oldest half
+                for stale in list(self._specs)[: self.size // 2]:
+                    del self._specs[stale]
+            self._specs[task_id] = spec
+
+
+SPECS = SpecCache()
 
 
 @dataclass
@@ -40,8 +68,8 @@ class TaskRecord:
 
     @cached_property
     def task_spec(self) -> TaskSpec:
-        """The spec as a model (validated once per record: records are read often)."""
-        return TaskSpec.model_validate(self.spec)
+        """The spec as a model (validated once per task in the process)."""
+        return SPECS.get(self.id, self.spec)
 
     @property
     def label(self) -> str:

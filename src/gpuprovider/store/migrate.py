@@ -1,9 +1,14 @@
-"""Bring a store to this code's schema with Alembic, or refuse one that is newer."""
+"""Bring a store to this code's schema with Alembic, or refuse one that is newer.
+
+The only module that imports Alembic: the daemon runs it in a child process
+(`store.upgrade_in_child`), so that its own memory never carries Alembic.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -13,25 +18,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, select
 
 from gpuprovider.store import schema as t
+from gpuprovider.store.store import Store, StoreError, Upgrade
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 logging.getLogger("alembic").setLevel(logging.WARNING)  # its progress lines are noise here
 # gpuprovider 0.1.0 made its tables without Alembic and wrote `meta.schema = 1`.
 UNVERSIONED_0_1_0 = "0001"
-
-
-class StoreError(RuntimeError):
-    """The store cannot be used; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Upgrade:
-    before: str | None  # revision found (None: an empty store)
-    after: str
-
-    @property
-    def changed(self) -> bool:
-        return self.before != self.after
 
 
 def _config(conn: Connection) -> Config:
@@ -82,7 +74,19 @@ def check_known(revision: str | None) -> None:
         ) from None
 
 
-def upgrade(conn: Connection) -> Upgrade:
+def upgrade(store: Store) -> Upgrade:
+    """Create the schema, or bring an older store to it with its data; refuse a store
+    made by a newer gpuprovider (StoreError says so)."""
+    try:
+        with store.engine.begin() as conn:
+            return upgrade_on(conn)
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"cannot open the store at {store.url}: {exc}") from None
+
+
+def upgrade_on(conn: Connection) -> Upgrade:
     """Migrate the store on `conn` to the head revision, in the caller's transaction."""
     before = current(conn)
     check_known(before)
@@ -92,3 +96,21 @@ def upgrade(conn: Connection) -> Upgrade:
         command.stamp(config, UNVERSIONED_0_1_0)
     command.upgrade(config, "head")
     return Upgrade(before, head())
+
+
+def main(url: str) -> int:
+    """`python -m gpuprovider.store.migrate URL`: upgrade, say what happened as JSON."""
+    store = Store(url)
+    try:
+        done = upgrade(store)
+    except StoreError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(json.dumps({"before": done.before, "after": done.after}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

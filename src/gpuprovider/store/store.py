@@ -19,25 +19,42 @@ waiting for the disk; the daemon checkpoints the WAL into the database from a lo
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 
-from gpuprovider.store import migrate
 from gpuprovider.store.checks import CheckRepo
-from gpuprovider.store.migrate import StoreError, Upgrade
 from gpuprovider.store.nodes import NodeRepo
 from gpuprovider.store.proofs import ProofRepo
 from gpuprovider.store.signals import Fired, Signal, Signals
 from gpuprovider.store.tasks import TaskRepo
 from gpuprovider.store.tokens import TokenRepo
 
-__all__ = ["Store", "StoreError", "Tx", "Upgrade"]
+# A child process that upgrades the store may take this long (a large store migrating).
+UPGRADE_TIMEOUT_S = 3600.0
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    before: str | None  # revision found (None: an empty store)
+    after: str
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
 
 
 class Tx:
@@ -84,16 +101,21 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._writing = threading.RLock() if self.is_sqlite else contextlib.nullcontext()
 
-    def upgrade(self) -> Upgrade:
-        """Create the schema, or bring an older store to it with its data; refuse a
-        store made by a newer gpuprovider (StoreError says so)."""
-        try:
-            with self.engine.begin() as conn:
-                return migrate.upgrade(conn)
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise StoreError(f"cannot open the store at {self.url}: {exc}") from None
+    def upgrade_in_child(self) -> Upgrade:
+        """`store.migrate.upgrade`, run in a child process: what the daemon does, so that
+        Alembic (~10 MB) never stays in its memory."""
+        done = subprocess.run(
+            [sys.executable, "-m", "gpuprovider.store.migrate", self.url],
+            capture_output=True,
+            text=True,
+            timeout=UPGRADE_TIMEOUT_S,
+        )
+        if done.returncode != 0:
+            raise StoreError(
+                done.stderr.strip() or f"upgrading the store failed ({done.returncode})"
+            )
+        found = json.loads(done.stdout)
+        return Upgrade(found["before"], found["after"])
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:

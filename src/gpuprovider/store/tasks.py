@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, func, insert, or_, select, update
 
-from gpuprovider.domain.records import AllocationRecord, EventRecord, TaskRecord
+from gpuprovider.domain.records import SPECS, AllocationRecord, EventRecord, TaskRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.store import schema as t
@@ -98,6 +98,7 @@ class TaskRepo:
         self.tx.conn.execute(_INSERT_TASK, values)
         self._event(values["id"], None, TaskState.SUBMITTED, f"submitted by {tenant}")
         values.pop("live_name")
+        SPECS.put(values["id"], spec)
         task = TaskRecord(**values)
         task.state = TaskState.SUBMITTED
         return task
