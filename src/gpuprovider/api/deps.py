@@ -7,15 +7,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import Depends, Header, Request
-from starlette.concurrency import run_in_threadpool
 
 from gpuprovider.domain.records import TokenRecord
+from gpuprovider.service.calls import Calls
 from gpuprovider.service.errors import Unavailable
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
-from gpuprovider.store.store import Store
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -23,37 +22,22 @@ T = TypeVar("T")
 
 @dataclass
 class Services:
-    """What the routers call, and where each call runs: never on the event loop that
-    serves every request if it could wait. A read of a SQLite store runs on the loop:
-    in WAL mode a reader waits for no one, and the hop to a thread would cost more than
-    the read. A write runs on the loop only when the store's turn to write is free at
-    once (SQLite commits do not wait for the disk); else it waits its turn on a worker
-    thread. A call that asks a node or computes at length always runs on a thread. On
-    PostgreSQL every store call is a network round trip: all go to threads."""
+    """What the routers call, and where each call runs (`service/calls.py`)."""
 
     tasks: TaskService
     nodes: NodeService
     tokens: TokenService
-    store: Store
+    calls: Calls
     proofs: ProofService | None = None
 
-    @property
-    def reads_wait(self) -> bool:
-        return not self.store.is_sqlite
-
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        if self.reads_wait:
-            return await run_in_threadpool(call, *args, **kwargs)
-        return call(*args, **kwargs)
+        return await self.calls.read(call, *args, **kwargs)
 
     async def write(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        with self.store.writing_at_once() as held:
-            if held:
-                return call(*args, **kwargs)
-        return await run_in_threadpool(call, *args, **kwargs)
+        return await self.calls.write(call, *args, **kwargs)
 
-    async def call(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await run_in_threadpool(call, *args, **kwargs)
+    async def slow(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.calls.slow(call, *args, **kwargs)
 
 
 async def services(request: Request) -> Services:

@@ -6,6 +6,7 @@ import logging
 
 import typer
 
+from gpuprovider.backends.ray.trial import LocalRayCluster
 from gpuprovider.bootstrap import init_home
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import globals_of
@@ -79,8 +80,6 @@ def up(
     )
     trial = None
     if config.backend.kind == "ray" and not config.backend.address:
-        from gpuprovider.backends.ray.trial import LocalRayCluster
-
         console.print(f"starting a local Ray cluster: head + {len(trial_nodes)} node(s)")
         trial = LocalRayCluster(trial_nodes)
         config.backend.address = trial.address

@@ -33,6 +33,7 @@ from gpuprovider.domain.usability import Usability
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
 from gpuprovider.scheduler import Framework, policy
+from gpuprovider.service.calls import Calls
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.tasks import TaskService
@@ -130,7 +131,7 @@ class Daemon:
             proofs=ProofService(
                 self.store, key, self.node_id, public_key, config.proof.simulated_memory_mib
             ),
-            store=self.store,
+            calls=Calls(self.store),
         )
 
     def _backend(self, public_key: str) -> Backend:

@@ -21,7 +21,7 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERRORS)
 )
 async def submit(spec: TaskSpec, who: Submitter, svc: Svc, dry_run: bool = False) -> JSONResponse:
     if dry_run:
-        return answer(await svc.call(svc.tasks.dry_run, spec, who))
+        return answer(await svc.slow(svc.tasks.dry_run, spec, who))
     return answer(await svc.write(svc.tasks.submit, spec, who), 201)
 
 
@@ -69,4 +69,4 @@ async def logs(
     events until the task ends."""
     if follow:
         return StreamingResponse(svc.tasks.follow(ref, who, offset), media_type="text/event-stream")
-    return PlainTextResponse(await svc.call(svc.tasks.log, ref, who, offset))
+    return PlainTextResponse(await svc.slow(svc.tasks.log, ref, who, offset))

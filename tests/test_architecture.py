@@ -1,0 +1,52 @@
+"""The layering docs/architecture.md states, held by the code: imports point down only,
+and no import of the package's own modules hides inside a function."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "src" / "gpuprovider"
+
+# layer -> layers it must never import
+FORBIDDEN = {
+    "domain": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
+    "scheduler": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends"},
+    "store": {"lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
+    "lifecycle": {"service", "daemon", "api", "cli", "backends"},
+    "backends": {"store", "lifecycle", "service", "daemon", "api", "cli"},
+    "service": {"daemon", "api", "cli"},
+    "api": {"store", "lifecycle", "daemon", "cli", "backends"},
+    "daemon": {"api.routers", "cli"},
+}
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(module imported, whether inside a function) for the package's own modules."""
+    found = []
+    tree = ast.parse(path.read_text())
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    nested = {id(node) for f in functions for node in ast.walk(f)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("gpuprovider."):
+                found.append((name.removeprefix("gpuprovider."), id(node) in nested))
+    return found
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "migrations" not in p.parts)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_layers_point_down(path):
+    layer = path.relative_to(PACKAGE).parts[0]
+    for name, in_function in imports(path):
+        assert not in_function, f"{name} imported inside a function: a cycle to fix instead"
+        for banned in FORBIDDEN.get(layer, ()):
+            assert not (name == banned or name.startswith(banned + ".")), f"{layer}/ imports {name}"
