@@ -241,13 +241,12 @@ class Framework:
                     decisions[decision.task_id] = decision
                 continue
             compiled = state.compile(task)
-            key = self.policy.shape_key(compiled)
-            if key is not None:
-                key = (key, task.priority) if running else key
-                if key in nowhere:
-                    decisions[task.task_id] = Unplaced(task.task_id, nowhere[key])
-                    continue
-            decision = self.decide(state, task, compiled)
+            shape = self.policy.shape_key(compiled)
+            key = (shape, task.priority) if running and shape is not None else shape
+            if key is not None and key in nowhere:
+                decisions[task.task_id] = Unplaced(task.task_id, nowhere[key])
+                continue
+            decision = self.decide(state, task, compiled, shape)
             if isinstance(decision, Unplaced) and running:
                 decision = self.preempt(state, task, running) or decision
             if isinstance(decision, Unplaced) and key is not None:
@@ -410,12 +409,17 @@ class Framework:
         return self.place(snapshot, [task])[0]
 
     def decide(
-        self, state: ClusterState, request: TaskRequest, compiled: CompiledTask | None = None
+        self,
+        state: ClusterState,
+        request: TaskRequest,
+        compiled: CompiledTask | None = None,
+        key: tuple | None = None,
     ) -> Decision:
-        """Place one task on `state` and reserve it there, or say why not."""
+        """Place one task on `state` and reserve it there, or say why not. `compiled` and
+        its shape `key` may be given when the caller has them already."""
         task = compiled or state.compile(request)
         context = Context(state, task, self)
-        cache = self.shape_cache(state, task)
+        cache = self.shape_cache(state, task, key)
         cache.refresh(context, self.policy)
         node = cache.best(self.policy, self.rng)
         if node is None:
@@ -433,11 +437,14 @@ class Framework:
             memory_mib=task.memory,
         )
 
-    def shape_cache(self, state: ClusterState, task: CompiledTask) -> ShapeCache:
+    def shape_cache(
+        self, state: ClusterState, task: CompiledTask, key: tuple | None = None
+    ) -> ShapeCache:
         held = self._shape_caches.get(id(state))
         if held is None or held[0] is not state:
             held = self._shape_caches[id(state)] = (state, OrderedDict())
-        caches, key = held[1], self.policy.shape_key(task)
+        caches = held[1]
+        key = key if key is not None else self.policy.shape_key(task)
         if key is None:  # a plugin cannot sign: keep nothing for this task
             return ShapeCache(len(state))
         cache = caches.get(key)
