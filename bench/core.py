@@ -33,7 +33,7 @@ from sqlalchemy import insert
 from gpuprovider.store import schema
 from gpuprovider.store.store import Store
 from gpuprovider.store.tasks import new_task_id
-from gpuprovider.testing import Provider, free_port, make_home, wait_for
+from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
 EIGHT_GPUS = '\n[[inventory.simulated_gpus]]\nmodel = "h100-80gb-sxm"\ncount = 8\n'
 TRIVIAL = {"command": ["true"], "resources": {"gpu": 1}}
@@ -124,6 +124,7 @@ def latency(root: Path, jobs: int, sequential: int, rate: float) -> dict:
         paced = burst(provider, jobs, rate)
     finally:
         provider.stop()
+        kill_task_processes(provider.home)
     return {
         "one_in_flight": {"jobs": sequential, **ms(one_by_one)},
         "burst": back_to_back,

@@ -1,6 +1,7 @@
 """The local backend and its runner: real processes, groups, signals, exit records,
 the runner server that forks runners, and ports chosen on the node."""
 
+import shutil
 import signal
 import socket
 import stat
@@ -209,3 +210,17 @@ def test_ports_are_chosen_on_the_node_and_given_to_the_task(tmp_path, processes)
         squatter.bind(("127.0.0.1", busy))
         with pytest.raises(NoFreePort, match="no free port"):
             processes.start(full)
+
+
+def test_runner_server_hands_tasks_to_spares_and_leaves_with_its_home(tmp_path, data_dir):
+    backend = LocalProcesses(data_dir)
+    first = backend.start(launch(tmp_path, "pass"))
+    server = psutil.Process(first.pid).parent()
+    # runners forked ahead of need wait for their task beside it
+    spares = wait_for(lambda: len(server.children()) >= 2 and server.children(), what="spares")
+    nxt = backend.start(launch(tmp_path, "import time; time.sleep(0.2)", attempt=2))
+    assert nxt.pid in {p.pid for p in spares}  # handed to a spare, not forked on demand
+    assert finish(backend, nxt).exit_code == 0
+    backend.close()
+    shutil.rmtree(data_dir)  # the home is gone: no daemon can reach the server again
+    wait_for(lambda: not server.is_running() or server.status() == "zombie", 20, "it to exit")

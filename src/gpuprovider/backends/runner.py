@@ -35,6 +35,7 @@ with open(__file__, "rb") as _source:
     VERSION = hashlib.sha256(_source.read()).hexdigest()[:12]
 
 IDLE_EXIT_S = 600.0  # a server with no runner and no client this long exits
+SPARES = 4  # runners forked ahead of need, waiting for their task
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -184,6 +185,28 @@ def _become_runner(request: dict, inherited: list[int]) -> None:
         os._exit(code)
 
 
+def _wait_for_task(job_fd: int, inherited: list[int]) -> None:
+    """In a spare forked ahead of need: wait for the task the server hands over (all of
+    it, until the server closes the pipe), then run it; no task: exit."""
+    for fd in inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    chunks = []
+    while chunk := os.read(job_fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(job_fd)
+    if not chunks:
+        os._exit(0)
+    try:
+        request = json.loads(b"".join(chunks))
+    except ValueError:
+        os._exit(1)
+    _become_runner(request, [])
+
+
 def bind_path(directory_fd: int, name: str) -> str:
     """A short path to `name` in a directory, whatever the directory's own path length
     (a Unix socket path is limited to 107 bytes)."""
@@ -226,7 +249,25 @@ def serve(directory: str, name: str) -> None:
     clients: dict[socket.socket, bytearray] = {}
     watchers: set[socket.socket] = set()
     runners: set[int] = set()
+    # Runners forked ahead of need: pid -> the pipe their task will come through. A start
+    # hands a task to one at once; the fork that replaces it happens after the answer.
+    spares: dict[int, int] = {}
     idle_since = time.monotonic()
+
+    def inherited() -> list[int]:
+        """What a forked child must close: the server's descriptors, not its own."""
+        sockets = [listener, wake_r, wake_w, *clients]
+        own = [selector.fileno(), dir_fd, lock_fd, *spares.values()]
+        return [s.fileno() for s in sockets] + own
+
+    def fork_spare() -> None:
+        job_r, job_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(job_w)
+            _wait_for_task(job_r, inherited())
+        os.close(job_r)
+        spares[pid] = job_w
 
     def drop(conn: socket.socket) -> None:
         selector.unregister(conn)
@@ -243,8 +284,11 @@ def serve(directory: str, name: str) -> None:
                 break
             if pid == 0:
                 break
-            runners.discard(pid)
-            ended.append(pid)
+            if pid in spares:  # a spare that died before it got a task
+                os.close(spares.pop(pid))
+            elif pid in runners:
+                runners.discard(pid)
+                ended.append(pid)
         for pid in ended:
             line = json.dumps({"exited": pid}).encode() + b"\n"
             for watcher in list(watchers):
@@ -252,6 +296,22 @@ def serve(directory: str, name: str) -> None:
                     watcher.sendall(line)
                 except OSError:
                     drop(watcher)
+
+    def start(request: dict) -> int:
+        if spares:
+            pid, job_w = spares.popitem()
+            payload = json.dumps(request).encode()
+            try:
+                while payload:
+                    payload = payload[os.write(job_w, payload) :]
+            finally:
+                os.close(job_w)
+        else:
+            pid = os.fork()
+            if pid == 0:
+                _become_runner(request, inherited())
+        runners.add(pid)
+        return pid
 
     def handle(conn: socket.socket, request: dict) -> dict | None:
         op = request.get("op")
@@ -261,20 +321,16 @@ def serve(directory: str, name: str) -> None:
             watchers.add(conn)
             return {"watching": True}
         if op == "start":
-            pid = os.fork()
-            if pid == 0:
-                sockets = [listener, wake_r, wake_w, *clients]
-                others = [selector.fileno(), dir_fd, lock_fd]
-                _become_runner(request, [s.fileno() for s in sockets] + others)
-            runners.add(pid)
-            return {"pid": pid}
+            return {"pid": start(request)}
         return {"error": f"unknown op {op!r}"}
 
     while True:
         if runners or clients:
             idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > IDLE_EXIT_S:
-            break
+        elif time.monotonic() - idle_since > IDLE_EXIT_S or not os.path.exists(path):
+            break  # idle, or its home was deleted: no one can reach it again
+        while len(spares) < SPARES:
+            fork_spare()
         for key, _ in selector.select(timeout=5.0):
             if key.data == "accept":
                 with contextlib.suppress(BlockingIOError):
@@ -311,6 +367,8 @@ def serve(directory: str, name: str) -> None:
                         drop(conn)
                         break
         reap()  # a SIGCHLD may have come between the select and its handler
+    for job_w in spares.values():  # no task comes: they exit
+        os.close(job_w)
     with contextlib.suppress(OSError):
         os.unlink(path)
 
