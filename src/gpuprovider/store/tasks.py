@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
@@ -32,6 +33,15 @@ _INSERT_ALLOCATION = insert(t.allocations)
 _UPDATE_GUARDED = update(t.tasks).where(
     t.tasks.c.id == bindparam("b_id"), t.tasks.c.version == bindparam("b_version")
 )
+_GET = (
+    _SELECT_TASKS.where(or_(t.tasks.c.id == bindparam("ref"), t.tasks.c.name == bindparam("ref")))
+    .order_by(
+        (t.tasks.c.id == bindparam("ref")).desc(),
+        t.tasks.c.live_name.is_(None),
+        t.tasks.c.created_at.desc(),
+    )
+    .limit(1)
+)
 _SELECT_BY_IDS = _SELECT_TASKS.where(t.tasks.c.id.in_(bindparam("ids", expanding=True)))
 _SELECT_BY_IDS_IN_STATE = _SELECT_BY_IDS.where(t.tasks.c.state == bindparam("state"))
 _SELECT_ACTIVE = select(t.allocations).where(t.allocations.c.active.is_(True))
@@ -53,6 +63,27 @@ def _task(row: Any) -> TaskRecord:
     task = TaskRecord(*row)
     task.state = TaskState(task.state)
     return task
+
+
+_FILTERS = {
+    "states": t.tasks.c.state.in_(bindparam("states", expanding=True)),
+    "ids": t.tasks.c.id.in_(bindparam("ids", expanding=True)),
+    "deadline": t.tasks.c.queue_deadline < bindparam("deadline"),
+    "name": t.tasks.c.name == bindparam("name"),
+    "kind": t.tasks.c.kind == bindparam("kind"),
+    "tenant": t.tasks.c.tenant == bindparam("tenant"),
+    "node_id": t.tasks.c.node_id == bindparam("node_id"),
+}
+
+
+@functools.cache
+def _find_statement(given: tuple[str, ...], newest_first: bool) -> Any:
+    """One constant statement per combination of filters, so that SQLAlchemy compiles
+    each once (building a statement per call costs more than running it)."""
+    query = _SELECT_TASKS.where(*(_FILTERS[key] for key in given if key != "limit"))
+    order = t.tasks.c.created_at.desc() if newest_first else t.tasks.c.created_at
+    query = query.order_by(order, t.tasks.c.id)
+    return query.limit(bindparam("limit")) if "limit" in given else query
 
 
 def new_task_id() -> str:
@@ -204,15 +235,7 @@ class TaskRepo:
 
     def get(self, ref: str) -> TaskRecord | None:
         """A task by id, else the live task of that name, else the newest of that name."""
-        row = self.tx.conn.execute(
-            _SELECT_TASKS.where(or_(t.tasks.c.id == ref, t.tasks.c.name == ref))
-            .order_by(
-                (t.tasks.c.id == ref).desc(),
-                t.tasks.c.live_name.is_(None),
-                t.tasks.c.created_at.desc(),
-            )
-            .limit(1)
-        ).first()
+        row = self.tx.conn.execute(_GET, {"ref": ref}).first()
         return _task(row) if row else None
 
     def live_named(self, name: str) -> TaskRecord | None:
@@ -231,26 +254,21 @@ class TaskRepo:
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[TaskRecord]:
-        query = _SELECT_TASKS
-        if states:
-            query = query.where(t.tasks.c.state.in_([s.value for s in states]))
-        if deadline_before is not None:
-            query = query.where(t.tasks.c.queue_deadline < deadline_before)
-        if ids is not None:
-            query = query.where(t.tasks.c.id.in_(list(ids)))
-        if name:
-            query = query.where(t.tasks.c.name == name)
-        if kind:
-            query = query.where(t.tasks.c.kind == kind)
-        if tenant:
-            query = query.where(t.tasks.c.tenant == tenant)
-        if node_id:
-            query = query.where(t.tasks.c.node_id == node_id)
-        order = t.tasks.c.created_at.desc() if newest_first else t.tasks.c.created_at
-        query = query.order_by(order, t.tasks.c.id)
-        if limit:
-            query = query.limit(limit)
-        return [_task(r) for r in self.tx.conn.execute(query)]
+        """Tasks matching every filter given, oldest first (or newest first)."""
+        values: dict[str, Any] = {
+            "states": [s.value for s in states] if states else None,
+            "ids": list(ids) if ids is not None else None,
+            "deadline": deadline_before,
+            "name": name or None,
+            "kind": kind or None,
+            "tenant": tenant or None,
+            "node_id": node_id or None,
+            "limit": limit or None,
+        }
+        given = tuple(key for key, value in values.items() if value is not None)
+        query = _find_statement(given, newest_first)
+        bound = {key: values[key] for key in given}
+        return [_task(r) for r in self.tx.conn.execute(query, bound)]
 
     def by_ids(self, ids: Iterable[str], state: TaskState | None = None) -> list[TaskRecord]:
         """The tasks `ids` (those in `state` only, if given), in no set order."""
