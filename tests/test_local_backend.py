@@ -216,10 +216,18 @@ def test_runner_server_hands_tasks_to_spares_and_leaves_with_its_home(tmp_path, 
     backend = LocalProcesses(data_dir)
     first = backend.start(launch(tmp_path, "pass"))
     server = psutil.Process(first.pid).parent()
-    # runners forked ahead of need wait for their task beside it
-    spares = wait_for(lambda: len(server.children()) >= 2 and server.children(), what="spares")
+    # runners forked ahead of need wait for their task beside it (all made a while ago)
+    wait_for(
+        lambda: (
+            len(kids := server.children()) >= 2
+            and time.time() - max(k.create_time() for k in kids) > 0.1
+        ),
+        what="spares",
+    )
+    asked = time.time()
     nxt = backend.start(launch(tmp_path, "import time; time.sleep(0.2)", attempt=2))
-    assert nxt.pid in {p.pid for p in spares}  # handed to a spare, not forked on demand
+    # handed to a spare, not forked on demand (start times count in 10 ms ticks)
+    assert psutil.Process(nxt.pid).create_time() < asked - 0.05
     assert finish(backend, nxt).exit_code == 0
     backend.close()
     shutil.rmtree(data_dir)  # the home is gone: no daemon can reach the server again
