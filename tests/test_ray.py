@@ -158,7 +158,7 @@ handles = []
 for i, (name, code) in enumerate([("node-h100", 0), ("node-a100", 3), ("node-a100", 4)]):
     argv = [sys.executable, "-c", f"raise SystemExit({code})"]
     launch = Launch(f"t{i}", 1, argv, {}, tmp, f"{tmp}/run{i}", node_id=nodes[name])
-    handles.append(backend.start(launch))
+    handles.append(backend.start_many([launch])[0])
 ended = wait_for(lambda: all(got := backend.poll_many(handles)) and got)
 print([e.exit_code for e in ended])
 ray.shutdown()

@@ -76,14 +76,11 @@ class Backend(Protocol):
         only which nodes are lost (cheap: asks no node)."""
         ...
 
-    def start(self, launch: Launch) -> Handle:
-        """Start one attempt where `launch.node_id` says. NodeDown or NoFreePort when the
-        node cannot take it (not the task's fault); another OSError when the task's own
-        launch cannot work (a workdir that cannot be made)."""
-        ...
-
     def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
-        """`start` for each launch, all at once; for each, its handle or its error."""
+        """Start each attempt where its `node_id` says, all at once. For each, its handle,
+        or why not: NodeDown or NoFreePort when the node cannot take it (not the task's
+        fault), another OSError when the task's own launch cannot work (a workdir that
+        cannot be made)."""
         ...
 
     def poll_many(self, handles: list[Handle]) -> list[Exit | None]:

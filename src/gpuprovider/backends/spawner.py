@@ -88,15 +88,19 @@ class Spawner:
                 time.sleep(0.01)
 
     @staticmethod
-    def _call(sock: socket.socket, reader: object, request: dict) -> dict:
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        line = reader.readline()  # type: ignore[attr-defined]
-        if not line:
-            raise SpawnerError("the runner server closed the connection")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise SpawnerError(f"the runner server refused: {answer['error']}")
-        return answer
+    def _exchange(sock: socket.socket, reader: object, requests: list[dict]) -> list[dict]:
+        """Send requests together; the server's answers, in order."""
+        sock.sendall(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
+        answers = []
+        for _ in requests:
+            line = reader.readline()  # type: ignore[attr-defined]
+            if not line:
+                raise SpawnerError("the runner server closed the connection")
+            answer = json.loads(line)
+            if "error" in answer:
+                raise SpawnerError(f"the runner server refused: {answer['error']}")
+            answers.append(answer)
+        return answers
 
     # -- starting runners ------------------------------------------------------------
 
@@ -109,26 +113,14 @@ class Spawner:
                     if self._conn is None:
                         self._conn = self._connect()
                         self._reader = self._conn.makefile("rb")
-                    return self._start_all(self._conn, self._reader, requests)
+                    starts = [{"op": "start", **r} for r in requests]
+                    answers = self._exchange(self._conn, self._reader, starts)
+                    return [int(a["pid"]) for a in answers]
                 except (OSError, ValueError) as exc:
                     self._drop()
                     if not retry:
                         raise SpawnerError(f"cannot start a runner: {exc}") from None
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _start_all(sock: socket.socket, reader: object, requests: list[dict]) -> list[int]:
-        sock.sendall(b"".join(json.dumps({"op": "start", **r}).encode() + b"\n" for r in requests))
-        pids = []
-        for _ in requests:
-            line = reader.readline()  # type: ignore[attr-defined]
-            if not line:
-                raise SpawnerError("the runner server closed the connection")
-            answer = json.loads(line)
-            if "error" in answer:
-                raise SpawnerError(f"the runner server refused: {answer['error']}")
-            pids.append(int(answer["pid"]))
-        return pids
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -152,7 +144,7 @@ class Spawner:
                 sock = self._connect()
                 sock.settimeout(None)
                 with sock, sock.makefile("rb") as reader:
-                    self._call(sock, reader, {"op": "watch"})
+                    self._exchange(sock, reader, [{"op": "watch"}])
                     for line in reader:
                         if b"exited" in line:
                             self.on_exit()  # type: ignore[misc]

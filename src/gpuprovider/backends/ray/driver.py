@@ -157,117 +157,106 @@ class RayBackend:
 
     # -- tasks -------------------------------------------------------------------
 
-    def start(self, launch: Launch) -> Handle:
-        started = self.start_many([launch])[0]
-        if isinstance(started, OSError):
-            raise started
-        return started
+    def _fan_out(
+        self, node_of: list[str], items: list[Any], many: str, one: str, timeout_s: float
+    ) -> tuple[dict[int, Any], dict[str, str]]:
+        """Ask every node at once: for the items of each node, its agent's `many` call
+        (or `one` call per item, on an agent an older gpuprovider started), waiting
+        `timeout_s` at most for all. Returns ({item index: answer}, {node id: why it
+        gave none}); RayBackendError when Ray itself cannot be reached."""
+        answers: dict[int, Any] = {}
+        failed: dict[str, str] = {}
+        by_node: dict[str, list[int]] = {}
+        for i, node_id in enumerate(node_of):
+            by_node.setdefault(node_id, []).append(i)
+        pending: dict[Any, tuple[str, list[int], bool]] = {}  # call -> node, items, many
+        for node_id, rows in by_node.items():
+            try:
+                agent = self._agent_of(node_id)
+            except NodeDown as exc:
+                failed[node_id] = str(exc)
+                continue
+            if hasattr(agent, many):
+                pending[getattr(agent, many).remote([items[i] for i in rows])] = (
+                    node_id,
+                    rows,
+                    True,
+                )
+            else:
+                for i in rows:
+                    pending[getattr(agent, one).remote(items[i])] = (node_id, [i], False)
+        if pending:
+            ready, late = self.ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+            for ref in ready:
+                node_id, rows, is_many = pending[ref]
+                try:
+                    answer = self.ray.get(ref)
+                except Exception as exc:  # the actor died, the node went
+                    failed[node_id] = f"{type(exc).__name__}: {exc}"
+                    continue
+                answers.update(zip(rows, answer if is_many else [answer], strict=True))
+            for ref in late:
+                failed[pending[ref][0]] = f"no answer within {timeout_s:g}s"
+        return answers, failed
 
     def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
         """Every node asked at once, one call for all its launches."""
         results: list[Handle | OSError | None] = [None] * len(launches)
-        by_node: dict[str, list[int]] = {}
+        asked = [i for i, launch in enumerate(launches) if launch.node_id not in self.dead]
         for i, launch in enumerate(launches):
             if launch.node_id in self.dead:
                 results[i] = NodeDown(launch.node_id, f"node {launch.node_id} died")
-            else:
-                by_node.setdefault(launch.node_id, []).append(i)
-        pending: dict[Any, tuple[str, list[int], bool]] = {}
-        for node_id, rows in by_node.items():
-            try:
-                agent = self._agent_of(node_id)
-            except (NodeDown, RayBackendError) as exc:
-                for i in rows:
-                    results[i] = exc if isinstance(exc, OSError) else OSError(str(exc))
-                continue
-            if hasattr(agent, "start_many"):
-                ref = agent.start_many.remote([launches[i] for i in rows])
-                pending[ref] = (node_id, rows, True)
-            else:  # an agent an older gpuprovider started: one call per launch
-                for i in rows:
-                    pending[agent.start.remote(launches[i])] = (node_id, [i], False)
-        if pending:
-            ready, late = self.ray.wait(
-                list(pending), num_returns=len(pending), timeout=CALL_TIMEOUT_S
+        try:
+            answers, failed = self._fan_out(
+                [launches[i].node_id for i in asked],
+                [launches[i] for i in asked],
+                "start_many",
+                "start",
+                CALL_TIMEOUT_S,
             )
-            failed: dict[str, str] = {}
-            for ref in ready:
-                node_id, rows, many = pending[ref]
-                try:
-                    answer = self.ray.get(ref)
-                    for i, got in zip(rows, answer if many else [answer], strict=True):
-                        results[i] = got
-                except Exception as exc:  # the actor died, the node went
-                    failed[node_id] = f"{type(exc).__name__}: {exc}"
-            for ref in late:
-                failed[pending[ref][0]] = f"no answer within {CALL_TIMEOUT_S:g}s"
-            dead = self._dead_among(failed) if failed else set()
-            for node_id, rows, _ in pending.values():
-                if node_id not in failed:
-                    continue
-                for i in rows:
-                    results[i] = (
-                        NodeDown(node_id, f"node {node_id} died")
-                        if node_id in dead
-                        else OSError(f"Ray could not start it on {node_id}: {failed[node_id]}")
-                    )
+        except RayBackendError as exc:
+            answers, failed = {}, {launches[i].node_id: str(exc) for i in asked}
+        dead = self._dead_among(failed) if failed else set()
+        for k, i in enumerate(asked):
+            node_id = launches[i].node_id
+            if k in answers:
+                results[i] = answers[k]
+            elif node_id in dead:
+                results[i] = NodeDown(node_id, f"node {node_id} died")
+            else:
+                results[i] = OSError(f"Ray could not start it on {node_id}: {failed[node_id]}")
         return results  # type: ignore[return-value]
-
-    def poll(self, handle: Handle) -> Exit | None:
-        return self.poll_many([handle])[0]
 
     def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
         """Every node asked at once, one call for all its tasks, waiting POLL_TIMEOUT_S
         at most for them all. A task whose node cannot answer reads None (nothing
         known, ask again later) unless Ray reports the node dead."""
         results: list[Exit | None] = [None] * len(handles)
-        by_node: dict[str, list[int]] = {}
+        asked = [i for i, handle in enumerate(handles) if handle.node_id not in self.dead]
         for i, handle in enumerate(handles):
             if handle.node_id in self.dead:
                 results[i] = node_lost(handle.node_id)
-            else:
-                by_node.setdefault(handle.node_id, []).append(i)
-        # call -> (node id, tasks asked, whether it answers for many)
-        pending: dict[Any, tuple[str, list[int], bool]] = {}
-        failed: dict[str, str] = {}  # node id -> why its tasks are unknown
-        for node_id, rows in by_node.items():
-            try:
-                agent = self._agent_of(node_id)
-            except RayBackendError:
-                return results  # Ray itself is unreachable: nothing is known
-            except NodeDown as exc:
-                failed[node_id] = str(exc)
-                continue
-            if hasattr(agent, "poll_many"):
-                pending[agent.poll_many.remote([handles[i] for i in rows])] = (node_id, rows, True)
-            else:  # an agent an older gpuprovider started: one call per task
-                for i in rows:
-                    pending[agent.poll.remote(handles[i])] = (node_id, [i], False)
-        if pending:
-            ready, late = self.ray.wait(
-                list(pending), num_returns=len(pending), timeout=POLL_TIMEOUT_S
+        try:
+            answers, failed = self._fan_out(
+                [handles[i].node_id for i in asked],
+                [handles[i] for i in asked],
+                "poll_many",
+                "poll",
+                POLL_TIMEOUT_S,
             )
-            for ref in ready:
-                node_id, rows, many = pending[ref]
-                try:
-                    answer = self.ray.get(ref)
-                    for i, ended in zip(rows, answer if many else [answer], strict=True):
-                        results[i] = ended
-                except Exception as exc:  # the actor died, the node went
-                    failed[node_id] = f"{type(exc).__name__}: {exc}"
-            for ref in late:
-                failed[pending[ref][0]] = f"no answer within {POLL_TIMEOUT_S:g}s"
+        except RayBackendError:
+            return results  # Ray itself is unreachable: nothing is known
         dead = self._dead_among(failed) if failed else set()
+        for k, i in enumerate(asked):
+            node_id = handles[i].node_id
+            if k in answers:
+                results[i] = answers[k]
+            elif node_id in dead:
+                results[i] = node_lost(node_id)
         for node_id, why in failed.items():
-            if node_id in dead:
-                for i in by_node[node_id]:
-                    results[i] = node_lost(node_id)
-            else:
+            if node_id not in dead:
                 log.warning("polling tasks on %s failed: %s", node_id, why)
         return results
-
-    def _node_dead(self, node_id: str) -> bool:
-        return node_id in self._dead_among([node_id])
 
     def _dead_among(self, node_ids: Iterable[str]) -> set[str]:
         """Those of `node_ids` that Ray no longer lists alive (asked once), marked dead."""
