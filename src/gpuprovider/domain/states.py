@@ -49,6 +49,8 @@ STOPPING = frozenset({S.CANCELLING, S.PREEMPTED})
 NOT_STARTED = frozenset({S.SUBMITTED, S.QUEUED, S.SCHEDULED})
 # States that hold no resources: entering one releases the task's allocation.
 UNALLOCATED = frozenset({S.QUEUED, *TERMINAL})
+# States in which a task may hold an allocation (placed, until it is released).
+ALLOCATED = frozenset(S) - UNALLOCATED - {S.SUBMITTED}
 
 
 class IllegalTransition(ValueError):

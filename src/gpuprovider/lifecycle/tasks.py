@@ -17,6 +17,7 @@ from typing import Any
 from gpuprovider.domain.process import Exit
 from gpuprovider.domain.records import TaskRecord
 from gpuprovider.domain.states import (
+    ALLOCATED,
     NOT_STARTED,
     STOPPING,
     TERMINAL,
@@ -29,8 +30,6 @@ from gpuprovider.store.store import Tx
 
 S = TaskState
 ANY = frozenset(S)
-# States in which a task may hold an allocation (placed, until it is released).
-ALLOCATED = frozenset(S) - UNALLOCATED - {S.SUBMITTED}
 
 
 @dataclass(frozen=True)
