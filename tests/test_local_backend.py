@@ -15,6 +15,7 @@ import pytest
 
 from gpuprovider.backends.base import Handle, Launch, NoFreePort
 from gpuprovider.backends.local import LocalProcesses, process_alive
+from gpuprovider.isolation.policy import Settings
 from gpuprovider.testing import kill_processes_mentioning, wait_for
 
 
@@ -26,9 +27,15 @@ def data_dir(tmp_path):
     kill_processes_mentioning(path)
 
 
+# Tasks here run the test's own Python, which task users may not be able to read (it
+# can live in root's home): they run as the provider's user, in their cgroups still.
+# tests/test_isolation.py runs tasks as pool users.
+AS_PROVIDER = Settings(users="none")
+
+
 @pytest.fixture
 def processes(data_dir):
-    return LocalProcesses(data_dir)
+    return LocalProcesses(data_dir, isolation=AS_PROVIDER)
 
 
 def launch(tmp_path: Path, code: str, attempt: int = 1, **kw) -> Launch:
@@ -123,10 +130,10 @@ def test_runner_killed_without_record_is_lost(tmp_path, processes):
 
 
 def test_adopted_process_is_polled_by_pid_and_start_time(tmp_path, data_dir):
-    first = LocalProcesses(data_dir)
+    first = LocalProcesses(data_dir, isolation=AS_PROVIDER)
     handle = first.start(launch(tmp_path, "import time; time.sleep(0.5)"))
     # A new backend (as after a daemon restart) knows only the recorded handle.
-    second = LocalProcesses(data_dir)
+    second = LocalProcesses(data_dir, isolation=AS_PROVIDER)
     adopted = Handle(handle.pid, handle.start_time, handle.run_dir, handle.attempt)
     assert second.poll(adopted) is None
     assert finish(second, adopted).exit_code == 0
@@ -134,14 +141,15 @@ def test_adopted_process_is_polled_by_pid_and_start_time(tmp_path, data_dir):
 
 @pytest.mark.parametrize("exists", [True, False])
 def test_recover_finds_a_runner_started_but_not_recorded(tmp_path, data_dir, exists):
-    backend = LocalProcesses(data_dir)
+    backend = LocalProcesses(data_dir, isolation=AS_PROVIDER)
     handle = backend.start(launch(tmp_path, "import time; time.sleep(30)"))
     wait_for(lambda: (tmp_path / "run" / "runner-1.json").exists())
+    restarted = LocalProcesses(data_dir, isolation=AS_PROVIDER)
     if exists:
-        found = LocalProcesses(data_dir).recover(str(tmp_path / "run"), 1)
+        found = restarted.recover(str(tmp_path / "run"), 1)
         assert found is not None and found.pid == handle.pid
     else:
-        assert LocalProcesses(data_dir).recover(str(tmp_path / "run"), 2) is None
+        assert restarted.recover(str(tmp_path / "run"), 2) is None
     backend.kill(handle)
 
 
@@ -157,7 +165,7 @@ def test_a_recycled_pid_is_not_recovered_as_the_runner(tmp_path, processes):
 
 def test_runners_are_forked_by_a_server_that_outlives_the_daemon(tmp_path, data_dir):
     exits = threading.Event()
-    first = LocalProcesses(data_dir, on_exit=exits.set)
+    first = LocalProcesses(data_dir, on_exit=exits.set, isolation=AS_PROVIDER)
     handle = first.start(launch(tmp_path, "import time; time.sleep(0.3)"))
     server = psutil.Process(handle.pid).parent()
     assert "--serve" in server.cmdline()  # a fork of the server, not a Python of its own
@@ -165,7 +173,7 @@ def test_runners_are_forked_by_a_server_that_outlives_the_daemon(tmp_path, data_
     assert finish(first, handle).exit_code == 0
     first.close()
     # another daemon (a restart) uses the same server, which kept running
-    second = LocalProcesses(data_dir)
+    second = LocalProcesses(data_dir, isolation=AS_PROVIDER)
     again = second.start(launch(tmp_path, "pass", attempt=2))
     assert psutil.Process(again.pid).ppid() == server.pid
     assert finish(second, again).exit_code == 0
@@ -176,7 +184,7 @@ def test_runners_are_forked_by_a_server_that_outlives_the_daemon(tmp_path, data_
 
 
 def test_without_a_server_runners_start_as_processes_of_their_own(tmp_path, data_dir):
-    backend = LocalProcesses(data_dir)
+    backend = LocalProcesses(data_dir, isolation=AS_PROVIDER)
     (data_dir / ".runner").rmdir() if (data_dir / ".runner").exists() else None
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / ".runner").write_text("not a directory")  # the server cannot live here
@@ -213,7 +221,7 @@ def test_ports_are_chosen_on_the_node_and_given_to_the_task(tmp_path, processes)
 
 
 def test_runner_server_hands_tasks_to_spares_and_leaves_with_its_home(tmp_path, data_dir):
-    backend = LocalProcesses(data_dir)
+    backend = LocalProcesses(data_dir, isolation=AS_PROVIDER)
     first = backend.start(launch(tmp_path, "pass"))
     server = psutil.Process(first.pid).parent()
     # runners forked ahead of need wait for their task beside it (all made a while ago)

@@ -137,20 +137,23 @@ from pathlib import Path
 from gpuprovider.backends.base import Launch
 from gpuprovider.backends.local import LocalProcesses
 from gpuprovider.backends.ray.driver import RayBackend
+from gpuprovider.isolation.policy import Settings
 from gpuprovider.testing import wait_for
+
+AS_PROVIDER = Settings(users="none")  # the tasks run this test's own Python
 
 class OlderAgent:
     # a node agent as an older gpuprovider started it: no poll_many (agents are
     # detached, so one may outlive an upgrade of the provider)
     def __init__(self, data_dir):
-        self.local = LocalProcesses(Path(data_dir))
+        self.local = LocalProcesses(Path(data_dir), isolation=AS_PROVIDER)
     def start(self, launch):
         return self.local.start(launch)
     def poll(self, handle):
         return self.local.poll(handle)
 
 address, tmp = sys.argv[1:]
-backend = RayBackend(address, tmp)
+backend = RayBackend(address, tmp, AS_PROVIDER)
 backend.connect()
 nodes = {node.name: node.id for node in backend.discover(full=True).nodes}
 backend.agents[nodes["node-a100"]] = ray.remote(OlderAgent).options(num_cpus=0).remote(tmp)

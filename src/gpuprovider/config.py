@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpuprovider.domain import catalogue
+from gpuprovider.isolation.policy import Settings
 from gpuprovider.scheduler.plugins import POLICIES
 
 
@@ -101,6 +102,37 @@ class InventoryConfig(_Section):
     expected_gpus: list[ExpectedGpu] = Field(default_factory=list)
 
 
+class IsolationConfig(_Section):
+    users: Literal["auto", "pool", "none"] = "auto"
+    cgroups: Literal["auto", "v1", "v2", "none"] = "auto"
+    memory_margin_pct: int = Field(10, ge=0, le=1000)
+    memory_margin_mib: int = Field(64, ge=0, le=1 << 20)
+    pids_max: int = Field(4096, ge=16, le=1 << 22)
+    cpu_quota: bool = False
+    devices: bool = True
+    # Folders a spec's `workdir` may name (besides none: the task's own folder).
+    workdir_roots: list[str] = Field(default_factory=list)
+
+    @field_validator("workdir_roots")
+    @classmethod
+    def _absolute(cls, roots: list[str]) -> list[str]:
+        for root in roots:
+            if not root.startswith("/") or "\x00" in root:
+                raise ValueError(f"{root!r} is not an absolute path")
+        return [root.rstrip("/") or "/" for root in roots]
+
+    def settings(self) -> Settings:
+        return Settings(
+            users=self.users,
+            cgroups=self.cgroups,
+            memory_margin_pct=self.memory_margin_pct,
+            memory_margin_mib=self.memory_margin_mib,
+            pids_max=self.pids_max,
+            cpu_quota=self.cpu_quota,
+            devices=self.devices,
+        )
+
+
 class QuotaConfig(_Section):
     gpus: float = Field(ge=0, le=100_000, description="GPUs guaranteed to the tenant")
 
@@ -124,6 +156,7 @@ class ProviderConfig(_Section):
     inventory: InventoryConfig = Field(default_factory=InventoryConfig)
     reaper: ReaperConfig = Field(default_factory=ReaperConfig)
     proof: ProofConfig = Field(default_factory=ProofConfig)
+    isolation: IsolationConfig = Field(default_factory=IsolationConfig)
     # Per tenant: work within its GPUs is guaranteed; work beyond them runs only as
     # preemptible. A tenant without an entry has no limit.
     quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
@@ -257,6 +290,23 @@ required = {str(d.proof.required).lower()}
 max_age_s = {d.proof.max_age_s}
 # A simulated GPU proves this much host memory with the CPU prover.
 simulated_memory_mib = {d.proof.simulated_memory_mib}
+
+[isolation]
+# Each task runs as a user of its own ("pool": system users gpp-task-N, made on first
+# need; "auto": the pool when the daemon runs as root, else tasks run as the daemon's
+# user and `node list` says "isolation: none"), in cgroups of its own (memory limited to
+# its reservation plus the margins below, CPU weighted by its reservation, a process
+# count cap, and only its own GPU device nodes), with a clean environment.
+users = "{d.isolation.users}"
+cgroups = "{d.isolation.cgroups}"
+memory_margin_pct = {d.isolation.memory_margin_pct}
+memory_margin_mib = {d.isolation.memory_margin_mib}
+pids_max = {d.isolation.pids_max}
+# true: cap CPU at the reservation too (CFS quota); false: weight only.
+cpu_quota = {str(d.isolation.cpu_quota).lower()}
+devices = {str(d.isolation.devices).lower()}
+# Absolute folders a task spec's workdir may name; none: only the task's own folder.
+workdir_roots = []
 
 # Per-tenant GPU quotas (DLWS style): work within a tenant's quota is guaranteed;
 # beyond it, work runs only as preemptible and gives way to guaranteed work.

@@ -20,6 +20,7 @@ import psutil
 
 from gpuprovider.bootstrap import init_home
 from gpuprovider.home import Home
+from gpuprovider.isolation.policy import Applied, undo
 
 GPUPROVIDER = str(Path(sys.executable).parent / "gpuprovider")
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
@@ -63,8 +64,11 @@ def make_home(
     port_range: tuple[int, int] = (31000, 31999),
     reaper_interval_s: float = 0.2,
     container_engine: str = "none",
+    task_users: str = "none",
 ) -> Home:
     """An initialised home listening on `port`, with loops fast enough for tests."""
+    # (tasks still run in cgroups of their own: tests/test_isolation.py runs them as
+    # pool users too)
     home = Home(root)
     init_home(home, simulate=False)
     text = home.config.read_text()
@@ -77,6 +81,9 @@ def make_home(
         # whatever GPUs and engines the machine has, tests see what they ask for only
         (r"(?m)^nvml = true$", "nvml = false"),
         (r'(?m)^container_engine = "auto"$', f'container_engine = "{container_engine}"'),
+        # tasks share files with the tests, and may run the test's own Python (which can
+        # live in root's home): as the provider's user unless a test asks for the pool
+        (r'(?m)^users = "auto"$', f'users = "{task_users}"'),
     ):
         text, count = re.subn(pattern, value, text)
         assert count == 1, f"the default config changed: {pattern} not found"
@@ -181,9 +188,12 @@ class Provider:
 
 def kill_task_processes(home: Home) -> None:
     """Leave no task process behind a test, whatever happened to the daemon: the
-    runner server of this home, every runner, and each command a runner started in a
-    process group of its own."""
+    runner server of this home, every runner, each command a runner started in a
+    process group of its own; and each attempt's cgroup and user."""
     kill_processes_mentioning(home.tasks)
+    for record in home.tasks.glob("*/isolation-*.json"):
+        if applied := Applied.load(str(record)):
+            undo(applied)
 
 
 def kill_processes_mentioning(path: Path) -> None:

@@ -9,6 +9,7 @@ runs it can know (free ports, its own base environment) is settled there, by
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 
@@ -32,6 +33,11 @@ class Launch:
     taken_ports: list[int] = field(default_factory=list)  # held by other work on the node
     port_range: tuple[int, int] = (20000, 29999)
     container: ContainerLaunch | None = None
+    # What the node isolates the attempt with (its cgroup's limits, its device list).
+    memory_mib: int = 0
+    cpu_milli: int = 0
+    gpu_minors: list[int] = field(default_factory=list)
+    own_workdir: bool = True  # the task's own folder (handed to its user), not the spec's
 
 
 def build_launch(
@@ -70,6 +76,10 @@ def build_launch(
         port_names=[p.name for p in spec.ports],
         taken_ports=taken_ports,
         port_range=port_range,
+        memory_mib=allocation.memory_mib,
+        cpu_milli=allocation.cpu_milli,
+        gpu_minors=[g.idx for g in gpus],
+        own_workdir=spec.workdir is None or bool(spec.image),
     )
     if spec.image:
         real_gpus = bool(gpus) and not any(g.simulated for g in gpus)
@@ -113,10 +123,13 @@ def choose_ports(
     return chosen
 
 
-def settle(launch: Launch, ports: dict[str, int]) -> tuple[list[str], dict[str, str]]:
-    """On the node: the argv and the whole environment, with the ports it chose and its
-    own environment beneath what the provider sets."""
-    env = {k: v for k, v in os.environ.items() if not set_by_provider(k)}
+def settle(
+    launch: Launch, ports: dict[str, int], base_env: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """On the node: the argv and the whole environment, from `base_env` (never the
+    daemon's own environment), what the provider and the spec set, and the ports the
+    node chose. A container engine is named by its path on this node."""
+    env = dict(base_env)
     env.update(launch.env)
     for i, (name, port) in enumerate(ports.items()):
         if i == 0:
@@ -128,4 +141,6 @@ def settle(launch: Launch, ports: dict[str, int]) -> tuple[list[str], dict[str, 
     passed = set(container.env_keys) | {k for k in env if set_by_provider(k)}
     if container.real_gpus:  # the engine maps the devices; inside they count from 0
         passed -= set(VISIBILITY_ENV)
-    return container_argv(container, ports, sorted(passed)), env
+    argv = container_argv(container, ports, sorted(passed))
+    argv[0] = shutil.which(argv[0]) or argv[0]
+    return argv, env

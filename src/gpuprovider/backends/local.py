@@ -13,18 +13,18 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
 from gpuprovider.backends.base import Discovery, Exit, Handle, NoFreePort
 from gpuprovider.backends.launch import Launch, choose_ports, settle
-from gpuprovider.backends.spawner import RUNNER_PATH, Spawner, SpawnerError
+from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.inventory.local import read_local_node
+from gpuprovider.isolation.policy import Applied, Isolation, Settings, record_path, undo
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,13 @@ def read_exit(run_dir: str, attempt: int) -> Exit | None:
     except (OSError, ValueError) as exc:
         return Exit(None, f"lost: unreadable exit record {path}: {exc}", lost=True)
     code = data.get("exit_code")
-    if data.get("error"):
+    if data.get("oom"):
+        limit = data.get("memory_limit_bytes") or 0
+        reason = (
+            f"killed: out of memory (limit {limit // 2**20} MiB, its reservation and the "
+            "margins of [isolation]); reserve more memory"
+        )
+    elif data.get("error"):
         reason = data["error"]
     elif data.get("timed_out"):
         reason = "exceeded its max duration and was stopped"
@@ -72,11 +78,22 @@ def process_alive(pid: int, start_time: float) -> bool:
 
 
 class LocalProcesses:
-    """Task processes on this machine. `data_dir` holds the runner server's socket
-    (`.runner/`); `on_exit` is called, from a thread, whenever a runner ends."""
+    """Task processes on this machine, each isolated as `isolation` says (as far as the
+    machine allows: `isolation.describe()`). `data_dir` holds the runner server's socket
+    (`.runner/`) and the task users' leases (`.users/`); `on_exit` is called, from a
+    thread, whenever a runner ends."""
 
-    def __init__(self, data_dir: Path, on_exit: Callable[[], None] | None = None):
-        self.spawner = Spawner(Path(data_dir) / ".runner", on_exit)
+    def __init__(
+        self,
+        data_dir: Path,
+        on_exit: Callable[[], None] | None = None,
+        isolation: Settings | None = None,
+    ):
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o700)  # task folders are reached through a task's own cwd only
+        self.isolation = Isolation(isolation or Settings(), str(data_dir / ".users"))
+        self.spawner = Spawner(data_dir / ".runner", on_exit)
         self.spawner.watch()
         # Runners started without the server (it could not start); polled so they
         # never linger as zombies.
@@ -91,7 +108,7 @@ class LocalProcesses:
     def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
         """Start each attempt; for each, its handle or why it could not start."""
         results: list[Handle | OSError | None] = [None] * len(launches)
-        requests: list[tuple[int, dict, list[str], dict[str, str], dict[str, int]]] = []
+        requests: list[tuple[int, dict, Applied, dict[str, int]]] = []
         claimed: set[int] = set()  # ports chosen for launches of this batch
         for i, launch in enumerate(launches):
             try:
@@ -99,14 +116,17 @@ class LocalProcesses:
             except OSError as exc:
                 results[i] = exc
         try:
-            pids = self.spawner.start_many([request for _, request, *_ in requests])
+            pids: list[int | OSError] = list(
+                self.spawner.start_many([request for _, request, _, _ in requests])
+            )
         except SpawnerError as exc:
             log.warning("%s; starting runners as processes of their own", exc)
-            pids = [
-                self._start_process(launches[i], argv, env, request["log"])
-                for i, request, argv, env, _ in requests
-            ]
-        for (i, _, _, _, ports), pid in zip(requests, pids, strict=True):
+            pids = [self._start_process(request) for _, request, _, _ in requests]
+        for (i, _, applied, ports), pid in zip(requests, pids, strict=True):
+            if isinstance(pid, OSError):
+                undo(applied)
+                results[i] = pid
+                continue
             try:
                 start_time = psutil.Process(pid).create_time()
             except psutil.NoSuchProcess:
@@ -117,11 +137,9 @@ class LocalProcesses:
             )
         return results  # type: ignore[return-value]
 
-    @staticmethod
-    def _prepare(
-        launch: Launch, claimed: set[int]
-    ) -> tuple[dict, list[str], dict[str, str], dict[str, int]]:
-        """On this node: folders, ports, the argv and environment; the runner request."""
+    def _prepare(self, launch: Launch, claimed: set[int]) -> tuple[dict, Applied, dict[str, int]]:
+        """On this node: folders, ports, the user and cgroup, the argv and environment;
+        the runner's request."""
         Path(launch.run_dir).mkdir(parents=True, exist_ok=True)
         Path(launch.workdir).mkdir(parents=True, exist_ok=True)
         ports: dict[str, int] = {}
@@ -132,9 +150,19 @@ class LocalProcesses:
                 raise NoFreePort(f"no free port left in {list(launch.port_range)} on this node")
             ports = chosen
             claimed.update(ports.values())
-        argv, env = settle(launch, ports)
-        log_path = str(Path(launch.run_dir) / "output.log")
-        Path(log_path).touch()  # readable at once, whoever writes to it first
+        applied = self.isolation.apply(
+            launch.task_id,
+            launch.attempt,
+            launch.run_dir,
+            launch.workdir,
+            launch.own_workdir,
+            launch.memory_mib,
+            launch.cpu_milli,
+            launch.gpu_minors,
+        )
+        argv, env = settle(launch, ports, self.isolation.environment(launch.workdir, applied))
+        log_path = Path(launch.run_dir) / "output.log"
+        log_path.touch(mode=0o600)  # readable at once, whoever writes to it first
         request = {
             "argv": argv,
             "env": env,
@@ -143,38 +171,28 @@ class LocalProcesses:
             "attempt": launch.attempt,
             "grace_s": launch.grace_s,
             "max_duration_s": launch.max_duration_s or 0,
-            "log": log_path,
+            "log": str(log_path),
+            "isolation": asdict(applied),
         }
-        return request, argv, env, ports
+        return request, applied, ports
 
-    def _start_process(
-        self, launch: Launch, argv: list[str], env: dict[str, str], log_path: str
-    ) -> int:
-        with open(log_path, "ab") as output:
+    def _start_process(self, request: dict) -> int | OSError:
+        """A runner as a process of its own (when no runner server can be had)."""
+        try:
+            path = Path(request["run_dir"]) / f"request-{request['attempt']}.json"
+            path.write_text(json.dumps(request))
+            path.chmod(0o600)
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    RUNNER_PATH,
-                    "--run-dir",
-                    launch.run_dir,
-                    "--attempt",
-                    str(launch.attempt),
-                    "--grace",
-                    str(launch.grace_s),
-                    "--max-duration",
-                    str(launch.max_duration_s or 0),
-                    "--",
-                    *argv,
-                ],
-                cwd=launch.workdir,
-                env=env,
+                [*RUNNER, "--request", str(path)],
+                cwd=request["workdir"],
                 stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,
                 close_fds=True,
             )
+        except OSError as exc:
+            return exc
         self._children[proc.pid] = proc
         return proc.pid
 
@@ -195,6 +213,10 @@ class LocalProcesses:
         self._reap(handle.pid)
         if ended is not None:
             return ended
+        # Nothing of the attempt may outlive its runner: its cgroup and user go too.
+        applied = Applied.load(record_path(handle.run_dir, handle.attempt))
+        if applied is not None:
+            undo(applied)
         return Exit(None, "lost: its runner process vanished without an exit record", lost=True)
 
     def stop(self, handle: Handle) -> bool:
@@ -241,12 +263,12 @@ class LocalProcesses:
         except psutil.Error:
             return None
         # The pid must still be that runner, not a process that reused the number: a
-        # forked runner recorded when it started; one started as a process of its own
-        # carries its run folder on its command line.
+        # runner records when it started (0.1.0's runners carry their run folder on their
+        # command line instead).
         if "proc_start" in started:
             if abs(start_time - started["proc_start"]) > START_TIME_TOLERANCE_S:
                 return None
-        elif RUNNER_PATH not in cmdline or run_dir not in cmdline:
+        elif not any(run_dir in part for part in cmdline):
             return None
         return Handle(pid, start_time, run_dir, attempt, node_id)
 
@@ -276,8 +298,14 @@ class LocalBackend(LocalProcesses):
     name = "local"
     liveness_interval_s = None  # the machine is alive as long as the daemon is
 
-    def __init__(self, node: LocalNode, data_dir: Path, on_exit: Callable[[], None] | None = None):
-        super().__init__(data_dir, on_exit)
+    def __init__(
+        self,
+        node: LocalNode,
+        data_dir: Path,
+        on_exit: Callable[[], None] | None = None,
+        isolation: Settings | None = None,
+    ):
+        super().__init__(data_dir, on_exit, isolation)
         self.node = node
 
     def discover(self, full: bool) -> Discovery:
@@ -293,6 +321,7 @@ class LocalBackend(LocalProcesses):
             dict(n.labels),
             use_nvml=n.nvml,
         )
+        found.facts["isolation"] = self.isolation.describe()
         return Discovery(nodes=[found])
 
     def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:

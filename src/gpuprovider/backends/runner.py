@@ -6,9 +6,10 @@ period", and writes how the command ended to `exit-<attempt>.json`. Because it
 outlives the daemon, a task that finishes while the daemon is down still has
 its real exit code on record.
 
-Standard library only and run by path (`python -I runner.py`), so it is the same
-code on every backend. Starting a Python process per task costs ~20 ms of CPU, so
-the daemon keeps one *runner server* per machine (`runner.py --serve SOCKET`),
+Standard library only (with the stdlib-only `gpuprovider.isolation`), run as
+`python -I -m gpuprovider.backends.runner`, so it is the same code on every backend.
+Starting a Python process per task costs ~20 ms of CPU, so the daemon keeps one
+*runner server* per machine (`runner --serve SOCKET`),
 started on first use, which forks a runner per attempt: a fork costs well under a
 millisecond and the runner is the same code. The server outlives the daemon too,
 reaps the runners it forked, and tells whoever watches (the daemon) when one ends,
@@ -29,10 +30,25 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
-# Servers of different runner code never mix: the socket name carries this.
-with open(__file__, "rb") as _source:
-    VERSION = hashlib.sha256(_source.read()).hexdigest()[:12]
+from gpuprovider.isolation import cgroups
+from gpuprovider.isolation.policy import Applied, undo
+
+
+def _version() -> str:
+    """A digest of the code a runner server runs: servers of different code never mix
+    (the socket name carries it)."""
+    digest = hashlib.sha256()
+    isolation = os.path.dirname(cgroups.__file__)
+    for path in [__file__, *sorted(os.path.join(isolation, f) for f in os.listdir(isolation))]:
+        if path.endswith(".py"):
+            with open(path, "rb") as source:
+                digest.update(source.read())
+    return digest.hexdigest()[:12]
+
+
+VERSION = _version()
 
 IDLE_EXIT_S = 600.0  # a server with no runner and no client this long exits
 SPARES = 4  # runners forked ahead of need, waiting for their task
@@ -45,9 +61,33 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def _signal_all(pgid: int, sig: int, applied: Applied | None) -> None:
+    """Signal the command's process group, and every process of its cgroup (those that
+    left the group with `setsid` too)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+    if applied is not None and applied.cgroups:
+        for pid in cgroups.members(applied.cgroups):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def _become_task(applied: Applied | None) -> Callable[[], None] | None:
+    """What the forked child does before it runs the command: join the attempt's cgroup
+    (as root), then become the attempt's user, with no other group."""
+    if applied is None or (applied.uid is None and not applied.cgroups):
+        return None
+
+    def become() -> None:
+        if applied.cgroups:
+            cgroups.join(applied.cgroups)
+        if applied.uid is not None:
+            os.setgroups([])
+            os.setgid(applied.gid)
+            os.setuid(applied.uid)
+        os.umask(0o077)
+
+    return become
 
 
 def process_start_time(pid: int) -> float:
@@ -68,8 +108,10 @@ def run(
     grace_s: float,
     max_duration_s: float,
     env: dict[str, str] | None = None,
+    applied: Applied | None = None,
 ) -> int:
-    """Run one attempt of a task's command to its end, and record how it ended."""
+    """Run one attempt of a task's command to its end (as its user, in its cgroup, when
+    `applied` says so), record how it ended, and undo what was applied."""
     exit_path = os.path.join(run_dir, f"exit-{attempt}.json")
     started = time.time()
     stop = {"reason": "", "deadline": 0.0}
@@ -85,14 +127,19 @@ def run(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        child = subprocess.Popen(command, process_group=0, close_fds=True, env=env)
-    except OSError as exc:
-        print(f"gpuprovider: cannot start {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        child = subprocess.Popen(
+            command, process_group=0, close_fds=True, env=env, preexec_fn=_become_task(applied)
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        print(f"gpuprovider: cannot start {command[0]!r}: {why}", file=sys.stderr)
+        if applied is not None:
+            undo(applied)
         _write_json(
             exit_path,
             {
                 "exit_code": 127,
-                "error": f"cannot start {command[0]!r}: {exc.strerror}",
+                "error": f"cannot start {command[0]!r}: {why}",
                 "finished_at": time.time(),
             },
         )
@@ -120,11 +167,11 @@ def run(
         if max_duration_s and not stop["reason"] and now - started > max_duration_s:
             stop["reason"] = "max_duration"
         if stop["reason"] and not signalled:
-            _signal_group(child.pid, signal.SIGTERM)
+            _signal_all(child.pid, signal.SIGTERM, applied)
             stop["deadline"] = now + grace_s
             signalled = True
         elif signalled and now > stop["deadline"]:
-            _signal_group(child.pid, signal.SIGKILL)
+            _signal_all(child.pid, signal.SIGKILL, applied)
             stop["deadline"] = now + 1.0
         timeout = 1.0 if pidfd is not None else 0.05
         if signalled:
@@ -135,17 +182,21 @@ def run(
         with contextlib.suppress(BlockingIOError):
             while wake_r.recv(512):
                 pass
-    # Whatever the command left behind in its group goes with it.
-    _signal_group(child.pid, signal.SIGKILL)
-    _write_json(
-        exit_path,
-        {
-            "exit_code": code,
-            "stopped": stop["reason"] == "stopped",
-            "timed_out": stop["reason"] == "max_duration",
-            "finished_at": time.time(),
-        },
-    )
+    # Whatever the command left behind goes with it: its group, its cgroup, its user's
+    # processes; then its cgroup and user are given back.
+    _signal_all(child.pid, signal.SIGKILL, applied)
+    ended = {
+        "exit_code": code,
+        "stopped": stop["reason"] == "stopped",
+        "timed_out": stop["reason"] == "max_duration",
+    }
+    if applied is not None:
+        if applied.cgroups and cgroups.out_of_memory(applied.cgroups):
+            ended["oom"] = True
+            ended["memory_limit_bytes"] = applied.memory_limit_bytes
+        if not undo(applied):
+            ended["leftovers"] = "processes of the attempt outlived it; its user is kept back"
+    _write_json(exit_path, {**ended, "finished_at": time.time()})
     return 0
 
 
@@ -161,8 +212,9 @@ def _become_runner(request: dict, inherited: list[int]) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     code = 1
     try:
-        os.setsid()
-        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        with contextlib.suppress(PermissionError):  # started on its own: already a leader
+            os.setsid()
+        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)
@@ -170,6 +222,7 @@ def _become_runner(request: dict, inherited: list[int]) -> None:
         os.close(log)
         os.close(null)
         os.chdir(request["workdir"])
+        applied = Applied(**request["isolation"]) if request.get("isolation") else None
         code = run(
             request["argv"],
             request["run_dir"],
@@ -177,6 +230,7 @@ def _become_runner(request: dict, inherited: list[int]) -> None:
             float(request["grace_s"]),
             float(request["max_duration_s"]),
             request["env"],
+            applied,
         )
     except BaseException as exc:  # never return into the server's loop
         with contextlib.suppress(Exception):
@@ -377,17 +431,17 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpuprovider-runner")
     parser.add_argument("--serve", metavar="NAME", help="run the runner server as NAME")
     parser.add_argument("--dir", help="the server's directory (with --serve)")
-    parser.add_argument("--run-dir")
-    parser.add_argument("--attempt", type=int, default=0)
-    parser.add_argument("--grace", type=float, default=10.0)
-    parser.add_argument("--max-duration", type=float, default=0.0)
-    parser.add_argument("command", nargs=argparse.REMAINDER)
+    parser.add_argument(
+        "--request", metavar="FILE", help="run one attempt, as FILE (JSON) says (no server)"
+    )
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.dir, args.serve)
         return 0
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return run(command, args.run_dir, args.attempt, args.grace, args.max_duration)
+    with open(args.request) as handle:
+        request = json.load(handle)
+    _become_runner(request, [])
+    return 1  # not reached: a runner ends the process
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from gpuprovider.backends import runner
 
 log = logging.getLogger(__name__)
 
-RUNNER_PATH = runner.__file__
+RUNNER = [sys.executable, "-I", "-m", runner.__name__]  # how a runner (server) is started
 CONNECT_TIMEOUT_S = 5.0  # for a server just started to answer
 CALL_TIMEOUT_S = 10.0
 
@@ -71,7 +71,7 @@ class Spawner:
         except OSError:
             pass
         subprocess.Popen(
-            [sys.executable, "-I", RUNNER_PATH, "--serve", self.name, "--dir", str(self.directory)],
+            [*RUNNER, "--serve", self.name, "--dir", str(self.directory)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -125,7 +125,14 @@ class Daemon:
         ):
             self.signals.subscribe(fired, listener)
         self.services = Services(
-            tasks=TaskService(self.store, framework_policy, usability, self.backend, engine),
+            tasks=TaskService(
+                self.store,
+                framework_policy,
+                usability,
+                self.backend,
+                engine,
+                workdir_roots=config.isolation.workdir_roots,
+            ),
             nodes=NodeService(self.store, usability),
             tokens=TokenService(self.store),
             proofs=ProofService(
@@ -137,7 +144,7 @@ class Daemon:
     def _backend(self, public_key: str) -> Backend:
         config = self.config
         if config.backend.kind == "ray":
-            return RayBackend(config.backend.address, self.home.tasks)
+            return RayBackend(config.backend.address, self.home.tasks, config.isolation.settings())
         node = LocalNode(
             node_id=self.node_id,
             name=config.inventory.node_name,
@@ -147,9 +154,16 @@ class Daemon:
             labels=tuple(sorted(config.inventory.labels.items())),
             nvml=config.inventory.nvml,
         )
-        return LocalBackend(
-            node, self.home.tasks, on_exit=partial(self.signals.fire, Signal.EXITED)
+        backend = LocalBackend(
+            node,
+            self.home.tasks,
+            on_exit=partial(self.signals.fire, Signal.EXITED),
+            isolation=config.isolation.settings(),
         )
+        for what, how in backend.isolation.describe().items():
+            if how.startswith("none"):
+                log.warning("ISOLATION %s %s: tasks are not kept apart this way", what, how)
+        return backend
 
     def preflight(self) -> None:
         """The preflight checks, logged and stored; their trouble never stops the daemon."""

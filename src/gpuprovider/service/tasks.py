@@ -36,6 +36,7 @@ class TaskService:
         usability: Usability,
         backend: Backend,
         container_engine: Callable[[], str | None],
+        workdir_roots: list[str] | None = None,
     ):
         self.store = store
         # The scheduler loop has its own framework; dry runs come from API threads.
@@ -44,10 +45,21 @@ class TaskService:
         self.usability = usability
         self.backend = backend
         self.container_engine = container_engine
+        self.workdir_roots = workdir_roots or []
 
     # -- submit --------------------------------------------------------------------
 
     def _check_runnable(self, spec: TaskSpec) -> None:
+        if spec.workdir and not any(
+            spec.workdir == root or spec.workdir.startswith(root.rstrip("/") + "/")
+            for root in self.workdir_roots
+        ):
+            roots = ", ".join(self.workdir_roots) or "none are configured"
+            raise Rejected(
+                f"workdir: {spec.workdir} is outside the folders tasks may use "
+                f"([isolation] workdir_roots: {roots}); leave it out to work in the task's "
+                "own folder"
+            )
         if spec.image and self.container_engine() is None:
             raise Rejected(
                 "image: no container engine to run it (docker or podman must answer, and "

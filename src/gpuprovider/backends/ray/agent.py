@@ -12,12 +12,20 @@ from gpuprovider.backends.ray.common import SIM_PREFIX
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.domain.records import NodeRecord
 from gpuprovider.inventory.local import read_local_node
+from gpuprovider.isolation.policy import Settings
 
 
 class NodeAgent:
     """Runs on one Ray node (as a detached actor): the local backend, there."""
 
-    def __init__(self, node_id: str, name: str, labels: dict[str, str], data_dir: str):
+    def __init__(
+        self,
+        node_id: str,
+        name: str,
+        labels: dict[str, str],
+        data_dir: str,
+        isolation: dict | None = None,
+    ):
         # unnamed (a KubeRay worker group): the pod's host name
         self.node_id, self.name, self.data_dir = node_id, name or socket.gethostname(), data_dir
         self.declared = [
@@ -29,7 +37,7 @@ class NodeAgent:
             k: v for k, v in labels.items() if not k.startswith(("gpuprovider.io/", "ray.io/"))
         }
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        self.local = LocalProcesses(Path(data_dir))
+        self.local = LocalProcesses(Path(data_dir), isolation=Settings(**(isolation or {})))
 
     def inventory(self, address: str) -> NodeRecord:
         node = read_local_node(
@@ -37,6 +45,7 @@ class NodeAgent:
         )
         node.backend, node.address = "ray", address
         node.facts["host"] = socket.gethostname()
+        node.facts["isolation"] = self.local.isolation.describe()
         return node
 
     def start(self, launch: Launch) -> Handle:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from gpuprovider.backends.ray.common import (
     our_node_id,
 )
 from gpuprovider.backends.ray.join import reachable
+from gpuprovider.isolation.policy import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,9 @@ class RayBackend:
     name = "ray"
     liveness_interval_s = LIVENESS_S
 
-    def __init__(self, address: str, data_dir: Path):
+    def __init__(self, address: str, data_dir: Path, isolation: Settings | None = None):
         self.address, self.data_dir = address, str(data_dir)
+        self.isolation = asdict(isolation or Settings())
         self.ray: Any = None
         self.agents: dict[str, Any] = {}  # our node id -> agent actor handle
         self.ray_ids: dict[str, str] = {}  # our node id -> Ray node id
@@ -139,7 +142,7 @@ class RayBackend:
                 num_cpus=0,
                 max_concurrency=16,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(ray_node_id, soft=False),
-            ).remote(node_id, labels.get(LABEL_NAME, ""), labels, self.data_dir)
+            ).remote(node_id, labels.get(LABEL_NAME, ""), labels, self.data_dir, self.isolation)
             self.agents[node_id] = agent
         return agent
 

@@ -1,0 +1,39 @@
+"""The device nodes a task may open: the ordinary ones, NVIDIA's control nodes, and its
+own GPUs, as cgroup v1 `devices.allow` lines (everything else is denied)."""
+
+from __future__ import annotations
+
+NVIDIA_MAJOR = 195  # /dev/nvidia<minor>; 255 is nvidiactl, 254 nvidia-modeset
+ORDINARY = (
+    "c 1:3 rwm",  # null
+    "c 1:5 rwm",  # zero
+    "c 1:7 rwm",  # full
+    "c 1:8 rwm",  # random
+    "c 1:9 rwm",  # urandom
+    "c 5:0 rwm",  # tty
+    "c 5:2 rwm",  # ptmx
+    "c 136:* rwm",  # pts
+)
+
+
+def majors(name: str, proc_devices: str = "/proc/devices") -> list[int]:
+    """The major numbers the kernel lists for a driver (e.g. nvidia-uvm), if loaded."""
+    try:
+        with open(proc_devices) as handle:
+            return [
+                int(parts[0])
+                for line in handle
+                if len(parts := line.split()) == 2 and parts[0].isdigit() and parts[1] == name
+            ]
+    except OSError:
+        return []
+
+
+def allowed(gpu_minors: list[int], proc_devices: str = "/proc/devices") -> tuple[str, ...]:
+    """What a task with these GPUs (their device minor numbers) may open."""
+    lines = list(ORDINARY)
+    lines += [f"c {NVIDIA_MAJOR}:255 rwm", f"c {NVIDIA_MAJOR}:254 rwm"]
+    for major in majors("nvidia-uvm", proc_devices):  # uvm and uvm-tools
+        lines += [f"c {major}:0 rwm", f"c {major}:1 rwm"]
+    lines += [f"c {NVIDIA_MAJOR}:{minor} rwm" for minor in sorted(set(gpu_minors))]
+    return tuple(lines)

@@ -1,0 +1,165 @@
+"""What a node does to keep each attempt to itself, from the operator's settings and
+what the machine allows: made ready once per node, applied per attempt.
+
+When the daemon (or a Ray node's agent) does not run as root, tasks run as its own
+user, with no cgroups: `describe()` says so, and the daemon says it loudly at start and
+in `node list`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from gpuprovider.isolation import cgroups, devices, users
+from gpuprovider.isolation.cgroups import Hierarchy, Limits
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Settings:
+    users: str = "auto"  # "auto" (a pool when root), "pool", "none"
+    cgroups: str = "auto"  # "auto", "v1", "v2", "none"
+    memory_margin_pct: int = 10
+    memory_margin_mib: int = 64
+    pids_max: int = 4096
+    cpu_quota: bool = False
+    devices: bool = True
+    proc_devices: str = "/proc/devices"
+
+
+@dataclass
+class Applied:
+    """What one attempt got, kept beside it (root's only) so that anyone cleaning up
+    after it (its runner, or the daemon when the runner is gone) knows what to undo."""
+
+    user: str = ""
+    uid: int | None = None
+    gid: int | None = None
+    lease: str = ""
+    cgroups: dict[str, str] | None = None
+    memory_limit_bytes: int | None = None
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as handle:
+            json.dump(asdict(self), handle)
+
+    @classmethod
+    def load(cls, path: str) -> Applied | None:
+        try:
+            with open(path) as handle:
+                return cls(**json.load(handle))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def record_path(run_dir: str, attempt: int) -> str:
+    return os.path.join(run_dir, f"isolation-{attempt}.json")
+
+
+class Isolation:
+    def __init__(self, settings: Settings, lease_dir: str):
+        self.settings = settings
+        self.lease_dir = lease_dir
+        self.root = os.geteuid() == 0
+        if settings.users == "none":
+            self.users_why = 'off in config ([isolation] users = "none")'
+        elif not self.root:
+            self.users_why = "the daemon does not run as root: tasks run as its own user"
+        else:
+            self.users_why = ""
+        self.hierarchy = (
+            cgroups.found(settings.cgroups)
+            if self.root
+            else Hierarchy("", why_not="the daemon does not run as root")
+        )
+
+    @property
+    def users(self) -> bool:
+        return not self.users_why
+
+    def describe(self) -> dict[str, str]:
+        """For the node's facts: what is enforced here, or why not."""
+        if not self.settings.devices:
+            devices_how = "none: off in config"
+        elif self.hierarchy.version == "v1":
+            devices_how = "cgroup v1 device list"
+        else:
+            devices_how = "none: needs the cgroup v1 devices controller"
+        return {
+            "users": "a user per task (pool gpp-task-N)"
+            if self.users
+            else f"none: {self.users_why}",
+            "cgroups": self.hierarchy.version or f"none: {self.hierarchy.why_not}",
+            "devices": devices_how,
+        }
+
+    def apply(
+        self,
+        task_id: str,
+        attempt: int,
+        run_dir: str,
+        workdir: str,
+        own_workdir: bool,
+        memory_mib: int,
+        cpu_milli: int,
+        gpu_minors: list[int],
+    ) -> Applied:
+        """Lend a user, make the cgroup, hand the work folder over; recorded in the run
+        folder before anything runs. OSError when it cannot be done (not the task's
+        fault)."""
+        applied = Applied()
+        os.chmod(run_dir, 0o700)  # exit records, log and this record: root's only
+        try:
+            if self.users:
+                user = users.lend(self.lease_dir, f"{task_id}/{attempt}")
+                applied.user, applied.uid = user.name, user.uid
+                applied.gid, applied.lease = user.gid, user.lease
+                if own_workdir:
+                    os.chown(workdir, user.uid, user.gid)
+                    os.chmod(workdir, 0o700)
+            if self.hierarchy.usable:
+                s = self.settings
+                memory = (
+                    memory_mib * 2**20 * (100 + s.memory_margin_pct) // 100
+                    + s.memory_margin_mib * 2**20
+                    if memory_mib
+                    else None
+                )
+                allowed = (
+                    devices.allowed(gpu_minors, s.proc_devices)
+                    if s.devices and self.hierarchy.version == "v1"
+                    else None
+                )
+                limits = Limits(memory, cpu_milli, s.cpu_quota, s.pids_max, allowed)
+                applied.cgroups = cgroups.create(self.hierarchy, f"{task_id}-{attempt}", limits)
+                applied.memory_limit_bytes = memory
+        except OSError:
+            undo(applied)
+            raise
+        applied.save(record_path(run_dir, attempt))
+        return applied
+
+    def environment(self, workdir: str, applied: Applied) -> dict[str, str]:
+        """What a task's environment starts from: never the daemon's own."""
+        env = {"PATH": DEFAULT_PATH, "HOME": workdir, "LANG": "C.UTF-8"}
+        if applied.user:
+            env["USER"] = env["LOGNAME"] = applied.user
+        return env
+
+
+def undo(applied: Applied) -> bool:
+    """Kill what is left of the attempt (its cgroup; without one, its user's processes),
+    remove its cgroup, give its user back. True when all of it is gone (the user is given
+    back only then)."""
+    if applied.cgroups:
+        gone = cgroups.kill_and_remove(applied.cgroups)
+    elif applied.uid is not None:
+        gone = users.kill_all(applied.uid)
+    else:
+        gone = True
+    if gone and applied.lease:
+        users.give_back(applied.lease)
+    return gone

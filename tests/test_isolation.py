@@ -1,0 +1,302 @@
+"""Tasks kept from each other and from the provider, tried as a hostile tenant would:
+each test is an attack that must fail. A real daemon as root, tasks as pool users
+(`gpp-task-N`) in cgroups v1, GPUs as stand-in device nodes made with mknod.
+
+Tasks run Debian's /usr/bin/python3: a task user cannot read the test's own Python
+where it lives in root's home (which is the point)."""
+
+import json
+import os
+import signal
+import stat
+import tempfile
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gpuprovider.isolation import cgroups
+from gpuprovider.isolation.devices import NVIDIA_MAJOR
+from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
+
+TASK_PY = "/usr/bin/python3"
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="isolation needs root"),
+    pytest.mark.skipif(not os.access(TASK_PY, os.X_OK), reason=f"{TASK_PY} is missing"),
+    pytest.mark.skipif(cgroups.found().version != "v1", reason="the cgroup v1 controllers"),
+]
+
+
+def script(code: str) -> list[str]:
+    return [TASK_PY, "-c", textwrap.dedent(code)]
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory):
+    port = free_port()
+    home = make_home(tmp_path_factory.mktemp("isolated"), port, task_users="pool")
+    home.config.write_text(home.config.read_text().replace("pids_max = 4096", "pids_max = 64"))
+    os.environ["GPP_DAEMON_SECRET"] = "hunter2"  # the daemon's environment, not the tasks'
+    provider = Provider(home, port)
+    try:
+        provider.start()
+    finally:
+        del os.environ["GPP_DAEMON_SECRET"]
+    yield provider
+    provider.cancel_all()
+    provider.stop()
+    kill_task_processes(home)
+
+
+def output(provider: Provider, task_id: str) -> dict:
+    provider.wait_state(task_id, {"succeeded", "failed"})
+    return json.loads(provider.logs(task_id).strip().splitlines()[-1])
+
+
+def sleeper(provider: Provider, **spec) -> dict:
+    """A running task that says its pid, its runner's, and then sleeps."""
+    task = provider.submit(
+        command=script("""
+            import json, os, time
+            print(json.dumps({"pid": os.getpid(), "runner": os.getppid()}), flush=True)
+            time.sleep(300)
+        """),
+        **spec,
+    )
+    provider.wait_state(task["id"], "running")
+    line = wait_for(lambda: provider.logs(task["id"]).strip(), what="the sleeper's pids")
+    return task | json.loads(line)
+
+
+def test_each_task_has_a_user_of_its_own_and_a_clean_environment(isolated):
+    other = sleeper(isolated)
+    task = isolated.submit(
+        command=script("""
+            import json, os, pwd
+            print(json.dumps({"uid": os.getuid(), "user": pwd.getpwuid(os.getuid()).pw_name,
+                              "groups": os.getgroups(), "env": dict(os.environ)}))
+        """),
+        env={"MODE": "fast"},
+        resources={"cpu": 2},
+    )
+    seen = output(isolated, task["id"])
+    assert seen["uid"] != 0 and seen["user"].startswith("gpp-task-") and seen["groups"] == []
+    assert seen["uid"] != psutil.Process(other["pid"]).uids().real  # no two live tasks share one
+    env = seen["env"]
+    assert "GPP_DAEMON_SECRET" not in env and env["MODE"] == "fast"
+    assert env["PATH"] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert env["GPUPROVIDER_TASK_ID"] == task["id"] and env["USER"] == seen["user"]
+    isolated.api.post(f"/tasks/{other['id']}/cancel")
+    # its user is lent again only once it is done with
+    wait_for(lambda: not list((isolated.home.tasks / ".users").iterdir()), what="users back")
+
+
+def test_a_task_reads_nothing_of_the_provider_nor_of_other_tasks(isolated):
+    other = sleeper(isolated)
+    home = isolated.home
+    targets = {
+        "admin token": home.token,
+        "node key": home.node_key,
+        "store": home.store,
+        "config": home.config,
+        "daemon lock": home.lock,
+        "other task's log": home.tasks / other["id"] / "output.log",
+        "other task's environment": f"/proc/{other['pid']}/environ",
+        "runner server's socket folder": home.tasks / ".runner",
+    }
+    task = isolated.submit(
+        command=script(f"""
+            import json, os
+            found = {{}}
+            for what, path in {json.dumps({k: str(v) for k, v in targets.items()})}.items():
+                try:
+                    (os.listdir if os.path.isdir(path) else lambda p: open(p).read(1))(path)
+                    found[what] = "read"
+                except OSError as exc:
+                    found[what] = type(exc).__name__
+            try:  # forge its own exit record: recorded succeeded, GPU handed to another
+                open("../exit-1.json", "w").write('{{"exit_code": 0}}')
+                found["exit record"] = "written"
+            except OSError as exc:
+                found["exit record"] = type(exc).__name__
+            print(json.dumps(found))
+        """)
+    )
+    found = output(isolated, task["id"])
+    assert found == {what: "PermissionError" for what in [*targets, "exit record"]}
+    isolated.api.post(f"/tasks/{other['id']}/cancel")
+
+
+def test_a_task_cannot_signal_other_tasks_its_runner_or_the_daemon(isolated):
+    other = sleeper(isolated)
+    victims = {
+        "daemon": isolated.proc.pid,
+        "other task": other["pid"],
+        "other task's runner": other["runner"],
+    }
+    task = isolated.submit(
+        command=script(f"""
+            import json, os, signal
+            result = {{}}
+            for what, pid in {json.dumps(victims)}.items():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    result[what] = "killed"
+                except OSError as exc:
+                    result[what] = type(exc).__name__
+            try:  # its own runner: then it would run on with no deadline nor record
+                os.kill(os.getppid(), signal.SIGKILL)
+                result["own runner"] = "killed"
+            except OSError as exc:
+                result["own runner"] = type(exc).__name__
+            print(json.dumps(result))
+        """)
+    )
+    result = output(isolated, task["id"])
+    assert result == {what: "PermissionError" for what in [*victims, "own runner"]}
+    assert psutil.pid_exists(other["pid"]) and isolated.proc.poll() is None
+    isolated.api.post(f"/tasks/{other['id']}/cancel")
+
+
+ESCAPE = """
+    import json, os, sys, time
+    # leave the process group and the session, twice: what a runner's group kill misses
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            time.sleep(300)
+        os._exit(0)
+    time.sleep(0.5)
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    time.sleep(300)
+"""
+
+
+def escaped_pids(task_pid: int, user_uid: int) -> set[int]:
+    return {p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"].real == user_uid}
+
+
+def test_setsid_and_double_forks_leave_nothing_behind_a_cancel_or_a_deadline(isolated):
+    for how in ("cancel", "deadline"):
+        extra = {"max_duration_s": 2} if how == "deadline" else {}
+        task = isolated.submit(command=script(ESCAPE), **extra)
+        isolated.wait_state(task["id"], "running")
+        line = wait_for(lambda t=task: isolated.logs(t["id"]).strip(), what="the task's pid")
+        uid = psutil.Process(json.loads(line)["pid"]).uids().real
+        assert len(escaped_pids(0, uid)) >= 2  # the task and its escaped grandchild
+        if how == "cancel":
+            isolated.api.post(f"/tasks/{task['id']}/cancel")
+            isolated.wait_state(task["id"], "cancelled")
+        else:
+            done = isolated.wait_state(task["id"], "failed")
+            assert "max duration" in done["reason"]
+        wait_for(lambda u=uid: not escaped_pids(0, u), what=f"nothing of the task left ({how})")
+
+
+def test_a_killed_runner_leaves_nothing_running_nor_booked(isolated):
+    task = isolated.submit(command=script(ESCAPE), resources={"gpu": 1})
+    isolated.wait_state(task["id"], "running")
+    line = wait_for(lambda: isolated.logs(task["id"]).strip(), what="the task's pid")
+    uid = psutil.Process(json.loads(line)["pid"]).uids().real
+    runner = isolated.task(task["id"])["pid"]
+    os.kill(runner, signal.SIGKILL)  # as the machine's OOM killer might
+    done = isolated.wait_state(task["id"], "failed")
+    assert "lost" in done["reason"]
+    wait_for(lambda: not escaped_pids(0, uid), what="the orphans killed with the cgroup")
+    gpus = isolated.api.get("/gpus").json()
+    assert not any(task["id"] in g["tasks"] for g in gpus)  # nothing stays booked
+
+
+def test_memory_beyond_the_reservation_is_refused(isolated):
+    task = isolated.submit(
+        command=script("""
+            chunks = []
+            for _ in range(400):
+                chunks.append(bytearray(1 << 20))  # 400 MiB, one MiB at a time
+            print("allocated 400 MiB")
+        """),
+        resources={"memory": "64MB"},
+    )
+    done = isolated.wait_state(task["id"], "failed")
+    assert "allocated" not in isolated.logs(task["id"])
+    assert "out of memory" in done["reason"] and "MiB" in done["reason"]
+
+
+def test_a_fork_bomb_stops_at_the_process_cap(isolated):
+    task = isolated.submit(
+        command=script("""
+            import os, time
+            started = 0
+            try:
+                for _ in range(500):
+                    if os.fork() == 0:
+                        time.sleep(30)
+                        os._exit(0)
+                    started += 1
+            except OSError:
+                pass
+            print(started, flush=True)
+            os._exit(0)
+        """),
+        max_duration_s=60,
+    )
+    isolated.wait_state(task["id"], {"succeeded", "failed"})
+    assert int(isolated.logs(task["id"]).split()[0]) < 64  # [isolation] pids_max = 64
+
+
+@pytest.fixture
+def device_nodes():
+    """Stand-ins for /dev/nvidia0 and /dev/nvidia1 (NVIDIA's major, no driver behind)."""
+    folder = Path(tempfile.mkdtemp(prefix="gpp-dev-", dir="/tmp"))
+    folder.chmod(0o755)
+    for minor in (0, 1):
+        node = folder / f"nvidia{minor}"
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(NVIDIA_MAJOR, minor))
+        node.chmod(0o666)  # as the driver's own nodes: anyone may try; the cgroup decides
+    yield folder
+    for node in folder.iterdir():
+        node.unlink()
+    folder.rmdir()
+
+
+def test_a_task_opens_only_its_own_gpu_device_nodes(isolated, device_nodes):
+    task = isolated.submit(
+        command=script(f"""
+            import json, os
+            mine = int(os.environ["CUDA_VISIBLE_DEVICES"])
+            result = {{}}
+            for minor in (0, 1):
+                try:
+                    os.close(os.open("{device_nodes}/nvidia%d" % minor, os.O_RDWR))
+                    result[minor] = "opened"
+                except OSError as exc:
+                    result[minor] = type(exc).__name__
+            print(json.dumps({{"mine": mine, "result": result}}))
+        """),
+        resources={"gpu": "H100:1"},
+    )
+    seen = output(isolated, task["id"])
+    mine, other = str(seen["mine"]), str(1 - seen["mine"])
+    # its own node passes the device cgroup: no driver answers behind a stand-in (ENXIO)
+    assert seen["result"][mine] == "OSError"
+    assert seen["result"][other] == "PermissionError"  # the other GPU: refused
+
+
+def test_the_node_says_what_isolation_it_enforces(isolated):
+    node = isolated.api.get("/nodes").json()[0]
+    assert node["facts"]["isolation"] == {
+        "users": "a user per task (pool gpp-task-N)",
+        "cgroups": "v1",
+        "devices": "cgroup v1 device list",
+    }
+    assert "isolation:" not in isolated.cli("node", "list").stdout
+
+
+def test_without_isolation_the_node_says_so_loudly(fresh_provider):
+    home = fresh_provider.home
+    home.config.write_text(home.config.read_text().replace('cgroups = "auto"', 'cgroups = "none"'))
+    fresh_provider.start()
+    assert "ISOLATION users none: off in config" in fresh_provider.log()
+    listed = fresh_provider.cli("node", "list").stdout
+    assert "isolation:" in listed and "users none" in listed and "cgroups none" in listed
