@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint format bench clean
+# Debian packages the tests run for real: podman and runc for containers, busybox for
+# the image they run. Installed by `make test` when missing (as root, with apt-get).
+TEST_DEBS := podman runc busybox-static
+
+.PHONY: up test lint format bench clean debs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +20,15 @@ up: $(STAMP)
 	$(BIN)/gpuprovider init
 	$(BIN)/gpuprovider up
 
-test: $(STAMP)
+debs:
+	@missing=""; for deb in $(TEST_DEBS); do \
+	  dpkg -s $$deb >/dev/null 2>&1 || missing="$$missing $$deb"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; }; \
+	  else echo "not root: the tests that need$$missing will be skipped"; fi; fi
+
+test: $(STAMP) debs
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 

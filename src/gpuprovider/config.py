@@ -53,6 +53,8 @@ class ExecutorConfig(_Section):
     stop_grace_s: float = Field(10.0, ge=0, le=3600)
     port_range: tuple[int, int] = (20000, 29999)
     container_engine: Literal["auto", "docker", "podman", "none"] = "auto"
+    container_runtime: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
+    container_read_only: bool = True
 
     @field_validator("port_range")
     @classmethod
@@ -261,6 +263,10 @@ port_range = [{lo}, {hi}]
 # Engine for tasks given as an image: "auto" (docker, else podman: the first that
 # answers), "docker", "podman", or "none" (refuse image tasks).
 container_engine = "{d.executor.container_engine}"
+# The engine's OCI runtime ("": its default; e.g. "runc" where crun cannot run on a
+# hybrid cgroup hierarchy). Containers run with a read-only root unless set to false.
+container_runtime = "{d.executor.container_runtime}"
+container_read_only = {str(d.executor.container_read_only).lower()}
 
 [inventory]
 # How often this node's hardware and heartbeat are refreshed.

@@ -3,6 +3,8 @@ one attempt."""
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -33,28 +35,64 @@ def container_engine(choice: str = "auto") -> str | None:
 
 @dataclass
 class ContainerLaunch:
-    """What the node needs to build `docker run` for one attempt."""
+    """What the node needs to build `docker run` (or `podman run`) for one attempt."""
 
     engine: str
     name: str
-    image: str
-    args: list[str]
+    image: str  # a reference the spec validated: never an option
+    args: list[str]  # the container's own arguments, after the image
     env_keys: list[str]  # passed by name (`-e KEY`): values never appear on a command line
-    gpu_indices: list[int]
-    real_gpus: bool
+    gpu_uuids: list[str]  # real GPUs only: a simulated GPU is nothing to hand an engine
     workdir: str | None
+    runtime: str = ""  # the engine's OCI runtime ("": its default)
+    read_only: bool = True
 
 
-def container_argv(c: ContainerLaunch, ports: dict[str, int], env_keys: list[str]) -> list[str]:
-    """`docker run` for one attempt, with the ports the node chose."""
+@dataclass(frozen=True)
+class ContainerLimits:
+    """Set on the node: who the container runs as, and what it may use."""
+
+    user: str | None  # "uid:gid" of the attempt's pool user; None: the image's user
+    memory_bytes: int | None
+    cpu_milli: int
+    cpu_quota: bool
+    pids_max: int
+
+
+def container_argv(
+    c: ContainerLaunch, ports: dict[str, int], env_keys: list[str], limits: ContainerLimits
+) -> list[str]:
+    """`docker run` for one attempt. Only the provider's own options come before `--`;
+    the image and its arguments after it, so tenant input is never an engine option: no
+    privileges, no host namespaces or mounts, all capabilities dropped, the root
+    filesystem read-only where the image allows, exactly the attempt's GPUs."""
     argv = [c.engine, "run", "--rm", "--init", "--name", c.name]
+    argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    argv += ["--pids-limit", str(limits.pids_max)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # what any task here gets
+    argv += ["--ulimit", f"nofile={soft}:{hard}"]
+    argv += ["--ulimit", f"nproc={limits.pids_max}:{limits.pids_max}"]  # its user's processes
+    if c.read_only:
+        argv += ["--read-only"]
+    if limits.memory_bytes is not None:
+        argv += ["--memory", f"{limits.memory_bytes}b"]
+    if limits.cpu_quota and limits.cpu_milli:
+        argv += ["--cpus", f"{limits.cpu_milli / 1000:g}"]
+    else:
+        argv += ["--cpu-shares", str(max(2, limits.cpu_milli * 1024 // 1000))]
+    if limits.user:
+        argv += ["--user", limits.user]
+    if c.runtime:
+        argv += ["--runtime", c.runtime]
     for key in env_keys:
         argv += ["-e", key]
-    if c.real_gpus and c.gpu_indices:
-        # The NVIDIA runtime maps exactly these devices; inside they count from 0.
-        argv += ["--gpus", f"device={','.join(map(str, c.gpu_indices))}"]
+    if c.gpu_uuids:
+        if os.path.basename(c.engine) == "podman":  # CDI names (nvidia-ctk cdi generate)
+            argv += [arg for uuid in c.gpu_uuids for arg in ("--device", f"nvidia.com/gpu={uuid}")]
+        else:  # the NVIDIA runtime maps exactly these; inside they count from 0
+            argv += ["--gpus", '"device=' + ",".join(c.gpu_uuids) + '"']
     for port in ports.values():
         argv += ["-p", f"{port}:{port}"]
     if c.workdir:
         argv += ["-w", c.workdir]
-    return [*argv, c.image, *c.args]
+    return [*argv, "--", c.image, *c.args]

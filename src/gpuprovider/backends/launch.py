@@ -13,7 +13,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 
-from gpuprovider.backends.container import ContainerLaunch, container_argv
+from gpuprovider.backends.container import ContainerLaunch, ContainerLimits, container_argv
 from gpuprovider.domain.records import AllocationRecord, GpuRecord, TaskRecord
 from gpuprovider.domain.spec import VISIBILITY_ENV, set_by_provider
 
@@ -49,6 +49,8 @@ def build_launch(
     port_range: tuple[int, int],
     taken_ports: list[int],
     engine: str | None,
+    container_runtime: str = "",
+    container_read_only: bool = True,
 ) -> Launch:
     """The launch of `task`'s current attempt on the GPUs `gpus` of its allocation."""
     spec = task.task_spec
@@ -82,16 +84,16 @@ def build_launch(
         own_workdir=spec.workdir is None or bool(spec.image),
     )
     if spec.image:
-        real_gpus = bool(gpus) and not any(g.simulated for g in gpus)
         launch.container = ContainerLaunch(
             engine=engine or "docker",
             name=f"gpuprovider-{task.id}-{task.attempt}",
             image=spec.image,
             args=list(spec.command or []),
             env_keys=sorted(spec.env),
-            gpu_indices=indices,
-            real_gpus=real_gpus,
+            gpu_uuids=[g.uuid for g in gpus if not g.simulated],
             workdir=spec.workdir,
+            runtime=container_runtime,
+            read_only=container_read_only,
         )
         launch.workdir = os.path.join(run_dir, "work")
     return launch
@@ -124,11 +126,11 @@ def choose_ports(
 
 
 def settle(
-    launch: Launch, ports: dict[str, int], base_env: dict[str, str]
+    launch: Launch, ports: dict[str, int], base_env: dict[str, str], limits: ContainerLimits
 ) -> tuple[list[str], dict[str, str]]:
     """On the node: the argv and the whole environment, from `base_env` (never the
     daemon's own environment), what the provider and the spec set, and the ports the
-    node chose. A container engine is named by its path on this node."""
+    node chose. A container engine is named by its path on this node and given `limits`."""
     env = dict(base_env)
     env.update(launch.env)
     for i, (name, port) in enumerate(ports.items()):
@@ -139,8 +141,8 @@ def settle(
     if container is None:
         return launch.argv, env
     passed = set(container.env_keys) | {k for k in env if set_by_provider(k)}
-    if container.real_gpus:  # the engine maps the devices; inside they count from 0
+    if container.gpu_uuids:  # the engine maps the devices; inside they count from 0
         passed -= set(VISIBILITY_ENV)
-    argv = container_argv(container, ports, sorted(passed))
+    argv = container_argv(container, ports, sorted(passed), limits)
     argv[0] = shutil.which(argv[0]) or argv[0]
     return argv, env

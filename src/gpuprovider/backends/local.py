@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from gpuprovider.backends.base import Discovery, Exit, Handle, NoFreePort
+from gpuprovider.backends.container import ContainerLimits
 from gpuprovider.backends.launch import Launch, choose_ports, settle
 from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
 from gpuprovider.config import SimulatedGpu
@@ -150,6 +152,10 @@ class LocalProcesses:
                 raise NoFreePort(f"no free port left in {list(launch.port_range)} on this node")
             ports = chosen
             claimed.update(ports.values())
+        container = None
+        if launch.container is not None:
+            engine = shutil.which(launch.container.engine) or launch.container.engine
+            container = [engine, launch.container.name]
         applied = self.isolation.apply(
             launch.task_id,
             launch.attempt,
@@ -159,8 +165,17 @@ class LocalProcesses:
             launch.memory_mib,
             launch.cpu_milli,
             launch.gpu_minors,
+            container,
         )
-        argv, env = settle(launch, ports, self.isolation.environment(launch.workdir, applied))
+        limits = ContainerLimits(
+            user=f"{applied.uid}:{applied.gid}" if applied.uid is not None else None,
+            memory_bytes=applied.memory_limit_bytes,
+            cpu_milli=launch.cpu_milli,
+            cpu_quota=self.isolation.settings.cpu_quota,
+            pids_max=self.isolation.settings.pids_max,
+        )
+        base = self.isolation.environment(launch.workdir, applied)
+        argv, env = settle(launch, ports, base, limits)
         log_path = Path(launch.run_dir) / "output.log"
         log_path.touch(mode=0o600)  # readable at once, whoever writes to it first
         request = {

@@ -81,7 +81,7 @@ def _become_task(applied: Applied | None) -> Callable[[], None] | None:
     def become() -> None:
         if applied.cgroups:
             cgroups.join(applied.cgroups)
-        if applied.uid is not None:
+        if applied.uid is not None and applied.drop_privileges:
             os.setgroups([])
             os.setgid(applied.gid)
             os.setuid(applied.uid)

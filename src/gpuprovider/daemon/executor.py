@@ -51,6 +51,8 @@ class ExecutorLoop(Loop):
         self.container_engine = container_engine
         self.grace_s = config.executor.stop_grace_s
         self.port_range = config.executor.port_range
+        self.container_runtime = config.executor.container_runtime
+        self.container_read_only = config.executor.container_read_only
         self.poll_interval_s = config.executor.poll_interval_s
         # Task id -> when to kill it if it has not stopped; memory only, since a
         # restarted daemon simply sends the (idempotent) stop again.
@@ -164,6 +166,8 @@ class ExecutorLoop(Loop):
                     self.port_range,
                     taken,
                     engine,
+                    self.container_runtime,
+                    self.container_read_only,
                 )
             )
         started: list[tuple[TaskRecord, Handle]] = []

@@ -24,6 +24,16 @@ def set_by_provider(key: str) -> bool:
     return key in PROVIDER_ENV or key.startswith(PROVIDER_ENV_PREFIX)
 
 
+# An image reference as the distribution spec defines it: [domain/]path[:tag][@digest].
+# Nothing else reaches a container engine's command line from a spec.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?"
+IMAGE_PATTERN = (
+    rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
 MAX_CPU = 4096
 MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB
 MAX_DURATION_S = 366 * 86400
@@ -85,7 +95,9 @@ class TaskSpec(_Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     kind: Literal["job", "service"] = "job"
     command: list[str] | None = Field(None, description="argv; with image, the container's args")
-    image: str | None = None
+    image: Annotated[str, Field(pattern=IMAGE_PATTERN, max_length=512)] | None = Field(
+        None, description="a container image reference: [registry/]name[:tag][@digest]"
+    )
     env: dict[Annotated[str, Field(pattern=ENV_KEY_PATTERN)], str] = Field(default_factory=dict)
     workdir: str | None = None
     resources: Resources = Field(default_factory=Resources)

@@ -8,14 +8,17 @@ in `node list`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 from dataclasses import asdict, dataclass
 
 from gpuprovider.isolation import cgroups, devices, users
 from gpuprovider.isolation.cgroups import Hierarchy, Limits
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CONTAINER_RM_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Applied:
     lease: str = ""
     cgroups: dict[str, str] | None = None
     memory_limit_bytes: int | None = None
+    # False for a container: the engine's client runs as root; the container runs as the
+    # user (its `--user`), and the engine enforces its limits and devices.
+    drop_privileges: bool = True
+    container: list[str] | None = None  # [engine, name]: removed once the attempt ends
 
     def save(self, path: str) -> None:
         with open(path, "w") as handle:
@@ -106,11 +113,13 @@ class Isolation:
         memory_mib: int,
         cpu_milli: int,
         gpu_minors: list[int],
+        container: list[str] | None = None,
     ) -> Applied:
         """Lend a user, make the cgroup, hand the work folder over; recorded in the run
         folder before anything runs. OSError when it cannot be done (not the task's
-        fault)."""
-        applied = Applied()
+        fault). For a `container` ([engine, name]) the engine enforces memory and
+        devices; the cgroup holds its client."""
+        applied = Applied(drop_privileges=container is None, container=container)
         os.chmod(run_dir, 0o700)  # exit records, log and this record: root's only
         try:
             if self.users:
@@ -122,25 +131,27 @@ class Isolation:
                     os.chmod(workdir, 0o700)
             if self.hierarchy.usable:
                 s = self.settings
-                memory = (
-                    memory_mib * 2**20 * (100 + s.memory_margin_pct) // 100
-                    + s.memory_margin_mib * 2**20
-                    if memory_mib
-                    else None
-                )
                 allowed = (
                     devices.allowed(gpu_minors, s.proc_devices)
-                    if s.devices and self.hierarchy.version == "v1"
+                    if s.devices and self.hierarchy.version == "v1" and container is None
                     else None
                 )
+                memory = self.memory_limit(memory_mib) if container is None else None
                 limits = Limits(memory, cpu_milli, s.cpu_quota, s.pids_max, allowed)
                 applied.cgroups = cgroups.create(self.hierarchy, f"{task_id}-{attempt}", limits)
-                applied.memory_limit_bytes = memory
+            applied.memory_limit_bytes = self.memory_limit(memory_mib)
         except OSError:
             undo(applied)
             raise
         applied.save(record_path(run_dir, attempt))
         return applied
+
+    def memory_limit(self, memory_mib: int) -> int | None:
+        """A task's memory limit: its reservation plus the margins; none without one."""
+        if not memory_mib:
+            return None
+        s = self.settings
+        return memory_mib * 2**20 * (100 + s.memory_margin_pct) // 100 + s.memory_margin_mib * 2**20
 
     def environment(self, workdir: str, applied: Applied) -> dict[str, str]:
         """What a task's environment starts from: never the daemon's own."""
@@ -156,10 +167,19 @@ def undo(applied: Applied) -> bool:
     back only then)."""
     if applied.cgroups:
         gone = cgroups.kill_and_remove(applied.cgroups)
-    elif applied.uid is not None:
+    elif applied.uid is not None and applied.drop_privileges:
         gone = users.kill_all(applied.uid)
     else:
         gone = True
+    if applied.container:  # its client is gone; the container may run on without it
+        engine, name = applied.container
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(
+                [engine, "rm", "--force", name],
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=CONTAINER_RM_TIMEOUT_S,
+            )
     if gone and applied.lease:
         users.give_back(applied.lease)
     return gone
