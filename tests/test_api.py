@@ -113,6 +113,19 @@ def test_dry_run_says_whether_and_where_and_stores_nothing(provider):
         ([1, 2], 422, "body"),
         ({"command": ["true"], "resources": {"gpu": {"count": 1}}}, 422, "gpu must be a count"),
         ({"command": ["true"], "resources": {"memory": ["1GB"]}}, 422, "memory must be a size"),
+        # what a hostile tenant sends: numbers that overflow, bytes that end strings or
+        # paint terminals, loader variables, more than an exec can carry
+        ({"command": ["true"], "resources": {"gpu": "1" + "0" * 400}}, 422, "more than 64"),
+        ({"command": ["true"], "resources": {"gpu": int("9" * 400)}}, 422, "more than 64"),
+        ({"command": ["true"], "env": {"A": "x\u0000y"}}, 422, "env A contains a NUL byte"),
+        ({"command": ["true"], "labels": {"a": "x\u001b[31m"}}, 422, "control characters"),
+        ({"command": ["true"], "workdir": "/data/\u0000x"}, 422, "control characters"),
+        ({"command": ["true"], "workdir": "/data/../etc"}, 422, "without '..'"),
+        ({"command": ["true"], "env": {"LD_PRELOAD": "/x.so"}}, 422, "loader variable"),
+        ({"command": ["true"], "env": {"A": "x" * 40000}}, 422, "longer than 32768 bytes"),
+        ({"command": ["true"], "env": {f"A{i}": "x" for i in range(300)}}, 422, "at most 256"),
+        ({"command": ["true", *["x"] * 2000]}, 422, "at most 1024"),
+        ({"command": ["true"], "workdir": "/srv/data"}, 422, "outside the folders tasks may use"),
     ],
 )
 def test_bad_specs_are_rejected_naming_the_field(provider, body, status, message):
@@ -120,6 +133,22 @@ def test_bad_specs_are_rejected_naming_the_field(provider, body, status, message
     response = provider.api.post("/tasks", json=body)
     assert response.status_code == status and message in response.json()["error"], response.text
     assert provider.api.get("/tasks", params={"limit": 100000}).json() == before  # nothing stored
+
+
+def test_a_body_nested_too_deep_or_overflowing_is_refused_cleanly(provider):
+    before = provider.api.get("/tasks", params={"limit": 100000}).json()
+    deep = b'{"command": ["true"], "labels": ' + b"[" * 50000 + b"]" * 50000 + b"}"
+    response = provider.api.post(
+        "/tasks", content=deep, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400 and "nested too deep" in response.json()["error"]
+    overflow = b'{"command": ["true"], "resources": {"memory_mib": 1e400}}'
+    response = provider.api.post(
+        "/tasks", content=overflow, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422 and "memory_mib" in response.json()["error"]
+    assert provider.api.get("/tasks", params={"limit": 100000}).json() == before
+    assert "Traceback" not in provider.log()
 
 
 def test_malformed_json_and_oversized_bodies(provider):

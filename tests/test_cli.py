@@ -89,6 +89,10 @@ def test_exit_codes_for_bad_input(provider, tmp_path):
     not_yaml.write_text("name: [unclosed\n")
     assert provider.cli("task", "submit", "-f", str(not_yaml)).returncode == 2
     assert provider.cli("task", "submit", "-f", str(tmp_path / "absent.yaml")).returncode == 2
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("command: [true]\nlabels: " + "[" * 20000 + "]" * 20000 + "\n")
+    refused = provider.cli("task", "submit", "-f", str(deep))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     wrong_token = provider.cli("--token", "gpp_wrong", "task", "list")
     assert wrong_token.returncode == 2 and "unknown or revoked token" in wrong_token.stderr
 

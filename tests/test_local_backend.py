@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from gpuprovider.backends.base import Handle, Launch, NoFreePort
-from gpuprovider.backends.local import LocalProcesses, process_alive
+from gpuprovider.backends.local import LocalProcesses, process_alive, read_exit
 from gpuprovider.isolation.policy import Settings
 from gpuprovider.testing import kill_processes_mentioning, wait_for
 
@@ -240,3 +240,29 @@ def test_runner_server_hands_tasks_to_spares_and_leaves_with_its_home(tmp_path, 
     backend.close()
     shutil.rmtree(data_dir)  # the home is gone: no daemon can reach the server again
     wait_for(lambda: not server.is_running() or server.status() == "zombie", 20, "it to exit")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"exit_code": "0"}',
+        '{"exit_code": 1e9}',
+        '{"exit_code": -999}',
+        '{"exit_code": true}',
+        '{"exit_code": 0, "error": {"nested": 1}}',
+        '{"exit_code": 0, "memory_limit_bytes": "lots"}',
+        "[" * 100000 + "]" * 100000,
+        '{"exit_code": 0, "node_down": "n-other"}',
+    ],
+)
+def test_an_exit_record_that_is_not_what_a_runner_writes_is_a_lost_attempt(tmp_path, record):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "exit-1.json").write_text(record)
+    ended = read_exit(str(run), 1)
+    if record.startswith('{"exit_code": 0, "node_down"'):  # well formed: its extra is ignored
+        assert ended.succeeded and ended.details == {}
+    else:
+        assert ended.lost and not ended.succeeded and "exit record" in ended.reason

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpuprovider import __version__
 from gpuprovider.api.deps import Services
@@ -36,6 +37,17 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return _error(422, "; ".join(details), details=details)
 
 
+async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (a body it cannot parse, a route that is not there), in the
+    API's error shape."""
+    message = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in message:
+        message = "the body could not be read as JSON: malformed, or nested too deep"
+    response = _error(exc.status_code, message)
+    response.headers.update(exc.headers or {})
+    return response
+
+
 async def _refused(_: Request, exc: ServiceError) -> JSONResponse:
     response = _error(exc.status, str(exc))
     response.headers.update(exc.headers)
@@ -53,6 +65,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ServiceError, _refused)
+    app.add_exception_handler(StarletteHTTPException, _http)
     for module in (health, tasks, nodes, gpus, proofs, tokens):
         app.include_router(module.router, prefix=PREFIX)
     return app

@@ -32,39 +32,54 @@ log = logging.getLogger(__name__)
 
 # Process start times read twice may differ by clock-tick rounding.
 START_TIME_TOLERANCE_S = 0.05
+EXIT_RECORD_MAX_BYTES = 64 * 1024  # a runner writes a few hundred bytes
 
 
 def read_exit(run_dir: str, attempt: int) -> Exit | None:
+    """How an attempt ended, from the record its runner wrote; None while there is none.
+    The record is never trusted to be well formed: one that is not reads as a lost
+    attempt, with the reason."""
     path = Path(run_dir) / f"exit-{attempt}.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes()[:EXIT_RECORD_MAX_BYTES])
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         return Exit(None, f"lost: unreadable exit record {path}: {exc}", lost=True)
+    if not isinstance(data, dict):
+        return Exit(None, f"lost: exit record {path} is not an object", lost=True)
     code = data.get("exit_code")
-    if data.get("oom"):
-        limit = data.get("memory_limit_bytes") or 0
+    limit = data.get("memory_limit_bytes")
+    error = data.get("error")
+    if (
+        (code is not None and (type(code) is not int or not -64 <= code <= 255))
+        or (limit is not None and type(limit) is not int)
+        or (error is not None and not isinstance(error, str))
+    ):
+        return Exit(None, f"lost: exit record {path} is not what a runner writes", lost=True)
+    if data.get("oom") is True:
         reason = (
-            f"killed: out of memory (limit {limit // 2**20} MiB, its reservation and the "
-            "margins of [isolation]); reserve more memory"
+            f"killed: out of memory (limit {(limit or 0) // 2**20} MiB, its reservation and "
+            "the margins of [isolation]); reserve more memory"
         )
-    elif data.get("error"):
-        reason = data["error"]
-    elif data.get("timed_out"):
+    elif error:
+        reason = error[:500]
+    elif data.get("timed_out") is True:
         reason = "exceeded its max duration and was stopped"
-    elif data.get("stopped"):
+    elif data.get("stopped") is True:
         reason = "stopped on request"
     elif code is not None and code < 0:
-        reason = f"killed by signal {signal.Signals(-code).name}"
+        try:
+            reason = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            reason = f"killed by signal {-code}"
     else:
         reason = f"exited with code {code}"
     return Exit(
         exit_code=code,
         reason=reason,
-        stopped=bool(data.get("stopped")),
-        timed_out=bool(data.get("timed_out")),
-        details=data,
+        stopped=data.get("stopped") is True,
+        timed_out=data.get("timed_out") is True,
     )
 
 

@@ -16,6 +16,7 @@ from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import globals_of
 from gpuprovider.cli.output import ago, console, print_json, table
 
+MAX_SPEC_BYTES = 1 << 20  # as the API's default body limit
 task_app = typer.Typer(help="Batch jobs and services.", no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print JSON.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Say where it would run; store nothing.")
@@ -110,10 +111,14 @@ def submit(
         text = sys.stdin.read() if str(file) == "-" else file.read_text()
     except OSError as exc:
         raise CliError(f"cannot read {file}: {exc.strerror}", 2) from None
+    if len(text) > MAX_SPEC_BYTES:
+        raise CliError(f"{file} is larger than {MAX_SPEC_BYTES} bytes; a spec is smaller", 2)
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise CliError(f"{file} is not valid YAML or JSON: {exc}", 2) from None
+    except RecursionError:
+        raise CliError(f"{file} nests too deep to be a task spec", 2) from None
     if not isinstance(spec, dict):
         raise CliError(f"{file} must hold a mapping of spec fields, not {type(spec).__name__}", 2)
     _submit(ctx, spec, dry_run, as_json)

@@ -3,6 +3,7 @@ CPU and memory, parsed into plain values the scheduler matches against."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -123,6 +124,9 @@ def _parse_count(text: str) -> tuple[int, int]:
         raise ValueError(f"GPU count {text!r} is not a number") from None
     if value < 0:
         raise ValueError("GPU count cannot be negative")
+    if not math.isfinite(value) or value > MAX_GPUS_PER_TASK:
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        raise ValueError(f"GPU count {shown} is more than {MAX_GPUS_PER_TASK} per task")
     if 0 < value < 1:
         share = round(value * MILLI)
         if share < 1:
@@ -132,8 +136,6 @@ def _parse_count(text: str) -> tuple[int, int]:
         raise ValueError(
             f"GPU count {text} is neither a whole number nor a fraction of one GPU (0 < f < 1)"
         )
-    if value > MAX_GPUS_PER_TASK:
-        raise ValueError(f"GPU count {int(value)} is more than {MAX_GPUS_PER_TASK} per task")
     return int(value), 0
 
 

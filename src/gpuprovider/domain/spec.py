@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -22,6 +23,24 @@ PROVIDER_ENV_PREFIX = "GPUPROVIDER_"
 def set_by_provider(key: str) -> bool:
     """Whether the provider sets this environment variable for every task."""
     return key in PROVIDER_ENV or key.startswith(PROVIDER_ENV_PREFIX)
+
+
+# Loader variables a spec may not set: they would run code in whatever the provider
+# itself runs around the task (its runner's tools, an engine's client).
+LOADER_ENV = frozenset({"LD_PRELOAD", "LD_AUDIT"})
+# What one exec may carry (Linux: 128 KiB per string, ~2 MiB in all), with room to spare.
+MAX_ARG_BYTES = 32 * 1024
+MAX_ARGS = 1024
+MAX_ENV = 256
+MAX_EXEC_BYTES = 256 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(value: str, what: str) -> str:
+    """`value`, refused if it carries control characters (NUL, escapes, line breaks)."""
+    if _CONTROL.search(value):
+        raise ValueError(f"{what} {value[:40]!r} contains control characters")
+    return value
 
 
 # An image reference as the distribution spec defines it: [domain/]path[:tag][@digest].
@@ -130,6 +149,10 @@ class TaskSpec(_Strict):
                 raise ValueError("command is empty; give the program to run and its arguments")
             if any("\x00" in arg for arg in value):
                 raise ValueError("command contains a NUL byte")
+            if len(value) > MAX_ARGS:
+                raise ValueError(f"command has {len(value)} arguments; at most {MAX_ARGS}")
+            if any(len(arg.encode()) > MAX_ARG_BYTES for arg in value):
+                raise ValueError(f"a command argument is longer than {MAX_ARG_BYTES} bytes")
         return value
 
     @field_validator("ports", mode="before")
@@ -142,24 +165,48 @@ class TaskSpec(_Strict):
     @field_validator("env")
     @classmethod
     def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
+        if len(value) > MAX_ENV:
+            raise ValueError(f"env has {len(value)} variables; at most {MAX_ENV}")
+        for key, text in value.items():
             if set_by_provider(key):
                 raise ValueError(
                     f"env {key} is set by the provider from the task's allocation; remove it"
                 )
+            if key in LOADER_ENV:
+                raise ValueError(f"env {key} is a loader variable a task may not set")
+            if "\x00" in text:
+                raise ValueError(f"env {key} contains a NUL byte")
+            if len(text.encode()) > MAX_ARG_BYTES:
+                raise ValueError(f"env {key} is longer than {MAX_ARG_BYTES} bytes")
+        return value
+
+    @field_validator("labels", "node_selector")
+    @classmethod
+    def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            _printable(key, "label")
+            _printable(text, f"label {key}:")
         return value
 
     @field_validator("workdir")
     @classmethod
     def _check_workdir(cls, value: str | None) -> str | None:
-        if value is not None and not posixpath.isabs(value):
-            raise ValueError(f"workdir {value!r} must be an absolute path")
+        if value is not None:
+            _printable(value, "workdir")
+            if not posixpath.isabs(value) or ".." in value.split("/"):
+                raise ValueError(f"workdir {value!r} must be an absolute path without '..'")
+            if len(value) > 4096:
+                raise ValueError("workdir is longer than 4096 characters")
         return value
 
     @model_validator(mode="after")
     def _check_whole(self) -> TaskSpec:
         if self.command is None and self.image is None:
             raise ValueError("give a command to run, or a container image")
+        size = sum(len(a.encode()) + 1 for a in self.command or [])
+        size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in self.env.items())
+        if size > MAX_EXEC_BYTES:
+            raise ValueError(f"command and env take {size} bytes; at most {MAX_EXEC_BYTES}")
         names = [p.name for p in self.ports]
         if len(set(names)) != len(names):
             raise ValueError(f"port names repeat: {names}")
