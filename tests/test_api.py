@@ -310,3 +310,17 @@ def test_nodes_and_gpus_mark_simulated_and_show_use(provider):
         task["id"]
     ]
     provider.api.post(f"/tasks/{task['id']}/cancel")
+
+
+def test_logs_are_read_by_range(provider):
+    code = "print('x' * 9999)"  # 10,000 bytes with its newline
+    task = provider.submit(command=[PY, "-c", code])
+    provider.wait_state(task["id"], "succeeded")
+    page = provider.api.get(f"/tasks/{task['id']}/logs", params={"offset": 4000, "limit": 5000})
+    assert page.status_code == 200 and page.content == b"x" * 5000
+    assert (page.headers["X-Log-Start"], page.headers["X-Log-Next"]) == ("4000", "9000")
+    rest = provider.api.get(f"/tasks/{task['id']}/logs", params={"offset": 9000})
+    assert rest.content == b"x" * 999 + b"\n" and rest.headers["X-Log-Next"] == "10000"
+    for bad in ({"offset": -1}, {"limit": 0}, {"limit": 1 << 40}, {"offset": "1e400"}):
+        answer = provider.api.get(f"/tasks/{task['id']}/logs", params=bad)
+        assert answer.status_code == 422, bad

@@ -266,3 +266,36 @@ def test_an_exit_record_that_is_not_what_a_runner_writes_is_a_lost_attempt(tmp_p
         assert ended.succeeded and ended.details == {}
     else:
         assert ended.lost and not ended.succeeded and "exit record" in ended.reason
+
+
+def test_output_is_capped_keeping_the_latest_and_read_by_range(tmp_path, data_dir):
+    """A task that writes far more than the cap: the latest output is kept, offsets
+    count from the first byte it wrote, and a range read says where older output went."""
+    from gpuprovider.backends.runner import read_output
+
+    capped = LocalProcesses(data_dir, isolation=Settings(users="none", log_max_bytes=16384))
+    lines = 20_000  # "line 00000\n" .. : 11 bytes each, 220,000 bytes in all
+    code = f"import sys\nfor i in range({lines}): sys.stdout.write(f'line {{i:05d}}\\n')"
+    ended = finish(capped, capped.start(launch(tmp_path, code)))
+    assert ended.succeeded
+    run = tmp_path / "run"
+    kept = sum(p.stat().st_size for p in run.glob("output.log*"))
+    assert 8192 <= kept <= 16384 + 11  # about the cap on disk, never the whole output
+
+    start, data = read_output(str(run), 0, 1 << 20)
+    assert start > 0 and start + len(data) == lines * 11  # offsets of the whole output
+    assert data.endswith(b"line 19999\n")
+    first = start // 11 + (1 if start % 11 else 0)
+    assert data[(-start) % 11 :].startswith(f"line {first:05d}\n".encode())
+
+    # Page by page from the first kept byte: contiguous, and the same bytes.
+    pages, offset = [], start
+    while True:
+        at, page = read_output(str(run), offset, 1000)
+        if not page:
+            break
+        assert at == offset
+        pages.append(page)
+        offset = at + len(page)
+    assert b"".join(pages) == data
+    assert read_output(str(run), lines * 11 + 5, 100) == (lines * 11 + 5, b"")

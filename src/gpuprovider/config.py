@@ -112,6 +112,8 @@ class IsolationConfig(_Section):
     pids_max: int = Field(4096, ge=16, le=1 << 22)
     cpu_quota: bool = False
     devices: bool = True
+    # A task's output kept on disk: the latest this many MiB (older output is dropped).
+    log_max_mib: int = Field(64, ge=1, le=1 << 20)
     # Folders a spec's `workdir` may name (besides none: the task's own folder).
     workdir_roots: list[str] = Field(default_factory=list)
 
@@ -132,6 +134,7 @@ class IsolationConfig(_Section):
             pids_max=self.pids_max,
             cpu_quota=self.cpu_quota,
             devices=self.devices,
+            log_max_bytes=self.log_max_mib << 20,
         )
 
 
@@ -311,6 +314,8 @@ pids_max = {d.isolation.pids_max}
 # true: cap CPU at the reservation too (CFS quota); false: weight only.
 cpu_quota = {str(d.isolation.cpu_quota).lower()}
 devices = {str(d.isolation.devices).lower()}
+# A task's output kept on disk: the latest this many MiB; older output is dropped.
+log_max_mib = {d.isolation.log_max_mib}
 # Absolute folders a task spec's workdir may name; none: only the task's own folder.
 workdir_roots = []
 

@@ -178,7 +178,12 @@ class Provider:
         return self.home.tasks / task_id
 
     def logs(self, ref: str) -> str:
-        return self.api.get(f"/tasks/{ref}/logs").text
+        """All a task's output the provider keeps, page by page."""
+        pieces, offset = [], 0
+        while (page := self.api.get(f"/tasks/{ref}/logs", params={"offset": offset})).content:
+            pieces.append(page.content)
+            offset = int(page.headers["X-Log-Next"])
+        return b"".join(pieces).decode(errors="replace")
 
     def cancel_all(self) -> None:
         for task in self.api.get("/tasks", params={"limit": 100000}).json():

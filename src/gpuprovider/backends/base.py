@@ -103,8 +103,9 @@ class Backend(Protocol):
         """Find a runner started for this attempt but never recorded (daemon crash)."""
         ...
 
-    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:
-        """Up to `limit` bytes of a task's output from `offset`, wherever it runs."""
+    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
+        """Up to `limit` bytes of a task's output from `offset`, wherever it runs, and
+        where they start (after `offset` when the output there was dropped by the cap)."""
         ...
 
     def close(self) -> None: ...

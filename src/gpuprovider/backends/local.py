@@ -23,6 +23,7 @@ import psutil
 from gpuprovider.backends.base import Discovery, Exit, Handle, NoFreePort
 from gpuprovider.backends.container import ContainerLimits
 from gpuprovider.backends.launch import Launch, choose_ports, settle
+from gpuprovider.backends.runner import LOG_NAME, read_output
 from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.inventory.local import read_local_node
@@ -191,7 +192,7 @@ class LocalProcesses:
         )
         base = self.isolation.environment(launch.workdir, applied)
         argv, env = settle(launch, ports, base, limits)
-        log_path = Path(launch.run_dir) / "output.log"
+        log_path = Path(launch.run_dir) / LOG_NAME
         log_path.touch(mode=0o600)  # readable at once, whoever writes to it first
         request = {
             "argv": argv,
@@ -202,6 +203,7 @@ class LocalProcesses:
             "grace_s": launch.grace_s,
             "max_duration_s": launch.max_duration_s or 0,
             "log": str(log_path),
+            "log_max_bytes": self.isolation.settings.log_max_bytes,
             "isolation": asdict(applied),
         }
         return request, applied, ports
@@ -268,14 +270,6 @@ class LocalProcesses:
             pass
         if process_alive(handle.pid, handle.start_time):
             os.kill(handle.pid, signal.SIGKILL)
-
-    def read_output(self, run_dir: str, offset: int, limit: int) -> bytes:
-        try:
-            with open(Path(run_dir) / "output.log", "rb") as handle:
-                handle.seek(offset)
-                return handle.read(limit)
-        except FileNotFoundError:
-            return b""
 
     def recover(self, run_dir: str, attempt: int, node_id: str = "") -> Handle | None:
         record = Path(run_dir) / f"runner-{attempt}.json"
@@ -354,5 +348,5 @@ class LocalBackend(LocalProcesses):
         found.facts["isolation"] = self.isolation.describe()
         return Discovery(nodes=[found])
 
-    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:
-        return self.read_output(run_dir, offset, limit)
+    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
+        return read_output(run_dir, offset, limit)

@@ -50,6 +50,8 @@ def _version() -> str:
 
 VERSION = _version()
 
+LOG_NAME = "output.log"  # and output.log.1 before it; output.dropped counts the rest
+DROPPED_NAME = "output.dropped"
 IDLE_EXIT_S = 600.0  # a server with no runner and no client this long exits
 SPARES = 4  # runners forked ahead of need, waiting for their task
 
@@ -101,6 +103,91 @@ def process_start_time(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK") + boot
 
 
+class CappedLog:
+    """A task's output, kept to about `max_bytes`: the latest in `output.log`, what came
+    before it in `output.log.1`, each up to half; older output is dropped, and
+    `output.dropped` says how many bytes were, so that offsets count from the first
+    byte the task ever wrote. A rotation holds the `output.dropped` lock, which readers
+    share, so that a reader never sees the files and the count out of step."""
+
+    def __init__(self, run_dir: str, max_bytes: int):
+        self.path = os.path.join(run_dir, LOG_NAME)
+        self.half = max(max_bytes // 2, 4096)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        self.counter = os.open(os.path.join(run_dir, DROPPED_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = os.open(self.path, flags, 0o600)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, data: bytes) -> None:
+        while data:
+            if self.size >= self.half:
+                self._rotate()
+            written = os.write(self.fd, data[: self.half - self.size])
+            self.size += written
+            data = data[written:]
+
+    def _rotate(self) -> None:
+        older = self.path + ".1"
+        fcntl.flock(self.counter, fcntl.LOCK_EX)
+        try:
+            dropped = _read_count(self.counter)
+            with contextlib.suppress(FileNotFoundError):
+                dropped += os.stat(older).st_size
+            os.replace(self.path, older)
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self.size = 0
+            os.ftruncate(self.counter, 0)
+            os.pwrite(self.counter, str(dropped).encode(), 0)
+        finally:
+            fcntl.flock(self.counter, fcntl.LOCK_UN)
+        # The runner's own messages follow the log into its new file.
+        os.dup2(self.fd, 1)
+        os.dup2(self.fd, 2)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.counter)
+
+
+def _read_count(fd: int) -> int:
+    text = os.pread(fd, 32, 0)
+    return int(text) if text.isdigit() else 0
+
+
+def read_output(run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
+    """Up to `limit` bytes of a task's output from `offset` (counted from the first
+    byte it wrote), and where they start: later than `offset` when the bytes there were
+    dropped to keep the log to its size."""
+    dropped, files = 0, []
+    try:
+        counter = os.open(os.path.join(run_dir, DROPPED_NAME), os.O_RDONLY)
+    except FileNotFoundError:
+        counter = None  # never rotated (or written by 0.1.0): output.log is all of it
+    try:
+        if counter is not None:
+            fcntl.flock(counter, fcntl.LOCK_SH)
+            dropped = _read_count(counter)
+        for name in (LOG_NAME + ".1", LOG_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                files.append(open(os.path.join(run_dir, name), "rb"))  # noqa: SIM115
+    finally:
+        if counter is not None:
+            os.close(counter)
+    start = max(offset, dropped)
+    pieces, position, wanted = [], dropped, limit
+    for handle in files:
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if wanted > 0 and (handle is files[-1] or start < position + size):
+                handle.seek(max(start - position, 0))
+                piece = handle.read(wanted if handle is files[-1] else min(wanted, size))
+                pieces.append(piece)
+                wanted -= len(piece)
+            position += size
+    return start, b"".join(pieces)
+
+
 def run(
     command: list[str],
     run_dir: str,
@@ -109,9 +196,11 @@ def run(
     max_duration_s: float,
     env: dict[str, str] | None = None,
     applied: Applied | None = None,
+    log_max_bytes: int = 64 << 20,
 ) -> int:
     """Run one attempt of a task's command to its end (as its user, in its cgroup, when
-    `applied` says so), record how it ended, and undo what was applied."""
+    `applied` says so), its output copied into a capped log, record how it ended, and
+    undo what was applied."""
     exit_path = os.path.join(run_dir, f"exit-{attempt}.json")
     started = time.time()
     stop = {"reason": "", "deadline": 0.0}
@@ -126,11 +215,22 @@ def run(
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    log = CappedLog(run_dir, log_max_bytes)
+    output_r, output_w = os.pipe()
     try:
         child = subprocess.Popen(
-            command, process_group=0, close_fds=True, env=env, preexec_fn=_become_task(applied)
+            command,
+            process_group=0,
+            close_fds=True,
+            env=env,
+            preexec_fn=_become_task(applied),
+            stdin=subprocess.DEVNULL,
+            stdout=output_w,
+            stderr=output_w,
         )
     except (OSError, subprocess.SubprocessError) as exc:
+        os.close(output_r)
+        os.close(output_w)
         why = getattr(exc, "strerror", None) or str(exc)
         print(f"gpuprovider: cannot start {command[0]!r}: {why}", file=sys.stderr)
         if applied is not None:
@@ -153,9 +253,12 @@ def run(
             "proc_start": process_start_time(os.getpid()),
         },
     )
-    # Wait on the child's pidfd (readable when it exits) and on signals, no polling.
+    os.close(output_w)  # the task's processes hold the only writing ends
+    os.set_blocking(output_r, False)
+    # Wait on the child's pidfd (readable when it exits), its output and signals.
     selector = selectors.DefaultSelector()
     selector.register(wake_r, selectors.EVENT_READ)
+    selector.register(output_r, selectors.EVENT_READ)
     try:
         pidfd = os.pidfd_open(child.pid)
         selector.register(pidfd, selectors.EVENT_READ)
@@ -178,7 +281,9 @@ def run(
             timeout = min(timeout, max(stop["deadline"] - now, 0.0))
         elif max_duration_s:
             timeout = min(timeout, max(started + max_duration_s - now, 0.0) + 0.001)
-        selector.select(timeout)
+        for key, _ in selector.select(timeout):
+            if key.fd == output_r and not _copy(output_r, log):
+                selector.unregister(output_r)  # every writer is gone
         with contextlib.suppress(BlockingIOError):
             while wake_r.recv(512):
                 pass
@@ -196,8 +301,23 @@ def run(
             ended["memory_limit_bytes"] = applied.memory_limit_bytes
         if not undo(applied):
             ended["leftovers"] = "processes of the attempt outlived it; its user is kept back"
+    _copy(output_r, log)  # what they wrote before they went
+    os.close(output_r)
+    log.close()
     _write_json(exit_path, {**ended, "finished_at": time.time()})
     return 0
+
+
+def _copy(source: int, log: CappedLog) -> bool:
+    """Copy what the task wrote into its log; False once no one can write any more."""
+    while True:
+        try:
+            data = os.read(source, 1 << 16)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        log.write(data)
 
 
 # -- the runner server -------------------------------------------------------------
@@ -231,6 +351,7 @@ def _become_runner(request: dict, inherited: list[int]) -> None:
             float(request["max_duration_s"]),
             request["env"],
             applied,
+            int(request.get("log_max_bytes", 64 << 20)),
         )
     except BaseException as exc:  # never return into the server's loop
         with contextlib.suppress(Exception):

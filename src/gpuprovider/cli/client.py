@@ -60,6 +60,10 @@ class Client:
         raise CliError(message, 2 if response.status_code < 500 else 1)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._check(self.response(method, path, **kwargs))
+
+    def response(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The provider's whole answer (headers and bytes); CliError when it says no."""
         try:
             response = self.http.request(method, f"/api/v1{path}", **kwargs)
         except httpx.TransportError as exc:
@@ -67,7 +71,8 @@ class Client:
                 f"cannot reach the provider at {self.url} ({exc.__class__.__name__}); "
                 "is `gpuprovider up` running?"
             ) from None
-        return self._check(response)
+        self._check(response)
+        return response
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import globals_of
-from gpuprovider.cli.output import ago, console, print_json, table
+from gpuprovider.cli.output import ago, console, errors, print_json, table
 
 MAX_SPEC_BYTES = 1 << 20  # as the API's default body limit
 task_app = typer.Typer(help="Batch jobs and services.", no_args_is_help=True)
@@ -208,16 +208,30 @@ def logs(
     ref: str = typer.Argument(..., help="Id or name."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the task ends."),
 ) -> None:
-    """Print a task's output (stdout and stderr)."""
+    """Print a task's output (stdout and stderr): what the provider keeps of it (the
+    latest `[isolation] log_max_mib`)."""
     client = globals_of(ctx).client()
-    if not follow:
-        sys.stdout.write(client.request("GET", f"/tasks/{ref}/logs", params={}) or "")
+    if follow:
+        for event, data in client.stream_events(f"/tasks/{ref}/logs", follow="true"):
+            if event == "end":
+                return
+            if event == "skipped":
+                errors.print(f"[dim]… {data} bytes dropped by the log's cap …[/dim]")
+                continue
+            sys.stdout.write(data)
+            sys.stdout.flush()
         return
-    for event, data in client.stream_events(f"/tasks/{ref}/logs", follow="true"):
-        if event == "end":
+    offset = 0
+    while True:  # page by page: the answer is capped, the output need not be
+        page = client.response("GET", f"/tasks/{ref}/logs", params={"offset": offset})
+        if not page.content:
             return
-        sys.stdout.write(data)
+        start = int(page.headers["X-Log-Start"])
+        if start > offset and offset == 0:
+            errors.print(f"[dim]… the first {start} bytes were dropped by the log's cap …[/dim]")
+        sys.stdout.buffer.write(page.content)
         sys.stdout.flush()
+        offset = int(page.headers["X-Log-Next"])
 
 
 @task_app.command("cancel")

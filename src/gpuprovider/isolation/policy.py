@@ -31,6 +31,7 @@ class Settings:
     cpu_quota: bool = False
     devices: bool = True
     proc_devices: str = "/proc/devices"
+    log_max_bytes: int = 64 << 20  # a task's output kept on disk (the latest of it)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -201,33 +202,42 @@ class TaskService:
 
     # -- logs ----------------------------------------------------------------------
 
-    def _read_log(self, task: TaskRecord, offset: int) -> bytes:
-        """The next piece of a task's output, from whichever node runs it."""
+    def _read_log(self, task: TaskRecord, offset: int, limit: int = LOG_CHUNK) -> tuple[int, bytes]:
+        """The next piece of a task's output, from whichever node runs it, and where it
+        starts (past `offset` when the output there was dropped to keep the log capped)."""
         if not task.run_dir:
-            return b""
-        return self.backend.read_log(task.node_id or "", task.run_dir, offset, LOG_CHUNK)
+            return offset, b""
+        return self.backend.read_log(task.node_id or "", task.run_dir, offset, limit)
 
-    def log(self, ref: str, who: TokenRecord, offset: int) -> str:
-        task = self.visible(ref, who)
-        pieces, position = [], offset
-        while chunk := self._read_log(task, position):
-            pieces.append(chunk)
-            position += len(chunk)
-        return b"".join(pieces).decode(errors="replace")
+    def log(self, ref: str, who: TokenRecord, offset: int, limit: int) -> tuple[int, bytes]:
+        """Up to `limit` bytes of the task's output from `offset`, and where they start."""
+        return self._read_log(self.visible(ref, who), offset, limit)
 
     async def follow(self, ref: str, who: TokenRecord, offset: int) -> AsyncIterator[str]:
-        """Server-sent events: one `data:` event per chunk, `event: end` when done."""
+        """Server-sent events: one `data:` event per chunk (text, never a character cut
+        in two), `event: skipped` with the number of bytes dropped by the log's cap
+        before the next chunk, `event: end` when done. One chunk at a time: a follower
+        costs the daemon the same memory however much the task writes."""
         task_id = (await asyncio.to_thread(self.visible, ref, who)).id
         position = offset
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
             task = await asyncio.to_thread(self._reread, task_id)
             done = task is None or task.state in TERMINAL
-            chunk = await asyncio.to_thread(self._read_log, task, position) if task else b""
+            start, chunk = (
+                await asyncio.to_thread(self._read_log, task, position) if task else (position, b"")
+            )
+            if start > position:
+                yield f"event: skipped\ndata: {start - position}\n\n"
+            position = start
             if chunk:
                 position += len(chunk)
-                yield f"data: {json.dumps(chunk.decode(errors='replace'))}\n\n"
+                if text := decoder.decode(chunk):
+                    yield f"data: {json.dumps(text)}\n\n"
                 continue
             if done:
+                if tail := decoder.decode(b"", final=True):
+                    yield f"data: {json.dumps(tail)}\n\n"
                 state = task.state.value if task else "gone"
                 yield f"event: end\ndata: {json.dumps(state)}\n\n"
                 return

@@ -2,13 +2,15 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from gpuprovider.api.deps import Reader, Submitter, Svc
 from gpuprovider.api.routers import ERRORS, answer
 from gpuprovider.api.schemas import DryRunOut, EventOut, TaskDetailOut, TaskOut
 from gpuprovider.domain.spec import TaskSpec
+
+LOG_LIMIT_MAX = 4 << 20  # bytes of output in one answer
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERRORS)
 
@@ -56,17 +58,32 @@ async def cancel(ref: str, who: Submitter, svc: Svc) -> JSONResponse:
     "/{ref}/logs",
     response_class=PlainTextResponse,
     response_model=None,
-    responses={200: {"content": {"text/plain": {}, "text/event-stream": {}}}},
+    responses={
+        200: {
+            "content": {"text/plain": {}, "text/event-stream": {}},
+            "headers": {
+                "X-Log-Start": {
+                    "description": "offset of the first byte sent (past `offset` "
+                    "when the output there was dropped to keep the log to its cap)"
+                },
+                "X-Log-Next": {"description": "the offset to ask for next"},
+            },
+        }
+    },
 )
 async def logs(
     ref: str,
     who: Reader,
     svc: Svc,
     follow: bool = False,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> PlainTextResponse | StreamingResponse:
-    """The task's output (stdout and stderr) from `offset`; with `follow`, server-sent
-    events until the task ends."""
+    offset: Annotated[int, Query(ge=0, le=1 << 62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=LOG_LIMIT_MAX)] = LOG_LIMIT_MAX,
+) -> Response:
+    """The task's output (stdout and stderr), up to `limit` bytes from `offset` (counted
+    from the first byte the task wrote); with `follow`, server-sent events until the
+    task ends."""
     if follow:
         return StreamingResponse(svc.tasks.follow(ref, who, offset), media_type="text/event-stream")
-    return PlainTextResponse(await svc.slow(svc.tasks.log, ref, who, offset))
+    start, data = await svc.slow(svc.tasks.log, ref, who, offset, limit)
+    headers = {"X-Log-Start": str(start), "X-Log-Next": str(start + len(data))}
+    return Response(data, media_type="text/plain; charset=utf-8", headers=headers)

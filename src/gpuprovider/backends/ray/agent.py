@@ -9,6 +9,7 @@ from pathlib import Path
 from gpuprovider.backends.base import Exit, Handle, Launch
 from gpuprovider.backends.local import LocalProcesses
 from gpuprovider.backends.ray.common import SIM_PREFIX
+from gpuprovider.backends.runner import read_output
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.domain.records import NodeRecord
 from gpuprovider.inventory.local import read_local_node
@@ -77,5 +78,5 @@ class NodeAgent:
     def recover(self, run_dir: str, attempt: int) -> Handle | None:
         return self.local.recover(run_dir, attempt, self.node_id)
 
-    def read_log(self, run_dir: str, offset: int, limit: int) -> bytes:
-        return self.local.read_output(run_dir, offset, limit)
+    def read_log(self, run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
+        return read_output(run_dir, offset, limit)

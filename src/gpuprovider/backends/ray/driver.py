@@ -288,11 +288,11 @@ class RayBackend:
         except Exception:
             return None
 
-    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> bytes:
+    def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
         try:
             return self._call(node_id, "read_log", run_dir, offset, limit)
         except Exception:
-            return b""
+            return offset, b""
 
     def close(self) -> None:
         pass  # agents and their runners outlive the daemon by design
