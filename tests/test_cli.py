@@ -94,7 +94,7 @@ def test_exit_codes_for_bad_input(provider, tmp_path):
     refused = provider.cli("task", "submit", "-f", str(deep))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     wrong_token = provider.cli("--token", "gpp_wrong", "task", "list")
-    assert wrong_token.returncode == 2 and "unknown or revoked token" in wrong_token.stderr
+    assert wrong_token.returncode == 2 and "unknown token" in wrong_token.stderr
 
 
 def test_unreachable_provider_exits_1(provider):

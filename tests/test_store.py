@@ -45,6 +45,10 @@ def test_store_operations(store_url):
     assert fired == [{task.id}]
     with pytest.raises(IntegrityError), store.tx() as tx:  # the name is live
         tx.tasks.insert(spec(name="job"), "admin")
+    with store.tx() as tx:  # in this tenant: another's names are its own
+        theirs = tx.tasks.insert(spec(name="job"), "team-b", idempotency_key="k-1")
+    with pytest.raises(IntegrityError), store.tx() as tx:  # a key is used once per tenant
+        tx.tasks.insert(spec(), "team-b", idempotency_key="k-1")
     with store.tx() as tx:
         tx.tasks.allocate(task, "n-1", ["GPU-a"], 1000, 0, 0)
         transition(tx, task, S.SCHEDULED, "placed")
@@ -55,7 +59,10 @@ def test_store_operations(store_url):
     with pytest.raises(StaleTask), store.tx() as tx:
         transition(tx, stale, S.STARTING, "should not apply")
     with store.read() as r:
-        assert r.tasks.get("job").state == S.SCHEDULED
+        assert r.tasks.resolve("job", "admin").state == S.SCHEDULED
+        assert r.tasks.resolve("job", "team-b").id == theirs.id
+        assert r.tasks.submitted_with("team-b", "k-1").id == theirs.id
+        assert r.tasks.submitted_with("admin", "k-1") is None
         assert r.tasks.active_allocations()[0].ports == {"http": 20001}
         assert [e.to_state for e in r.tasks.events(task.id)] == ["submitted", "queued", "scheduled"]
     with store.tx() as tx:
@@ -157,7 +164,7 @@ def test_a_0_1_0_store_upgrades_in_place_and_the_provider_carries_on(tmp_path, k
     tasks = made["tasks"]
     provider.start()
     try:
-        assert "store upgraded from schema 0001 to 0002" in provider.log()
+        assert f"store upgraded from schema 0001 to {migrate.head()}" in provider.log()
         done = provider.task(tasks["done"])
         assert done["state"] == "succeeded" and done["exit_code"] == 0
         assert [e["to"] for e in done["events"]][-1] == "succeeded" and len(done["events"]) == 6
@@ -194,7 +201,7 @@ def test_init_upgrades_a_0_1_0_store_and_says_so(tmp_path, request):
     provider, _ = old_home(tmp_path, "sqlite", request)
     done = provider.cli("init")
     assert done.returncode == 0, done.stderr
-    assert "upgraded from schema 0001 to 0002" in done.stdout
+    assert f"upgraded from schema 0001 to {migrate.head()}" in done.stdout
     again = provider.cli("init")
     assert "upgraded" not in again.stdout and "exists, kept" in again.stdout
 

@@ -59,14 +59,22 @@ def needs(scope: str) -> Any:
     async def caller(
         request: Request, authorization: Annotated[str | None, Header()] = None
     ) -> TokenRecord:
-        services: Services = request.app.state.services
-        tokens = services.tokens
-        who = tokens.cached(authorization) or await services.read(
-            tokens.authenticate, authorization
-        )
-        return TokenService.require(who, scope)
+        return TokenService.require(await _identify(request, authorization), scope)
 
     return Depends(caller)
+
+
+async def _identify(request: Request, authorization: str | None) -> TokenRecord:
+    services: Services = request.app.state.services
+    tokens = services.tokens
+    return tokens.cached(authorization) or await services.read(tokens.authenticate, authorization)
+
+
+async def maybe_caller(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> TokenRecord | None:
+    """The caller when a token is sent (a wrong one is refused), else None."""
+    return None if authorization is None else await _identify(request, authorization)
 
 
 Svc = Annotated[Services, Depends(services)]
@@ -74,3 +82,4 @@ Reader = Annotated[TokenRecord, needs("read")]
 Submitter = Annotated[TokenRecord, needs("submit")]
 Admin = Annotated[TokenRecord, needs("admin")]
 Verifier = Annotated[TokenRecord, needs("verify")]
+Anyone = Annotated[TokenRecord | None, Depends(maybe_caller)]

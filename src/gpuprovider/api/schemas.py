@@ -78,6 +78,9 @@ class TokenIn(_In):
     name: Annotated[str, Field(pattern=NAME)]
     scopes: list[str] = Field(default_factory=lambda: ["read", "submit"], min_length=1)
     tenant: Annotated[str, Field(pattern=NAME)] | None = None
+    expires_in_s: float | None = Field(
+        None, gt=0, le=10 * 365 * 86400, description="refused this long after it is made"
+    )
 
 
 class CordonIn(_In):
@@ -94,7 +97,9 @@ class ErrorOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: Literal["ok"]
-    tasks: dict[str, int]
+    tasks: dict[str, int] | None = Field(
+        None, description="tasks by state: only with a token, and only those it sees"
+    )
 
 
 class VersionOut(BaseModel):
@@ -305,6 +310,8 @@ class TokenOut(BaseModel):
     scopes: list[str]
     tenant: str
     created_at: float
+    expires_at: float | None
+    revoked_at: float | None
 
 
 class TokenCreatedOut(TokenOut):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +13,8 @@ import httpx
 
 from gpuprovider.config import ConfigError, load_config
 from gpuprovider.home import Home
+
+SUBMIT_TRIES = 3
 
 
 class CliError(Exception):
@@ -67,12 +71,32 @@ class Client:
         try:
             response = self.http.request(method, f"/api/v1{path}", **kwargs)
         except httpx.TransportError as exc:
-            raise Unreachable(
-                f"cannot reach the provider at {self.url} ({exc.__class__.__name__}); "
-                "is `gpuprovider up` running?"
-            ) from None
+            raise self._unreachable(exc) from None
         self._check(response)
         return response
+
+    def _unreachable(self, exc: Exception) -> Unreachable:
+        return Unreachable(
+            f"cannot reach the provider at {self.url} ({exc.__class__.__name__}); "
+            "is `gpuprovider up` running?"
+        )
+
+    def submit(self, spec: dict[str, Any]) -> Any:
+        """POST /tasks under an Idempotency-Key of its own, sent again with the same key
+        when the connection drops after the request went out: the provider makes the
+        task once, however many times it is sent."""
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        for attempt in range(SUBMIT_TRIES):
+            try:
+                response = self.http.post("/api/v1/tasks", json=spec, headers=headers)
+            except httpx.ConnectError as exc:  # never reached the provider
+                raise self._unreachable(exc) from None
+            except httpx.TransportError as exc:
+                if attempt + 1 == SUBMIT_TRIES:
+                    raise self._unreachable(exc) from None
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            return self._check(response)
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})

@@ -7,6 +7,8 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -266,12 +268,16 @@ def token_create(
     name: str = typer.Argument(..., help="Token name; also the tenant unless --tenant."),
     scope: list[str] = typer.Option(["read", "submit"], "--scope", help="read, submit, admin"),
     tenant: str | None = typer.Option(None, help="Tenant whose tasks the token sees."),
+    expires_in: str | None = typer.Option(
+        None, "--expires-in", help="Refused after this long: 3600s, 90m, 12h, 30d."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Create an API token (shown once)."""
-    made = (
-        globals_of(ctx).client().post("/tokens", {"name": name, "scopes": scope, "tenant": tenant})
-    )
+    body = {"name": name, "scopes": scope, "tenant": tenant}
+    if expires_in is not None:
+        body["expires_in_s"] = _duration(expires_in)
+    made = globals_of(ctx).client().post("/tokens", body)
     if as_json:
         return print_json(made)
     console.print(
@@ -280,14 +286,57 @@ def token_create(
     print(made["token"])
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds in `30d`, `12h`, `90m`, `3600s` (or plain seconds)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        raise CliError(
+            f"--expires-in {text!r}: write a duration such as 30d, 12h or 90m", 2
+        ) from None
+    if not 0 < seconds < float("inf"):
+        raise CliError(f"--expires-in {text!r}: must be a positive duration", 2)
+    return seconds
+
+
 @token_app.command("list")
 def token_list(ctx: typer.Context, as_json: bool = JSON) -> None:
-    """List API tokens (names and scopes, never the secrets)."""
+    """List API tokens (names and scopes, never the secrets), revoked and expired too."""
     tokens = globals_of(ctx).client().get("/tokens")
     if as_json:
         return print_json(tokens)
     table(
         "Tokens",
-        ["NAME", "TENANT", "SCOPES", "CREATED"],
-        [[t["name"], t["tenant"], ",".join(t["scopes"]), ago(t["created_at"])] for t in tokens],
+        ["NAME", "TENANT", "SCOPES", "CREATED", "STATUS"],
+        [
+            [t["name"], t["tenant"], ",".join(t["scopes"]), ago(t["created_at"]), _status(t)]
+            for t in tokens
+        ],
     )
+
+
+def _status(token: dict) -> str:
+    if token["revoked_at"] is not None:
+        return f"revoked {ago(token['revoked_at'])}"
+    if token["expires_at"] is None:
+        return "valid"
+    if token["expires_at"] <= time.time():
+        return f"expired {ago(token['expires_at'])}"
+    return f"valid until {datetime.fromtimestamp(token['expires_at']):%Y-%m-%d %H:%M}"
+
+
+@token_app.command("revoke")
+def token_revoke(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Token name."),
+    as_json: bool = JSON,
+) -> None:
+    """Revoke a token: the provider refuses it from now on."""
+    token = globals_of(ctx).client().request("DELETE", f"/tokens/{name}")
+    if as_json:
+        return print_json(token)
+    console.print(f"token {token['name']} revoked")

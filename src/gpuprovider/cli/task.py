@@ -44,7 +44,7 @@ def _submit(ctx: typer.Context, spec: dict[str, Any], dry_run: bool, as_json: bo
         else:
             console.print(verdict["message"])
         return
-    task = client.post("/tasks", spec)
+    task = client.submit(spec)
     if as_json:
         return print_json(task)
     console.print(f"{task['id']} {task['name'] or ''} {task['state']}".strip())
@@ -56,7 +56,7 @@ def _submit(ctx: typer.Context, spec: dict[str, Any], dry_run: bool, as_json: bo
 def run(
     ctx: typer.Context,
     command: list[str] = typer.Argument(None, help="Program and arguments, after --."),
-    name: str | None = typer.Option(None, help="Name, unique among live tasks."),
+    name: str | None = typer.Option(None, help="Name, unique among your live tasks."),
     gpu: str = typer.Option("0", help="GPUs: 1, 0.5, H100:80GB:2, A100|H100:1, 24GB..:1"),
     cpu: float = typer.Option(0.0, help="CPU cores to reserve."),
     memory: str | None = typer.Option(None, help="Memory to reserve, e.g. 16GB."),

@@ -227,12 +227,14 @@ class SchedulerLoop(Loop):
     def _preempt(self, task: TaskRecord, decision: Preemption, snapshot: Snapshot) -> None:
         """Move the victims to `preempted`; the executor stops them and re-queues them."""
         node = snapshot.node(decision.node_id).name
-        why = f"preempted by {task.label} (priority {task.priority}) to make room on {node}"
         for victim_id in decision.victims:
             with self.store.read() as r:
                 victim = r.tasks.get(victim_id)
             if victim is None or victim.state != S.RUNNING:
                 continue
+            # Another tenant's task is never named to the victim (its events are theirs).
+            by = task.label if victim.tenant == task.tenant else "another tenant's task"
+            why = f"preempted by {by} (priority {task.priority}) to make room on {node}"
             try:
                 with self.store.tx() as tx:
                     transition(tx, victim, S.PREEMPTED, why)

@@ -164,6 +164,8 @@ class TokenRecord:
     scopes: list[str]
     tenant: str
     created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -175,3 +177,7 @@ class TokenRecord:
     def sees(self, tenant: str) -> bool:
         """Whether this caller may see a tenant's tasks."""
         return self.is_admin or tenant == self.tenant
+
+    def valid_at(self, now: float) -> bool:
+        """Neither revoked nor expired at `now` (a time.time())."""
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)

@@ -7,7 +7,7 @@ from typing import Any
 from gpuprovider.check.result import Result
 from gpuprovider.domain.nodes import NodeStatus
 from gpuprovider.domain.records import NodeRecord, TokenRecord
-from gpuprovider.domain.states import TaskState
+from gpuprovider.domain.states import ALLOCATED, TaskState
 from gpuprovider.domain.usability import Usability
 from gpuprovider.lifecycle import nodes as lifecycle
 from gpuprovider.lifecycle.nodes import Refused
@@ -83,9 +83,17 @@ class NodeService:
 
     # -- GPUs ----------------------------------------------------------------------
 
-    def gpus(self) -> list[dict[str, Any]]:
+    def gpus(self, who: TokenRecord) -> list[dict[str, Any]]:
+        """Every GPU and how much of it is used; the tasks on it only where `who` sees
+        them (a tenant: its own)."""
         with self.store.read() as r:
-            return gpu_views(r.nodes.list(), r.tasks.active_allocations(), self.usability)
+            views = gpu_views(r.nodes.list(), r.tasks.active_allocations(), self.usability)
+            if who.is_admin:
+                return views
+            mine = {t.id for t in r.tasks.find(states=sorted(ALLOCATED), tenant=who.tenant)}
+        for view in views:
+            view["tasks"] = [task_id for task_id in view["tasks"] if task_id in mine]
+        return views
 
     def cordon_gpu(self, uuid: str, who: TokenRecord, why: str) -> dict[str, Any]:
         """No new work on one GPU; what runs there stays."""

@@ -67,28 +67,45 @@ class TaskService:
                 "[executor] container_engine allow it); start one, or give a command instead"
             )
 
-    def submit(self, spec: TaskSpec, who: TokenRecord) -> dict[str, Any]:
-        """Store a spec and queue it, in one transaction."""
+    def submit(
+        self, spec: TaskSpec, who: TokenRecord, idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Store a spec and queue it, in one transaction; with an idempotency key the
+        tenant used before for the same spec, the task it made instead. The task, and
+        whether it is new."""
         self._check_runnable(spec)
-        try:
-            with self.store.tx() as tx:
-                if spec.gang:
-                    self._check_gang(tx.tasks.gang_members(f"{who.tenant}/{spec.gang.name}"), spec)
-                if spec.name and (holder := tx.tasks.live_named(spec.name)):
-                    raise self._name_taken(spec.name, holder, who)
-                task = tx.tasks.insert(spec, who.tenant)
-                lifecycle.submit(tx, task)
-        except IntegrityError:  # a concurrent submission took the name first
-            raise Conflict(
-                f"a live task is already named {spec.name!r}; choose another name"
-            ) from None
-        return task_view(task)
+        for _ in range(2):  # a concurrent submission may win the name or the key
+            try:
+                with self.store.tx() as tx:
+                    if idempotency_key and (
+                        earlier := tx.tasks.submitted_with(who.tenant, idempotency_key)
+                    ):
+                        return self._replay(earlier, spec, idempotency_key), False
+                    if spec.gang:
+                        gang = f"{who.tenant}/{spec.gang.name}"
+                        self._check_gang(tx.tasks.gang_members(gang), spec)
+                    if spec.name and (holder := tx.tasks.live_named(who.tenant, spec.name)):
+                        raise self._name_taken(spec.name, holder)
+                    task = tx.tasks.insert(spec, who.tenant, idempotency_key)
+                    lifecycle.submit(tx, task)
+                return task_view(task), True
+            except IntegrityError:
+                continue  # read again: the winner is now there to name
+        raise Conflict(f"task {spec.name or ''} keeps being submitted concurrently; try again")
 
     @staticmethod
-    def _name_taken(name: str, holder: TaskRecord, who: TokenRecord) -> Conflict:
-        shown = f" ({holder.id})" if who.sees(holder.tenant) else ""
+    def _replay(earlier: TaskRecord, spec: TaskSpec, key: str) -> dict[str, Any]:
+        if earlier.task_spec.model_dump(mode="json") != spec.model_dump(mode="json"):
+            raise Conflict(
+                f"Idempotency-Key {key!r} was used for a different submission (task "
+                f"{earlier.id}); send a new key for a new task"
+            )
+        return task_view(earlier)
+
+    @staticmethod
+    def _name_taken(name: str, holder: TaskRecord) -> Conflict:
         return Conflict(
-            f"a live task is already named {name!r}{shown}; cancel it or choose another name"
+            f"a live task is already named {name!r} ({holder.id}); cancel it or choose another name"
         )
 
     @staticmethod
@@ -108,8 +125,8 @@ class TaskService:
         """What would happen to `spec` now, storing nothing."""
         self._check_runnable(spec)
         with self.store.read() as r:
-            if spec.name and (holder := r.tasks.live_named(spec.name)):
-                raise self._name_taken(spec.name, holder, who)
+            if spec.name and (holder := r.tasks.live_named(who.tenant, spec.name)):
+                raise self._name_taken(spec.name, holder)
             nodes = r.nodes.list()
             allocations = r.tasks.active_allocations()
         request = task_request("dry-run", spec)
@@ -136,9 +153,13 @@ class TaskService:
     # -- read ----------------------------------------------------------------------
 
     def visible(self, ref: str, who: TokenRecord) -> TaskRecord:
-        """The task `ref` as `who` may see it; another tenant's task is not found."""
+        """The task `ref` (an id, or a name of the caller's tenant; an admin may write
+        TENANT:NAME) as `who` may see it; another tenant's task is not found."""
+        tenant, name = who.tenant, ref
+        if who.is_admin and ":" in ref:
+            tenant, _, name = ref.partition(":")
         with self.store.read() as r:
-            task = r.tasks.get(ref)
+            task = r.tasks.resolve(name, tenant)
         if task is None or not who.sees(task.tenant):
             raise NotFound(f"no task with id or name {ref!r}")
         return task
@@ -179,9 +200,14 @@ class TaskService:
     def events(self, ref: str, who: TokenRecord) -> list[dict[str, Any]]:
         return self.detail(ref, who)["events"]
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, who: TokenRecord | None) -> dict[str, int] | None:
+        """Tasks by state, of those `who` sees (None for no one; the store is asked
+        still, so that /health says it answers)."""
         with self.store.read() as r:
-            return r.tasks.count_by_state()
+            if who is None or not who.allows("read"):
+                r.answers()
+                return None
+            return r.tasks.count_by_state(None if who.is_admin else who.tenant)
 
     # -- cancel --------------------------------------------------------------------
 

@@ -161,4 +161,6 @@ def token_view(token: TokenRecord) -> dict[str, Any]:
         "scopes": token.scopes,
         "tenant": token.tenant,
         "created_at": token.created_at,
+        "expires_at": token.expires_at,
+        "revoked_at": token.revoked_at,
     }

@@ -78,8 +78,18 @@ def upgrade(store: Store) -> Upgrade:
     """Create the schema, or bring an older store to it with its data; refuse a store
     made by a newer gpuprovider (StoreError says so)."""
     try:
-        with store.engine.begin() as conn:
-            return upgrade_on(conn)
+        with store.engine.connect() as conn:
+            if store.is_sqlite:
+                # SQLite alters a table by copying it, and dropping the old copy would
+                # trip the foreign keys of rows that point at it: off while migrating
+                # (outside a transaction, where SQLite honours it), checked after.
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()
+            with conn.begin():
+                done = upgrade_on(conn)
+                if store.is_sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise StoreError("migrating the store left rows pointing nowhere")
+            return done
     except StoreError:
         raise
     except Exception as exc:

@@ -15,12 +15,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 # In `meta`: what gpuprovider 0.1.0 reads to refuse a store newer than itself. Alembic's
 # revision is what this code goes by; this number is bumped with any migration an older
 # release must not open.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -40,6 +41,8 @@ tokens = Table(
     Column("scopes", JSON, nullable=False),
     Column("tenant", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),  # refused from then on; NULL: never
+    Column("revoked_at", Float),  # refused from then on (kept: who had access, when)
 )
 
 nodes = Table(
@@ -97,8 +100,9 @@ tasks = Table(
     metadata,
     Column("id", String(32), primary_key=True),
     Column("name", String(64)),
-    # The name while the task is live, NULL once it ends: unique among live tasks.
-    Column("live_name", String(64), unique=True),
+    # The name while the task is live, NULL once it ends: unique among the tenant's
+    # live tasks.
+    Column("live_name", String(64)),
     Column("tenant", String(64), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("state", String(16), nullable=False, index=True),
@@ -120,6 +124,10 @@ tasks = Table(
     Column("started_at", Float),
     Column("finished_at", Float),
     Column("version", Integer, nullable=False, default=0),
+    # The client's Idempotency-Key of the submission: a retry gets this task back.
+    Column("idempotency_key", String(255)),
+    UniqueConstraint("tenant", "live_name", name="uq_tasks_tenant_live_name"),
+    UniqueConstraint("tenant", "idempotency_key", name="uq_tasks_tenant_idempotency_key"),
 )
 Index("ix_tasks_name", tasks.c.name)
 Index("ix_tasks_created_at", tasks.c.created_at)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, literal, select
 
 from gpuprovider.store.checks import CheckRepo
 from gpuprovider.store.nodes import NodeRepo
@@ -41,6 +41,7 @@ from gpuprovider.store.tokens import TokenRepo
 
 # A child process that upgrades the store may take this long (a large store migrating).
 UPGRADE_TIMEOUT_S = 3600.0
+_PING = select(literal(1))
 
 
 class StoreError(RuntimeError):
@@ -64,6 +65,10 @@ class Tx:
         self.conn = conn
         self.now = now
         self.fired: Fired = {}
+
+    def answers(self) -> bool:
+        """A read that costs the store nothing: whether it answers at all."""
+        return self.conn.execute(_PING).scalar() == 1
 
     def signal(self, signal: Signal, *subjects: str) -> None:
         """Note what this transaction changed, published once it commits."""

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 
 from gpuprovider.domain.records import SPECS, AllocationRecord, EventRecord, TaskRecord
 from gpuprovider.domain.spec import TaskSpec
@@ -33,14 +33,26 @@ _INSERT_ALLOCATION = insert(t.allocations)
 _UPDATE_GUARDED = update(t.tasks).where(
     t.tasks.c.id == bindparam("b_id"), t.tasks.c.version == bindparam("b_version")
 )
-_GET = (
-    _SELECT_TASKS.where(or_(t.tasks.c.id == bindparam("ref"), t.tasks.c.name == bindparam("ref")))
+_GET = _SELECT_TASKS.where(t.tasks.c.id == bindparam("id"))
+_RESOLVE = (
+    _SELECT_TASKS.where(
+        or_(
+            t.tasks.c.id == bindparam("ref"),
+            and_(t.tasks.c.name == bindparam("ref"), t.tasks.c.tenant == bindparam("tenant")),
+        )
+    )
     .order_by(
         (t.tasks.c.id == bindparam("ref")).desc(),
         t.tasks.c.live_name.is_(None),
         t.tasks.c.created_at.desc(),
     )
     .limit(1)
+)
+_LIVE_NAMED = _SELECT_TASKS.where(
+    t.tasks.c.tenant == bindparam("tenant"), t.tasks.c.live_name == bindparam("name")
+)
+_IDEMPOTENT = _SELECT_TASKS.where(
+    t.tasks.c.tenant == bindparam("tenant"), t.tasks.c.idempotency_key == bindparam("key")
 )
 _SELECT_BY_IDS = _SELECT_TASKS.where(t.tasks.c.id.in_(bindparam("ids", expanding=True)))
 _SELECT_BY_IDS_IN_STATE = _SELECT_BY_IDS.where(t.tasks.c.state == bindparam("state"))
@@ -49,6 +61,7 @@ _SELECT_ACTIVE_OF = _SELECT_ACTIVE.where(
     t.allocations.c.task_id.in_(bindparam("ids", expanding=True))
 )
 _COUNT_BY_STATE = select(t.tasks.c.state, func.count()).group_by(t.tasks.c.state)
+_COUNT_BY_STATE_OF = _COUNT_BY_STATE.where(t.tasks.c.tenant == bindparam("tenant"))
 _QUEUED_BRIEF = select(t.tasks.c.id, t.tasks.c.not_before, t.tasks.c.version).where(
     t.tasks.c.state == TaskState.QUEUED.value
 )
@@ -96,9 +109,9 @@ class TaskRepo:
 
     # -- writes (the lifecycle's: it checks each change against the state table) ----
 
-    def insert(self, spec: TaskSpec, tenant: str) -> TaskRecord:
+    def insert(self, spec: TaskSpec, tenant: str, idempotency_key: str | None = None) -> TaskRecord:
         """Store a validated spec as `submitted`, with its event. IntegrityError when a
-        live task has the name."""
+        live task of the tenant has the name, or a task of the tenant has the key."""
         now = self.tx.now
         values: dict[str, Any] = dict(
             id=new_task_id(),
@@ -125,10 +138,12 @@ class TaskRepo:
             created_at=now,
             updated_at=now,
             version=0,
+            idempotency_key=idempotency_key,
         )
         self.tx.conn.execute(_INSERT_TASK, values)
         self._event(values["id"], None, TaskState.SUBMITTED, f"submitted by {tenant}")
         values.pop("live_name")
+        values.pop("idempotency_key")
         SPECS.put(values["id"], spec)
         task = TaskRecord(**values)
         task.state = TaskState.SUBMITTED
@@ -233,13 +248,23 @@ class TaskRepo:
 
     # -- reads ---------------------------------------------------------------------
 
-    def get(self, ref: str) -> TaskRecord | None:
-        """A task by id, else the live task of that name, else the newest of that name."""
-        row = self.tx.conn.execute(_GET, {"ref": ref}).first()
+    def get(self, task_id: str) -> TaskRecord | None:
+        row = self.tx.conn.execute(_GET, {"id": task_id}).first()
         return _task(row) if row else None
 
-    def live_named(self, name: str) -> TaskRecord | None:
-        row = self.tx.conn.execute(_SELECT_TASKS.where(t.tasks.c.live_name == name)).first()
+    def resolve(self, ref: str, tenant: str) -> TaskRecord | None:
+        """A task by id (any tenant's: the caller checks), else the tenant's live task of
+        that name, else the tenant's newest of that name."""
+        row = self.tx.conn.execute(_RESOLVE, {"ref": ref, "tenant": tenant}).first()
+        return _task(row) if row else None
+
+    def live_named(self, tenant: str, name: str) -> TaskRecord | None:
+        row = self.tx.conn.execute(_LIVE_NAMED, {"tenant": tenant, "name": name}).first()
+        return _task(row) if row else None
+
+    def submitted_with(self, tenant: str, idempotency_key: str) -> TaskRecord | None:
+        """The tenant's task submitted with this Idempotency-Key, if any."""
+        row = self.tx.conn.execute(_IDEMPOTENT, {"tenant": tenant, "key": idempotency_key}).first()
         return _task(row) if row else None
 
     def find(
@@ -285,8 +310,12 @@ class TaskRepo:
         """Every queued task's id, `not_before` and version, without decoding its spec."""
         return {row[0]: (row[1], row[2]) for row in self.tx.conn.execute(_QUEUED_BRIEF)}
 
-    def count_by_state(self) -> dict[str, int]:
-        return {state: n for state, n in self.tx.conn.execute(_COUNT_BY_STATE)}
+    def count_by_state(self, tenant: str | None = None) -> dict[str, int]:
+        """Tasks by state: every tenant's, or one tenant's."""
+        if tenant is None:
+            return {state: n for state, n in self.tx.conn.execute(_COUNT_BY_STATE)}
+        rows = self.tx.conn.execute(_COUNT_BY_STATE_OF, {"tenant": tenant})
+        return {state: n for state, n in rows}
 
     def events(self, task_id: str) -> list[EventRecord]:
         rows = self.tx.conn.execute(

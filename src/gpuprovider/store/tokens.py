@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.store import schema as t
@@ -19,7 +19,14 @@ class TokenRepo:
     def __init__(self, tx: Tx):
         self.tx = tx
 
-    def add(self, name: str, token_hash: str, scopes: list[str], tenant: str) -> TokenRecord:
+    def add(
+        self,
+        name: str,
+        token_hash: str,
+        scopes: list[str],
+        tenant: str,
+        expires_at: float | None = None,
+    ) -> TokenRecord:
         """A new token; IntegrityError (at commit or here) when the name is taken."""
         made = TokenRecord(
             id="k-" + secrets.token_hex(6),
@@ -27,6 +34,7 @@ class TokenRepo:
             scopes=scopes,
             tenant=tenant,
             created_at=self.tx.now,
+            expires_at=expires_at,
         )
         self.tx.conn.execute(
             insert(t.tokens).values(
@@ -36,6 +44,7 @@ class TokenRepo:
                 scopes=scopes,
                 tenant=tenant,
                 created_at=made.created_at,
+                expires_at=expires_at,
             )
         )
         return made
@@ -45,6 +54,17 @@ class TokenRepo:
             select(t.tokens).where(t.tokens.c.token_hash == token_hash)
         ).first()
         return record(TokenRecord, row) if row else None
+
+    def named(self, name: str) -> TokenRecord | None:
+        row = self.tx.conn.execute(select(t.tokens).where(t.tokens.c.name == name)).first()
+        return record(TokenRecord, row) if row else None
+
+    def revoke(self, token_id: str) -> None:
+        self.tx.conn.execute(
+            update(t.tokens)
+            .where(t.tokens.c.id == token_id, t.tokens.c.revoked_at.is_(None))
+            .values(revoked_at=self.tx.now)
+        )
 
     def all(self) -> list[TokenRecord]:
         rows = self.tx.conn.execute(select(t.tokens).order_by(t.tokens.c.created_at))

@@ -12,7 +12,7 @@ router = APIRouter(prefix="/gpus", tags=["gpus"], responses=ERRORS)
 
 @router.get("", response_model=list[GpuOut])
 async def gpus(who: Reader, svc: Svc) -> JSONResponse:
-    return answer(await svc.read(svc.nodes.gpus))
+    return answer(await svc.read(svc.nodes.gpus, who))
 
 
 @router.post("/{uuid}/cordon", response_model=GpuCordonOut)

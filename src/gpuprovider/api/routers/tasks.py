@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from gpuprovider.api.deps import Reader, Submitter, Svc
@@ -19,12 +19,34 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERRORS)
     "",
     status_code=201,
     response_model=TaskOut,
-    responses={200: {"model": DryRunOut, "description": "with dry_run: what would happen"}},
+    responses={
+        200: {
+            "model": DryRunOut | TaskOut,
+            "description": "with dry_run: what would happen; with an Idempotency-Key "
+            "used before for the same spec: the task it made (Idempotent-Replayed: true)",
+        }
+    },
 )
-async def submit(spec: TaskSpec, who: Submitter, svc: Svc, dry_run: bool = False) -> JSONResponse:
+async def submit(
+    spec: TaskSpec,
+    who: Submitter,
+    svc: Svc,
+    dry_run: bool = False,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            pattern=r"^[!-~]{1,255}$",
+            description="Any printable ASCII up to 255 characters, unique per submission: "
+            "a retry with the same key and spec gets the same task, never a second one",
+        ),
+    ] = None,
+) -> JSONResponse:
     if dry_run:
         return answer(await svc.slow(svc.tasks.dry_run, spec, who))
-    return answer(await svc.write(svc.tasks.submit, spec, who), 201)
+    task, created = await svc.write(svc.tasks.submit, spec, who, idempotency_key)
+    if created:
+        return answer(task, 201)
+    return JSONResponse(task, headers={"Idempotent-Replayed": "true"})
 
 
 @router.get("", response_model=list[TaskOut])
