@@ -12,6 +12,7 @@ from gpuprovider.cli import provider
 from gpuprovider.cli.check import check
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import Globals
+from gpuprovider.cli.key import key_app
 from gpuprovider.cli.output import errors
 from gpuprovider.cli.proof import proof_app
 from gpuprovider.cli.resources import gpu_app, node_app, token_app
@@ -52,6 +53,7 @@ app.add_typer(node_app, name="node")
 app.add_typer(gpu_app, name="gpu")
 app.add_typer(token_app, name="token")
 app.add_typer(proof_app, name="proof")
+app.add_typer(key_app, name="key")
 
 
 def run() -> None:

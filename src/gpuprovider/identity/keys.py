@@ -16,13 +16,18 @@ TOKEN_PREFIX = "gpp_"
 
 def create_node_key(path: Path) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
+    write_node_key(path, key)
+    return key
+
+
+def write_node_key(path: Path, key: Ed25519PrivateKey) -> None:
+    """Write a key as PEM, readable by its owner only; never over an existing file."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     write_secret(path, pem)
-    return key
 
 
 def load_node_key(path: Path) -> Ed25519PrivateKey:
