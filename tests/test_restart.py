@@ -8,6 +8,15 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gpuprovider.backends.base import Handle
+from gpuprovider.backends.launch import build_launch
+from gpuprovider.backends.local import LocalProcesses
+from gpuprovider.bootstrap import ADMIN
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.states import TaskState as S
+from gpuprovider.isolation.policy import Settings
+from gpuprovider.lifecycle import tasks as lifecycle
+from gpuprovider.store.store import Store
 from gpuprovider.testing import wait_for
 
 PY = sys.executable
@@ -120,3 +129,62 @@ def test_a_taken_port_is_a_clear_error(fresh_provider):
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{fresh_provider.port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def crashed_while_starting(p, starts: Path, gate: Path, runner_started: bool) -> str:
+    """Leave the store as a daemon killed in the middle of a start leaves it: a
+    single-attempt job recorded `starting` with its attempt counted, and its runner
+    started (`runner_started`) or not yet. The id of the job."""
+    p.start()
+    p.stop(signal.SIGKILL)  # the node is registered; no daemon now
+    store = Store(p.home.store_url(""))
+    try:
+        with store.tx() as tx:  # what the API and the scheduler write, then the executor
+            task = tx.tasks.insert(
+                TaskSpec(command=gated_job(gate, starts, 0), retry={"attempts": 1}), ADMIN
+            )
+            lifecycle.submit(tx, task)
+            node = tx.nodes.list()[0]
+            tx.tasks.allocate(task, node.id, [], 0, 0, 0)
+            lifecycle.transition(tx, task, S.SCHEDULED, "placed")
+            run_dir = str(p.home.tasks / task.id)
+            lifecycle.transition(tx, task, S.STARTING, "starting", run_dir=run_dir)
+        if runner_started:
+            with store.read() as r:
+                task = r.tasks.get(task.id)
+                [allocation] = r.tasks.active_allocations_of([task.id])
+            launch = build_launch(task, allocation, [], run_dir, 1.0, (31000, 31999), [], None)
+            [handle] = LocalProcesses(p.home.tasks, isolation=Settings(users="none")).start_many(
+                [launch]
+            )
+            assert isinstance(handle, Handle)
+            wait_for(lambda: starts.exists(), what="the runner's command to start")
+    finally:
+        store.close()
+    assert task.attempt == 1  # counted, as the executor counts it before it spawns
+    return task.id
+
+
+@pytest.mark.slow
+def test_a_start_cut_short_by_a_crash_costs_no_attempt(fresh_provider, tmp_path):
+    p, starts, gate = fresh_provider, tmp_path / "starts.txt", tmp_path / "gate"
+    task_id = crashed_while_starting(p, starts, gate, runner_started=False)
+    gate.touch()
+    p.start()
+    done = p.wait_state(task_id, "succeeded")
+    assert done["attempt"] == 1  # the start that never happened was given back
+    assert any("daemon stopped while starting it; re-queued" in e["reason"] for e in done["events"])
+    assert starts.read_text().split() == [task_id]  # and it ran once
+
+
+@pytest.mark.slow
+def test_a_start_that_happened_before_a_crash_is_readopted(fresh_provider, tmp_path):
+    p, starts, gate = fresh_provider, tmp_path / "starts.txt", tmp_path / "gate"
+    task_id = crashed_while_starting(p, starts, gate, runner_started=True)
+    p.start()
+    running = p.wait_state(task_id, "running")
+    assert any("re-adopted pid" in e["reason"] for e in running["events"])
+    gate.touch()
+    done = p.wait_state(task_id, "succeeded")
+    assert done["attempt"] == 1 and done["exit_code"] == 0
+    assert starts.read_text().split() == [task_id]  # never started twice
