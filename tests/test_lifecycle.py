@@ -2,6 +2,7 @@
 transition causes, in the transaction that makes it."""
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -15,8 +16,10 @@ from gpuprovider.lifecycle import nodes as node_lifecycle
 from gpuprovider.lifecycle.nodes import Refused, node_lost, node_seen, operator_sets
 from gpuprovider.lifecycle.tasks import (
     TASK_RULES,
+    Change,
     process_ended,
     request_cancel,
+    service_restart,
     start_failed,
     submit,
     transition,
@@ -171,6 +174,31 @@ def test_a_service_always_restarts(world):
     world.end(task, Exit(0, "exited with code 0"))
     assert world.get(task.id).state == S.QUEUED
     assert "service restarting" in world.get(task.id).state_reason
+
+
+def test_a_crash_looping_service_backs_off_whatever_its_spec_asks(world):
+    # A tenant asks for no backoff at all; the provider's holds: 1 s, 2 s, 4 s ... 300 s.
+    task = world.submit(kind="service", retry={"backoff_s": 0, "backoff_factor": 1})
+    waits = []
+    for _ in range(12):
+        task = world.get(task.id)
+        world.run(task)
+        world.end(task, FAILED)  # at once: a crash loop
+        restarted = world.get(task.id)
+        assert restarted.state == S.QUEUED
+        waits.append(round(restarted.not_before - restarted.updated_at))
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+    # A run that lasted starts the streak again: a service that crashes once a day
+    # comes back in a second, not in five minutes.
+    lasted = replace(restarted, started_at=time.time() - 3600)
+    change = Change(S.RUNNING, S.FAILED, "exited with code 1")
+    assert service_restart(lasted, change, time.time()) == (1.0, 1)
+    # The spec may ask to wait longer than the provider would.
+    patient = world.submit(kind="service", retry={"backoff_s": 30})
+    world.run(patient)
+    world.end(patient, FAILED)
+    patient = world.get(patient.id)
+    assert round(patient.not_before - patient.updated_at) == 30
 
 
 def test_cancel_before_any_process_ends_at_once(world):

@@ -72,7 +72,7 @@ def test_store_operations(store_url):
         again = tx.tasks.insert(spec(name="job"), "admin")  # the name is free once it ended
         submit(tx, again)
     with store.read() as r:
-        assert len(r.tasks.find(name="job")) == 2
+        assert len(r.tasks.find(name="job", tenant="admin")) == 2
         assert r.tasks.count_by_state() == {"cancelled": 1, "queued": 1}
         assert r.tasks.active_allocations() == []  # the cancel released it
     store.close()

@@ -65,6 +65,7 @@ class TaskRecord:
     started_at: float | None
     finished_at: float | None
     version: int
+    crash_streak: int = 0  # a service's quick failures in a row
 
     @cached_property
     def task_spec(self) -> TaskSpec:

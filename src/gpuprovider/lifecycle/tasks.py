@@ -30,6 +30,12 @@ from gpuprovider.store.store import Tx
 
 S = TaskState
 ANY = frozenset(S)
+# A failing service restarts after 1 s, 2 s, 4 s ... up to 300 s while it keeps failing
+# within STABLE_RUN_S of its start: at most 6 restarts in its first minute of crashing,
+# then one each 5 minutes.
+SERVICE_BACKOFF_S = 1.0
+SERVICE_BACKOFF_MAX_S = 300.0
+STABLE_RUN_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -126,16 +132,32 @@ def _end_unstarted(tx: Tx, task: TaskRecord, change: Change) -> None:
     transition(tx, task, S.CANCELLED, f"{change.reason}; it never ran")
 
 
+def service_restart(task: TaskRecord, change: Change, now: float) -> tuple[float, int]:
+    """How long a failed service waits before it restarts, and its crash streak: the
+    failures in a row that came within STABLE_RUN_S of a start (or before one). The
+    provider's backoff (1 s, doubled with each such failure, up to 300 s) holds whatever
+    the spec asks: a spec may only wait longer. A run that lasted starts the streak
+    again."""
+    ran = 0.0
+    if change.source == S.RUNNING and task.started_at is not None:
+        ran = now - task.started_at
+    streak = 1 if ran >= STABLE_RUN_S else task.crash_streak + 1
+    floor = min(SERVICE_BACKOFF_S * 2 ** (streak - 1), SERVICE_BACKOFF_MAX_S)
+    return max(task.task_spec.retry.delay_s(streak), floor), streak
+
+
 def _retry(tx: Tx, task: TaskRecord, change: Change) -> None:
     spec = task.task_spec
     delay = spec.retry.delay_s(task.attempt)
+    changes: dict[str, Any] = {}
     if spec.kind == "service":
+        delay, changes["crash_streak"] = service_restart(task, change, tx.now)
         why = f"service restarting in {delay:g}s after it {change.reason}"
     elif task.attempt - task.preemptions < spec.retry.attempts:  # preemption is no failure
         why = f"retry: attempt {task.attempt + 1} of {spec.retry.attempts} in {delay:g}s"
     else:
         return
-    transition(tx, task, S.QUEUED, why, not_before=tx.now + delay)
+    transition(tx, task, S.QUEUED, why, not_before=tx.now + delay, **changes)
 
 
 def _gang_together(tx: Tx, task: TaskRecord, change: Change) -> None:

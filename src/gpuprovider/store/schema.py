@@ -126,6 +126,8 @@ tasks = Table(
     Column("version", Integer, nullable=False, default=0),
     # The client's Idempotency-Key of the submission: a retry gets this task back.
     Column("idempotency_key", String(255)),
+    # A service's failures in a row that came soon after its start: its restart backoff.
+    Column("crash_streak", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("tenant", "live_name", name="uq_tasks_tenant_live_name"),
     UniqueConstraint("tenant", "idempotency_key", name="uq_tasks_tenant_idempotency_key"),
 )

@@ -138,6 +138,7 @@ class TaskRepo:
             created_at=now,
             updated_at=now,
             version=0,
+            crash_streak=0,
             idempotency_key=idempotency_key,
         )
         self.tx.conn.execute(_INSERT_TASK, values)

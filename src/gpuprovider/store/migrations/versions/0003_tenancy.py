@@ -1,5 +1,6 @@
 """Tenancy: task names unique per tenant (not across tenants), idempotency keys of
-submissions, tokens that expire or are revoked. Schema 3.
+submissions, tokens that expire or are revoked; a service's crash streak (its restart
+backoff). Schema 3.
 
 Revision ID: 0003
 Revises: 0002
@@ -26,6 +27,7 @@ def upgrade() -> None:
             "tasks_live_name_key" if postgres else "uq_tasks_live_name", type_="unique"
         )
         batch.add_column(sa.Column("idempotency_key", sa.String(255)))
+        batch.add_column(sa.Column("crash_streak", sa.Integer, nullable=False, server_default="0"))
         batch.create_unique_constraint("uq_tasks_tenant_live_name", ["tenant", "live_name"])
         batch.create_unique_constraint(
             "uq_tasks_tenant_idempotency_key", ["tenant", "idempotency_key"]
