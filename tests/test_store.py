@@ -73,7 +73,8 @@ def test_store_operations(store_url):
         submit(tx, again)
     with store.read() as r:
         assert len(r.tasks.find(name="job", tenant="admin")) == 2
-        assert r.tasks.count_by_state() == {"cancelled": 1, "queued": 1}
+        assert r.tasks.count_by_state("admin") == {"cancelled": 1, "queued": 1}
+        assert r.tasks.count_by_state() == {"cancelled": 1, "queued": 1, "submitted": 1}
         assert r.tasks.active_allocations() == []  # the cancel released it
     store.close()
 
