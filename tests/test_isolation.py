@@ -115,16 +115,21 @@ def test_a_task_reads_nothing_of_the_provider_nor_of_other_tasks(isolated):
                     found[what] = "read"
                 except OSError as exc:
                     found[what] = type(exc).__name__
-            try:  # forge its own exit record: recorded succeeded, GPU handed to another
-                open("../exit-1.json", "w").write('{{"exit_code": 0}}')
-                found["exit record"] = "written"
-            except OSError as exc:
-                found["exit record"] = type(exc).__name__
+            for what, name, text in (
+                # recorded succeeded while it runs on, its GPU handed to another
+                ("exit record", "../exit-1.json", '{{"exit_code": 0}}'),
+                ("own log", "../output.log", "a line its runner never copied"),
+            ):
+                try:
+                    open(name, "a").write(text)
+                    found[what] = "written"
+                except OSError as exc:
+                    found[what] = type(exc).__name__
             print(json.dumps(found))
         """)
     )
     found = output(isolated, task["id"])
-    assert found == {what: "PermissionError" for what in [*targets, "exit record"]}
+    assert found == {what: "PermissionError" for what in [*targets, "exit record", "own log"]}
     isolated.api.post(f"/tasks/{other['id']}/cancel")
 
 
@@ -206,6 +211,23 @@ def test_a_killed_runner_leaves_nothing_running_nor_booked(isolated):
     wait_for(lambda: not escaped_pids(0, uid), what="the orphans killed with the cgroup")
     gpus = isolated.api.get("/gpus").json()
     assert not any(task["id"] in g["tasks"] for g in gpus)  # nothing stays booked
+
+
+def test_each_task_gets_its_reservation_as_kernel_limits(isolated):
+    task = sleeper(isolated, resources={"cpu": 1.5, "memory": "256MiB"})
+    record = json.loads((isolated.home.tasks / task["id"] / "isolation-1.json").read_text())
+    folders = record["cgroups"]
+
+    def read(controller: str, name: str) -> int:
+        return int(Path(folders[controller], name).read_text())
+
+    assert read("cpu", "cpu.shares") == 1536  # 1.5 CPUs: 1.5 x 1024, a weight against others
+    # the reservation, plus the documented margins ([isolation] 10 % and 64 MiB), in pages
+    limit = (256 << 20) * 110 // 100 + (64 << 20)
+    assert read("memory", "memory.limit_in_bytes") == limit // 4096 * 4096
+    assert read("pids", "pids.max") == 64
+    assert task["pid"] in map(int, Path(folders["cpu"], "cgroup.procs").read_text().split())
+    isolated.api.post(f"/tasks/{task['id']}/cancel")
 
 
 def test_memory_beyond_the_reservation_is_refused(isolated):
