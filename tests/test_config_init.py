@@ -37,6 +37,11 @@ def test_default_config_writes_every_default_and_reads_back():
     assert load_config_text(render_default_config(declared)).inventory.simulated_gpus == declared
 
 
+def test_isolation_devices_takes_the_former_switch_too():
+    assert load_config_text("[isolation]\ndevices = true\n").isolation.devices == "auto"
+    assert load_config_text("[isolation]\ndevices = false\n").isolation.devices == "none"
+
+
 def load_config_text(text):
     return ProviderConfig.model_validate(tomllib.loads(text))
 
@@ -95,6 +100,7 @@ def test_cli_init_says_what_exists(tmp_path):
         ("[api\n", "not valid TOML"),
         ("[executor]\nport_range = [9000, 8000]\n", "port_range"),
         ("[colour]\n", "colour: unknown key"),
+        ("[isolation]\ndevices = 'some'\n", r"\[isolation\] devices"),
     ],
 )
 def test_config_typos_are_errors_that_name_the_key(tmp_path, text, message):

@@ -305,6 +305,72 @@ def test_a_task_opens_only_its_own_gpu_device_nodes(isolated, device_nodes):
     assert seen["result"][other] == "PermissionError"  # the other GPU: refused
 
 
+@pytest.fixture
+def dev_stand_ins():
+    """Stand-ins for /dev/nvidia0 and /dev/nvidia1 where the machine has no GPU: a task
+    confined to a /dev of its own finds nodes by their place in /dev."""
+    made = []
+    for minor in (0, 1):
+        node = Path(f"/dev/nvidia{minor}")
+        if not node.exists():
+            os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(NVIDIA_MAJOR, minor))
+            node.chmod(0o666)
+            made.append(node)
+    yield
+    for node in made:
+        node.unlink()
+
+
+def test_on_a_dev_of_its_own_a_task_finds_only_its_gpu_nodes(
+    fresh_provider, dev_stand_ins, tmp_path
+):
+    """What cgroup v2 machines get (no devices controller): a mount namespace whose /dev
+    holds only the task's nodes, forced here with `devices = "namespace"`."""
+    home = fresh_provider.home
+    config = home.config.read_text().replace('users = "none"', 'users = "pool"')
+    home.config.write_text(config.replace('devices = "auto"', 'devices = "namespace"'))
+    fresh_provider.start()
+    (Path("/dev/shm") / "gpp-host-only").write_text("the host's")
+    try:
+        task = fresh_provider.submit(
+            command=script("""
+                import json, os
+                mine = int(os.environ["CUDA_VISIBLE_DEVICES"])
+                result = {}
+                for node in ("nvidia0", "nvidia1", "mem", "kmsg", "shm/gpp-host-only"):
+                    try:
+                        os.close(os.open("/dev/" + node, os.O_RDONLY))
+                        result[node] = "opened"
+                    except OSError as exc:
+                        result[node] = type(exc).__name__
+                for path in ("/dev/planted", "/dev/shm/mine"):
+                    try:
+                        open(path, "w").close()
+                        result[path] = "written"
+                    except OSError as exc:
+                        result[path] = type(exc).__name__
+                dev = sorted(os.listdir("/dev"))
+                print(json.dumps({"mine": mine, "result": result, "dev": dev}))
+            """),
+            resources={"gpu": "H100:1"},
+        )
+        seen = output(fresh_provider, task["id"])
+    finally:
+        (Path("/dev/shm") / "gpp-host-only").unlink()
+    mine, other = f"nvidia{seen['mine']}", f"nvidia{1 - seen['mine']}"
+    result = seen["result"]
+    assert result[mine] == "OSError"  # there, opened: no driver answers behind a stand-in
+    assert result[other] == "FileNotFoundError"  # the other GPU is not in its /dev at all
+    assert result["mem"] == result["kmsg"] == "FileNotFoundError"
+    assert result["shm/gpp-host-only"] == "FileNotFoundError"  # a /dev/shm of its own
+    assert result["/dev/planted"] == "OSError"  # read-only /dev
+    assert result["/dev/shm/mine"] == "written"
+    assert other not in seen["dev"] and mine in seen["dev"] and "null" in seen["dev"]
+    assert not Path("/dev/shm/mine").exists()  # nothing it mounted reached the host
+    facts = fresh_provider.api.get("/nodes").json()[0]["facts"]["isolation"]
+    assert facts["devices"] == "a /dev of its own (mount namespace)"
+
+
 def test_the_node_says_what_isolation_it_enforces(isolated):
     node = isolated.api.get("/nodes").json()[0]
     assert node["facts"]["isolation"] == {

@@ -111,11 +111,19 @@ class IsolationConfig(_Section):
     memory_margin_mib: int = Field(64, ge=0, le=1 << 20)
     pids_max: int = Field(4096, ge=16, le=1 << 22)
     cpu_quota: bool = False
-    devices: bool = True
+    # How a task is kept to its own GPU device nodes: "auto" (the cgroup v1 device list
+    # where the v1 devices controller is mounted, else a /dev of its own in a mount
+    # namespace), "cgroup", "namespace", or "none". true/false mean "auto"/"none".
+    devices: Literal["auto", "cgroup", "namespace", "none"] = "auto"
     # A task's output kept on disk: the latest this many MiB (older output is dropped).
     log_max_mib: int = Field(64, ge=1, le=1 << 20)
     # Folders a spec's `workdir` may name (besides none: the task's own folder).
     workdir_roots: list[str] = Field(default_factory=list)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices_switch(cls, value: object) -> object:
+        return {True: "auto", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("workdir_roots")
     @classmethod
@@ -313,7 +321,9 @@ memory_margin_mib = {d.isolation.memory_margin_mib}
 pids_max = {d.isolation.pids_max}
 # true: cap CPU at the reservation too (CFS quota); false: weight only.
 cpu_quota = {str(d.isolation.cpu_quota).lower()}
-devices = {str(d.isolation.devices).lower()}
+# Only its own GPU device nodes: "auto" (the cgroup v1 device list, else a /dev of its
+# own in a mount namespace), "cgroup", "namespace", "none".
+devices = "{d.isolation.devices}"
 # A task's output kept on disk: the latest this many MiB; older output is dropped.
 log_max_mib = {d.isolation.log_max_mib}
 # Absolute folders a task spec's workdir may name; none: only the task's own folder.

@@ -29,7 +29,9 @@ class Settings:
     memory_margin_mib: int = 64
     pids_max: int = 4096
     cpu_quota: bool = False
-    devices: bool = True
+    # "auto" (the cgroup v1 device list where there is one, else a mount namespace),
+    # "cgroup", "namespace", "none"
+    devices: str = "auto"
     proc_devices: str = "/proc/devices"
     log_max_bytes: int = 64 << 20  # a task's output kept on disk (the latest of it)
 
@@ -49,6 +51,9 @@ class Applied:
     # user (its `--user`), and the engine enforces its limits and devices.
     drop_privileges: bool = True
     container: list[str] | None = None  # [engine, name]: removed once the attempt ends
+    # The /dev entries a task confined to a mount namespace of its own keeps; None: the
+    # host's /dev (the cgroup's device list, if any, decides what opens).
+    dev_nodes: list[str] | None = None
 
     def save(self, path: str) -> None:
         with open(path, "w") as handle:
@@ -83,6 +88,21 @@ class Isolation:
             if self.root
             else Hierarchy("", why_not="the daemon does not run as root")
         )
+        self.devices, self.devices_why = self._devices()
+
+    def _devices(self) -> tuple[str, str]:
+        """How a task is kept to its own device nodes ("cgroup" or "namespace"), or why
+        it is not."""
+        wanted = self.settings.devices
+        if wanted == "none":
+            return "", 'off in config ([isolation] devices = "none")'
+        if wanted in ("auto", "cgroup") and self.hierarchy.version == "v1":
+            return "cgroup", ""
+        if wanted == "cgroup":
+            return "", "needs the cgroup v1 devices controller"
+        if not self.root:
+            return "", "the daemon does not run as root"
+        return "namespace", ""
 
     @property
     def users(self) -> bool:
@@ -90,12 +110,10 @@ class Isolation:
 
     def describe(self) -> dict[str, str]:
         """For the node's facts: what is enforced here, or why not."""
-        if not self.settings.devices:
-            devices_how = "none: off in config"
-        elif self.hierarchy.version == "v1":
-            devices_how = "cgroup v1 device list"
-        else:
-            devices_how = "none: needs the cgroup v1 devices controller"
+        devices_how = {
+            "cgroup": "cgroup v1 device list",
+            "namespace": "a /dev of its own (mount namespace)",
+        }.get(self.devices, f"none: {self.devices_why}")
         return {
             "users": "a user per task (pool gpp-task-N)"
             if self.users
@@ -134,12 +152,14 @@ class Isolation:
                 s = self.settings
                 allowed = (
                     devices.allowed(gpu_minors, s.proc_devices)
-                    if s.devices and self.hierarchy.version == "v1" and container is None
+                    if self.devices == "cgroup" and container is None
                     else None
                 )
                 memory = self.memory_limit(memory_mib) if container is None else None
                 limits = Limits(memory, cpu_milli, s.cpu_quota, s.pids_max, allowed)
                 applied.cgroups = cgroups.create(self.hierarchy, f"{task_id}-{attempt}", limits)
+            if self.devices == "namespace" and container is None:
+                applied.dev_nodes = devices.nodes(gpu_minors)
             applied.memory_limit_bytes = self.memory_limit(memory_mib)
         except OSError:
             undo(applied)
