@@ -74,8 +74,12 @@ def test_each_task_has_a_user_of_its_own_and_a_clean_environment(isolated):
     task = isolated.submit(
         command=script("""
             import json, os, pwd
+            home = os.environ["HOME"]
+            with open(os.path.join(home, "by-its-path"), "w") as handle:  # its own, by path
+                handle.write("mine")
             print(json.dumps({"uid": os.getuid(), "user": pwd.getpwuid(os.getuid()).pw_name,
-                              "groups": os.getgroups(), "env": dict(os.environ)}))
+                              "groups": os.getgroups(), "env": dict(os.environ),
+                              "cwd": os.getcwd(), "home": sorted(os.listdir(home))}))
         """),
         env={"MODE": "fast"},
         resources={"cpu": 2},
@@ -87,6 +91,8 @@ def test_each_task_has_a_user_of_its_own_and_a_clean_environment(isolated):
     assert "GPP_DAEMON_SECRET" not in env and env["MODE"] == "fast"
     assert env["PATH"] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     assert env["GPUPROVIDER_TASK_ID"] == task["id"] and env["USER"] == seen["user"]
+    assert seen["cwd"] == env["HOME"] == str(isolated.home.tasks / task["id"] / "work")
+    assert seen["home"] == ["by-its-path"]
     isolated.api.post(f"/tasks/{other['id']}/cancel")
     # its user is lent again only once it is done with
     wait_for(lambda: not list((isolated.home.tasks / ".users").iterdir()), what="users back")
@@ -129,7 +135,51 @@ def test_a_task_reads_nothing_of_the_provider_nor_of_other_tasks(isolated):
         """)
     )
     found = output(isolated, task["id"])
-    assert found == {what: "PermissionError" for what in [*targets, "exit record", "own log"]}
+    # Refused, or not even there: the home is covered in its mount namespace, and its
+    # /proc shows only its own processes.
+    assert set(found) == {*targets, "exit record", "own log"}
+    assert set(found.values()) <= {"PermissionError", "FileNotFoundError"}, found
+    assert "never copied" not in (isolated.home.tasks / task["id"] / "output.log").read_text()
+    isolated.api.post(f"/tasks/{other['id']}/cancel")
+
+
+def test_a_task_shares_no_scratch_space_processes_nor_ipc_with_others(isolated):
+    """World-writable folders, /proc and SysV IPC are each task's own: nothing left for
+    (or read from) another tenant, not even a command line."""
+    other = sleeper(isolated, env={"GPP_MARK": "other"})
+    planted = Path("/tmp/gpp-planted-by-a-task")
+    task = isolated.submit(
+        command=script(f"""
+            import json, os, sysconfig
+            seen = {{}}
+            for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+                with open(folder + "/gpp-planted-by-a-task", "w") as handle:
+                    handle.write("for the next tenant")
+                seen[folder] = sorted(os.listdir(folder))
+            seen["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+            seen["me"] = os.getpid()
+            try:
+                open("/proc/{other["pid"]}/cmdline").read()
+                seen["other cmdline"] = "read"
+            except OSError as exc:
+                seen["other cmdline"] = type(exc).__name__
+            seen["sysv"] = len(open("/proc/sysvipc/shm").read().splitlines())
+            print(json.dumps(seen))
+        """)
+    )
+    seen = output(isolated, task["id"])
+    assert not planted.exists() and not Path("/var/tmp", planted.name).exists()
+    assert not Path("/dev/shm", planted.name).exists()
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+        # nothing of the host's nor of other tasks: only the way to its own folder, where
+        # the provider's home is in there (as the tests' is)
+        home = isolated.home.root.parts
+        on_the_way = {home[2]} if folder == "/" + home[1] else set()
+        assert set(seen[folder]) == {planted.name, *on_the_way}
+    assert seen["me"] in seen["pids"] and other["pid"] not in seen["pids"]
+    assert isolated.proc.pid not in seen["pids"]
+    assert seen["other cmdline"] == "FileNotFoundError"
+    assert seen["sysv"] == 1  # the header line: no segment of anyone else's
     isolated.api.post(f"/tasks/{other['id']}/cancel")
 
 
@@ -270,7 +320,7 @@ def test_a_fork_bomb_stops_at_the_process_cap(isolated):
 @pytest.fixture
 def device_nodes():
     """Stand-ins for /dev/nvidia0 and /dev/nvidia1 (NVIDIA's major, no driver behind)."""
-    folder = Path(tempfile.mkdtemp(prefix="gpp-dev-", dir="/tmp"))
+    folder = Path(tempfile.mkdtemp(prefix="gpp-dev-", dir="/run"))  # each task has its own /tmp
     folder.chmod(0o755)
     for minor in (0, 1):
         node = folder / f"nvidia{minor}"
@@ -377,6 +427,7 @@ def test_the_node_says_what_isolation_it_enforces(isolated):
         "users": "a user per task (pool gpp-task-N)",
         "cgroups": "v1",
         "devices": "cgroup v1 device list",
+        "mounts": "its own /tmp, /dev/shm, /proc and IPC (namespaces)",
     }
     assert "isolation:" not in isolated.cli("node", "list").stdout
 

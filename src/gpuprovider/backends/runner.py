@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from gpuprovider.isolation import cgroups, devices
+from gpuprovider.isolation import cgroups, namespace
 from gpuprovider.isolation.policy import Applied, undo
 
 
@@ -76,18 +76,16 @@ def _signal_all(pgid: int, sig: int, applied: Applied | None) -> None:
 
 def _become_task(applied: Applied | None) -> Callable[[], None] | None:
     """What the forked child does before it runs the command: join the attempt's cgroup
-    and take a /dev of its own where it gets one (as root), then become the attempt's
-    user, with no other group."""
-    if applied is None or (
-        applied.uid is None and not applied.cgroups and applied.dev_nodes is None
-    ):
+    and enter namespaces of its own (as root), then become the attempt's user, with no
+    other group."""
+    if applied is None or (applied.uid is None and not applied.cgroups and not applied.namespace):
         return None
 
     def become() -> None:
         if applied.cgroups:
             cgroups.join(applied.cgroups)
-        if applied.dev_nodes is not None:
-            devices.confine(applied.dev_nodes)
+        if applied.namespace:
+            namespace.enter(applied.dev_nodes, applied.workdir)
         if applied.uid is not None and applied.drop_privileges:
             os.setgroups([])
             os.setgid(applied.gid)

@@ -14,7 +14,7 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass
 
-from gpuprovider.isolation import cgroups, devices, users
+from gpuprovider.isolation import cgroups, devices, namespace, users
 from gpuprovider.isolation.cgroups import Hierarchy, Limits
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -51,9 +51,11 @@ class Applied:
     # user (its `--user`), and the engine enforces its limits and devices.
     drop_privileges: bool = True
     container: list[str] | None = None  # [engine, name]: removed once the attempt ends
-    # The /dev entries a task confined to a mount namespace of its own keeps; None: the
-    # host's /dev (the cgroup's device list, if any, decides what opens).
+    # A mount and IPC namespace of its own (isolation/namespace.py), and in it, the /dev
+    # entries it keeps; None: the host's /dev (the cgroup's device list decides).
+    namespace: bool = False
     dev_nodes: list[str] | None = None
+    workdir: str = ""  # its own working folder, made reachable by its path in the namespace
 
     def save(self, path: str) -> None:
         with open(path, "w") as handle:
@@ -88,6 +90,12 @@ class Isolation:
             if self.root
             else Hierarchy("", why_not="the daemon does not run as root")
         )
+        if not self.root:
+            self.namespace_why = "the daemon does not run as root"
+        elif not self.users and settings.devices != "namespace":
+            self.namespace_why = "tasks run as the daemon's user"
+        else:
+            self.namespace_why = namespace.refused()
         self.devices, self.devices_why = self._devices()
 
     def _devices(self) -> tuple[str, str]:
@@ -100,8 +108,8 @@ class Isolation:
             return "cgroup", ""
         if wanted == "cgroup":
             return "", "needs the cgroup v1 devices controller"
-        if not self.root:
-            return "", "the daemon does not run as root"
+        if self.namespace_why:
+            return "", f"no mount namespace: {self.namespace_why}"
         return "namespace", ""
 
     @property
@@ -120,6 +128,9 @@ class Isolation:
             else f"none: {self.users_why}",
             "cgroups": self.hierarchy.version or f"none: {self.hierarchy.why_not}",
             "devices": devices_how,
+            "mounts": "its own /tmp, /dev/shm, /proc and IPC (namespaces)"
+            if not self.namespace_why
+            else f"none: {self.namespace_why}",
         }
 
     def apply(
@@ -158,8 +169,11 @@ class Isolation:
                 memory = self.memory_limit(memory_mib) if container is None else None
                 limits = Limits(memory, cpu_milli, s.cpu_quota, s.pids_max, allowed)
                 applied.cgroups = cgroups.create(self.hierarchy, f"{task_id}-{attempt}", limits)
-            if self.devices == "namespace" and container is None:
-                applied.dev_nodes = devices.nodes(gpu_minors)
+            if not self.namespace_why and container is None:
+                applied.namespace = True
+                applied.workdir = workdir if own_workdir else ""
+                if self.devices == "namespace":
+                    applied.dev_nodes = devices.nodes(gpu_minors)
             applied.memory_limit_bytes = self.memory_limit(memory_mib)
         except OSError:
             undo(applied)
