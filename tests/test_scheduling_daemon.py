@@ -94,6 +94,26 @@ def test_paying_work_preempts_the_operators_own_work(start):
     assert back["attempt"] == 2
 
 
+def test_a_preemption_by_another_tenant_does_not_name_its_task(start):
+    p = start(one_gpu())
+    mine = client(p, "team-a")
+    theirs = client(p, "team-b")
+    spec = {"command": SLEEP, "resources": {"gpu": 1}, "priority": -10, "preemptible": True}
+    evicted = mine.post("/tasks", json=spec).json()
+    p.wait_state(evicted["id"], "running")
+    secret = {"name": "secret-project", "command": [PY, "-c", "pass"], "resources": {"gpu": 1}}
+    theirs.post("/tasks", json=secret | {"priority": 10})
+    seen = wait_for(
+        lambda: [
+            e
+            for e in mine.get(f"/tasks/{evicted['id']}").json()["events"]
+            if e["to"] == "preempted"
+        ]
+    )
+    assert seen[0]["reason"].startswith("preempted by another tenant's task")
+    assert "secret-project" not in seen[0]["reason"]
+
+
 def test_equal_priority_or_protected_work_is_not_preempted(start):
     p = start(one_gpu())
     p.submit(name="steady", command=SLEEP, resources={"gpu": 1}, priority=0, preemptible=False)

@@ -69,8 +69,9 @@ def backup_key(
     file: Path = typer.Argument(..., help="Where to write the backup (a new file)."),
     passphrase_file: Path | None = PASSPHRASE_FILE,
 ) -> None:
-    """Write the node key encrypted with a passphrase (scrypt + AES-256-GCM). Keep the
-    file and the passphrase apart: either alone is useless."""
+    """Write the node key encrypted with a passphrase (scrypt + AES-256-GCM).
+
+    Keep the file and the passphrase apart: either alone is useless."""
     key = _key(ctx)
     try:
         data = backup(key, _passphrase(passphrase_file, confirm=True))
@@ -93,8 +94,9 @@ def restore_key(
     ),
     passphrase_file: Path | None = PASSPHRASE_FILE,
 ) -> None:
-    """Restore the node key from a backup; a different key of this home is refused
-    (unless --replace, with the daemon stopped)."""
+    """Restore the node key from a backup.
+
+    A different key of this home is refused (unless --replace, with the daemon stopped)."""
     home = globals_of(ctx).home
     try:
         data = file.read_bytes()

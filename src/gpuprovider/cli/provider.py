@@ -49,12 +49,12 @@ def init(
 def up(
     ctx: typer.Context,
     backend: str | None = typer.Option(
-        None, help="local or ray (default: [backend] kind in provider.toml)."
+        None, help="local or ray (default: \\[backend] kind in provider.toml)."
     ),
     ray_node: list[str] = typer.Option(
         [],
         "--ray-node",
-        help="With --backend ray and no [backend] address: start a local trial Ray node "
+        help="With --backend ray and no \\[backend] address: start a local trial Ray node "
         "with these simulated GPUs, NAME=MODEL:COUNT[,MODEL:COUNT] (repeatable).",
     ),
 ) -> None:

@@ -208,8 +208,9 @@ def logs(
     ref: str = typer.Argument(..., help="Id or name."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the task ends."),
 ) -> None:
-    """Print a task's output (stdout and stderr): what the provider keeps of it (the
-    latest `[isolation] log_max_mib`)."""
+    """Print a task's output (stdout and stderr).
+
+    What the provider keeps of it: the latest `log_max_mib` (in provider.toml)."""
     client = globals_of(ctx).client()
     if follow:
         for event, data in client.stream_events(f"/tasks/{ref}/logs", follow="true"):
