@@ -45,13 +45,12 @@ def node_list(
         status = n["status"] + (f": {n['reason']}" if n["reason"] else "")
         for bad in n["unusable_gpus"]:
             status += f"; GPU {bad['index']} unusable: {bad['reason']}"
-        lacking = {
-            what: how
-            for what, how in (n["facts"].get("isolation") or {}).items()
-            if how.startswith("none")
-        }
+        lacking: dict[str, list[str]] = {}  # why -> what lacks for that reason
+        for what, how in (n["facts"].get("isolation") or {}).items():
+            if how.startswith("none"):
+                lacking.setdefault(how, []).append(what)
         if lacking:  # tasks are not kept from each other: say so where it is seen
-            status += "; isolation: " + "; ".join(f"{w} {h}" for w, h in lacking.items())
+            status += "; isolation: " + "; ".join(f"{', '.join(w)} {h}" for h, w in lacking.items())
         rows.append(
             [
                 n["name"],

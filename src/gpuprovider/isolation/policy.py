@@ -19,6 +19,7 @@ from gpuprovider.isolation.cgroups import Hierarchy, Limits
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CONTAINER_RM_TIMEOUT_S = 60.0
+NOT_ROOT = "the daemon does not run as root"
 
 
 @dataclass(frozen=True)
@@ -82,16 +83,14 @@ class Isolation:
         if settings.users == "none":
             self.users_why = 'off in config ([isolation] users = "none")'
         elif not self.root:
-            self.users_why = "the daemon does not run as root: tasks run as its own user"
+            self.users_why = NOT_ROOT  # tasks run as its own user
         else:
             self.users_why = ""
         self.hierarchy = (
-            cgroups.found(settings.cgroups)
-            if self.root
-            else Hierarchy("", why_not="the daemon does not run as root")
+            cgroups.found(settings.cgroups) if self.root else Hierarchy("", why_not=NOT_ROOT)
         )
         if not self.root:
-            self.namespace_why = "the daemon does not run as root"
+            self.namespace_why = NOT_ROOT
         elif not self.users and settings.devices != "namespace":
             self.namespace_why = "tasks run as the daemon's user"
         else:
@@ -108,8 +107,8 @@ class Isolation:
             return "cgroup", ""
         if wanted == "cgroup":
             return "", "needs the cgroup v1 devices controller"
-        if self.namespace_why:
-            return "", f"no mount namespace: {self.namespace_why}"
+        if self.namespace_why:  # a /dev of its own needs a mount namespace
+            return "", self.namespace_why
         return "namespace", ""
 
     @property
