@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/check.py
 	$(BIN)/python bench/proof.py
 	$(BIN)/python bench/ray_backend.py
+	$(BIN)/python bench/isolation.py
+	$(BIN)/python bench/fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -21,6 +21,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -54,10 +55,25 @@ def ms(values: list[float]) -> dict[str, float]:
     }
 
 
-def start_provider(root: Path, poll_interval_s: float = 0.1) -> Provider:
-    """A provider with the shipped defaults (poll interval included) and 8 simulated GPUs."""
+def start_provider(
+    root: Path, poll_interval_s: float = 0.1, task_users: str = "none", **isolation: str
+) -> Provider:
+    """A provider with the shipped defaults (poll interval included) and 8 simulated GPUs;
+    tasks as the provider's user in cgroups of their own, unless `task_users` and other
+    `[isolation]` keys (`cgroups="none"`, `devices="none"`) say otherwise."""
     port = free_port()
-    home = make_home(root, port, EIGHT_GPUS, poll_interval_s=poll_interval_s, reaper_interval_s=5.0)
+    home = make_home(
+        root,
+        port,
+        EIGHT_GPUS,
+        poll_interval_s=poll_interval_s,
+        reaper_interval_s=5.0,
+        task_users=task_users,
+    )
+    config = home.config.read_text()
+    for key, value in isolation.items():
+        config = re.sub(rf"(?m)^{key} = .*$", f'{key} = "{value}"', config)
+    home.config.write_text(config)
     provider = Provider(home, port)
     provider.start()
     return provider
@@ -111,8 +127,10 @@ def burst(provider: Provider, jobs: int, rate: float | None = None) -> dict:
     }
 
 
-def latency(root: Path, jobs: int, sequential: int, rate: float) -> dict:
-    provider = start_provider(root)
+def latency(root: Path, jobs: int, sequential: int, rate: float | None, **isolation: str) -> dict:
+    """Submit->running waits: one job in flight, a burst back to back, and (with `rate`)
+    a burst paced at that many jobs/s; `isolation` as start_provider takes it."""
+    provider = start_provider(root, **isolation)
     try:
         # One job in flight: submit, wait for it to end, next (as peers.md measures).
         one_by_one = []
@@ -121,14 +139,14 @@ def latency(root: Path, jobs: int, sequential: int, rate: float) -> dict:
             done = provider.wait_state(task["id"], DONE, timeout=30)
             one_by_one.append(done["started_at"] - done["created_at"])
         back_to_back = burst(provider, jobs)
-        paced = burst(provider, jobs, rate)
+        paced = burst(provider, jobs, rate) if rate else None
     finally:
         provider.stop()
         kill_task_processes(provider.home)
     return {
         "one_in_flight": {"jobs": sequential, **ms(one_by_one)},
         "burst": back_to_back,
-        "burst_paced": paced,
+        **({"burst_paced": paced} if paced else {}),
         "baseline_bare_popen": ms(bare_popen_latency(sequential)),
     }
 
