@@ -15,7 +15,14 @@ import tarfile
 import pytest
 
 from gpuprovider.backends.container import ContainerLaunch, ContainerLimits, container_argv
-from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
+from gpuprovider.testing import (
+    Provider,
+    free_port,
+    kill_task_processes,
+    make_home,
+    running,
+    wait_for,
+)
 
 FAKE_DOCKER = f"""#!{sys.executable}
 import json, os, sys
@@ -145,12 +152,8 @@ def podman_provider(busybox_image, tmp_path_factory):
                      task_users="pool")  # fmt: skip
     text = home.config.read_text().replace('container_runtime = ""', 'container_runtime = "runc"')
     home.config.write_text(text)
-    provider = Provider(home, port)
-    provider.start()
-    yield provider
-    provider.cancel_all()
-    provider.stop()
-    kill_task_processes(home)
+    with running(home, port) as provider:
+        yield provider
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 
 from gpuprovider.isolation import cgroups
 from gpuprovider.isolation.devices import NVIDIA_MAJOR
-from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
+from gpuprovider.testing import Provider, free_port, make_home, running, wait_for
 
 TASK_PY = "/usr/bin/python3"
 pytestmark = [
@@ -38,15 +38,12 @@ def isolated(tmp_path_factory):
     home = make_home(tmp_path_factory.mktemp("isolated"), port, task_users="pool")
     home.config.write_text(home.config.read_text().replace("pids_max = 4096", "pids_max = 64"))
     os.environ["GPP_DAEMON_SECRET"] = "hunter2"  # the daemon's environment, not the tasks'
-    provider = Provider(home, port)
     try:
-        provider.start()
+        with running(home, port) as provider:
+            del os.environ["GPP_DAEMON_SECRET"]
+            yield provider
     finally:
-        del os.environ["GPP_DAEMON_SECRET"]
-    yield provider
-    provider.cancel_all()
-    provider.stop()
-    kill_task_processes(home)
+        os.environ.pop("GPP_DAEMON_SECRET", None)
 
 
 def output(provider: Provider, task_id: str) -> dict:

@@ -9,7 +9,14 @@ import sys
 import psutil
 import pytest
 
-from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
+from gpuprovider.testing import (
+    Provider,
+    free_port,
+    kill_task_processes,
+    make_home,
+    running,
+    wait_for,
+)
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every Ray process on 127.0.0.1
@@ -53,12 +60,8 @@ def ray_provider(cluster, tmp_path_factory):
     text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
     text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
     home.config.write_text(text)
-    provider = Provider(home, port)
-    provider.start()
-    yield provider
-    provider.cancel_all()
-    provider.stop()
-    kill_task_processes(home)
+    with running(home, port) as provider:
+        yield provider
 
 
 def kill_processes_of(task_id):

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,21 @@ class Provider:
         for task in self.api.get("/tasks", params={"limit": 100000}).json():
             if task["state"] not in TERMINAL:
                 self.api.post(f"/tasks/{task['id']}/cancel")
+
+
+@contextlib.contextmanager
+def running(home: Home, port: int) -> Iterator[Provider]:
+    """A provider started on `home`; afterwards its tasks cancelled, the daemon stopped,
+    and nothing of its tasks left running."""
+    provider = Provider(home, port)
+    provider.start()
+    try:
+        yield provider
+    finally:
+        with contextlib.suppress(httpx.HTTPError):
+            provider.cancel_all()
+        provider.stop()
+        kill_task_processes(home)
 
 
 def kill_task_processes(home: Home) -> None:
