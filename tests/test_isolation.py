@@ -352,6 +352,33 @@ def test_a_task_opens_only_its_own_gpu_device_nodes(isolated, device_nodes):
     assert seen["result"][other] == "PermissionError"  # the other GPU: refused
 
 
+def test_an_approved_workdir_is_reachable_by_its_path_even_under_tmp(fresh_provider):
+    shared = Path(tempfile.mkdtemp(prefix="gpp-approved-", dir="/tmp"))
+    shared.chmod(0o755)
+    (shared / "in").mkdir(mode=0o777)
+    (shared / "in").chmod(0o777)
+    home = fresh_provider.home
+    config = home.config.read_text().replace('users = "none"', 'users = "pool"')
+    home.config.write_text(config.replace("workdir_roots = []", f'workdir_roots = ["{shared}"]'))
+    fresh_provider.start()
+    try:
+        task = fresh_provider.submit(
+            command=script(f"""
+                import os
+                with open("{shared}/in/by-its-path", "w") as handle:
+                    handle.write(os.getcwd())
+            """),
+            workdir=str(shared / "in"),
+        )
+        assert fresh_provider.wait_state(task["id"], {"succeeded", "failed"})["exit_code"] == 0
+        assert (shared / "in" / "by-its-path").read_text() == str(shared / "in")
+    finally:
+        for path in (shared / "in").iterdir():
+            path.unlink()
+        (shared / "in").rmdir()
+        shared.rmdir()
+
+
 @pytest.fixture
 def dev_stand_ins():
     """Stand-ins for /dev/nvidia0 and /dev/nvidia1 where the machine has no GPU: a task

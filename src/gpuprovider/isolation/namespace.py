@@ -9,11 +9,12 @@ before it becomes the task's user. What it changes, for the task and nothing els
 - `/proc` is a new instance with `hidepid=invisible`: the task sees only its own
   processes (not another tenant's command line, nor the daemon's).
 - SysV IPC and POSIX message queues are its own (CLONE_NEWIPC).
-- Its own working folder (`workdir`) is reachable by its absolute path, even where the
-  provider's home lies in a folder the task's user may not enter (`/root`): the first
-  such folder on the way is covered by an empty tmpfs, and the folder is bound at its
-  place in it. What else was in that folder (the provider's home, other tasks' folders)
-  is not there at all.
+- Its working folder (`workdir`: its own, or one under the operator's `workdir_roots`)
+  is reachable by its absolute path, even where it lies in a folder the task's user may
+  not enter (the provider's home in `/root`) or in one made private above (`/tmp`): the
+  first such folder on the way is covered by an empty tmpfs, and the working folder is
+  bound at its place in it. What else was in that folder (the provider's home, other
+  tasks' folders) is not there at all.
 - With `dev_nodes`, `/dev` is a fresh read-only tmpfs holding only those nodes (bind
   mounts of the host's), the host's pts and its own shm: how a task is kept to its own
   GPUs where there is no cgroup v1 devices controller (cgroup v2).

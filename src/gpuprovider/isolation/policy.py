@@ -56,7 +56,7 @@ class Applied:
     # entries it keeps; None: the host's /dev (the cgroup's device list decides).
     namespace: bool = False
     dev_nodes: list[str] | None = None
-    workdir: str = ""  # its own working folder, made reachable by its path in the namespace
+    workdir: str = ""  # its working folder, made reachable by its path in the namespace
 
     def save(self, path: str) -> None:
         with open(path, "w") as handle:
@@ -170,7 +170,7 @@ class Isolation:
                 applied.cgroups = cgroups.create(self.hierarchy, f"{task_id}-{attempt}", limits)
             if not self.namespace_why and container is None:
                 applied.namespace = True
-                applied.workdir = workdir if own_workdir else ""
+                applied.workdir = workdir
                 if self.devices == "namespace":
                     applied.dev_nodes = devices.nodes(gpu_minors)
             applied.memory_limit_bytes = self.memory_limit(memory_mib)
