@@ -8,9 +8,12 @@ Each figure is measured against a baseline in the same run:
 Two bursts of trivial jobs on 8 GPUs: back to back (the client submits as fast as the
 daemon answers: jobs completed per second is the pipeline's capacity, and waits grow
 with the queue), and paced (submitted at --rate jobs/s: whether the provider keeps up
-at that rate, and the waits it then has).
+at that rate, and the waits it then has). Tasks run with isolation off (as the daemon's
+user, no cgroup): the launch path itself; `--isolated` measures it with the shipped
+defaults as root, and bench/isolation.py compares the two in one run.
 
 Usage: python bench/core.py [--jobs 1000] [--sequential 200] [--requests 4000] [--rate 150]
+                            [--only latency|throughput|footprint] [--isolated]
 Prints a human summary, then JSON on the last line.
 """
 
@@ -53,6 +56,9 @@ def ms(values: list[float]) -> dict[str, float]:
         "p99_ms": round(pct(values, 99) * 1000, 2),
         "max_ms": round(max(values) * 1000, 2),
     }
+
+
+NO_ISOLATION = {"task_users": "none", "cgroups": "none", "devices": "none"}
 
 
 def start_provider(
@@ -340,9 +346,16 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=("latency", "throughput", "footprint"), help="one part of the bench"
     )
+    parser.add_argument(
+        "--isolated",
+        action="store_true",
+        help="latency with the shipped defaults as root (pool users, cgroups, namespaces) "
+        "rather than with isolation off; bench/isolation.py compares the two",
+    )
     args = parser.parse_args()
+    isolation = {"task_users": "auto"} if args.isolated else NO_ISOLATION
     parts = {
-        "latency": lambda root: latency(root, args.jobs, args.sequential, args.rate),
+        "latency": lambda root: latency(root, args.jobs, args.sequential, args.rate, **isolation),
         "throughput": lambda root: throughput(root, args.requests, args.clients),
         "footprint": lambda root: footprint(root, args.finished),
     }
