@@ -192,8 +192,7 @@ class LocalProcesses:
         )
         base = self.isolation.environment(launch.workdir, applied)
         argv, env = settle(launch, ports, base, limits)
-        log_path = Path(launch.run_dir) / LOG_NAME
-        log_path.touch(mode=0o600)  # readable at once, whoever writes to it first
+        log_path = Path(launch.run_dir) / LOG_NAME  # made by the runner; read as empty till then
         request = {
             "argv": argv,
             "env": env,

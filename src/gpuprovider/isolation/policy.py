@@ -144,10 +144,10 @@ class Isolation:
         gpu_minors: list[int],
         container: list[str] | None = None,
     ) -> Applied:
-        """Lend a user, make the cgroup, hand the work folder over; recorded in the run
-        folder before anything runs. OSError when it cannot be done (not the task's
-        fault). For a `container` ([engine, name]) the engine enforces memory and
-        devices; the cgroup holds its client."""
+        """Lend a user, make the cgroup, hand the work folder over; what there is to undo
+        is recorded in the run folder before anything runs. OSError when it cannot be
+        done (not the task's fault). For a `container` ([engine, name]) the engine
+        enforces memory and devices; the cgroup holds its client."""
         applied = Applied(drop_privileges=container is None, container=container)
         os.chmod(run_dir, 0o700)  # exit records, log and this record: root's only
         try:
@@ -177,7 +177,8 @@ class Isolation:
         except OSError:
             undo(applied)
             raise
-        applied.save(record_path(run_dir, attempt))
+        if applied.uid is not None or applied.cgroups or applied.container:
+            applied.save(record_path(run_dir, attempt))  # what there is to undo
         return applied
 
     def memory_limit(self, memory_mib: int) -> int | None:
