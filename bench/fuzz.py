@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home
+from gpuprovider.testing import Provider, free_port, make_home, running
 
 ST = str(Path(sys.executable).parent / "st")
 
@@ -81,9 +81,7 @@ def main() -> None:
         root = Path(tmp)
         port = free_port()
         users = "pool" if os.geteuid() == 0 else "none"
-        provider = Provider(make_home(root / "home", port, task_users=users), port)
-        provider.start()
-        try:
+        with running(make_home(root / "home", port, task_users=users), port) as provider:
             made = provider.api.post(
                 "/tokens", json={"name": "fuzz-tenant", "scopes": ["read", "submit"]}
             ).json()
@@ -92,9 +90,6 @@ def main() -> None:
                 "admin": fuzz(provider, provider.token, args.examples, root / "admin.har"),
             }
             crashed = "Traceback" in provider.log()
-        finally:
-            provider.stop()
-            kill_task_processes(provider.home)
     total = sum(r["requests"] for r in results.values())
     errors = sum(r["server_errors"] for r in results.values())
     for who, r in results.items():
