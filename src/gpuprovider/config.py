@@ -123,7 +123,9 @@ class IsolationConfig(_Section):
     @field_validator("devices", mode="before")
     @classmethod
     def _devices_switch(cls, value: object) -> object:
-        return {True: "auto", False: "none"}.get(value, value) if isinstance(value, bool) else value
+        if isinstance(value, bool):  # the switch it was before
+            return "auto" if value else "none"
+        return value
 
     @field_validator("workdir_roots")
     @classmethod
