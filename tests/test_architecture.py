@@ -13,12 +13,13 @@ PACKAGE = Path(__file__).parent.parent / "src" / "gpuprovider"
 EVERYTHING = {
     "domain", "scheduler", "store", "lifecycle", "backends", "service", "daemon", "api",
     "cli", "check", "proof", "inventory", "identity", "config", "home", "bootstrap",
-    "testing",
+    "testing", "telemetry",
 }  # fmt: skip
 FORBIDDEN = {
     "isolation": EVERYTHING,
     "domain": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
     "scheduler": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends"},
+    "telemetry": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
     "store": {"lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
     "lifecycle": {"service", "daemon", "api", "cli", "backends"},
     "backends": {"store", "lifecycle", "service", "daemon", "api", "cli"},

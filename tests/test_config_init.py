@@ -29,8 +29,10 @@ def test_default_config_writes_every_default_and_reads_back():
             assert "# [quotas.team-a]" in text
             continue
         for key in model.annotation.model_fields:
-            if key in ("simulated_gpus", "expected_gpus"):  # commented examples
+            if key in ("simulated_gpus", "expected_gpus", "rules"):  # commented examples
                 assert f"# [[{section}.{key}]]" in text
+            elif key == "smtp":
+                assert f"# [{section}.{key}]" in text
             else:
                 assert key in raw[section], f"[{section}] {key} missing from the template"
     declared = [SimulatedGpu(model="h100-80gb-sxm", count=2)]

@@ -49,7 +49,7 @@ class FakeNvml:
 
 def test_nvml_devices_are_normalised_through_the_catalogue(monkeypatch):
     fake = FakeNvml()
-    monkeypatch.setattr(local, "pynvml", fake)
+    monkeypatch.setattr(local, "nvml_library", lambda: fake)
     report = local.read_nvml("n-1")
     assert [g.model for g in report.gpus] == ["h100-80gb-sxm", "h100-80gb-sxm"]
     assert report.gpus[0].memory_gb == 80 and report.cuda_version == "12.4"
@@ -58,14 +58,14 @@ def test_nvml_devices_are_normalised_through_the_catalogue(monkeypatch):
 
 
 def test_a_lost_gpu_is_reported_and_the_others_kept(monkeypatch):
-    monkeypatch.setattr(local, "pynvml", FakeNvml(broken_index=0))
+    monkeypatch.setattr(local, "nvml_library", lambda: FakeNvml(broken_index=0))
     report = local.read_nvml("n-1")
     assert [g.idx for g in report.gpus] == [1]
     assert "GPU 0" in report.unavailable_reason
 
 
 def test_no_driver_leaves_declared_gpus_only(monkeypatch, tmp_path):
-    monkeypatch.setattr(local, "pynvml", FakeNvml(init_fails=True))
+    monkeypatch.setattr(local, "nvml_library", lambda: FakeNvml(init_fails=True))
     node = local.read_local_node(
         "n-1", "box", "", tmp_path, [SimulatedGpu(model="l4-24gb", count=2)]
     )
@@ -78,6 +78,6 @@ def test_no_driver_leaves_declared_gpus_only(monkeypatch, tmp_path):
 def test_real_and_declared_gpus_number_on(monkeypatch, tmp_path, name):
     fake = FakeNvml()
     monkeypatch.setattr(fake, "nvmlDeviceGetName", lambda handle: name)
-    monkeypatch.setattr(local, "pynvml", fake)
+    monkeypatch.setattr(local, "nvml_library", lambda: fake)
     node = local.read_local_node("n-1", "box", "", tmp_path, [SimulatedGpu(model="l4-24gb")])
     assert [g.idx for g in node.gpus] == [0, 1, 2] and node.gpus[2].simulated

@@ -6,11 +6,21 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gpuprovider.domain import catalogue
 from gpuprovider.isolation.policy import Settings
 from gpuprovider.scheduler.plugins import POLICIES
+from gpuprovider.telemetry.alerts import Alerter, Smtp
+from gpuprovider.telemetry.rules import DEFAULT_RULES, RepairRule, merge_rules, parse_duration
 
 
 class ConfigError(ValueError):
@@ -162,6 +172,85 @@ class ReaperConfig(_Section):
     interval_s: float = Field(5.0, gt=0, le=3600)
 
 
+def _duration(value: object) -> str:
+    parse_duration(value)  # type: ignore[arg-type]
+    return str(value)
+
+
+class TelemetryConfig(_Section):
+    # NVML is read this often on every node (the kernel log every second on this one).
+    interval_s: float = Field(10.0, ge=1, le=3600)
+    # XIDs: "auto" (/dev/kmsg where readable), a file something appends kernel lines to
+    # (a journal export), or "" (none).
+    kernel_log: str = "auto"
+
+
+class RepairConfig(_Section):
+    # true: rules record what they would do (events, alerts) and change nothing.
+    dry_run: bool = False
+    # At most max(1, this % of the fleet's GPUs) taken out by rules per breaker_window.
+    breaker_max_pct: float = Field(25.0, gt=0, le=100)
+    breaker_window: str = "10m"
+    # Run on an idle GPU by the reset_gpu action; {uuid} and {index} are filled in.
+    reset_command: list[str] = Field(
+        default_factory=lambda: ["nvidia-smi", "--gpu-reset", "-i", "{uuid}"], min_length=1
+    )
+    # Added to (or, by name, replacing) the shipped rules.
+    rules: list[RepairRule] = Field(default_factory=list)
+
+    _window = field_validator("breaker_window", mode="before")(_duration)
+
+    def active_rules(self) -> list[RepairRule]:
+        return merge_rules(DEFAULT_RULES, self.rules)
+
+
+class SmtpConfig(_Section):
+    host: str = Field(min_length=1)
+    port: int = Field(25, ge=1, le=65535)
+    sender: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
+    to: list[str] = Field(min_length=1)
+    starttls: bool = False
+    username: str = ""
+    password_file: str = ""
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if "@" not in value or any(c.isspace() for c in value):
+                raise ValueError(f"{value!r} is not an email address")
+        return values
+
+
+class AlertsConfig(_Section):
+    webhooks: list[AnyHttpUrl] = Field(default_factory=list)
+    smtp: SmtpConfig | None = None
+    # The same alert (rule, node, GPU) is sent again after this long while it holds.
+    resend_interval: str = "4h"
+    timeout_s: float = Field(5.0, gt=0, le=120)
+
+    _resend = field_validator("resend_interval", mode="before")(_duration)
+
+    def alerter(self) -> Alerter:
+        smtp = self.smtp
+        return Alerter(
+            [str(url) for url in self.webhooks],
+            Smtp(
+                smtp.host,
+                smtp.port,
+                smtp.sender,
+                tuple(smtp.to),
+                smtp.starttls,
+                smtp.username,
+                smtp.password_file,
+            )
+            if smtp
+            else None,
+            parse_duration(self.resend_interval),
+            self.timeout_s,
+        )
+
+
 class ProviderConfig(_Section):
     api: ApiConfig = Field(default_factory=ApiConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -172,6 +261,9 @@ class ProviderConfig(_Section):
     reaper: ReaperConfig = Field(default_factory=ReaperConfig)
     proof: ProofConfig = Field(default_factory=ProofConfig)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    repair: RepairConfig = Field(default_factory=RepairConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     # Per tenant: work within its GPUs is guaranteed; work beyond them runs only as
     # preemptible. A tenant without an entry has no limit.
     quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
@@ -330,6 +422,47 @@ devices = "{d.isolation.devices}"
 log_max_mib = {d.isolation.log_max_mib}
 # Absolute folders a task spec's workdir may name; none: only the task's own folder.
 workdir_roots = []
+
+[telemetry]
+# GPU telemetry (utilisation, memory, temperature, power, ECC, retired pages, remapped
+# rows, throttling, PCIe and NVLink errors) is read from NVML this often.
+interval_s = {d.telemetry.interval_s}
+# Where XIDs are read: "auto" (/dev/kmsg where readable), a file kernel lines are
+# appended to, or "" (none).
+kernel_log = "{d.telemetry.kernel_log}"
+
+[repair]
+# Rules act on what telemetry sees (shipped: NVIDIA's XID catalogue, DLWS' ECC rule;
+# `gpuprovider repair rules` lists them). true: record and alert, change nothing.
+dry_run = {str(d.repair.dry_run).lower()}
+# Circuit breaker: rules take at most max(1, this % of the GPUs) out per window.
+breaker_max_pct = {d.repair.breaker_max_pct}
+breaker_window = "{d.repair.breaker_window}"
+# reset_gpu runs this on an idle GPU ({{uuid}}, {{index}} filled in).
+reset_command = {list(d.repair.reset_command)!r}
+# Add a rule, or replace a shipped one by its name (enabled = false turns it off):
+# [[repair.rules]]
+# name = "ecc-corrected-storm"
+# signal = "ecc_corrected"     # xid, ecc_uncorrected, ecc_corrected, retired_pages,
+#                              # pcie_replays, nvlink_errors, temperature, gpu_lost,
+#                              # row_remap_failure, row_remap_pending, node_unreachable
+# threshold = 1000
+# window = "1h"
+# actions = ["warn", "alert"]  # warn, cordon_gpu, cordon_node, drain, reschedule,
+#                              # reset_gpu, alert
+
+[alerts]
+# Webhooks get one JSON body read by Slack, Discord and Alertmanager's webhook receiver.
+webhooks = []
+# The same alert is sent again after this long while its rule still holds.
+resend_interval = "{d.alerts.resend_interval}"
+timeout_s = {d.alerts.timeout_s}
+# Email as well:
+# [alerts.smtp]
+# host = "127.0.0.1"
+# port = 25
+# sender = "gpuprovider@example.org"
+# to = ["ops@example.org"]
 
 # Per-tenant GPU quotas (DLWS style): work within a tenant's quota is guaranteed;
 # beyond it, work runs only as preemptible and gives way to guaranteed work.

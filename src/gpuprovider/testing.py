@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import psutil
 from gpuprovider.bootstrap import init_home
 from gpuprovider.home import Home
 from gpuprovider.isolation.policy import Applied, undo
+from gpuprovider.telemetry.standin import ENV as STANDIN_ENV
 
 GPUPROVIDER = str(Path(sys.executable).parent / "gpuprovider")
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
@@ -91,6 +93,61 @@ def make_home(
     return home
 
 
+class StandinGpus:
+    """A stand-in NVML's script (`telemetry/standin.py`): H100s a test can make fail.
+    Hand `env` to the daemon; change a GPU with `set` (written at once, atomically)."""
+
+    def __init__(self, path: Path, count: int = 2, name: str = "NVIDIA H100 80GB HBM3"):
+        self.path = path
+        self.gpus: list[dict[str, Any]] = [
+            {
+                "uuid": f"GPU-standin-{i:04d}",
+                "name": name,
+                "pci": f"00000000:{0x10 + i:02X}:00.0",
+                "memory_total": 80 * 2**30,
+                "memory_used": 0,
+                "utilization": 0,
+                "temperature": 35,
+                "power_mw": 70_000,
+                "ecc": {
+                    "uncorrected_volatile": 0,
+                    "uncorrected_aggregate": 0,
+                    "corrected_volatile": 0,
+                    "corrected_aggregate": 0,
+                },
+                "retired": {"single_bit": 0, "double_bit": 0, "pending": False},
+                "remap": {"correctable": 0, "uncorrectable": 0, "pending": False, "failure": False},
+                "clock_reasons": 0,
+                "pcie_replays": 0,
+                "nvlink": {"crc_flit": 0, "crc_data": 0, "replay": 0, "recovery": 0},
+            }
+            for i in range(count)
+        ]
+        self.write()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {STANDIN_ENV: str(self.path)}
+
+    def kernel_line(self, index: int, xid: int, text: str = "") -> str:
+        """A kernel log line as the driver writes it, for XID `xid` on GPU `index`."""
+        bus = int(self.gpus[index]["pci"].split(":")[1], 16)
+        return f"NVRM: Xid (PCI:0000:{bus:02x}:00): {xid}, pid=1234, name=python3, {text}\n"
+
+    def set(self, index: int, **changes: Any) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                self.gpus[index].setdefault(key, {}).update(value)
+            else:
+                self.gpus[index][key] = value
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"driver": "570.86.15", "gpus": self.gpus}))
+        tmp.replace(self.path)
+
+
 class Provider:
     """A `gpuprovider up` subprocess and clients for it."""
 
@@ -100,6 +157,7 @@ class Provider:
         self.token = home.token.read_text().strip()
         self.proc: subprocess.Popen | None = None
         self.up_args: list[str] = []  # options for `gpuprovider up`
+        self.env: dict[str, str] = {}  # more environment for the daemon
         self.start_timeout_s = 15.0
         self.api = httpx.Client(
             base_url=self.url + "/api/v1",
@@ -115,6 +173,7 @@ class Provider:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env={**os.environ, **self.env},
         )
         log.close()
 

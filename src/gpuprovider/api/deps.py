@@ -11,8 +11,10 @@ from fastapi import Depends, Header, Request
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.service.calls import Calls
 from gpuprovider.service.errors import Unavailable
+from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
+from gpuprovider.service.repair import RepairService
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
 
@@ -29,6 +31,8 @@ class Services:
     tokens: TokenService
     calls: Calls
     proofs: ProofService | None = None
+    repair: RepairService | None = None
+    metrics: Metrics | None = None
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)
@@ -82,4 +86,5 @@ Reader = Annotated[TokenRecord, needs("read")]
 Submitter = Annotated[TokenRecord, needs("submit")]
 Admin = Annotated[TokenRecord, needs("admin")]
 Verifier = Annotated[TokenRecord, needs("verify")]
+Scraper = Annotated[TokenRecord, needs("metrics")]
 Anyone = Annotated[TokenRecord | None, Depends(maybe_caller)]

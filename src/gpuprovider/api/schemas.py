@@ -247,6 +247,7 @@ class NodeChecksOut(BaseModel):
 class ChecksSavedOut(BaseModel):
     node_id: str
     saved: int
+    returned: list[str] = []  # GPUs a repair rule had cordoned, back in service
 
 
 class ProofVerdictOut(BaseModel):
@@ -316,3 +317,53 @@ class TokenOut(BaseModel):
 
 class TokenCreatedOut(TokenOut):
     token: str
+
+
+class RepairEventOut(BaseModel):
+    id: int
+    at: float
+    node_id: str
+    gpu_uuid: str
+    rule: str
+    signal: str
+    action: str
+    outcome: str
+    detail: str
+    evidence: dict[str, Any]
+
+
+class RepairRulesOut(BaseModel):
+    dry_run: bool
+    breaker_max_pct: float
+    breaker_window_s: float
+    rules: list[dict[str, Any]]
+
+
+class UsageOut(BaseModel):
+    tenant: str
+    model: str
+    booked_gpu_hours: float
+    idle_gpu_hours: float
+    idle_ratio: float
+
+
+class HistoryPointOut(BaseModel):
+    at: float
+    utilization_ratio: float | None
+    memory_used_bytes: float | None
+
+
+class GpuHistoryOut(BaseModel):
+    gpu_uuid: str
+    step_s: int
+    points: list[HistoryPointOut]
+
+
+class DeliveryOut(BaseModel):
+    target: str
+    ok: bool
+    detail: str
+
+
+class AlertTestOut(BaseModel):
+    deliveries: list[DeliveryOut]

@@ -13,6 +13,7 @@ from typing import Protocol
 from gpuprovider.backends.launch import Launch
 from gpuprovider.domain.process import Exit
 from gpuprovider.domain.records import NodeRecord
+from gpuprovider.telemetry.node import NodeTelemetry
 
 __all__ = [
     "Backend",
@@ -106,6 +107,12 @@ class Backend(Protocol):
     def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
         """Up to `limit` bytes of a task's output from `offset`, wherever it runs, and
         where they start (after `offset` when the output there was dropped by the cap)."""
+        ...
+
+    def telemetry(self, poll_nvml: bool, kernel_log: str) -> list[NodeTelemetry]:
+        """What each alive node reports about its GPUs: new XIDs from its kernel log
+        (`kernel_log`: "auto", a path, or ""), and with `poll_nvml` an NVML sample of
+        every GPU. A node that does not answer is left out (liveness is `discover`'s)."""
         ...
 
     def close(self) -> None: ...

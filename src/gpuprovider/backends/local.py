@@ -28,6 +28,7 @@ from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.inventory.local import read_local_node
 from gpuprovider.isolation.policy import Applied, Isolation, Settings, record_path, undo
+from gpuprovider.telemetry.node import NodeTelemetry, NodeWatcher
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,12 @@ class LocalBackend(LocalProcesses):
     ):
         super().__init__(data_dir, on_exit, isolation)
         self.node = node
+        self.watcher: NodeWatcher | None = None
+
+    def telemetry(self, poll_nvml: bool, kernel_log: str) -> list[NodeTelemetry]:
+        if self.watcher is None:
+            self.watcher = NodeWatcher(self.node.node_id, kernel_log, nvml=self.node.nvml)
+        return [self.watcher.read(poll_nvml)]
 
     def discover(self, full: bool) -> Discovery:
         if not full:

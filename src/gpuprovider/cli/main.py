@@ -17,6 +17,7 @@ from gpuprovider.cli.output import errors
 from gpuprovider.cli.proof import proof_app
 from gpuprovider.cli.resources import gpu_app, node_app, token_app
 from gpuprovider.cli.task import task_app
+from gpuprovider.cli.watch import accounting, alert_app, gpu_history, repair_app
 from gpuprovider.home import Home
 
 app = typer.Typer(
@@ -54,6 +55,10 @@ app.add_typer(gpu_app, name="gpu")
 app.add_typer(token_app, name="token")
 app.add_typer(proof_app, name="proof")
 app.add_typer(key_app, name="key")
+app.add_typer(repair_app, name="repair")
+app.add_typer(alert_app, name="alert")
+app.command("accounting")(accounting)
+gpu_app.command("history")(gpu_history)
 
 
 def run() -> None:

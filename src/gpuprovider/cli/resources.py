@@ -248,9 +248,16 @@ def gpu_cordon(
 
 
 @gpu_app.command("uncordon")
-def gpu_uncordon(ctx: typer.Context, uuid: str = typer.Argument(..., help="GPU UUID.")) -> None:
-    """Give a cordoned GPU work again."""
-    done = globals_of(ctx).client().post(f"/gpus/{uuid}/uncordon")
+def gpu_uncordon(
+    ctx: typer.Context,
+    uuid: str = typer.Argument(..., help="GPU UUID."),
+    force: bool = typer.Option(
+        False, "--force", help="Also lift a repair rule's cordon without a passing check."
+    ),
+) -> None:
+    """Give a cordoned GPU work again (a repair rule's cordon: after a passing check)."""
+    params = {"force": "true"} if force else {}
+    done = globals_of(ctx).client().post(f"/gpus/{uuid}/uncordon", **params)
     console.print(f"GPU {done['gpu_uuid']} takes work again")
 
 

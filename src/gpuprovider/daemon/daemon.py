@@ -29,17 +29,21 @@ from gpuprovider.daemon.executor import ExecutorLoop
 from gpuprovider.daemon.inventory import InventoryLoop
 from gpuprovider.daemon.loops import Loop, ReaperLoop
 from gpuprovider.daemon.scheduling import SchedulerLoop
+from gpuprovider.daemon.telemetry import TelemetryLoop
 from gpuprovider.domain.usability import Usability
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
+from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
+from gpuprovider.service.repair import RepairService, RepairSettings
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
 from gpuprovider.store.signals import Signal, Signals
 from gpuprovider.store.store import Store, StoreError
+from gpuprovider.telemetry.rules import parse_duration
 
 log = logging.getLogger("gpuprovider")
 
@@ -110,11 +114,36 @@ class Daemon:
         engine = partial(container_engine, config.executor.container_engine)
         self.backend = self._backend(public_key)
         framework_policy = policy(config.scheduler.policy)
-        self.scheduler = SchedulerLoop(self.store, Framework(framework_policy), config, usability)
+        self.alerter = config.alerts.alerter()
+        self.repair = RepairService(
+            self.store,
+            RepairSettings(
+                rules=config.repair.active_rules(),
+                dry_run=config.repair.dry_run,
+                breaker_max_pct=config.repair.breaker_max_pct,
+                breaker_window_s=parse_duration(config.repair.breaker_window),
+                reset_command=list(config.repair.reset_command),
+                local_node_id=self.node_id,
+            ),
+            self.alerter,
+        )
+        self.metrics = Metrics(self.store, usability, self.repair)
+        self.scheduler = SchedulerLoop(
+            self.store, Framework(framework_policy), config, usability, self.metrics
+        )
         self.executor = ExecutorLoop(self.store, self.backend, config, home.tasks, engine)
         self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
         self.reaper = ReaperLoop(self.store, config)
-        self.loops: list[Loop] = [self.inventory, self.scheduler, self.executor, self.reaper]
+        self.telemetry = TelemetryLoop(
+            self.backend, self.repair, config.telemetry.interval_s, config.telemetry.kernel_log
+        )
+        self.loops: list[Loop] = [
+            self.inventory,
+            self.scheduler,
+            self.executor,
+            self.reaper,
+            self.telemetry,
+        ]
         for fired, listener in (
             (Signal.QUEUED, self.scheduler.submitted),
             (Signal.CAPACITY, self.scheduler.capacity_changed),
@@ -134,6 +163,8 @@ class Daemon:
                 workdir_roots=config.isolation.workdir_roots,
             ),
             nodes=NodeService(self.store, usability),
+            repair=self.repair,
+            metrics=self.metrics,
             tokens=TokenService(self.store),
             proofs=ProofService(
                 self.store, key, self.node_id, public_key, config.proof.simulated_memory_mib
@@ -200,6 +231,7 @@ class Daemon:
             server = _Server(
                 uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
             )
+            self.alerter.start()
             for loop in self.loops:
                 loop.start()
             log.info(
@@ -214,6 +246,7 @@ class Daemon:
             await server.serve(sockets=[sock])  # returns once should_exit is set
             for loop in self.loops:
                 await asyncio.to_thread(loop.stop)
+            await asyncio.to_thread(self.alerter.stop)
             log.info("gpuprovider stopped; running tasks keep running and are re-adopted on start")
         finally:
             sock.close()

@@ -15,6 +15,7 @@ from gpuprovider.domain.usability import Usability
 from gpuprovider.lifecycle.tasks import transition
 from gpuprovider.scheduler import Framework, Placement, Preemption, Snapshot
 from gpuprovider.scheduler.fragmentation import TypicalTasks
+from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.placement import build_snapshot, task_request
 from gpuprovider.service.quotas import QuotaBook, effective_priority, running_work
 from gpuprovider.store.store import Store
@@ -37,9 +38,15 @@ class SchedulerLoop(Loop):
     ends, and every `interval_s` as a safety net."""
 
     def __init__(
-        self, store: Store, framework: Framework, config: ProviderConfig, usability: Usability
+        self,
+        store: Store,
+        framework: Framework,
+        config: ProviderConfig,
+        usability: Usability,
+        metrics: Metrics | None = None,
     ):
         super().__init__("scheduler", config.scheduler.interval_s)
+        self.metrics = metrics
         self.store = store
         self.framework = framework
         self.quotas = config.quotas
@@ -81,10 +88,13 @@ class SchedulerLoop(Loop):
             only_submissions = self._full_pass_due > time.time()
         if self.woken and only_submissions and since < BATCH_WINDOW_S:  # let a burst gather
             time.sleep(BATCH_WINDOW_S - since)
+        began = time.monotonic()
         try:
             soon = self._pass()
         finally:
             self._last_pass = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.scheduler_pass.observe(self._last_pass - began)
         if self._notes:
             due = self._notes_written + NOTES_EVERY_S - self._last_pass
             if due <= 0:
@@ -203,12 +213,15 @@ class SchedulerLoop(Loop):
                     where = describe_placement(snapshot, decision)
                     if over_quota[task.id]:
                         where += f"; beyond tenant {task.tenant}'s quota, so preemptible"
+                    waited = max(0.0, tx.now - task.updated_at)  # queued since its last change
                     try:
                         transition(
                             tx, task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id
                         )
                     except StaleTask:  # cancelled meanwhile: nothing written, nothing reserved
                         continue
+                    if self.metrics is not None:
+                        self.metrics.queue_wait.observe(waited)
                     tx.tasks.allocate(
                         task,
                         decision.node_id,

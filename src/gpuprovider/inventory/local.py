@@ -10,14 +10,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
-import pynvml
 
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.domain import catalogue
 from gpuprovider.domain.nodes import NodeStatus
 from gpuprovider.domain.records import GpuRecord, NodeRecord
+from gpuprovider.telemetry.standin import nvml_library
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def read_nvml(node_id: str) -> NvmlReport:
     """Every NVIDIA GPU the driver reports. No driver or library: an empty report saying
     why. A device NVML cannot read is left out and named in the report, so one bad GPU
     never hides the others nor stops the daemon."""
+    pynvml = nvml_library()
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
@@ -51,7 +53,7 @@ def read_nvml(node_id: str) -> NvmlReport:
         unreadable = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             try:
-                report.gpus.append(_read_device(node_id, index, report))
+                report.gpus.append(_read_device(pynvml, node_id, index, report))
             except pynvml.NVMLError as exc:
                 unreadable.append(f"GPU {index}: {exc}")
         if unreadable:
@@ -64,7 +66,7 @@ def read_nvml(node_id: str) -> NvmlReport:
             pynvml.nvmlShutdown()
 
 
-def _read_device(node_id: str, index: int, report: NvmlReport) -> GpuRecord:
+def _read_device(pynvml: Any, node_id: str, index: int, report: NvmlReport) -> GpuRecord:
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     name = _text(pynvml.nvmlDeviceGetName(handle))
     memory_mib = pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20

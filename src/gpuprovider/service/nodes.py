@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpuprovider.check.result import Result
+from gpuprovider.check.result import Result, Status
 from gpuprovider.domain.nodes import NodeStatus
 from gpuprovider.domain.records import NodeRecord, TokenRecord
 from gpuprovider.domain.states import ALLOCATED, TaskState
@@ -12,6 +12,7 @@ from gpuprovider.domain.usability import Usability
 from gpuprovider.lifecycle import nodes as lifecycle
 from gpuprovider.lifecycle.nodes import Refused
 from gpuprovider.service.errors import Conflict, NotFound, Rejected
+from gpuprovider.service.repair import REPAIR_CORDON
 from gpuprovider.service.views import gpu_views, node_view
 from gpuprovider.store.signals import Signal
 from gpuprovider.store.store import Store, Tx
@@ -99,7 +100,18 @@ class NodeService:
         """No new work on one GPU; what runs there stays."""
         return self._gpu_cordon(uuid, f"by {who.name}" + (f": {why}" if why else ""))
 
-    def uncordon_gpu(self, uuid: str) -> dict[str, Any]:
+    def uncordon_gpu(self, uuid: str, force: bool = False) -> dict[str, Any]:
+        """Lift a person's cordon. A repair rule's is lifted by a passing check of the
+        GPU (`gpuprovider check`), or here only with `force`."""
+        with self.store.read() as r:
+            gpu = r.nodes.gpu(uuid)
+            node = r.nodes.get(gpu.node_id) if gpu else None
+        if gpu and gpu.cordon_reason.startswith(REPAIR_CORDON) and not force:
+            raise Conflict(
+                f"GPU {uuid} was cordoned by a {gpu.cordon_reason}; it returns once a check "
+                f"passes: run `gpuprovider check` on node {node.name if node else gpu.node_id} "
+                "(or uncordon with --force to return it unchecked)"
+            )
         return self._gpu_cordon(uuid, "")
 
     def _gpu_cordon(self, uuid: str, reason: str) -> dict[str, Any]:
@@ -128,4 +140,31 @@ class NodeService:
                 raise Rejected(f"GPUs {', '.join(strangers)} are not on node {node.name}")
             if tx.checks.save(node.id, results, ran_at):
                 tx.signal(Signal.NODES)
-        return {"node_id": node.id, "saved": len(results)}
+            returned = self._return_repaired(tx, node, results)
+        return {"node_id": node.id, "saved": len(results), "returned": returned}
+
+    @staticmethod
+    def _return_repaired(tx: Tx, node: NodeRecord, results: list[Result]) -> list[str]:
+        """A GPU a repair rule cordoned returns once a check run passes on it: results
+        for the GPU, at least one passing and none failing."""
+        returned = []
+        for gpu in node.gpus:
+            if not gpu.cordon_reason.startswith(REPAIR_CORDON):
+                continue
+            mine = [r for r in results if r.gpu_uuid == gpu.uuid]
+            passed = sum(1 for r in mine if r.status == Status.PASS)
+            if not passed or any(r.status == Status.FAIL for r in mine):
+                continue
+            lifecycle.gpu_cordon(tx, gpu.uuid, "")
+            tx.repairs.record(
+                node.id,
+                gpu.uuid,
+                gpu.cordon_reason.removeprefix(REPAIR_CORDON).split(":")[0],
+                "check",
+                "uncordon_gpu",
+                "done",
+                f"returned to service: {passed} of {len(mine)} checks passed, none failed",
+                {"was": gpu.cordon_reason},
+            )
+            returned.append(gpu.uuid)
+        return returned

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from gpuprovider.store import schema as t
 
@@ -44,6 +44,12 @@ class CheckRepo:
             .order_by(t.check_results.c.ran_at, t.check_results.c.group, t.check_results.c.key)
         )
         return [dict(row._mapping) for row in rows]
+
+    def last_pass(self) -> dict[str, float]:
+        """Per node, when a check last passed there."""
+        c = t.check_results.c
+        query = select(c.node_id, func.max(c.ran_at)).where(c.status == "PASS").group_by(c.node_id)
+        return {node_id: at for node_id, at in self.tx.conn.execute(query)}
 
     def apply_health(self, uuid: str) -> None:
         """A GPU with a FAIL among its latest check results is `failed`; otherwise `ok`.

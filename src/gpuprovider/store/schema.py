@@ -21,7 +21,7 @@ from sqlalchemy import (
 # In `meta`: what gpuprovider 0.1.0 reads to refuse a store newer than itself. Alembic's
 # revision is what this code goes by; this number is bumped with any migration an older
 # release must not open.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -195,4 +195,33 @@ check_results = Table(
     Column("advice", Text, nullable=False),
     Column("data", JSON, nullable=False),
     Column("ran_at", Float, nullable=False),
+)
+
+# What repair rules did (or, in dry-run, would have done), and why: one row per action.
+repair_events = Table(
+    "repair_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("node_id", String(64), nullable=False, index=True),
+    Column("gpu_uuid", String(96), nullable=False, default=""),  # empty: the node
+    Column("rule", String(64), nullable=False),
+    Column("signal", String(32), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("outcome", String(32), nullable=False),  # done, dry-run, breaker-open, failed, ...
+    Column("detail", Text, nullable=False, default=""),
+    Column("evidence", JSON, nullable=False),
+)
+Index("ix_repair_events_gpu_uuid", repair_events.c.gpu_uuid)
+
+# GPU-seconds booked by tasks, and of those the ones sampled idle (utilisation 0), per
+# UTC day, tenant and model (DLWS' booked/idle accounting).
+gpu_usage = Table(
+    "gpu_usage",
+    metadata,
+    Column("day", Integer, primary_key=True),  # days since 1970-01-01 UTC
+    Column("tenant", String(64), primary_key=True),
+    Column("model", String(64), primary_key=True),
+    Column("booked_s", Float, nullable=False),
+    Column("idle_s", Float, nullable=False),
 )

@@ -2,7 +2,7 @@
 
 Every read and write goes through a `Tx`: `store.tx()` for a transaction that writes
 (committed on leaving the block, then its signals are published), `store.read()` for
-reads. Repositories (`tx.tasks`, `tx.nodes`, `tx.tokens`, `tx.checks`, `tx.proofs`)
+reads. Repositories (`tx.tasks`, `tx.nodes`, `tx.tokens`, `tx.checks`, `tx.proofs`, `tx.repairs`)
 all use the transaction's one connection, so a service can store a check result and
 make a transition atomically.
 
@@ -35,6 +35,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, literal, select
 from gpuprovider.store.checks import CheckRepo
 from gpuprovider.store.nodes import NodeRepo
 from gpuprovider.store.proofs import ProofRepo
+from gpuprovider.store.repairs import RepairRepo
 from gpuprovider.store.signals import Fired, Signal, Signals
 from gpuprovider.store.tasks import TaskRepo
 from gpuprovider.store.tokens import TokenRepo
@@ -93,6 +94,10 @@ class Tx:
     @cached_property
     def proofs(self) -> ProofRepo:
         return ProofRepo(self)
+
+    @cached_property
+    def repairs(self) -> RepairRepo:
+        return RepairRepo(self)
 
 
 class Store:

@@ -318,6 +318,17 @@ class TaskRepo:
         rows = self.tx.conn.execute(_COUNT_BY_STATE_OF, {"tenant": tenant})
         return {state: n for state, n in rows}
 
+    def transitions(self) -> dict[str, int]:
+        """Every task transition ever made, by the state it entered."""
+        query = select(t.events.c.to_state, func.count()).group_by(t.events.c.to_state)
+        return {state: n for state, n in self.tx.conn.execute(query)}
+
+    def failure_reasons(self) -> dict[str, int]:
+        """How many times tasks failed, by reason as written."""
+        c = t.events.c
+        query = select(c.reason, func.count()).where(c.to_state == "failed").group_by(c.reason)
+        return {reason: n for reason, n in self.tx.conn.execute(query)}
+
     def events(self, task_id: str) -> list[EventRecord]:
         rows = self.tx.conn.execute(
             select(t.events).where(t.events.c.task_id == task_id).order_by(t.events.c.id)

@@ -21,5 +21,6 @@ async def cordon(uuid: str, who: Admin, svc: Svc, body: CordonIn | None = None) 
 
 
 @router.post("/{uuid}/uncordon", response_model=GpuCordonOut)
-async def uncordon(uuid: str, who: Admin, svc: Svc) -> JSONResponse:
-    return answer(await svc.write(svc.nodes.uncordon_gpu, uuid))
+async def uncordon(uuid: str, who: Admin, svc: Svc, force: bool = False) -> JSONResponse:
+    """A repair rule's cordon is lifted by a passing check, or here with `force`."""
+    return answer(await svc.write(svc.nodes.uncordon_gpu, uuid, force))

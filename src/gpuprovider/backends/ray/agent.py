@@ -14,6 +14,7 @@ from gpuprovider.config import SimulatedGpu
 from gpuprovider.domain.records import NodeRecord
 from gpuprovider.inventory.local import read_local_node
 from gpuprovider.isolation.policy import Settings
+from gpuprovider.telemetry.node import NodeTelemetry, NodeWatcher
 
 
 class NodeAgent:
@@ -39,6 +40,7 @@ class NodeAgent:
         }
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         self.local = LocalProcesses(Path(data_dir), isolation=Settings(**(isolation or {})))
+        self.watcher: NodeWatcher | None = None
 
     def inventory(self, address: str) -> NodeRecord:
         node = read_local_node(
@@ -48,6 +50,11 @@ class NodeAgent:
         node.facts["host"] = socket.gethostname()
         node.facts["isolation"] = self.local.isolation.describe()
         return node
+
+    def telemetry(self, poll_nvml: bool, kernel_log: str) -> NodeTelemetry:
+        if self.watcher is None:
+            self.watcher = NodeWatcher(self.node_id, kernel_log)
+        return self.watcher.read(poll_nvml)
 
     def start(self, launch: Launch) -> Handle:
         import ray

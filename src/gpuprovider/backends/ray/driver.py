@@ -33,6 +33,7 @@ from gpuprovider.backends.ray.common import (
 )
 from gpuprovider.backends.ray.join import reachable
 from gpuprovider.isolation.policy import Settings
+from gpuprovider.telemetry.node import NodeTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,29 @@ class RayBackend:
             except Exception as exc:  # one node's trouble never hides the others
                 dead[node_id] = f"its agent does not answer: {type(exc).__name__}"
         return Discovery(nodes, dead)
+
+    def telemetry(self, poll_nvml: bool, kernel_log: str) -> list[NodeTelemetry]:
+        """Asked of every agent at once, only when NVML is due: each agent reads its
+        kernel log then too, so XIDs on Ray nodes arrive at the NVML interval."""
+        if not poll_nvml:
+            return []
+        asked = {
+            agent.telemetry.remote(True, kernel_log): node_id
+            for node_id, agent in list(self.agents.items())
+            if node_id not in self.dead and hasattr(agent, "telemetry")
+        }
+        if not asked:
+            return []
+        ready, late = self.ray.wait(list(asked), num_returns=len(asked), timeout=CALL_TIMEOUT_S)
+        reports = []
+        for ref in ready:
+            try:
+                reports.append(self.ray.get(ref))
+            except Exception as exc:  # the agent died; liveness is discover's to report
+                log.info("no telemetry from node %s: %s", asked[ref], type(exc).__name__)
+        for ref in late:
+            log.info("no telemetry from node %s within %gs", asked[ref], CALL_TIMEOUT_S)
+        return reports
 
     def _agent(self, node_id: str, ray_node_id: str, labels: dict[str, str]):
         agent = self.agents.get(node_id)
