@@ -277,11 +277,14 @@ class ProviderConfig(_Section):
 
 
 def _where(loc: tuple) -> str:
-    """(`api`, `prot`) -> `[api] prot`."""
-    parts = [str(p) for p in loc]
-    if len(parts) == 1:
-        return parts[0]
-    return f"[{'.'.join(parts[:-1])}] {parts[-1]}"
+    """(`api`, `prot`) -> `[api] prot`; (`repair`, `rules`, 0, `window`) ->
+    `[repair] rules[0].window`."""
+    if len(loc) == 1:
+        return str(loc[0])
+    key = ""
+    for part in loc[1:]:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return f"[{loc[0]}] {key}"
 
 
 def describe_validation_error(path: Path | str, error: ValidationError) -> str:

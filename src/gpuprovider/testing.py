@@ -93,6 +93,30 @@ def make_home(
     return home
 
 
+def watch_home(
+    home: Home,
+    kernel_log: Path | str,
+    interval_s: float = 1.0,
+    webhooks: tuple[str, ...] = (),
+    reset_command: tuple[str, ...] = ("true",),
+    dry_run: bool = False,
+) -> None:
+    """Have `home` read GPUs from NVML (a test's stand-in), XIDs from `kernel_log`, and
+    send alerts to `webhooks`."""
+    text = home.config.read_text()
+    for pattern, value in (
+        (r"(?m)^nvml = false$", "nvml = true"),
+        (r'(?m)^kernel_log = "auto"$', f"kernel_log = {json.dumps(str(kernel_log))}"),
+        (r"(?ms)^(\[telemetry\].*?)^interval_s = .*?$", rf"\1interval_s = {interval_s}"),
+        (r"(?m)^webhooks = \[\]$", f"webhooks = {json.dumps(list(webhooks))}"),
+        (r"(?m)^reset_command = .*$", f"reset_command = {json.dumps(list(reset_command))}"),
+        (r"(?m)^dry_run = false$", f"dry_run = {str(dry_run).lower()}"),
+    ):
+        text, count = re.subn(pattern, value, text)
+        assert count == 1, f"the default config changed: {pattern} not found"
+    home.config.write_text(text)
+
+
 class StandinGpus:
     """A stand-in NVML's script (`telemetry/standin.py`): H100s a test can make fail.
     Hand `env` to the daemon; change a GPU with `set` (written at once, atomically)."""
