@@ -33,7 +33,7 @@ class Expectation:
 
 
 @cache
-def _measured() -> dict[str, dict]:
+def measured() -> dict[str, dict]:
     text = resources.files(__package__).joinpath("calibration.toml").read_text()
     return {entry["model"]: entry for entry in tomllib.loads(text).get("gpu", [])}
 
@@ -43,7 +43,7 @@ def expected(model_id: str, params: Params) -> Expectation | None:
     model = catalogue.models().get(model_id)
     if model is None:
         return None
-    entry = _measured().get(model_id)
+    entry = measured().get(model_id)
     bandwidth = (entry or {}).get("effective_gbs", model.bandwidth_gbs * EFFICIENCY) * 1e9
     fill = params.covered_bytes * GENERATE_TRAFFIC / bandwidth
     chain = params.steps * (
