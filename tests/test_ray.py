@@ -6,16 +6,20 @@ import signal
 import subprocess
 import sys
 
+import httpx
 import psutil
 import pytest
 
+from gpuprovider.telemetry.standin import ENV as STANDIN_NVML
 from gpuprovider.testing import (
     Provider,
+    StandinGpus,
     free_port,
     kill_task_processes,
     make_home,
     running,
     wait_for,
+    watch_home,
 )
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -56,7 +60,10 @@ def cluster():
 @pytest.fixture(scope="module")
 def ray_provider(cluster, tmp_path_factory):
     port = free_port()
-    home = make_home(tmp_path_factory.mktemp("ray-home"), port, gpus="")
+    root = tmp_path_factory.mktemp("ray-home")
+    home = make_home(root, port, gpus="")
+    (root / "kern.log").write_text("")  # every node of this cluster is this machine
+    watch_home(home, root / "kern.log", interval_s=1.0)
     text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
     text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
     home.config.write_text(text)
@@ -350,3 +357,44 @@ def test_readme_trial_walkthrough_up_with_local_ray_nodes(tmp_path):
         kill_task_processes(provider.home)  # the runner servers the trial's agents started
     assert provider.proc.returncode == 0
     assert "starting a local Ray cluster: head + 2 node(s)" in provider.log()
+
+
+def test_agents_report_gpu_telemetry_and_rules_act_on_ray_nodes(ray_provider, cluster, tmp_path):
+    """A Ray node with (stand-in) NVIDIA GPUs: its agent samples them for /metrics, and
+    an XID in its kernel log cordons the GPU on that node."""
+    gpus = StandinGpus(tmp_path / "nvml.json", 2)
+    os.environ[STANDIN_NVML] = str(gpus.path)  # inherited by this node's raylet only
+    try:
+        node = gpuprovider_node(cluster, "node-nvml", [])
+    finally:
+        del os.environ[STANDIN_NVML]
+    try:
+        found = wait_for(
+            lambda: (n := nodes_by_name(ray_provider).get("node-nvml")) and n["gpu_count"] == 2,
+            60,
+            "the node's NVML GPUs",
+        )
+        assert found
+        headers = {"Authorization": f"Bearer {ray_provider.token}"}
+        wait_for(
+            lambda: (
+                'node="node-nvml"'
+                in httpx.get(ray_provider.url + "/metrics", headers=headers).text.split(
+                    "gpuprovider_gpu_utilization_ratio", 1
+                )[-1]
+            ),
+            30,
+            "the agent's telemetry in /metrics",
+        )
+        kernel_log = ray_provider.home.root / "kern.log"
+        with kernel_log.open("a") as f:
+            f.write(gpus.kernel_line(1, 48, "double bit error"))
+        uuid = gpus.gpus[1]["uuid"]
+
+        def cordoned() -> bool:
+            listed = ray_provider.api.get("/gpus").json()
+            return any(g["uuid"] == uuid and g["cordon_reason"] for g in listed)
+
+        wait_for(cordoned, 30, "XID 48 on the Ray node to cordon its GPU")
+    finally:
+        cluster.remove_node(node, allow_graceful=False)

@@ -153,6 +153,7 @@ def test_metrics_need_the_metrics_scope_and_show_gpus_tasks_and_accounting(watch
     tenant = p.tenant("team-a")
     reader = tenant.get("/tasks")  # a tenant's read token is no scraper
     assert reader.status_code == 200
+    assert tenant.get("/repairs").status_code == 403  # they name other tenants' tasks
     token = tenant.headers["Authorization"].removeprefix("Bearer ")
     assert (
         httpx.get(p.url + "/metrics", headers={"Authorization": f"Bearer {token}"}).status_code

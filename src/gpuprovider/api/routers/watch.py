@@ -48,7 +48,7 @@ async def metrics(who: Scraper, svc: Svc, found: Annotated[Metrics, Depends(_met
 
 @router.get("/repairs", response_model=list[RepairEventOut])
 async def repairs(
-    who: Reader,
+    who: Admin,  # the details name the tasks moved, whoever's they are
     svc: Svc,
     repair: Repair,
     node: str | None = None,
