@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ray_backend.py
 	$(BIN)/python bench/isolation.py
 	$(BIN)/python bench/fuzz.py
+	$(BIN)/python bench/telemetry.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

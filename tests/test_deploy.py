@@ -4,9 +4,11 @@ on 127.0.0.1 scrapes a real daemon with a metrics-scope token and loads the rule
 every metric the Grafana dashboard draws is one the daemon serves."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -130,3 +132,26 @@ def test_a_real_prometheus_scrapes_the_daemon_and_loads_the_rules(tmp_path):
             prometheus.terminate()
             prometheus.wait(10)
         provider.stop()
+
+
+@pytest.mark.slow
+def test_gpu_sh_runs_what_it_can_and_says_what_it_skipped(tmp_path):
+    script = Path(__file__).parent.parent / "bench" / "gpu.sh"
+    done = subprocess.run(
+        [str(script), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    steps = ["nvml", "telemetry", "check", "identity", "proof", "calibration", "metrics"]
+    for step in steps:
+        assert result[step]["status"] in ("ran", "skipped"), result[step]
+        if result[step]["status"] == "skipped":
+            assert result[step]["why"], f"{step} skipped without saying why"
+            assert f"{step:12} skipped" in done.stdout
+    assert result["check"]["status"] == "ran" and (tmp_path / "out" / "check.html").exists()
+    assert result["metrics"]["status"] == "ran"
+    assert json.loads(done.stdout.strip().splitlines()[-1])["check"]["status"] == "ran"

@@ -260,10 +260,11 @@ def test_a_failing_webhook_or_smtp_server_is_counted_not_raised(webhook):
     webhook.status = 500
     dead_port = free_port()  # nothing listens here
     alerter = Alerter(
-        [f"http://127.0.0.1:{webhook.server_port}/", f"http://127.0.0.1:{dead_port}/"],
+        [f"http://127.0.0.1:{webhook.server_port}/T0/B0/secret", f"http://127.0.0.1:{dead_port}/"],
         Smtp("127.0.0.1", dead_port, "gpp@example.org", ("ops@example.org",)),
         timeout_s=2,
     )
     results = alerter.deliver(Alert(key="k", title="t", text="x"))
     assert [r.ok for r in results] == [False, False, False]
     assert "HTTP 500" in results[0].detail and alerter.failed == 3
+    assert "secret" not in results[0].target  # Slack's and Discord's secrets are in the path

@@ -132,6 +132,12 @@ def test_xid_48_cordons_and_resets_the_gpu_once_idle_and_benign_xids_do_nothing(
     assert watched.gpu(0)["cordon_reason"] == "" and watched.repairs() == []
     assert "gpuprovider_kernel_log_malformed_lines_total" in _metrics(p)
 
+    with watched.kernel_log.open("a") as f:  # no GPU of this node has that address
+        f.write("NVRM: Xid (PCI:0000:99:00): 48, pid=1, name=x, DBE\n")
+    wait_for(lambda: watched.repairs(), 10, "the unplaced XID's repair events")
+    assert {e["outcome"] for e in watched.repairs() if e["action"] != "alert"} == {"skipped"}
+    assert not any(watched.gpu(i)["cordon_reason"] for i in (0, 1))
+
     watched.log_xid(1, 48)
     wait_for(lambda: watched.gpu(1)["cordon_reason"], 10, "XID 48 to cordon GPU 1")
     uuid = watched.gpus.gpus[1]["uuid"]

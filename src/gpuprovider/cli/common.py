@@ -9,6 +9,9 @@ import typer
 from gpuprovider.cli.client import Client, resolve_endpoint
 from gpuprovider.home import Home
 
+# The --json switch every listing takes.
+JSON = typer.Option(False, "--json", help="Print JSON.")
+
 
 @dataclass
 class Globals:

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gpuprovider.cli.client import CliError
-from gpuprovider.cli.common import globals_of
+from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import console, print_json, table
 from gpuprovider.identity.keys import public_key_hex
 from gpuprovider.proof import protocol as P
@@ -23,7 +23,6 @@ proof_app = typer.Typer(
     help="Proof of GPU: show a provider has the GPUs it claims.", no_args_is_help=True
 )
 
-JSON = typer.Option(False, "--json", help="Print JSON.")
 EXPECT = typer.Option(
     None, "--expect-seconds", help="Enforce the timing window around this prover time."
 )

@@ -16,15 +16,13 @@ import typer
 from gpuprovider.backends.ray.common import BadRayAddress, RayBackendError
 from gpuprovider.backends.ray.join import check_head, join_command
 from gpuprovider.cli.client import CliError
-from gpuprovider.cli.common import globals_of
+from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import ago, console, print_json, table
 from gpuprovider.config import SimulatedGpu
 
 node_app = typer.Typer(help="Nodes of the pool.", no_args_is_help=True)
 gpu_app = typer.Typer(help="GPUs of every node.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
-
-JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
 @node_app.command("list")

@@ -13,12 +13,11 @@ import yaml
 from rich.markup import escape
 
 from gpuprovider.cli.client import CliError
-from gpuprovider.cli.common import globals_of
+from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import ago, console, errors, print_json, table
 
 MAX_SPEC_BYTES = 1 << 20  # as the API's default body limit
 task_app = typer.Typer(help="Batch jobs and services.", no_args_is_help=True)
-JSON = typer.Option(False, "--json", help="Print JSON.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Say where it would run; store nothing.")
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import typer
 
 from gpuprovider.cli.client import CliError
-from gpuprovider.cli.common import globals_of
+from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import ago, console, print_json, table
 
 repair_app = typer.Typer(help="Repair rules and what they did.", no_args_is_help=True)
 alert_app = typer.Typer(help="Alerts to webhooks and email.", no_args_is_help=True)
-
-JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
 @repair_app.command("events")

@@ -59,6 +59,11 @@ class GpuState:
     at: float
 
 
+def _node_level(rule: RepairRule) -> bool:
+    """Whether the rule acts on a whole node (else on the GPU its evidence names)."""
+    return rule.signal == "node_unreachable" or bool({"cordon_node", "drain"} & set(rule.actions))
+
+
 def _summary(evidence: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in evidence.items() if k != "text")[:300]
 
@@ -137,7 +142,10 @@ class RepairService:
             )
         disruptive = [a for a in rule.actions if a in DISRUPTIVE]
         allowed, why_not = True, ""
-        if disruptive and finding.new:
+        if disruptive and gpu is None and not _node_level(rule):
+            # e.g. an XID whose PCI address is no GPU NVML reported: nothing to take out
+            allowed, why_not = False, "skipped: the evidence names no GPU of this node"
+        elif disruptive and finding.new:
             allowed, why_not = self._may_disrupt(finding, node, gpu, nodes, now)
         for action in rule.actions:
             if action in DISRUPTIVE and not finding.new:
@@ -152,7 +160,8 @@ class RepairService:
             if self.settings.dry_run:
                 self._record(finding, action, "dry-run", f"would {action} {where}")
             elif not allowed:
-                self._record(finding, action, "breaker-open", why_not)
+                outcome = "skipped" if why_not.startswith("skipped") else "breaker-open"
+                self._record(finding, action, outcome, why_not)
             else:
                 outcome, detail = self._do(action, finding, node, gpu, where)
                 self._record(finding, action, outcome, detail)
@@ -168,7 +177,7 @@ class RepairService:
         """Whether the circuit breaker lets this finding take its subject out."""
         if self.settings.dry_run or node is None:
             return True, ""
-        if gpu is not None and "cordon_node" not in finding.rule.actions:
+        if gpu is not None and not _node_level(finding.rule):
             out, cost = bool(gpu.cordon_reason), 1
         else:
             out = node.status != NodeStatus.READY

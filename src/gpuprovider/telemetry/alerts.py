@@ -142,14 +142,16 @@ class Alerter:
         return results
 
     def _post(self, url: str, alert: Alert) -> Delivery:
-        shown = httpx.URL(url).copy_with(query=None, password=None)  # keep secrets out of logs
+        # Slack's and Discord's secrets are in the path: logs and answers show the host only
+        parsed = httpx.URL(url)
+        shown = f"{parsed.scheme}://{parsed.host}{f':{parsed.port}' if parsed.port else ''}/…"
         try:
             answer = httpx.post(url, json=alert.body(), timeout=self.timeout_s)
         except httpx.HTTPError as exc:
-            return Delivery(str(shown), False, f"{type(exc).__name__}: {exc}")
+            return Delivery(shown, False, f"{type(exc).__name__}: {exc}")
         if answer.status_code >= 300:
-            return Delivery(str(shown), False, f"HTTP {answer.status_code}: {answer.text[:200]}")
-        return Delivery(str(shown), True, f"HTTP {answer.status_code}")
+            return Delivery(shown, False, f"HTTP {answer.status_code}: {answer.text[:200]}")
+        return Delivery(shown, True, f"HTTP {answer.status_code}")
 
     def _mail(self, smtp: Smtp, alert: Alert) -> Delivery:
         target = f"smtp://{smtp.host}:{smtp.port}"
