@@ -66,6 +66,7 @@ class TaskRecord:
     finished_at: float | None
     version: int
     crash_streak: int = 0  # a service's quick failures in a row
+    service_id: str | None = None  # the service this task is a replica of
 
     @cached_property
     def task_spec(self) -> TaskSpec:
@@ -182,3 +183,20 @@ class TokenRecord:
     def valid_at(self, now: float) -> bool:
         """Neither revoked nor expired at `now` (a time.time())."""
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass
+class ServiceRecord:
+    id: str
+    name: str
+    tenant: str
+    spec: dict[str, Any]
+    replicas: int
+    next_replica: int
+    state: str
+    created_at: float
+    updated_at: float
+
+    @cached_property
+    def task_spec(self) -> TaskSpec:
+        return TaskSpec.model_validate(self.spec)

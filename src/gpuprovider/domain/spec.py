@@ -110,6 +110,70 @@ class Resources(_Strict):
         return parse_gpu_request(self.gpu)
 
 
+# A service's name is the first label of its host name: `<name>.<domain>`.
+DNS_LABEL_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+MAX_REPLICAS = 100
+
+
+class Readiness(_Strict):
+    """When a replica takes traffic: an HTTP GET of `path` answering below 400, or (no
+    path) a TCP connection to its port."""
+
+    path: str | None = None
+    timeout_s: float = Field(2.0, gt=0, le=60)
+    period_s: float = Field(2.0, gt=0, le=300)
+
+    @field_validator("path")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        if value is not None:
+            _printable(value, "readiness.path")
+            if not value.startswith("/") or " " in value or len(value) > 1024:
+                raise ValueError(
+                    f"readiness.path {value[:40]!r} is not a path; write one starting "
+                    "with /, e.g. /health"
+                )
+        return value
+
+
+class Autoscale(_Strict):
+    """Replicas between `min` and `max`, sized for `target_in_flight` requests in
+    flight (or `target_rps` requests a second) per replica."""
+
+    min: int = Field(1, ge=1, le=MAX_REPLICAS)
+    max: int = Field(ge=1, le=MAX_REPLICAS)
+    target_in_flight: float | None = Field(None, gt=0, le=100_000)
+    target_rps: float | None = Field(None, gt=0, le=1_000_000)
+    up_delay_s: float = Field(0.0, ge=0, le=3600, description="load must stay high this long")
+    down_delay_s: float = Field(300.0, ge=0, le=86400, description="and low this long")
+
+    @model_validator(mode="after")
+    def _sane(self) -> Autoscale:
+        if self.min > self.max:
+            raise ValueError(f"autoscale.min ({self.min}) is above autoscale.max ({self.max})")
+        if (self.target_in_flight is None) == (self.target_rps is None):
+            raise ValueError("autoscale needs one target: target_in_flight or target_rps")
+        return self
+
+
+class ServeSpec(_Strict):
+    """How a service is served behind the gateway."""
+
+    name: Annotated[str, Field(pattern=DNS_LABEL_PATTERN)] | None = Field(
+        None, description="its host name's first label; default: from the task's name"
+    )
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
+    autoscale: Autoscale | None = None
+    readiness: Readiness = Field(default_factory=Readiness)
+    auth: Literal["token", "public"] = "token"
+    port: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")] | None = Field(
+        None, description="the port the gateway sends traffic to; default: the first"
+    )
+    sticky: bool = Field(False, description="a client keeps its replica (cookie)")
+    max_body_bytes: int = Field(100 << 20, ge=0, le=1 << 40)
+    rate_per_s: float | None = Field(None, gt=0, le=1_000_000)
+
+
 class TaskSpec(_Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     kind: Literal["job", "service"] = "job"
@@ -133,6 +197,7 @@ class TaskSpec(_Strict):
     labels: dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=253)]] = (
         Field(default_factory=dict)
     )
+    serve: ServeSpec | None = Field(None, description="a service's gateway settings")
 
     @field_validator("command", mode="before")
     @classmethod
@@ -210,7 +275,21 @@ class TaskSpec(_Strict):
         names = [p.name for p in self.ports]
         if len(set(names)) != len(names):
             raise ValueError(f"port names repeat: {names}")
+        if self.serve is not None:
+            if self.kind != "service":
+                raise ValueError("serve applies to kind service only")
+            if self.serve.port is not None and self.serve.port not in names:
+                raise ValueError(f"serve.port {self.serve.port!r} is not one of ports {names}")
+            if self.gang is not None:
+                raise ValueError("a service behind the gateway cannot be a gang member")
         return self
+
+    @property
+    def route_port(self) -> str | None:
+        """The port a service's traffic goes to."""
+        if self.serve and self.serve.port:
+            return self.serve.port
+        return self.ports[0].name if self.ports else None
 
     @property
     def gpu(self) -> GpuRequest:

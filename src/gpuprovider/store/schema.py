@@ -21,7 +21,7 @@ from sqlalchemy import (
 # In `meta`: what gpuprovider 0.1.0 reads to refuse a store newer than itself. Alembic's
 # revision is what this code goes by; this number is bumped with any migration an older
 # release must not open.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -128,6 +128,8 @@ tasks = Table(
     Column("idempotency_key", String(255)),
     # A service's failures in a row that came soon after its start: its restart backoff.
     Column("crash_streak", Integer, nullable=False, default=0, server_default="0"),
+    # The service this task is a replica of.
+    Column("service_id", String(32), index=True),
     UniqueConstraint("tenant", "live_name", name="uq_tasks_tenant_live_name"),
     UniqueConstraint("tenant", "idempotency_key", name="uq_tasks_tenant_idempotency_key"),
 )
@@ -224,4 +226,31 @@ gpu_usage = Table(
     Column("model", String(64), primary_key=True),
     Column("booked_s", Float, nullable=False),
     Column("idle_s", Float, nullable=False),
+)
+
+# Services: a name (the first label of their host name, unique among live services of
+# every tenant), the spec their replicas are made from, how many replicas are wanted.
+services = Table(
+    "services",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(63), nullable=False, index=True),
+    Column("live_name", String(63), unique=True),  # the name while live, NULL once stopped
+    Column("tenant", String(64), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("replicas", Integer, nullable=False),  # wanted now (autoscale moves it)
+    Column("next_replica", Integer, nullable=False),  # numbers replica names
+    Column("state", String(16), nullable=False),  # live, stopped
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Every scaling decision and replacement, with its reason.
+service_events = Table(
+    "service_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("service_id", String(32), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
 )

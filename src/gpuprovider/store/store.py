@@ -2,9 +2,9 @@
 
 Every read and write goes through a `Tx`: `store.tx()` for a transaction that writes
 (committed on leaving the block, then its signals are published), `store.read()` for
-reads. Repositories (`tx.tasks`, `tx.nodes`, `tx.tokens`, `tx.checks`, `tx.proofs`, `tx.repairs`)
-all use the transaction's one connection, so a service can store a check result and
-make a transition atomically.
+reads. Repositories (`tx.tasks`, `tx.nodes`, `tx.tokens`, `tx.checks`, `tx.proofs`,
+`tx.repairs`, `tx.services`) all use the transaction's one connection, so a service
+can store a check result and make a transition atomically.
 
 Threads: the engine is shared by every thread of the daemon (the API's worker threads
 and each loop's thread). A transaction is used by the thread that opened it only;
@@ -36,6 +36,7 @@ from gpuprovider.store.checks import CheckRepo
 from gpuprovider.store.nodes import NodeRepo
 from gpuprovider.store.proofs import ProofRepo
 from gpuprovider.store.repairs import RepairRepo
+from gpuprovider.store.services import ServiceRepo
 from gpuprovider.store.signals import Fired, Signal, Signals
 from gpuprovider.store.tasks import TaskRepo
 from gpuprovider.store.tokens import TokenRepo
@@ -98,6 +99,10 @@ class Tx:
     @cached_property
     def repairs(self) -> RepairRepo:
         return RepairRepo(self)
+
+    @cached_property
+    def services(self) -> ServiceRepo:
+        return ServiceRepo(self)
 
 
 class Store:

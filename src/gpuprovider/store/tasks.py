@@ -109,7 +109,13 @@ class TaskRepo:
 
     # -- writes (the lifecycle's: it checks each change against the state table) ----
 
-    def insert(self, spec: TaskSpec, tenant: str, idempotency_key: str | None = None) -> TaskRecord:
+    def insert(
+        self,
+        spec: TaskSpec,
+        tenant: str,
+        idempotency_key: str | None = None,
+        service_id: str | None = None,
+    ) -> TaskRecord:
         """Store a validated spec as `submitted`, with its event. IntegrityError when a
         live task of the tenant has the name, or a task of the tenant has the key."""
         now = self.tx.now
@@ -140,6 +146,7 @@ class TaskRepo:
             version=0,
             crash_streak=0,
             idempotency_key=idempotency_key,
+            service_id=service_id,
         )
         self.tx.conn.execute(_INSERT_TASK, values)
         self._event(values["id"], None, TaskState.SUBMITTED, f"submitted by {tenant}")
@@ -328,6 +335,13 @@ class TaskRepo:
         c = t.events.c
         query = select(c.reason, func.count()).where(c.to_state == "failed").group_by(c.reason)
         return {reason: n for reason, n in self.tx.conn.execute(query)}
+
+    def replicas(self, service_id: str, live: bool = True) -> list[TaskRecord]:
+        """A service's replica tasks, oldest first (the live ones only unless told)."""
+        query = _SELECT_TASKS.where(t.tasks.c.service_id == service_id)
+        if live:
+            query = query.where(t.tasks.c.state.not_in([s.value for s in TERMINAL]))
+        return [_task(r) for r in self.tx.conn.execute(query.order_by(t.tasks.c.created_at))]
 
     def events(self, task_id: str) -> list[EventRecord]:
         rows = self.tx.conn.execute(
