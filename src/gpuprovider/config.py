@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from gpuprovider.domain import catalogue
+from gpuprovider.gateway.tls import certificate_names, is_domain
 from gpuprovider.isolation.policy import Settings
 from gpuprovider.scheduler.plugins import POLICIES
 from gpuprovider.telemetry.alerts import Alerter, Smtp
@@ -251,6 +252,51 @@ class AlertsConfig(_Section):
         )
 
 
+class GatewayConfig(_Section):
+    # `up` starts the gateway (`gpuprovider gateway`) beside the API.
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8086, ge=1, le=65535)
+    # Services answer at <name>.<domain> (a wildcard DNS record and certificate);
+    # empty: at <name>.localhost and /s/<name>/ on this machine.
+    domain: str = ""
+    # The router terminates TLS itself with these (PEM); empty: plain HTTP (an nginx in
+    # front terminates it: `gpuprovider gateway nginx-config`).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # A proxied request may wait this long for its next byte (long LLM streams).
+    read_timeout_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    refresh_s: float = Field(0.5, gt=0, le=60)
+
+    @field_validator("domain")
+    @classmethod
+    def _a_domain(cls, value: str) -> str:
+        if value and not is_domain(value):
+            raise ValueError(
+                f"{value!r} is not a domain; write e.g. gpus.example.com (lowercase, "
+                "no scheme, no port)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> GatewayConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{key} {path} does not exist")
+        if self.tls_cert and self.domain:
+            names = certificate_names(Path(self.tls_cert))
+            wanted = f"*.{self.domain}"
+            if wanted not in names:
+                raise ValueError(
+                    f"tls_cert {self.tls_cert} is for {', '.join(sorted(names)) or 'no name'}, "
+                    f"not {wanted}"
+                )
+        return self
+
+
 class ProviderConfig(_Section):
     api: ApiConfig = Field(default_factory=ApiConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -264,6 +310,7 @@ class ProviderConfig(_Section):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     repair: RepairConfig = Field(default_factory=RepairConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     # Per tenant: work within its GPUs is guaranteed; work beyond them runs only as
     # preemptible. A tenant without an entry has no limit.
     quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
@@ -273,6 +320,10 @@ class ProviderConfig(_Section):
         lo, hi = self.executor.port_range
         if lo <= self.api.port <= hi:
             raise ValueError(f"api.port {self.api.port} lies inside executor.port_range")
+        if self.gateway.enabled and lo <= self.gateway.port <= hi:
+            raise ValueError(f"gateway.port {self.gateway.port} lies inside executor.port_range")
+        if self.gateway.enabled and self.gateway.port == self.api.port:
+            raise ValueError(f"gateway.port {self.gateway.port} is api.port too; give another")
         return self
 
 
@@ -466,6 +517,23 @@ timeout_s = {d.alerts.timeout_s}
 # port = 25
 # sender = "gpuprovider@example.org"
 # to = ["ops@example.org"]
+
+[gateway]
+# Services are reachable through the gateway, a router `up` starts beside the API:
+# at http://<name>.localhost:<port>/ and http://<host>:<port>/s/<name>/, or with a
+# domain at <name>.<domain> (a wildcard DNS record and certificate).
+enabled = {str(d.gateway.enabled).lower()}
+host = "{d.gateway.host}"
+port = {d.gateway.port}
+domain = "{d.gateway.domain}"
+# TLS in the router itself (PEM files; `gpuprovider gateway self-signed` makes a pair
+# for development). Empty: plain HTTP, e.g. behind `gpuprovider gateway nginx-config`.
+tls_cert = "{d.gateway.tls_cert}"
+tls_key = "{d.gateway.tls_key}"
+# How long a proxied request may wait for its next byte (long token streams).
+read_timeout_s = {d.gateway.read_timeout_s}
+# How often the router fetches routes: a replica set change is routable within this.
+refresh_s = {d.gateway.refresh_s}
 
 # Per-tenant GPU quotas (DLWS style): work within a tenant's quota is guaranteed;
 # beyond it, work runs only as preemptible and gives way to guaranteed work.

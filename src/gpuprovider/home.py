@@ -32,6 +32,15 @@ class Home:
         return self.root / "admin.token"
 
     @property
+    def gateway_token(self) -> Path:
+        """The gateway's token (scope `gateway`: routes in, figures out; mode 0600)."""
+        return self.root / "gateway.token"
+
+    @property
+    def gateway_pid(self) -> Path:
+        return self.root / "gateway.pid"
+
+    @property
     def node_key(self) -> Path:
         return self.root / "node.key"
 

@@ -67,6 +67,7 @@ def make_home(
     reaper_interval_s: float = 0.2,
     container_engine: str = "none",
     task_users: str = "none",
+    gateway_port: int | None = None,
 ) -> Home:
     """An initialised home listening on `port`, with loops fast enough for tests."""
     # (tasks still run in cgroups of their own: tests/test_isolation.py runs them as
@@ -86,6 +87,9 @@ def make_home(
         # tasks share files with the tests, and may run the test's own Python (which can
         # live in root's home): as the provider's user unless a test asks for the pool
         (r'(?m)^users = "auto"$', f'users = "{task_users}"'),
+        # a gateway only where a test asks for one, on its own port
+        (r"(?m)^enabled = true$", f"enabled = {str(gateway_port is not None).lower()}"),
+        (r"(?m)^port = 8086$", f"port = {gateway_port or free_port()}"),
     ):
         text, count = re.subn(pattern, value, text)
         assert count == 1, f"the default config changed: {pattern} not found"
@@ -305,6 +309,8 @@ def kill_task_processes(home: Home) -> None:
     runner server of this home, every runner, each command a runner started in a
     process group of its own; and each attempt's cgroup and user."""
     kill_processes_mentioning(home.tasks)
+    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+        os.kill(int(home.gateway_pid.read_text()), signal.SIGKILL)
     for record in home.tasks.glob("*/isolation-*.json"):
         if applied := Applied.load(str(record)):
             undo(applied)

@@ -11,7 +11,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpuprovider import __version__
 from gpuprovider.api.deps import Services
-from gpuprovider.api.routers import gpus, health, nodes, proofs, tasks, tokens, watch
+from gpuprovider.api.routers import (
+    gpus,
+    health,
+    nodes,
+    proofs,
+    tasks,
+    tokens,
+    watch,
+)
+from gpuprovider.api.routers import services as service_routes
 from gpuprovider.service.errors import ServiceError
 
 PREFIX = "/api/v1"
@@ -66,7 +75,7 @@ def create_app(services: Services) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ServiceError, _refused)
     app.add_exception_handler(StarletteHTTPException, _http)
-    for module in (health, tasks, nodes, gpus, proofs, tokens, watch):
+    for module in (health, tasks, nodes, gpus, proofs, tokens, watch, service_routes):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(watch.metrics_router)
     return app

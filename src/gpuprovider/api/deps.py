@@ -15,6 +15,7 @@ from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.repair import RepairService
+from gpuprovider.service.serving import Serving
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
 
@@ -33,6 +34,7 @@ class Services:
     proofs: ProofService | None = None
     repair: RepairService | None = None
     metrics: Metrics | None = None
+    serving: Serving | None = None
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)
@@ -87,4 +89,5 @@ Submitter = Annotated[TokenRecord, needs("submit")]
 Admin = Annotated[TokenRecord, needs("admin")]
 Verifier = Annotated[TokenRecord, needs("verify")]
 Scraper = Annotated[TokenRecord, needs("metrics")]
+GatewayCaller = Annotated[TokenRecord, needs("gateway")]
 Anyone = Annotated[TokenRecord | None, Depends(maybe_caller)]

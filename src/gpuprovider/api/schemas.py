@@ -116,6 +116,12 @@ class EventOut(BaseModel):
     reason: str
 
 
+class ServiceBriefOut(BaseModel):
+    id: str
+    name: str
+    urls: list[str]
+
+
 class TaskOut(BaseModel):
     id: str
     name: str | None
@@ -135,6 +141,7 @@ class TaskOut(BaseModel):
     finished_at: float | None
     gpu: str
     spec: dict[str, Any]
+    service: ServiceBriefOut | None = None  # a service's replica: where it answers
 
 
 class AllocatedGpuOut(BaseModel):
@@ -367,3 +374,39 @@ class DeliveryOut(BaseModel):
 
 class AlertTestOut(BaseModel):
     deliveries: list[DeliveryOut]
+
+
+class ReplicaOut(BaseModel):
+    task_id: str
+    name: str
+    state: str
+    draining: bool
+
+
+class ServiceOut(BaseModel):
+    id: str
+    name: str
+    tenant: str
+    state: str
+    urls: list[str]
+    auth: str
+    replicas_wanted: int
+    replicas_live: int
+    replicas_ready: int | None
+    autoscale: dict[str, Any] | None
+    replicas: list[ReplicaOut]
+    stats: dict[str, Any] | None
+    events: list[dict[str, Any]] | None = None
+
+
+class ScaleIn(_In):
+    replicas: int = Field(ge=0, le=100)
+
+
+class RoutesOut(BaseModel):
+    services: list[dict[str, Any]]
+    token_hashes: dict[str, list[str]]
+
+
+class GatewayStatsIn(BaseModel):
+    services: list[dict[str, Any]] = Field(max_length=100_000)

@@ -12,6 +12,7 @@ from gpuprovider.cli import provider
 from gpuprovider.cli.check import check
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import Globals
+from gpuprovider.cli.gateway import gateway_app, service_app
 from gpuprovider.cli.key import key_app
 from gpuprovider.cli.output import errors
 from gpuprovider.cli.proof import proof_app
@@ -56,6 +57,8 @@ app.add_typer(token_app, name="token")
 app.add_typer(proof_app, name="proof")
 app.add_typer(key_app, name="key")
 app.add_typer(repair_app, name="repair")
+app.add_typer(service_app, name="service")
+app.add_typer(gateway_app, name="gateway")
 app.add_typer(alert_app, name="alert")
 app.command("accounting")(accounting)
 gpu_app.command("history")(gpu_history)

@@ -47,6 +47,23 @@ def _submit(ctx: typer.Context, spec: dict[str, Any], dry_run: bool, as_json: bo
     if as_json:
         return print_json(task)
     console.print(f"{task['id']} {task['name'] or ''} {task['state']}".strip())
+    if service := task.get("service"):
+        console.print(f"service {service['name']}: {'  '.join(service['urls'])}")
+
+
+def _autoscale(text: str) -> dict[str, Any]:
+    """`1:4:inflight=2` or `1:4:rps=10` -> the spec's autoscale block."""
+    parts = text.split(":")
+    if len(parts) != 3 or "=" not in parts[2]:
+        raise CliError(f"--autoscale {text!r}: write MIN:MAX:inflight=N or MIN:MAX:rps=N", 2)
+    kind, _, target = parts[2].partition("=")
+    key = {"inflight": "target_in_flight", "rps": "target_rps"}.get(kind)
+    if key is None:
+        raise CliError(f"--autoscale {text!r}: the target is inflight=N or rps=N", 2)
+    try:
+        return {"min": int(parts[0]), "max": int(parts[1]), key: float(target)}
+    except ValueError:
+        raise CliError(f"--autoscale {text!r}: MIN, MAX and N are numbers", 2) from None
 
 
 @task_app.command(
@@ -70,6 +87,18 @@ def run(
     priority: int = typer.Option(0, help="Higher runs first."),
     preemptible: bool = typer.Option(False, help="May be evicted by higher priority work."),
     label: list[str] = typer.Option([], help="KEY=VALUE (repeatable)."),
+    replicas: int | None = typer.Option(None, help="A service's replicas."),
+    autoscale: str | None = typer.Option(
+        None, help="A service's replicas by load: MIN:MAX:inflight=N or MIN:MAX:rps=N."
+    ),
+    service_name: str | None = typer.Option(
+        None, help="A service's name at the gateway (<name>.localhost; a DNS label)."
+    ),
+    ready_path: str | None = typer.Option(
+        None, help="A replica takes traffic once GET PATH answers below 400 (else: TCP)."
+    ),
+    public: bool = typer.Option(False, help="A service anyone may call, with no token."),
+    sticky: bool = typer.Option(False, help="A client keeps its replica (cookie)."),
     dry_run: bool = DRY_RUN,
     as_json: bool = JSON,
 ) -> None:
@@ -95,6 +124,19 @@ def run(
     ):
         if value is not None:
             spec[key] = value
+    serve: dict[str, Any] = {}
+    for key, value in (
+        ("replicas", replicas),
+        ("autoscale", _autoscale(autoscale) if autoscale else None),
+        ("name", service_name),
+        ("readiness", {"path": ready_path} if ready_path else None),
+        ("auth", "public" if public else None),
+        ("sticky", True if sticky else None),
+    ):
+        if value is not None:
+            serve[key] = value
+    if serve:
+        spec["serve"] = serve
     _submit(ctx, spec, dry_run, as_json)
 
 

@@ -26,6 +26,12 @@ from gpuprovider.backends.ray.driver import RayBackend
 from gpuprovider.check import CheckContext, Status, run_checks, select, summary
 from gpuprovider.config import ProviderConfig
 from gpuprovider.daemon.executor import ExecutorLoop
+from gpuprovider.daemon.gateway import (
+    ServiceLoop,
+    ensure_gateway_token,
+    start_gateway,
+    stop_gateway,
+)
 from gpuprovider.daemon.inventory import InventoryLoop
 from gpuprovider.daemon.loops import Loop, ReaperLoop
 from gpuprovider.daemon.scheduling import SchedulerLoop
@@ -39,6 +45,7 @@ from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.repair import RepairService, RepairSettings
+from gpuprovider.service.serving import GatewaySettings, Serving
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
 from gpuprovider.store.signals import Signal, Signals
@@ -128,6 +135,11 @@ class Daemon:
             self.alerter,
         )
         self.metrics = Metrics(self.store, usability, self.repair)
+        gateway = config.gateway
+        self.serving = Serving(
+            self.store,
+            GatewaySettings(gateway.host, gateway.port, gateway.domain, bool(gateway.tls_cert)),
+        )
         self.scheduler = SchedulerLoop(
             self.store, Framework(framework_policy), config, usability, self.metrics
         )
@@ -143,6 +155,7 @@ class Daemon:
             self.executor,
             self.reaper,
             self.telemetry,
+            ServiceLoop(self.serving),
         ]
         for fired, listener in (
             (Signal.QUEUED, self.scheduler.submitted),
@@ -161,10 +174,12 @@ class Daemon:
                 self.backend,
                 engine,
                 workdir_roots=config.isolation.workdir_roots,
+                serving=self.serving,
             ),
             nodes=NodeService(self.store, usability),
             repair=self.repair,
             metrics=self.metrics,
+            serving=self.serving,
             tokens=TokenService(self.store),
             proofs=ProofService(
                 self.store, key, self.node_id, public_key, config.proof.simulated_memory_mib
@@ -234,6 +249,9 @@ class Daemon:
             self.alerter.start()
             for loop in self.loops:
                 loop.start()
+            if self.config.gateway.enabled:
+                ensure_gateway_token(self.home, self.services.tokens, self.node_id)
+                start_gateway(self.home)
             log.info(
                 "gpuprovider listening on http://%s:%d (home %s)",
                 self.config.api.host,
@@ -247,6 +265,8 @@ class Daemon:
             for loop in self.loops:
                 await asyncio.to_thread(loop.stop)
             await asyncio.to_thread(self.alerter.stop)
+            if self.config.gateway.enabled:
+                await asyncio.to_thread(stop_gateway, self.home)
             log.info("gpuprovider stopped; running tasks keep running and are re-adopted on start")
         finally:
             sock.close()

@@ -21,6 +21,7 @@ from gpuprovider.lifecycle import tasks as lifecycle
 from gpuprovider.scheduler import Framework, Placement, Policy
 from gpuprovider.service.errors import Conflict, NotFound, Rejected
 from gpuprovider.service.placement import build_snapshot, task_request
+from gpuprovider.service.serving import GatewaySettings, Serving
 from gpuprovider.service.views import task_view
 from gpuprovider.store.store import Store
 from gpuprovider.store.tasks import StaleTask
@@ -38,8 +39,10 @@ class TaskService:
         backend: Backend,
         container_engine: Callable[[], str | None],
         workdir_roots: list[str] | None = None,
+        serving: Serving | None = None,
     ):
         self.store = store
+        self.serving = serving or Serving(store, GatewaySettings())
         # The scheduler loop has its own framework; dry runs come from API threads.
         self._framework = Framework(policy)
         self._framework_lock = threading.Lock()
@@ -86,9 +89,18 @@ class TaskService:
                         self._check_gang(tx.tasks.gang_members(gang), spec)
                     if spec.name and (holder := tx.tasks.live_named(who.tenant, spec.name)):
                         raise self._name_taken(spec.name, holder)
-                    task = tx.tasks.insert(spec, who.tenant, idempotency_key)
+                    service = None
+                    if spec.kind == "service":
+                        service = self.serving.register(tx, spec, who.tenant)
+                    task = tx.tasks.insert(
+                        spec, who.tenant, idempotency_key, service.id if service else None
+                    )
                     lifecycle.submit(tx, task)
-                return task_view(task), True
+                    if service is not None and service.replicas > 1:
+                        self.serving.add_replicas(
+                            tx, service, service.replicas - 1, "started with the service"
+                        )
+                return self._with_service(task_view(task), task), True
             except IntegrityError:
                 continue  # read again: the winner is now there to name
         raise Conflict(f"task {spec.name or ''} keeps being submitted concurrently; try again")
@@ -101,6 +113,12 @@ class TaskService:
                 f"{earlier.id}); send a new key for a new task"
             )
         return task_view(earlier)
+
+    def _with_service(self, view: dict[str, Any], task: TaskRecord) -> dict[str, Any]:
+        """A replica's view names its service and where to reach it."""
+        if task.service_id:
+            view["service"] = self.serving.brief(task.service_id)
+        return view
 
     @staticmethod
     def _name_taken(name: str, holder: TaskRecord) -> Conflict:
@@ -195,7 +213,7 @@ class TaskService:
             alloc = r.tasks.allocation(task.id)
             node = next(iter(r.nodes.list([alloc.node_id], removed=True)), None) if alloc else None
             events = r.tasks.events(task.id)
-        return task_view(task, alloc, node, events)
+        return self._with_service(task_view(task, alloc, node, events), task)
 
     def events(self, ref: str, who: TokenRecord) -> list[dict[str, Any]]:
         return self.detail(ref, who)["events"]

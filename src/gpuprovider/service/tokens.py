@@ -13,7 +13,7 @@ from gpuprovider.service.errors import Conflict, Forbidden, NotFound, Rejected, 
 from gpuprovider.service.views import token_view
 from gpuprovider.store.store import Store
 
-SCOPES = ("read", "submit", "admin", "verify", "metrics")
+SCOPES = ("read", "submit", "admin", "verify", "metrics", "gateway")
 
 
 class TokenService:

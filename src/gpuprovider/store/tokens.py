@@ -66,6 +66,21 @@ class TokenRepo:
             .values(revoked_at=self.tx.now)
         )
 
+    def callers(self, now: float) -> list[tuple[str, str, bool]]:
+        """(hash, tenant, admin) of every token valid at `now` that may call a tenant's
+        services: scope read, submit or admin."""
+        rows = self.tx.conn.execute(
+            select(t.tokens.c.token_hash, t.tokens.c.tenant, t.tokens.c.scopes).where(
+                t.tokens.c.revoked_at.is_(None),
+                (t.tokens.c.expires_at.is_(None)) | (t.tokens.c.expires_at > now),
+            )
+        )
+        return [
+            (row.token_hash, row.tenant, "admin" in row.scopes)
+            for row in rows
+            if {"read", "submit", "admin"} & set(row.scopes)
+        ]
+
     def all(self) -> list[TokenRecord]:
         rows = self.tx.conn.execute(select(t.tokens).order_by(t.tokens.c.created_at))
         return [record(TokenRecord, r) for r in rows]

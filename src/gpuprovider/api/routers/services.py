@@ -1,0 +1,54 @@
+"""/services: replica sets behind the gateway; /gateway: the router's routes and figures."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from gpuprovider.api.deps import GatewayCaller, Reader, Submitter, Svc
+from gpuprovider.api.routers import ERRORS, answer
+from gpuprovider.api.schemas import GatewayStatsIn, RoutesOut, ScaleIn, ServiceOut
+from gpuprovider.service.errors import Unavailable
+from gpuprovider.service.serving import Serving
+
+router = APIRouter(tags=["services"], responses=ERRORS)
+
+
+async def _serving(request: Request) -> Serving:
+    found = request.app.state.services.serving
+    if found is None:
+        raise Unavailable("services are not served by this provider")
+    return found
+
+
+Served = Annotated[Serving, Depends(_serving)]
+
+
+@router.get("/services", response_model=list[ServiceOut])
+async def services(who: Reader, svc: Svc, serving: Served) -> JSONResponse:
+    return answer(await svc.read(serving.list, who))
+
+
+@router.get("/services/{ref}", response_model=ServiceOut)
+async def service(ref: str, who: Reader, svc: Svc, serving: Served) -> JSONResponse:
+    return answer(await svc.read(serving.get, ref, who))
+
+
+@router.post("/services/{ref}/scale", response_model=ServiceOut)
+async def scale(ref: str, body: ScaleIn, who: Submitter, svc: Svc, serving: Served) -> JSONResponse:
+    return answer(await svc.write(serving.scale, ref, body.replicas, who))
+
+
+@router.delete("/services/{ref}", response_model=ServiceOut)
+async def stop(ref: str, who: Submitter, svc: Svc, serving: Served) -> JSONResponse:
+    return answer(await svc.write(serving.stop, ref, who))
+
+
+@router.get("/gateway/routes", response_model=RoutesOut)
+async def routes(who: GatewayCaller, svc: Svc, serving: Served) -> JSONResponse:
+    return answer(await svc.read(serving.routes))
+
+
+@router.post("/gateway/stats", status_code=204)
+async def stats(body: GatewayStatsIn, who: GatewayCaller, serving: Served) -> None:
+    serving.report(body.services)

@@ -1,0 +1,708 @@
+"""The router: an ASGI reverse proxy for services, in its own process so that proxied
+traffic never competes with the API's event loop.
+
+- Routes by Host (`<service>.<domain>`, `<service>.localhost`) or by path
+  (`/s/<service>/...`, the prefix stripped), from the daemon's route table, fetched
+  every `refresh_s`.
+- Streams both ways without buffering (`X-Accel-Buffering: no` for an nginx in
+  front), tunnels WebSockets, balances to the ready replica with the fewest requests in
+  flight (counted in a `finally`: never leaked, never negative), keeps a client on its
+  replica by cookie when the service asks, takes a replica out on a connect error and
+  retries a request without a body on another, before any byte went back.
+- Checks tokens at the edge (the tenant's tokens, SHA-256 compared in constant time,
+  the caller's token stripped before the upstream sees it); per-service rate and body
+  limits; 404 for an unknown service, 503 with Retry-After when none is ready.
+- Probes readiness itself (HTTP path or TCP), and reports each service's figures over
+  30/60/300 s to the daemon every second (they drive the autoscaler)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import websockets
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+WINDOWS_S = (30, 60, 300)
+EJECT_S = 5.0  # a replica that refused a connection gets no traffic this long
+RETRIES = 2
+NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+STICKY_COOKIE = "gpp_replica"
+
+
+@dataclass
+class Replica:
+    task_id: str
+    address: str
+    port: int
+    ready: bool = False
+    in_flight: int = 0
+    ejected_until: float = 0.0
+    probed_at: float = 0.0
+
+    @property
+    def base(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    def usable(self, now: float) -> bool:
+        return self.ready and now >= self.ejected_until
+
+
+@dataclass
+class Figures:
+    """A service's requests over the last 300 s, bounded."""
+
+    done: deque[tuple[float, float, float, bool]] = field(
+        default_factory=lambda: deque(maxlen=200_000)
+    )  # (ended at, latency s, time to first byte s, error)
+
+    def add(self, latency: float, ttfb: float, error: bool) -> None:
+        self.done.append((time.monotonic(), latency, ttfb, error))
+
+    def summary(self) -> dict[str, Any]:
+        now = time.monotonic()
+        while self.done and self.done[0][0] < now - WINDOWS_S[-1]:
+            self.done.popleft()
+        out: dict[str, Any] = {
+            "requests": {},
+            "errors": {},
+            "rps": {},
+            "latency_p50_ms": {},
+            "ttfb_p50_ms": {},
+        }
+        for window in WINDOWS_S:
+            recent = [d for d in self.done if d[0] >= now - window]
+            key = f"{window}s"
+            out["requests"][key] = len(recent)
+            out["errors"][key] = sum(1 for d in recent if d[3])
+            out["rps"][key] = round(len(recent) / window, 3)
+            out["latency_p50_ms"][key] = _p50_ms([d[1] for d in recent])
+            out["ttfb_p50_ms"][key] = _p50_ms([d[2] for d in recent])
+        return out
+
+
+def _p50_ms(values: list[float]) -> float | None:
+    if not values:
+        return None
+    return round(sorted(values)[len(values) // 2] * 1000, 2)
+
+
+@dataclass
+class Route:
+    name: str
+    tenant: str
+    auth: str
+    sticky: bool
+    max_body_bytes: int
+    rate_per_s: float | None
+    readiness: dict[str, Any]
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    figures: Figures = field(default_factory=Figures)
+    tokens: float = 0.0  # the rate limit's bucket
+    filled_at: float = 0.0
+
+    def admit(self, now: float) -> bool:
+        """Token bucket: `rate_per_s`, bursts of one second's worth."""
+        if self.rate_per_s is None:
+            return True
+        burst = max(1.0, self.rate_per_s)
+        self.tokens = min(burst, self.tokens + (now - self.filled_at) * self.rate_per_s)
+        self.filled_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def pick(self, now: float, sticky_to: str | None, tried: set[str]) -> Replica | None:
+        usable = [r for r in self.replicas.values() if r.usable(now) and r.task_id not in tried]
+        if not usable:
+            return None
+        if sticky_to:
+            for replica in usable:
+                if replica.task_id == sticky_to:
+                    return replica
+        fewest = min(r.in_flight for r in usable)
+        return random.choice([r for r in usable if r.in_flight == fewest])
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class Router:
+    def __init__(
+        self,
+        daemon_url: str,
+        token: str,
+        domain: str = "",
+        read_timeout_s: float = 3600.0,
+        refresh_s: float = 0.5,
+    ):
+        self.daemon_url, self.token = daemon_url.rstrip("/"), token
+        self.domain = domain.lower().strip(".")
+        self.read_timeout_s, self.refresh_s = read_timeout_s, refresh_s
+        self.routes: dict[str, Route] = {}
+        self.token_hashes: dict[str, list[str]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._upstream: httpx.AsyncClient | None = None
+        self._daemon: httpx.AsyncClient | None = None
+        self.routes_fetched = asyncio.Event()
+
+    # -- ASGI ------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def start(self) -> None:
+        timeout = httpx.Timeout(10.0, read=self.read_timeout_s, write=self.read_timeout_s)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        self._upstream = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self._daemon = httpx.AsyncClient(
+            base_url=self.daemon_url + "/api/v1",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10.0,
+        )
+        self._tasks = [
+            asyncio.create_task(self._refresh_forever()),
+            asyncio.create_task(self._probe_forever()),
+            asyncio.create_task(self._report_forever()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for client in (self._upstream, self._daemon):
+            if client is not None:
+                await client.aclose()
+
+    # -- which service -----------------------------------------------------------------
+
+    def resolve(self, scope: dict) -> tuple[str | None, str]:
+        """(service name, the path to send upstream)."""
+        path = scope.get("path") or "/"
+        host = ""
+        for key, value in scope.get("headers", []):
+            if key == b"host":
+                host = value.decode("latin-1").lower().rsplit(":", 1)[0]
+                if host.startswith("[") or host.count(":") > 0:
+                    host = ""
+                break
+        for suffix in ([f".{self.domain}"] if self.domain else []) + [".localhost"]:
+            if host.endswith(suffix) and host != suffix[1:]:
+                label = host[: -len(suffix)]
+                if "." not in label:
+                    return label, path
+        if path.startswith("/s/"):
+            name, _, rest = path[3:].partition("/")
+            return name or None, "/" + rest
+        return None, path
+
+    def _authorise(self, route: Route, headers: list[tuple[bytes, bytes]]) -> None:
+        if route.auth == "public":
+            return
+        bearer = ""
+        for key, value in headers:
+            if key == b"authorization":
+                text = value.decode("latin-1")
+                if text.lower().startswith("bearer "):
+                    bearer = text[7:].strip()
+                break
+        if not bearer:
+            raise Refused(
+                401,
+                f"service {route.name} needs a token: send 'Authorization: Bearer <token>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        presented = hashlib.sha256(bearer.encode()).hexdigest()
+        allowed = self.token_hashes.get(route.tenant, []) + self.token_hashes.get("*", [])
+        # constant time against each candidate: no timing tells how close a guess was
+        if not any(hmac.compare_digest(presented, candidate) for candidate in allowed):
+            raise Refused(403, f"this token may not call service {route.name}")
+
+    def _route_for(self, scope: dict) -> tuple[Route, str]:
+        name, path = self.resolve(scope)
+        if name is None:
+            raise Refused(
+                404, "no service named here: use http://<service>.localhost/ or /s/<service>/"
+            )
+        route = self.routes.get(name)
+        if route is None:
+            raise Refused(404, f"no service {name!r}")
+        self._authorise(route, scope.get("headers", []))
+        if not route.admit(time.monotonic()):
+            raise Refused(
+                429,
+                f"service {route.name} allows {route.rate_per_s:g} requests/s",
+                {"Retry-After": "1"},
+            )
+        return route, path
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    async def _http(self, scope: dict, receive: Any, send: Any) -> None:
+        began = time.monotonic()
+        try:
+            route, path = self._route_for(scope)
+        except Refused as refused:
+            await _plain(send, refused.status, refused.message, refused.headers)
+            return
+        headers = scope.get("headers", [])
+        length = _content_length(headers)
+        if length is not None and length > route.max_body_bytes:
+            await _plain(
+                send, 413, f"service {route.name} takes bodies up to {route.max_body_bytes} bytes"
+            )
+            return
+        sticky_to = _cookie(headers, f"{STICKY_COOKIE}_{route.name}") if route.sticky else None
+        method = scope["method"]
+        retryable = method in NO_BODY and not length and not _chunked(headers)
+        tried: set[str] = set()
+        while True:
+            replica = route.pick(time.monotonic(), sticky_to, tried)
+            if replica is None:
+                what = "no ready replica" if not tried else "no replica that answers"
+                message = f"service {route.name} has {what}; try again shortly"
+                await _plain(send, 503, message, {"Retry-After": "1"})
+                route.figures.add(time.monotonic() - began, 0.0, True)
+                return
+            tried.add(replica.task_id)
+            replica.in_flight += 1
+            try:
+                outcome = await self._forward(
+                    scope, receive, send, route, replica, path, retryable, began
+                )
+            finally:
+                replica.in_flight -= 1
+            if outcome != "retry" or len(tried) > RETRIES:
+                if outcome == "retry":
+                    message = f"service {route.name}: no replica answered"
+                    await _plain(send, 502, message, {"Retry-After": "1"})
+                    route.figures.add(time.monotonic() - began, 0.0, True)
+                return
+
+    async def _forward(
+        self,
+        scope: dict,
+        receive: Any,
+        send: Any,
+        route: Route,
+        replica: Replica,
+        path: str,
+        retryable: bool,
+        began: float,
+    ) -> str:
+        """Send the request to `replica` and its answer back. "retry" when the replica
+        could not be reached and nothing was sent back yet; else "done"."""
+        assert self._upstream is not None
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = f"http://{replica.base}{quote(path, safe='/%:@!$&()*+,;=-._~')}" + (
+            f"?{query}" if query else ""
+        )
+        out_headers = _upstream_headers(scope, route)
+        body = None if retryable else _body(receive, route.max_body_bytes)
+        request = self._upstream.build_request(
+            scope["method"], url, headers=out_headers, content=body
+        )
+        started = False
+        ttfb = 0.0
+        error = False
+        try:
+            response = await self._upstream.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            replica.ejected_until = time.monotonic() + EJECT_S
+            log.info("replica %s of %s refused: %s", replica.task_id, route.name, exc)
+            return (
+                "retry"
+                if retryable
+                else await self._fail(send, route, began, 502, "its replica refused the connection")
+            )
+        except _TooLarge:
+            return await self._fail(
+                send, route, began, 413, f"bodies up to {route.max_body_bytes} bytes"
+            )
+        except httpx.HTTPError as exc:
+            return await self._fail(
+                send, route, began, 502, f"its replica failed: {type(exc).__name__}"
+            )
+        try:
+            headers = [
+                (k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in response.headers.multi_items()
+                if k.lower() not in HOP_BY_HOP
+            ]
+            headers.append((b"x-accel-buffering", b"no"))
+            if route.sticky:
+                cookie = f"{STICKY_COOKIE}_{route.name}={replica.task_id}; Path=/; HttpOnly"
+                headers.append((b"set-cookie", cookie.encode()))
+            await send(
+                {"type": "http.response.start", "status": response.status_code, "headers": headers}
+            )
+            started = True
+            ttfb = time.monotonic() - began
+            error = response.status_code >= 500
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (httpx.HTTPError, OSError) as exc:  # upstream reset mid-answer, or client gone
+            error = True
+            log.info("stream of %s via %s ended early: %s", route.name, replica.task_id, exc)
+            if not started:
+                with contextlib.suppress(Exception):
+                    await _plain(send, 502, f"service {route.name}: its replica failed")
+        finally:
+            await response.aclose()
+            route.figures.add(time.monotonic() - began, ttfb, error)
+        return "done"
+
+    @staticmethod
+    async def _fail(send: Any, route: Route, began: float, status: int, why: str) -> str:
+        await _plain(send, status, f"service {route.name}: {why}")
+        route.figures.add(time.monotonic() - began, 0.0, True)
+        return "done"
+
+    # -- WebSocket ---------------------------------------------------------------------
+
+    async def _websocket(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            route, path = self._route_for(scope)
+        except Refused as refused:
+            await send(
+                {
+                    "type": "websocket.close",
+                    "code": 4000 + refused.status,
+                    "reason": refused.message[:120],
+                }
+            )
+            return
+        replica = route.pick(time.monotonic(), None, set())
+        if replica is None:
+            await send({"type": "websocket.close", "code": 1013, "reason": "no ready replica"})
+            return
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = f"ws://{replica.base}{path}" + (f"?{query}" if query else "")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in _upstream_headers(scope, route)
+            if not k.decode("latin-1").lower().startswith("sec-websocket-")
+        ]
+        replica.in_flight += 1
+        began = time.monotonic()
+        try:
+            try:
+                upstream = await websockets.connect(
+                    url,
+                    additional_headers=headers,
+                    subprotocols=scope.get("subprotocols") or None,
+                    max_size=None,
+                    open_timeout=10,
+                )
+            except (OSError, websockets.WebSocketException) as exc:
+                replica.ejected_until = time.monotonic() + EJECT_S
+                await send(
+                    {
+                        "type": "websocket.close",
+                        "code": 1011,
+                        "reason": f"replica: {type(exc).__name__}",
+                    }
+                )
+                return
+            await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+            await _pump_websocket(receive, send, upstream)
+        finally:
+            replica.in_flight -= 1
+            route.figures.add(time.monotonic() - began, 0.0, False)
+
+    # -- background work ---------------------------------------------------------------
+
+    async def _refresh_forever(self) -> None:
+        said = ""
+        while True:
+            try:
+                await self.refresh()
+                said = ""
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                if why != said:
+                    log.warning(
+                        "cannot fetch routes from %s: %s; serving the last ones",
+                        self.daemon_url,
+                        why,
+                    )
+                    said = why
+            await asyncio.sleep(self.refresh_s)
+
+    async def refresh(self) -> None:
+        assert self._daemon is not None
+        answer = await self._daemon.get("/gateway/routes")
+        answer.raise_for_status()
+        table = answer.json()
+        routes: dict[str, Route] = {}
+        for item in table["services"]:
+            known = self.routes.get(item["name"])
+            route = Route(
+                item["name"],
+                item["tenant"],
+                item["auth"],
+                item["sticky"],
+                item["max_body_bytes"],
+                item["rate_per_s"],
+                item["readiness"],
+            )
+            if known is not None:
+                route.figures, route.tokens, route.filled_at = (
+                    known.figures,
+                    known.tokens,
+                    known.filled_at,
+                )
+            for raw in item["replicas"]:
+                old = known.replicas.get(raw["task_id"]) if known else None
+                if old is not None and (old.address, old.port) == (raw["address"], raw["port"]):
+                    route.replicas[old.task_id] = old
+                else:
+                    route.replicas[raw["task_id"]] = Replica(
+                        raw["task_id"], raw["address"], raw["port"]
+                    )
+            routes[route.name] = route
+        new = [r for route in routes.values() for r in route.replicas.values() if r.probed_at == 0]
+        self.routes, self.token_hashes = routes, table["token_hashes"]
+        if new:
+            await asyncio.gather(
+                *(self._probe(self.routes[n], r) for n, r in _owners(self.routes, new))
+            )
+        self.routes_fetched.set()
+
+    async def _probe_forever(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [
+                (route, replica)
+                for route in list(self.routes.values())
+                for replica in list(route.replicas.values())
+                if now - replica.probed_at >= route.readiness.get("period_s", 2.0)
+            ]
+            if due:
+                await asyncio.gather(*(self._probe(route, replica) for route, replica in due))
+            await asyncio.sleep(0.1)
+
+    async def _probe(self, route: Route, replica: Replica) -> None:
+        replica.probed_at = time.monotonic()
+        timeout = route.readiness.get("timeout_s", 2.0)
+        path = route.readiness.get("path")
+        try:
+            if path:
+                assert self._upstream is not None
+                answer = await self._upstream.get(f"http://{replica.base}{path}", timeout=timeout)
+                ready = answer.status_code < 400
+            else:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(replica.address, replica.port), timeout
+                )
+                writer.close()
+                ready = True
+        except (TimeoutError, OSError, httpx.HTTPError):
+            ready = False
+        if ready and not replica.ready:
+            replica.ejected_until = 0.0
+        replica.ready = ready
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(httpx.HTTPError):
+                await self.report()
+
+    async def report(self) -> None:
+        assert self._daemon is not None
+        reports = []
+        for route in list(self.routes.values()):
+            reports.append(
+                {
+                    "name": route.name,
+                    "in_flight": sum(r.in_flight for r in route.replicas.values()),
+                    "replicas": {
+                        r.task_id: {"ready": r.ready, "in_flight": r.in_flight}
+                        for r in route.replicas.values()
+                    },
+                    **route.figures.summary(),
+                }
+            )
+        await self._daemon.post("/gateway/stats", json={"services": reports})
+
+
+def _owners(routes: dict[str, Route], replicas: list[Replica]) -> list[tuple[str, Replica]]:
+    wanted = {id(r) for r in replicas}
+    return [
+        (name, r)
+        for name, route in routes.items()
+        for r in route.replicas.values()
+        if id(r) in wanted
+    ]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _body(receive: Any, limit: int):
+    """The request body as it arrives, refused past `limit` bytes."""
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise _TooLarge()
+        if chunk:
+            yield chunk
+        if not message.get("more_body"):
+            return
+
+
+def _upstream_headers(scope: dict, route: Route) -> list[tuple[bytes, bytes]]:
+    """The caller's headers for the upstream: hop-by-hop ones dropped, the provider
+    token never passed on, where it came from added."""
+    out = []
+    host = b""
+    for key, value in scope.get("headers", []):
+        if key == b"host":
+            host = value
+        if key.decode("latin-1") in HOP_BY_HOP:
+            continue
+        if key == b"authorization" and route.auth == "token":
+            continue
+        if key == b"cookie" and route.sticky:
+            kept = [c for c in value.split(b"; ") if not c.startswith(f"{STICKY_COOKIE}_".encode())]
+            if not kept:
+                continue
+            value = b"; ".join(kept)
+        out.append((key, value))
+    client = scope.get("client") or ("", 0)
+    out.append((b"x-forwarded-for", str(client[0]).encode()))
+    out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+    if host:
+        out.append((b"x-forwarded-host", host))
+    return out
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for key, value in headers:
+        if key == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
+
+
+def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(k == b"transfer-encoding" for k, _ in headers)
+
+
+def _cookie(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
+    for key, value in headers:
+        if key == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                k, _, v = part.strip().partition("=")
+                if k == name:
+                    return v
+    return None
+
+
+async def _plain(
+    send: Any, status: int, message: str, headers: dict[str, str] | None = None
+) -> None:
+    body = (message + "\n").encode()
+    out = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    out += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _pump_websocket(receive: Any, send: Any, upstream: Any) -> None:
+    """Frames both ways until either side closes."""
+
+    async def client_to_upstream() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                await upstream.close()
+                return
+            if message.get("text") is not None:
+                await upstream.send(message["text"])
+            elif message.get("bytes") is not None:
+                await upstream.send(message["bytes"])
+
+    async def upstream_to_client() -> None:
+        try:
+            async for frame in upstream:
+                if isinstance(frame, str):
+                    await send({"type": "websocket.send", "text": frame})
+                else:
+                    await send({"type": "websocket.send", "bytes": frame})
+            code = upstream.close_code or 1000
+        except websockets.ConnectionClosed as closed:
+            code = closed.code or 1000
+        with contextlib.suppress(Exception):
+            await send({"type": "websocket.close", "code": code})
+
+    tasks = [asyncio.create_task(client_to_upstream()), asyncio.create_task(upstream_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await upstream.close()
