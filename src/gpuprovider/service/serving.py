@@ -40,11 +40,11 @@ class GatewaySettings:
     tls: bool = False
 
     def urls(self, name: str) -> list[str]:
+        """The domain's URL first (TLS by nginx or the router), then this machine's."""
         scheme = "https" if self.tls else "http"
-        if self.domain:
-            return [f"https://{name}.{self.domain}/"]
         port = "" if (self.port, scheme) in ((80, "http"), (443, "https")) else f":{self.port}"
-        return [f"{scheme}://{name}.localhost{port}/", f"{scheme}://{self.host}{port}/s/{name}/"]
+        local = [f"{scheme}://{name}.localhost{port}/", f"{scheme}://{self.host}{port}/s/{name}/"]
+        return ([f"https://{name}.{self.domain}/"] if self.domain else []) + local
 
 
 def derived_name(spec: TaskSpec) -> str | None:
@@ -132,6 +132,9 @@ class Serving:
                 self._converge(service, replicas[service.id], now)
             except (StaleTask, IntegrityError):
                 continue  # changed meanwhile: the next pass decides again
+        live = {t.id for tasks in replicas.values() for t in tasks}
+        for task_id in [t for t in self._draining if t not in live]:
+            self._draining.pop(task_id, None)  # ended
 
     def _converge(self, service: ServiceRecord, live: list[TaskRecord], now: float) -> None:
         serving = [
@@ -165,8 +168,6 @@ class Serving:
             if (reported_after and in_flight == 0) or now - since > DRAIN_MAX_S:
                 with self.store.tx() as tx:
                     lifecycle.request_cancel(tx, task, f"service {service.name} scaling down")
-        for task_id in [t for t in self._draining if t not in {x.id for x in live}]:
-            self._draining.pop(task_id, None)
 
     def _autoscale(self, service: ServiceRecord, live: list[TaskRecord], now: float) -> None:
         spec = service.task_spec.serve
