@@ -61,7 +61,7 @@ def cluster():
 def ray_provider(cluster, tmp_path_factory):
     port = free_port()
     root = tmp_path_factory.mktemp("ray-home")
-    home = make_home(root, port, gpus="")
+    home = make_home(root, port, gpus="", gateway_port=free_port())
     (root / "kern.log").write_text("")  # every node of this cluster is this machine
     watch_home(home, root / "kern.log", interval_s=1.0)
     text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
@@ -398,3 +398,38 @@ def test_agents_report_gpu_telemetry_and_rules_act_on_ray_nodes(ray_provider, cl
         wait_for(cordoned, 30, "XID 48 on the Ray node to cordon its GPU")
     finally:
         cluster.remove_node(node, allow_graceful=False)
+
+
+def test_a_service_on_a_ray_node_is_reachable_through_the_gateway(ray_provider):
+    """The gateway reaches a replica at its node's address and the port that node chose."""
+    config = ray_provider.home.config.read_text()
+    gateway_port = int(config.split("[gateway]", 1)[1].split("port = ", 1)[1].split()[0])
+    server = (
+        "import os, http.server\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        b = os.environ['GPUPROVIDER_RAY_NODE'].encode()\n"
+        "        self.send_response(200); self.send_header('Content-Length', str(len(b)))\n"
+        "        self.end_headers(); self.wfile.write(b)\n"
+        "http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()"
+    )
+    task = ray_provider.submit(
+        name="ray-web",
+        kind="service",
+        command=[PY, "-c", server],
+        ports=["http"],
+        serve={"auth": "public"},
+    )
+    running = ray_provider.wait_state(task["id"], "running", timeout=60)
+    assert running["allocation"]["node"].startswith("node-")  # a Ray node of the cluster
+
+    def answered() -> httpx.Response | None:
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{gateway_port}/s/ray-web/", timeout=5)
+        except httpx.TransportError:
+            return None
+        return answer if answer.status_code == 200 else None
+
+    answer = wait_for(answered, 60, "the Ray replica through the gateway")
+    assert answer.text  # the Ray node id the replica runs on
+    ray_provider.api.post(f"/tasks/{task['id']}/cancel")
