@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/isolation.py
 	$(BIN)/python bench/fuzz.py
 	$(BIN)/python bench/telemetry.py
+	$(MAKE) debs TEST_DEBS=wrk
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

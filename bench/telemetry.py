@@ -28,7 +28,15 @@ from pathlib import Path
 import httpx
 import psutil
 
-from gpuprovider.testing import Provider, StandinGpus, free_port, make_home, wait_for, watch_home
+from gpuprovider.testing import (
+    Provider,
+    StandinGpus,
+    free_port,
+    kill_task_processes,
+    make_home,
+    wait_for,
+    watch_home,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from core import ms
@@ -136,6 +144,7 @@ def detection(root: Path) -> dict:
         ecc = time.monotonic() - began
     finally:
         provider.stop()
+        kill_task_processes(provider.home)
     return {
         "xid48_to_cordon_s": round(cordoned, 2),
         "xid48_to_task_stopped_s": round(stopped, 2),

@@ -15,7 +15,7 @@ import websockets
 
 from gpuprovider.gateway import nginx
 from gpuprovider.gateway.tls import self_signed
-from gpuprovider.testing import Provider, free_port, make_home, wait_for
+from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -108,6 +108,7 @@ def gw(tmp_path_factory):
     yield provider
     provider.cancel_all()
     provider.stop()
+    kill_task_processes(home)
 
 
 def _answers(url: str) -> bool:

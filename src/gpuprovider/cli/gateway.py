@@ -61,6 +61,8 @@ def gateway(ctx: typer.Context) -> None:
         ssl_certfile=g.tls_cert or None,
         ssl_keyfile=g.tls_key or None,
         timeout_keep_alive=75,
+        loop="uvloop",
+        http="httptools",
         ws_max_size=64 << 20,
     )
 

@@ -4,7 +4,8 @@ traffic never competes with the API's event loop.
 - Routes by Host (`<service>.<domain>`, `<service>.localhost`) or by path
   (`/s/<service>/...`, the prefix stripped), from the daemon's route table, fetched
   every `refresh_s`.
-- Streams both ways without buffering (`X-Accel-Buffering: no` for an nginx in
+- Streams both ways without buffering (aiohttp to the replicas: httpx's connection
+  pool slows down under many concurrent requests) (`X-Accel-Buffering: no` for an nginx in
   front), tunnels WebSockets, balances to the ready replica with the fewest requests in
   flight (counted in a `finally`: never leaked, never negative), keeps a client on its
   replica by cookie when the service asks, takes a replica out on a connect error and
@@ -29,8 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import httpx
 import websockets
+import yarl
+from multidict import CIMultiDict
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,6 @@ HOP_BY_HOP = frozenset(
         "transfer-encoding",
         "upgrade",
         "host",
-        "content-length",
     }
 )
 WINDOWS_S = (30, 60, 300)
@@ -172,7 +175,7 @@ class Router:
         self.routes: dict[str, Route] = {}
         self.token_hashes: dict[str, list[str]] = {}
         self._tasks: list[asyncio.Task] = []
-        self._upstream: httpx.AsyncClient | None = None
+        self._upstream: aiohttp.ClientSession | None = None
         self._daemon: httpx.AsyncClient | None = None
         self.routes_fetched = asyncio.Event()
 
@@ -198,9 +201,14 @@ class Router:
                 return
 
     async def start(self) -> None:
-        timeout = httpx.Timeout(10.0, read=self.read_timeout_s, write=self.read_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-        self._upstream = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self._upstream = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=10, sock_read=self.read_timeout_s
+            ),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            auto_decompress=False,
+        )
         self._daemon = httpx.AsyncClient(
             base_url=self.daemon_url + "/api/v1",
             headers={"Authorization": f"Bearer {self.token}"},
@@ -218,9 +226,10 @@ class Router:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for client in (self._upstream, self._daemon):
-            if client is not None:
-                await client.aclose()
+        if self._upstream is not None:
+            await self._upstream.close()
+        if self._daemon is not None:
+            await self._daemon.aclose()
 
     # -- which service -----------------------------------------------------------------
 
@@ -345,59 +354,61 @@ class Router:
         url = f"http://{replica.base}{quote(path, safe='/%:@!$&()*+,;=-._~')}" + (
             f"?{query}" if query else ""
         )
-        out_headers = _upstream_headers(scope, route)
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in _upstream_headers(scope, route)
+        ]
         body = None if retryable else _body(receive, route.max_body_bytes)
-        request = self._upstream.build_request(
-            scope["method"], url, headers=out_headers, content=body
-        )
         started = False
         ttfb = 0.0
         error = False
         try:
-            response = await self._upstream.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            response = await self._upstream.request(
+                scope["method"],
+                yarl.URL(url, encoded=True),
+                headers=CIMultiDict(headers),
+                data=body,
+                allow_redirects=False,
+                auto_decompress=False,
+            )
+        except aiohttp.ClientConnectorError as exc:
             replica.ejected_until = time.monotonic() + EJECT_S
             log.info("replica %s of %s refused: %s", replica.task_id, route.name, exc)
-            return (
-                "retry"
-                if retryable
-                else await self._fail(send, route, began, 502, "its replica refused the connection")
-            )
+            if retryable:
+                return "retry"
+            return await self._fail(send, route, began, 502, "its replica refused the connection")
         except _TooLarge:
             return await self._fail(
                 send, route, began, 413, f"bodies up to {route.max_body_bytes} bytes"
             )
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return await self._fail(
                 send, route, began, 502, f"its replica failed: {type(exc).__name__}"
             )
         try:
-            headers = [
-                (k.encode("latin-1"), v.encode("latin-1"))
-                for k, v in response.headers.multi_items()
-                if k.lower() not in HOP_BY_HOP
+            out = [
+                (k, v)
+                for k, v in response.raw_headers
+                if k.lower().decode("latin-1") not in HOP_BY_HOP
             ]
-            headers.append((b"x-accel-buffering", b"no"))
+            out.append((b"x-accel-buffering", b"no"))
             if route.sticky:
                 cookie = f"{STICKY_COOKIE}_{route.name}={replica.task_id}; Path=/; HttpOnly"
-                headers.append((b"set-cookie", cookie.encode()))
-            await send(
-                {"type": "http.response.start", "status": response.status_code, "headers": headers}
-            )
+                out.append((b"set-cookie", cookie.encode()))
+            await send({"type": "http.response.start", "status": response.status, "headers": out})
             started = True
             ttfb = time.monotonic() - began
-            error = response.status_code >= 500
-            async for chunk in response.aiter_raw():
+            error = response.status >= 500
+            async for chunk in response.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (httpx.HTTPError, OSError) as exc:  # upstream reset mid-answer, or client gone
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # reset mid-answer, client gone
             error = True
             log.info("stream of %s via %s ended early: %s", route.name, replica.task_id, exc)
             if not started:
                 with contextlib.suppress(Exception):
                     await _plain(send, 502, f"service {route.name}: its replica failed")
         finally:
-            await response.aclose()
+            response.release()
             route.figures.add(time.monotonic() - began, ttfb, error)
         return "done"
 
@@ -538,15 +549,17 @@ class Router:
         try:
             if path:
                 assert self._upstream is not None
-                answer = await self._upstream.get(f"http://{replica.base}{path}", timeout=timeout)
-                ready = answer.status_code < 400
+                async with self._upstream.get(
+                    f"http://{replica.base}{path}", timeout=aiohttp.ClientTimeout(total=timeout)
+                ) as answer:
+                    ready = answer.status < 400
             else:
                 _, writer = await asyncio.wait_for(
                     asyncio.open_connection(replica.address, replica.port), timeout
                 )
                 writer.close()
                 ready = True
-        except (TimeoutError, OSError, httpx.HTTPError):
+        except (TimeoutError, OSError, aiohttp.ClientError):
             ready = False
         if ready and not replica.ready:
             replica.ejected_until = 0.0

@@ -1,0 +1,339 @@
+"""The gateway, measured on 127.0.0.1: the router `up` starts, real replicas (tasks), a
+real nginx from Debian in front, all in one run.
+
+  latency:    added latency at a paced 500 requests/s (p50, p99) for four paths: the
+              replica direct (the floor), nginx -> replica, router -> replica, and
+              nginx -> router -> replica
+  throughput: requests/s of one router process on small answers, beside nginx direct
+              (wrk, 2 threads, 64 connections, 10 s; skipped when wrk is missing)
+  streaming:  an SSE event every 250 ms: how late each reaches the client (router, and
+              nginx + router)
+  failover:   one of two replicas killed under load: GETs failed from 1 s after; then
+              10,000 requests of which ~10 % are reset by the replica: in flight after
+  autoscale:  0 -> 6 requests in flight against a target of 2 per replica (max 3): time
+              to the first extra replica ready, and replicas over 30 s
+
+Usage: python bench/gateway.py [--seconds 10]
+Prints a human summary, then JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core import ms
+
+REPLICA = r"""
+import asyncio, os, random, time
+import uvicorn
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/sse":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for _ in range(20):
+            await send({"type": "http.response.body", "body": f"data: {time.time()}\n\n".encode(),
+                        "more_body": True})
+            await asyncio.sleep(0.25)
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/slow":
+        await asyncio.sleep(0.5)
+    if path == "/flaky" and random.random() < 0.1:
+        raise RuntimeError("injected")  # uvicorn drops the connection
+    body = b"ok"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": body})
+
+uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="critical",
+            access_log=False)
+"""
+
+
+def service(p: Provider, root: Path, name: str, **serve) -> dict:
+    script = root / "replica.py"
+    script.write_text(REPLICA)
+    task = p.submit(
+        name=name,
+        kind="service",
+        command=[sys.executable, str(script)],
+        ports=["http"],
+        serve={"name": name, "auth": "public", **serve},
+    )
+    return task
+
+
+def ready(p: Provider, name: str, count: int, timeout: float = 60) -> dict:
+    return wait_for(
+        lambda: (s := p.api.get(f"/services/{name}").json()).get("replicas_ready") == count and s,
+        timeout,
+        f"{count} ready replicas of {name}",
+    )
+
+
+def replica_url(p: Provider, task_id: str) -> str:
+    task = p.task(task_id)
+    return f"http://127.0.0.1:{task['allocation']['ports']['http']}"
+
+
+async def paced(url: str, rate: float, seconds: float, headers: dict | None = None) -> list[float]:
+    """Open loop: a request every 1/rate s whatever the answers do; each one's latency."""
+    latencies: list[float] = []
+    failures = 0
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
+
+        async def one() -> None:
+            nonlocal failures
+            began = time.perf_counter()
+            try:
+                answer = await client.get(url)
+                if answer.status_code != 200:
+                    failures += 1
+            except httpx.HTTPError:
+                failures += 1
+            latencies.append(time.perf_counter() - began)
+
+        for _ in range(20):  # warm the connections
+            await one()
+        latencies.clear()
+        tasks = []
+        start = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    if failures:
+        print(f"  {failures} failed requests to {url}")
+    return latencies
+
+
+def nginx_up(root: Path, router: str, replica: str) -> tuple[subprocess.Popen, int, int] | None:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        return None
+    to_router, to_replica = free_port(), free_port()
+    common = (
+        "proxy_http_version 1.1; proxy_set_header Connection ''; proxy_buffering off; "
+        "proxy_request_buffering off; proxy_read_timeout 3600s;"
+    )
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"pid {root}/nginx.pid; error_log {root}/nginx-error.log; daemon off; "
+        "worker_processes 1;\nevents { worker_connections 4096; }\nhttp { access_log off; "
+        f"client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;\n"
+        f"upstream router {{ server {router}; keepalive 64; }}\n"
+        f"upstream replica {{ server {replica}; keepalive 64; }}\n"
+        f"server {{ listen 127.0.0.1:{to_router}; location / {{ proxy_pass http://router; "
+        f"proxy_set_header Host $host; {common} }} }}\n"
+        f"server {{ listen 127.0.0.1:{to_replica}; location / {{ proxy_pass http://replica; "
+        f"{common} }} }}\n}}\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(root)])
+    wait_for(lambda: _answers(f"http://127.0.0.1:{to_replica}/"), 10, "nginx")
+    return proc, to_router, to_replica
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.TransportError:
+        return False
+
+
+def wrk(url: str, seconds: int, host: str | None = None) -> float | None:
+    binary = shutil.which("wrk")
+    if binary is None:
+        return None
+    args = [binary, "-t2", "-c64", f"-d{seconds}s", url]
+    if host:
+        args[1:1] = ["-H", f"Host: {host}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    return None
+
+
+async def sse_delays(url: str, headers: dict | None = None) -> list[float]:
+    delays = []
+    async with (
+        httpx.AsyncClient(timeout=60, headers=headers) as client,
+        client.stream("GET", url) as answer,
+    ):
+        async for line in answer.aiter_lines():
+            if line.startswith("data: "):
+                delays.append(time.time() - float(line[6:]))
+    return delays
+
+
+async def failover(p: Provider, gateway: str, seconds: float) -> dict:
+    svc = p.api.get("/services/duo").json()
+    victim = svc["replicas"][0]["task_id"]
+    pid = p.task(victim)["pid"]
+    results: list[tuple[float, bool]] = []
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def worker(stop_at: float) -> None:
+            while time.monotonic() < stop_at:
+                try:
+                    ok = (await client.get(gateway + "/s/duo/")).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                results.append((time.monotonic(), ok))
+
+        stop_at = time.monotonic() + seconds
+        workers = [asyncio.create_task(worker(stop_at)) for _ in range(8)]
+        await asyncio.sleep(seconds / 3)
+        killed_at = time.monotonic()
+        subprocess.run(["pkill", "-KILL", "-P", str(pid)], check=False)
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.gather(*workers)
+        flaky = {"ok": 0, "failed": 0}
+
+        async def hammer(n: int) -> None:
+            for _ in range(n):
+                try:
+                    answer = await client.get(gateway + "/s/duo/flaky")
+                    flaky["ok" if answer.status_code == 200 else "failed"] += 1
+                except httpx.HTTPError:
+                    flaky["failed"] += 1
+
+        await asyncio.gather(*(hammer(1250) for _ in range(8)))
+    await asyncio.sleep(2.5)  # a report from the router after the last request
+    stats = p.api.get("/services/duo").json()["stats"]
+    after = [ok for at, ok in results if at >= killed_at + 1.0]
+    within = [ok for at, ok in results if killed_at <= at < killed_at + 1.0]
+    return {
+        "requests": len(results),
+        "failed_first_second_after_kill": within.count(False),
+        "failed_from_1s_after_kill": after.count(False),
+        "flaky_requests": flaky,
+        "in_flight_after": stats["in_flight"] if stats else None,
+    }
+
+
+async def autoscale(p: Provider, gateway: str) -> dict:
+    began = time.monotonic()
+    timeline = []
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def worker() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    await client.get(gateway + "/s/elastic/slow")
+
+        workers = [asyncio.create_task(worker()) for _ in range(6)]
+        first_extra = None
+        while time.monotonic() - began < 30:
+            svc = await asyncio.to_thread(lambda: p.api.get("/services/elastic").json())
+            timeline.append((round(time.monotonic() - began, 1), svc["replicas_wanted"],
+                             svc["replicas_ready"]))  # fmt: skip
+            if first_extra is None and (svc["replicas_ready"] or 0) >= 2:
+                first_extra = time.monotonic() - began
+            await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*workers)
+    return {
+        "target_in_flight": 2,
+        "load_in_flight": 6,
+        "first_extra_replica_ready_s": round(first_extra, 1) if first_extra else None,
+        "timeline_s_wanted_ready": timeline,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="gpp-gateway-") as tmp:
+        root = Path(tmp)
+        port, gport = free_port(), free_port()
+        home = make_home(root / "home", port, gateway_port=gport)
+        p = Provider(home, port)
+        p.start()
+        gateway = f"http://127.0.0.1:{gport}"
+        wait_for(lambda: _answers(gateway + "/"), 30, "the gateway")
+        nginx = None
+        try:
+            task = service(p, root, "echo")
+            ready(p, "echo", 1)
+            direct = replica_url(p, task["id"])
+            nginx = nginx_up(root, f"127.0.0.1:{gport}", direct.removeprefix("http://"))
+            paths = {"replica direct": direct + "/", "router": gateway + "/s/echo/"}
+            if nginx:
+                paths["nginx -> replica"] = f"http://127.0.0.1:{nginx[2]}/"
+                paths["nginx -> router"] = f"http://127.0.0.1:{nginx[1]}/s/echo/"
+            result["latency_500rps"] = {
+                name: ms(asyncio.run(paced(url, 500, args.seconds))) for name, url in paths.items()
+            }
+            result["throughput_rps"] = {
+                "router": wrk(gateway + "/s/echo/", int(args.seconds)),
+                "nginx -> replica": wrk(
+                    paths.get("nginx -> replica", direct + "/"), int(args.seconds)
+                ),
+                "replica direct": wrk(direct + "/", int(args.seconds)),
+            }
+            result["sse_delay"] = {
+                "router": ms(asyncio.run(sse_delays(gateway + "/s/echo/sse"))),
+            }
+            if nginx:
+                result["sse_delay"]["nginx -> router"] = ms(
+                    asyncio.run(sse_delays(f"http://127.0.0.1:{nginx[1]}/s/echo/sse"))
+                )
+            service(p, root, "duo", replicas=2, readiness={"period_s": 0.5})
+            ready(p, "duo", 2)
+            result["failover"] = asyncio.run(failover(p, gateway, 6.0))
+            service(
+                p,
+                root,
+                "elastic",
+                autoscale={"min": 1, "max": 3, "target_in_flight": 2, "up_delay_s": 0,
+                           "down_delay_s": 60},
+            )  # fmt: skip
+            ready(p, "elastic", 1)
+            result["autoscale"] = asyncio.run(autoscale(p, gateway))
+        finally:
+            if nginx:
+                nginx[0].terminate()
+                nginx[0].wait(10)
+            p.cancel_all()
+            p.stop()
+            kill_task_processes(home)
+    for name, figures in result["latency_500rps"].items():
+        print(f"500 req/s {name:18} p50 {figures['p50_ms']} ms  p99 {figures['p99_ms']} ms")
+    print(f"throughput (wrk): {result['throughput_rps']}")
+    print(f"SSE event delay: {result['sse_delay']}")
+    print(f"failover: {result['failover']}")
+    a = result["autoscale"]
+    print(f"autoscale: first extra replica ready after {a['first_extra_replica_ready_s']} s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
