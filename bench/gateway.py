@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
@@ -96,21 +97,22 @@ def replica_url(p: Provider, task_id: str) -> str:
     return f"http://127.0.0.1:{task['allocation']['ports']['http']}"
 
 
-async def paced(url: str, rate: float, seconds: float, headers: dict | None = None) -> list[float]:
-    """Open loop: a request every 1/rate s whatever the answers do; each one's latency."""
+async def paced(url: str, rate: float, seconds: float) -> list[float]:
+    """Open loop: a request every 1/rate s whatever the answers do; each one's latency.
+    The client is aiohttp: httpx's own pool slows down under this many requests."""
     latencies: list[float] = []
     failures = 0
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector) as client:
 
         async def one() -> None:
             nonlocal failures
             began = time.perf_counter()
             try:
-                answer = await client.get(url)
-                if answer.status_code != 200:
-                    failures += 1
-            except httpx.HTTPError:
+                async with client.get(url) as answer:
+                    await answer.read()
+                    failures += answer.status != 200
+            except aiohttp.ClientError:
                 failures += 1
             latencies.append(time.perf_counter() - began)
 

@@ -170,10 +170,16 @@ def test_a_service_answers_by_host_and_by_path_with_a_token(gw):
 
 
 def test_public_services_need_no_token_and_pass_other_authorization_on(gw):
-    _service(gw, "open", auth="public")
+    _service(gw, "open", auth="public", rate_per_s=2, max_body_bytes=10)
     _ready(gw, "open", 1)
     answer = httpx.get(gw.gateway + "/s/open/", headers={"Authorization": "Basic app-own"})
     assert answer.status_code == 200 and answer.text.endswith("auth=Basic app-own")
+    leaked = httpx.get(gw.gateway + "/s/open/", headers=_auth(gw))
+    assert leaked.status_code == 200 and leaked.text.endswith("auth=None")  # not even here
+    big = httpx.post(gw.gateway + "/s/open/", content=b"x" * 100)
+    assert big.status_code == 413 and "10 bytes" in big.text
+    burst = [httpx.get(gw.gateway + "/s/open/").status_code for _ in range(3)]
+    assert 429 in burst  # 2 requests/s, and the bucket holds one second's worth
 
 
 def test_answers_stream_through_without_buffering(gw):

@@ -285,13 +285,16 @@ class Router:
         if route is None:
             raise Refused(404, f"no service {name!r}")
         self._authorise(route, scope.get("headers", []))
+        return route, path
+
+    @staticmethod
+    def _admit(route: Route) -> None:
         if not route.admit(time.monotonic()):
             raise Refused(
                 429,
                 f"service {route.name} allows {route.rate_per_s:g} requests/s",
                 {"Retry-After": "1"},
             )
-        return route, path
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -308,6 +311,11 @@ class Router:
             await _plain(
                 send, 413, f"service {route.name} takes bodies up to {route.max_body_bytes} bytes"
             )
+            return
+        try:
+            self._admit(route)
+        except Refused as refused:
+            await _plain(send, refused.status, refused.message, refused.headers)
             return
         sticky_to = _cookie(headers, f"{STICKY_COOKIE}_{route.name}") if route.sticky else None
         method = scope["method"]
@@ -355,7 +363,8 @@ class Router:
             f"?{query}" if query else ""
         )
         headers = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in _upstream_headers(scope, route)
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in self._upstream_headers(scope, route)
         ]
         body = None if retryable else _body(receive, route.max_body_bytes)
         started = False
@@ -423,6 +432,7 @@ class Router:
     async def _websocket(self, scope: dict, receive: Any, send: Any) -> None:
         try:
             route, path = self._route_for(scope)
+            self._admit(route)
         except Refused as refused:
             await send(
                 {
@@ -440,7 +450,7 @@ class Router:
         url = f"ws://{replica.base}{path}" + (f"?{query}" if query else "")
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in _upstream_headers(scope, route)
+            for k, v in self._upstream_headers(scope, route)
             if not k.decode("latin-1").lower().startswith("sec-websocket-")
         ]
         replica.in_flight += 1
@@ -469,6 +479,42 @@ class Router:
         finally:
             replica.in_flight -= 1
             route.figures.add(time.monotonic() - began, 0.0, False)
+
+    def _upstream_headers(self, scope: dict, route: Route) -> list[tuple[bytes, bytes]]:
+        """The caller's headers for the upstream: hop-by-hop ones dropped, the provider
+        token never passed on, where it came from added."""
+        out = []
+        host = b""
+        for key, value in scope.get("headers", []):
+            if key == b"host":
+                host = value
+            if key.decode("latin-1") in HOP_BY_HOP:
+                continue
+            if key == b"authorization" and (route.auth == "token" or self._provider_token(value)):
+                continue
+            if key == b"cookie" and route.sticky:
+                kept = [
+                    c for c in value.split(b"; ") if not c.startswith(f"{STICKY_COOKIE}_".encode())
+                ]
+                if not kept:
+                    continue
+                value = b"; ".join(kept)
+            out.append((key, value))
+        client = scope.get("client") or ("", 0)
+        out.append((b"x-forwarded-for", str(client[0]).encode()))
+        out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        if host:
+            out.append((b"x-forwarded-host", host))
+        return out
+
+    def _provider_token(self, authorization: bytes) -> bool:
+        """Whether the header carries a token of this provider (never sent upstream,
+        even to a public service)."""
+        text = authorization.decode("latin-1")
+        if not text.lower().startswith("bearer "):
+            return False
+        presented = hashlib.sha256(text[7:].strip().encode()).hexdigest()
+        return any(presented in hashes for hashes in self.token_hashes.values())
 
     # -- background work ---------------------------------------------------------------
 
@@ -618,32 +664,6 @@ async def _body(receive: Any, limit: int):
             yield chunk
         if not message.get("more_body"):
             return
-
-
-def _upstream_headers(scope: dict, route: Route) -> list[tuple[bytes, bytes]]:
-    """The caller's headers for the upstream: hop-by-hop ones dropped, the provider
-    token never passed on, where it came from added."""
-    out = []
-    host = b""
-    for key, value in scope.get("headers", []):
-        if key == b"host":
-            host = value
-        if key.decode("latin-1") in HOP_BY_HOP:
-            continue
-        if key == b"authorization" and route.auth == "token":
-            continue
-        if key == b"cookie" and route.sticky:
-            kept = [c for c in value.split(b"; ") if not c.startswith(f"{STICKY_COOKIE}_".encode())]
-            if not kept:
-                continue
-            value = b"; ".join(kept)
-        out.append((key, value))
-    client = scope.get("client") or ("", 0)
-    out.append((b"x-forwarded-for", str(client[0]).encode()))
-    out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
-    if host:
-        out.append((b"x-forwarded-host", host))
-    return out
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
