@@ -5,6 +5,7 @@ WebSockets, failover, replicas kept, scaled and autoscaled."""
 
 import asyncio
 import shutil
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -379,3 +380,89 @@ def test_nginx_in_front_terminates_tls_for_the_wildcard_domain(gw, tmp_path):
         server.wait(10)
     with pytest.raises(ValueError, match=r"not \*\.other\.test"):
         nginx.render("other.test", tmp_path / "c.pem", tmp_path / "k.pem", router)
+
+
+def test_sticky_services_keep_a_client_on_its_replica(gw):
+    _service(gw, "session", replicas=2, sticky=True)
+    _ready(gw, "session", 2)
+    with httpx.Client(headers=_auth(gw)) as client:  # keeps the router's cookie
+        seen = {client.get(gw.gateway + "/s/session/").text.split(" ")[0] for _ in range(8)}
+    assert len(seen) == 1
+    out = gw.cli("task", "get", "session")
+    assert "service session: https://session.gpu.test/" in out.stdout
+
+
+def test_the_router_terminates_tls_itself_with_configured_files(tmp_path):
+    self_signed("localhost", tmp_path / "c.pem", tmp_path / "k.pem")
+    port, gateway_port = free_port(), free_port()
+    home = make_home(tmp_path / "home", port, gateway_port=gateway_port)
+    text = home.config.read_text()
+    text = text.replace('tls_cert = ""', f'tls_cert = "{tmp_path / "c.pem"}"')
+    text = text.replace('tls_key = ""', f'tls_key = "{tmp_path / "k.pem"}"')
+    home.config.write_text(text)
+    provider = Provider(home, port)
+    provider.start()
+    try:
+        task = provider.submit(
+            name="secure",
+            kind="service",
+            command=[sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "0"],
+            ports=["http"],
+        )
+        assert task["service"]["urls"][1].startswith("https://127.0.0.1:")
+
+        def answered() -> int | None:
+            try:
+                trusted = ssl.create_default_context(cafile=str(tmp_path / "c.pem"))
+                return httpx.get(
+                    f"https://127.0.0.1:{gateway_port}/s/nothing/", verify=trusted
+                ).status_code
+            except httpx.TransportError:
+                return None
+
+        assert wait_for(answered, 30, "the router over TLS") == 404
+    finally:
+        provider.cancel_all()
+        provider.stop()
+        kill_task_processes(home)
+
+
+@pytest.mark.parametrize(
+    ("gateway", "says"),
+    [
+        ('domain = "Not A Domain"', "is not a domain"),
+        ('tls_cert = "/nonexistent.pem"\ntls_key = "/nonexistent.key"', "does not exist"),
+        ('tls_cert = "/x.pem"', "go together"),
+    ],
+)
+def test_bad_gateway_settings_stop_the_daemon_naming_the_key(tmp_path, gateway, says):
+    home = make_home(tmp_path / "home", free_port())
+    text = home.config.read_text().replace("[gateway]\n", f"[gateway]\n{gateway}\n", 1)
+    for key in ("domain", "tls_cert", "tls_key"):
+        if f"\n{key} = " in gateway or gateway.startswith(f"{key} = "):
+            text = text.replace(f'\n{key} = ""\n', "\n", 1)
+    home.config.write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuprovider", "--home", str(home.root), "up"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "[gateway]" in out.stderr and says in out.stderr, out.stderr
+
+
+def test_a_certificate_for_another_domain_is_refused(tmp_path):
+    self_signed("other.test", tmp_path / "c.pem", tmp_path / "k.pem")
+    home = make_home(tmp_path / "home", free_port())
+    text = home.config.read_text()
+    text = text.replace('domain = ""', 'domain = "gpu.test"')
+    text = text.replace('tls_cert = ""', f'tls_cert = "{tmp_path / "c.pem"}"')
+    text = text.replace('tls_key = ""', f'tls_key = "{tmp_path / "k.pem"}"')
+    home.config.write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuprovider", "--home", str(home.root), "up"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "not *.gpu.test" in out.stderr, out.stderr

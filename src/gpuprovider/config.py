@@ -330,8 +330,8 @@ class ProviderConfig(_Section):
 def _where(loc: tuple) -> str:
     """(`api`, `prot`) -> `[api] prot`; (`repair`, `rules`, 0, `window`) ->
     `[repair] rules[0].window`."""
-    if len(loc) == 1:
-        return str(loc[0])
+    if len(loc) == 1:  # a whole section's own rule
+        return f"[{loc[0]}]" if loc[0] in ProviderConfig.model_fields else str(loc[0])
     key = ""
     for part in loc[1:]:
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
@@ -347,7 +347,7 @@ def describe_validation_error(path: Path | str, error: ValidationError) -> str:
                 f"  {where}: unknown key; check its spelling against `gpuprovider init`'s file"
             )
         else:
-            lines.append(f"  {where}: {item['msg']}")
+            lines.append(f"  {where}: {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

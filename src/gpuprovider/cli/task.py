@@ -234,8 +234,10 @@ def get(
             f"{alloc['ports'] or '-'}{'' if alloc['active'] else '  (released)'}",
             markup=False,
         )
+    if service := task.get("service"):
+        console.print(f"service {service['name']}: {'  '.join(service['urls'])}", markup=False)
     for name, url in (task.get("endpoints") or {}).items():
-        console.print(f"endpoint {name} {url}", markup=False)
+        console.print(f"endpoint {name} {url} (the replica itself)", markup=False)
     table(
         "Events",
         ["AT", "FROM", "TO", "REASON"],

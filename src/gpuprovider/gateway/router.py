@@ -379,12 +379,14 @@ class Router:
                 allow_redirects=False,
                 auto_decompress=False,
             )
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            # refused, or reset before any answer: out for a while; a request without a
+            # body goes to another replica (a slow answer is never a reason)
             replica.ejected_until = time.monotonic() + EJECT_S
-            log.info("replica %s of %s refused: %s", replica.task_id, route.name, exc)
+            log.info("replica %s of %s failed: %s", replica.task_id, route.name, exc)
             if retryable:
                 return "retry"
-            return await self._fail(send, route, began, 502, "its replica refused the connection")
+            return await self._fail(send, route, began, 502, "its replica failed to answer")
         except _TooLarge:
             return await self._fail(
                 send, route, began, 413, f"bodies up to {route.max_body_bytes} bytes"
