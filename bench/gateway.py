@@ -9,7 +9,7 @@ real nginx from Debian in front, all in one run.
   streaming:  an SSE event every 250 ms: how late each reaches the client (router, and
               nginx + router)
   failover:   one of two replicas killed under load: GETs failed from 1 s after; then
-              10,000 requests of which ~10 % are reset by the replica: in flight after
+              10,000 requests of which ~10 % fail in the replica (500): in flight after
   autoscale:  0 -> 6 requests in flight against a target of 2 per replica (max 3): time
               to the first extra replica ready, and replicas over 30 s
 
@@ -302,6 +302,7 @@ def main() -> None:
                 "replica direct": wrk(direct + "/", int(args.seconds)),
             }
             result["sse_delay"] = {
+                "replica direct": ms(asyncio.run(sse_delays(direct + "/sse"))),
                 "router": ms(asyncio.run(sse_delays(gateway + "/s/echo/sse"))),
             }
             if nginx:

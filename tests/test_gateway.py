@@ -164,6 +164,29 @@ def test_a_service_answers_by_host_and_by_path_with_a_token(gw):
     token = stranger.headers["Authorization"]
     refused = httpx.get(gw.gateway + "/s/hello/", headers={"Authorization": token})
     assert refused.status_code == 403  # another tenant's token
+    own = gw.api.post(
+        "/tokens", json={"name": "hello-client", "scopes": ["service:hello"], "tenant": "admin"}
+    ).json()["token"]
+    wait_for(
+        lambda: (
+            httpx.get(
+                gw.gateway + "/s/hello/", headers={"Authorization": f"Bearer {own}"}
+            ).status_code
+            == 200
+        ),
+        5,
+        "the per-service token to reach the router",
+    )
+    assert gw.api.get("/tasks", headers={"Authorization": f"Bearer {own}"}).status_code == 403
+    other = gw.api.post(
+        "/tokens", json={"name": "open-client", "scopes": ["service:open"], "tenant": "admin"}
+    ).json()["token"]
+    assert (
+        httpx.get(  # another service's token, fetched by now or not: refused either way
+            gw.gateway + "/s/hello/", headers={"Authorization": f"Bearer {other}"}
+        ).status_code
+        == 403
+    )
     missing = httpx.get(gw.gateway + "/s/nothing-here/", headers=_auth(gw))
     assert missing.status_code == 404 and "no service 'nothing-here'" in missing.text
     listed = gw.cli("service", "list")

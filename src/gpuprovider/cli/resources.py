@@ -270,7 +270,11 @@ def _proof(proof: dict | None) -> str:
 def token_create(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Token name; also the tenant unless --tenant."),
-    scope: list[str] = typer.Option(["read", "submit"], "--scope", help="read, submit, admin"),
+    scope: list[str] = typer.Option(
+        ["read", "submit"],
+        "--scope",
+        help="read, submit, admin, verify, metrics; service:NAME calls that service only.",
+    ),
     tenant: str | None = typer.Option(None, help="Tenant whose tasks the token sees."),
     expires_in: str | None = typer.Option(
         None, "--expires-in", help="Refused after this long: 3600s, 90m, 12h, 30d."

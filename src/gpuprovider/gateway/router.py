@@ -10,7 +10,8 @@ traffic never competes with the API's event loop.
   flight (counted in a `finally`: never leaked, never negative), keeps a client on its
   replica by cookie when the service asks, takes a replica out on a connect error and
   retries a request without a body on another, before any byte went back.
-- Checks tokens at the edge (the tenant's tokens, SHA-256 compared in constant time,
+- Checks tokens at the edge (the tenant's tokens, admin's, and per-service tokens with
+  scope `service:<name>`; SHA-256 compared in constant time,
   the caller's token stripped before the upstream sees it); per-service rate and body
   limits; 404 for an unknown service, 503 with Retry-After when none is ready.
 - Probes readiness itself (HTTP path or TCP), and reports each service's figures over
@@ -270,7 +271,11 @@ class Router:
                 {"WWW-Authenticate": "Bearer"},
             )
         presented = hashlib.sha256(bearer.encode()).hexdigest()
-        allowed = self.token_hashes.get(route.tenant, []) + self.token_hashes.get("*", [])
+        allowed = [
+            *self.token_hashes.get(route.tenant, []),
+            *self.token_hashes.get(f"service:{route.name}:{route.tenant}", []),
+            *self.token_hashes.get("*", []),
+        ]
         # constant time against each candidate: no timing tells how close a guess was
         if not any(hmac.compare_digest(presented, candidate) for candidate in allowed):
             raise Refused(403, f"this token may not call service {route.name}")

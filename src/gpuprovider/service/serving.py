@@ -253,8 +253,8 @@ class Serving:
                     }
                 )
         hashes: dict[str, list[str]] = {}
-        for token_hash, tenant, admin in callers:
-            hashes.setdefault("*" if admin else tenant, []).append(token_hash)
+        for token_hash, whom in callers:
+            hashes.setdefault(whom, []).append(token_hash)
         return {"services": out, "token_hashes": hashes}
 
     def report(self, reports: list[dict[str, Any]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -14,6 +15,8 @@ from gpuprovider.service.views import token_view
 from gpuprovider.store.store import Store
 
 SCOPES = ("read", "submit", "admin", "verify", "metrics", "gateway")
+# `service:<name>`: a token that may call that one service at the gateway, nothing else.
+SERVICE_SCOPE = re.compile(r"^service:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class TokenService:
@@ -66,9 +69,11 @@ class TokenService:
         self, name: str, scopes: list[str], tenant: str | None, expires_in_s: float | None = None
     ) -> dict[str, Any]:
         """A new token, shown once: only its hash is stored."""
-        unknown = sorted(set(scopes) - set(SCOPES))
+        unknown = sorted(s for s in set(scopes) - set(SCOPES) if not SERVICE_SCOPE.match(s))
         if unknown:
-            raise Rejected(f"scopes: unknown {unknown}; choose from {list(SCOPES)}")
+            raise Rejected(
+                f"scopes: unknown {unknown}; choose from {list(SCOPES)} or service:<name>"
+            )
         secret = new_token()
         try:
             with self.store.tx() as tx:

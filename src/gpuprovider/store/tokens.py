@@ -66,20 +66,28 @@ class TokenRepo:
             .values(revoked_at=self.tx.now)
         )
 
-    def callers(self, now: float) -> list[tuple[str, str, bool]]:
-        """(hash, tenant, admin) of every token valid at `now` that may call a tenant's
-        services: scope read, submit or admin."""
+    def callers(self, now: float) -> list[tuple[str, str]]:
+        """(hash, whom it may call) of every token valid at `now` that may call services:
+        "*" (admin: any), a tenant (scope read or submit: that tenant's), or
+        "service:<name>:<tenant>" (that one service, while that tenant's)."""
         rows = self.tx.conn.execute(
             select(t.tokens.c.token_hash, t.tokens.c.tenant, t.tokens.c.scopes).where(
                 t.tokens.c.revoked_at.is_(None),
                 (t.tokens.c.expires_at.is_(None)) | (t.tokens.c.expires_at > now),
             )
         )
-        return [
-            (row.token_hash, row.tenant, "admin" in row.scopes)
-            for row in rows
-            if {"read", "submit", "admin"} & set(row.scopes)
-        ]
+        found = []
+        for row in rows:
+            if "admin" in row.scopes:
+                found.append((row.token_hash, "*"))
+                continue
+            if {"read", "submit"} & set(row.scopes):
+                found.append((row.token_hash, row.tenant))
+            # bound to the tenant too: a name another tenant takes later is not reachable
+            found += [
+                (row.token_hash, f"{s}:{row.tenant}") for s in row.scopes if s.startswith("service:")
+            ]
+        return found
 
     def all(self) -> list[TokenRecord]:
         rows = self.tx.conn.execute(select(t.tokens).order_by(t.tokens.c.created_at))
