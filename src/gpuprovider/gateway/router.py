@@ -78,21 +78,40 @@ class Replica:
         return self.ready and now >= self.ejected_until
 
 
+SAMPLES_PER_SECOND = 64
+
+
+@dataclass
+class _Second:
+    at: int
+    requests: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)  # a uniform sample of the second's
+    ttfbs: list[float] = field(default_factory=list)
+
+
 @dataclass
 class Figures:
-    """A service's requests over the last 300 s, bounded."""
+    """A service's requests over the last 300 s, one bucket a second: counting and
+    summing cost the same whatever the traffic (a sample of each second's latencies)."""
 
-    done: deque[tuple[float, float, float, bool]] = field(
-        default_factory=lambda: deque(maxlen=200_000)
-    )  # (ended at, latency s, time to first byte s, error)
+    seconds: deque[_Second] = field(default_factory=lambda: deque(maxlen=WINDOWS_S[-1] + 1))
 
     def add(self, latency: float, ttfb: float, error: bool) -> None:
-        self.done.append((time.monotonic(), latency, ttfb, error))
+        now = int(time.monotonic())
+        if not self.seconds or self.seconds[-1].at != now:
+            self.seconds.append(_Second(now))
+        second = self.seconds[-1]
+        second.requests += 1
+        second.errors += error
+        if len(second.latencies) < SAMPLES_PER_SECOND:
+            second.latencies.append(latency)
+            second.ttfbs.append(ttfb)
+        elif (slot := random.randrange(second.requests)) < SAMPLES_PER_SECOND:
+            second.latencies[slot], second.ttfbs[slot] = latency, ttfb  # reservoir sampling
 
     def summary(self) -> dict[str, Any]:
-        now = time.monotonic()
-        while self.done and self.done[0][0] < now - WINDOWS_S[-1]:
-            self.done.popleft()
+        now = int(time.monotonic())
         out: dict[str, Any] = {
             "requests": {},
             "errors": {},
@@ -101,13 +120,14 @@ class Figures:
             "ttfb_p50_ms": {},
         }
         for window in WINDOWS_S:
-            recent = [d for d in self.done if d[0] >= now - window]
+            recent = [s for s in self.seconds if s.at > now - window]
             key = f"{window}s"
-            out["requests"][key] = len(recent)
-            out["errors"][key] = sum(1 for d in recent if d[3])
-            out["rps"][key] = round(len(recent) / window, 3)
-            out["latency_p50_ms"][key] = _p50_ms([d[1] for d in recent])
-            out["ttfb_p50_ms"][key] = _p50_ms([d[2] for d in recent])
+            requests = sum(s.requests for s in recent)
+            out["requests"][key] = requests
+            out["errors"][key] = sum(s.errors for s in recent)
+            out["rps"][key] = round(requests / window, 3)
+            out["latency_p50_ms"][key] = _p50_ms([v for s in recent for v in s.latencies])
+            out["ttfb_p50_ms"][key] = _p50_ms([v for s in recent for v in s.ttfbs if v])
         return out
 
 

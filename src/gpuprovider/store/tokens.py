@@ -85,7 +85,9 @@ class TokenRepo:
                 found.append((row.token_hash, row.tenant))
             # bound to the tenant too: a name another tenant takes later is not reachable
             found += [
-                (row.token_hash, f"{s}:{row.tenant}") for s in row.scopes if s.startswith("service:")
+                (row.token_hash, f"{s}:{row.tenant}")
+                for s in row.scopes
+                if s.startswith("service:")
             ]
         return found
 
