@@ -408,5 +408,24 @@ class RoutesOut(BaseModel):
     token_hashes: dict[str, list[str]]
 
 
-class GatewayStatsIn(BaseModel):
-    services: list[dict[str, Any]] = Field(max_length=100_000)
+Window = Literal["30s", "60s", "300s"]
+
+
+class ReplicaFiguresIn(_In):
+    ready: bool
+    in_flight: int = Field(ge=0, le=1 << 31)
+
+
+class ServiceFiguresIn(_In):
+    name: Annotated[str, Field(max_length=63)]
+    in_flight: int = Field(ge=0, le=1 << 31)
+    replicas: dict[Annotated[str, Field(max_length=32)], ReplicaFiguresIn] = Field(max_length=1000)
+    requests: dict[Window, Annotated[int, Field(ge=0)]]
+    errors: dict[Window, Annotated[int, Field(ge=0)]]
+    rps: dict[Window, Annotated[float, Field(ge=0)]]
+    latency_p50_ms: dict[Window, Annotated[float, Field(ge=0)] | None]
+    ttfb_p50_ms: dict[Window, Annotated[float, Field(ge=0)] | None]
+
+
+class GatewayStatsIn(_In):
+    services: list[ServiceFiguresIn] = Field(max_length=100_000)

@@ -51,4 +51,4 @@ async def routes(who: GatewayCaller, svc: Svc, serving: Served) -> JSONResponse:
 
 @router.post("/gateway/stats", status_code=204)
 async def stats(body: GatewayStatsIn, who: GatewayCaller, serving: Served) -> None:
-    serving.report(body.services)
+    serving.report([item.model_dump() for item in body.services])
