@@ -50,11 +50,16 @@ async def services(request: Request) -> Services:
     return request.app.state.services
 
 
-async def proofs(request: Request) -> ProofService:
-    found = request.app.state.services.proofs
-    if found is None:
-        raise Unavailable("proof of GPU is not served by this provider")
-    return found
+def optional(part: str, what: str) -> Any:
+    """A dependency: the `Services` part `part`, or 503 saying `what` is not served."""
+
+    async def found(request: Request) -> Any:
+        value = getattr(request.app.state.services, part)
+        if value is None:
+            raise Unavailable(f"{what} is not served by this provider")
+        return value
+
+    return Depends(found)
 
 
 def needs(scope: str) -> Any:
@@ -84,6 +89,10 @@ async def maybe_caller(
 
 
 Svc = Annotated[Services, Depends(services)]
+Proofs = Annotated[ProofService, optional("proofs", "proof of GPU")]
+Repair = Annotated[RepairService, optional("repair", "watch and repair")]
+MetricsOf = Annotated[Metrics, optional("metrics", "metrics")]
+Served = Annotated[Serving, optional("serving", "services")]
 Reader = Annotated[TokenRecord, needs("read")]
 Submitter = Annotated[TokenRecord, needs("submit")]
 Admin = Annotated[TokenRecord, needs("admin")]

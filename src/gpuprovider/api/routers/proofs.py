@@ -1,11 +1,9 @@
 """/gpus/{uuid}/proof: proof of GPU, answered by this provider (scope `verify`)."""
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
-from gpuprovider.api.deps import Verifier, proofs
+from gpuprovider.api.deps import Proofs, Verifier
 from gpuprovider.api.routers import ERRORS
 from gpuprovider.api.schemas import (
     ChallengeIn,
@@ -15,10 +13,8 @@ from gpuprovider.api.schemas import (
     VerdictIn,
     VerdictStoredOut,
 )
-from gpuprovider.service.proofs import ProofService
 
 router = APIRouter(prefix="/gpus/{uuid}/proof", tags=["proof of GPU"], responses=ERRORS)
-Proofs = Annotated[ProofService, Depends(proofs)]
 
 
 @router.get("", response_model=ProofInfoOut)

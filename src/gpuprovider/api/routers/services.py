@@ -1,27 +1,13 @@
 """/services: replica sets behind the gateway; /gateway: the router's routes and figures."""
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from gpuprovider.api.deps import GatewayCaller, Reader, Submitter, Svc
+from gpuprovider.api.deps import GatewayCaller, Reader, Served, Submitter, Svc
 from gpuprovider.api.routers import ERRORS, answer
 from gpuprovider.api.schemas import GatewayStatsIn, RoutesOut, ScaleIn, ServiceOut
-from gpuprovider.service.errors import Unavailable
-from gpuprovider.service.serving import Serving
 
 router = APIRouter(tags=["services"], responses=ERRORS)
-
-
-async def _serving(request: Request) -> Serving:
-    found = request.app.state.services.serving
-    if found is None:
-        raise Unavailable("services are not served by this provider")
-    return found
-
-
-Served = Annotated[Serving, Depends(_serving)]
 
 
 @router.get("/services", response_model=list[ServiceOut])

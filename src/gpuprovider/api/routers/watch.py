@@ -3,10 +3,10 @@ repair rules did, booked/idle accounting, a GPU's history, a test alert."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 
-from gpuprovider.api.deps import Admin, Reader, Scraper, Svc
+from gpuprovider.api.deps import Admin, MetricsOf, Reader, Repair, Scraper, Svc
 from gpuprovider.api.routers import ERRORS, answer
 from gpuprovider.api.schemas import (
     AlertTestOut,
@@ -15,34 +15,15 @@ from gpuprovider.api.schemas import (
     RepairRulesOut,
     UsageOut,
 )
-from gpuprovider.service.errors import Unavailable
-from gpuprovider.service.metrics import CONTENT_TYPE, Metrics
-from gpuprovider.service.repair import RepairService
+from gpuprovider.service.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["watch"], responses=ERRORS)
 # /metrics sits at the root, where Prometheus looks by default
 metrics_router = APIRouter(tags=["watch"], responses=ERRORS)
 
 
-async def _repair(request: Request) -> RepairService:
-    found = request.app.state.services.repair
-    if found is None:
-        raise Unavailable("watch and repair is not served by this provider")
-    return found
-
-
-async def _metrics(request: Request) -> Metrics:
-    found = request.app.state.services.metrics
-    if found is None:
-        raise Unavailable("metrics are not served by this provider")
-    return found
-
-
-Repair = Annotated[RepairService, Depends(_repair)]
-
-
 @metrics_router.get("/metrics", response_class=Response)
-async def metrics(who: Scraper, svc: Svc, found: Annotated[Metrics, Depends(_metrics)]) -> Response:
+async def metrics(who: Scraper, svc: Svc, found: MetricsOf) -> Response:
     return Response(await svc.slow(found.render), media_type=CONTENT_TYPE)
 
 
