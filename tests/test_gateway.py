@@ -411,6 +411,16 @@ def test_sticky_services_keep_a_client_on_its_replica(gw):
     with httpx.Client(headers=_auth(gw)) as client:  # keeps the router's cookie
         seen = {client.get(gw.gateway + "/s/session/").text.split(" ")[0] for _ in range(8)}
     assert len(seen) == 1
+    other = next(
+        r["task_id"] for r in _ready(gw, "session", 2)["replicas"] if r["task_id"] not in seen
+    )
+    by_header = {  # no cookie: the client names the replica it wants
+        httpx.get(
+            gw.gateway + "/s/session/", headers={**_auth(gw), "X-Gpp-Replica": other}
+        ).text.split(" ")[0]
+        for _ in range(8)
+    }
+    assert by_header == {other}
     out = gw.cli("task", "get", "session")
     assert "service session: https://session.gpu.test/" in out.stdout
 

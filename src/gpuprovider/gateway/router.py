@@ -57,6 +57,7 @@ EJECT_S = 5.0  # a replica that refused a connection gets no traffic this long
 RETRIES = 2
 NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 STICKY_COOKIE = "gpp_replica"
+STICKY_HEADER = b"x-gpp-replica"  # a client may name its replica (the task id) itself
 
 
 @dataclass
@@ -342,7 +343,11 @@ class Router:
         except Refused as refused:
             await _plain(send, refused.status, refused.message, refused.headers)
             return
-        sticky_to = _cookie(headers, f"{STICKY_COOKIE}_{route.name}") if route.sticky else None
+        sticky_to = None
+        if route.sticky:  # by the router's cookie, or by the client's own header
+            sticky_to = _cookie(headers, f"{STICKY_COOKIE}_{route.name}") or _header(
+                headers, STICKY_HEADER
+            )
         method = scope["method"]
         retryable = method in NO_BODY and not length and not _chunked(headers)
         tried: set[str] = set()
@@ -430,6 +435,7 @@ class Router:
             if route.sticky:
                 cookie = f"{STICKY_COOKIE}_{route.name}={replica.task_id}; Path=/; HttpOnly"
                 out.append((b"set-cookie", cookie.encode()))
+                out.append((STICKY_HEADER, replica.task_id.encode()))
             await send({"type": "http.response.start", "status": response.status, "headers": out})
             started = True
             ttfb = time.monotonic() - began
@@ -703,6 +709,13 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 def _chunked(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(k == b"transfer-encoding" for k, _ in headers)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _cookie(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
