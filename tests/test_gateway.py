@@ -499,3 +499,43 @@ def test_a_certificate_for_another_domain_is_refused(tmp_path):
         timeout=60,
     )
     assert out.returncode == 2 and "not *.gpu.test" in out.stderr, out.stderr
+
+
+def test_scaling_down_lets_a_drained_replica_finish_what_it_serves(gw):
+    _service(gw, "drained", replicas=2, sticky=True)
+    service = _ready(gw, "drained", 2)
+    newest = service["replicas"][-1]["task_id"]  # scaling down drains the newest first
+    (gw.marks / "release").unlink(missing_ok=True)
+
+    async def scenario() -> int:
+        async with httpx.AsyncClient(timeout=60) as client:
+            held = asyncio.create_task(
+                client.get(
+                    gw.gateway + "/s/drained/slow",
+                    headers={**_auth(gw), "X-Gpp-Replica": newest},
+                )
+            )
+            await asyncio.to_thread(
+                wait_for,
+                lambda: gw.api.get("/services/drained").json()["stats"]["in_flight"] == 1,
+                10,
+                "the request in flight",
+            )
+            await asyncio.to_thread(gw.cli, "service", "scale", "drained", "1")
+            await asyncio.to_thread(
+                wait_for,
+                lambda: any(
+                    r["draining"] for r in gw.api.get("/services/drained").json()["replicas"]
+                ),
+                10,
+                "the replica to drain",
+            )
+            await asyncio.sleep(3)  # several router reports: it must not be stopped meanwhile
+            assert gw.task(newest)["state"] == "running"
+            (gw.marks / "release").touch()
+            answer = await held
+            assert newest in answer.text
+            return answer.status_code
+
+    assert asyncio.run(scenario()) == 200
+    wait_for(lambda: gw.task(newest)["state"] == "cancelled", 20, "the drained replica to stop")

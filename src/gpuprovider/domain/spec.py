@@ -173,6 +173,10 @@ class ServeSpec(_Strict):
     max_body_bytes: int = Field(100 << 20, ge=0, le=1 << 40)
     rate_per_s: float | None = Field(None, gt=0, le=1_000_000)
 
+    @property
+    def starting_replicas(self) -> int:
+        return self.autoscale.min if self.autoscale else self.replicas
+
 
 class TaskSpec(_Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None

@@ -66,6 +66,7 @@ class Replica:
     address: str
     port: int
     ready: bool = False
+    draining: bool = False  # no new requests: the daemon stops it once none is in flight
     in_flight: int = 0
     ejected_until: float = 0.0
     probed_at: float = 0.0
@@ -76,7 +77,7 @@ class Replica:
         return f"{host}:{self.port}"
 
     def usable(self, now: float) -> bool:
-        return self.ready and now >= self.ejected_until
+        return self.ready and not self.draining and now >= self.ejected_until
 
 
 SAMPLES_PER_SECOND = 64
@@ -593,12 +594,10 @@ class Router:
                 )
             for raw in item["replicas"]:
                 old = known.replicas.get(raw["task_id"]) if known else None
-                if old is not None and (old.address, old.port) == (raw["address"], raw["port"]):
-                    route.replicas[old.task_id] = old
-                else:
-                    route.replicas[raw["task_id"]] = Replica(
-                        raw["task_id"], raw["address"], raw["port"]
-                    )
+                if old is None or (old.address, old.port) != (raw["address"], raw["port"]):
+                    old = Replica(raw["task_id"], raw["address"], raw["port"])
+                old.draining = raw.get("draining", False)
+                route.replicas[old.task_id] = old
             routes[route.name] = route
         new = [r for route in routes.values() for r in route.replicas.values() if r.probed_at == 0]
         self.routes, self.token_hashes = routes, table["token_hashes"]
@@ -659,7 +658,7 @@ class Router:
                     "name": route.name,
                     "in_flight": sum(r.in_flight for r in route.replicas.values()),
                     "replicas": {
-                        r.task_id: {"ready": r.ready, "in_flight": r.in_flight}
+                        r.task_id: {"ready": r.ready and not r.draining, "in_flight": r.in_flight}
                         for r in route.replicas.values()
                     },
                     **route.figures.summary(),

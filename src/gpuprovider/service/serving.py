@@ -85,9 +85,7 @@ class Serving:
         asked for (409 when a live service has it), else one from the task's name, made
         unique if another tenant's service has it."""
         serve = spec.serve
-        wanted = (
-            serve.autoscale.min if serve and serve.autoscale else (serve.replicas if serve else 1)
-        )
+        wanted = serve.starting_replicas if serve else 1
         if serve and serve.name:
             if holder := tx.services.live_named(serve.name):
                 raise Conflict(
@@ -223,7 +221,7 @@ class Serving:
                 port_name = spec.route_port
                 replicas = []
                 for task in r.tasks.replicas(service.id):
-                    if task.state != TaskState.RUNNING or task.id in self._draining:
+                    if task.state != TaskState.RUNNING:
                         continue
                     alloc = r.tasks.allocation(task.id)
                     if alloc is None or port_name not in alloc.ports:
@@ -236,6 +234,8 @@ class Serving:
                             "task_id": task.id,
                             "address": node.address,
                             "port": alloc.ports[port_name],
+                            # no new requests; kept until what it serves has finished
+                            "draining": task.id in self._draining,
                         }
                     )
                 serve = spec.serve
