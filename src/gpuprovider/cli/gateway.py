@@ -44,6 +44,7 @@ def gateway(ctx: typer.Context) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per route fetch
     router = Router(
         f"http://{config.api.host}:{config.api.port}",
         token,
@@ -56,6 +57,7 @@ def gateway(ctx: typer.Context) -> None:
         host=g.host,
         port=g.port,
         log_level="warning",
+        log_config=None,  # keep the logging set up above (httpx quiet)
         access_log=False,
         lifespan="on",
         ssl_certfile=g.tls_cert or None,
