@@ -252,8 +252,9 @@ async def autoscale(p: Provider, gateway: str) -> dict:
         first_extra = None
         while time.monotonic() - began < 30:
             svc = await asyncio.to_thread(lambda: p.api.get("/services/elastic").json())
-            timeline.append((round(time.monotonic() - began, 1), svc["replicas_wanted"],
-                             svc["replicas_ready"]))  # fmt: skip
+            timeline.append(
+                (round(time.monotonic() - began, 1), svc["replicas_wanted"], svc["replicas_ready"])
+            )
             if first_extra is None and (svc["replicas_ready"] or 0) >= 2:
                 first_extra = time.monotonic() - began
             await asyncio.sleep(1.0)
@@ -316,9 +317,14 @@ def main() -> None:
                 p,
                 root,
                 "elastic",
-                autoscale={"min": 1, "max": 3, "target_in_flight": 2, "up_delay_s": 0,
-                           "down_delay_s": 60},
-            )  # fmt: skip
+                autoscale={
+                    "min": 1,
+                    "max": 3,
+                    "target_in_flight": 2,
+                    "up_delay_s": 0,
+                    "down_delay_s": 60,
+                },
+            )
             ready(p, "elastic", 1)
             result["autoscale"] = asyncio.run(autoscale(p, gateway))
         finally:

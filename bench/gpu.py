@@ -69,12 +69,17 @@ def step_nvml(out: Path, state: dict) -> dict:
         "driver": report.driver_version,
         "cuda": report.cuda_version,
         "gpus": [
-            {"index": g.idx, "uuid": g.uuid, "name": g.device_name, "model": g.model,
-             "memory_mib": g.memory_mib}
+            {
+                "index": g.idx,
+                "uuid": g.uuid,
+                "name": g.device_name,
+                "model": g.model,
+                "memory_mib": g.memory_mib,
+            }
             for g in report.gpus
         ],
         "unreadable": report.unavailable_reason,
-    }  # fmt: skip
+    }
 
 
 def step_telemetry(out: Path, state: dict) -> dict:
@@ -91,10 +96,19 @@ def step_telemetry(out: Path, state: dict) -> dict:
 def step_check(out: Path, state: dict) -> dict:
     with tempfile.TemporaryDirectory() as home:
         done = subprocess.run(
-            [GPUPROVIDER, "--home", str(Path(home) / "none"), "check", "--json",
-             "--report", str(out / "check.html")],
-            capture_output=True, text=True, timeout=420,
-        )  # fmt: skip
+            [
+                GPUPROVIDER,
+                "--home",
+                str(Path(home) / "none"),
+                "check",
+                "--json",
+                "--report",
+                str(out / "check.html"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
     if not done.stdout.strip():
         raise RuntimeError(f"check printed nothing: {done.stderr[-2000:]}")
     data = json.loads(done.stdout)
@@ -106,10 +120,13 @@ def step_check(out: Path, state: dict) -> dict:
         "exit_code": done.returncode,
         "wall_s": data.get("wall_s"),
         "counts": counts,
-        "failed": [f"{r['group']}/{r['name']}: {r.get('advice', '')}" for r in results
-                   if r["status"] == "FAIL"],
+        "failed": [
+            f"{r['group']}/{r['name']}: {r.get('advice', '')}"
+            for r in results
+            if r["status"] == "FAIL"
+        ],
         "report": str(out / "check.html"),
-    }  # fmt: skip
+    }
 
 
 def _prove(memory_bytes: int, backend: Any) -> tuple[Any, float, Any]:
@@ -183,8 +200,13 @@ def step_calibration(out: Path, state: dict) -> dict:
         f'scale = {scale:.3f}\nsource = "{source}"\n'
     )
     (out / "calibration.toml").write_text(toml)
-    return {"model": model, "measured_s": round(elapsed, 2), "modelled_s": round(modelled, 2),
-            "scale": round(scale, 3), "entry": toml}  # fmt: skip
+    return {
+        "model": model,
+        "measured_s": round(elapsed, 2),
+        "modelled_s": round(modelled, 2),
+        "scale": round(scale, 3),
+        "entry": toml,
+    }
 
 
 def step_metrics(out: Path, state: dict) -> dict:
@@ -215,9 +237,12 @@ def step_metrics(out: Path, state: dict) -> dict:
         line for line in text.splitlines() if line.startswith("gpuprovider_gpu_utilization_ratio{")
     ]
     (out / "metrics.txt").write_text(text)
-    return {"scrape_ms": round(took * 1000, 1), "bytes": len(text),
-            "gpus_with_telemetry": len(utilisation),
-            "note": "" if utilisation else "no GPU telemetry: NVML gave no sample"}  # fmt: skip
+    return {
+        "scrape_ms": round(took * 1000, 1),
+        "bytes": len(text),
+        "gpus_with_telemetry": len(utilisation),
+        "note": "" if utilisation else "no GPU telemetry: NVML gave no sample",
+    }
 
 
 STEPS = [
@@ -246,8 +271,11 @@ def main() -> None:
         except Skipped as why:
             found = {"status": "skipped", "why": str(why)}
         except Exception as exc:  # one broken step never hides the others
-            found = {"status": "failed", "why": f"{type(exc).__name__}: {exc}",
-                     "trace": traceback.format_exc()[-3000:]}  # fmt: skip
+            found = {
+                "status": "failed",
+                "why": f"{type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc()[-3000:],
+            }
         if name == "nvml" and found["status"] == "ran":
             state["driver"] = found["driver"]
         found["took_s"] = round(time.perf_counter() - began, 1)

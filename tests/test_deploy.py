@@ -120,11 +120,18 @@ def test_a_real_prometheus_scrapes_the_daemon_and_loads_the_rules(tmp_path):
             return set(re.findall(r"^# TYPE (gpuprovider_[a-z_]+)", text, re.M))
 
         names = wait_for(
-            lambda: {"gpuprovider_gpu_booked_seconds_total", "gpuprovider_task_failures_total",
-                     "gpuprovider_gpu_xid_errors_total"} <= (n := served()) and n,
+            lambda: (
+                {
+                    "gpuprovider_gpu_booked_seconds_total",
+                    "gpuprovider_task_failures_total",
+                    "gpuprovider_gpu_xid_errors_total",
+                }
+                <= (n := served())
+                and n
+            ),
             30,
             "accounting, failures and XIDs in /metrics",
-        )  # fmt: skip
+        )
         missing = _dashboard_metrics() - names
         assert missing == set(), "the dashboard draws metrics the daemon never serves"
     finally:

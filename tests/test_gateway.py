@@ -269,11 +269,19 @@ def test_scaling_by_hand_and_a_cancelled_replica_is_replaced(gw):
     service = _ready(gw, "scaled", 3)
     gw.api.post(f"/tasks/{service['replicas'][1]['task_id']}/cancel")
     wait_for(
-        lambda: len([r for r in gw.api.get("/services/scaled").json()["replicas"]
-                     if r["state"] == "running"]) == 3,
+        lambda: (
+            len(
+                [
+                    r
+                    for r in gw.api.get("/services/scaled").json()["replicas"]
+                    if r["state"] == "running"
+                ]
+            )
+            == 3
+        ),
         30,
         "a replacement replica",
-    )  # fmt: skip
+    )
     gw.cli("service", "scale", "scaled", "1")
     wait_for(lambda: gw.api.get("/services/scaled").json()["replicas_live"] == 1, 30, "scale down")
     events = gw.api.get("/services/scaled").json()["events"]
@@ -370,8 +378,14 @@ def test_nginx_in_front_terminates_tls_for_the_wildcard_domain(gw, tmp_path):
     self_signed("gpu.test", tmp_path / "c.pem", tmp_path / "k.pem")
     listen = free_port()
     router = gw.gateway.removeprefix("http://")
-    site = nginx.render("gpu.test", tmp_path / "c.pem", tmp_path / "k.pem", router,
-                        f"127.0.0.1:{listen}", f"127.0.0.1:{free_port()}")  # fmt: skip
+    site = nginx.render(
+        "gpu.test",
+        tmp_path / "c.pem",
+        tmp_path / "k.pem",
+        router,
+        f"127.0.0.1:{listen}",
+        f"127.0.0.1:{free_port()}",
+    )
     conf = tmp_path / "nginx.conf"
     conf.write_text(
         f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log; daemon off;\n"

@@ -211,11 +211,26 @@ def test_wrong_alert_and_repair_settings_are_config_errors(tmp_path, text, says)
 
 def test_a_configured_rule_replaces_the_shipped_one_of_its_name():
     config = ProviderConfig.model_validate(
-        {"repair": {"rules": [{"name": "gpu-hot", "signal": "temperature", "enabled": False,
-                               "actions": ["warn"]},
-                              {"name": "nvlink", "signal": "nvlink_errors", "threshold": 10,
-                               "window": "1h", "actions": ["alert"]}]}}
-    )  # fmt: skip
+        {
+            "repair": {
+                "rules": [
+                    {
+                        "name": "gpu-hot",
+                        "signal": "temperature",
+                        "enabled": False,
+                        "actions": ["warn"],
+                    },
+                    {
+                        "name": "nvlink",
+                        "signal": "nvlink_errors",
+                        "threshold": 10,
+                        "window": "1h",
+                        "actions": ["alert"],
+                    },
+                ]
+            }
+        }
+    )
     names = [r.name for r in config.repair.active_rules()]
     assert "gpu-hot" not in names and "nvlink" in names and "ecc-uncorrected" in names
     assert parse_duration("1h30m") == 5400 and parse_duration(90) == 90

@@ -108,9 +108,17 @@ def test_ecc_rise_cordons_the_gpu_moves_its_task_and_alerts(watched):
     assert refused.status_code == 409 and "gpuprovider check" in refused.json()["error"]
     node_id = gpu["node_id"]
     result = {
-        "group": "hardware", "name": "ecc", "subject": f"gpu{index}", "gpu_uuid": held,
-        "status": "PASS", "value": 0, "unit": "", "threshold": "", "advice": "", "data": {},
-    }  # fmt: skip
+        "group": "hardware",
+        "name": "ecc",
+        "subject": f"gpu{index}",
+        "gpu_uuid": held,
+        "status": "PASS",
+        "value": 0,
+        "unit": "",
+        "threshold": "",
+        "advice": "",
+        "data": {},
+    }
     saved = p.api.post(f"/nodes/{node_id}/checks", json={"results": [result], "ran_at": 1.0})
     assert saved.status_code == 200 and saved.json()["returned"] == [held]
     assert watched.gpu(index)["cordon_reason"] == ""
@@ -141,10 +149,13 @@ def test_xid_48_cordons_and_resets_the_gpu_once_idle_and_benign_xids_do_nothing(
     watched.log_xid(1, 48)
     wait_for(lambda: watched.gpu(1)["cordon_reason"], 10, "XID 48 to cordon GPU 1")
     uuid = watched.gpus.gpus[1]["uuid"]
-    wait_for((watched.reset_marks / uuid).exists, 10, "the idle GPU's reset")
+
+    def resets() -> set[str]:
+        return {e["outcome"] for e in watched.repairs(gpu=uuid) if e["action"] == "reset_gpu"}
+
+    wait_for(lambda: "done" in resets(), 10, "the idle GPU's reset, recorded")
+    assert resets() == {"pending", "done"} and (watched.reset_marks / uuid).exists()
     assert watched.gpu(0)["cordon_reason"] == ""
-    resets = [e for e in watched.repairs(gpu=uuid) if e["action"] == "reset_gpu"]
-    assert {e["outcome"] for e in resets} >= {"pending", "done"}
 
 
 def _metrics(p: Provider, token: str | None = None) -> str:

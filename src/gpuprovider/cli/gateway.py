@@ -151,10 +151,16 @@ def service_get(
     if s["stats"]:
         st = s["stats"]
         rows = [
-            [w, st["requests"].get(w), st["errors"].get(w), st["rps"].get(w),
-             st["latency_p50_ms"].get(w), st["ttfb_p50_ms"].get(w)]
+            [
+                w,
+                st["requests"].get(w),
+                st["errors"].get(w),
+                st["rps"].get(w),
+                st["latency_p50_ms"].get(w),
+                st["ttfb_p50_ms"].get(w),
+            ]
             for w in ("30s", "60s", "300s")
-        ]  # fmt: skip
+        ]
         table(
             f"Figures ({st['in_flight']} in flight)",
             ["WINDOW", "REQUESTS", "ERRORS", "RPS", "P50 MS", "TTFB P50 MS"],

@@ -327,20 +327,14 @@ class Router:
 
     async def _http(self, scope: dict, receive: Any, send: Any) -> None:
         began = time.monotonic()
-        try:
-            route, path = self._route_for(scope)
-        except Refused as refused:
-            await _plain(send, refused.status, refused.message, refused.headers)
-            return
         headers = scope.get("headers", [])
         length = _content_length(headers)
-        if length is not None and length > route.max_body_bytes:
-            await _plain(
-                send, 413, f"service {route.name} takes bodies up to {route.max_body_bytes} bytes"
-            )
-            return
         try:
-            self._admit(route)
+            route, path = self._route_for(scope)
+            if length is not None and length > route.max_body_bytes:
+                limit = route.max_body_bytes
+                raise Refused(413, f"service {route.name} takes bodies up to {limit} bytes")
+            self._admit(route)  # after the size check: a refused body costs no rate
         except Refused as refused:
             await _plain(send, refused.status, refused.message, refused.headers)
             return
