@@ -463,3 +463,33 @@ def test_without_isolation_the_node_says_so_loudly(fresh_provider):
     assert "ISOLATION users none: off in config" in fresh_provider.log()
     listed = fresh_provider.cli("node", "list").stdout
     assert "isolation:" in listed and "users none" in listed and "cgroups none" in listed
+
+
+def test_a_retry_lent_another_user_still_reads_what_its_first_attempt_left(isolated):
+    task = isolated.submit(
+        command=script("""
+            import json, os, pwd, sys
+            me = pwd.getpwuid(os.getuid()).pw_name
+            os.makedirs("state/deeper", exist_ok=True)
+            if os.environ["GPUPROVIDER_ATTEMPT"] == "1":
+                with open("state/deeper/checkpoint", "w") as handle:  # 0600 by its umask
+                    handle.write(me)
+                os.symlink("/etc/shadow", "state/shadow")  # a link: never followed
+                print(json.dumps({"user": me}), flush=True)
+                sys.exit(1)
+            with open("state/deeper/checkpoint") as handle:
+                print(json.dumps({"user": me, "first": handle.read()}))
+        """),
+        retry={"attempts": 2, "backoff_s": 5},
+    )
+    wait_for(
+        lambda: (t := isolated.task(task["id"]))["attempt"] == 1 and t["state"] == "queued",
+        30,
+        "the first attempt to fail",
+    )
+    holder = sleeper(isolated)  # takes the user the first attempt gave back
+    seen = output(isolated, task["id"])
+    assert isolated.task(task["id"])["state"] == "succeeded", isolated.logs(task["id"])
+    assert seen["user"] != seen["first"]  # a different user, and it read the checkpoint
+    assert os.stat("/etc/shadow").st_uid == 0  # the link's target kept its owner
+    isolated.api.post(f"/tasks/{holder['id']}/cancel")

@@ -158,6 +158,7 @@ class Isolation:
                 if own_workdir:
                     os.chown(workdir, user.uid, user.gid)
                     os.chmod(workdir, 0o700)
+                    users.hand_over(workdir, user.uid, user.gid)  # a retry's earlier files
             if self.hierarchy.usable:
                 s = self.settings
                 allowed = (

@@ -14,9 +14,11 @@ daemon does when it finds a runner gone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -72,6 +74,34 @@ def lend(lease_dir: str, holder: str) -> TaskUser:
             give_back(lease)
             raise UserError(f"cannot lend user {name}: {exc}") from None
         return TaskUser(name, entry.pw_uid, entry.pw_gid, lease)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pool_uid(uid: int) -> bool:
+    try:
+        return pwd.getpwuid(uid).pw_name.startswith(PREFIX)
+    except KeyError:
+        return False
+
+
+def hand_over(folder: str, uid: int, gid: int) -> int:
+    """Give what earlier attempts of a task left in its own work folder (owned by the
+    pool users they ran as) to this attempt's user, so that a retry lent another user
+    can still read it. Links are not followed; only entries a pool user owns change
+    hands; a file with other hard links stays as it is (it may be someone else's).
+    How many entries changed hands."""
+    moved = 0
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            found = os.lstat(path)
+            if found.st_uid == uid or not _pool_uid(found.st_uid):
+                continue
+            if stat.S_ISREG(found.st_mode) and found.st_nlink > 1:
+                continue
+            os.lchown(path, uid, gid)
+            moved += 1
+    return moved
 
 
 def give_back(lease: str) -> None:
