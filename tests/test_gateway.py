@@ -474,6 +474,16 @@ def test_the_router_terminates_tls_itself_with_configured_files(tmp_path):
         kill_task_processes(home)
 
 
+def _up(home) -> subprocess.CompletedProcess:
+    """`gpuprovider up` on `home`, expected to refuse its config."""
+    return subprocess.run(
+        [sys.executable, "-m", "gpuprovider", "--home", str(home.root), "up"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     ("gateway", "says"),
     [
@@ -489,12 +499,7 @@ def test_bad_gateway_settings_stop_the_daemon_naming_the_key(tmp_path, gateway, 
         if f"\n{key} = " in gateway or gateway.startswith(f"{key} = "):
             text = text.replace(f'\n{key} = ""\n', "\n", 1)
     home.config.write_text(text)
-    out = subprocess.run(
-        [sys.executable, "-m", "gpuprovider", "--home", str(home.root), "up"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _up(home)
     assert out.returncode == 2 and "[gateway]" in out.stderr and says in out.stderr, out.stderr
 
 
@@ -506,12 +511,7 @@ def test_a_certificate_for_another_domain_is_refused(tmp_path):
     text = text.replace('tls_cert = ""', f'tls_cert = "{tmp_path / "c.pem"}"')
     text = text.replace('tls_key = ""', f'tls_key = "{tmp_path / "k.pem"}"')
     home.config.write_text(text)
-    out = subprocess.run(
-        [sys.executable, "-m", "gpuprovider", "--home", str(home.root), "up"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _up(home)
     assert out.returncode == 2 and "not *.gpu.test" in out.stderr, out.stderr
 
 
