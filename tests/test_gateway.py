@@ -15,6 +15,7 @@ import pytest
 import websockets
 
 from gpuprovider.gateway import nginx
+from gpuprovider.gateway.router import Route, Router
 from gpuprovider.gateway.tls import self_signed
 from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
@@ -178,6 +179,8 @@ def test_a_service_answers_by_host_and_by_path_with_a_token(gw):
         "the per-service token to reach the router",
     )
     assert gw.api.get("/tasks", headers={"Authorization": f"Bearer {own}"}).status_code == 403
+    odd = gw.api.post("/tokens", json={"name": "odd", "scopes": ["service:../Hello World"]})
+    assert odd.status_code == 422 and "service:<name>" in odd.text
     other = gw.api.post(
         "/tokens", json={"name": "open-client", "scopes": ["service:open"], "tenant": "admin"}
     ).json()["token"]
@@ -553,3 +556,19 @@ def test_scaling_down_lets_a_drained_replica_finish_what_it_serves(gw):
 
     assert asyncio.run(scenario()) == 200
     wait_for(lambda: gw.task(newest)["state"] == "cancelled", 20, "the drained replica to stop")
+
+
+def test_forwarded_headers_are_believed_only_from_a_proxy_on_this_machine():
+    """A caller elsewhere cannot tell a replica it is someone else; nginx in front can
+    tell it who called (its chain kept, itself appended)."""
+    router = Router("http://127.0.0.1:1", "unused")
+    route = Route("web", "t", "public", False, 1 << 20, None, {})
+    spoof = [(b"host", b"web.gpu.test"), (b"x-forwarded-for", b"1.2.3.4")]
+
+    def seen(peer: str) -> dict[bytes, bytes]:
+        scope = {"client": (peer, 5000), "scheme": "http", "headers": spoof}
+        return dict(router._upstream_headers(scope, route))
+
+    assert seen("10.0.0.7")[b"x-forwarded-for"] == b"10.0.0.7"
+    assert seen("127.0.0.1")[b"x-forwarded-for"] == b"1.2.3.4, 127.0.0.1"
+    assert seen("10.0.0.7")[b"x-forwarded-host"] == b"web.gpu.test"

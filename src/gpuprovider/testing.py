@@ -91,10 +91,16 @@ def make_home(
         (r"(?m)^enabled = true$", f"enabled = {str(gateway_port is not None).lower()}"),
         (r"(?m)^port = 8086$", f"port = {gateway_port or free_port()}"),
     ):
-        text, count = re.subn(pattern, value, text)
-        assert count == 1, f"the default config changed: {pattern} not found"
+        text = _set_once(text, pattern, value)
     home.config.write_text(text + gpus)
     return home
+
+
+def _set_once(text: str, pattern: str, value: str) -> str:
+    """`text` with the one match of `pattern` replaced: the default config has it."""
+    text, count = re.subn(pattern, value, text)
+    assert count == 1, f"the default config changed: {pattern} not found"
+    return text
 
 
 def watch_home(
@@ -116,8 +122,7 @@ def watch_home(
         (r"(?m)^reset_command = .*$", f"reset_command = {json.dumps(list(reset_command))}"),
         (r"(?m)^dry_run = false$", f"dry_run = {str(dry_run).lower()}"),
     ):
-        text, count = re.subn(pattern, value, text)
-        assert count == 1, f"the default config changed: {pattern} not found"
+        text = _set_once(text, pattern, value)
     home.config.write_text(text)
 
 

@@ -55,6 +55,7 @@ HOP_BY_HOP = frozenset(
 WINDOWS_S = (30, 60, 300)
 EJECT_S = 5.0  # a replica that refused a connection gets no traffic this long
 RETRIES = 2
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 STICKY_COOKIE = "gpp_replica"
 STICKY_HEADER = b"x-gpp-replica"  # a client may name its replica (the task id) itself
@@ -200,7 +201,6 @@ class Router:
         self._tasks: list[asyncio.Task] = []
         self._upstream: aiohttp.ClientSession | None = None
         self._daemon: httpx.AsyncClient | None = None
-        self.routes_fetched = asyncio.Event()
 
     # -- ASGI ------------------------------------------------------------------------
 
@@ -510,12 +510,23 @@ class Router:
 
     def _upstream_headers(self, scope: dict, route: Route) -> list[tuple[bytes, bytes]]:
         """The caller's headers for the upstream: hop-by-hop ones dropped, the provider
-        token never passed on, where it came from added."""
+        token never passed on, where it came from added. X-Forwarded-* sent by the
+        caller are kept only from a proxy on this machine (nginx in front); anyone else
+        could claim any address with them."""
+        peer = str((scope.get("client") or ("", 0))[0])
+        trusted = peer in ("127.0.0.1", "::1")
+        forwarded = {b"x-forwarded-for": peer.encode()} if peer else {}
+        forwarded |= {b"x-forwarded-proto": scope.get("scheme", "http").encode()}
         out = []
-        host = b""
         for key, value in scope.get("headers", []):
             if key == b"host":
-                host = value
+                forwarded.setdefault(b"x-forwarded-host", value)
+            if key in FORWARDED:
+                if trusted and key == b"x-forwarded-for":  # its chain, then the proxy
+                    forwarded[key] = b", ".join(x for x in (value, forwarded.get(key)) if x)
+                elif trusted:  # the proxy's view: the scheme and host the caller used
+                    forwarded[key] = value
+                continue
             if key.decode("latin-1") in HOP_BY_HOP:
                 continue
             if key == b"authorization" and (route.auth == "token" or self._provider_token(value)):
@@ -528,12 +539,7 @@ class Router:
                     continue
                 value = b"; ".join(kept)
             out.append((key, value))
-        client = scope.get("client") or ("", 0)
-        out.append((b"x-forwarded-for", str(client[0]).encode()))
-        out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
-        if host:
-            out.append((b"x-forwarded-host", host))
-        return out
+        return out + list(forwarded.items())
 
     def _provider_token(self, authorization: bytes) -> bool:
         """Whether the header carries a token of this provider (never sent upstream,
@@ -593,13 +599,10 @@ class Router:
                 old.draining = raw.get("draining", False)
                 route.replicas[old.task_id] = old
             routes[route.name] = route
-        new = [r for route in routes.values() for r in route.replicas.values() if r.probed_at == 0]
+        new = [(route, r) for route in routes.values() for r in route.replicas.values()]
         self.routes, self.token_hashes = routes, table["token_hashes"]
-        if new:
-            await asyncio.gather(
-                *(self._probe(self.routes[n], r) for n, r in _owners(self.routes, new))
-            )
-        self.routes_fetched.set()
+        # a replica seen for the first time is probed now: routable within this refresh
+        await asyncio.gather(*(self._probe(route, r) for route, r in new if r.probed_at == 0))
 
     async def _probe_forever(self) -> None:
         while True:
@@ -659,16 +662,6 @@ class Router:
                 }
             )
         await self._daemon.post("/gateway/stats", json={"services": reports})
-
-
-def _owners(routes: dict[str, Route], replicas: list[Replica]) -> list[tuple[str, Replica]]:
-    wanted = {id(r) for r in replicas}
-    return [
-        (name, r)
-        for name, route in routes.items()
-        for r in route.replicas.values()
-        if id(r) in wanted
-    ]
 
 
 class _TooLarge(Exception):

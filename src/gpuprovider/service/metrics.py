@@ -175,7 +175,8 @@ class ProviderCollector(Collector):
         assert repair is not None
         names = {n.id: n.name for n in nodes}
         models = {g.uuid: g.model for n in nodes for g in n.gpus}
-        for uuid, state in sorted(repair.samples().items()):
+        samples = repair.samples()
+        for uuid, state in sorted(samples.items()):
             labels = [
                 names.get(state.node_id, state.node_id),
                 uuid,
@@ -188,8 +189,8 @@ class ProviderCollector(Collector):
             "XID errors read from the kernel log since the daemon started",
             [*GPU_LABELS, "code"],
         )
-        for (node_id, uuid, code), n in sorted(repair.xids.items()):
-            state = repair.latest.get(uuid)
+        for (node_id, uuid, code), n in sorted(repair.xid_counts().items()):
+            state = samples.get(uuid)
             index = str(state.sample.index) if state else ""
             xids.add_metric(
                 [names.get(node_id, node_id), uuid, index, models.get(uuid, ""), str(code)], n
@@ -199,7 +200,7 @@ class ProviderCollector(Collector):
             "kernel log lines naming an XID that could not be read",
             ["node"],
         )
-        for node_id, n in sorted(repair.malformed.items()):
+        for node_id, n in sorted(repair.malformed_lines().items()):
             malformed.add_metric([names.get(node_id, node_id)], n)
         alerter = repair.alerter
         f.counter("gpuprovider_alerts_sent", "alert deliveries that succeeded", []).add_metric(

@@ -75,10 +75,9 @@ class RepairService:
         self.breaker = CircuitBreaker(settings.breaker_max_pct, settings.breaker_window_s)
         self.history = History()
         self.latest: dict[str, GpuState] = {}  # GPU UUID -> its latest sample
-        self.xids: Counter[tuple[str, str, int]] = Counter()  # (node, GPU, code) -> seen
-        self.malformed: dict[str, int] = {}  # node -> kernel log lines unread
-        self.telemetry_errors: dict[str, list[str]] = {}
-        self.breaker_trips = 0
+        # read by /metrics on another thread: changed and copied under the lock
+        self._xids: Counter[tuple[str, str, int]] = Counter()  # (node, GPU, code) -> seen
+        self._malformed: dict[str, int] = {}  # node -> kernel log lines unread
         self._unreachable_since: dict[str, float] = {}
         self._pending_resets: dict[str, Finding] = {}  # GPU UUID -> why
         self._accounted_at: float | None = None
@@ -89,8 +88,10 @@ class RepairService:
     def observe(self, reports: list[NodeTelemetry], now: float) -> list[Finding]:
         findings: list[Finding] = []
         for report in reports:
-            self.malformed[report.node_id] = report.kernel_log_malformed
-            self.telemetry_errors[report.node_id] = report.errors
+            with self._lock:
+                self._malformed[report.node_id] = report.kernel_log_malformed
+                for seen in report.xids:
+                    self._xids[(report.node_id, seen.gpu_uuid, seen.xid.code)] += 1
             if report.samples is not None:
                 with self._lock:
                     for sample in report.samples:
@@ -100,7 +101,6 @@ class RepairService:
                 findings += self.engine.observe_gpus(report.node_id, report.at, report.samples)
             if report.xids:
                 for seen in report.xids:
-                    self.xids[(report.node_id, seen.gpu_uuid, seen.xid.code)] += 1
                     log.warning(
                         "XID %d on node %s GPU %s: %s",
                         seen.xid.code,
@@ -111,14 +111,19 @@ class RepairService:
                 findings += self.engine.observe_xids(
                     report.node_id, report.at, [(s.xid, s.gpu_uuid) for s in report.xids]
                 )
+        with self.store.read() as r:  # every second: statuses only
+            statuses = r.nodes.status_of()
+        for node_id, status in statuses.items():
+            if status == NodeStatus.UNREACHABLE:
+                self._unreachable_since.setdefault(node_id, now)
+            else:
+                self._unreachable_since.pop(node_id, None)
+        findings += self.engine.observe_nodes(now, self._unreachable_since)
+        if not findings:
+            self._reset_idle(now)
+            return findings
         with self.store.read() as r:
             nodes = r.nodes.list()
-        for node in nodes:
-            if node.status == NodeStatus.UNREACHABLE:
-                self._unreachable_since.setdefault(node.id, now)
-            else:
-                self._unreachable_since.pop(node.id, None)
-        findings += self.engine.observe_nodes(now, self._unreachable_since)
         for finding in findings:
             try:
                 self.act(finding, nodes, now)
@@ -185,7 +190,6 @@ class RepairService:
         fleet = sum(1 for n in nodes for g in n.gpus if g.present)
         if out or cost == 0 or self.breaker.allow(now, fleet, cost):
             return True, ""
-        self.breaker_trips += 1
         limit = self.breaker.limit(fleet)
         why = (
             f"circuit breaker open: rules took {self.breaker.used(now)} of {fleet} GPUs out "
@@ -380,6 +384,14 @@ class RepairService:
     def samples(self) -> dict[str, GpuState]:
         with self._lock:
             return dict(self.latest)
+
+    def xid_counts(self) -> dict[tuple[str, str, int], int]:
+        with self._lock:
+            return dict(self._xids)
+
+    def malformed_lines(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._malformed)
 
     def breaker_open(self, fleet_gpus: int) -> bool:
         return self.breaker.is_open(time.time(), fleet_gpus)

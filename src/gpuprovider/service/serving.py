@@ -123,7 +123,7 @@ class Serving:
         now = now or time.time()
         with self.store.read() as r:
             services = r.services.list()
-            replicas = {s.id: r.tasks.replicas(s.id) for s in services}
+            replicas = r.tasks.replicas(s.id for s in services)
         for service in services:
             try:
                 self._autoscale(service, replicas[service.id], now)
@@ -133,6 +133,10 @@ class Serving:
         live = {t.id for tasks in replicas.values() for t in tasks}
         for task_id in [t for t in self._draining if t not in live]:
             self._draining.pop(task_id, None)  # ended
+        names = {s.name for s in services}
+        with self._lock:  # figures of services gone (or never ours) are not kept
+            for name in [n for n in self.figures if n not in names]:
+                del self.figures[name]
 
     def _converge(self, service: ServiceRecord, live: list[TaskRecord], now: float) -> None:
         serving = [
@@ -215,43 +219,44 @@ class Serving:
         with self.store.read() as r:
             services = r.services.list()
             callers = r.tokens.callers(time.time())
-            out = []
-            for service in services:
-                spec = service.task_spec
-                port_name = spec.route_port
-                replicas = []
-                for task in r.tasks.replicas(service.id):
-                    if task.state != TaskState.RUNNING:
-                        continue
-                    alloc = r.tasks.allocation(task.id)
-                    if alloc is None or port_name not in alloc.ports:
-                        continue
-                    node = r.nodes.get(alloc.node_id)
-                    if node is None:
-                        continue
-                    replicas.append(
-                        {
-                            "task_id": task.id,
-                            "address": node.address,
-                            "port": alloc.ports[port_name],
-                            # no new requests; kept until what it serves has finished
-                            "draining": task.id in self._draining,
-                        }
-                    )
-                serve = spec.serve
-                out.append(
-                    {
-                        "id": service.id,
-                        "name": service.name,
-                        "tenant": service.tenant,
-                        "auth": serve.auth if serve else "token",
-                        "sticky": bool(serve and serve.sticky),
-                        "max_body_bytes": serve.max_body_bytes if serve else 100 << 20,
-                        "rate_per_s": serve.rate_per_s if serve else None,
-                        "readiness": (serve.readiness if serve else Readiness()).model_dump(),
-                        "replicas": replicas,
-                    }
-                )
+            replicas = r.tasks.replicas(s.id for s in services)
+            running = [
+                t for tasks in replicas.values() for t in tasks if t.state == TaskState.RUNNING
+            ]
+            held = {a.task_id: a for a in r.tasks.active_allocations_of(t.id for t in running)}
+            addresses = {n.id: n.address for n in r.nodes.list()}
+        out = []
+        for service in services:
+            spec = service.task_spec
+            port_name = spec.route_port
+            reachable = [
+                {
+                    "task_id": task.id,
+                    "address": addresses[held[task.id].node_id],
+                    "port": held[task.id].ports[port_name],
+                    # no new requests; kept until what it serves has finished
+                    "draining": task.id in self._draining,
+                }
+                for task in replicas[service.id]
+                if task.state == TaskState.RUNNING
+                and task.id in held
+                and port_name in held[task.id].ports
+                and held[task.id].node_id in addresses
+            ]
+            serve = spec.serve
+            out.append(
+                {
+                    "id": service.id,
+                    "name": service.name,
+                    "tenant": service.tenant,
+                    "auth": serve.auth if serve else "token",
+                    "sticky": bool(serve and serve.sticky),
+                    "max_body_bytes": serve.max_body_bytes if serve else 100 << 20,
+                    "rate_per_s": serve.rate_per_s if serve else None,
+                    "readiness": (serve.readiness if serve else Readiness()).model_dump(),
+                    "replicas": reachable,
+                }
+            )
         hashes: dict[str, list[str]] = {}
         for token_hash, whom in callers:
             hashes.setdefault(whom, []).append(token_hash)
@@ -337,12 +342,14 @@ class Serving:
     def list(self, who: TokenRecord) -> list[dict[str, Any]]:
         with self.store.read() as r:
             services = r.services.list(None if who.is_admin else who.tenant)
-            return [self.view(s, r.tasks.replicas(s.id)) for s in services]
+            replicas = r.tasks.replicas(s.id for s in services)
+            return [self.view(s, replicas[s.id]) for s in services]
 
     def get(self, ref: str, who: TokenRecord) -> dict[str, Any]:
         with self.store.read() as r:
             service = self._find(r, ref, who)
-            return self.view(service, r.tasks.replicas(service.id), r.services.events(service.id))
+            live = r.tasks.replicas([service.id])[service.id]
+            return self.view(service, live, r.services.events(service.id))
 
     def scale(self, ref: str, replicas: int, who: TokenRecord) -> dict[str, Any]:
         with self.store.tx() as tx:
@@ -368,7 +375,7 @@ class Serving:
                 raise Conflict(f"service {service.name} is stopped already")
             tx.services.update(service, state="stopped", replicas=0)
             tx.services.event(service.id, f"stopped by {who.name}")
-            for task in tx.tasks.replicas(service.id):
+            for task in tx.tasks.replicas([service.id])[service.id]:
                 if task.state != TaskState.CANCELLING:
                     lifecycle.request_cancel(tx, task, who.name)
         return self.get(service.id, who)

@@ -21,7 +21,7 @@ from gpuprovider.lifecycle import tasks as lifecycle
 from gpuprovider.scheduler import Framework, Placement, Policy
 from gpuprovider.service.errors import Conflict, NotFound, Rejected
 from gpuprovider.service.placement import build_snapshot, task_request
-from gpuprovider.service.serving import GatewaySettings, Serving
+from gpuprovider.service.serving import Serving
 from gpuprovider.service.views import task_view
 from gpuprovider.store.store import Store
 from gpuprovider.store.tasks import StaleTask
@@ -38,11 +38,11 @@ class TaskService:
         usability: Usability,
         backend: Backend,
         container_engine: Callable[[], str | None],
+        serving: Serving,
         workdir_roots: list[str] | None = None,
-        serving: Serving | None = None,
     ):
         self.store = store
-        self.serving = serving or Serving(store, GatewaySettings())
+        self.serving = serving
         # The scheduler loop has its own framework; dry runs come from API threads.
         self._framework = Framework(policy)
         self._framework_lock = threading.Lock()

@@ -336,12 +336,21 @@ class TaskRepo:
         query = select(c.reason, func.count()).where(c.to_state == "failed").group_by(c.reason)
         return {reason: n for reason, n in self.tx.conn.execute(query)}
 
-    def replicas(self, service_id: str, live: bool = True) -> list[TaskRecord]:
-        """A service's replica tasks, oldest first (the live ones only unless told)."""
-        query = _SELECT_TASKS.where(t.tasks.c.service_id == service_id)
-        if live:
-            query = query.where(t.tasks.c.state.not_in([s.value for s in TERMINAL]))
-        return [_task(r) for r in self.tx.conn.execute(query.order_by(t.tasks.c.created_at))]
+    def replicas(self, service_ids: Iterable[str]) -> dict[str, list[TaskRecord]]:
+        """The live replica tasks of each service, oldest first, in one query."""
+        wanted = list(service_ids)
+        found: dict[str, list[TaskRecord]] = {service_id: [] for service_id in wanted}
+        if not wanted:
+            return found
+        query = (
+            _SELECT_TASKS.where(t.tasks.c.service_id.in_(wanted))
+            .where(t.tasks.c.state.not_in([s.value for s in TERMINAL]))
+            .order_by(t.tasks.c.created_at)
+        )
+        for row in self.tx.conn.execute(query):
+            task = _task(row)
+            found[task.service_id].append(task)
+        return found
 
     def events(self, task_id: str) -> list[EventRecord]:
         rows = self.tx.conn.execute(
