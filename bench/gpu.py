@@ -6,9 +6,13 @@ one without, everything it can, saying exactly what it skipped):
                 retired pages, remapped rows, throttling, PCIe and NVLink counters
   check         `gpuprovider check`, full suite, with its HTML report
   identity      the CPU (numpy) and GPU (PyTorch, cuda:0) provers commit bit-identically
-  proof         proof of GPU over 95 % of cuda:0's memory, proved and verified
-  calibration   the proof timing measured against its seeded model: a
+  proof         proof of GPU on cuda:0 with a GPU's parameters over GPP_PROOF_GIB (16)
+                GiB of its memory (the walk's cost per step does not depend on how much
+                is filled), proved and verified; fill throughput measured
+  calibration   the walk's time measured against its seeded model: a
                 proof/calibration.toml entry to paste
+  tradeoff      bench/proof.py on cuda:0 over 2 GiB: provers keeping 90 % and 50 % of
+                memory against the honest one
   metrics       a daemon on this machine, /metrics scraped with its GPU telemetry
 
 Usage: python bench/gpu.py OUT_DIR   (bench/gpu.sh runs it)
@@ -37,8 +41,8 @@ from gpuprovider.inventory.local import read_nvml
 from gpuprovider.proof import calibration
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.prover import NumpyBackend, Prover, TorchBackend
-from gpuprovider.proof.remote import params_for
-from gpuprovider.proof.verifier import new_challenge, pick_openings, verify
+from gpuprovider.proof.remote import gpu_params
+from gpuprovider.proof.verifier import new_challenge, new_nonce, pick_openings, verify
 from gpuprovider.telemetry.gpus import poll_gpus
 from gpuprovider.testing import GPUPROVIDER, Provider, free_port, make_home, wait_for, watch_home
 
@@ -129,47 +133,66 @@ def step_check(out: Path, state: dict) -> dict:
     }
 
 
-def _prove(memory_bytes: int, backend: Any) -> tuple[Any, float, Any]:
+def _prove(memory_bytes: int, backend: Any) -> tuple[Any, float, float, Any]:
+    """(params, fill seconds, walk seconds, verdict) for one honest proof."""
     key = Ed25519PrivateKey.generate()
-    params = params_for(memory_bytes)
-    challenge = new_challenge("GPU-bench-" + secrets.token_hex(4), public_key_hex(key), params)
-    prover = Prover(challenge, backend)
+    params = gpu_params(memory_bytes)
+    challenge = new_challenge(
+        "GPU-bench-" + secrets.token_hex(4), "bench", public_key_hex(key), params
+    )
+    prover, nonce = Prover(challenge, backend), new_nonce()
+    fill_s = prover.fill()
     began = time.perf_counter()
-    commitment = prover.commit()
+    commitment = prover.walk(nonce)
     elapsed = time.perf_counter() - began
-    commitment.signature = key.sign(P.commitment_digest(challenge.id, commitment.roots)).hex()
+    prover.release()
+    commitment.signature = key.sign(
+        P.commitment_digest(challenge.id, nonce, commitment.roots)
+    ).hex()
     wanted = pick_openings(params)
     verdict = verify(challenge, commitment, wanted, prover.open(wanted), elapsed, None)
-    return params, elapsed, verdict
+    return params, fill_s, elapsed, verdict
+
+
+def _walk(challenge, backend, nonce: str) -> bytes:
+    prover = Prover(challenge, backend)
+    prover.fill()
+    return prover.walk(nonce).roots
 
 
 def step_identity(out: Path, state: dict) -> dict:
     t = cuda()
     key = Ed25519PrivateKey.generate()
-    params = params_for(64 * 2**20)
-    challenge = new_challenge("GPU-identity", public_key_hex(key), params)
-    on_cpu = Prover(challenge, NumpyBackend()).commit()
-    on_gpu = Prover(challenge, TorchBackend(t, "cuda:0")).commit()
-    same = on_cpu.roots == on_gpu.roots
+    params = gpu_params(64 * 2**20)
+    challenge = new_challenge("GPU-identity", "bench", public_key_hex(key), params)
+    nonce = new_nonce()
+    on_cpu = _walk(challenge, NumpyBackend(), nonce)
+    on_gpu = _walk(challenge, TorchBackend(t, "cuda:0"), nonce)
+    same = on_cpu == on_gpu
     if not same:
         raise RuntimeError("the CPU and GPU provers committed different roots")
-    return {"memory_mib": 64, "roots": len(on_cpu.roots), "bit_identical": same}
+    return {"memory_mib": 64, "roots": len(on_cpu) // 32, "bit_identical": same}
 
 
 def step_proof(out: Path, state: dict) -> dict:
     t = cuda()
     free, total = t.cuda.mem_get_info(0)
-    memory = int(min(free * 0.97, total * 0.95))
-    params, elapsed, verdict = _prove(memory, TorchBackend(t, "cuda:0"))
+    wanted = float(os.environ.get("GPP_PROOF_GIB", "16")) * 2**30
+    memory = int(min(wanted, free * 0.97 / P.FILL_FRACTION))
+    params, fill_s, elapsed, verdict = _prove(memory, TorchBackend(t, "cuda:0"))
     state["proof"] = (params, elapsed)
     if not verdict.passed:
         raise RuntimeError(f"the honest proof failed: {verdict.reason}")
+    fill_gbs = params.covered_bytes / fill_s / 1e9
     return {
         "device": t.cuda.get_device_name(0),
         "memory_total_bytes": total,
         "memory_proved_bytes": params.covered_bytes,
-        "covered_pct": round(100 * params.covered_bytes / total, 1),
-        "prover_s": round(elapsed, 2),
+        "fill_s": round(fill_s, 2),
+        "fill_gbs": round(fill_gbs, 2),
+        "full_memory_fill_s_extrapolated": round(0.9 * total / 1e9 / fill_gbs, 1),
+        "walk_s": round(elapsed, 3),
+        "walk_steps": params.steps,
         "verdict": verdict.to_dict(),
     }
 
@@ -207,6 +230,29 @@ def step_calibration(out: Path, state: dict) -> dict:
         "scale": round(scale, 3),
         "entry": toml,
     }
+
+
+def step_tradeoff(out: Path, state: dict) -> dict:
+    cuda()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("proof.py")),
+            "--device",
+            "cuda:0",
+            "--memory-mib",
+            "2048",
+            "--keeps",
+            "0.9,0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    (out / "proof_tradeoff.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/proof.py failed: {done.stderr[-1000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def step_metrics(out: Path, state: dict) -> dict:
@@ -252,6 +298,7 @@ STEPS = [
     ("identity", step_identity),
     ("proof", step_proof),
     ("calibration", step_calibration),
+    ("tradeoff", step_tradeoff),
     ("metrics", step_metrics),
 ]
 

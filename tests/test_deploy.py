@@ -153,7 +153,16 @@ def test_gpu_sh_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((tmp_path / "out" / "gpu.json").read_text())
-    steps = ["nvml", "telemetry", "check", "identity", "proof", "calibration", "metrics"]
+    steps = [
+        "nvml",
+        "telemetry",
+        "check",
+        "identity",
+        "proof",
+        "calibration",
+        "tradeoff",
+        "metrics",
+    ]
     for step in steps:
         assert result[step]["status"] in ("ran", "skipped"), result[step]
         if result[step]["status"] == "skipped":

@@ -188,6 +188,8 @@ def test_a_0_1_0_store_upgrades_in_place_and_the_provider_carries_on(tmp_path, k
             g for g in provider.api.get("/gpus").json() if g["uuid"] == made["proven_gpu"]
         )
         assert proven["proof"]["passed"] is True
+        # kept as it was, but a v1 verdict nobody signed never counts as proof
+        assert proven["proof"]["verifier_key"] == "" and proven["proof"]["trusted"] is False
         node = nodes[0]["id"]
         checks = provider.api.get(f"/nodes/{node}/checks").json()["results"]
         assert any(r["group"] == "preflight" for r in checks)

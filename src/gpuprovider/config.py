@@ -167,6 +167,22 @@ class ProofConfig(_Section):
     required: bool = False
     max_age_s: float = Field(86400.0, gt=0, le=365 * 86400)
     simulated_memory_mib: int = Field(64, ge=1, le=4096)
+    # Ed25519 public keys (hex) whose signed verdicts this provider stores and counts.
+    trusted_verifiers: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("trusted_verifiers")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            try:
+                if len(bytes.fromhex(key)) != 32:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    f"{key!r} is not an Ed25519 public key (64 hex digits; "
+                    "`gpuprovider proof key` prints a verifier's)"
+                ) from None
+        return [key.lower() for key in keys]
 
 
 class ReaperConfig(_Section):
@@ -449,10 +465,13 @@ nvml = {str(d.inventory.nvml).lower()}
 interval_s = {d.reaper.interval_s}
 
 [proof]
-# Proof of GPU (`gpuprovider proof`). When required, new work goes only to GPUs
-# whose latest proof passed less than max_age_s ago.
+# Proof of GPU (`gpuprovider proof`). Verdicts are stored only when signed by one of
+# trusted_verifiers (each verifier prints its key with `gpuprovider proof key`). When
+# required, new work goes only to GPUs whose latest trusted proof passed less than
+# max_age_s ago.
 required = {str(d.proof.required).lower()}
 max_age_s = {d.proof.max_age_s}
+trusted_verifiers = []
 # A simulated GPU proves this much host memory with the CPU prover.
 simulated_memory_mib = {d.proof.simulated_memory_mib}
 

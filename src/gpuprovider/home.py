@@ -45,6 +45,11 @@ class Home:
         return self.root / "node.key"
 
     @property
+    def verifier_key(self) -> Path:
+        """The key `gpuprovider proof verify` signs its verdicts with."""
+        return self.root / "verifier.key"
+
+    @property
     def tasks(self) -> Path:
         return self.root / "tasks"
 

@@ -24,19 +24,25 @@ class _In(BaseModel):
 class ProofParamsIn(_In):
     n: int
     m: int
-    matrices: int
     per_step: int
+    matrices: int
     steps: int
-    epoch: int
-    openings: int
+    rounds: int
+    checks: int
 
 
 class ChallengeIn(_In):
     id: Annotated[str, Field(max_length=64)]
     seed: Annotated[str, Field(max_length=128)]
     gpu_uuid: Annotated[str, Field(max_length=96)]
+    model: Annotated[str, Field(max_length=64)]
     provider_key: Annotated[str, Field(max_length=128)]
     params: ProofParamsIn
+
+
+class WalkIn(_In):
+    challenge_id: Annotated[str, Field(max_length=64)]
+    nonce: Annotated[str, Field(max_length=128)]
 
 
 class OpeningsIn(_In):
@@ -47,11 +53,9 @@ class OpeningsIn(_In):
     ]
 
 
-class VerdictIn(_In):
-    challenge_id: Annotated[str, Field(max_length=64)]
-    passed: bool
-    reason: Annotated[str, Field(max_length=2000)]
-    figures: dict[str, Any] = Field(default_factory=dict)
+class SignedVerdictIn(_In):
+    verdict: dict[str, Any]  # checked field by field against the verifier's signature
+    signature: Annotated[str, Field(max_length=128)]
 
 
 class CheckResultIn(_In):
@@ -261,6 +265,12 @@ class ProofVerdictOut(BaseModel):
     passed: bool
     at: float | None
     reason: str
+    verifier_key: str  # "" when nobody signed it (stored before schema 6)
+    trusted: bool  # signed by a key in [proof] trusted_verifiers
+    model: str
+    simulated: bool
+    timed: bool
+    covered_bytes: int
 
 
 class GpuOut(BaseModel):
@@ -300,8 +310,14 @@ class ProofInfoOut(BaseModel):
     proof: dict[str, Any] | None
 
 
+class FilledOut(BaseModel):
+    challenge_id: str
+    fill_s: float
+
+
 class CommitmentOut(BaseModel):
     challenge_id: str
+    nonce: str
     roots: str  # base64, 32 bytes per state
     signature: str
     prover_s: float
@@ -311,6 +327,7 @@ class CommitmentOut(BaseModel):
 class VerdictStoredOut(BaseModel):
     gpu_uuid: str
     stored: bool
+    passed: bool
 
 
 class TokenOut(BaseModel):

@@ -1,4 +1,4 @@
-"""`gpuprovider proof verify URL` and `gpuprovider proof self-test`."""
+"""`gpuprovider proof verify URL`, `proof key` and `proof self-test`."""
 
 from __future__ import annotations
 
@@ -13,49 +13,80 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import console, print_json, table
-from gpuprovider.identity.keys import public_key_hex
+from gpuprovider.home import Home
+from gpuprovider.identity.keys import create_node_key, load_node_key, public_key_hex
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.prover import Prover, pick_backend
-from gpuprovider.proof.remote import RemoteError, RemoteVerifier, params_for
-from gpuprovider.proof.verifier import Verdict, new_challenge, pick_openings, verify
+from gpuprovider.proof.remote import RemoteError, RemoteVerifier, cpu_params, gpu_params
+from gpuprovider.proof.verifier import Verdict, new_challenge, new_nonce, pick_openings, verify
 
 proof_app = typer.Typer(
     help="Proof of GPU: show a provider has the GPUs it claims.", no_args_is_help=True
 )
 
 EXPECT = typer.Option(
-    None, "--expect-seconds", help="Enforce the timing window around this prover time."
+    None, "--expect-seconds", help="Enforce the timing window around this walk time."
 )
 
 
 def _figures(verdict: Verdict) -> str:
     f = verdict.figures
-    parts = [f"{k}={v}" for k, v in f.items() if k not in ("false_accept_if_1pct_skipped",)]
+    parts = [f"{k}={v}" for k, v in f.items() if k not in ("false_accept_if_5pct_skipped",)]
     return ", ".join(parts)
+
+
+def verifier_key(home: Home) -> Ed25519PrivateKey:
+    """This home's verifier key, made on first use."""
+    if home.verifier_key.exists():
+        return load_node_key(home.verifier_key)
+    home.root.mkdir(parents=True, exist_ok=True)
+    return create_node_key(home.verifier_key)
+
+
+@proof_app.command("key")
+def show_key(ctx: typer.Context) -> None:
+    """Print the public key this home's verifier signs verdicts with (providers list it
+    in [proof] trusted_verifiers)."""
+    print(public_key_hex(verifier_key(globals_of(ctx).home)))
 
 
 @proof_app.command("verify")
 def verify_remote(
     ctx: typer.Context,
     url: str = typer.Argument(..., help="The provider's API URL, e.g. http://host:8085"),
+    provider_key: str = typer.Option(
+        ...,
+        "--provider-key",
+        help="The provider node's public key (hex), from its operator or the hub's "
+        "registration: `gpuprovider node list --json` shows it as public_key.",
+    ),
     gpu: list[str] = typer.Option([], "--gpu", help="GPU UUID to prove (default: all)."),
     expect_s: float | None = EXPECT,
     as_json: bool = JSON,
 ) -> None:
-    """Challenge a provider's GPUs and print each verdict; exit 1 if any fails."""
-    token = globals_of(ctx).token
-    verifier = RemoteVerifier(url, token)
+    """Challenge a provider's GPUs at once, print each verdict (signed with this home's
+    verifier key and posted to the provider); exit 1 if any fails."""
+    g = globals_of(ctx)
+    try:
+        if len(bytes.fromhex(provider_key)) != 32:
+            raise ValueError
+    except ValueError:
+        raise CliError("--provider-key: an Ed25519 public key is 64 hex digits", 2) from None
+    verifier = RemoteVerifier(url, g.token, provider_key, verifier_key(g.home))
     try:
         uuids = gpu or verifier.gpus()
-        outcomes = []
-        for uuid in uuids:
-            with console.status(f"proving {uuid} ..."):
-                outcomes.append(verifier.prove(uuid, expect_s))
+        with console.status(f"proving {len(uuids)} GPU(s) at once ..."):
+            outcomes = verifier.prove_all(uuids, expect_s)
     except RemoteError as exc:
         raise CliError(str(exc)) from None
+    if not outcomes:
+        raise CliError(f"{url} lists no GPU to prove")
     if as_json:
         print_json(
-            [{"gpu_uuid": o.gpu_uuid, "model": o.model, **o.verdict.to_dict()} for o in outcomes]
+            [
+                {"gpu_uuid": o.gpu_uuid, "model": o.model, "stored": o.stored} | o.verdict.to_dict()
+                for o in outcomes
+            ]
         )
     else:
         table(
@@ -81,17 +112,23 @@ def self_test(
         "--memory-mib",
         min=1,
         max=1 << 20,
-        help="Memory the proof fills (a GPU's whole memory: 95 %).",
+        help="Memory the proof fills (a GPU's whole memory: 90 %).",
     ),
     device: str | None = typer.Option(
         None, "--device", help="cuda:N to prove on a GPU (default: numpy on CPU)."
     ),
     as_json: bool = JSON,
 ) -> None:
-    """Prove and verify on this machine, with a progress display."""
+    """Prove and verify on this machine, with a progress display (untimed)."""
     key = Ed25519PrivateKey.generate()
-    params = params_for(memory_mib * 2**20)
-    challenge = new_challenge("GPU-self-test-" + secrets.token_hex(4), public_key_hex(key), params)
+    memory = memory_mib * 2**20
+    try:
+        params = gpu_params(memory) if device else cpu_params(memory)
+    except P.ProofError as exc:
+        raise CliError(str(exc), 2) from None
+    challenge = new_challenge(
+        "GPU-self-test-" + secrets.token_hex(4), "self-test", public_key_hex(key), params
+    )
     try:
         prover = Prover(challenge, pick_backend(device))
     except ImportError:
@@ -107,16 +144,22 @@ def self_test(
         prover.on_progress = lambda what, done: progress.update(
             bar, description=what, completed=done
         )
+        fill_s = prover.fill()
+        nonce = new_nonce()
         t0 = time.perf_counter()
-        commitment = prover.commit()
+        commitment = prover.walk(nonce)
         elapsed = time.perf_counter() - t0
-        commitment.signature = key.sign(P.commitment_digest(challenge.id, commitment.roots)).hex()
+        prover.release()
+        commitment.signature = key.sign(
+            P.commitment_digest(challenge.id, nonce, commitment.roots)
+        ).hex()
         progress.update(bar, description="verifying", completed=1.0)
         wanted = pick_openings(params)
         opened = prover.open(wanted)
         verdict = verify(challenge, commitment, wanted, opened, elapsed, None)
     verdict.figures |= {
         "prover": commitment.backend,
+        "fill_s": round(fill_s, 3),
         "bytes_exchanged": len(opened) + len(json.dumps(commitment.to_dict())) + 16 * len(wanted),
     }
     if as_json:

@@ -117,7 +117,8 @@ class Daemon:
             log.info("store upgraded from schema %s to %s", upgraded.before, upgraded.after)
         key = load_node_key(home.node_key)
         self.node_id, public_key = node_id_for(key), public_key_hex(key)
-        usability = Usability(config.proof.max_age_s if config.proof.required else None)
+        trusted = frozenset(config.proof.trusted_verifiers)
+        usability = Usability(config.proof.max_age_s if config.proof.required else None, trusted)
         engine = partial(container_engine, config.executor.container_engine)
         self.backend = self._backend(public_key)
         framework_policy = policy(config.scheduler.policy)
@@ -182,7 +183,13 @@ class Daemon:
             serving=self.serving,
             tokens=TokenService(self.store),
             proofs=ProofService(
-                self.store, key, self.node_id, public_key, config.proof.simulated_memory_mib
+                self.store,
+                key,
+                self.node_id,
+                public_key,
+                config.proof.simulated_memory_mib,
+                trusted,
+                usability.proving,
             ),
             calls=Calls(self.store),
         )

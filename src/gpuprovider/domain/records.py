@@ -125,6 +125,11 @@ class GpuRecord:
     proof_passed: bool | None = None
     proof_at: float | None = None
     proof_reason: str = ""
+    proof_verifier_key: str = ""  # "" for a verdict nobody signed (schema < 6)
+    proof_model: str = ""
+    proof_simulated: bool = False
+    proof_covered_bytes: int = 0
+    proof_timed: bool = False
 
 
 @dataclass

@@ -1,32 +1,45 @@
-"""Proof of GPU, the shared part: parameters, the seeded generator, the chain step,
+"""Proof of GPU, the shared part: parameters, the seeded generator, the walk step,
 Merkle commitments, index selection and the wire formats. numpy and torch compute
-every value here bit for bit alike (see docs/proof-of-gpu.md for the argument).
+every value here bit for bit alike (docs/proof-of-gpu.md has the design and its bounds).
 
-The chain, with `X` an m x n int8 state and `M_j` n x n int8 matrices:
+Two phases. The *fill* (untimed) writes M int8 n x n matrices, every 32-bit word of
+them `rounds` keyed mixing rounds away from its position: any word can be computed
+alone (the verifier needs that), but every word costs `rounds` rounds to make again.
+The *walk* (timed) starts from a state seeded by a nonce sent only once the fill is
+done and runs L steps, each reading m * w matrices chosen by the previous state:
 
-    X_0 = seeded;  for step i = 1..L:
-      j_1..j_w = indices(root of the state that opened this epoch, i)
-      Y = XOR_k lowbyte(X_{i-1} @ M_{j_k})        (int8 x int8 -> int32, exact)
+    X_0 = from the nonce;  for step i = 1..L:
+      J = indices(Merkle root of X_{i-1}, i)            (m x w, one root per step)
+      Y[r] = XOR_k lowbyte(X_{i-1}[r] @ M_{J[r,k]})     (int8 x int8 -> int32, exact)
       X_i = (Y^T reshaped to m x n) - 128
 
-Every output row of X_i depends on every row of X_{i-1} (through the transpose), so
-no row can be computed alone; the next indices depend on a Merkle root of the state,
-so they cannot be known, steered or prefetched before the work that makes it.
+Each step's reads are known only once the state before it exists (sequential, random,
+data-dependent), every row of X_i depends on every row of X_{i-1} (the transpose), and a
+prover missing a matrix must make it again, `rounds` rounds per word, before the step
+can go on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
 MASK = 0xFFFFFFFF
-VERSION = "gpuprovider-pog-v1"
+VERSION = "gpuprovider-pog-v2"
 MAX_ROWS = 4096  # m
 MAX_N = 16384  # K < 2^17 keeps int32 sums exact; this bounds messages far below that
+MAX_STATE_BYTES = 512 << 20  # every state the prover keeps for openings, together
+MAX_USES = 64  # reads per matrix over the walk, on average
+
+# What the verifier asks for by default (docs/proof-of-gpu.md derives each figure).
+SKIP_BOUND_BITS = 40  # a prover skipping >= SKIP_FRACTION of the work passes < 2^-40
+SKIP_FRACTION = 0.05
+CHECKS_PER_STEP = 5  # a step computed from a guessed state passes < 256^-5 = 2^-40
+FILL_FRACTION = 0.9  # of the catalogue's memory (the CUDA context and rounding need the rest)
 
 
 class ProofError(ValueError):
@@ -43,15 +56,26 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
+def mix32_u32(x: np.ndarray) -> np.ndarray:
+    """mix32 in place on a uint32 array: the same bits, without int64 or masks (the
+    fastest numpy form, used by the verifier and by every prover on the CPU)."""
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x446CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
 @dataclass(frozen=True)
 class Params:
     n: int  # matrices are n x n, the state m x n
-    m: int
-    matrices: int  # M: how many n x n int8 matrices fill the claimed memory
-    per_step: int  # w: matrices used by each step
-    steps: int  # L
-    epoch: int  # E: steps sharing one index seed (one Merkle root on the critical path)
-    openings: int  # k
+    m: int  # state rows, each reading its own w matrices per step
+    per_step: int  # w: matrices each row reads per step
+    matrices: int  # M: how many n x n int8 matrices fill the memory
+    steps: int  # L: walk steps
+    rounds: int  # keyed mixing rounds per 32-bit word: what making a word costs
+    checks: int  # openings per step
 
     def validate(self) -> None:
         problems = []
@@ -59,18 +83,35 @@ class Params:
             problems.append(f"n must be a multiple of 8 in [8, {MAX_N}]")
         if not (2 <= self.m <= MAX_ROWS and self.m & (self.m - 1) == 0 and self.m <= self.n):
             problems.append(f"m must be a power of two in [2, min(n, {MAX_ROWS})]")
-        if not 1 <= self.per_step <= 1024:
-            problems.append("per_step must be in [1, 1024]")
+        if not 1 <= self.per_step <= 256:
+            problems.append("per_step must be in [1, 256]")
         if not 1 <= self.matrices <= 1 << 24:
             problems.append("matrices must be in [1, 2^24]")
-        if not 1 <= self.steps <= 1 << 20:
-            problems.append("steps must be in [1, 2^20]")
-        if not 1 <= self.epoch <= self.steps:
-            problems.append("epoch must be in [1, steps]")
-        if not 1 <= self.openings <= 100_000:
-            problems.append("openings must be in [1, 100000]")
+        if not 1 <= self.steps <= 1 << 16:
+            problems.append("steps must be in [1, 2^16]")
+        if not 1 <= self.rounds <= 1024:
+            problems.append("rounds must be in [1, 1024]")
+        if not 1 <= self.checks <= 4096 or self.openings > 100_000:
+            problems.append("checks must be in [1, 4096], at most 100000 openings in all")
+        if not problems and self.uses > MAX_USES:
+            problems.append(f"each matrix would be read {self.uses:.0f} times; at most {MAX_USES}")
+        if not problems and self.state_bytes > MAX_STATE_BYTES:
+            problems.append(
+                f"the walk's states take {self.state_bytes} bytes; at most {MAX_STATE_BYTES}"
+            )
         if problems:
             raise ProofError("bad proof parameters: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Params:
+        names = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != names:
+            raise ProofError(f"proof parameters must be exactly {sorted(names)}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+            raise ProofError("proof parameters must be integers")
+        params = cls(**raw)
+        params.validate()
+        return params
 
     @property
     def matrix_bytes(self) -> int:
@@ -79,6 +120,22 @@ class Params:
     @property
     def covered_bytes(self) -> int:
         return self.matrices * self.matrix_bytes
+
+    @property
+    def reads_per_step(self) -> int:
+        return self.m * self.per_step
+
+    @property
+    def uses(self) -> float:
+        return self.steps * self.reads_per_step / self.matrices
+
+    @property
+    def openings(self) -> int:
+        return self.steps * self.checks
+
+    @property
+    def state_bytes(self) -> int:
+        return (self.steps + 1) * self.m * self.n
 
     @property
     def depth(self) -> int:
@@ -90,109 +147,129 @@ class Params:
         return 2 * (self.n + 32 * self.depth)
 
 
-def openings_for(target_bits: int = 40, skipped: float = 0.01) -> int:
-    """Openings that accept a prover skipping `skipped` of the work with probability
-    below 2^-target_bits. A skipped entry is a guess, right with probability 1/256."""
-    caught = skipped * 255 / 256
-    return math.ceil(target_bits * math.log(2) / -math.log1p(-caught))
-
-
 def false_accept(openings: int, skipped: float) -> float:
-    """Probability that `openings` random openings all miss the skipped work."""
+    """Probability that `openings` random openings all miss work skipped on a fraction
+    `skipped` of the entries (a skipped entry is a guess, right with probability 1/256)."""
     return (1 - skipped * 255 / 256) ** openings
+
+
+def openings_for(target_bits: int = SKIP_BOUND_BITS, skipped: float = SKIP_FRACTION) -> int:
+    """Openings that accept a prover skipping `skipped` of the work with probability
+    below 2^-target_bits."""
+    return math.ceil(target_bits * math.log(2) / -math.log1p(-skipped * 255 / 256))
+
+
+def grinding_gain(keep: float, reads: int, tries: int) -> float:
+    """The fraction of its missing reads a prover keeping `keep` of the matrices avoids,
+    in expectation, by trying `tries` roots per step and walking from the best: the
+    missing count per step is Binomial(reads, 1 - keep), and the expected minimum of
+    `tries` draws is at most sd * sqrt(2 ln tries) under the mean (normal approximation)."""
+    if tries <= 1 or keep <= 0:
+        return 0.0
+    return min(1.0, math.sqrt(2 * math.log(tries) * keep / ((1 - keep) * reads)))
 
 
 def params_for_memory(
     memory_bytes: int,
     n: int = 1024,
-    m: int = 64,
-    per_step: int = 16,
-    uses: int = 8,
-    epoch: int = 8,
-    fill: float = 0.95,
-    openings: int | None = None,
+    m: int = 256,
+    per_step: int = 8,
+    uses: int = 16,
+    rounds: int = 128,
+    fill: float = FILL_FRACTION,
 ) -> Params:
-    """Enough matrices to fill `fill` of the memory, each used `uses` times on average."""
-    matrices = math.ceil(fill * memory_bytes / (n * n))
-    steps = max(1, math.ceil(uses * matrices / per_step))
-    params = Params(
-        n=n,
-        m=m,
-        matrices=matrices,
-        per_step=per_step,
-        steps=steps,
-        epoch=min(epoch, steps),
-        openings=openings or openings_for(),
-    )
+    """Enough matrices to fill `fill` of the memory, each read `uses` times on average,
+    and enough openings per step for both bounds (skipped work, guessed states)."""
+    matrices = max(1, math.ceil(fill * memory_bytes / (n * n)))
+    steps = max(1, math.ceil(uses * matrices / (m * per_step)))
+    checks = max(CHECKS_PER_STEP, math.ceil(openings_for() / steps))
+    params = Params(n, m, per_step, matrices, steps, rounds, checks)
     params.validate()
     return params
+
+
+def check_hex(value: Any, size: int, name: str) -> str:
+    try:
+        if isinstance(value, str) and len(bytes.fromhex(value)) == size:
+            return value
+    except ValueError:
+        pass
+    raise ProofError(f"{name} must be {size} bytes in hex")
 
 
 @dataclass(frozen=True)
 class Challenge:
     id: str  # random, hex
-    seed: str  # 32 random bytes, hex
+    seed: str  # 32 random bytes, hex: the fill
     gpu_uuid: str
-    provider_key: str  # the provider node's Ed25519 public key, hex
+    model: str  # the catalogue model the verifier proves (from its own knowledge)
+    provider_key: str  # the provider node's Ed25519 public key, hex (pinned by the verifier)
     params: Params
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Challenge:
+    def from_dict(cls, raw: Any) -> Challenge:
+        if not isinstance(raw, dict):
+            raise ProofError("a challenge is a JSON object")
         try:
-            params = Params(**raw["params"])
             challenge = cls(
-                id=str(raw["id"]),
-                seed=str(raw["seed"]),
-                gpu_uuid=str(raw["gpu_uuid"]),
-                provider_key=str(raw["provider_key"]),
-                params=params,
+                id=check_hex(raw["id"], 16, "challenge id"),
+                seed=check_hex(raw["seed"], 32, "challenge seed"),
+                gpu_uuid=str(raw["gpu_uuid"])[:96],
+                model=str(raw["model"])[:64],
+                provider_key=check_hex(raw["provider_key"], 32, "provider key"),
+                params=Params.from_dict(raw["params"]),
             )
-        except (KeyError, TypeError) as exc:
-            raise ProofError(f"malformed challenge: {exc}") from None
-        params.validate()
-        for name, value, size in (("seed", challenge.seed, 32), ("id", challenge.id, 16)):
-            try:
-                if len(bytes.fromhex(value)) != size:
-                    raise ValueError
-            except ValueError:
-                raise ProofError(f"challenge {name} must be {size} bytes in hex") from None
+        except KeyError as exc:
+            raise ProofError(f"malformed challenge: missing {exc}") from None
         return challenge
 
     @property
     def master(self) -> bytes:
-        """Everything the work depends on: a proof made for another seed, GPU, provider
-        or size is a different computation."""
+        """Everything the work depends on: a proof made for another seed, GPU, model,
+        provider or size is a different computation."""
         p = self.params
-        text = f"{VERSION}|{self.seed}|{self.gpu_uuid}|{self.provider_key}|"
-        text += f"{p.n}|{p.m}|{p.matrices}|{p.per_step}|{p.steps}|{p.epoch}"
+        text = f"{VERSION}|{self.seed}|{self.gpu_uuid}|{self.model}|{self.provider_key}|"
+        text += "|".join(str(getattr(p, f.name)) for f in fields(p))
         return hashlib.sha256(text.encode()).digest()
 
     def keys(self) -> tuple[int, np.ndarray]:
-        """(table key, per-matrix keys for j = 0..M, the last one seeding X_0)."""
+        """(table key, per-matrix keys for j = 0..M-1)."""
         master = self.master
         k0, k1, k2 = (int.from_bytes(master[i : i + 4], "little") for i in (0, 4, 8))
-        j = np.arange(self.params.matrices + 1, dtype=np.int64)
+        j = np.arange(self.params.matrices, dtype=np.int64)
         return k0, mix32(mix32(j ^ k1) ^ k2)
 
+    def first_state(self, nonce: str) -> np.ndarray:
+        """X_0, from the walk's nonce: m x n int8."""
+        p = self.params
+        raw = hashlib.shake_256(b"x0" + self.master + bytes.fromhex(nonce)).digest(p.m * p.n)
+        return np.frombuffer(raw, dtype=np.int8).reshape(p.m, p.n).copy()
 
-ROUNDS = 3  # keyed mixing rounds per word: what regenerating a matrix costs
 
-
-def words(base, keys):
-    """Matrix words from table entries and per-matrix keys: ROUNDS keyed mix32 rounds.
-    Filling memory pays this once per matrix; a prover that dropped a matrix pays it on
-    every use."""
+def words_u32(base: np.ndarray, keys: np.ndarray, rounds: int) -> np.ndarray:
+    """Matrix words (uint32) from table entries and matrix keys, `rounds` keyed rounds:
+    x <- mix32(x + key). `base` is consumed."""
     x = base
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
+        x += keys
+        mix32_u32(x)
+    return x
+
+
+def words(base, keys, rounds: int):
+    """The same words on int64 arrays (numpy or torch): the GPU prover's form."""
+    x = base
+    for _ in range(rounds):
         x = mix32((x + keys) & MASK)
     return x
 
 
 def table(xp, k0: int, n: int, like=None):
-    """The per-challenge table T[l] = mix32(l ^ k0) for l < n*n/4, shared by all matrices."""
+    """The per-challenge table T[l] = mix32(l ^ k0) for l < n*n/4, shared by all matrices;
+    word l of a matrix is column l // (n/4), rows 4 (l % (n/4)) .. +3."""
     if xp is np:
         local = np.arange(n * n // 4, dtype=np.int64)
     else:
@@ -202,26 +279,36 @@ def table(xp, k0: int, n: int, like=None):
 
 def bytes_to_int8(xp, words, n_rows: int):
     """Split 32-bit words (..., n/4) into bytes (..., n) and centre them on int8."""
-    shifts = [0, 8, 16, 24]
-    parts = [(words >> s) & 0xFF for s in shifts]
+    parts = [(words >> s) & 0xFF for s in (0, 8, 16, 24)]
     stacked = xp.stack(parts, -1)
     return stacked.reshape(*words.shape[:-1], n_rows) - 128
 
 
-def columns(k0: int, keys: np.ndarray, n: int, cols: np.ndarray) -> np.ndarray:
-    """Columns cols[o] of matrices with keys[o, k]: shape (openings, w, n), int64."""
+def make_matrices(k0: int, keys: np.ndarray, n: int, rounds: int) -> np.ndarray:
+    """Whole matrices for `keys`, (len(keys), n, n) int8, on the CPU (the fastest form)."""
+    base = table(np, k0, n).astype(np.uint32)
+    made = np.empty((len(keys), n * n // 4), dtype=np.uint32)
+    for i, key in enumerate(keys):  # one matrix at a time stays in the CPU's caches
+        made[i] = words_u32(base.copy(), np.uint32(key), rounds)
+    cols = made.view(np.uint8).reshape(len(keys), n, n)  # [j, col, row] little-endian bytes
+    cols ^= np.uint8(0x80)  # x - 128 as int8
+    return np.ascontiguousarray(cols.view(np.int8).transpose(0, 2, 1))
+
+
+def columns(k0: int, keys: np.ndarray, n: int, cols: np.ndarray, rounds: int) -> np.ndarray:
+    """Column cols[o] of each matrix keys[o, k]: shape (openings, w, n), int64."""
     local = cols[:, None, None] * (n // 4) + np.arange(n // 4, dtype=np.int64)[None, None, :]
-    return bytes_to_int8(np, words(mix32(local ^ k0), keys[:, :, None]), n)
+    base = np.broadcast_to(mix32(local ^ k0).astype(np.uint32), (*keys.shape, n // 4)).copy()
+    made = words_u32(base, keys[:, :, None].astype(np.uint32), rounds)
+    return made.view(np.uint8).reshape(*made.shape[:-1], n).astype(np.int64) - 128
 
 
 def indices(root: bytes, step: int, params: Params) -> np.ndarray:
-    """The w matrix indices of `step`, from the root of the state opening its epoch."""
-    raw = hashlib.shake_256(b"idx" + root + step.to_bytes(4, "little")).digest(8 * params.per_step)
-    return (np.frombuffer(raw, dtype="<u8") % params.matrices).astype(np.int64)
-
-
-def epoch_start(step: int, params: Params) -> int:
-    return (step - 1) // params.epoch * params.epoch
+    """The m x w matrix indices of `step`, from the root of the state before it."""
+    count = params.reads_per_step
+    raw = hashlib.shake_256(b"idx" + root + step.to_bytes(4, "little")).digest(8 * count)
+    picked = np.frombuffer(raw, dtype="<u8") % np.uint64(params.matrices)
+    return picked.astype(np.int64).reshape(params.m, params.per_step)
 
 
 def leaf(state: int, row: int, data: bytes) -> bytes:
@@ -244,6 +331,10 @@ def merkle_levels(state: int, rows: np.ndarray) -> list[list[bytes]]:
     return levels
 
 
+def merkle_root(state: int, rows: np.ndarray) -> bytes:
+    return merkle_levels(state, rows)[-1][0]
+
+
 def merkle_path(levels: list[list[bytes]], row: int) -> list[bytes]:
     path = []
     for level in levels[:-1]:
@@ -260,9 +351,11 @@ def root_from_path(state: int, row: int, data: bytes, path: list[bytes]) -> byte
     return digest
 
 
-def commitment_digest(challenge_id: str, roots: bytes) -> bytes:
-    """What the provider signs: this challenge and every state root."""
-    return hashlib.sha256(VERSION.encode() + bytes.fromhex(challenge_id) + roots).digest()
+def commitment_digest(challenge_id: str, nonce: str, roots: bytes) -> bytes:
+    """What the provider signs: this challenge, this walk and every state root."""
+    return hashlib.sha256(
+        VERSION.encode() + bytes.fromhex(challenge_id) + bytes.fromhex(nonce) + roots
+    ).digest()
 
 
 def opened_rows(params: Params, step: int, r: int, c: int) -> tuple[int, int, int]:

@@ -1,15 +1,13 @@
-"""The prover: fill memory with the challenge's matrices, run the chain, commit, open.
+"""The prover: fill memory with the challenge's matrices, walk, commit, open.
 
-Two backends compute the same bits: numpy on any machine (float64 BLAS is exact for
-these int8 products), and PyTorch with `torch._int_mm` on a CUDA GPU.
+Two backends compute the same bits: numpy on any machine (float32 BLAS is exact for
+these int8 products while n <= 1024, float64 beyond), and PyTorch on a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +17,13 @@ import numpy as np
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.protocol import Challenge, Params, ProofError
 
-GENERATE_CHUNK = 64  # matrices generated per pass (bounds temporary memory)
+GENERATE_CHUNK = 16  # matrices made per pass (bounds temporary memory)
+GATHER_BYTES = 64 << 20  # matrices gathered per chunk of rows in the numpy walk
+
+
+def exact_float(n: int):
+    """A float type whose sums of n int8 products are exact integers."""
+    return np.float32 if n <= 1024 else np.float64
 
 
 class NumpyBackend:
@@ -29,32 +33,38 @@ class NumpyBackend:
         self.big: np.ndarray | None = None
 
     def allocate(self, params: Params) -> None:
+        self.params = params
         self.big = np.empty((params.matrices, params.n, params.n), dtype=np.int8)
 
-    def generate(self, k0: int, keys: np.ndarray, n: int, start: int, stop: int) -> None:
-        self.big[start:stop] = self.make(k0, keys[start:stop], n)
+    def fill(self, k0: int, keys: np.ndarray, start: int, stop: int) -> None:
+        self.big[start:stop] = P.make_matrices(
+            k0, keys[start:stop], self.params.n, self.params.rounds
+        )
 
-    def make(self, k0: int, keys: np.ndarray, n: int) -> np.ndarray:
-        made = P.words(P.table(np, k0, n)[None, :], keys[:, None])
-        cols = P.bytes_to_int8(np, made.reshape(len(keys), n, n // 4), n)  # [j, col, row]
-        return cols.transpose(0, 2, 1).astype(np.int8)
-
-    def first_state(self, k0: int, key: int, params: Params) -> np.ndarray:
-        return self.make(k0, np.array([key]), params.n)[0, : params.m].copy()
-
-    def matrices(self, js: np.ndarray) -> np.ndarray:
+    def gather(self, js: np.ndarray) -> np.ndarray:
+        """The matrices `js` (a flat index list), (len(js), n, n) int8; a cheating
+        backend overrides this to make the ones it did not keep."""
         return self.big[js]
 
-    def step(self, state: np.ndarray, mats: np.ndarray, params: Params) -> np.ndarray:
-        n, m, w = params.n, params.m, params.per_step
-        wide = mats.transpose(1, 0, 2).reshape(n, w * n)  # [M_j1 | ... | M_jw]
-        products = (state.astype(np.float64) @ wide.astype(np.float64)).astype(np.int64)
-        low = (products & 0xFF).reshape(m, w, n)
-        y = np.bitwise_xor.reduce(low, axis=1)  # [m, n]
-        return (y.T.reshape(m, n) - 128).astype(np.int8)
+    def from_host(self, state: np.ndarray):
+        return state
 
     def to_host(self, state) -> np.ndarray:
         return state
+
+    def step(self, state: np.ndarray, js: np.ndarray) -> np.ndarray:
+        p = self.params
+        m, w, n = p.m, p.per_step, p.n
+        ftype = exact_float(n)
+        y = np.empty((m, n), dtype=np.int64)
+        rows = max(1, GATHER_BYTES // (w * n * n * 4))
+        for lo in range(0, m, rows):
+            hi = min(m, lo + rows)
+            mats = self.gather(js[lo:hi].reshape(-1)).reshape(hi - lo, w, n, n).astype(ftype)
+            vec = state[lo:hi].astype(ftype)[:, None, None, :]  # [r, 1, 1, n]
+            products = np.matmul(vec, mats)[:, :, 0, :].astype(np.int64)  # [r, w, n]
+            y[lo:hi] = np.bitwise_xor.reduce(products & 0xFF, axis=1)
+        return (y.T.reshape(m, n) - 128).astype(np.int8)
 
     def release(self) -> None:
         self.big = None
@@ -71,46 +81,47 @@ class TorchBackend(NumpyBackend):
 
     def allocate(self, params: Params) -> None:
         torch = self.torch
+        self.params = params
         self.big = torch.empty(
             (params.matrices, params.n, params.n), dtype=torch.int8, device=self.device
         )
         self._table = None
 
-    def make(self, k0: int, keys: np.ndarray, n: int):
-        torch = self.torch
-        if getattr(self, "_table", None) is None or self._table[0] != (k0, n):
-            self._table = ((k0, n), P.table(torch, k0, n, like=self.device))
-        tab = self._table[1]
+    def fill(self, k0: int, keys: np.ndarray, start: int, stop: int) -> None:
+        if self._table is None:
+            self._table = P.table(self.torch, k0, self.params.n, like=self.device)
+        self.big[start:stop] = self.make(keys[start:stop])
+
+    def make(self, keys: np.ndarray):
+        """Whole matrices for `keys` on the device, (len(keys), n, n) int8."""
+        torch, n = self.torch, self.params.n
         key = torch.as_tensor(keys, dtype=torch.int64, device=self.device)
-        made = P.words(tab[None, :], key[:, None])
+        made = P.words(self._table[None, :], key[:, None], self.params.rounds)
         cols = P.bytes_to_int8(torch, made.reshape(len(keys), n, n // 4), n)
         return cols.transpose(1, 2).to(torch.int8)
 
-    def generate(self, k0: int, keys: np.ndarray, n: int, start: int, stop: int) -> None:
-        self.big[start:stop] = self.make(k0, keys[start:stop], n)
-
-    def first_state(self, k0: int, key: int, params: Params):
-        return self.make(k0, np.array([key]), params.n)[0, : params.m].contiguous()
-
-    def matrices(self, js: np.ndarray):
+    def gather(self, js: np.ndarray):
         return self.big[self.torch.as_tensor(js, device=self.device)]
 
-    def step(self, state, mats, params: Params):
+    def from_host(self, state: np.ndarray):
+        return self.torch.as_tensor(state, device=self.device)
+
+    def to_host(self, state) -> np.ndarray:
+        return state.cpu().numpy()
+
+    def step(self, state, js: np.ndarray):
         torch = self.torch
-        n, m, w = params.n, params.m, params.per_step
-        wide = mats.permute(1, 0, 2).reshape(n, w * n)
-        if self.device.type == "cuda":
-            products = torch._int_mm(state, wide)
-        else:  # CPU: exact through int32 matmul, for bit-identity tests
-            products = state.to(torch.int32) @ wide.to(torch.int32)
-        low = (products & 0xFF).reshape(m, w, n)
+        p = self.params
+        m, w, n = p.m, p.per_step, p.n
+        ftype = torch.float32 if n <= 1024 else torch.float64
+        mats = self.gather(js.reshape(-1)).to(ftype)  # [m*w, n, n]
+        vec = state.to(ftype).repeat_interleave(w, dim=0)[:, None, :]  # [m*w, 1, n]
+        products = torch.bmm(vec, mats)[:, 0, :].to(torch.int64).reshape(m, w, n)
+        low = products & 0xFF
         y = low[:, 0]
         for k in range(1, w):
             y = torch.bitwise_xor(y, low[:, k])
         return (y.T.reshape(m, n) - 128).to(torch.int8)
-
-    def to_host(self, state) -> np.ndarray:
-        return state.cpu().numpy()
 
     def release(self) -> None:
         self.big = None
@@ -131,6 +142,7 @@ def pick_backend(device: str | None = None):
 @dataclass
 class Commitment:
     challenge_id: str
+    nonce: str
     roots: bytes  # 32 bytes per state, X_0 .. X_L
     signature: str = ""  # hex Ed25519 over commitment_digest, by the provider's node key
     prover_s: float = 0.0  # the prover's own timing (informative; the verifier times itself)
@@ -139,6 +151,7 @@ class Commitment:
     def to_dict(self) -> dict:
         return {
             "challenge_id": self.challenge_id,
+            "nonce": self.nonce,
             "roots": base64.b64encode(self.roots).decode(),
             "signature": self.signature,
             "prover_s": self.prover_s,
@@ -146,15 +159,18 @@ class Commitment:
         }
 
     @classmethod
-    def from_dict(cls, raw: dict, params: Params) -> Commitment:
+    def from_dict(cls, raw: object, params: Params) -> Commitment:
+        if not isinstance(raw, dict):
+            raise ProofError("malformed commitment: not a JSON object")
         try:
-            roots = base64.b64decode(raw["roots"], validate=True)
+            roots = base64.b64decode(str(raw["roots"]), validate=True)
             made = cls(
                 str(raw["challenge_id"]),
+                str(raw["nonce"]),
                 roots,
                 str(raw.get("signature", "")),
                 float(raw.get("prover_s", 0.0)),
-                str(raw.get("backend", "")),
+                str(raw.get("backend", ""))[:32],
             )
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise ProofError(f"malformed commitment: {exc}") from None
@@ -171,87 +187,80 @@ class Commitment:
 
 @dataclass
 class Prover:
-    """Proves one challenge; keeps the states (m x n bytes each) to answer openings."""
+    """Proves one challenge: `fill()` (untimed), then `walk(nonce)` (timed), then
+    `open()`. Keeps the walk's states ((L + 1) m n bytes, bounded by the parameters) to
+    answer openings, and nothing else."""
 
     challenge: Challenge
     backend: NumpyBackend = field(default_factory=NumpyBackend)
     states: list[np.ndarray] = field(default_factory=list)
-    levels: dict[int, list[list[bytes]]] = field(default_factory=dict)
     on_progress: Callable[[str, float], None] = lambda _what, _fraction: None
+    filled: bool = False
 
-    def commit(self) -> Commitment:
+    def fill(self) -> float:
         params = self.challenge.params
         t0 = time.perf_counter()
         k0, keys = self.challenge.keys()
         self.backend.allocate(params)
         for start in range(0, params.matrices, GENERATE_CHUNK):
             stop = min(params.matrices, start + GENERATE_CHUNK)
-            self.backend.generate(k0, keys, params.n, start, stop)
+            self.backend.fill(k0, keys, start, stop)
             self.on_progress("filling memory", stop / params.matrices)
-        state = self.backend.first_state(k0, int(keys[-1]), params)
-        self.states = [self.backend.to_host(state)]
-        hasher = _BackgroundRoots(self)
-        index_root = self._root(0)
+        self.filled = True
+        return time.perf_counter() - t0
+
+    def walk(self, nonce: str) -> Commitment:
+        if not self.filled:
+            raise ProofError("the walk needs the filled memory; fill first")
+        params = self.challenge.params
+        t0 = time.perf_counter()
+        host = self.challenge.first_state(nonce)
+        self.states = [host]
+        roots = [P.merkle_root(0, host)]
+        state = self.backend.from_host(host)
         for step in range(1, params.steps + 1):
-            start = P.epoch_start(step, params)
-            if start == step - 1 and step > 1:
-                index_root = self._root(start)
-            js = P.indices(index_root, step, params)
-            state = self.step(state, js)
-            self.states.append(self.backend.to_host(state))
-            hasher.offer(step)
-            if step % 64 == 0 or step == params.steps:
-                self.on_progress("running the chain", step / params.steps)
-        hasher.finish()
-        self.backend.release()
-        roots = b"".join(self._root(i) for i in range(params.steps + 1))
+            js = P.indices(roots[-1], step, params)
+            host, root = self.settle(step, self.backend.to_host(self.step(state, js)))
+            state = self.backend.from_host(host)
+            self.states.append(host)
+            roots.append(root)
+            if step % 16 == 0 or step == params.steps:
+                self.on_progress("walking", step / params.steps)
         return Commitment(
-            self.challenge.id, roots, prover_s=time.perf_counter() - t0, backend=self.backend.name
+            self.challenge.id,
+            nonce,
+            b"".join(roots),
+            prover_s=time.perf_counter() - t0,
+            backend=self.backend.name,
         )
 
     def step(self, state, js: np.ndarray):
-        """One chain step; a test subclass overrides this to cheat."""
-        return self.backend.step(state, self.backend.matrices(js), self.challenge.params)
+        """One walk step; a cheating subclass overrides this."""
+        return self.backend.step(state, js)
 
-    def _root(self, state: int) -> bytes:
-        if state not in self.levels:
-            self.levels[state] = P.merkle_levels(state, self.states[state])
-        return self.levels[state][-1][0]
+    def settle(self, step: int, host: np.ndarray) -> tuple[np.ndarray, bytes]:
+        """The state committed for `step` and its root; a cheating subclass overrides
+        this to steer the next step's reads."""
+        return host, P.merkle_root(step, host)
+
+    def release(self) -> None:
+        self.backend.release()
+        self.filled = False
 
     def open(self, wanted: list[tuple[int, int, int]]) -> bytes:
         """The rows and paths for each opening (step, r, c), in order, as bytes."""
         params = self.challenge.params
+        if len(self.states) != params.steps + 1:
+            raise ProofError("nothing to open: the walk has not run")
+        levels: dict[int, list[list[bytes]]] = {}
         out = bytearray()
         for step, r, c in wanted:
             if not (1 <= step <= params.steps and 0 <= r < params.m and 0 <= c < params.n):
                 raise ProofError(f"opening ({step}, {r}, {c}) is outside the challenge")
             prev_row, row, _col = P.opened_rows(params, step, r, c)
             for state, index in ((step - 1, prev_row), (step, row)):
-                out += self.row_bytes(state, index)
-                self._root(state)
-                out += b"".join(P.merkle_path(self.levels[state], index))
+                if state not in levels:
+                    levels[state] = P.merkle_levels(state, self.states[state])
+                out += self.states[state][index].tobytes()
+                out += b"".join(P.merkle_path(levels[state], index))
         return bytes(out)
-
-    def row_bytes(self, state: int, row: int) -> bytes:
-        return self.states[state][row].tobytes()
-
-
-class _BackgroundRoots:
-    """Hashes finished states while the chain runs (the roots not on the critical path)."""
-
-    def __init__(self, prover: Prover):
-        self.prover = prover
-        self.states: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def offer(self, state: int) -> None:
-        self.states.put(state)
-
-    def _run(self) -> None:
-        while (state := self.states.get()) is not None:
-            self.prover._root(state)
-
-    def finish(self) -> None:
-        self.states.put(None)
-        self.thread.join()

@@ -1,8 +1,10 @@
-"""The provider's side of proof of GPU: answer one challenge per GPU, open, record."""
+"""The provider's side of proof of GPU: one verifier's session per GPU at a time (fill,
+walk, open), and the verdicts of trusted verifiers only."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -10,23 +12,29 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.domain.records import GpuRecord
+from gpuprovider.domain.usability import MIN_PROOF_COVER
 from gpuprovider.inventory.local import torch_index
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.protocol import Challenge, ProofError
 from gpuprovider.proof.prover import NumpyBackend, Prover, TorchBackend
-from gpuprovider.service.errors import Conflict, NotFound, Rejected
+from gpuprovider.proof.verifier import check_signed_verdict
+from gpuprovider.service.errors import Conflict, Forbidden, NotFound, Rejected
 from gpuprovider.store.signals import Signal
 from gpuprovider.store.store import Store
 
+log = logging.getLogger(__name__)
+
 MIB = 2**20
-ANSWER_KEPT_S = 600.0  # openings must come within this long of the commitment
+SESSION_S = 900.0  # a verifier's session on a GPU: fill, walk, open and verdict within this
 
 
 @dataclass
-class Answered:
+class Session:
     challenge: Challenge
     prover: Prover
-    at: float
+    verifier: str  # the token's name: only it may go on with the session
+    expires: float
+    stage: str = "filling"  # filling, filled, walking, walked
 
 
 class ProofService:
@@ -37,11 +45,14 @@ class ProofService:
         node_id: str,
         public_key: str,
         simulated_memory_mib: int,
+        trusted_verifiers: frozenset[str],
+        proving: set[str],
     ):
         self.store, self.key, self.node_id, self.public_key = store, node_key, node_id, public_key
         self.simulated_memory_mib = simulated_memory_mib
-        self.proving: set[str] = set()
-        self.answered: dict[str, Answered] = {}
+        self.trusted = trusted_verifiers
+        self.proving = proving  # GPUs in a session: the scheduler gives them no new work
+        self.sessions: dict[str, Session] = {}
 
     def _gpu(self, uuid: str) -> GpuRecord:
         with self.store.read() as r:
@@ -55,11 +66,13 @@ class ProofService:
         raise NotFound(f"no GPU {uuid!r} on this provider; `gpuprovider gpu list` shows them")
 
     def memory_bytes(self, gpu: GpuRecord) -> int:
-        """What a proof of this GPU must fill: the driver's total, or for a simulated GPU
-        the host memory it proves with the CPU prover."""
+        """What this GPU can fill: the driver's total, or for a simulated GPU the host
+        memory it proves with the CPU prover."""
         return (self.simulated_memory_mib if gpu.simulated else gpu.memory_mib) * MIB
 
     def describe(self, uuid: str) -> dict[str, Any]:
+        """What the provider says about the GPU. A verifier takes the model and whether
+        it is simulated from here, never the memory size or the key."""
         gpu = self._gpu(uuid)
         return {
             "gpu_uuid": gpu.uuid,
@@ -70,48 +83,122 @@ class ProofService:
             "proof": self._latest(uuid),
         }
 
-    def _tasks_on(self, uuid: str) -> list[str]:
-        with self.store.read() as r:
-            return [a.task_id for a in r.tasks.active_allocations() if uuid in a.gpu_uuids]
-
     def _latest(self, uuid: str) -> dict[str, Any] | None:
         with self.store.read() as r:
             return r.proofs.get(uuid)
 
-    async def answer(self, uuid: str, raw: Any) -> dict[str, Any]:
-        """Prove a challenge on one GPU (the daemon keeps serving meanwhile)."""
-        gpu = await asyncio.to_thread(self._gpu, uuid)
+    def _tasks_on(self, uuid: str) -> list[str]:
+        with self.store.read() as r:
+            return [a.task_id for a in r.tasks.active_allocations() if uuid in a.gpu_uuids]
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def _end(self, uuid: str, session: Session) -> None:
+        """Forget a session and free what it held (memory, the GPU for new work)."""
+        if self.sessions.get(uuid) is session:
+            del self.sessions[uuid]
+            self.proving.discard(uuid)
+            session.prover.release()
+            session.prover.states = []
+            with self.store.tx() as tx:
+                tx.signal(Signal.NODES)  # the scheduler may use the GPU again
+
+    def _expire(self, uuid: str, session: Session) -> None:
+        if self.sessions.get(uuid) is session and session.stage not in ("filling", "walking"):
+            log.info("proof session %s on GPU %s expired", session.challenge.id, uuid)
+            self._end(uuid, session)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for uuid, session in list(self.sessions.items()):
+            if now > session.expires:
+                self._expire(uuid, session)
+
+    def _session(self, uuid: str, challenge_id: str, verifier: str, stage: str) -> Session:
+        self._sweep()
+        session = self.sessions.get(uuid)
+        if session is None or session.challenge.id != challenge_id:
+            raise Conflict(f"GPU {uuid} has no open challenge {challenge_id!r}")
+        if session.verifier != verifier:
+            raise Forbidden(f"challenge {challenge_id} belongs to another verifier")
+        if session.stage != stage:
+            raise Conflict(f"challenge {challenge_id} is {session.stage}; this needs {stage}")
+        return session
+
+    def _check_challenge(self, gpu: GpuRecord, raw: Any) -> Challenge:
         try:
-            challenge = Challenge.from_dict(raw if isinstance(raw, dict) else {})
+            challenge = Challenge.from_dict(raw)
         except ProofError as exc:
             raise Rejected(str(exc)) from None
-        if challenge.gpu_uuid != uuid:
-            raise Rejected(f"the challenge names GPU {challenge.gpu_uuid}, not {uuid}")
+        if challenge.gpu_uuid != gpu.uuid:
+            raise Rejected(f"the challenge names GPU {challenge.gpu_uuid}, not {gpu.uuid}")
         if challenge.provider_key != self.public_key:
-            raise Rejected("the challenge names another provider key; fetch this node's key")
-        memory = self.memory_bytes(gpu)
-        if challenge.params.covered_bytes > memory:
+            raise Rejected("the challenge names another provider key; pin this node's key")
+        if challenge.model != gpu.model:
+            raise Rejected(f"the challenge proves a {challenge.model}; this GPU is a {gpu.model}")
+        memory, covered = self.memory_bytes(gpu), challenge.params.covered_bytes
+        if covered > memory:
             raise Rejected(
-                f"the challenge needs {challenge.params.covered_bytes} bytes of matrices; "
-                f"this GPU proves {memory}"
+                f"the challenge needs {covered} bytes of matrices; this GPU has {memory}"
             )
-        if challenge.params.steps * challenge.params.per_step > 64 * challenge.params.matrices:
-            raise Rejected("the challenge uses each matrix more than 64 times; refused")
-        if uuid in self.proving:
-            raise Conflict(f"GPU {uuid} is already answering a challenge; one at a time")
+        if covered < MIN_PROOF_COVER * memory:
+            raise Rejected(
+                f"the challenge covers {covered} bytes, under {MIN_PROOF_COVER:.0%} of this "
+                f"GPU's {memory}: a proof of part of the memory proves nothing"
+            )
+        return challenge
+
+    async def prepare(self, uuid: str, raw: Any, verifier: str) -> dict[str, Any]:
+        """Take a challenge and fill memory with its matrices (untimed). The GPU is the
+        verifier's until its session ends: no other challenge, no new work."""
+        gpu = await asyncio.to_thread(self._gpu, uuid)
+        challenge = self._check_challenge(gpu, raw)
+        self._sweep()
+        if uuid in self.sessions:
+            other = self.sessions[uuid]
+            left = max(0.0, other.expires - time.monotonic())
+            raise Conflict(
+                f"GPU {uuid} is being proved (challenge {other.challenge.id}) for up to "
+                f"{left:.0f} s more; one challenge per GPU at a time"
+            )
         busy = await asyncio.to_thread(self._tasks_on, uuid)
-        if busy and not gpu.simulated:
+        if busy:
             raise Conflict(f"GPU {uuid} runs tasks {', '.join(busy)}; prove it when idle")
-        prover = Prover(challenge, self._backend(gpu))
+        session = Session(
+            challenge,
+            Prover(challenge, self._backend(gpu)),
+            verifier,
+            time.monotonic() + SESSION_S,
+        )
+        self.sessions[uuid] = session
         self.proving.add(uuid)
+        asyncio.get_running_loop().call_later(SESSION_S, self._expire, uuid, session)
         try:
-            commitment = await asyncio.to_thread(prover.commit)
-        finally:
-            self.proving.discard(uuid)
+            fill_s = await asyncio.to_thread(session.prover.fill)
+        except BaseException:
+            self._end(uuid, session)
+            raise
+        session.stage = "filled"
+        return {"challenge_id": challenge.id, "fill_s": round(fill_s, 3)}
+
+    async def walk(self, uuid: str, challenge_id: str, nonce: str, verifier: str) -> dict:
+        """The timed part: walk from the nonce, commit, sign; the matrices are freed."""
+        session = self._session(uuid, challenge_id, verifier, "filled")
+        try:
+            P.check_hex(nonce, 32, "nonce")
+        except ProofError as exc:
+            raise Rejected(str(exc)) from None
+        session.stage = "walking"
+        try:
+            commitment = await asyncio.to_thread(session.prover.walk, nonce)
+        except BaseException:
+            self._end(uuid, session)
+            raise
+        session.prover.release()
+        session.stage = "walked"
         commitment.signature = self.key.sign(
-            P.commitment_digest(challenge.id, commitment.roots)
+            P.commitment_digest(challenge_id, nonce, commitment.roots)
         ).hex()
-        self.answered[uuid] = Answered(challenge, prover, time.monotonic())
         return commitment.to_dict()
 
     def _backend(self, gpu: GpuRecord):
@@ -128,18 +215,9 @@ class ProofService:
             raise Rejected(f"PyTorch does not see GPU {gpu.uuid}")
         return TorchBackend(torch, f"cuda:{index}")
 
-    def _pending(self, uuid: str, challenge_id: str) -> Answered:
-        entry = self.answered.get(uuid)
-        if entry is None or entry.challenge.id != challenge_id:
-            raise Conflict(f"GPU {uuid} has no answered challenge {challenge_id!r}")
-        if time.monotonic() - entry.at > ANSWER_KEPT_S:
-            self.answered.pop(uuid, None)
-            raise Conflict(f"challenge {challenge_id} expired; issue a new one")
-        return entry
-
-    def open(self, uuid: str, challenge_id: str, wanted: Any) -> bytes:
-        entry = self._pending(uuid, challenge_id)
-        params = entry.challenge.params
+    def open(self, uuid: str, challenge_id: str, wanted: Any, verifier: str) -> bytes:
+        session = self._session(uuid, challenge_id, verifier, "walked")
+        params = session.challenge.params
         if not isinstance(wanted, list) or not 1 <= len(wanted) <= params.openings:
             raise Rejected(f"openings: a list of 1 to {params.openings} [step, row, column]")
         triples = []
@@ -152,22 +230,31 @@ class ProofService:
                 raise Rejected("openings: each must be [step, row, column] integers")
             triples.append(tuple(item))
         try:
-            return entry.prover.open(triples)
+            return session.prover.open(triples)
         except ProofError as exc:
             raise Rejected(str(exc)) from None
 
-    def record(self, uuid: str, body: dict[str, Any], verifier: str) -> None:
-        """Store the verifier's verdict for the challenge this GPU last answered."""
-        entry = self._pending(uuid, body["challenge_id"])
-        self.answered.pop(uuid, None)
+    def record(self, uuid: str, signed: Any, verifier: str) -> dict[str, Any]:
+        """Store a verdict a trusted verifier signed for this GPU's open challenge."""
+        gpu = self._gpu(uuid)
+        try:
+            verdict = check_signed_verdict(signed, self.trusted)
+        except ProofError as exc:
+            raise Forbidden(str(exc)) from None
+        session = self._session(uuid, str(verdict["challenge_id"]), verifier, "walked")
+        challenge = session.challenge
+        expected = {
+            "gpu_uuid": uuid,
+            "provider_key": self.public_key,
+            "model": gpu.model,
+            "simulated": gpu.simulated,
+            "covered_bytes": challenge.params.covered_bytes,
+        }
+        for name, value in expected.items():
+            if verdict[name] != value:
+                raise Rejected(f"the verdict's {name} is {verdict[name]!r}; expected {value!r}")
         with self.store.tx() as tx:
-            tx.proofs.save(
-                uuid,
-                self.node_id,
-                entry.challenge.id,
-                body["passed"],
-                body["reason"],
-                body["figures"],
-                verifier,
-            )
+            tx.proofs.save(uuid, self.node_id, verdict, signed["signature"], verifier)
             tx.signal(Signal.NODES)  # `[proof] required` may now allow the GPU
+        self._end(uuid, session)
+        return verdict

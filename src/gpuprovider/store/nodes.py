@@ -20,6 +20,7 @@ _KEPT_NODE = frozenset({"status", "status_reason", "prior_status"})
 _KEPT_GPU = frozenset({"health", "health_reason", "cordon_reason"})
 _NODE_COLUMNS = [f.name for f in fields(NodeRecord) if f.name != "gpus"]
 _GPU_COLUMNS = [f.name for f in fields(GpuRecord) if not f.name.startswith("proof_")]
+_PROOF_COLUMNS = [f.name[len("proof_") :] for f in fields(GpuRecord) if f.name.startswith("proof_")]
 
 
 def _node(row: object) -> NodeRecord:
@@ -53,11 +54,8 @@ class NodeRepo:
         for row in gpu_rows:
             gpu = record(GpuRecord, row)
             if proof := proofs.get(gpu.uuid):
-                gpu.proof_passed, gpu.proof_at, gpu.proof_reason = (
-                    proof.passed,
-                    proof.at,
-                    proof.reason,
-                )
+                for name in _PROOF_COLUMNS:
+                    setattr(gpu, "proof_" + name, getattr(proof, name))
             by_node.setdefault(row.node_id, []).append(gpu)
         nodes = []
         for row in node_rows:

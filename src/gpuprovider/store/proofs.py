@@ -1,4 +1,4 @@
-"""The latest proof-of-GPU verdict per GPU."""
+"""The latest proof-of-GPU verdict per GPU, as a trusted verifier signed it."""
 
 from __future__ import annotations
 
@@ -17,28 +17,27 @@ class ProofRepo:
         self.tx = tx
 
     def save(
-        self,
-        gpu_uuid: str,
-        node_id: str,
-        challenge_id: str,
-        passed: bool,
-        reason: str,
-        figures: dict[str, Any],
-        verifier: str,
+        self, gpu_uuid: str, node_id: str, verdict: dict[str, Any], signature: str, poster: str
     ) -> None:
-        """Keep this verdict as the GPU's latest."""
+        """Keep this signed verdict (checked by the caller) as the GPU's latest."""
         conn = self.tx.conn
         conn.execute(t.gpu_proofs.delete().where(t.gpu_proofs.c.gpu_uuid == gpu_uuid))
         conn.execute(
             insert(t.gpu_proofs).values(
                 gpu_uuid=gpu_uuid,
                 node_id=node_id,
-                challenge_id=challenge_id,
-                passed=passed,
-                reason=reason,
-                figures=figures,
-                verifier=verifier,
+                challenge_id=verdict["challenge_id"],
+                passed=verdict["passed"],
+                reason=verdict["reason"],
+                figures=verdict["figures"],
+                verifier=poster,
                 at=self.tx.now,
+                verifier_key=verdict["verifier_key"],
+                model=verdict["model"],
+                simulated=verdict["simulated"],
+                covered_bytes=verdict["covered_bytes"],
+                timed=verdict["timed"],
+                signed={"verdict": verdict, "signature": signature},
             )
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 # In `meta`: what gpuprovider 0.1.0 reads to refuse a store newer than itself. Alembic's
@@ -166,7 +168,8 @@ events = Table(
     Column("reason", Text, nullable=False),
 )
 
-# The latest proof-of-GPU verdict per GPU, as its verifier reported it.
+# The latest proof-of-GPU verdict per GPU, signed by its verifier (`signed`: the verdict
+# and signature as posted; verifier_key "" for verdicts stored before schema 6).
 gpu_proofs = Table(
     "gpu_proofs",
     metadata,
@@ -176,8 +179,14 @@ gpu_proofs = Table(
     Column("passed", Boolean, nullable=False),
     Column("reason", Text, nullable=False),
     Column("figures", JSON, nullable=False),
-    Column("verifier", String(255), nullable=False),
+    Column("verifier", String(255), nullable=False),  # the token that posted it
     Column("at", Float, nullable=False),
+    Column("verifier_key", String(64), nullable=False, server_default=""),
+    Column("model", String(64), nullable=False, server_default=""),
+    Column("simulated", Boolean, nullable=False, server_default=false()),
+    Column("covered_bytes", BigInteger, nullable=False, server_default="0"),
+    Column("timed", Boolean, nullable=False, server_default=false()),
+    Column("signed", JSON),
 )
 
 # The latest result of each check on each node (`gpuprovider check`, preflight at `up`).

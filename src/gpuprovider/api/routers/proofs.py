@@ -1,4 +1,7 @@
-"""/gpus/{uuid}/proof: proof of GPU, answered by this provider (scope `verify`)."""
+"""/gpus/{uuid}/proof: proof of GPU, answered by this provider (scope `verify`).
+
+A session: POST challenge (fill, untimed), POST walk (the timed part), POST open, then
+POST result with the verdict the verifier signed (stored only from trusted keys)."""
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -8,10 +11,12 @@ from gpuprovider.api.routers import ERRORS
 from gpuprovider.api.schemas import (
     ChallengeIn,
     CommitmentOut,
+    FilledOut,
     OpeningsIn,
     ProofInfoOut,
-    VerdictIn,
+    SignedVerdictIn,
     VerdictStoredOut,
+    WalkIn,
 )
 
 router = APIRouter(prefix="/gpus/{uuid}/proof", tags=["proof of GPU"], responses=ERRORS)
@@ -22,10 +27,16 @@ def proof_info(uuid: str, who: Verifier, service: Proofs) -> dict:
     return service.describe(uuid)
 
 
-@router.post("/challenge", response_model=CommitmentOut)
+@router.post("/challenge", response_model=FilledOut)
 async def challenge(uuid: str, body: ChallengeIn, who: Verifier, service: Proofs) -> dict:
-    """Answer a challenge: fill, chain, commit (the provider keeps serving meanwhile)."""
-    return await service.answer(uuid, body.model_dump())
+    """Take a challenge and fill memory (the provider keeps serving meanwhile)."""
+    return await service.prepare(uuid, body.model_dump(), who.name)
+
+
+@router.post("/walk", response_model=CommitmentOut)
+async def walk(uuid: str, body: WalkIn, who: Verifier, service: Proofs) -> dict:
+    """Walk from the verifier's nonce and commit: the part the verifier times."""
+    return await service.walk(uuid, body.challenge_id, body.nonce, who.name)
 
 
 @router.post(
@@ -34,11 +45,11 @@ async def challenge(uuid: str, body: ChallengeIn, who: Verifier, service: Proofs
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 def open_rows(uuid: str, body: OpeningsIn, who: Verifier, service: Proofs) -> Response:
-    opened = service.open(uuid, body.challenge_id, body.openings)
+    opened = service.open(uuid, body.challenge_id, body.openings, who.name)
     return Response(opened, media_type="application/octet-stream")
 
 
 @router.post("/result", response_model=VerdictStoredOut)
-def result(uuid: str, body: VerdictIn, who: Verifier, service: Proofs) -> dict:
-    service.record(uuid, body.model_dump(), verifier=who.name)
-    return {"gpu_uuid": uuid, "stored": True}
+def result(uuid: str, body: SignedVerdictIn, who: Verifier, service: Proofs) -> dict:
+    verdict = service.record(uuid, body.model_dump(), who.name)
+    return {"gpu_uuid": uuid, "stored": True, "passed": verdict["passed"]}
