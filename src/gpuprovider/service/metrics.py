@@ -138,10 +138,12 @@ class ProviderCollector(Collector):
                     [*labels, _cordon_kind(gpu.cordon_reason) if gpu.cordon_reason else ""],
                     float(bool(gpu.cordon_reason)),
                 )
-                if gpu.proof_passed and gpu.proof_at:
+                trusted = gpu.proof_verifier_key in self.usability.trusted_verifiers
+                if gpu.proof_passed and gpu.proof_at and trusted:
                     f.gauge(
                         "gpuprovider_proof_last_success_timestamp_seconds",
-                        "when the GPU's latest passing proof of GPU was verified",
+                        "when the GPU's latest passing proof of GPU, by a trusted verifier, "
+                        "was verified",
                         GPU_LABELS,
                     ).add_metric(labels, gpu.proof_at)
 
