@@ -103,6 +103,7 @@ def test_cli_init_says_what_exists(tmp_path):
         ("[executor]\nport_range = [9000, 8000]\n", "port_range"),
         ("[colour]\n", "colour: unknown key"),
         ("[isolation]\ndevices = 'some'\n", r"\[isolation\] devices"),
+        ("[proof]\ntrusted_verifiers = ['abc']\n", "not an Ed25519 public key"),
     ],
 )
 def test_config_typos_are_errors_that_name_the_key(tmp_path, text, message):

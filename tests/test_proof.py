@@ -318,6 +318,14 @@ def proven(tmp_path_factory, verifier_home) -> Provider:
     kill_task_processes(p.home)
 
 
+def test_the_verifier_key_is_made_once_and_printed(proven, tmp_path):
+    printed = [proven.cli("--home", str(tmp_path / "v"), "proof", "key") for _ in range(2)]
+    assert printed[0].returncode == 0, printed[0].stderr
+    key = printed[0].stdout.strip()
+    assert len(bytes.fromhex(key)) == 32 and printed[1].stdout.strip() == key
+    assert (tmp_path / "v" / "verifier.key").stat().st_mode & 0o077 == 0
+
+
 def token(provider, name, scopes=("read", "verify")):
     args = ["token", "create", name, "--json"]
     for scope in scopes:
@@ -439,6 +447,31 @@ def test_nobody_but_a_trusted_verifier_makes_a_gpu_read_as_proven(proven, tmp_pa
         headers={"Content-Type": "application/json"},
     )
     assert too_big.status_code == 413
+
+
+def test_an_abandoned_session_ends_and_frees_the_gpu(fresh_provider):
+    p = fresh_provider
+    p.home.config.write_text(
+        p.home.config.read_text().replace("session_s = 900.0", "session_s = 5")
+    )
+    p.start()
+    uuid = p.api.get("/gpus").json()[0]["uuid"]
+    info = p.api.get(f"/gpus/{uuid}/proof").json()
+    good = new_challenge(
+        uuid, info["model"], info["provider_key"], cpu_params(info["memory_bytes"])
+    )
+    assert p.api.post(f"/gpus/{uuid}/proof/challenge", json=good.to_dict()).status_code == 200
+
+    def reason() -> str:
+        return {g["uuid"]: g for g in p.api.get("/gpus").json()}[uuid]["unusable_reason"]
+
+    assert "being proved" in reason()
+    # the verifier walks away: nobody calls again, and the session still ends
+    wait_for(lambda: reason() == "", what="the abandoned session to end", timeout=30)
+    walk = {"challenge_id": good.id, "nonce": "22" * 32}
+    assert p.api.post(f"/gpus/{uuid}/proof/walk", json=walk).status_code == 409
+    again = new_challenge(uuid, info["model"], info["provider_key"], good.params)
+    assert p.api.post(f"/gpus/{uuid}/proof/challenge", json=again.to_dict()).status_code == 200
 
 
 class LyingProvider(BaseHTTPRequestHandler):

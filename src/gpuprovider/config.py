@@ -169,6 +169,8 @@ class ProofConfig(_Section):
     simulated_memory_mib: int = Field(64, ge=1, le=4096)
     # Ed25519 public keys (hex) whose signed verdicts this provider stores and counts.
     trusted_verifiers: list[str] = Field(default_factory=list, max_length=64)
+    # A verifier's session on a GPU ends this long after the fill (or its last step).
+    session_s: float = Field(900.0, ge=5, le=86400)
 
     @field_validator("trusted_verifiers")
     @classmethod
@@ -472,6 +474,9 @@ interval_s = {d.reaper.interval_s}
 required = {str(d.proof.required).lower()}
 max_age_s = {d.proof.max_age_s}
 trusted_verifiers = []
+# A verifier's session (walk, openings, verdict) must end this long after the fill;
+# meanwhile the GPU takes no new work and no other challenge.
+session_s = {d.proof.session_s}
 # A simulated GPU proves this much host memory with the CPU prover.
 simulated_memory_mib = {d.proof.simulated_memory_mib}
 

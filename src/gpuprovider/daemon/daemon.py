@@ -190,6 +190,7 @@ class Daemon:
                 config.proof.simulated_memory_mib,
                 trusted,
                 usability.proving,
+                config.proof.session_s,
             ),
             calls=Calls(self.store),
         )

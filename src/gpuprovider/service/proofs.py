@@ -25,7 +25,7 @@ from gpuprovider.store.store import Store
 log = logging.getLogger(__name__)
 
 MIB = 2**20
-SESSION_S = 900.0  # a verifier's session on a GPU: fill, walk, open and verdict within this
+BUSY = ("filling", "walking")  # stages a session cannot expire in
 
 
 @dataclass
@@ -47,11 +47,13 @@ class ProofService:
         simulated_memory_mib: int,
         trusted_verifiers: frozenset[str],
         proving: set[str],
+        session_s: float,
     ):
         self.store, self.key, self.node_id, self.public_key = store, node_key, node_id, public_key
         self.simulated_memory_mib = simulated_memory_mib
         self.trusted = trusted_verifiers
         self.proving = proving  # GPUs in a session: the scheduler gives them no new work
+        self.session_s = session_s  # after the fill: walk, open and verdict within this
         self.sessions: dict[str, Session] = {}
 
     def _gpu(self, uuid: str) -> GpuRecord:
@@ -103,16 +105,28 @@ class ProofService:
             with self.store.tx() as tx:
                 tx.signal(Signal.NODES)  # the scheduler may use the GPU again
 
+    @staticmethod
+    def _expired(session: Session) -> bool:
+        return session.stage not in BUSY and time.monotonic() > session.expires
+
+    def _arm(self, uuid: str, session: Session) -> None:
+        """End the session when it expires, whether or not anyone calls again."""
+        wait = max(0.5, session.expires - time.monotonic())
+        asyncio.get_running_loop().call_later(wait, self._expire, uuid, session)
+
     def _expire(self, uuid: str, session: Session) -> None:
-        if self.sessions.get(uuid) is session and session.stage not in ("filling", "walking"):
-            log.info("proof session %s on GPU %s expired", session.challenge.id, uuid)
-            self._end(uuid, session)
+        if self.sessions.get(uuid) is not session:
+            return
+        if not self._expired(session):
+            self._arm(uuid, session)
+            return
+        log.info("proof session %s on GPU %s expired", session.challenge.id, uuid)
+        self._end(uuid, session)
 
     def _sweep(self) -> None:
-        now = time.monotonic()
         for uuid, session in list(self.sessions.items()):
-            if now > session.expires:
-                self._expire(uuid, session)
+            if self._expired(session):
+                self._end(uuid, session)
 
     def _session(self, uuid: str, challenge_id: str, verifier: str, stage: str) -> Session:
         self._sweep()
@@ -168,17 +182,17 @@ class ProofService:
             challenge,
             Prover(challenge, self._backend(gpu)),
             verifier,
-            time.monotonic() + SESSION_S,
+            time.monotonic() + self.session_s,
         )
         self.sessions[uuid] = session
         self.proving.add(uuid)
-        asyncio.get_running_loop().call_later(SESSION_S, self._expire, uuid, session)
+        self._arm(uuid, session)
         try:
             fill_s = await asyncio.to_thread(session.prover.fill)
         except BaseException:
             self._end(uuid, session)
             raise
-        session.stage = "filled"
+        session.stage, session.expires = "filled", time.monotonic() + self.session_s
         return {"challenge_id": challenge.id, "fill_s": round(fill_s, 3)}
 
     async def walk(self, uuid: str, challenge_id: str, nonce: str, verifier: str) -> dict:
