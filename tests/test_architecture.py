@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "gpuprovider"
 EVERYTHING = {
     "domain", "scheduler", "store", "lifecycle", "backends", "service", "daemon", "api",
     "cli", "check", "proof", "inventory", "identity", "config", "home", "bootstrap",
-    "testing", "telemetry",
+    "testing", "telemetry", "market", "hub",
 }  # fmt: skip
 FORBIDDEN = {
     "isolation": EVERYTHING,
@@ -26,6 +26,19 @@ FORBIDDEN = {
     "service": {"daemon", "api", "cli"},
     "api": {"store", "lifecycle", "daemon", "cli", "backends"},
     "daemon": {"api.routers", "cli"},
+    # market/ is a library (model, pricing, usage, the hub's client); hub/ is the hub app
+    "market": {
+        "store",
+        "lifecycle",
+        "service",
+        "daemon",
+        "api",
+        "cli",
+        "backends",
+        "scheduler",
+        "hub",
+    },
+    "hub": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
 }
 
 

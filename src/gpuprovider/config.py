@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -19,6 +19,7 @@ from pydantic import (
 from gpuprovider.domain import catalogue
 from gpuprovider.gateway.tls import certificate_names, is_domain
 from gpuprovider.isolation.policy import Settings
+from gpuprovider.market.pricing import PriceTable
 from gpuprovider.scheduler.plugins import POLICIES
 from gpuprovider.telemetry.alerts import Alerter, Smtp
 from gpuprovider.telemetry.rules import DEFAULT_RULES, RepairRule, merge_rules, parse_duration
@@ -315,6 +316,22 @@ class GatewayConfig(_Section):
         return self
 
 
+class MarketConfig(_Section):
+    """[market.<name>]: a market this provider takes work from (the reference hub)."""
+
+    kind: Literal["hub"] = "hub"
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    # The hub's verifier key (`gpuprovider hub key`): its proofs of this provider's GPUs
+    # are trusted like a key in [proof] trusted_verifiers.
+    verifier_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    provider_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$")  # default: the node's
+    api_url: str = ""  # where the hub reaches this API; default http://[api] host:port
+    priority: int = Field(500, ge=-1000, le=1000)  # lease tasks: preemptible work gives way
+    heartbeat_s: float = Field(10.0, gt=0, le=3600)
+    usage_interval_s: float = Field(60.0, ge=0.5, le=86400)
+    bid_valid_s: float = Field(60.0, gt=0, le=3600)
+
+
 class ProviderConfig(_Section):
     api: ApiConfig = Field(default_factory=ApiConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -329,6 +346,10 @@ class ProviderConfig(_Section):
     repair: RepairConfig = Field(default_factory=RepairConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    pricing: PriceTable = Field(default_factory=PriceTable)
+    market: dict[Annotated[str, Field(pattern=r"^[a-z0-9-]{1,32}$")], MarketConfig] = Field(
+        default_factory=dict, max_length=8
+    )
     # Per tenant: work within its GPUs is guaranteed; work beyond them runs only as
     # preemptible. A tenant without an entry has no limit.
     quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
@@ -558,6 +579,31 @@ tls_key = "{d.gateway.tls_key}"
 read_timeout_s = {d.gateway.read_timeout_s}
 # How often the router fetches routes: a replica set change is routable within this.
 refresh_s = {d.gateway.refresh_s}
+
+[pricing]
+# What market orders are charged here, in currency units per hour (USD on the
+# reference hub): per GPU model id or family (an id wins; a model with no price is not
+# offered, never priced at a guess), plus per core, GB of memory and GB of storage.
+# `gpuprovider price quote ORDER.json` shows what an order would cost and why.
+gpu_hour = {{}}  # e.g. {{ "h100" = 1.83, "rtx-4090-24gb" = 0.52 }}
+cpu_hour = {d.pricing.cpu_hour}
+memory_gb_hour = {d.pricing.memory_gb_hour}
+storage_gb_hour = {d.pricing.storage_gb_hour}
+min_duration_s = {d.pricing.min_duration_s}
+# Or an Akash provider's pricing script: the order as Akash's JSON on stdin, a price
+# per block (script_block_s) in micros on stdout.
+script = "{d.pricing.script}"
+script_block_s = {d.pricing.script_block_s}
+script_timeout_s = {d.pricing.script_timeout_s}
+script_concurrency = {d.pricing.script_concurrency}
+
+# Markets this provider takes work from (`gpuprovider market status`):
+# [market.hub]
+# url = "http://127.0.0.1:8090"      # `gpuprovider hub serve`
+# verifier_key = "..."               # `gpuprovider hub key`: its proofs are trusted
+# provider_name = ""                 # default: this node's name
+# priority = 500                     # lease tasks preempt preemptible work below this
+# usage_interval_s = 60              # signed, chained usage records per lease
 
 # Per-tenant GPU quotas (DLWS style): work within a tenant's quota is guaranteed;
 # beyond it, work runs only as preemptible and gives way to guaranteed work.

@@ -126,6 +126,75 @@ def watch_home(
     home.config.write_text(text)
 
 
+def market_home(
+    home: Home,
+    hub_url: str,
+    hub_key: str,
+    gpu_hour: dict[str, float],
+    usage_interval_s: float = 1.0,
+    api_url: str = "",
+    simulated_memory_mib: int = 16,
+) -> None:
+    """Have `home` take work from the hub at `hub_url` (trusting its verifier key), price
+    GPUs by `gpu_hour`, beat each second and prove simulated GPUs over a few MiB."""
+    text = home.config.read_text()
+    prices = ", ".join(f'"{model}" = {price}' for model, price in gpu_hour.items())
+    text = _set_once(text, r"(?m)^gpu_hour = \{\}.*$", f"gpu_hour = {{ {prices} }}")
+    text = _set_once(
+        text, r"(?m)^simulated_memory_mib = .*$", f"simulated_memory_mib = {simulated_memory_mib}"
+    )
+    home.config.write_text(
+        text
+        + f"""
+[market.hub]
+url = "{hub_url}"
+verifier_key = "{hub_key}"
+heartbeat_s = 1.0
+usage_interval_s = {usage_interval_s}
+api_url = "{api_url}"
+"""
+    )
+
+
+class HubProcess:
+    """A `gpuprovider hub serve` subprocess on 127.0.0.1, with its admin token."""
+
+    def __init__(self, folder: Path, port: int, *extra: str):
+        self.folder, self.port = folder, port
+        self.url = f"http://127.0.0.1:{port}"
+        folder.mkdir(parents=True, exist_ok=True)
+        log = open(folder / "hub.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [GPUPROVIDER, "hub", "serve", "--dir", str(folder), "--port", str(port), *extra],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(self._answers, timeout=20, what="the hub to answer")
+        self.key = httpx.get(self.url + "/v1/info").json()["verifier_key"]
+        self.admin = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {(folder / 'admin.token').read_text().strip()}"},
+            timeout=30,
+        )
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the hub exited: {(self.folder / 'hub.log').read_text()}")
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(self.url + "/v1/info", timeout=1).status_code == 200
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class StandinGpus:
     """A stand-in NVML's script (`telemetry/standin.py`): H100s a test can make fail.
     Hand `env` to the daemon; change a GPU with `set` (written at once, atomically)."""

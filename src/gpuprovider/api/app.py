@@ -14,6 +14,7 @@ from gpuprovider.api.deps import Services
 from gpuprovider.api.routers import (
     gpus,
     health,
+    market,
     nodes,
     proofs,
     tasks,
@@ -75,7 +76,7 @@ def create_app(services: Services) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ServiceError, _refused)
     app.add_exception_handler(StarletteHTTPException, _http)
-    for module in (health, tasks, nodes, gpus, proofs, tokens, watch, service_routes):
+    for module in (health, tasks, nodes, gpus, proofs, tokens, watch, service_routes, market):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(watch.metrics_router)
     return app

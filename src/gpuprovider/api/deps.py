@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import Depends, Header, Request
@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Request
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.service.calls import Calls
 from gpuprovider.service.errors import Unavailable
+from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
@@ -35,6 +36,7 @@ class Services:
     repair: RepairService | None = None
     metrics: Metrics | None = None
     serving: Serving | None = None
+    markets: list[MarketService] = field(default_factory=list)
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)

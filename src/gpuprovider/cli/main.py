@@ -13,7 +13,9 @@ from gpuprovider.cli.check import check
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import Globals
 from gpuprovider.cli.gateway import gateway_app, service_app
+from gpuprovider.cli.hub import hub_app
 from gpuprovider.cli.key import key_app
+from gpuprovider.cli.market import market_app, price_app
 from gpuprovider.cli.output import errors
 from gpuprovider.cli.proof import proof_app
 from gpuprovider.cli.resources import gpu_app, node_app, token_app
@@ -60,6 +62,9 @@ app.add_typer(repair_app, name="repair")
 app.add_typer(service_app, name="service")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(alert_app, name="alert")
+app.add_typer(market_app, name="market")
+app.add_typer(price_app, name="price")
+app.add_typer(hub_app, name="hub")
 app.command("accounting")(accounting)
 gpu_app.command("history")(gpu_history)
 

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import signal
 import socket
 from collections.abc import Iterator
@@ -34,13 +35,16 @@ from gpuprovider.daemon.gateway import (
 )
 from gpuprovider.daemon.inventory import InventoryLoop
 from gpuprovider.daemon.loops import Loop, ReaperLoop
+from gpuprovider.daemon.market import MarketKeeper, MarketReader
 from gpuprovider.daemon.scheduling import SchedulerLoop
 from gpuprovider.daemon.telemetry import TelemetryLoop
 from gpuprovider.domain.usability import Usability
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
+from gpuprovider.market.pricing import Pricing
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
+from gpuprovider.service.market import MarketService, MarketSettings
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
@@ -117,7 +121,9 @@ class Daemon:
             log.info("store upgraded from schema %s to %s", upgraded.before, upgraded.after)
         key = load_node_key(home.node_key)
         self.node_id, public_key = node_id_for(key), public_key_hex(key)
-        trusted = frozenset(config.proof.trusted_verifiers)
+        trusted = frozenset(config.proof.trusted_verifiers) | {
+            m.verifier_key.lower() for m in config.market.values()
+        }
         usability = Usability(config.proof.max_age_s if config.proof.required else None, trusted)
         engine = partial(container_engine, config.executor.container_engine)
         self.backend = self._backend(public_key)
@@ -167,21 +173,49 @@ class Daemon:
             (Signal.EXITED, self.executor.wake),
         ):
             self.signals.subscribe(fired, listener)
-        self.services = Services(
-            tasks=TaskService(
+        tasks = TaskService(
+            self.store,
+            framework_policy,
+            usability,
+            self.backend,
+            engine,
+            self.serving,
+            workdir_roots=config.isolation.workdir_roots,
+        )
+        tokens = TokenService(self.store)
+        markets = [
+            MarketService(
                 self.store,
-                framework_policy,
-                usability,
-                self.backend,
-                engine,
-                self.serving,
-                workdir_roots=config.isolation.workdir_roots,
-            ),
+                tasks,
+                tokens,
+                key,
+                Pricing(config.pricing),
+                MarketSettings(
+                    name=name,
+                    url=m.url,
+                    api_url=m.api_url or f"http://{config.api.host}:{config.api.port}",
+                    provider_name=m.provider_name
+                    or re.sub(
+                        r"[^A-Za-z0-9_.-]", "-", config.inventory.node_name or socket.gethostname()
+                    )[:64],
+                    priority=m.priority,
+                    heartbeat_s=m.heartbeat_s,
+                    usage_interval_s=m.usage_interval_s,
+                    bid_valid_s=m.bid_valid_s,
+                ),
+            )
+            for name, m in config.market.items()
+        ]
+        for market in markets:
+            self.loops += [MarketReader(market), MarketKeeper(market)]
+        self.services = Services(
+            tasks=tasks,
             nodes=NodeService(self.store, usability),
             repair=self.repair,
             metrics=self.metrics,
             serving=self.serving,
-            tokens=TokenService(self.store),
+            tokens=tokens,
+            markets=markets,
             proofs=ProofService(
                 self.store,
                 key,

@@ -168,6 +168,33 @@ class TaskService:
             )
         return verdict
 
+    def placeable(self, spec: TaskSpec) -> tuple[bool, bool, str]:
+        """Whether `spec` fits now, and whether it would once the work that must give way
+        to it (preemptible, of lower priority) did: (now, after that, why not now)."""
+        self._check_runnable(spec)
+        with self.store.read() as r:
+            nodes = r.nodes.list()
+            allocations = r.tasks.active_allocations()
+            holders = {a.task_id: r.tasks.get(a.task_id) for a in allocations}
+        kept = [
+            a
+            for a in allocations
+            if not (
+                (holder := holders.get(a.task_id))
+                and holder.spec.get("preemptible")
+                and holder.priority < spec.priority
+            )
+        ]
+        request = task_request("placeable", spec)
+        with self._framework_lock:
+            now = self._framework.place_one(
+                build_snapshot(nodes, allocations, self.usability), request
+            )
+            if isinstance(now, Placement):
+                return True, True, ""
+            later = self._framework.place_one(build_snapshot(nodes, kept, self.usability), request)
+        return False, isinstance(later, Placement), now.reason
+
     # -- read ----------------------------------------------------------------------
 
     def visible(self, ref: str, who: TokenRecord) -> TaskRecord:

@@ -263,3 +263,40 @@ service_events = Table(
     Column("at", Float, nullable=False),
     Column("reason", Text, nullable=False),
 )
+
+# The provider's side of each market lease (migration 0007): the order as it came, what
+# was decided and why, the task that realises it, and the usage chain sent so far.
+market_leases = Table(
+    "market_leases",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("market", String(64), nullable=False, index=True),
+    Column("state", String(24), nullable=False),
+    Column("order", JSON, nullable=False),
+    Column("model", String(64), nullable=False, server_default=""),
+    Column("price_per_hour", BigInteger, nullable=False, server_default="0"),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("task_id", String(32)),
+    Column("endpoint", String(512), nullable=False, server_default=""),
+    Column("running_since", Float),
+    Column("ended_at", Float),
+    Column("close_reason", String(32), nullable=False, server_default=""),
+    Column("reported", String(24), nullable=False, server_default=""),  # what the hub knows
+    Column("usage_seq", Integer, nullable=False, server_default="0"),
+    Column("usage_hash", String(64), nullable=False, server_default=""),
+    Column("usage_until", Float),
+    Column("usage_gpu_seconds", Float, nullable=False, server_default="0"),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Where each market's event stream was read up to, and this provider's standing there.
+market_cursors = Table(
+    "market_cursors",
+    metadata,
+    Column("market", String(64), primary_key=True),
+    Column("last_event", Integer, nullable=False, server_default="0"),
+    Column("status", String(24), nullable=False, server_default=""),
+    Column("status_reason", Text, nullable=False, server_default=""),
+    Column("updated_at", Float, nullable=False),
+)

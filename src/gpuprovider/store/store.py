@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, literal, select
 
 from gpuprovider.store.checks import CheckRepo
+from gpuprovider.store.market import MarketRepo
 from gpuprovider.store.nodes import NodeRepo
 from gpuprovider.store.proofs import ProofRepo
 from gpuprovider.store.repairs import RepairRepo
@@ -103,6 +104,10 @@ class Tx:
     @cached_property
     def services(self) -> ServiceRepo:
         return ServiceRepo(self)
+
+    @cached_property
+    def market(self) -> MarketRepo:
+        return MarketRepo(self)
 
 
 class Store:

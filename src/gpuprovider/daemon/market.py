@@ -1,0 +1,51 @@
+"""The daemon's side of each market: one thread reads the hub's event stream (and
+registers first), another keeps leases in step (task states, usage, heartbeats)."""
+
+from __future__ import annotations
+
+import logging
+
+from gpuprovider.daemon.loops import Loop
+from gpuprovider.market.client import HubRefused, HubUnreachable
+from gpuprovider.service.market import MarketService
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 3.0  # after the hub could not be reached
+
+
+class MarketReader(Loop):
+    """Registers with the hub, then follows its events from the saved cursor; when the
+    stream ends or breaks, reconnects (resuming where it stopped)."""
+
+    def __init__(self, market: MarketService):
+        super().__init__(f"market-{market.market}-events", RETRY_S)
+        self.market = market
+
+    def tick(self) -> float | None:
+        try:
+            if not self.market.registered:
+                self.market.register()
+            for event in self.market.client.events(self.market.cursor()["last_event"]):
+                self.market.handle(event)
+                if self._stopping.is_set():
+                    return None
+        except (HubUnreachable, HubRefused) as exc:
+            log.warning("market %s: %s; retrying in %.0f s", self.market.market, exc, RETRY_S)
+            return RETRY_S
+        return 0.2  # the stream ended: reconnect
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        self.market.client.close()  # unblocks a stream read
+        super().stop(timeout_s)
+
+
+class MarketKeeper(Loop):
+    def __init__(self, market: MarketService):
+        super().__init__(f"market-{market.market}-leases", 0.5)
+        self.market = market
+
+    def tick(self) -> float | None:
+        self.market.maintain()
+        return None

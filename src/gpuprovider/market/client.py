@@ -1,0 +1,107 @@
+"""A client of the reference hub: every request signed with one Ed25519 key (a
+provider's node key, or a tenant's key), and the server-sent event stream with resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gpuprovider.identity.signing import sign_request
+
+
+class HubUnreachable(RuntimeError):
+    """The hub did not answer (down, refused, timed out)."""
+
+
+class HubRefused(RuntimeError):
+    """The hub answered with an error: the message is the hub's."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"hub: {status} {message}")
+        self.status = status
+
+
+@dataclass
+class Event:
+    seq: int
+    kind: str
+    data: dict[str, Any]
+
+
+class HubClient:
+    def __init__(self, url: str, key: Ed25519PrivateKey, timeout_s: float = 10.0):
+        self.url = url.rstrip("/")
+        self.key = key
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _signed(
+        self, method: str, path: str, body: Any = None, timeout: httpx.Timeout | None = None
+    ) -> httpx.Request:
+        content = json.dumps(body).encode() if body is not None else b""
+        headers = sign_request(self.key, method, path, content)
+        if content:
+            headers["Content-Type"] = "application/json"
+        extra = {"timeout": timeout} if timeout else {}
+        return self.http.build_request(method, path, content=content, headers=headers, **extra)
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            response = self.http.send(self._signed(method, path, body))
+        except httpx.TransportError as exc:
+            raise HubUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error", response.text)
+            except ValueError:
+                message = response.text[:300]
+            raise HubRefused(response.status_code, message)
+        return response.json()
+
+    def info(self) -> dict[str, Any]:
+        try:
+            return self.http.get("/v1/info").json()
+        except (httpx.TransportError, ValueError) as exc:
+            raise HubUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
+
+    def events(self, after: int, timeout_s: float = 30.0) -> Iterator[Event]:
+        """Events after `after`, as they come; ends when the stream does (reconnect with
+        the last seq seen). A malformed event ends the stream too."""
+        path = f"/v1/events?after={after}"
+        request = self._signed("GET", path, timeout=httpx.Timeout(5.0, read=timeout_s))
+        request.headers["Last-Event-ID"] = str(after)
+        try:
+            response = self.http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise HubUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
+        try:
+            if response.status_code >= 400:
+                response.read()
+                raise HubRefused(response.status_code, response.text[:300])
+            fields: dict[str, str] = {}
+            for line in response.iter_lines():
+                if line == "":
+                    if "data" in fields:
+                        try:
+                            yield Event(
+                                int(fields["id"]),
+                                fields.get("event", "message"),
+                                json.loads(fields["data"]),
+                            )
+                        except (KeyError, ValueError):
+                            return
+                    fields = {}
+                elif not line.startswith(":") and ":" in line:
+                    name, _, value = line.partition(":")
+                    fields[name] = value.removeprefix(" ")
+        except httpx.TransportError:
+            return
+        finally:
+            response.close()

@@ -1,0 +1,486 @@
+"""The provider's side of a market (the reference hub): register, price and bid on
+orders, realise won leases as tasks, report their state and signed, hash-chained usage,
+and close them. Called from two daemon threads: the event reader (`handle`) and the
+maintainer (`maintain`); every step is one short transaction on the lease's row."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from gpuprovider.domain.records import TokenRecord
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.states import TERMINAL, TaskState
+from gpuprovider.market.client import Event, HubClient, HubRefused, HubUnreachable
+from gpuprovider.market.model import (
+    Action,
+    CloseReason,
+    Decision,
+    LeaseState,
+    Order,
+    charge,
+)
+from gpuprovider.market.pricing import Pricing, Unpriceable
+from gpuprovider.market.usage import Usage, genesis, seal
+from gpuprovider.service.errors import ServiceError
+from gpuprovider.service.tasks import TaskService
+from gpuprovider.service.tokens import TokenService
+from gpuprovider.store.store import Store
+
+log = logging.getLogger(__name__)
+L = LeaseState
+LIVE = {L.AWAITING_PAYLOAD, L.PROVISIONING, L.RUNNING, L.CLOSING}
+REPORTED = {L.PROVISIONING: "provisioning", L.RUNNING: "running", L.CLOSED: "closed"}
+
+
+@dataclass
+class MarketSettings:
+    name: str  # the market's name in config: [market.<name>]
+    url: str  # the hub
+    api_url: str  # where the hub's verifier reaches this provider's API
+    provider_name: str  # this provider's name on the hub
+    priority: int = 500  # lease tasks' priority: the operator's preemptible work gives way
+    heartbeat_s: float = 10.0
+    usage_interval_s: float = 60.0
+    bid_valid_s: float = 60.0
+
+
+def lease_spec(lease_id: str, order: Order, model: str, priority: int, market: str) -> TaskSpec:
+    """The task that realises a lease: the tenant's payload, with the order's resources,
+    duration and the market's priority (the payload cannot raise or lower them)."""
+    payload = dict(order.payload or {})
+    r = order.resources
+    labels = dict(payload.get("labels") or {}) | {"market": market, "lease": lease_id}
+    payload |= {
+        "name": f"lease-{lease_id}"[:63],
+        "kind": order.kind,
+        "resources": {
+            "gpu": f"{model}:{r.gpus:g}" if r.gpus else "0",
+            "cpu": r.cpus,
+            "memory_mib": int(r.memory_gb * 1024),
+        },
+        "priority": priority,
+        "preemptible": False,
+        "max_duration_s": float(order.duration_s),
+        "labels": labels,
+    }
+    return TaskSpec.model_validate(payload)
+
+
+class MarketService:
+    def __init__(
+        self,
+        store: Store,
+        tasks: TaskService,
+        tokens: TokenService,
+        key: Ed25519PrivateKey,
+        pricing: Pricing,
+        settings: MarketSettings,
+    ):
+        self.store, self.tasks, self.tokens, self.key = store, tasks, tokens, key
+        self.pricing, self.settings = pricing, settings
+        self.market = settings.name
+        self.client = HubClient(settings.url, key)
+        self.who = TokenRecord(
+            id=f"market:{self.market}",
+            name=f"market:{self.market}",
+            scopes=["read", "submit"],
+            tenant=f"market-{self.market}",
+            created_at=time.time(),
+        )
+        self.registered = False
+        self.last_beat = 0.0
+        self.figures = {"orders": 0, "bids": 0, "declined": 0, "won": 0, "lost": 0}
+
+    # -- joining --------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Register with the hub, giving it a fresh verify token so its verifier can
+        prove this provider's GPUs (the hub's key must be in [proof] trusted_verifiers)."""
+        made = self.tokens.create(
+            f"market-{self.market}-{int(time.time())}-{secrets.token_hex(2)}",
+            ["read", "verify"],
+            tenant=self.who.tenant,
+            expires_in_s=7 * 86400,
+        )
+        answer = self.client.call(
+            "POST",
+            "/v1/providers",
+            {
+                "name": self.settings.provider_name,
+                "api_url": self.settings.api_url,
+                "verify_token": made["token"],
+            },
+        )
+        self._cursor(status=answer["status"], status_reason=answer["status_reason"])
+        self.registered = True
+        self.last_beat = time.time()
+
+    def _cursor(self, **values: Any) -> None:
+        with self.store.tx() as tx:
+            tx.market.set_cursor(self.market, **values)
+
+    def cursor(self) -> dict[str, Any]:
+        with self.store.read() as r:
+            return r.market.cursor(self.market)
+
+    # -- events ---------------------------------------------------------------------
+
+    def handle(self, event: Event) -> None:
+        """One event from the hub; a malformed one is logged and skipped."""
+        try:
+            if event.kind == "admission":
+                self._cursor(
+                    status=str(event.data["status"]),
+                    status_reason=str(event.data.get("reason", ""))[:2000],
+                )
+            elif event.kind == "order":
+                self.on_order(event.data)
+            elif event.kind == "won":
+                self.on_won(
+                    str(event.data["lease_id"]),
+                    int(event.data["price_per_hour"]),
+                    event.data["order"],
+                )
+            elif event.kind == "lost":
+                self._settle_offer(str(event.data["order_id"]), L.LOST, "another provider won")
+            elif event.kind == "close":
+                self.on_close(str(event.data["lease_id"]), str(event.data["reason"]))
+        except (KeyError, TypeError, ValueError, ValidationError) as exc:
+            log.warning("market %s: skipped a malformed %s event: %s", self.market, event.kind, exc)
+        self._cursor(last_event=event.seq)
+
+    def decide(self, order: Order, mode: str) -> tuple[Decision, str]:
+        """(decision, GPU model priced) for an order: the cheapest of our models that fits
+        now or once the operator's preemptible work gives way, if under the cap."""
+        reasons, quotes = [], []
+        with self.store.read() as r:
+            ours = {g.model for n in r.nodes.list() for g in n.gpus if g.present}
+        models = sorted(order.resources.models() & ours) if order.resources.gpus else [""]
+        if not models:
+            wanted = order.resources.gpu_model or "any GPU"
+            return Decision(Action.DECLINE, f"no {wanted} here"), ""
+        for model in models:
+            try:
+                spec = (
+                    lease_spec(order.id, order, model or "0", self.settings.priority, self.market)
+                    if model
+                    else None
+                )
+                if spec is not None:
+                    now, later, why = self.tasks.placeable(spec)
+                    if not (now or later):
+                        reasons.append(f"{model}: {why}")
+                        continue
+                quotes.append((self.pricing.quote(order, model or "cpu"), model))
+            except Unpriceable as exc:
+                reasons.append(str(exc))
+            except ValidationError as exc:
+                return Decision(
+                    Action.DECLINE, f"payload is not a task spec: {exc.errors()[0]['msg']}"
+                ), ""
+        if not quotes:
+            return Decision(Action.DECLINE, "; ".join(reasons) or "cannot run it"), ""
+        quote, model = min(quotes, key=lambda q: q[0].price_per_hour)
+        if quote.price_per_hour > order.max_price_per_hour:
+            return Decision(
+                Action.DECLINE,
+                f"our price {quote.price_per_hour} is above the cap {order.max_price_per_hour} "
+                f"micros per hour ({quote.explain()})",
+            ), model
+        action = Action.BID if mode == "auction" else Action.ACCEPT
+        expires = time.time() + self.settings.bid_valid_s
+        return Decision(action, quote.explain(), quote.price_per_hour, expires), model
+
+    def on_order(self, data: dict[str, Any]) -> None:
+        order = Order.model_validate(data["order"])
+        mode = str(data.get("mode", "auction"))
+        self.figures["orders"] += 1
+        with self.store.read() as r:
+            if r.market.get(order.id):
+                return  # seen before (a resumed stream)
+        decision, model = self.decide(order, mode)
+        state = L.LOST if decision.action == Action.DECLINE else L.BIDDING
+        with self.store.tx() as tx:
+            tx.market.add(
+                order.id,
+                self.market,
+                state.value,
+                order.model_dump(),
+                model=model,
+                price_per_hour=decision.price_per_hour,
+                reason=decision.reason,
+            )
+        try:
+            if decision.action == Action.BID:
+                self.client.call(
+                    "POST",
+                    f"/v1/orders/{order.id}/bids",
+                    {
+                        "price_per_hour": decision.price_per_hour,
+                        "valid_s": self.settings.bid_valid_s,
+                    },
+                )
+                self.figures["bids"] += 1
+            elif mode == "dispatch":
+                body = {
+                    "accept": decision.action == Action.ACCEPT,
+                    "price_per_hour": decision.price_per_hour,
+                    "reason": decision.reason[:500],
+                }
+                self.client.call("POST", f"/v1/orders/{order.id}/dispatch", body)
+            if decision.action == Action.DECLINE:
+                self.figures["declined"] += 1
+        except (HubRefused, HubUnreachable) as exc:
+            self._settle_offer(order.id, L.EXPIRED, f"the hub refused the answer: {exc}")
+
+    def _settle_offer(self, lease_id: str, state: LeaseState, reason: str) -> None:
+        with self.store.tx() as tx:
+            lease = tx.market.get(lease_id)
+            if lease and lease["state"] in (L.OFFERED.value, L.BIDDING.value):
+                tx.market.set(lease_id, state=state.value, reason=reason)
+                self.figures["lost"] += state == L.LOST
+
+    def on_won(self, lease_id: str, price: int, raw_order: dict[str, Any]) -> None:
+        order = Order.model_validate(raw_order)
+        with self.store.tx() as tx:
+            lease = tx.market.get(lease_id)
+            if lease is None:  # won after a restart lost the offer: take the hub's word
+                tx.market.add(lease_id, self.market, L.BIDDING.value, order.model_dump())
+                lease = tx.market.get(lease_id)
+            if lease["state"] not in (L.OFFERED.value, L.BIDDING.value):
+                return  # a repeated event
+            self.figures["won"] += 1
+            if order.payload is None:
+                tx.market.set(lease_id, state=L.AWAITING_PAYLOAD.value, price_per_hour=price)
+                return
+            tx.market.set(lease_id, state=L.WON.value, price_per_hour=price)
+        model = lease["model"] or self._any_model(order)
+        try:
+            spec = lease_spec(lease_id, order, model, self.settings.priority, self.market)
+            view, _ = self.tasks.submit(spec, self.who, idempotency_key=lease_id)
+        except (ValidationError, ServiceError) as exc:
+            self._closed(lease_id, CloseReason.FAILED, f"could not start: {exc}")
+            return
+        endpoint = ""
+        if service := view.get("service"):
+            endpoint = (service.get("urls") or [""])[0]
+        with self.store.tx() as tx:
+            tx.market.set(
+                lease_id, state=L.PROVISIONING.value, task_id=view["id"], endpoint=endpoint
+            )
+
+    def _any_model(self, order: Order) -> str:
+        with self.store.read() as r:
+            ours = {g.model for n in r.nodes.list() for g in n.gpus if g.present}
+        fits = sorted(order.resources.models() & ours)
+        return fits[0] if fits else "0"
+
+    def on_close(self, lease_id: str, reason: str) -> None:
+        """The hub ends the lease: stop its tasks; `maintain` reports once they stopped."""
+        with self.store.tx() as tx:
+            lease = tx.market.get(lease_id)
+            if lease is None or lease["state"] in (L.CLOSED.value, L.CLOSING.value):
+                return
+            tx.market.set(lease_id, state=L.CLOSING.value, close_reason=CloseReason(reason).value)
+        if lease["task_id"]:
+            with contextlib.suppress(ServiceError):  # already over: maintain sees it
+                self.tasks.cancel(lease["task_id"], self.who)
+
+    # -- keeping leases in step -----------------------------------------------------
+
+    def _closed(self, lease_id: str, reason: CloseReason, detail: str) -> None:
+        with self.store.tx() as tx:
+            lease = tx.market.get(lease_id)
+            if lease and lease["state"] != L.CLOSED.value:
+                tx.market.set(
+                    lease_id,
+                    state=L.CLOSED.value,
+                    close_reason=lease["close_reason"] or reason.value,
+                    reason=detail[:2000],
+                    ended_at=lease["ended_at"] or time.time(),
+                )
+
+    def maintain(self) -> None:
+        """Follow each live lease's task, report states and usage, beat."""
+        now = time.time()
+        if self.registered and now - self.last_beat >= self.settings.heartbeat_s:
+            try:
+                self.client.call("POST", "/v1/providers/heartbeat")
+                self.last_beat = now
+            except (HubRefused, HubUnreachable) as exc:
+                log.warning("market %s: heartbeat failed: %s", self.market, exc)
+        with self.store.read() as r:
+            leases = r.market.list(self.market, {s.value for s in LIVE} | {L.CLOSED.value})
+            tasks = {
+                lease["task_id"]: r.tasks.get(lease["task_id"])
+                for lease in leases
+                if lease["task_id"]
+            }
+        for lease in leases:
+            if lease["state"] == L.CLOSED.value and lease["reported"] == "closed":
+                continue
+            self._follow(lease, tasks.get(lease["task_id"]), now)
+        for lease in leases:
+            self._report(lease["id"], now)
+
+    def _follow(self, lease: dict[str, Any], task: Any, now: float) -> None:
+        state = L(lease["state"])
+        if state == L.AWAITING_PAYLOAD:
+            order = Order.model_validate(lease["order"])
+            if now - lease["created_at"] > order.payload_timeout_s:
+                self._closed(lease["id"], CloseReason.PAYLOAD_TIMEOUT, "the payload never came")
+            return
+        if task is None:
+            if state in (L.PROVISIONING, L.RUNNING, L.CLOSING):
+                self._closed(lease["id"], CloseReason.FAILED, "its task is gone")
+            return
+        if state == L.PROVISIONING and task.state == TaskState.RUNNING:
+            with self.store.tx() as tx:  # billed from when the hub hears of it: _report
+                tx.market.set(lease["id"], state=L.RUNNING.value)
+        elif task.state in TERMINAL and state != L.CLOSED:
+            if state == L.CLOSING:
+                reason = CloseReason(lease["close_reason"] or CloseReason.TENANT)
+            elif task.state == TaskState.SUCCEEDED:
+                reason = CloseReason.COMPLETED
+            else:
+                reason = CloseReason.FAILED
+            detail = f"task {task.id} {task.state}: {task.state_reason}"
+            with self.store.tx() as tx:
+                tx.market.set(lease["id"], ended_at=task.finished_at or now)
+            self._closed(lease["id"], reason, detail)
+
+    def _report(self, lease_id: str, now: float) -> None:
+        """Tell the hub what changed: usage first (up to now, or to the end), then the
+        state; retried on the next pass when the hub cannot be reached."""
+        with self.store.read() as r:
+            lease = r.market.get(lease_id)
+        state = L(lease["state"])
+        try:
+            if lease["running_since"] is not None:
+                self._send_usage(lease, now)
+            wanted = REPORTED.get(state)
+            if wanted and lease["reported"] != wanted:
+                body: dict[str, Any] = {"state": wanted}
+                if state == L.RUNNING:
+                    body["endpoint"] = lease["endpoint"]
+                if state == L.CLOSED:
+                    body |= {
+                        "reason": lease["close_reason"],
+                        "detail": lease["reason"][:1000],
+                        "ended_at": lease["ended_at"],
+                    }
+                self.client.call("POST", f"/v1/leases/{lease_id}/state", body)
+                with self.store.tx() as tx:
+                    tx.market.set(lease_id, reported=wanted)
+                    if state == L.RUNNING:  # the hub bills from now: so do we
+                        tx.market.set(lease_id, running_since=time.time())
+        except HubUnreachable as exc:
+            log.warning("market %s: lease %s not reported: %s", self.market, lease_id, exc)
+        except HubRefused as exc:
+            log.warning(
+                "market %s: the hub refused lease %s's report: %s", self.market, lease_id, exc
+            )
+            if wanted:
+                with self.store.tx() as tx:
+                    tx.market.set(lease_id, reported=wanted)  # never loop on a refusal
+
+    def _send_usage(self, lease: dict[str, Any], now: float) -> None:
+        start = lease["usage_until"] or lease["running_since"]
+        end = min(now, lease["ended_at"] or now)
+        final = lease["ended_at"] is not None
+        if end <= start or (not final and end - start < self.settings.usage_interval_s):
+            return
+        order = Order.model_validate(lease["order"])
+        seconds = end - start
+        record = seal(
+            self.key,
+            Usage(
+                lease_id=lease["id"],
+                seq=lease["usage_seq"] + 1,
+                start=start,
+                end=end,
+                gpu_seconds={lease["model"] or "cpu": order.resources.gpus * seconds},
+                cpu_seconds=order.resources.cpus * seconds,
+                memory_gib_seconds=order.resources.memory_gb * seconds,
+                prev=lease["usage_hash"] or genesis(lease["id"]),
+            ),
+        )
+        self.client.call("POST", f"/v1/leases/{lease['id']}/usage", record.model_dump())
+        with self.store.tx() as tx:
+            tx.market.set(
+                lease["id"],
+                usage_seq=record.seq,
+                usage_hash=record.hash,
+                usage_until=end,
+                usage_gpu_seconds=lease["usage_gpu_seconds"] + order.resources.gpus * seconds,
+            )
+
+    # -- views ----------------------------------------------------------------------
+
+    def leases(self) -> list[dict[str, Any]]:
+        with self.store.read() as r:
+            rows = r.market.list(self.market)
+        return [self._view(lease) for lease in rows]
+
+    def _view(self, lease: dict[str, Any]) -> dict[str, Any]:
+        order = lease["order"]
+        return {
+            "id": lease["id"],
+            "market": lease["market"],
+            "state": lease["state"],
+            "model": lease["model"],
+            "gpus": order["resources"]["gpus"],
+            "price_per_hour": lease["price_per_hour"],
+            "earned": self._earned(lease),
+            "task_id": lease["task_id"],
+            "endpoint": lease["endpoint"],
+            "close_reason": lease["close_reason"],
+            "reason": lease["reason"],
+            "usage_records": lease["usage_seq"],
+            "usage_gpu_seconds": round(lease["usage_gpu_seconds"], 3),
+        }
+
+    @staticmethod
+    def _earned(lease: dict[str, Any]) -> int:
+        if lease["running_since"] is None:
+            return 0
+        end = lease["ended_at"] or time.time()
+        seconds = min(end - lease["running_since"], lease["order"]["duration_s"])
+        return charge(lease["price_per_hour"], seconds)
+
+    def status(self) -> dict[str, Any]:
+        cursor = self.cursor()
+        leases = self.leases()
+        by_state: dict[str, int] = {}
+        for lease in leases:
+            by_state[lease["state"]] = by_state.get(lease["state"], 0) + 1
+        return {
+            "market": self.market,
+            "url": self.settings.url,
+            "status": cursor["status"] or "not registered",
+            "status_reason": cursor["status_reason"],
+            "last_event": cursor["last_event"],
+            "leases": by_state,
+            "figures": dict(self.figures),
+        }
+
+    def earnings(self) -> dict[str, Any]:
+        leases = self.leases()
+        hub_balance = None
+        with contextlib.suppress(HubRefused, HubUnreachable):
+            hub_balance = self.client.call("GET", "/v1/me").get("balance")
+        return {
+            "market": self.market,
+            "earned_by_our_count": sum(lease["earned"] for lease in leases),
+            "paid_by_the_hub": hub_balance,
+            "gpu_seconds_reported": round(sum(lease["usage_gpu_seconds"] for lease in leases), 3),
+            "leases": len(leases),
+        }

@@ -1,0 +1,437 @@
+"""Work from markets: the model, pricing, signed requests and usage, and the whole loop
+through a real hub and real providers on 127.0.0.1 (with a tenant that misbehaves)."""
+
+import json
+import signal
+import stat
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gpuprovider.identity.keys import public_key_hex
+from gpuprovider.identity.signing import BadSignature, ReplayCache, sign_request, verify_request
+from gpuprovider.market.model import (
+    IllegalLeaseTransition,
+    LeaseState,
+    Order,
+    Transfer,
+    charge,
+    check_transition,
+)
+from gpuprovider.market.pricing import PriceTable, Pricing, Unpriceable, akash_input, quote_table
+from gpuprovider.market.usage import Usage, UsageError, check_chain, check_next, genesis, seal
+from gpuprovider.testing import (
+    HubProcess,
+    Provider,
+    free_port,
+    kill_task_processes,
+    make_home,
+    market_home,
+    wait_for,
+)
+
+KEY = Ed25519PrivateKey.generate()
+
+
+def order(**change) -> Order:
+    base = {
+        "id": "ord-1",
+        "resources": {"gpus": 1, "gpu_model": "h100", "cpus": 2, "memory_gb": 8},
+        "max_price_per_hour": 3_000_000,
+        "duration_s": 600,
+        "payload": {"command": ["true"]},
+    }
+    return Order.model_validate(base | change)
+
+
+# -- the model ------------------------------------------------------------------------
+
+
+def test_short_jobs_are_never_free_and_money_is_whole_micros():
+    assert charge(1_830_000, 1) == 509  # 1.83/h for one second, rounded up
+    assert charge(1, 0.001) == 1  # any positive time at a positive price costs something
+    assert charge(1_830_000, 0) == 0 and charge(0, 100) == 0
+    # Swan prices duration/3600 in integer arithmetic: any job under an hour was free
+    assert charge(1_830_000, 3599) == 1_829_492
+
+
+def test_leases_follow_one_table():
+    check_transition(LeaseState.BIDDING, LeaseState.WON)
+    check_transition(LeaseState.RUNNING, LeaseState.CLOSING)
+    for current, target in [
+        (LeaseState.CLOSED, LeaseState.RUNNING),
+        (LeaseState.LOST, LeaseState.WON),
+        (LeaseState.OFFERED, LeaseState.RUNNING),
+    ]:
+        with pytest.raises(IllegalLeaseTransition):
+            check_transition(current, target)
+
+
+def test_a_transfer_posts_two_sides_that_sum_to_zero():
+    made = Transfer("t1", "tenant:a", "escrow:l", 500)
+    assert sum(p.amount for p in made.postings) == 0
+    for amount in (0, -5, 10**16):
+        with pytest.raises(ValueError):
+            Transfer("t2", "tenant:a", "escrow:l", amount)
+    with pytest.raises(ValueError):
+        Transfer("t3", "tenant:a", "tenant:a", 5)
+
+
+def test_orders_reject_what_no_one_could_price_or_run():
+    with pytest.raises(ValueError, match="unknown GPU model"):
+        order(resources={"gpus": 1, "gpu_model": "H900"})
+    with pytest.raises(ValueError, match="whole number"):
+        order(resources={"gpus": 1.5})
+    with pytest.raises(ValueError):
+        order(max_price_per_hour=0)
+    with pytest.raises(ValueError, match="Extra inputs"):
+        Order.model_validate(order().model_dump() | {"surprise": 1})
+
+
+# -- pricing --------------------------------------------------------------------------
+
+
+def test_the_price_table_prices_each_model_and_refuses_unknown_ones():
+    table = PriceTable(
+        gpu_hour={"h100": 1.83, "h100-80gb-pcie": 1.425},
+        cpu_hour=0.01,
+        memory_gb_hour=0.005,
+        min_duration_s=60,
+    )
+    sxm = quote_table(table, order(), "h100-80gb-sxm")
+    pcie = quote_table(table, order(), "h100-80gb-pcie")
+    assert sxm.price_per_hour == 1_830_000 + 20_000 + 40_000  # family price, cores, memory
+    assert pcie.price_per_hour == 1_425_000 + 20_000 + 40_000  # an exact id wins
+    short = quote_table(table, order(duration_s=5), "h100-80gb-sxm")
+    assert short.billed_s == 60 and short.total == charge(sxm.price_per_hour, 60)
+    quarter = quote_table(
+        table, order(resources={"gpus": 0.25, "gpu_model": "h100"}), "h100-80gb-sxm"
+    )
+    assert quarter.price_per_hour == 457_500 + 10_000 + 20_000  # a quarter of the GPU
+    # Swan read its per-model table but always charged the default: here a model with no
+    # price is refused by name
+    with pytest.raises(Unpriceable, match="no price for a100-80gb-sxm"):
+        quote_table(table, order(resources={"gpus": 1, "gpu_model": "a100"}), "a100-80gb-sxm")
+
+
+def script(tmp_path: Path, body: str) -> PriceTable:
+    path = tmp_path / "price.sh"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return PriceTable(script=str(path), script_timeout_s=1.0, script_block_s=6.0)
+
+
+def test_an_akash_pricing_script_prices_from_the_same_json(tmp_path):
+    seen = tmp_path / "stdin.json"
+    table = script(tmp_path, f"cat > {seen}\necho 3050.5\n")
+    quote = Pricing(table).quote(order(), "h100-80gb-sxm")
+    assert quote.price_per_hour == 1_830_300  # 3050.5 micros per 6 s block
+    sent = json.loads(seen.read_text())
+    assert sent == akash_input(order(), "h100-80gb-sxm", 6.0)
+    gpu = sent["resources"][0]["gpu"]
+    assert gpu == {
+        "units": 1,
+        "attributes": {"vendor": {"nvidia": {"model": "h100", "ram": "80gi"}}},
+    }
+    assert sent["resources"][0]["cpu"] == 2000 and sent["price_precision"] == 6
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("sleep 5\n", "no price within"),
+        ("echo broken >&2; exit 3\n", "exited 3: broken"),
+        ("echo lots\n", "not a positive price"),
+        ("echo -- -5\n", "not a positive price"),
+        ("echo 1e30\n", "too much"),
+    ],
+    ids=["hangs", "crashes", "garbage", "negative", "absurd"],
+)
+def test_a_pricing_script_that_misbehaves_prices_nothing(tmp_path, body, message):
+    with pytest.raises(Unpriceable, match=message):
+        Pricing(script(tmp_path, body)).quote(order(), "h100-80gb-sxm")
+
+
+# -- signed requests and usage ----------------------------------------------------------
+
+
+def test_signed_requests_refuse_tampering_replay_and_old_signatures():
+    cache = ReplayCache()
+    body = b'{"a": 1}'
+    headers = sign_request(KEY, "POST", "/v1/orders", body)
+    assert verify_request(headers, "POST", "/v1/orders", body, cache) == public_key_hex(KEY)
+    with pytest.raises(BadSignature, match="replayed"):
+        verify_request(headers, "POST", "/v1/orders", body, cache)
+    fresh = sign_request(KEY, "POST", "/v1/orders", body)
+    for method, target, sent in [
+        ("POST", "/v1/orders", b'{"a": 2}'),
+        ("POST", "/v1/orders?x=1", body),
+        ("PUT", "/v1/orders", body),
+    ]:
+        with pytest.raises(BadSignature, match="does not verify"):
+            verify_request(fresh, method, target, sent, cache)
+    with pytest.raises(BadSignature, match="from now"):
+        verify_request(fresh, "POST", "/v1/orders", body, cache, now=time.time() + 31)
+    with pytest.raises(BadSignature, match="missing"):
+        verify_request({}, "POST", "/v1/orders", body, cache)
+    assert cache.refused == 2
+
+
+def test_usage_records_chain_and_any_change_shows():
+    def record(seq, prev, start):
+        return seal(
+            KEY,
+            Usage(
+                lease_id="l1",
+                seq=seq,
+                start=start,
+                end=start + 60,
+                gpu_seconds={"h100-80gb-sxm": 60.0},
+                prev=prev,
+            ),
+        )
+
+    first = record(1, genesis("l1"), 0)
+    second = record(2, first.hash, 60)
+    assert [
+        u.seq for u in check_chain([first.model_dump(), second.model_dump()], public_key_hex(KEY))
+    ] == [1, 2]
+    key = public_key_hex(KEY)
+    with pytest.raises(UsageError, match="out of sequence"):
+        check_next(record(3, first.hash, 60), key, first)
+    with pytest.raises(UsageError, match="does not chain"):
+        check_next(record(2, genesis("l1"), 60), key, first)
+    with pytest.raises(UsageError, match="overlaps"):
+        check_next(record(2, first.hash, 30), key, first)
+    inflated = second.model_copy(update={"gpu_seconds": {"h100-80gb-sxm": 6000.0}})
+    with pytest.raises(UsageError, match="hash does not match"):
+        check_next(inflated, key, first)
+    resealed = seal(Ed25519PrivateKey.generate(), inflated)
+    with pytest.raises(UsageError, match="not signed"):
+        check_next(resealed, key, first)
+
+
+# -- the whole loop on 127.0.0.1 --------------------------------------------------------
+
+PRICES = {"h100": 1.83, "rtx-4090": 0.52}
+JOB = {
+    "resources": {"gpus": 1, "gpu_model": "h100", "cpus": 0, "memory_gb": 0},
+    "max_price_per_hour": 2_000_000,
+    "duration_s": 600,
+    "payload": {"command": ["sleep", "1.5"]},
+}
+
+
+class Tenant:
+    """The tenant's CLI, with a home of its own (its key)."""
+
+    def __init__(self, provider: Provider, hub: HubProcess, root: Path):
+        self.provider, self.hub, self.root = provider, hub, root
+
+    def __call__(self, *args: str):
+        return self.provider.cli("--home", str(self.root), "hub", *args, timeout=60)
+
+    def order(self, tmp_path: Path, spec: dict, deposit: float, *extra: str) -> dict:
+        path = tmp_path / f"order-{time.monotonic_ns()}.json"
+        path.write_text(json.dumps(spec))
+        done = self("order", self.hub.url, str(path), "--deposit", str(deposit), "--json", *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)
+
+    def order_of(self, order_id: str) -> dict:
+        done = self("orders", self.hub.url, "--json")
+        assert done.returncode == 0, done.stderr
+        return next(o for o in json.loads(done.stdout) if o["id"] == order_id)
+
+    def lease(self, lease_id: str) -> dict:
+        done = self("leases", self.hub.url, "--json")
+        assert done.returncode == 0, done.stderr
+        return next((lease for lease in json.loads(done.stdout) if lease["id"] == lease_id), {})
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    """A hub, a provider it admits (A), one it cannot prove (B), and a funded tenant."""
+    root = tmp_path_factory.mktemp("market")
+    hub = HubProcess(
+        root / "hub",
+        free_port(),
+        "--auction-window-s",
+        "0.5",
+        "--heartbeat-s",
+        "1",
+        "--allow-simulated",
+        "--dispatch-timeout-s",
+        "2",
+    )
+    providers = []
+    for name, api_url in (("a", ""), ("b", f"http://127.0.0.1:{free_port()}")):
+        port = free_port()
+        home = make_home(root / name, port)
+        market_home(home, hub.url, hub.key, PRICES, api_url=api_url)
+        text = home.config.read_text().replace('node_name = ""', f'node_name = "provider-{name}"')
+        home.config.write_text(text)
+        provider = Provider(home, port)
+        provider.start()
+        providers.append(provider)
+    a, b = providers
+    tenant = Tenant(a, hub, root / "tenant")
+    done = tenant("register", hub.url, "alice")
+    assert done.returncode == 0, done.stderr
+    done = a.cli("hub", "deposit", hub.url, "alice", "100", "--dir", str(hub.folder))
+    assert done.returncode == 0, done.stderr
+    yield hub, a, b, tenant
+    for provider in providers:
+        provider.cancel_all()
+        provider.stop(signal.SIGKILL)
+        kill_task_processes(provider.home)
+    hub.stop()
+
+
+def market_status(provider) -> dict:
+    return provider.api.get("/market").json()[0]
+
+
+def ledger(hub) -> dict:
+    return hub.admin.get("/v1/admin/ledger").json()
+
+
+def test_a_provider_is_admitted_only_once_its_gpus_are_proven(market):
+    hub, a, b, _ = market
+    wait_for(
+        lambda: market_status(a)["status"] == "admitted",
+        timeout=60,
+        what="provider a to be admitted",
+    )
+    refused = wait_for(
+        lambda: market_status(b)["status"] == "refused" and market_status(b),
+        timeout=60,
+        what="provider b to be refused",
+    )
+    assert "cannot reach" in refused["status_reason"]
+    # the hub's verdicts are stored on a, signed by the hub's key, which a trusts
+    proofs = [g["proof"] for g in a.api.get("/gpus").json()]
+    assert all(p and p["passed"] and p["trusted"] and p["verifier_key"] == hub.key for p in proofs)
+
+
+def test_a_job_is_matched_runs_is_billed_and_both_sides_agree(market, tmp_path):
+    hub, a, b, tenant = market
+    wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
+    made = tenant.order(tmp_path, JOB, deposit=5)
+    lease = wait_for(
+        lambda: (x := tenant.lease(made["id"])) and x["state"] == "closed" and x,
+        timeout=60,
+        what="the job's lease to close",
+    )
+    assert lease["close_reason"] == "completed", lease
+    assert lease["price_per_hour"] == 1_830_000  # a's price, under the cap
+    assert lease["charged"] == charge(1_830_000, lease["billed_s"]) > 0
+    ours = next(x for x in a.api.get("/market/leases").json() if x["id"] == made["id"])
+    assert ours["state"] == "closed" and ours["usage_records"] >= 1
+    # usage both sides saw: the records a signed, and the seconds the hub billed
+    assert ours["usage_gpu_seconds"] == pytest.approx(lease["reported_gpu_seconds"])
+    assert lease["reported_gpu_seconds"] == pytest.approx(lease["billed_s"], abs=0.5)
+    assert not any(x["id"] == made["id"] for x in b.api.get("/market/leases").json())
+    books = ledger(hub)
+    assert books["drift"] == 0 and books["held"] == books["deposited"] == 100_000_000
+    assert books["accounts"][f"escrow:{made['id']}"] == 0  # the rest went back
+
+
+def test_orders_no_one_can_run_or_under_the_price_charge_nothing(market, tmp_path):
+    hub, a, _, tenant = market
+    wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
+    before = ledger(hub)["accounts"]
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(JOB | {"resources": {"gpus": 8, "gpu_model": "h100"}}))
+    done = tenant("order", hub.url, str(path), "--deposit", "1")
+    assert done.returncode == 2 and "no admitted provider could ever run" in done.stderr
+    cheap = tenant.order(tmp_path, JOB | {"max_price_per_hour": 1_000_000}, deposit=1)
+    unmatched = wait_for(
+        lambda: (o := tenant.order_of(cheap["id"]))["state"] == "unmatched" and o,
+        what="the cheap order to go unmatched",
+    )
+    assert "no eligible bid" in unmatched["reason"]
+    declined = next(x for x in a.api.get("/market/leases").json() if x["id"] == cheap["id"])
+    assert declined["state"] == "lost" and "above the cap" in declined["reason"]
+    assert ledger(hub)["accounts"] == before | {f"escrow:{cheap['id']}": 0}
+
+
+def test_a_lease_ends_when_its_deposit_runs_out_or_its_tenant_closes_it(market, tmp_path):
+    hub, a, _, tenant = market
+    wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
+    forever = JOB | {"payload": {"command": ["sleep", "600"]}}
+    poor = tenant.order(tmp_path, forever, deposit=0.002)  # ~4 s at 1.83 per hour
+    closed = wait_for(
+        lambda: (x := tenant.lease(poor["id"])) and x["state"] == "closed" and x,
+        timeout=60,
+        what="the poor lease to close",
+    )
+    assert closed["close_reason"] == "insufficient_funds"
+    assert closed["charged"] == 2000 and closed["escrow"] == 0
+    task = next(x for x in a.api.get("/market/leases").json() if x["id"] == poor["id"])["task_id"]
+    assert a.task(task)["state"] == "cancelled"  # stopped on the provider too
+    rich = tenant.order(tmp_path, forever, deposit=1)
+    wait_for(
+        lambda: tenant.lease(rich["id"]).get("state") == "running",
+        timeout=60,
+        what="the lease to run",
+    )
+    done = tenant("close", hub.url, rich["id"])
+    assert done.returncode == 0, done.stderr
+    closed = wait_for(
+        lambda: (x := tenant.lease(rich["id"])) and x["state"] == "closed" and x,
+        timeout=60,
+        what="the closed lease",
+    )
+    assert closed["close_reason"] == "tenant" and closed["escrow"] == 0
+    assert 0 < closed["charged"] < 1_000_000
+    assert ledger(hub)["drift"] == 0
+
+
+def test_replayed_and_forged_requests_are_refused_and_change_nothing(market):
+    hub, _a, _, _tenant = market
+    body = json.dumps({"name": "mallory"}).encode()
+    mallory = Ed25519PrivateKey.generate()
+    headers = sign_request(mallory, "POST", "/v1/tenants", body) | {
+        "Content-Type": "application/json"
+    }
+    first = httpx.post(hub.url + "/v1/tenants", content=body, headers=headers)
+    assert first.status_code == 200
+    again = httpx.post(hub.url + "/v1/tenants", content=body, headers=headers)
+    assert again.status_code == 403 and "replayed" in again.text
+    # a provider's key posting as a tenant, and a tenant posting a bid: refused
+    forged = sign_request(mallory, "POST", "/v1/orders/ord-x/bids", b"{}")
+    answer = httpx.post(hub.url + "/v1/orders/ord-x/bids", content=b"{}", headers=forged)
+    assert answer.status_code == 403 and "no provider registered" in answer.text
+    # an order paid with more than the tenant has
+    order_body = json.dumps({"order": JOB, "deposit": 10**12}).encode()
+    signed = sign_request(mallory, "POST", "/v1/orders", order_body)
+    answer = httpx.post(hub.url + "/v1/orders", content=order_body, headers=signed)
+    assert answer.status_code == 422 and "more than your balance" in answer.text
+    assert ledger(hub)["drift"] == 0
+
+
+def test_price_quote_shows_what_an_order_costs_here(market, tmp_path):
+    _, a, _, _ = market
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps({"resources": {"gpus": 2, "gpu_model": "h100"}, "duration_s": 30}))
+    done = a.cli("price", "quote", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {r["model"]: r for r in json.loads(done.stdout)}
+    assert rows["h100-80gb-sxm"]["price_per_hour"] == 3_660_000
+    assert rows["h100-80gb-sxm"]["billed_s"] == 60  # the minimum duration
+    assert rows["h100-80gb-pcie"]["price_per_hour"] == 3_660_000  # the family's price
+
+
+def test_the_provider_shows_its_markets_and_earnings(market):
+    _, a, _, _ = market
+    status = a.cli("market", "status")
+    assert status.returncode == 0 and "admitted" in status.stdout
+    earnings = json.loads(a.cli("market", "earnings", "--json").stdout)[0]
+    # both count from when the hub heard the lease run to when its task stopped (or the
+    # hub stopped billing): they differ by the messages' latency only
+    assert earnings["earned_by_our_count"] == pytest.approx(earnings["paid_by_the_hub"], rel=0.05)
+    assert earnings["paid_by_the_hub"] > 0
