@@ -299,6 +299,7 @@ def ledger(hub) -> dict:
     return hub.admin.get("/v1/admin/ledger").json()
 
 
+@pytest.mark.slow
 def test_a_provider_is_admitted_only_once_its_gpus_are_proven(market):
     hub, a, b, _ = market
     wait_for(
@@ -317,6 +318,7 @@ def test_a_provider_is_admitted_only_once_its_gpus_are_proven(market):
     assert all(p and p["passed"] and p["trusted"] and p["verifier_key"] == hub.key for p in proofs)
 
 
+@pytest.mark.slow
 def test_a_job_is_matched_runs_is_billed_and_both_sides_agree(market, tmp_path):
     hub, a, b, tenant = market
     wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
@@ -340,6 +342,7 @@ def test_a_job_is_matched_runs_is_billed_and_both_sides_agree(market, tmp_path):
     assert books["accounts"][f"escrow:{made['id']}"] == 0  # the rest went back
 
 
+@pytest.mark.slow
 def test_orders_no_one_can_run_or_under_the_price_charge_nothing(market, tmp_path):
     hub, a, _, tenant = market
     wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
@@ -359,6 +362,7 @@ def test_orders_no_one_can_run_or_under_the_price_charge_nothing(market, tmp_pat
     assert ledger(hub)["accounts"] == before | {f"escrow:{cheap['id']}": 0}
 
 
+@pytest.mark.slow
 def test_a_lease_ends_when_its_deposit_runs_out_or_its_tenant_closes_it(market, tmp_path):
     hub, a, _, tenant = market
     wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
@@ -391,6 +395,7 @@ def test_a_lease_ends_when_its_deposit_runs_out_or_its_tenant_closes_it(market, 
     assert ledger(hub)["drift"] == 0
 
 
+@pytest.mark.slow
 def test_replayed_and_forged_requests_are_refused_and_change_nothing(market):
     hub, _a, _, _tenant = market
     body = json.dumps({"name": "mallory"}).encode()
@@ -414,6 +419,7 @@ def test_replayed_and_forged_requests_are_refused_and_change_nothing(market):
     assert ledger(hub)["drift"] == 0
 
 
+@pytest.mark.slow
 def test_price_quote_shows_what_an_order_costs_here(market, tmp_path):
     _, a, _, _ = market
     path = tmp_path / "order.json"
@@ -426,6 +432,7 @@ def test_price_quote_shows_what_an_order_costs_here(market, tmp_path):
     assert rows["h100-80gb-pcie"]["price_per_hour"] == 3_660_000  # the family's price
 
 
+@pytest.mark.slow
 def test_the_provider_shows_its_markets_and_earnings(market):
     _, a, _, _ = market
     status = a.cli("market", "status")
@@ -435,3 +442,78 @@ def test_the_provider_shows_its_markets_and_earnings(market):
     # hub stopped billing): they differ by the messages' latency only
     assert earnings["earned_by_our_count"] == pytest.approx(earnings["paid_by_the_hub"], rel=0.05)
     assert earnings["paid_by_the_hub"] > 0
+
+
+@pytest.mark.slow
+def test_dispatched_orders_and_a_payload_that_never_comes(market, tmp_path):
+    hub, a, _, tenant = market
+    wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
+    pushed = tenant.order(tmp_path, JOB, 1, "--dispatch")
+    assert pushed["mode"] == "dispatch"
+    done = wait_for(
+        lambda: (x := tenant.lease(pushed["id"])) and x["state"] == "closed" and x,
+        timeout=60,
+        what="the dispatched lease to close",
+    )
+    assert done["close_reason"] == "completed" and done["charged"] > 0
+    empty = tenant.order(tmp_path, JOB | {"payload": None, "payload_timeout_s": 1}, 1)
+    waited = wait_for(
+        lambda: (x := tenant.lease(empty["id"])) and x["state"] == "closed" and x,
+        timeout=60,
+        what="the lease without payload to close",
+    )
+    assert waited["close_reason"] == "payload_timeout" and waited["charged"] == 0
+    assert waited["escrow"] == 0 and ledger(hub)["drift"] == 0
+
+
+@pytest.mark.slow
+def test_the_operators_preemptible_work_gives_way_to_a_service_lease(market, tmp_path):
+    hub, a, _, tenant = market
+    wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
+    own = a.submit(
+        name="own-batch", command=["sleep", "600"], preemptible=True, resources={"gpu": "H100:2"}
+    )
+    a.wait_state(own["id"], "running")
+    service = JOB | {
+        "kind": "service",
+        "payload": {"command": ["sleep", "600"], "ports": ["http"]},
+    }
+    made = tenant.order(tmp_path, service, deposit=1)
+    running = wait_for(
+        lambda: (x := tenant.lease(made["id"])) and x["state"] == "running" and x,
+        timeout=60,
+        what="the service lease to run",
+    )
+    assert "lease-" in running["endpoint"]  # where the tenant reaches it, behind the gateway
+    assert a.task(own["id"])["state"] in ("preempted", "queued")
+    assert tenant("close", hub.url, made["id"]).returncode == 0
+    wait_for(
+        lambda: tenant.lease(made["id"])["state"] == "closed",
+        timeout=60,
+        what="the service lease to close",
+    )
+    a.wait_state(own["id"], "running")  # the operator's work comes back
+    a.api.post(f"/tasks/{own['id']}/cancel")
+
+
+@pytest.mark.slow
+def test_a_hub_that_disappears_mid_lease_neither_loses_nor_double_counts(market, tmp_path):
+    hub, a, _, tenant = market
+    wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
+    made = tenant.order(tmp_path, JOB | {"payload": {"command": ["sleep", "6"]}}, deposit=1)
+    wait_for(
+        lambda: tenant.lease(made["id"]).get("state") == "running",
+        timeout=60,
+        what="the lease to run",
+    )
+    hub.stop()
+    time.sleep(3)  # the outage itself: the provider's reports and beats fail meanwhile
+    hub.start()
+    done = wait_for(
+        lambda: (x := tenant.lease(made["id"])) and x["state"] == "closed" and x,
+        timeout=60,
+        what="the lease to close after the outage",
+    )
+    assert done["close_reason"] == "completed"
+    assert 0 < done["charged"] <= charge(1_830_000, 7) and done["escrow"] == 0
+    assert ledger(hub)["drift"] == 0

@@ -160,23 +160,35 @@ class HubProcess:
     """A `gpuprovider hub serve` subprocess on 127.0.0.1, with its admin token."""
 
     def __init__(self, folder: Path, port: int, *extra: str):
-        self.folder, self.port = folder, port
+        self.folder, self.port, self.extra = folder, port, extra
         self.url = f"http://127.0.0.1:{port}"
         folder.mkdir(parents=True, exist_ok=True)
-        log = open(folder / "hub.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            [GPUPROVIDER, "hub", "serve", "--dir", str(folder), "--port", str(port), *extra],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for(self._answers, timeout=20, what="the hub to answer")
+        self.start()
         self.key = httpx.get(self.url + "/v1/info").json()["verifier_key"]
         self.admin = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {(folder / 'admin.token').read_text().strip()}"},
             timeout=30,
         )
+
+    def start(self) -> None:
+        log = open(self.folder / "hub.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [
+                GPUPROVIDER,
+                "hub",
+                "serve",
+                "--dir",
+                str(self.folder),
+                "--port",
+                str(self.port),
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(self._answers, timeout=20, what="the hub to answer")
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:

@@ -78,7 +78,13 @@ def serve(
     console.print(f"hub verifier key {public_key_hex(verifier)}  (providers trust it)")
     console.print(f"hub admin token in {folder / 'admin.token'}")
     console.print(f"hub listening on http://{host}:{port}")
-    uvicorn.run(create_app(hub, token), host=host, port=port, log_level="warning")
+    uvicorn.run(
+        create_app(hub, token),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=2,  # event streams never end on their own
+    )
 
 
 @hub_app.command("key")

@@ -35,7 +35,7 @@ from gpuprovider.daemon.gateway import (
 )
 from gpuprovider.daemon.inventory import InventoryLoop
 from gpuprovider.daemon.loops import Loop, ReaperLoop
-from gpuprovider.daemon.market import MarketKeeper, MarketReader
+from gpuprovider.daemon.market import MarketBeat, MarketKeeper, MarketReader
 from gpuprovider.daemon.scheduling import SchedulerLoop
 from gpuprovider.daemon.telemetry import TelemetryLoop
 from gpuprovider.domain.usability import Usability
@@ -207,7 +207,7 @@ class Daemon:
             for name, m in config.market.items()
         ]
         for market in markets:
-            self.loops += [MarketReader(market), MarketKeeper(market)]
+            self.loops += [MarketReader(market), MarketKeeper(market), MarketBeat(market)]
         self.services = Services(
             tasks=tasks,
             nodes=NodeService(self.store, usability),

@@ -41,6 +41,16 @@ class MarketReader(Loop):
         super().stop(timeout_s)
 
 
+class MarketBeat(Loop):
+    def __init__(self, market: MarketService):
+        super().__init__(f"market-{market.market}-beat", market.settings.heartbeat_s)
+        self.market = market
+
+    def tick(self) -> float | None:
+        self.market.beat()
+        return None
+
+
 class MarketKeeper(Loop):
     def __init__(self, market: MarketService):
         super().__init__(f"market-{market.market}-leases", 0.5)

@@ -70,6 +70,7 @@ def create_app(hub: Hub, admin_token: str, cache: ReplayCache | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(hub.started)
         ticking = asyncio.create_task(loop())
         yield
         ticking.cancel()

@@ -59,10 +59,15 @@ class HubSettings:
     auction_window_s: float = 2.0  # bids are collected this long
     dispatch_timeout_s: float = 10.0  # a dispatched provider answers within this
     reliability_floor: float = 0.5
-    heartbeat_s: float = 10.0  # providers beat this often; 3 missed: not matched, leases lost
+    heartbeat_s: float = 10.0  # providers beat this often; see silent_after_s
     close_grace_s: float = 30.0  # a provider confirms a close within this
     rechallenge_s: float = 3600.0  # mean time between random re-proofs of a provider
     allow_simulated: bool = False  # admit providers proving simulated GPUs (tests, demos)
+
+    @property
+    def silent_after_s(self) -> float:
+        """A provider this long without a beat is not matched, and its leases are lost."""
+        return max(3 * self.heartbeat_s, 10.0)
 
 
 class _Body(BaseModel):
@@ -125,6 +130,16 @@ def reliability(row: Any) -> float:
 class Hub:
     def __init__(self, store: HubStore, settings: HubSettings, verifier_key: Ed25519PrivateKey):
         self.store, self.settings, self.verifier_key = store, settings, verifier_key
+
+    def started(self) -> None:
+        """After the hub was down, providers could not beat: count their silence from
+        now, so no lease is closed as lost for the hub's own outage."""
+        with self.store.tx() as conn:
+            conn.execute(
+                update(t.participants)
+                .where(t.participants.c.kind == "provider")
+                .values(last_heartbeat=time.time())
+            )
 
     # -- who takes part -----------------------------------------------------------------
 
@@ -303,7 +318,7 @@ class Hub:
             count = sum(1 for g in row.gpus if g["model"] in wanted)
             if order.resources.gpus and count < need:
                 continue
-            if (row.last_heartbeat or 0) < now - 3 * self.settings.heartbeat_s:
+            if (row.last_heartbeat or 0) < now - self.settings.silent_after_s:
                 continue
             if reliability(row) < self.settings.reliability_floor:
                 continue
@@ -533,14 +548,36 @@ class Hub:
             self._closing(conn, row, CloseReason.TENANT, "closed by the tenant", time.time())
         return self.lease_view(lease_id)
 
-    def _accrue(self, conn: Connection, row: Any, until: float) -> int:
+    def _accrue(self, conn: Connection, row: Any, until: float, final: bool = False) -> int:
         """Move what the running lease owes up to `until` from escrow to the provider;
-        what could not be paid (escrow ran out)."""
+        what could not be paid (escrow ran out). `final`: the lease ends at `until`, and
+        anything accrued beyond it is returned."""
         row = conn.execute(select(t.leases).where(t.leases.c.id == row.id)).one()  # as it is now
         if row.running_at is None:
             return 0
         seconds = min(max(0.0, until - row.running_at), float(row.duration_s))
         owed = charge(row.price_per_hour, seconds) - row.charged
+        if owed < 0 and final:
+            # the work ended before the hub heard (it was down, or the report was slow):
+            # what was accrued past the end goes back to escrow, and from there the tenant
+            back = min(-owed, balance(conn, provider_account(row.provider)))
+            if back > 0:
+                post(
+                    conn,
+                    Transfer(
+                        new_id("cor"),
+                        provider_account(row.provider),
+                        escrow_account(row.id),
+                        back,
+                        "accrued past the end",
+                    ),
+                )
+            conn.execute(
+                update(t.leases)
+                .where(t.leases.c.id == row.id)
+                .values(charged=row.charged - back, billed_s=seconds)
+            )
+            return 0
         if owed <= 0:
             return 0
         left = balance(conn, escrow_account(row.id))
@@ -581,7 +618,7 @@ class Hub:
     def _close(self, conn: Connection, row: Any, reason: CloseReason, detail: str, now: float):
         """The lease is over: final accrual (unless already closing), refund, counters."""
         if LeaseState(row.state) != LeaseState.CLOSING:
-            self._accrue(conn, row, now)
+            self._accrue(conn, row, now, final=True)
         else:  # the reason the hub asked for stands
             reason = CloseReason(row.close_reason or reason)
         conn.execute(
@@ -728,7 +765,7 @@ class Hub:
                 for r in conn.execute(
                     select(t.participants.c.key).where(
                         t.participants.c.kind == "provider",
-                        t.participants.c.last_heartbeat < now - 3 * self.settings.heartbeat_s,
+                        t.participants.c.last_heartbeat < now - self.settings.silent_after_s,
                     )
                 )
             }

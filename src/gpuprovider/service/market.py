@@ -52,6 +52,15 @@ class MarketSettings:
     bid_valid_s: float = 60.0
 
 
+@dataclass
+class Progress:
+    running: bool  # something of the lease runs
+    ended: bool  # and will not again
+    succeeded: bool
+    ended_at: float
+    detail: str
+
+
 def lease_spec(lease_id: str, order: Order, model: str, priority: int, market: str) -> TaskSpec:
     """The task that realises a lease: the tenant's payload, with the order's resources,
     duration and the market's priority (the payload cannot raise or lower them)."""
@@ -96,7 +105,6 @@ class MarketService:
             created_at=time.time(),
         )
         self.registered = False
-        self.last_beat = 0.0
         self.figures = {"orders": 0, "bids": 0, "declined": 0, "won": 0, "lost": 0}
 
     # -- joining --------------------------------------------------------------------
@@ -121,7 +129,6 @@ class MarketService:
         )
         self._cursor(status=answer["status"], status_reason=answer["status_reason"])
         self.registered = True
-        self.last_beat = time.time()
 
     def _cursor(self, **values: Any) -> None:
         with self.store.tx() as tx:
@@ -167,18 +174,17 @@ class MarketService:
         if not models:
             wanted = order.resources.gpu_model or "any GPU"
             return Decision(Action.DECLINE, f"no {wanted} here"), ""
+        # a payload still to come is judged by its resources alone
+        probe = (
+            order if order.payload else order.model_copy(update={"payload": {"command": ["true"]}})
+        )
         for model in models:
             try:
-                spec = (
-                    lease_spec(order.id, order, model or "0", self.settings.priority, self.market)
-                    if model
-                    else None
-                )
-                if spec is not None:
-                    now, later, why = self.tasks.placeable(spec)
-                    if not (now or later):
-                        reasons.append(f"{model}: {why}")
-                        continue
+                spec = lease_spec(order.id, probe, model, self.settings.priority, self.market)
+                now, later, why = self.tasks.placeable(spec)
+                if not (now or later):
+                    reasons.append(f"{model or 'no GPU'}: {why}")
+                    continue
                 quotes.append((self.pricing.quote(order, model or "cpu"), model))
             except Unpriceable as exc:
                 reasons.append(str(exc))
@@ -290,8 +296,14 @@ class MarketService:
             if lease is None or lease["state"] in (L.CLOSED.value, L.CLOSING.value):
                 return
             tx.market.set(lease_id, state=L.CLOSING.value, close_reason=CloseReason(reason).value)
-        if lease["task_id"]:
-            with contextlib.suppress(ServiceError):  # already over: maintain sees it
+        if not lease["task_id"]:
+            return
+        with self.store.read() as r:
+            task = r.tasks.get(lease["task_id"])
+        with contextlib.suppress(ServiceError):  # already over: maintain sees it
+            if task and task.service_id:  # a service: stop the replica set, not one replica
+                self.tasks.serving.stop(task.service_id, self.who)
+            else:
                 self.tasks.cancel(lease["task_id"], self.who)
 
     # -- keeping leases in step -----------------------------------------------------
@@ -308,54 +320,80 @@ class MarketService:
                     ended_at=lease["ended_at"] or time.time(),
                 )
 
+    def beat(self) -> None:
+        """Tell the hub this provider is alive (its own thread: nothing slow delays it)."""
+        if not self.registered:
+            return
+        try:
+            self.client.call("POST", "/v1/providers/heartbeat")
+        except (HubRefused, HubUnreachable) as exc:
+            log.warning("market %s: heartbeat failed: %s", self.market, exc)
+
     def maintain(self) -> None:
-        """Follow each live lease's task, report states and usage, beat."""
+        """Follow each live lease's task, report states and usage."""
         now = time.time()
-        if self.registered and now - self.last_beat >= self.settings.heartbeat_s:
-            try:
-                self.client.call("POST", "/v1/providers/heartbeat")
-                self.last_beat = now
-            except (HubRefused, HubUnreachable) as exc:
-                log.warning("market %s: heartbeat failed: %s", self.market, exc)
         with self.store.read() as r:
             leases = r.market.list(self.market, {s.value for s in LIVE} | {L.CLOSED.value})
-            tasks = {
-                lease["task_id"]: r.tasks.get(lease["task_id"])
+            progress = {
+                lease["id"]: self._progress(r, lease["task_id"], now)
                 for lease in leases
-                if lease["task_id"]
+                if lease["task_id"] and lease["state"] != L.CLOSED.value
             }
         for lease in leases:
-            if lease["state"] == L.CLOSED.value and lease["reported"] == "closed":
-                continue
-            self._follow(lease, tasks.get(lease["task_id"]), now)
+            if lease["state"] != L.CLOSED.value:
+                self._follow(lease, progress.get(lease["id"]), now)
         for lease in leases:
-            self._report(lease["id"], now)
+            if not (lease["state"] == L.CLOSED.value and lease["reported"] == "closed"):
+                self._report(lease["id"], now)
 
-    def _follow(self, lease: dict[str, Any], task: Any, now: float) -> None:
+    @staticmethod
+    def _progress(r: Any, task_id: str, now: float) -> Progress | None:
+        """How the work of a lease is going: its task, or for a service its replica set
+        (replicas come and go; the lease lasts while the service is live)."""
+        task = r.tasks.get(task_id)
+        if task is None:
+            return None
+        if task.service_id:
+            service = r.services.get(task.service_id)
+            live = r.tasks.replicas([task.service_id])[task.service_id]
+            stopped = service is None or (service.state != "live" and not live)
+            return Progress(
+                running=any(t.state == TaskState.RUNNING for t in live),
+                ended=stopped,
+                succeeded=False,
+                ended_at=now,
+                detail=f"service {service.name if service else '?'} stopped",
+            )
+        return Progress(
+            running=task.state == TaskState.RUNNING,
+            ended=task.state in TERMINAL,
+            succeeded=task.state == TaskState.SUCCEEDED,
+            ended_at=task.finished_at or now,
+            detail=f"task {task.id} {task.state}: {task.state_reason}",
+        )
+
+    def _follow(self, lease: dict[str, Any], progress: Progress | None, now: float) -> None:
         state = L(lease["state"])
         if state == L.AWAITING_PAYLOAD:
             order = Order.model_validate(lease["order"])
             if now - lease["created_at"] > order.payload_timeout_s:
                 self._closed(lease["id"], CloseReason.PAYLOAD_TIMEOUT, "the payload never came")
             return
-        if task is None:
+        if progress is None:
             if state in (L.PROVISIONING, L.RUNNING, L.CLOSING):
                 self._closed(lease["id"], CloseReason.FAILED, "its task is gone")
             return
-        if state == L.PROVISIONING and task.state == TaskState.RUNNING:
-            with self.store.tx() as tx:  # billed from when the hub hears of it: _report
-                tx.market.set(lease["id"], state=L.RUNNING.value)
-        elif task.state in TERMINAL and state != L.CLOSED:
+        if progress.ended:
             if state == L.CLOSING:
                 reason = CloseReason(lease["close_reason"] or CloseReason.TENANT)
-            elif task.state == TaskState.SUCCEEDED:
-                reason = CloseReason.COMPLETED
             else:
-                reason = CloseReason.FAILED
-            detail = f"task {task.id} {task.state}: {task.state_reason}"
+                reason = CloseReason.COMPLETED if progress.succeeded else CloseReason.FAILED
             with self.store.tx() as tx:
-                tx.market.set(lease["id"], ended_at=task.finished_at or now)
-            self._closed(lease["id"], reason, detail)
+                tx.market.set(lease["id"], ended_at=progress.ended_at)
+            self._closed(lease["id"], reason, progress.detail)
+        elif state == L.PROVISIONING and progress.running:
+            with self.store.tx() as tx:  # billed from when the hub hears of it: _report
+                tx.market.set(lease["id"], state=L.RUNNING.value)
 
     def _report(self, lease_id: str, now: float) -> None:
         """Tell the hub what changed: usage first (up to now, or to the end), then the
