@@ -11,12 +11,14 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuprovider.domain import catalogue
 from gpuprovider.identity.keys import public_key_hex
 from gpuprovider.identity.signing import BadSignature, ReplayCache, sign_request, verify_request
 from gpuprovider.market.model import (
     IllegalLeaseTransition,
     LeaseState,
     Order,
+    OrderResources,
     Transfer,
     charge,
     check_transition,
@@ -177,6 +179,10 @@ def test_signed_requests_refuse_tampering_replay_and_old_signatures():
         verify_request(fresh, "POST", "/v1/orders", body, cache, now=time.time() + 31)
     with pytest.raises(BadSignature, match="missing"):
         verify_request({}, "POST", "/v1/orders", body, cache)
+    restarted = ReplayCache()  # a server started later has not seen the first nonce
+    restarted.not_before += 1
+    with pytest.raises(BadSignature, match="before this server started"):
+        verify_request(headers, "POST", "/v1/orders", body, restarted)
     assert cache.refused == 2
 
 
@@ -517,3 +523,34 @@ def test_a_hub_that_disappears_mid_lease_neither_loses_nor_double_counts(market,
     assert done["close_reason"] == "completed"
     assert 0 < done["charged"] <= charge(1_830_000, 7) and done["escrow"] == 0
     assert ledger(hub)["drift"] == 0
+
+
+# -- GPU identity for offers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "memory_mib", "pci", "model", "in_catalogue"),
+    [
+        ("NVIDIA A100-SXM4-80GB", 81920, 0x20B2, "a100-80gb-sxm", True),
+        ("NVIDIA A100 80GB HBM2e", 81920, 0x20B2, "a100-80gb-sxm", True),  # renamed
+        ("NVIDIA GeForce RTX 4090", 24564, 0x2684, "rtx-4090-24gb", True),  # any subsystem
+        ("NVIDIA RTX A5000", 24564, 0x2231, "rtx-a5000-24gb", False),
+        ("NVIDIA GB10", 124000, 0x2E12, "gb10-121gb", False),
+        ("NVIDIA H100 80GB HBM3", 81559, None, "h100-80gb-sxm", True),  # by name alone
+    ],
+)
+def test_gpus_are_named_by_pci_id_and_unknown_ones_are_still_offered(
+    name, memory_mib, pci, model, in_catalogue
+):
+    found, _ = catalogue.from_device_name(name, memory_mib, pci)
+    assert found == model and catalogue.known(found) is in_catalogue
+    # Akash offered an unknown model to no one; here an order for any GPU takes it, and
+    # a price for its own name prices it
+    assert OrderResources(gpus=1).accepts(found)
+    table = PriceTable(gpu_hour={found: 0.27})
+    assert quote_table(table, order(resources={"gpus": 1}), found).price_per_hour == 270_000
+
+
+def test_an_order_for_a_model_takes_only_that_model():
+    h100 = OrderResources(gpus=1, gpu_model="h100")
+    assert h100.accepts("h100-80gb-pcie") and not h100.accepts("rtx-a5000-24gb")

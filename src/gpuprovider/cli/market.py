@@ -14,6 +14,7 @@ from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import console, print_json, table
 from gpuprovider.config import ConfigError, load_config
+from gpuprovider.domain import catalogue
 from gpuprovider.market.model import Order, fmt_money
 from gpuprovider.market.pricing import Pricing, Unpriceable
 
@@ -112,7 +113,12 @@ def quote(
         error = exc.errors()[0]
         raise CliError(f"{spec}: {'.'.join(map(str, error['loc']))}: {error['msg']}", 2) from None
     pricing = Pricing(config.pricing)
-    models = model or (sorted(order.resources.models()) if order.resources.gpus else ["cpu"])
+    offered = [m for m in config.pricing.gpu_hour if not catalogue.names_a_model(m)]
+    models = model or (
+        sorted(m for m in [*catalogue.models(), *offered] if order.resources.accepts(m))
+        if order.resources.gpus
+        else ["cpu"]
+    )
     rows = []
     for name in models:
         try:

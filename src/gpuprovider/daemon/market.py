@@ -53,7 +53,7 @@ class MarketBeat(Loop):
 
 class MarketKeeper(Loop):
     def __init__(self, market: MarketService):
-        super().__init__(f"market-{market.market}-leases", 0.5)
+        super().__init__(f"market-{market.market}-leases", 0.2)
         self.market = market
 
     def tick(self) -> float | None:

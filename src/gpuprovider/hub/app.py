@@ -22,7 +22,7 @@ from gpuprovider.identity.signing import BadSignature, ReplayCache, verify_reque
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.25
+TICK_S = 0.1
 MAX_BODY = 1 << 20
 
 

@@ -306,7 +306,6 @@ class Hub:
 
     def _candidates(self, conn: Connection, order: Order, now: float) -> list[Any]:
         """Admitted, live, reliable providers with enough proven GPUs of a wanted model."""
-        wanted = order.resources.models()
         need = max(1, math.ceil(order.resources.gpus))
         rows = conn.execute(
             select(t.participants).where(
@@ -315,7 +314,7 @@ class Hub:
         ).all()
         fit = []
         for row in rows:
-            count = sum(1 for g in row.gpus if g["model"] in wanted)
+            count = sum(1 for g in row.gpus if order.resources.accepts(g["model"]))
             if order.resources.gpus and count < need:
                 continue
             if (row.last_heartbeat or 0) < now - self.settings.silent_after_s:
@@ -692,6 +691,7 @@ class Hub:
             "state": row.state,
             "price_per_hour": row.price_per_hour,
             "gpus": row.gpus,
+            "running_at": row.running_at,
             "endpoint": row.endpoint,
             "billed_s": round(row.billed_s, 3),
             "charged": row.charged,

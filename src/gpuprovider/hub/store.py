@@ -3,6 +3,7 @@ happen together: ledger transfers always post both sides in one transaction."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -143,10 +144,14 @@ class HubStore:
                 conn.execute("PRAGMA busy_timeout=10000")
 
         metadata.create_all(self.engine)
+        self.writing = threading.Lock()
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        """One write transaction at a time: each reads what the last one wrote (pysqlite
+        begins a transaction only at its first write, so reads before it would not be
+        isolated otherwise), and a rule's read-then-write cannot interleave with another."""
+        with self.writing, self.engine.begin() as conn:
             yield conn
 
     @contextmanager

@@ -55,6 +55,9 @@ class ReplayCache:
 
     def __init__(self, window_s: float = WINDOW_S, capacity: int = 1_000_000):
         self.window_s, self.capacity = window_s, capacity
+        # nonces from before this cache existed are unknown to it: refuse those requests
+        # (a restarted server must not accept a replay of what it saw before)
+        self.not_before = int(time.time())
         self.seen: OrderedDict[str, float] = OrderedDict()
         self.lock = threading.Lock()
         self.refused = 0  # replays and expired signatures refused, for the figures
@@ -92,6 +95,9 @@ def verify_request(
         skew = abs(now - int(timestamp))
     except ValueError:
         raise BadSignature("X-Gpp-Time must be unix seconds") from None
+    if int(timestamp) < cache.not_before:
+        cache.refused += 1
+        raise BadSignature("signed before this server started; sign the request again")
     if skew > cache.window_s:
         cache.refused += 1
         raise BadSignature(

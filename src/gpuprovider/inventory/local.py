@@ -70,7 +70,11 @@ def _read_device(pynvml: Any, node_id: str, index: int, report: NvmlReport) -> G
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     name = _text(pynvml.nvmlDeviceGetName(handle))
     memory_mib = pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20
-    model, memory_gb = catalogue.from_device_name(name, memory_mib)
+    try:  # pciDeviceId packs the device id above the vendor id (0x10de)
+        pci_id: int | None = pynvml.nvmlDeviceGetPciInfo(handle).pciDeviceId >> 16
+    except pynvml.NVMLError:
+        pci_id = None
+    model, memory_gb = catalogue.from_device_name(name, memory_mib, pci_id)
     return GpuRecord(
         uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
         node_id=node_id,

@@ -52,11 +52,10 @@ class OrderResources(_Strict):
                 raise ValueError(str(exc)) from None
         return value
 
-    def models(self) -> frozenset[str]:
-        """Catalogue model ids that satisfy the order (every model when unconstrained)."""
-        if not self.gpu_model:
-            return frozenset(catalogue.models())
-        return frozenset(catalogue.resolve(self.gpu_model))
+    def accepts(self, model: str) -> bool:
+        """Whether a GPU of `model` satisfies the order: any GPU when unconstrained (one
+        the catalogue does not know too), else the catalogue's models of that name."""
+        return not self.gpu_model or model in catalogue.resolve(self.gpu_model)
 
 
 class Order(_Strict):

@@ -170,7 +170,9 @@ class MarketService:
         reasons, quotes = [], []
         with self.store.read() as r:
             ours = {g.model for n in r.nodes.list() for g in n.gpus if g.present}
-        models = sorted(order.resources.models() & ours) if order.resources.gpus else [""]
+        models = (
+            sorted(m for m in ours if order.resources.accepts(m)) if order.resources.gpus else [""]
+        )
         if not models:
             wanted = order.resources.gpu_model or "any GPU"
             return Decision(Action.DECLINE, f"no {wanted} here"), ""
@@ -286,7 +288,7 @@ class MarketService:
     def _any_model(self, order: Order) -> str:
         with self.store.read() as r:
             ours = {g.model for n in r.nodes.list() for g in n.gpus if g.present}
-        fits = sorted(order.resources.models() & ours)
+        fits = sorted(m for m in ours if order.resources.accepts(m))
         return fits[0] if fits else "0"
 
     def on_close(self, lease_id: str, reason: str) -> None:
@@ -415,11 +417,13 @@ class MarketService:
                         "detail": lease["reason"][:1000],
                         "ended_at": lease["ended_at"],
                     }
-                self.client.call("POST", f"/v1/leases/{lease_id}/state", body)
+                answer = self.client.call("POST", f"/v1/leases/{lease_id}/state", body)
                 with self.store.tx() as tx:
                     tx.market.set(lease_id, reported=wanted)
-                    if state == L.RUNNING:  # the hub bills from now: so do we
-                        tx.market.set(lease_id, running_since=time.time())
+                    if state == L.RUNNING:  # the hub bills from when it heard: so do we
+                        heard = answer.get("running_at") if isinstance(answer, dict) else None
+                        sane = isinstance(heard, int | float) and abs(heard - now) < 3600
+                        tx.market.set(lease_id, running_since=float(heard) if sane else now)
         except HubUnreachable as exc:
             log.warning("market %s: lease %s not reported: %s", self.market, lease_id, exc)
         except HubRefused as exc:

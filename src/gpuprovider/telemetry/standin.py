@@ -105,7 +105,7 @@ class StandinNvml:
         return self._get(handle, "uuid")
 
     def nvmlDeviceGetPciInfo(self, handle: dict[str, Any]) -> _Struct:
-        return _Struct(busId=self._get(handle, "pci"))
+        return _Struct(busId=self._get(handle, "pci"), pciDeviceId=handle.get("pci_device_id", 0))
 
     def nvmlDeviceGetMemoryInfo(self, handle: dict[str, Any]) -> _Struct:
         total = self._get(handle, "memory_total")
