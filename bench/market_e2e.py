@@ -29,7 +29,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.identity.signing import sign_request
-from gpuprovider.market.client import HubClient, HubRefused
+from gpuprovider.market.client import HubClient, MarketRefused
 from gpuprovider.testing import (
     HubProcess,
     Provider,
@@ -158,7 +158,7 @@ def main() -> None:
                         "POST", "/v1/orders", {"order": order, "deposit": 500_000, "mode": mode}
                     )
                 )
-            except HubRefused:
+            except MarketRefused:
                 refused += 1
             pause = t_start + (i + 1) / args.rate - time.time()
             if pause > 0:

@@ -28,6 +28,9 @@ def test_default_config_writes_every_default_and_reads_back():
         if section == "quotas":  # per tenant; the template shows a commented example
             assert "# [quotas.team-a]" in text
             continue
+        if section == "market":  # per market; the template shows a commented example
+            assert "# [market.hub]" in text
+            continue
         for key in model.annotation.model_fields:
             if key in ("simulated_gpus", "expected_gpus", "rules"):  # commented examples
                 assert f"# [[{section}.{key}]]" in text

@@ -12,6 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.domain import catalogue
+from gpuprovider.hub.hub import Hub, HubError, HubSettings
+from gpuprovider.hub.store import HubStore
 from gpuprovider.identity.keys import public_key_hex
 from gpuprovider.identity.signing import BadSignature, ReplayCache, sign_request, verify_request
 from gpuprovider.market.model import (
@@ -554,3 +556,25 @@ def test_gpus_are_named_by_pci_id_and_unknown_ones_are_still_offered(
 def test_an_order_for_a_model_takes_only_that_model():
     h100 = OrderResources(gpus=1, gpu_model="h100")
     assert h100.accepts("h100-80gb-pcie") and not h100.accepts("rtx-a5000-24gb")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_store(request, tmp_path):
+    if request.param == "sqlite":
+        yield HubStore(f"sqlite:///{tmp_path / 'hub.db'}")
+    else:
+        yield HubStore(request.getfixturevalue("postgres_url"))
+
+
+def test_the_hub_keeps_its_books_on_sqlite_and_postgresql(hub_store):
+    hub = Hub(hub_store, HubSettings(), Ed25519PrivateKey.generate())
+    tenant = public_key_hex(Ed25519PrivateKey.generate())
+    hub.register(tenant, "tenant", {"name": "alice"})
+    hub.deposit({"tenant": "alice", "amount": 5_000_000})
+    with pytest.raises(HubError, match="no admitted provider could ever run"):
+        hub.post_order(tenant, {"order": JOB, "deposit": 1_000_000})
+    with pytest.raises(HubError, match="no tenant"):
+        hub.deposit({"tenant": "bob", "amount": 1})
+    books = hub.ledger_summary()
+    assert books["deposited"] == books["held"] == 5_000_000 and books["drift"] == 0
+    assert hub.describe(tenant)["balance"] == 5_000_000  # the refused order took nothing

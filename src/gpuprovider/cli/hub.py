@@ -20,7 +20,7 @@ from gpuprovider.hub.app import create_app
 from gpuprovider.hub.hub import Hub, HubSettings
 from gpuprovider.hub.store import HubStore
 from gpuprovider.identity.keys import create_node_key, load_node_key, new_token, public_key_hex
-from gpuprovider.market.client import HubClient, HubRefused, HubUnreachable
+from gpuprovider.market.client import HubClient, MarketRefused, MarketUnreachable
 from gpuprovider.market.model import fmt_money
 
 hub_app = typer.Typer(help="The reference market hub: serve it, or use it.", no_args_is_help=True)
@@ -101,9 +101,9 @@ def _tenant(ctx: typer.Context, url: str) -> HubClient:
 def _call(client: HubClient, method: str, path: str, body: Any = None) -> Any:
     try:
         return client.call(method, path, body)
-    except HubUnreachable as exc:
+    except MarketUnreachable as exc:
         raise CliError(str(exc)) from None
-    except HubRefused as exc:
+    except MarketRefused as exc:
         raise CliError(str(exc), 2 if exc.status == 422 else 1) from None
 
 

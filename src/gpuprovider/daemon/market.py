@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from gpuprovider.daemon.loops import Loop
-from gpuprovider.market.client import HubRefused, HubUnreachable
+from gpuprovider.market.client import MarketRefused, MarketUnreachable
 from gpuprovider.service.market import MarketService
 
 log = logging.getLogger(__name__)
@@ -26,18 +26,18 @@ class MarketReader(Loop):
         try:
             if not self.market.registered:
                 self.market.register()
-            for event in self.market.client.events(self.market.cursor()["last_event"]):
+            for event in self.market.connector.events(self.market.cursor()["last_event"]):
                 self.market.handle(event)
                 if self._stopping.is_set():
                     return None
-        except (HubUnreachable, HubRefused) as exc:
+        except (MarketUnreachable, MarketRefused) as exc:
             log.warning("market %s: %s; retrying in %.0f s", self.market.market, exc, RETRY_S)
             return RETRY_S
         return 0.2  # the stream ended: reconnect
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
-        self.market.client.close()  # unblocks a stream read
+        self.market.connector.close()  # unblocks a stream read
         super().stop(timeout_s)
 
 

@@ -14,12 +14,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gpuprovider.identity.signing import sign_request
 
 
-class HubUnreachable(RuntimeError):
-    """The hub did not answer (down, refused, timed out)."""
+class MarketUnreachable(RuntimeError):
+    """The market did not answer (down, refused the connection, timed out)."""
 
 
-class HubRefused(RuntimeError):
-    """The hub answered with an error: the message is the hub's."""
+class MarketRefused(RuntimeError):
+    """The market answered with an error: the message is the market's."""
 
     def __init__(self, status: int, message: str):
         super().__init__(f"hub: {status} {message}")
@@ -56,20 +56,20 @@ class HubClient:
         try:
             response = self.http.send(self._signed(method, path, body))
         except httpx.TransportError as exc:
-            raise HubUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
+            raise MarketUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
         if response.status_code >= 400:
             try:
                 message = response.json().get("error", response.text)
             except ValueError:
                 message = response.text[:300]
-            raise HubRefused(response.status_code, message)
+            raise MarketRefused(response.status_code, message)
         return response.json()
 
     def info(self) -> dict[str, Any]:
         try:
             return self.http.get("/v1/info").json()
         except (httpx.TransportError, ValueError) as exc:
-            raise HubUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
+            raise MarketUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
 
     def events(self, after: int, timeout_s: float = 30.0) -> Iterator[Event]:
         """Events after `after`, as they come; ends when the stream does (reconnect with
@@ -80,11 +80,11 @@ class HubClient:
         try:
             response = self.http.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise HubUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
+            raise MarketUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
         try:
             if response.status_code >= 400:
                 response.read()
-                raise HubRefused(response.status_code, response.text[:300])
+                raise MarketRefused(response.status_code, response.text[:300])
             fields: dict[str, str] = {}
             for line in response.iter_lines():
                 if line == "":

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -180,6 +180,11 @@ class ScriptPricing:
         if per_hour > MAX_MONEY:
             raise Unpriceable(f"pricing script asked {per_hour} micros per hour: too much")
         return _total(self.table, order, model, per_hour, [("pricing script", per_hour)])
+
+
+class PricingPolicy(Protocol):
+    def quote(self, order: Order, model: str) -> Quote:
+        """The price of `order` on a GPU of `model`; Unpriceable when there is none."""
 
 
 class Pricing:

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
-from gpuprovider.market.client import Event, HubClient, HubRefused, HubUnreachable
+from gpuprovider.market.client import Event, MarketRefused, MarketUnreachable
+from gpuprovider.market.connector import Connector, HubConnector
 from gpuprovider.market.model import (
     Action,
     CloseReason,
@@ -27,7 +28,7 @@ from gpuprovider.market.model import (
     Order,
     charge,
 )
-from gpuprovider.market.pricing import Pricing, Unpriceable
+from gpuprovider.market.pricing import PricingPolicy, Unpriceable
 from gpuprovider.market.usage import Usage, genesis, seal
 from gpuprovider.service.errors import ServiceError
 from gpuprovider.service.tasks import TaskService
@@ -90,13 +91,13 @@ class MarketService:
         tasks: TaskService,
         tokens: TokenService,
         key: Ed25519PrivateKey,
-        pricing: Pricing,
+        pricing: PricingPolicy,
         settings: MarketSettings,
     ):
         self.store, self.tasks, self.tokens, self.key = store, tasks, tokens, key
         self.pricing, self.settings = pricing, settings
         self.market = settings.name
-        self.client = HubClient(settings.url, key)
+        self.connector: Connector = HubConnector(settings.url, key)
         self.who = TokenRecord(
             id=f"market:{self.market}",
             name=f"market:{self.market}",
@@ -118,14 +119,8 @@ class MarketService:
             tenant=self.who.tenant,
             expires_in_s=7 * 86400,
         )
-        answer = self.client.call(
-            "POST",
-            "/v1/providers",
-            {
-                "name": self.settings.provider_name,
-                "api_url": self.settings.api_url,
-                "verify_token": made["token"],
-            },
+        answer = self.connector.register(
+            self.settings.provider_name, self.settings.api_url, made["token"]
         )
         self._cursor(status=answer["status"], status_reason=answer["status_reason"])
         self.registered = True
@@ -227,26 +222,9 @@ class MarketService:
                 reason=decision.reason,
             )
         try:
-            if decision.action == Action.BID:
-                self.client.call(
-                    "POST",
-                    f"/v1/orders/{order.id}/bids",
-                    {
-                        "price_per_hour": decision.price_per_hour,
-                        "valid_s": self.settings.bid_valid_s,
-                    },
-                )
-                self.figures["bids"] += 1
-            elif mode == "dispatch":
-                body = {
-                    "accept": decision.action == Action.ACCEPT,
-                    "price_per_hour": decision.price_per_hour,
-                    "reason": decision.reason[:500],
-                }
-                self.client.call("POST", f"/v1/orders/{order.id}/dispatch", body)
-            if decision.action == Action.DECLINE:
-                self.figures["declined"] += 1
-        except (HubRefused, HubUnreachable) as exc:
+            self.connector.respond(order.id, mode, decision)
+            self.figures["declined" if decision.action == Action.DECLINE else "bids"] += 1
+        except (MarketRefused, MarketUnreachable) as exc:
             self._settle_offer(order.id, L.EXPIRED, f"the hub refused the answer: {exc}")
 
     def _settle_offer(self, lease_id: str, state: LeaseState, reason: str) -> None:
@@ -327,8 +305,8 @@ class MarketService:
         if not self.registered:
             return
         try:
-            self.client.call("POST", "/v1/providers/heartbeat")
-        except (HubRefused, HubUnreachable) as exc:
+            self.connector.beat()
+        except (MarketRefused, MarketUnreachable) as exc:
             log.warning("market %s: heartbeat failed: %s", self.market, exc)
 
     def maintain(self) -> None:
@@ -408,25 +386,25 @@ class MarketService:
                 self._send_usage(lease, now)
             wanted = REPORTED.get(state)
             if wanted and lease["reported"] != wanted:
-                body: dict[str, Any] = {"state": wanted}
+                details: dict[str, Any] = {}
                 if state == L.RUNNING:
-                    body["endpoint"] = lease["endpoint"]
+                    details["endpoint"] = lease["endpoint"]
                 if state == L.CLOSED:
-                    body |= {
+                    details |= {
                         "reason": lease["close_reason"],
                         "detail": lease["reason"][:1000],
                         "ended_at": lease["ended_at"],
                     }
-                answer = self.client.call("POST", f"/v1/leases/{lease_id}/state", body)
+                answer = self.connector.report_state(lease_id, wanted, **details)
                 with self.store.tx() as tx:
                     tx.market.set(lease_id, reported=wanted)
-                    if state == L.RUNNING:  # the hub bills from when it heard: so do we
-                        heard = answer.get("running_at") if isinstance(answer, dict) else None
+                    if state == L.RUNNING:  # the market bills from when it heard: so do we
+                        heard = answer.get("running_at")
                         sane = isinstance(heard, int | float) and abs(heard - now) < 3600
                         tx.market.set(lease_id, running_since=float(heard) if sane else now)
-        except HubUnreachable as exc:
+        except MarketUnreachable as exc:
             log.warning("market %s: lease %s not reported: %s", self.market, lease_id, exc)
-        except HubRefused as exc:
+        except MarketRefused as exc:
             log.warning(
                 "market %s: the hub refused lease %s's report: %s", self.market, lease_id, exc
             )
@@ -455,7 +433,7 @@ class MarketService:
                 prev=lease["usage_hash"] or genesis(lease["id"]),
             ),
         )
-        self.client.call("POST", f"/v1/leases/{lease['id']}/usage", record.model_dump())
+        self.connector.report_usage(record)
         with self.store.tx() as tx:
             tx.market.set(
                 lease["id"],
@@ -517,8 +495,8 @@ class MarketService:
     def earnings(self) -> dict[str, Any]:
         leases = self.leases()
         hub_balance = None
-        with contextlib.suppress(HubRefused, HubUnreachable):
-            hub_balance = self.client.call("GET", "/v1/me").get("balance")
+        with contextlib.suppress(MarketRefused, MarketUnreachable):
+            hub_balance = self.connector.paid()
         return {
             "market": self.market,
             "earned_by_our_count": sum(lease["earned"] for lease in leases),
