@@ -5,7 +5,9 @@ mixed shapes and durations.
 Figures: every lease's end state, ledger drift, order -> running p50/p99 (from the
 hub's own timestamps: the order's creation to the provider's running report),
 replayed and expired signatures refused, whether the unproven provider was ever
-matched, and how far the providers' signed usage and the hub's billed seconds differ.
+matched, how far the providers' signed usage and the hub's billed seconds differ, and
+how soon the operator's own preemptible work gives way to a lease (5 tries, after the
+main run: every H100 held by the operator's preemptible tasks, then an H100 order).
 Baseline in the same run: the same jobs submitted straight to a provider's API
 (submit -> running), which is what the market adds its matching to.
 
@@ -104,6 +106,52 @@ def baseline(provider: Provider, count: int) -> list[float]:
     return latencies
 
 
+def gives_way(hub: HubProcess, tenant: HubClient, providers: list[Provider], tries: int) -> dict:
+    """The operator's own preemptible work holds every H100 of both providers; an H100
+    order arrives. Seconds from the lease being won to the operator's task preempted,
+    and to the lease running (the DeepBrainChain rule: 10 s)."""
+    db = sqlite3.connect(hub.folder / "hub.db")
+    to_preempted, to_running = [], []
+    for _ in range(tries):
+        own = {
+            p: p.submit(command=["sleep", "600"], preemptible=True, resources={"gpu": "H100:4"})
+            for p in providers
+        }
+        for p, task in own.items():
+            p.wait_state(task["id"], "running")
+        order = {
+            "resources": {"gpus": 1, "gpu_model": "h100", "cpus": 0, "memory_gb": 0},
+            "max_price_per_hour": 4_000_000,
+            "duration_s": 120,
+            "payload": {"command": ["sleep", "0.5"]},
+        }
+        made = tenant.call("POST", "/v1/orders", {"order": order, "deposit": 500_000})
+        row = wait_for(
+            lambda lease=made["id"]: db.execute(
+                "select provider, created_at, running_at from leases where id=? and "
+                "running_at is not null",
+                (lease,),
+            ).fetchone(),
+            timeout=60,
+            what="the lease to run",
+        )
+        won_at, running_at = row[1], row[2]
+        for p, task in own.items():
+            events = p.api.get(f"/tasks/{task['id']}/events").json()
+            preempted = [e["at"] for e in events if e["to"] == "preempted"]
+            if preempted:
+                to_preempted.append(preempted[0] - won_at)
+            p.api.post(f"/tasks/{task['id']}/cancel")
+        to_running.append(running_at - won_at)
+        for p, task in own.items():
+            p.wait_state(task["id"], {"cancelled", "succeeded", "failed"}, timeout=60)
+    return {
+        "won_to_operator_preempted_max_s": round(max(to_preempted), 3) if to_preempted else None,
+        "won_to_running_max_s": round(max(to_running), 3),
+        "tries": tries,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--orders", type=int, default=1000)
@@ -189,6 +237,7 @@ def main() -> None:
         billed = sum(r[5] * r[6] for r in leases)
         reported = sum(usage.get(r[0], 0.0) for r in leases)
         sigs = signatures_refused(hub, 50)
+        way = gives_way(hub, tenant, providers[:2], 5)
         base = baseline(providers[0], 20)
         figures = {
             "orders_posted": len(posted),
@@ -208,6 +257,7 @@ def main() -> None:
             "gpu_seconds_billed": round(billed, 3),
             "usage_vs_billed_pct": round(100 * (reported - billed) / billed, 3) if billed else None,
             **sigs,
+            **way,
             "lease_ids_seen": len(ids),
         }
         print(f"orders posted {len(posted)}, matched {len(leases)}, unmatched {unmatched}")
@@ -226,6 +276,11 @@ def main() -> None:
         print(
             f"  usage reported {reported:.1f} GPU-s vs billed {billed:.1f} GPU-s "
             f"({figures['usage_vs_billed_pct']} %)"
+        )
+        print(
+            f"  operator's preemptible work gives way: preempted at most "
+            f"{way['won_to_operator_preempted_max_s']} s after the lease was won, lease "
+            f"running at most {way['won_to_running_max_s']} s after (goal 1 s; DBC 10 s)"
         )
         print(
             f"  signatures refused    replayed {sigs['replayed_refused']}/50, "

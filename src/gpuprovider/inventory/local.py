@@ -72,7 +72,7 @@ def _read_device(pynvml: Any, node_id: str, index: int, report: NvmlReport) -> G
     memory_mib = pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20
     try:  # pciDeviceId packs the device id above the vendor id (0x10de)
         pci_id: int | None = pynvml.nvmlDeviceGetPciInfo(handle).pciDeviceId >> 16
-    except pynvml.NVMLError:
+    except (pynvml.NVMLError, AttributeError):  # no PCI info: the name decides
         pci_id = None
     model, memory_gb = catalogue.from_device_name(name, memory_mib, pci_id)
     return GpuRecord(
