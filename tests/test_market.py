@@ -10,8 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import update
 
 from gpuprovider.domain import catalogue
+from gpuprovider.hub import store as hub_tables
 from gpuprovider.hub.hub import Hub, HubError, HubSettings
 from gpuprovider.hub.store import HubStore
 from gpuprovider.identity.keys import public_key_hex
@@ -578,3 +580,33 @@ def test_the_hub_keeps_its_books_on_sqlite_and_postgresql(hub_store):
     books = hub.ledger_summary()
     assert books["deposited"] == books["held"] == 5_000_000 and books["drift"] == 0
     assert hub.describe(tenant)["balance"] == 5_000_000  # the refused order took nothing
+
+
+def test_a_won_lease_that_never_runs_is_closed_and_refunded(hub_store):
+    hub = Hub(hub_store, HubSettings(start_timeout_s=10, close_grace_s=5), KEY)
+    provider, tenant = (public_key_hex(Ed25519PrivateKey.generate()) for _ in range(2))
+    hub.register(
+        provider, "provider", {"name": "p", "api_url": "http://127.0.0.1:9", "verify_token": "t"}
+    )
+    with hub_store.tx() as conn:  # admitted by hand: admission is tested end to end above
+        conn.execute(
+            update(hub_tables.participants)
+            .where(hub_tables.participants.c.key == provider)
+            .values(
+                status="admitted",
+                gpus=[{"uuid": "GPU-0", "model": "h100-80gb-sxm"}],
+                last_heartbeat=time.time() + 86400,
+            )
+        )
+    hub.register(tenant, "tenant", {"name": "alice"})
+    hub.deposit({"tenant": "alice", "amount": 5_000_000})
+    made = hub.post_order(tenant, {"order": JOB, "deposit": 1_000_000})
+    hub.bid(provider, made["id"], {"price_per_hour": 1_000_000})
+    now = time.time()
+    hub.tick(now + 3)  # the auction window is over
+    assert hub.lease_view(made["id"])["state"] == "won"
+    hub.tick(now + 20)  # never reported running: the hub asks it closed
+    hub.tick(now + 30)  # and the provider never confirms
+    lease = hub.lease_view(made["id"])
+    assert (lease["state"], lease["close_reason"], lease["escrow"]) == ("closed", "failed", 0)
+    assert hub.describe(tenant)["balance"] == 5_000_000 and hub.ledger_summary()["drift"] == 0

@@ -61,6 +61,7 @@ class HubSettings:
     reliability_floor: float = 0.5
     heartbeat_s: float = 10.0  # providers beat this often; see silent_after_s
     close_grace_s: float = 30.0  # a provider confirms a close within this
+    start_timeout_s: float = 900.0  # a won lease runs within this, or closes as failed
     rechallenge_s: float = 3600.0  # mean time between random re-proofs of a provider
     allow_simulated: bool = False  # admit providers proving simulated GPUs (tests, demos)
 
@@ -680,6 +681,8 @@ class Hub:
     def lease_view(self, lease_id: str) -> dict[str, Any]:
         with self.store.read() as conn:
             row = conn.execute(select(t.leases).where(t.leases.c.id == lease_id)).first()
+            if row is None:
+                raise Missing(f"no lease {lease_id}")
             return self._lease_dict(conn, row)
 
     def _lease_dict(self, conn: Connection, row: Any) -> dict[str, Any]:
@@ -785,6 +788,9 @@ class Hub:
                     self._closing(conn, row, CloseReason.LOST, "the provider stopped beating", now)
                     continue
                 if state != LeaseState.RUNNING:
+                    if now - row.created_at > self.settings.start_timeout_s:
+                        why = f"not running {self.settings.start_timeout_s:g} s after it was won"
+                        self._closing(conn, row, CloseReason.FAILED, why, now)
                     continue
                 if now - row.running_at >= row.duration_s:
                     self._closing(conn, row, CloseReason.EXPIRED, "its duration ran out", now)
