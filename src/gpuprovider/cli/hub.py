@@ -204,7 +204,7 @@ def leases(ctx: typer.Context, url: str = HUB_URL, as_json: bool = JSON) -> None
                 lease["state"],
                 fmt_money(lease["price_per_hour"]),
                 f"{lease['gpus']:g}",
-                lease["billed_s"],
+                f"{lease['billed_s']:.1f}",
                 fmt_money(lease["charged"]),
                 fmt_money(lease["escrow"]),
                 lease["endpoint"],

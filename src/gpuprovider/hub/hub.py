@@ -696,7 +696,7 @@ class Hub:
             "gpus": row.gpus,
             "running_at": row.running_at,
             "endpoint": row.endpoint,
-            "billed_s": round(row.billed_s, 3),
+            "billed_s": row.billed_s,
             "charged": row.charged,
             "escrow": balance(conn, escrow_account(row.id)),
             "reported_gpu_seconds": round(sum(u.gpu_seconds for u in used), 3),
