@@ -18,6 +18,7 @@ from gpuprovider.hub.hub import Hub, HubError, HubSettings
 from gpuprovider.hub.store import HubStore
 from gpuprovider.identity.keys import public_key_hex
 from gpuprovider.identity.signing import BadSignature, ReplayCache, sign_request, verify_request
+from gpuprovider.market.client import HubClient
 from gpuprovider.market.model import (
     IllegalLeaseTransition,
     LeaseState,
@@ -610,3 +611,58 @@ def test_a_won_lease_that_never_runs_is_closed_and_refunded(hub_store):
     lease = hub.lease_view(made["id"])
     assert (lease["state"], lease["close_reason"], lease["escrow"]) == ("closed", "failed", 0)
     assert hub.describe(tenant)["balance"] == 5_000_000 and hub.ledger_summary()["drift"] == 0
+
+
+class Dice:
+    def __init__(self, value: float):
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_admitted_providers_are_proven_again_at_random_times_when_idle(hub_store):
+    hub = Hub(hub_store, HubSettings(rechallenge_s=3600), KEY)
+    provider = public_key_hex(Ed25519PrivateKey.generate())
+    hub.register(
+        provider, "provider", {"name": "p", "api_url": "http://127.0.0.1:9", "verify_token": "t"}
+    )
+    now = time.time()
+    with hub_store.tx() as conn:
+        conn.execute(
+            update(hub_tables.participants)
+            .where(hub_tables.participants.c.key == provider)
+            .values(status="admitted", last_proof_at=now - 1000)
+        )
+    assert hub.due_for_proof(now, 0.1, Dice(0.0)) == [provider]
+    assert hub.due_for_proof(now, 0.1, Dice(0.999)) == []  # not this time
+    assert hub.due_for_proof(now - 700, 0.1, Dice(0.0)) == []  # just proven: not yet
+    with hub_store.tx() as conn:  # a lease running: its GPUs are busy
+        conn.execute(
+            hub_tables.leases.insert().values(
+                id="ord-x",
+                tenant="t",
+                provider=provider,
+                state="running",
+                price_per_hour=1,
+                gpus=1,
+                duration_s=60,
+                created_at=now,
+            )
+        )
+    assert hub.due_for_proof(now, 0.1, Dice(0.0)) == []
+
+
+@pytest.mark.slow
+def test_hub_serve_keeps_its_books_on_postgresql(postgres_url, tmp_path):
+    hub = HubProcess(tmp_path / "hub", free_port(), "--db", postgres_url)
+    try:
+        tenant = HubClient(hub.url, Ed25519PrivateKey.generate())
+        tenant.call("POST", "/v1/tenants", {"name": "pg-tenant"})
+        answer = hub.admin.post("/v1/admin/deposit", json={"tenant": "pg-tenant", "amount": 7})
+        assert answer.status_code == 200, answer.text
+        assert tenant.call("GET", "/v1/me")["balance"] == 7
+        books = hub.admin.get("/v1/admin/ledger").json()
+        assert books["deposited"] == books["held"] == 7 and books["drift"] == 0
+    finally:
+        hub.stop()

@@ -51,18 +51,20 @@ class Signed:
 def create_app(hub: Hub, admin_token: str, cache: ReplayCache | None = None) -> FastAPI:
     cache = cache or ReplayCache()
     signed = Signed(cache)
-    admissions: set[asyncio.Task] = set()
+    admissions: dict[str, asyncio.Task] = {}  # provider key -> its proof in flight
 
     def admit_soon(key: str) -> None:
+        if key in admissions:
+            return
         task = asyncio.create_task(asyncio.to_thread(hub.admit, key))
-        admissions.add(task)
-        task.add_done_callback(admissions.discard)
+        admissions[key] = task
+        task.add_done_callback(lambda _task: admissions.pop(key, None))
 
     async def loop() -> None:
         while True:
             try:
                 await asyncio.to_thread(hub.tick)
-                for key in await asyncio.to_thread(hub.due_for_proof, time.time()):
+                for key in await asyncio.to_thread(hub.due_for_proof, time.time(), TICK_S):
                     admit_soon(key)
             except Exception:  # one bad tick never stops the hub
                 log.exception("hub tick failed")
@@ -74,7 +76,7 @@ def create_app(hub: Hub, admin_token: str, cache: ReplayCache | None = None) -> 
         ticking = asyncio.create_task(loop())
         yield
         ticking.cancel()
-        for task in list(admissions):
+        for task in list(admissions.values()):
             task.cancel()
 
     app = FastAPI(title="gpuprovider hub", lifespan=lifespan)

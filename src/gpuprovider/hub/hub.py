@@ -251,10 +251,12 @@ class Hub:
         log.info("provider %s %s: %s", row.name, status, reason)
         return self.describe(key)
 
-    def due_for_proof(self, now: float) -> list[str]:
-        """Admitted providers to re-challenge now: at random times (exponential gaps of
-        mean rechallenge_s), and only while no lease of theirs runs (a busy GPU cannot
-        be proved)."""
+    def due_for_proof(self, now: float, every_s: float, rng: Any = random) -> list[str]:
+        """Admitted providers to re-challenge now, asked every `every_s`: at random
+        times (a memoryless chance per call, so gaps are exponential with mean
+        rechallenge_s, and a provider cannot tell when the next one comes), never within
+        a tenth of that of the last proof, and only while no lease of theirs runs (a busy
+        GPU cannot be proved)."""
         with self.store.read() as conn:
             rows = conn.execute(
                 select(t.participants).where(
@@ -267,14 +269,16 @@ class Hub:
                     select(t.leases.c.provider).where(t.leases.c.closed_at.is_(None))
                 )
             }
-        due = []
-        for row in rows:
-            if row.key in busy or row.last_proof_at is None:
-                continue
-            chance = 1 - math.exp(-max(0.0, now - row.last_proof_at) / self.settings.rechallenge_s)
-            if random.random() < chance * 0.01:  # the loop asks ~100 times per gap
-                due.append(row.key)
-        return due
+        chance = 1 - math.exp(-every_s / self.settings.rechallenge_s)
+        floor = self.settings.rechallenge_s / 10
+        return [
+            row.key
+            for row in rows
+            if row.key not in busy
+            and row.last_proof_at is not None
+            and now - row.last_proof_at >= floor
+            and rng.random() < chance
+        ]
 
     def heartbeat(self, key: str) -> dict[str, Any]:
         with self.store.tx() as conn:
