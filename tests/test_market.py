@@ -3,6 +3,7 @@ through a real hub and real providers on 127.0.0.1 (with a tenant that misbehave
 
 import json
 import signal
+import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -191,6 +192,26 @@ def test_signed_requests_refuse_tampering_replay_and_old_signatures():
     assert cache.refused == 2
 
 
+def test_usage_and_orders_refuse_numbers_that_are_not_numbers():
+    record = {
+        "lease_id": "l1",
+        "seq": 1,
+        "start": 0.0,
+        "end": 1.0,
+        "prev": genesis("l1"),
+        "gpu_seconds": {"h100-80gb-sxm": 1.0},
+    }
+    for bad in (
+        {"end": float("nan")},
+        {"start": float("-inf")},
+        {"gpu_seconds": {"h100-80gb-sxm": float("inf")}},
+    ):
+        with pytest.raises(ValueError):
+            Usage.model_validate(record | bad)
+    with pytest.raises(ValueError):
+        order(resources={"gpus": 1, "cpus": float("nan")})
+
+
 def test_usage_records_chain_and_any_change_shows():
     def record(seq, prev, start):
         return seal(
@@ -351,6 +372,33 @@ def test_a_job_is_matched_runs_is_billed_and_both_sides_agree(market, tmp_path):
     books = ledger(hub)
     assert books["drift"] == 0 and books["held"] == books["deposited"] == 100_000_000
     assert books["accounts"][f"escrow:{made['id']}"] == 0  # the rest went back
+
+
+@pytest.mark.slow
+def test_a_win_the_provider_never_bid_on_is_refused(market):
+    hub, a, _, _ = market
+    wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
+    # a hostile hub: it tells provider a it won an order it never saw, at 1 micro an hour
+    db = sqlite3.connect(hub.folder / "hub.db")
+    (key,) = db.execute("select key from participants where name='provider-a'").fetchone()
+    forged = order(id="ord-forged").model_dump()
+    db.execute(
+        "insert into events (\"to\", kind, data, at) values (?, 'won', ?, ?)",
+        (
+            key,
+            json.dumps({"lease_id": "ord-forged", "price_per_hour": 1, "order": forged}),
+            time.time(),
+        ),
+    )
+    db.commit()
+    refused = wait_for(
+        lambda: next(
+            (x for x in a.api.get("/market/leases").json() if x["id"] == "ord-forged"), None
+        ),
+        what="provider a to see the forged win",
+    )
+    assert refused["state"] == "closed" and "never bid on it" in refused["reason"]
+    assert refused["task_id"] is None  # nothing ran
 
 
 @pytest.mark.slow

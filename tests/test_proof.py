@@ -481,7 +481,14 @@ class LyingProvider(BaseHTTPRequestHandler):
     answers = {
         "/api/v1/gpus": [
             {"uuid": u, "model": "h100-80gb-sxm", "present": True}
-            for u in ("GPU-notjson", "GPU-badmemory", "GPU-smallh100", "GPU-huge", "GPU-key")
+            for u in (
+                "GPU-notjson",
+                "GPU-badmemory",
+                "GPU-smallh100",
+                "GPU-huge",
+                "GPU-key",
+                "GPU-secret",
+            )
         ],
         "/api/v1/gpus/GPU-notjson/proof": b"<html>surprise</html>",
         "/api/v1/gpus/GPU-badmemory/proof": {
@@ -509,9 +516,9 @@ class LyingProvider(BaseHTTPRequestHandler):
     }
     challenged: list[dict] = []
 
-    def _send(self, body) -> None:
+    def _send(self, body, status: int = 200) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         # the verifier hangs up on an oversized answer, as it should
@@ -519,7 +526,10 @@ class LyingProvider(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def do_GET(self):
-        self._send(self.answers.get(self.path, {}))
+        if self.path == "/api/v1/gpus/GPU-secret/proof":  # whatever else answers there
+            self._send(b"internal-secret", 500)
+        else:
+            self._send(self.answers.get(self.path, {}))
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -562,6 +572,10 @@ def test_a_lying_provider_fails_each_gpu_and_never_crashes_the_verifier(proven, 
     assert "memory_bytes" in reasons["GPU-badmemory"]
     assert "answer of 20971523 bytes; limit" in reasons["GPU-huge"]  # never downloaded
     assert "pinned" in reasons["GPU-key"]
+    # an error from something that is not a gpuprovider API is not repeated (the hub
+    # proves URLs its providers give it: the reason goes back to them)
+    assert "500 (not a gpuprovider answer)" in reasons["GPU-secret"]
+    assert "internal-secret" not in done.stdout
     # before: a provider listing an H100 with 4 MiB of memory was challenged for 4 MiB
     # and passed; the verifier now asks for the catalogue's 80 GB, whatever is reported
     (asked, *_) = [c for c in LyingProvider.challenged if c["gpu_uuid"] == "GPU-smallh100"]

@@ -23,7 +23,7 @@ MAX_MONEY = 10**15  # a billion units: no order, deposit or price is larger
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class OrderResources(_Strict):

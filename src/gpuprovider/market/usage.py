@@ -24,7 +24,7 @@ class UsageError(ValueError):
 
 
 class Usage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     lease_id: Annotated[str, Field(max_length=64)]
     seq: Annotated[int, Field(ge=1, le=10**9)]

@@ -124,11 +124,14 @@ class RemoteVerifier:
             raise RemoteError(f"cannot reach {self.url}: {exc.__class__.__name__}") from None
         self._count(uuid, len(content or b"") + len(data))
         if response.status_code >= 400:
+            # only a gpuprovider API's own error is repeated: whatever else answers at
+            # that URL (the hub proves URLs providers give it) stays unread
             try:
-                message = json.loads(data).get("error", data.decode(errors="replace"))
+                message = json.loads(data).get("error")
             except (ValueError, AttributeError):
-                message = data[:500].decode(errors="replace")
-            raise RemoteError(f"{method} {path}: {response.status_code} {message}")
+                message = None
+            shown = message[:300] if isinstance(message, str) else "(not a gpuprovider answer)"
+            raise RemoteError(f"{method} {path}: {response.status_code} {shown}")
         return bytes(data)
 
     def _json(self, method: str, path: str, body: Any = None, uuid: str = "") -> Any:

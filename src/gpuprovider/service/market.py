@@ -235,14 +235,35 @@ class MarketService:
                 self.figures["lost"] += state == L.LOST
 
     def on_won(self, lease_id: str, price: int, raw_order: dict[str, Any]) -> None:
-        order = Order.model_validate(raw_order)
+        """Run a won lease: the order as this provider priced it (its row, written before
+        the bid went out), at no less than its price. A win it never bid on, one it
+        declined, or one below its price is refused, and reported closed."""
         with self.store.tx() as tx:
             lease = tx.market.get(lease_id)
-            if lease is None:  # won after a restart lost the offer: take the hub's word
-                tx.market.add(lease_id, self.market, L.BIDDING.value, order.model_dump())
-                lease = tx.market.get(lease_id)
-            if lease["state"] not in (L.OFFERED.value, L.BIDDING.value):
+            refusal = ""
+            if lease is None:
+                tx.market.add(
+                    lease_id,
+                    self.market,
+                    L.LOST.value,
+                    Order.model_validate(raw_order).model_dump(),
+                )
+                refusal = "this provider never bid on it"
+            elif lease["state"] == L.LOST.value and lease["reported"] != "closed":
+                refusal = f"this provider declined it ({lease['reason'][:200]})"
+            elif lease["state"] not in (L.OFFERED.value, L.BIDDING.value):
                 return  # a repeated event
+            elif price < lease["price_per_hour"]:
+                refusal = f"won at {price}, below this provider's price {lease['price_per_hour']}"
+            if refusal:
+                tx.market.set(
+                    lease_id,
+                    state=L.CLOSED.value,
+                    close_reason=CloseReason.FAILED.value,
+                    reason=f"refused the win: {refusal}",
+                )
+                return
+            order = Order.model_validate(lease["order"])  # not the hub's copy: what was priced
             self.figures["won"] += 1
             if order.payload is None:
                 tx.market.set(lease_id, state=L.AWAITING_PAYLOAD.value, price_per_hour=price)
