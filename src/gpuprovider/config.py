@@ -317,19 +317,38 @@ class GatewayConfig(_Section):
 
 
 class MarketConfig(_Section):
-    """[market.<name>]: a market this provider takes work from (the reference hub)."""
+    """[market.<name>]: a market this provider takes work from: the reference hub
+    (kind "hub", pulled), or Swan's orchestrator pushing jobs to this API (kind "swan")."""
 
-    kind: Literal["hub"] = "hub"
-    url: str = Field(pattern=r"^https?://[^\s]+$")
+    kind: Literal["hub", "swan"] = "hub"
+    url: str = Field("", pattern=r"^(https?://[^\s]+)?$")  # the hub
     # The hub's verifier key (`gpuprovider hub key`): its proofs of this provider's GPUs
     # are trusted like a key in [proof] trusted_verifiers.
-    verifier_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    verifier_key: str = Field("", pattern=r"^([0-9a-fA-F]{64})?$")
     provider_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$")  # default: the node's
     api_url: str = ""  # where the hub reaches this API; default http://[api] host:port
     priority: int = Field(500, ge=-1000, le=1000)  # lease tasks: preemptible work gives way
     heartbeat_s: float = Field(10.0, gt=0, le=3600)
     usage_interval_s: float = Field(60.0, ge=0.5, le=86400)
     bid_valid_s: float = Field(60.0, gt=0, le=3600)
+    # kind "swan": whose signatures are obeyed, and what they are signed over
+    orchestrator: str = Field("", pattern=r"^(0x[0-9a-fA-F]{40})?$")
+    cp_account: str = Field("", pattern=r"^(0x[0-9a-fA-F]{40})?$")
+    node_id: str = Field("", max_length=256)
+    token_price: float = Field(0.0, ge=0, le=1e6)  # one Swan token in [pricing]'s currency
+    source_hosts: list[str] = Field(default_factory=list, max_length=64)  # host[:port]
+
+    @model_validator(mode="after")
+    def _kind(self) -> MarketConfig:
+        needed = (
+            ("url", "verifier_key")
+            if self.kind == "hub"
+            else ("orchestrator", "cp_account", "node_id", "token_price", "source_hosts")
+        )
+        missing = [name for name in needed if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"a {self.kind} market needs {', '.join(missing)}")
+        return self
 
 
 class ProviderConfig(_Section):
@@ -353,6 +372,13 @@ class ProviderConfig(_Section):
     # Per tenant: work within its GPUs is guaranteed; work beyond them runs only as
     # preemptible. A tenant without an entry has no limit.
     quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_swan(self) -> ProviderConfig:
+        swans = [name for name, m in self.market.items() if m.kind == "swan"]
+        if len(swans) > 1:
+            raise ValueError(f"one swan market at most (its routes are fixed): {swans}")
+        return self
 
     @model_validator(mode="after")
     def _ports_apart(self) -> ProviderConfig:

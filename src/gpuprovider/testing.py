@@ -137,9 +137,7 @@ def market_home(
 ) -> None:
     """Have `home` take work from the hub at `hub_url` (trusting its verifier key), price
     GPUs by `gpu_hour`, beat each second and prove simulated GPUs over a few MiB."""
-    text = home.config.read_text()
-    prices = ", ".join(f'"{model}" = {price}' for model, price in gpu_hour.items())
-    text = _set_once(text, r"(?m)^gpu_hour = \{\}.*$", f"gpu_hour = {{ {prices} }}")
+    text = _priced(home.config.read_text(), gpu_hour)
     text = _set_once(
         text, r"(?m)^simulated_memory_mib = .*$", f"simulated_memory_mib = {simulated_memory_mib}"
     )
@@ -152,6 +150,36 @@ verifier_key = "{hub_key}"
 heartbeat_s = 1.0
 usage_interval_s = {usage_interval_s}
 api_url = "{api_url}"
+"""
+    )
+
+
+def _priced(text: str, gpu_hour: dict[str, float]) -> str:
+    prices = ", ".join(f'"{model}" = {price}' for model, price in gpu_hour.items())
+    return _set_once(text, r"(?m)^gpu_hour = \{\}.*$", f"gpu_hour = {{ {prices} }}")
+
+
+def swan_home(
+    home: Home,
+    orchestrator: str,
+    cp_account: str,
+    node_id: str,
+    source_host: str,
+    gpu_hour: dict[str, float],
+) -> None:
+    """Have `home` take jobs from Swan's orchestrator `orchestrator` (an address), fetch
+    spaces from `source_host` only, price GPUs by `gpu_hour` (one token = one unit)."""
+    home.config.write_text(
+        _priced(home.config.read_text(), gpu_hour)
+        + f"""
+[market.swan]
+kind = "swan"
+orchestrator = "{orchestrator}"
+cp_account = "{cp_account}"
+node_id = "{node_id}"
+token_price = 1.0
+source_hosts = ["{source_host}"]
+usage_interval_s = 1.0
 """
     )
 

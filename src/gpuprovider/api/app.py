@@ -17,6 +17,7 @@ from gpuprovider.api.routers import (
     market,
     nodes,
     proofs,
+    swan,
     tasks,
     tokens,
     watch,
@@ -76,7 +77,7 @@ def create_app(services: Services) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ServiceError, _refused)
     app.add_exception_handler(StarletteHTTPException, _http)
-    for module in (health, tasks, nodes, gpus, proofs, tokens, watch, service_routes, market):
+    for module in (health, tasks, nodes, gpus, proofs, tokens, watch, service_routes, market, swan):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(watch.metrics_router)
     return app

@@ -17,6 +17,7 @@ from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.repair import RepairService
 from gpuprovider.service.serving import Serving
+from gpuprovider.service.swan import SwanService
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
 
@@ -37,6 +38,7 @@ class Services:
     metrics: Metrics | None = None
     serving: Serving | None = None
     markets: list[MarketService] = field(default_factory=list)
+    swan: SwanService | None = None  # Swan's job API, when a [market] is kind swan
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)

@@ -41,6 +41,7 @@ from gpuprovider.daemon.telemetry import TelemetryLoop
 from gpuprovider.domain.usability import Usability
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
+from gpuprovider.market.connector import HubConnector, PushConnector
 from gpuprovider.market.pricing import Pricing
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
@@ -50,6 +51,7 @@ from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.repair import RepairService, RepairSettings
 from gpuprovider.service.serving import GatewaySettings, Serving
+from gpuprovider.service.swan import SwanService, SwanSettings
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
 from gpuprovider.store.signals import Signal, Signals
@@ -122,7 +124,7 @@ class Daemon:
         key = load_node_key(home.node_key)
         self.node_id, public_key = node_id_for(key), public_key_hex(key)
         trusted = frozenset(config.proof.trusted_verifiers) | {
-            m.verifier_key.lower() for m in config.market.values()
+            m.verifier_key.lower() for m in config.market.values() if m.verifier_key
         }
         usability = Usability(config.proof.max_age_s if config.proof.required else None, trusted)
         engine = partial(container_engine, config.executor.container_engine)
@@ -203,11 +205,27 @@ class Daemon:
                     usage_interval_s=m.usage_interval_s,
                     bid_valid_s=m.bid_valid_s,
                 ),
+                PushConnector() if m.kind == "swan" else HubConnector(m.url, key),
             )
             for name, m in config.market.items()
         ]
-        for market in markets:
-            self.loops += [MarketReader(market), MarketKeeper(market), MarketBeat(market)]
+        swan = None
+        for market, m in zip(markets, config.market.values(), strict=True):
+            self.loops.append(MarketKeeper(market))
+            if m.kind == "hub":
+                self.loops += [MarketReader(market), MarketBeat(market)]
+                continue
+            market.register()  # a push market: nothing to reach, only routes to serve
+            swan = SwanService(
+                market,
+                SwanSettings(
+                    orchestrator=m.orchestrator.lower(),
+                    cp_account=m.cp_account,
+                    node_id=m.node_id,
+                    token_price=m.token_price,
+                    source_hosts=frozenset(h.lower() for h in m.source_hosts),
+                ),
+            )
         self.services = Services(
             tasks=tasks,
             nodes=NodeService(self.store, usability),
@@ -216,6 +234,7 @@ class Daemon:
             serving=self.serving,
             tokens=tokens,
             markets=markets,
+            swan=swan,
             proofs=ProofService(
                 self.store,
                 key,

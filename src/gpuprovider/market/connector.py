@@ -2,12 +2,14 @@
 and the reference hub's connector.
 
 A pull market (the hub, Akash) is read through `events`; a push market (Swan's job
-API) would feed the same `Event`s from routes it mounts on the daemon. Either way the
-provider answers with `respond`, reports state and usage, and reads what it was paid.
+API) calls routes the daemon mounts, which hand its orders to the same code and read the
+decision `respond` recorded. Either way the provider reports state and usage, and reads
+what it was paid, where the market says.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -22,6 +24,8 @@ from gpuprovider.market.usage import Usage
 class Connector(Protocol):
     """Every method raises MarketUnreachable or MarketRefused (market/client.py) when the
     market cannot be reached or says no."""
+
+    pushes: bool  # work arrives at routes on the daemon: this provider ends leases itself
 
     def register(self, name: str, api_url: str, verify_token: str) -> dict[str, Any]:
         """Join the market; its answer has `status` and `status_reason`."""
@@ -50,6 +54,8 @@ class Connector(Protocol):
 
 class HubConnector:
     """The reference hub, over signed HTTP and its event stream."""
+
+    pushes = False
 
     def __init__(self, url: str, key: Ed25519PrivateKey):
         self.client = HubClient(url, key)
@@ -94,3 +100,46 @@ class HubConnector:
 
     def close(self) -> None:
         self.client.close()
+
+
+class PushConnector:
+    """A market that pushes work to routes on the daemon (Swan's job API): nothing to
+    join, beat or read; the route takes the decision `respond` recorded. The market
+    has no API for state, usage or payment (Swan pays on chain for the duration), so
+    those stay in this provider's own records."""
+
+    pushes = True
+
+    def __init__(self) -> None:
+        self._decisions: dict[str, Decision] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, api_url: str, verify_token: str) -> dict[str, Any]:
+        return {"status": "admitted", "status_reason": "work is pushed to this provider"}
+
+    def beat(self) -> None:
+        pass
+
+    def events(self, after: int) -> Iterator[Event]:
+        return iter(())
+
+    def respond(self, order_id: str, mode: str, decision: Decision) -> None:
+        with self._lock:
+            self._decisions[order_id] = decision
+
+    def take(self, order_id: str) -> Decision | None:
+        """The decision on `order_id`, once: None when none was made (a repeated order)."""
+        with self._lock:
+            return self._decisions.pop(order_id, None)
+
+    def report_state(self, lease_id: str, state: str, **details: Any) -> dict[str, Any]:
+        return {"running_at": time.time()} if state == "running" else {}
+
+    def report_usage(self, usage: Usage) -> None:
+        pass
+
+    def paid(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass

@@ -1,7 +1,8 @@
-"""The provider's side of a market (the reference hub): register, price and bid on
-orders, realise won leases as tasks, report their state and signed, hash-chained usage,
-and close them. Called from two daemon threads: the event reader (`handle`) and the
-maintainer (`maintain`); every step is one short transaction on the lease's row."""
+"""The provider's side of a market (the reference hub, or a push market such as Swan):
+register, price and bid on orders, realise won leases as tasks, report their state and
+signed, hash-chained usage, and close them. Called from the event reader (`handle`) or
+a push market's routes, and from the maintainer (`maintain`); every step is one short
+transaction on the lease's row."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from gpuprovider.domain.records import TokenRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.market.client import Event, MarketRefused, MarketUnreachable
-from gpuprovider.market.connector import Connector, HubConnector
+from gpuprovider.market.connector import Connector
 from gpuprovider.market.model import (
     Action,
     CloseReason,
@@ -44,7 +45,7 @@ REPORTED = {L.PROVISIONING: "provisioning", L.RUNNING: "running", L.CLOSED: "clo
 @dataclass
 class MarketSettings:
     name: str  # the market's name in config: [market.<name>]
-    url: str  # the hub
+    url: str  # the hub; "" for a push market
     api_url: str  # where the hub's verifier reaches this provider's API
     provider_name: str  # this provider's name on the hub
     priority: int = 500  # lease tasks' priority: the operator's preemptible work gives way
@@ -62,9 +63,12 @@ class Progress:
     detail: str
 
 
-def lease_spec(lease_id: str, order: Order, model: str, priority: int, market: str) -> TaskSpec:
+def lease_spec(
+    lease_id: str, order: Order, model: str, priority: int, market: str, renewable: bool = False
+) -> TaskSpec:
     """The task that realises a lease: the tenant's payload, with the order's resources,
-    duration and the market's priority (the payload cannot raise or lower them)."""
+    duration and the market's priority (the payload cannot raise or lower them). A
+    renewable lease's task has no deadline of its own: `maintain` ends it on time."""
     payload = dict(order.payload or {})
     r = order.resources
     labels = dict(payload.get("labels") or {}) | {"market": market, "lease": lease_id}
@@ -78,7 +82,7 @@ def lease_spec(lease_id: str, order: Order, model: str, priority: int, market: s
         },
         "priority": priority,
         "preemptible": False,
-        "max_duration_s": float(order.duration_s),
+        "max_duration_s": None if renewable else float(order.duration_s),
         "labels": labels,
     }
     return TaskSpec.model_validate(payload)
@@ -93,11 +97,12 @@ class MarketService:
         key: Ed25519PrivateKey,
         pricing: PricingPolicy,
         settings: MarketSettings,
+        connector: Connector,
     ):
         self.store, self.tasks, self.tokens, self.key = store, tasks, tokens, key
         self.pricing, self.settings = pricing, settings
         self.market = settings.name
-        self.connector: Connector = HubConnector(settings.url, key)
+        self.connector = connector
         self.who = TokenRecord(
             id=f"market:{self.market}",
             name=f"market:{self.market}",
@@ -112,15 +117,18 @@ class MarketService:
 
     def register(self) -> None:
         """Register with the hub, giving it a fresh verify token so its verifier can
-        prove this provider's GPUs (the hub's key must be in [proof] trusted_verifiers)."""
-        made = self.tokens.create(
-            f"market-{self.market}-{int(time.time())}-{secrets.token_hex(2)}",
-            ["read", "verify"],
-            tenant=self.who.tenant,
-            expires_in_s=7 * 86400,
-        )
+        prove this provider's GPUs (the hub's key must be in [proof] trusted_verifiers).
+        A push market needs no token: it proves nothing here."""
+        verify_token = ""
+        if not self.connector.pushes:
+            verify_token = self.tokens.create(
+                f"market-{self.market}-{int(time.time())}-{secrets.token_hex(2)}",
+                ["read", "verify"],
+                tenant=self.who.tenant,
+                expires_in_s=7 * 86400,
+            )["token"]
         answer = self.connector.register(
-            self.settings.provider_name, self.settings.api_url, made["token"]
+            self.settings.provider_name, self.settings.api_url, verify_token
         )
         self._cursor(status=answer["status"], status_reason=answer["status_reason"])
         self.registered = True
@@ -271,7 +279,14 @@ class MarketService:
             tx.market.set(lease_id, state=L.WON.value, price_per_hour=price)
         model = lease["model"] or self._any_model(order)
         try:
-            spec = lease_spec(lease_id, order, model, self.settings.priority, self.market)
+            spec = lease_spec(
+                lease_id,
+                order,
+                model,
+                self.settings.priority,
+                self.market,
+                renewable=self.connector.pushes,
+            )
             view, _ = self.tasks.submit(spec, self.who, idempotency_key=lease_id)
         except (ValidationError, ServiceError) as exc:
             self._closed(lease_id, CloseReason.FAILED, f"could not start: {exc}")
@@ -384,6 +399,14 @@ class MarketService:
             if state in (L.PROVISIONING, L.RUNNING, L.CLOSING):
                 self._closed(lease["id"], CloseReason.FAILED, "its task is gone")
             return
+        since = lease["running_since"] or lease["created_at"]
+        if (
+            self.connector.pushes  # a pull market (the hub) ends its leases itself
+            and state in (L.PROVISIONING, L.RUNNING)
+            and now - since > lease["order"]["duration_s"]
+        ):
+            self.on_close(lease["id"], CloseReason.EXPIRED.value)
+            return
         if progress.ended:
             if state == L.CLOSING:
                 reason = CloseReason(lease["close_reason"] or CloseReason.TENANT)
@@ -464,7 +487,35 @@ class MarketService:
                 usage_gpu_seconds=lease["usage_gpu_seconds"] + order.resources.gpus * seconds,
             )
 
+    def renew(self, lease_id: str, extra_s: int) -> dict[str, Any] | None:
+        """Lengthen a live lease by `extra_s` (a push market's renewal); None when there
+        is no such lease or it is over. The order stays valid: at most a year in all."""
+        with self.store.tx() as tx:
+            lease = tx.market.get(lease_id)
+            if lease is None or L(lease["state"]) not in LIVE - {L.CLOSING}:
+                return None
+            order = Order.model_validate(
+                lease["order"] | {"duration_s": lease["order"]["duration_s"] + extra_s}
+            )
+            tx.market.set(lease_id, order=order.model_dump())
+        return self.lease(lease_id)
+
+    def labelled(self, key: str, value: str) -> str | None:
+        """The newest lease whose payload carries label `key`=`value`."""
+        with self.store.read() as r:
+            rows = r.market.list(self.market)
+        for lease in reversed(rows):
+            labels = (lease["order"].get("payload") or {}).get("labels") or {}
+            if labels.get(key) == value:
+                return lease["id"]
+        return None
+
     # -- views ----------------------------------------------------------------------
+
+    def lease(self, lease_id: str) -> dict[str, Any] | None:
+        with self.store.read() as r:
+            lease = r.market.get(lease_id)
+        return self._view(lease) if lease else None
 
     def leases(self) -> list[dict[str, Any]]:
         with self.store.read() as r:
@@ -480,6 +531,7 @@ class MarketService:
             "model": lease["model"],
             "gpus": order["resources"]["gpus"],
             "price_per_hour": lease["price_per_hour"],
+            "duration_s": order["duration_s"],
             "earned": self._earned(lease),
             "task_id": lease["task_id"],
             "endpoint": lease["endpoint"],

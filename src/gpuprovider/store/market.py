@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from gpuprovider.store import schema as t
 
@@ -29,6 +29,21 @@ class MarketRepo:
                 **values,
             )
         )
+
+    def use_nonce(self, market: str, nonce: str, expires_at: float) -> bool:
+        """Record a signed request's nonce: False when it was used before (a replay).
+        Expired ones are forgotten: a request past its expiry is refused anyway."""
+        c = t.market_nonces.c
+        self.tx.conn.execute(delete(t.market_nonces).where(c.expires_at < self.tx.now))
+        used = self.tx.conn.execute(
+            select(c.nonce).where(c.market == market, c.nonce == nonce)
+        ).first()
+        if used:
+            return False
+        self.tx.conn.execute(
+            insert(t.market_nonces).values(market=market, nonce=nonce, expires_at=expires_at)
+        )
+        return True
 
     def get(self, lease_id: str) -> dict[str, Any] | None:
         row = self.tx.conn.execute(

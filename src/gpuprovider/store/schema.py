@@ -300,3 +300,13 @@ market_cursors = Table(
     Column("status_reason", Text, nullable=False, server_default=""),
     Column("updated_at", Float, nullable=False),
 )
+
+# Nonces a push market's signed requests used (migration 0008), kept until they expire:
+# a request replayed after a restart is still refused.
+market_nonces = Table(
+    "market_nonces",
+    metadata,
+    Column("market", String(64), primary_key=True),
+    Column("nonce", String(64), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),
+)
