@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -301,13 +302,14 @@ def market(tmp_path_factory):
     )
     providers = []
     for name, api_url in (("a", ""), ("b", f"http://127.0.0.1:{free_port()}")):
-        port = free_port()
-        home = make_home(root / name, port)
+        port, gateway_port = free_port(), free_port()
+        home = make_home(root / name, port, gateway_port=gateway_port if name == "a" else None)
         market_home(home, hub.url, hub.key, PRICES, api_url=api_url)
         text = home.config.read_text().replace('node_name = ""', f'node_name = "provider-{name}"')
         home.config.write_text(text)
         provider = Provider(home, port)
         provider.start()
+        provider.gateway = f"http://127.0.0.1:{gateway_port}"
         providers.append(provider)
     a, b = providers
     tenant = Tenant(a, hub, root / "tenant")
@@ -321,6 +323,17 @@ def market(tmp_path_factory):
         provider.stop(signal.SIGKILL)
         kill_task_processes(provider.home)
     hub.stop()
+
+
+def reach(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.TransportError:  # the gateway is still starting
+        return 0
+
+
+def our_lease(provider, lease_id: str) -> dict:
+    return next(x for x in provider.api.get("/market/leases").json() if x["id"] == lease_id)
 
 
 def market_status(provider) -> dict:
@@ -533,9 +546,14 @@ def test_the_operators_preemptible_work_gives_way_to_a_service_lease(market, tmp
         name="own-batch", command=["sleep", "600"], preemptible=True, resources={"gpu": "H100:2"}
     )
     a.wait_state(own["id"], "running")
+    serve = "exec python3 -m http.server --bind 127.0.0.1 $GPUPROVIDER_PORT_HTTP"
     service = JOB | {
         "kind": "service",
-        "payload": {"command": ["sleep", "600"], "ports": ["http"]},
+        "payload": {
+            "command": ["/bin/sh", "-c", serve],
+            "ports": ["http"],
+            "serve": {"port": "http", "auth": "public"},
+        },
     }
     made = tenant.order(tmp_path, service, deposit=1)
     running = wait_for(
@@ -545,6 +563,20 @@ def test_the_operators_preemptible_work_gives_way_to_a_service_lease(market, tmp
     )
     assert "lease-" in running["endpoint"]  # where the tenant reaches it, behind the gateway
     assert a.task(own["id"])["state"] in ("preempted", "queued")
+    # requests through the gateway are metered: the hub sees what the provider counted
+    name = urlsplit(running["endpoint"]).hostname.split(".")[0]
+    for _ in range(3):
+        wait_for(lambda: reach(f"{a.gateway}/s/{name}/") == 200, timeout=60, what="the service")
+    ours = wait_for(
+        lambda: (x := our_lease(a, made["id"]))["usage_requests"] >= 3 and x,
+        timeout=30,
+        what="the requests in the provider's usage",
+    )
+    wait_for(
+        lambda: tenant.lease(made["id"])["reported_requests"] >= ours["usage_requests"],
+        timeout=30,
+        what="the hub to see the requests",
+    )
     assert tenant("close", hub.url, made["id"]).returncode == 0
     wait_for(
         lambda: tenant.lease(made["id"])["state"] == "closed",

@@ -10,8 +10,10 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import coincurve
+import httpx
 import pytest
 
 from gpuprovider.market.swan import (
@@ -219,16 +221,24 @@ class Orchestrator:
 @pytest.fixture(scope="module")
 def swan(tmp_path_factory):
     sources = Sources()
-    port = free_port()
-    home = make_home(tmp_path_factory.mktemp("swan") / "provider", port)
+    port, gateway_port = free_port(), free_port()
+    home = make_home(tmp_path_factory.mktemp("swan") / "provider", port, gateway_port=gateway_port)
     swan_home(home, ORCHESTRATOR, CP_ACCOUNT, NODE_ID, sources.host, {"h100": 1.83})
     provider = Provider(home, port)
     provider.start()
+    provider.gateway = f"http://127.0.0.1:{gateway_port}"
     yield provider, Orchestrator(provider), sources
     provider.cancel_all()
     provider.stop(signal.SIGKILL)
     kill_task_processes(home)
     sources.server.shutdown()
+
+
+def reach(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.TransportError:  # the gateway is still starting
+        return None
 
 
 def lease_of(provider: Provider, job_uuid: str) -> dict:
@@ -255,6 +265,33 @@ def test_a_swan_job_runs_as_a_lease_is_renewed_and_deleted(swan):
     assert lease["state"] == "running" and lease["market"] == "swan"
     task = provider.task(lease["task_id"])
     assert task["spec"]["env"]["MODEL"] == "sd-1.5" and task["spec"]["priority"] == 500
+    # the space serves through the gateway; its requests are metered in the lease's usage
+    name = urlsplit(job["job_real_uri"]).hostname.split(".")[0]
+    page = wait_for(
+        lambda: (x := reach(f"{provider.gateway}/s/{name}/")) and x.status_code == 200 and x,
+        timeout=60,
+        what="the space to answer through the gateway",
+    )
+    assert "Directory listing" in page.text
+    for _ in range(4):
+        assert httpx.get(f"{provider.gateway}/s/{name}/").status_code == 200
+    # every request the gateway passed on, once: what the router counted in 300 s
+    routed = wait_for(
+        lambda: (
+            (stats := provider.api.get(f"/services/{name}").json()["stats"])
+            and stats["requests"]["300s"] >= 5
+            and stats["requests"]["300s"]
+        ),
+        timeout=30,
+        what="the router to report the requests",
+    )
+    wait_for(
+        lambda: lease_of(provider, body["uuid"])["usage_requests"] == routed,
+        timeout=30,
+        what="the requests in the lease's usage",
+    )
+    time.sleep(2)  # two more usage records: nothing counted again
+    assert lease_of(provider, body["uuid"])["usage_requests"] == routed
     assert orchestrator.renew(body["task_uuid"], 600)[0] == 200
     assert lease_of(provider, body["uuid"])["duration_s"] == 4200
     status, answer = orchestrator.cancel(body["task_uuid"])

@@ -442,6 +442,8 @@ class ServiceFiguresIn(_In):
     rps: dict[Window, Annotated[float, Field(ge=0)]]
     latency_p50_ms: dict[Window, Annotated[float, Field(ge=0)] | None]
     ttfb_p50_ms: dict[Window, Annotated[float, Field(ge=0)] | None]
+    total: int = Field(0, ge=0, le=1 << 62)  # requests since the router started
+    router_started: float = Field(0.0, ge=0, le=1e11)
 
 
 class GatewayStatsIn(_In):

@@ -99,8 +99,10 @@ class Figures:
     summing cost the same whatever the traffic (a sample of each second's latencies)."""
 
     seconds: deque[_Second] = field(default_factory=lambda: deque(maxlen=WINDOWS_S[-1] + 1))
+    total: int = 0  # every request since the router started (what market usage counts)
 
     def add(self, latency: float, ttfb: float, error: bool) -> None:
+        self.total += 1
         now = int(time.monotonic())
         if not self.seconds or self.seconds[-1].at != now:
             self.seconds.append(_Second(now))
@@ -121,6 +123,7 @@ class Figures:
             "rps": {},
             "latency_p50_ms": {},
             "ttfb_p50_ms": {},
+            "total": self.total,
         }
         for window in WINDOWS_S:
             recent = [s for s in self.seconds if s.at > now - window]
@@ -197,6 +200,7 @@ class Router:
         self.domain = domain.lower().strip(".")
         self.read_timeout_s, self.refresh_s = read_timeout_s, refresh_s
         self.routes: dict[str, Route] = {}
+        self.started = time.time()  # with each route's total: requests are metered from it
         self.token_hashes: dict[str, list[str]] = {}
         self._tasks: list[asyncio.Task] = []
         self._upstream: aiohttp.ClientSession | None = None
@@ -659,6 +663,7 @@ class Router:
                         for r in route.replicas.values()
                     },
                     **route.figures.summary(),
+                    "router_started": self.started,
                 }
             )
         await self._daemon.post("/gateway/stats", json={"services": reports})

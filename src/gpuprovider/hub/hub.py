@@ -676,6 +676,7 @@ class Hub:
                     seq=record.seq,
                     record=record.model_dump(),
                     gpu_seconds=sum(record.gpu_seconds.values()),
+                    requests=record.requests,
                     at=time.time(),
                 )
             )
@@ -692,13 +693,18 @@ class Hub:
     def _lease_dicts(conn: Connection, rows: list[Any]) -> list[dict[str, Any]]:
         """Leases as shown, with their usage and escrow read in two queries for all."""
         ids = [row.id for row in rows]
-        used = dict(
-            conn.execute(
-                select(t.usage.c.lease_id, func.sum(t.usage.c.gpu_seconds))
+        used = {
+            lease_id: (gpu_seconds, requests)
+            for lease_id, gpu_seconds, requests in conn.execute(
+                select(
+                    t.usage.c.lease_id,
+                    func.sum(t.usage.c.gpu_seconds),
+                    func.sum(t.usage.c.requests),
+                )
                 .where(t.usage.c.lease_id.in_(ids))
                 .group_by(t.usage.c.lease_id)
             ).all()
-        )
+        }
         held = dict(
             conn.execute(
                 select(t.ledger.c.account, func.sum(t.ledger.c.amount))
@@ -707,7 +713,7 @@ class Hub:
             ).all()
         )
         return [
-            _lease_dict(row, used.get(row.id) or 0.0, held.get(escrow_account(row.id)) or 0)
+            _lease_dict(row, used.get(row.id) or (0.0, 0), held.get(escrow_account(row.id)) or 0)
             for row in rows
         ]
 
@@ -824,7 +830,7 @@ class Hub:
                 emit(conn, bid.provider, "lost", {"order_id": row.id})
 
 
-def _lease_dict(row: Any, used: float, escrow: int) -> dict[str, Any]:
+def _lease_dict(row: Any, used: tuple[float, int], escrow: int) -> dict[str, Any]:
     return {
         "id": row.id,
         "tenant": row.tenant,
@@ -837,7 +843,8 @@ def _lease_dict(row: Any, used: float, escrow: int) -> dict[str, Any]:
         "billed_s": row.billed_s,
         "charged": row.charged,
         "escrow": int(escrow),
-        "reported_gpu_seconds": round(float(used), 3),
+        "reported_gpu_seconds": round(float(used[0] or 0), 3),
+        "reported_requests": int(used[1] or 0),
         "close_reason": row.close_reason,
         "close_detail": row.close_detail,
     }

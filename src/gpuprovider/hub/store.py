@@ -24,7 +24,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine
 
@@ -106,6 +108,7 @@ usage = Table(
     Column("seq", Integer, primary_key=True),
     Column("record", JSON, nullable=False),
     Column("gpu_seconds", Float, nullable=False),
+    Column("requests", Integer, nullable=False, default=0),
     Column("at", Float, nullable=False),
 )
 
@@ -144,6 +147,10 @@ class HubStore:
                 conn.execute("PRAGMA busy_timeout=10000")
 
         metadata.create_all(self.engine)
+        # a column added since the table was made (the hub has no migrations yet)
+        if "requests" not in {c["name"] for c in inspect(self.engine).get_columns("usage")}:
+            with self.engine.begin() as conn:
+                conn.execute(text("ALTER TABLE usage ADD COLUMN requests INTEGER DEFAULT 0"))
         self.writing = threading.Lock()
 
     @contextmanager

@@ -464,6 +464,7 @@ class MarketService:
             return
         order = Order.model_validate(lease["order"])
         seconds = end - start
+        mark, requests = self._requests(lease)
         record = seal(
             self.key,
             Usage(
@@ -474,6 +475,7 @@ class MarketService:
                 gpu_seconds={lease["model"] or "cpu": order.resources.gpus * seconds},
                 cpu_seconds=order.resources.cpus * seconds,
                 memory_gib_seconds=order.resources.memory_gb * seconds,
+                requests=requests,
                 prev=lease["usage_hash"] or genesis(lease["id"]),
             ),
         )
@@ -485,7 +487,25 @@ class MarketService:
                 usage_hash=record.hash,
                 usage_until=end,
                 usage_gpu_seconds=lease["usage_gpu_seconds"] + order.resources.gpus * seconds,
+                usage_requests=lease["usage_requests"] + requests,
+                requests_mark=mark,
             )
+
+    def _requests(self, lease: dict[str, Any]) -> tuple[str, int]:
+        """(the gateway's count now, requests since the lease's last record) for a
+        service lease. Each lease has a service of its own, so all the router passed to
+        it is the lease's; a router that restarted counts again from zero (what it
+        passed between the last record and its end goes uncounted, never twice)."""
+        with self.store.read() as r:
+            task = r.tasks.get(lease["task_id"]) if lease["task_id"] else None
+            service = r.services.get(task.service_id) if task and task.service_id else None
+        seen = self.tasks.serving.served(service.name) if service else None
+        if seen is None:
+            return lease["requests_mark"], 0
+        started, total = seen
+        before, _, counted = lease["requests_mark"].partition(":")
+        same_router = before == f"{started:.6f}" and int(counted or 0) <= total
+        return f"{started:.6f}:{total}", total - int(counted) if same_router else total
 
     def renew(self, lease_id: str, extra_s: int) -> dict[str, Any] | None:
         """Lengthen a live lease by `extra_s` (a push market's renewal); None when there
@@ -539,6 +559,7 @@ class MarketService:
             "reason": lease["reason"],
             "usage_records": lease["usage_seq"],
             "usage_gpu_seconds": round(lease["usage_gpu_seconds"], 3),
+            "usage_requests": lease["usage_requests"],
         }
 
     @staticmethod

@@ -67,6 +67,8 @@ class ServiceFigures:
     ttfb_p50_ms: dict[str, float | None] = field(default_factory=dict)
     in_flight: int = 0
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> ready, in flight
+    total: int = 0  # requests since the router started
+    router_started: float = 0.0
 
 
 class Serving:
@@ -276,7 +278,16 @@ class Serving:
                     ttfb_p50_ms=item.get("ttfb_p50_ms", {}),
                     in_flight=int(item.get("in_flight", 0)),
                     replicas=item.get("replicas", {}),
+                    total=int(item.get("total", 0)),
+                    router_started=float(item.get("router_started", 0.0)),
                 )
+
+    def served(self, name: str) -> tuple[float, int] | None:
+        """(when the router started, requests it has passed to the service `name` since),
+        from its latest report; None before one."""
+        with self._lock:
+            figures = self.figures.get(name)
+        return (figures.router_started, figures.total) if figures else None
 
     # -- what people see and do -------------------------------------------------------
 

@@ -286,6 +286,10 @@ market_leases = Table(
     Column("usage_hash", String(64), nullable=False, server_default=""),
     Column("usage_until", Float),
     Column("usage_gpu_seconds", Float, nullable=False, server_default="0"),
+    # migration 0008: the requests its service served, as recorded, and where the count
+    # stood at the last record ("<router started>:<its total>")
+    Column("usage_requests", Integer, nullable=False, server_default="0"),
+    Column("requests_mark", String(64), nullable=False, server_default=""),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
