@@ -505,6 +505,24 @@ def test_price_quote_shows_what_an_order_costs_here(market, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_restarted_provider_leaves_only_its_newest_verify_token_live(market):
+    _, _, b, _ = market
+
+    def market_tokens() -> list[dict]:
+        return [x for x in b.api.get("/tokens").json() if x["name"].startswith("market-hub-")]
+
+    wait_for(lambda: len(market_tokens()) == 1, timeout=60, what="b to register")
+    b.stop()
+    b.start()
+    wait_for(lambda: len(market_tokens()) == 2, timeout=60, what="b to register again")
+    wait_for(
+        lambda: [t["revoked_at"] is None for t in market_tokens()].count(True) == 1,
+        timeout=30,
+        what="the first token to be revoked",
+    )
+
+
+@pytest.mark.slow
 def test_the_provider_shows_its_markets_and_earnings(market):
     _, a, _, _ = market
     status = a.cli("market", "status")

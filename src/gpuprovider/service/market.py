@@ -117,21 +117,32 @@ class MarketService:
 
     def register(self) -> None:
         """Register with the hub, giving it a fresh verify token so its verifier can
-        prove this provider's GPUs (the hub's key must be in [proof] trusted_verifiers).
-        A push market needs no token: it proves nothing here."""
-        verify_token = ""
+        prove this provider's GPUs (the hub's key must be in [proof] trusted_verifiers);
+        once the hub holds it, the tokens given before are revoked. A push market needs
+        no token: it proves nothing here."""
+        prefix = f"market-{self.market}-"
+        made = {"name": "", "token": ""}
         if not self.connector.pushes:
-            verify_token = self.tokens.create(
-                f"market-{self.market}-{int(time.time())}-{secrets.token_hex(2)}",
+            made = self.tokens.create(
+                f"{prefix}{int(time.time())}-{secrets.token_hex(2)}",
                 ["read", "verify"],
                 tenant=self.who.tenant,
                 expires_in_s=7 * 86400,
-            )["token"]
+            )
         answer = self.connector.register(
-            self.settings.provider_name, self.settings.api_url, verify_token
+            self.settings.provider_name, self.settings.api_url, made["token"]
         )
         self._cursor(status=answer["status"], status_reason=answer["status_reason"])
         self.registered = True
+        given_before = [
+            token["name"]
+            for token in self.tokens.list()
+            if token["name"].startswith(prefix)
+            and token["name"] != made["name"]
+            and token["revoked_at"] is None
+        ]
+        for name in given_before:
+            self.tokens.revoke(name)
 
     def _cursor(self, **values: Any) -> None:
         with self.store.tx() as tx:
