@@ -66,8 +66,10 @@ def ray_provider(cluster, tmp_path_factory):
     watch_home(home, root / "kern.log", interval_s=1.0)
     text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
     text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
+    text = text.replace("lease_s = 10.0", "lease_s = 3.0").replace("grace_s = 2.0", "grace_s = 1.0")
     home.config.write_text(text)
     with running(home, port) as provider:
+        provider.cluster_address = cluster.address
         yield provider
 
 
@@ -139,56 +141,69 @@ def test_exit_codes_and_retries_as_on_the_local_backend(ray_provider):
 
 
 # Run as a second Ray driver in its own process, so that Ray reads
-# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before it is imported and talks on 127.0.0.1 only.
-POLL_ON_AN_OLDER_AGENT = """
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before it is imported and talks on 127.0.0.1 only:
+# a tenant's task that found Ray. It finds the agents by name, tries to use one, then
+# puts an agent of an older gpuprovider in place of another.
+BORROWER = """
 import sys
 import ray
-from pathlib import Path
-from gpuprovider.backends.base import Launch
-from gpuprovider.backends.local import LocalProcesses
-from gpuprovider.backends.ray.driver import RayBackend
-from gpuprovider.isolation.policy import Settings
-from gpuprovider.testing import wait_for
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-AS_PROVIDER = Settings(users="none")  # the tasks run this test's own Python
+address, run_dir = sys.argv[1:]
+ray.init(address=address, namespace="gpuprovider", log_to_driver=False)
+ray_ids = {
+    (n.get("Labels") or {}).get("gpuprovider.io/name"): n["NodeID"]
+    for n in ray.nodes() if n["Alive"]
+}
+agent = ray.get_actor(f"agent-{ray_ids['node-h100']}")
+for call in (
+    agent.read_log.remote("guessed", run_dir, 0, 100),
+    agent.recover.remote("guessed", run_dir, 1),
+):
+    try:
+        ray.get(call)
+        print("served")
+    except ray.exceptions.RayTaskError as exc:
+        print("refused" if "serves its provider only" in str(exc) else str(exc)[:200])
 
-class OlderAgent:
-    # a node agent as an older gpuprovider started it: no poll_many (agents are
-    # detached, so one may outlive an upgrade of the provider)
-    def __init__(self, data_dir):
-        self.local = LocalProcesses(Path(data_dir), isolation=AS_PROVIDER)
-    def start(self, launch):
-        return self.local.start(launch)
-    def poll(self, handle):
-        return self.local.poll(handle)
+class OlderAgent:  # as an older gpuprovider made them: no credential, another signature
+    def inventory(self, address):
+        return None
 
-address, tmp = sys.argv[1:]
-backend = RayBackend(address, tmp, AS_PROVIDER)
-backend.connect()
-nodes = {node.name: node.id for node in backend.discover(full=True).nodes}
-backend.agents[nodes["node-a100"]] = ray.remote(OlderAgent).options(num_cpus=0).remote(tmp)
-handles = []
-for i, (name, code) in enumerate([("node-h100", 0), ("node-a100", 3), ("node-a100", 4)]):
-    argv = [sys.executable, "-c", f"raise SystemExit({code})"]
-    launch = Launch(f"t{i}", 1, argv, {}, tmp, f"{tmp}/run{i}", node_id=nodes[name])
-    handles.append(backend.start_many([launch])[0])
-ended = wait_for(lambda: all(got := backend.poll_many(handles)) and got)
-print([e.exit_code for e in ended])
-ray.shutdown()
+name = f"agent-{ray_ids['node-a100']}"
+ray.kill(ray.get_actor(name), no_restart=True)
+while True:
+    try:
+        ray.remote(OlderAgent).options(
+            name=name,
+            lifetime="detached",
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray_ids["node-a100"], soft=False),
+        ).remote()
+        break
+    except ValueError:  # the name is still held by the one killed
+        pass
+print("swapped")
 """
 
 
-def test_tasks_are_polled_per_node_at_once_even_on_an_older_agent(cluster, tmp_path):
+def test_agents_cannot_be_borrowed_and_an_older_one_is_replaced(ray_provider, tmp_path):
     # before the dead-node test below, which takes a node away
+    wait_for(lambda: len(nodes_by_name(ray_provider)) == 2, 60, "both nodes")
     done = subprocess.run(
-        [PY, "-c", POLL_ON_AN_OLDER_AGENT, cluster.address, str(tmp_path)],
+        [PY, "-c", BORROWER, ray_provider.cluster_address, str(tmp_path)],
         env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[0, 3, 4]"
+    assert done.stdout.split() == ["refused", "refused", "swapped"]
+    wait_for(lambda: "replacing the agent on Ray node" in ray_provider.log(), 60, "a replacement")
+    task = ray_provider.submit(
+        name="after-swap", command=[PY, "-c", "print('ok')"], resources={"gpu": "A100:1"}
+    )
+    assert ray_provider.wait_state(task["id"], "succeeded", timeout=60)["exit_code"] == 0
 
 
 def test_a_dead_node_is_noticed_its_job_retried_and_its_service_restarted_elsewhere(

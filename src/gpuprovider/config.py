@@ -46,6 +46,11 @@ class StoreConfig(_Section):
 class BackendConfig(_Section):
     kind: Literal["local", "ray"] = "local"
     address: str = ""  # ray: the head's host:port; empty: RAY_ADDRESS or a local head
+    # ray: a node runs its tasks only while its lease from the provider holds (renewed
+    # by every poll); a node not heard from has its tasks run elsewhere only after the
+    # lease ran out and the grace after it (which must cover the nodes' clock skew)
+    lease_s: float = Field(10.0, ge=1, le=3600)
+    lease_grace_s: float = Field(2.0, ge=0.5, le=600)
 
 
 class SchedulerConfig(_Section):
@@ -467,6 +472,12 @@ url = "{d.store.url}"
 kind = "{d.backend.kind}"
 # ray: address of the Ray head, host:port. Empty: $RAY_ADDRESS or the local head.
 address = "{d.backend.address}"
+# ray: each node runs its tasks only while its lease from this provider holds (renewed
+# with every poll). A node not heard from stops its tasks when the lease runs out;
+# they run elsewhere only after the lease and the grace (more than the nodes' clock
+# skew: run NTP). Lower both to move work off a dead node sooner.
+lease_s = {d.backend.lease_s}
+lease_grace_s = {d.backend.lease_grace_s}
 
 [scheduler]
 # Placement policy: "best-fit" (pack CPU and GPU; the fastest packer), "fgd-full"

@@ -64,6 +64,8 @@ def read_exit(run_dir: str, attempt: int) -> Exit | None:
             f"killed: out of memory (limit {(limit or 0) // 2**20} MiB, its reservation and "
             "the margins of [isolation]); reserve more memory"
         )
+    elif isinstance(data.get("fenced"), str):
+        return Exit(code, f"lost: fenced off its node: {data['fenced'][:300]}", lost=True)
     elif error:
         reason = error[:500]
     elif data.get("timed_out") is True:
@@ -107,6 +109,7 @@ class LocalProcesses:
         data_dir: Path,
         on_exit: Callable[[], None] | None = None,
         isolation: Settings | None = None,
+        lease_file: str = "",
     ):
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +120,17 @@ class LocalProcesses:
         # Runners started without the server (it could not start); polled so they
         # never linger as zombies.
         self._children: dict[int, subprocess.Popen] = {}
+        # A node that holds a lease from a remote provider: its runners run only while
+        # the lease holds and lists their attempt (runner.Fence); "" on the local node.
+        self.lease_file = lease_file
+
+    def lease(self, expires: float, attempts: list[str]) -> None:
+        """Write the node's lease: until `expires` (epoch seconds), for `attempts`
+        ("<run dir>#<attempt>"); written whole or not at all (runners read it)."""
+        tmp = f"{self.lease_file}.tmp"
+        with open(tmp, "w") as out:
+            json.dump({"expires": expires, "attempts": sorted(attempts)}, out)
+        os.replace(tmp, self.lease_file)
 
     def start(self, launch: Launch) -> Handle:
         started = self.start_many([launch])[0]
@@ -205,6 +219,7 @@ class LocalProcesses:
             "log": str(log_path),
             "log_max_bytes": self.isolation.settings.log_max_bytes,
             "isolation": asdict(applied),
+            "lease_file": self.lease_file,
         }
         return request, applied, ports
 

@@ -191,6 +191,39 @@ def read_output(run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
     return start, b"".join(pieces)
 
 
+class Fence:
+    """The node's lease as its agent last wrote it (`lease_file`: JSON with `expires`,
+    epoch seconds, and `attempts`, the "<run dir>#<attempt>" the provider counts as
+    running here). An attempt runs only while the lease holds and lists it: a node cut
+    off from the provider stops its work when the lease runs out, before the provider
+    starts it anywhere else, and one that comes back kills what was started elsewhere."""
+
+    CHECK_S = 0.25
+
+    def __init__(self, path: str, key: str):
+        self.path, self.key = path, key
+        self.seen: tuple[int, int] | None = None
+        self.expires, self.listed = 0.0, False
+
+    def why_not(self, now: float) -> str:
+        """Why the attempt may not run now; "" while it may."""
+        try:
+            info = os.stat(self.path)
+            if (info.st_mtime_ns, info.st_size) != self.seen:
+                with open(self.path, "rb") as source:
+                    lease = json.loads(source.read(1 << 24))
+                self.seen = (info.st_mtime_ns, info.st_size)
+                self.expires = float(lease["expires"])
+                self.listed = self.key in lease["attempts"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"the node's lease cannot be read ({type(exc).__name__})"
+        if now > self.expires:
+            return "the node's lease from the provider ran out"
+        if not self.listed:
+            return "the provider no longer runs this attempt here"
+        return ""
+
+
 def run(
     command: list[str],
     run_dir: str,
@@ -200,11 +233,14 @@ def run(
     env: dict[str, str] | None = None,
     applied: Applied | None = None,
     log_max_bytes: int = 64 << 20,
+    lease_file: str = "",
 ) -> int:
     """Run one attempt of a task's command to its end (as its user, in its cgroup, when
     `applied` says so), its output copied into a capped log, record how it ended, and
-    undo what was applied."""
+    undo what was applied. With `lease_file`, only while the node's lease holds: fenced
+    off, the command is killed at once (it is presumed lost, and run elsewhere)."""
     exit_path = os.path.join(run_dir, f"exit-{attempt}.json")
+    fence = Fence(lease_file, f"{run_dir}#{attempt}") if lease_file else None
     started = time.time()
     stop = {"reason": "", "deadline": 0.0}
     wake_r, wake_w = socket.socketpair()
@@ -268,10 +304,14 @@ def run(
     except (AttributeError, OSError):  # kernel < 5.3: poll instead
         pidfd = None
     signalled = False
+    fenced = ""
     while (code := child.poll()) is None:
         now = time.time()
         if max_duration_s and not stop["reason"] and now - started > max_duration_s:
             stop["reason"] = "max_duration"
+        if fence is not None and not fenced and (fenced := fence.why_not(now)):
+            _signal_all(child.pid, signal.SIGKILL, applied)
+            stop["reason"], stop["deadline"], signalled = "fenced", now + 1.0, True
         if stop["reason"] and not signalled:
             _signal_all(child.pid, signal.SIGTERM, applied)
             stop["deadline"] = now + grace_s
@@ -284,6 +324,8 @@ def run(
             timeout = min(timeout, max(stop["deadline"] - now, 0.0))
         elif max_duration_s:
             timeout = min(timeout, max(started + max_duration_s - now, 0.0) + 0.001)
+        if fence is not None:
+            timeout = min(timeout, Fence.CHECK_S)
         for key, _ in selector.select(timeout):
             if key.fd == output_r and not _copy(output_r, log):
                 selector.unregister(output_r)  # every writer is gone
@@ -298,6 +340,8 @@ def run(
         "stopped": stop["reason"] == "stopped",
         "timed_out": stop["reason"] == "max_duration",
     }
+    if fenced:
+        ended["fenced"] = fenced
     if applied is not None:
         if applied.cgroups and cgroups.out_of_memory(applied.cgroups):
             ended["oom"] = True
@@ -355,6 +399,7 @@ def _become_runner(request: dict, inherited: list[int]) -> None:
             request["env"],
             applied,
             int(request.get("log_max_bytes", 64 << 20)),
+            str(request.get("lease_file", "")),
         )
     except BaseException as exc:  # never return into the server's loop
         with contextlib.suppress(Exception):

@@ -259,6 +259,8 @@ def logs(
         for event, data in client.stream_events(f"/tasks/{ref}/logs", follow="true"):
             if event == "end":
                 return
+            if event == "error":
+                raise CliError(str(data))
             if event == "skipped":
                 errors.print(f"[dim]… {data} bytes dropped by the log's cap …[/dim]")
                 continue

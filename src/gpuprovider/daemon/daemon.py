@@ -251,7 +251,14 @@ class Daemon:
     def _backend(self, public_key: str) -> Backend:
         config = self.config
         if config.backend.kind == "ray":
-            return RayBackend(config.backend.address, self.home.tasks, config.isolation.settings())
+            return RayBackend(
+                config.backend.address,
+                self.home.tasks,
+                config.isolation.settings(),
+                config.backend.lease_s,
+                config.backend.lease_grace_s,
+                config.telemetry.kernel_log,
+            )
         node = LocalNode(
             node_id=self.node_id,
             name=config.inventory.node_name,

@@ -12,14 +12,14 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from gpuprovider.backends.base import Backend
+from gpuprovider.backends.base import Backend, NodeDown
 from gpuprovider.domain.records import TaskRecord, TokenRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.domain.usability import Usability
 from gpuprovider.lifecycle import tasks as lifecycle
 from gpuprovider.scheduler import Framework, Placement, Policy
-from gpuprovider.service.errors import Conflict, NotFound, Rejected
+from gpuprovider.service.errors import Conflict, NotFound, Rejected, Unavailable
 from gpuprovider.service.placement import build_snapshot, task_request
 from gpuprovider.service.serving import Serving
 from gpuprovider.service.views import task_view
@@ -278,7 +278,12 @@ class TaskService:
         starts (past `offset` when the output there was dropped to keep the log capped)."""
         if not task.run_dir:
             return offset, b""
-        return self.backend.read_log(task.node_id or "", task.run_dir, offset, limit)
+        try:
+            return self.backend.read_log(task.node_id or "", task.run_dir, offset, limit)
+        except NodeDown as exc:
+            raise Unavailable(
+                f"the log of {task.label} is on a node that does not answer: {exc}"
+            ) from None
 
     def log(self, ref: str, who: TokenRecord, offset: int, limit: int) -> tuple[int, bytes]:
         """Up to `limit` bytes of the task's output from `offset`, and where they start."""
@@ -295,9 +300,15 @@ class TaskService:
         while True:
             task = await asyncio.to_thread(self._reread, task_id)
             done = task is None or task.state in TERMINAL
-            start, chunk = (
-                await asyncio.to_thread(self._read_log, task, position) if task else (position, b"")
-            )
+            try:
+                start, chunk = (
+                    await asyncio.to_thread(self._read_log, task, position)
+                    if task
+                    else (position, b"")
+                )
+            except Unavailable as exc:  # its node went: say so, never a quiet end
+                yield f"event: error\ndata: {json.dumps(str(exc))}\n\n"
+                return
             if start > position:
                 yield f"event: skipped\ndata: {start - position}\n\n"
             position = start

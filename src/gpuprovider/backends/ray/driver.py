@@ -1,86 +1,114 @@
 """Ray backend: tasks run on the Ray node the scheduler chose, under the same runner.
 
 Each gpuprovider node of the Ray cluster (a Ray node labelled `gpuprovider.io/node`)
-gets one detached agent actor pinned to it with hard node affinity (`agent.py`). The
-agent runs the local backend's processes there (the runner, its exit records, the
-task's log) and reports the node's hardware with the same inventory code as a local
-node. The daemon is a Ray driver (this module): it places with its own scheduler and
-only asks the chosen node's agent to start, poll, stop or read a task. Agents are
-detached, so a restarted daemon finds them and the runners they started. Every call
-here blocks, with a deadline: the daemon makes them from its loops' threads, never
-from the thread that serves the API.
+gets one detached agent actor pinned to it with hard node affinity (`agent.py`),
+restarted by Ray when it dies. The agent runs the local backend's processes there (the
+runner, its exit records, the task's log) and reports the node's hardware with the
+same inventory code as a local node, under the node's own key: the node id survives
+Ray and agent restarts. The daemon is a Ray driver (this module): it places with its
+own scheduler and only asks the chosen node's agent to start, poll, stop or read a
+task, with the provider's credential.
+
+Fencing: every start and poll renews the node's lease, listing the attempts the
+provider counts as running there, until `lease_s` after the call was sent. A node that
+hears nothing (dead, hung, cut off) has its runners kill their commands when the lease
+runs out (`runner.Fence`); the provider gives a node's attempts up as lost only after
+the last deadline it sent plus `grace_s`. So an attempt never runs in two places: the
+old copy stops before the new one starts, and a node that comes back is told which
+attempts are still its own before anything else.
+
+Every call here blocks, with a deadline: the daemon makes them from its loops' threads
+(and log reads from worker threads), never from the thread that serves the API.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+import secrets
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from gpuprovider import __version__
 from gpuprovider.backends.base import Discovery, Exit, Handle, Launch, NodeDown, node_lost
-from gpuprovider.backends.ray.agent import NodeAgent
+from gpuprovider.backends.ray.agent import NodeAgent, credential_hash
 from gpuprovider.backends.ray.common import (
     CLUSTER_KEY,
     LABEL_NAME,
     LABEL_NODE,
     NAMESPACE,
     RayBackendError,
-    our_node_id,
 )
-from gpuprovider.backends.ray.join import reachable
+from gpuprovider.backends.ray.join import ray_init
+from gpuprovider.home import write_secret
 from gpuprovider.isolation.policy import Settings
 from gpuprovider.telemetry.node import NodeTelemetry
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = 10.0
 # An executor pass waits this long at most for all its polls together; a node that
-# cannot answer in time is checked for death.
+# cannot answer in time is given up once its lease has run out.
 POLL_TIMEOUT_S = 3.0
 LIVENESS_S = 1.0  # how often nodes' liveness is asked between full discoveries
+LEASE_S = 10.0
+GRACE_S = 2.0
+
+
+def attempt_key(run_dir: str, attempt: int) -> str:
+    return f"{run_dir}#{attempt}"
+
+
+def provider_credential(path: Path) -> str:
+    """The secret the provider's calls to its agents carry (made once, kept 0600)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        secret = secrets.token_urlsafe(32)
+        try:
+            write_secret(path, secret.encode())
+        except FileExistsError:
+            return path.read_text().strip()
+        return secret
 
 
 class RayBackend:
     name = "ray"
     liveness_interval_s = LIVENESS_S
 
-    def __init__(self, address: str, data_dir: Path, isolation: Settings | None = None):
+    def __init__(
+        self,
+        address: str,
+        data_dir: Path,
+        isolation: Settings | None = None,
+        lease_s: float = LEASE_S,
+        grace_s: float = GRACE_S,
+        kernel_log: str = "auto",
+    ):
         self.address, self.data_dir = address, str(data_dir)
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self.credential = provider_credential(Path(data_dir) / ".ray-credential")
         self.isolation = asdict(isolation or Settings())
+        self.lease_s, self.grace_s = lease_s, grace_s
+        self.kernel_log = kernel_log  # [telemetry] kernel_log, read on every node
         self.ray: Any = None
         self.agents: dict[str, Any] = {}  # our node id -> agent actor handle
-        self.ray_ids: dict[str, str] = {}  # our node id -> Ray node id
+        self.ray_of: dict[str, str] = {}  # our node id -> the Ray node serving it now
+        self.node_of: dict[str, str] = {}  # Ray node id -> our node id
         self.dead: set[str] = set()
+        self.started = time.time()
+        self.deadline: dict[str, float] = {}  # node -> latest lease deadline sent there
+        self.running: dict[str, set[str]] = {}  # node -> attempts it was last told to run
+        self._trouble: dict[str, str] = {}  # node -> what was last logged about it
 
     def connect(self) -> None:
         """Join the Ray cluster as a driver (once); RayBackendError says what to fix."""
         if self.ray is not None:
             return
-        try:
-            import ray
-        except ImportError:
-            raise RayBackendError(
-                "[backend] kind = \"ray\" needs Ray: pip install 'gpuprovider[ray]'"
-            ) from None
-        if self.address:
-            reachable(self.address)
-        try:
-            ray.init(
-                address=self.address or "auto",
-                namespace=NAMESPACE,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                configure_logging=False,
-            )
-        except Exception as exc:
-            raise RayBackendError(
-                f"cannot connect to the Ray cluster at {self.address or 'auto'}: {exc}; "
-                "check [backend] address (host:port of the Ray head) and that the head runs"
-            ) from None
+        ray = ray_init(self.address)
         self._agent_cls = ray.remote(NodeAgent)
         self.ray = ray
         from ray.experimental import internal_kv
@@ -91,232 +119,283 @@ class RayBackend:
 
     # -- nodes -------------------------------------------------------------------
 
-    def _gpuprovider_nodes(self) -> list[dict]:
+    def _ray_nodes(self) -> list[dict]:
+        """The gpuprovider nodes Ray lists (alive or dead)."""
         self.connect()
-        found = []
-        for info in self.ray.nodes():
-            labels = info.get("Labels") or {}
-            if labels.get(LABEL_NODE) != "1":
-                continue
-            node_id = our_node_id(info["NodeID"])
-            self.ray_ids[node_id] = info["NodeID"]
-            if info["Alive"]:
-                self.dead.discard(node_id)
-            else:
-                self.dead.add(node_id)
-                self.agents.pop(node_id, None)
-            found.append(info | {"node_id": node_id, "labels": labels})
-        return found
+        try:
+            infos = self.ray.nodes()
+        except Exception as exc:
+            raise RayBackendError(f"Ray's GCS does not answer: {type(exc).__name__}") from None
+        return [i for i in infos if (i.get("Labels") or {}).get(LABEL_NODE) == "1"]
+
+    def _lost(self, infos: list[dict]) -> dict[str, str]:
+        """Our nodes whose Ray node Ray reports dead, unless another Ray node (Ray
+        restarted there) serves the same node now."""
+        lost = {}
+        for info in infos:
+            node_id = self.node_of.get(info["NodeID"])
+            if node_id and not info["Alive"] and self.ray_of.get(node_id) == info["NodeID"]:
+                lost[node_id] = "Ray reports the node dead"
+        for node_id in lost:
+            self.dead.add(node_id)
+            self.agents.pop(node_id, None)
+        return lost
 
     def discover(self, full: bool) -> Discovery:
-        """Without `full`: the gpuprovider nodes Ray reports dead (cheap: no node is
-        asked). With it: also every alive node's hardware, as its agent reports it."""
-        infos = self._gpuprovider_nodes()
+        """Without `full`: the nodes Ray reports dead (cheap: no node is asked). With
+        it: also every alive node's hardware and identity, as its agent reports them
+        (an agent of another gpuprovider version is replaced)."""
+        infos = self._ray_nodes()
+        lost = self._lost(infos)
         if not full:
-            dead = {n["node_id"]: "Ray reports the node dead" for n in infos if not n["Alive"]}
-            return Discovery(lost=dead)
-        refs, dead = [], {}
+            return Discovery(lost=lost)
+        asked = {}
         for info in infos:
-            node_id = info["node_id"]
-            if not info["Alive"]:
-                dead[node_id] = "Ray reports the node dead"
-                continue
-            agent = self._agent(node_id, info["NodeID"], info["labels"])
-            refs.append((node_id, agent.inventory.remote(info["NodeManagerAddress"])))
+            if info["Alive"]:
+                agent = self._agent(info["NodeID"], info.get("Labels") or {})
+                try:
+                    ref = agent.inventory.remote(self.credential, info["NodeManagerAddress"])
+                except TypeError as exc:  # its methods are not ours: another version's
+                    self._replace(agent, info["NodeID"], f"an agent of other methods: {exc}")
+                    continue
+                asked[ref] = (info["NodeID"], agent)
         nodes = []
-        for node_id, ref in refs:
-            try:
-                nodes.append(self.ray.get(ref, timeout=CALL_TIMEOUT_S))
-            except Exception as exc:  # one node's trouble never hides the others
-                dead[node_id] = f"its agent does not answer: {type(exc).__name__}"
-        return Discovery(nodes, dead)
+        if asked:
+            ready, late = self.ray.wait(list(asked), num_returns=len(asked), timeout=CALL_TIMEOUT_S)
+            for ref in ready:
+                ray_id, agent = asked[ref]
+                try:
+                    node = self.ray.get(ref)
+                except self.ray.exceptions.RayTaskError as exc:  # it answered, not as ours
+                    self._replace(agent, ray_id, f"an agent that failed: {exc}"[:300])
+                    continue
+                except Exception as exc:  # one node's trouble never hides the others
+                    if isinstance(exc, self.ray.exceptions.RayActorError):
+                        self._forget(ray_id)  # found again by name: restarted, or replaced
+                    self._say(ray_id, f"its agent does not answer: {type(exc).__name__}")
+                    continue
+                if (version := node.facts.get("agent_version")) != __version__:
+                    self._replace(agent, ray_id, f"it runs gpuprovider {version}")
+                    continue
+                self.node_of[ray_id], self.ray_of[node.id] = node.id, ray_id
+                self.agents[node.id] = agent
+                self.dead.discard(node.id)
+                lost.pop(node.id, None)
+                nodes.append(node)
+            for ref in late:
+                self._say(asked[ref][0], f"its agent did not answer within {CALL_TIMEOUT_S:g}s")
+        return Discovery(nodes, lost)
+
+    def _say(self, node: str, why: str) -> None:
+        """Log trouble with a node once per kind of trouble (not every pass)."""
+        if self._trouble.get(node) != why:
+            self._trouble[node] = why
+            log.warning("Ray node %s: %s", node, why)
+
+    def _forget(self, ray_id: str) -> None:
+        node_id = self.node_of.get(ray_id)
+        if node_id and self.ray_of.get(node_id) == ray_id:
+            self.agents.pop(node_id, None)
+
+    def _replace(self, agent: Any, ray_id: str, why: str) -> None:
+        """An agent another gpuprovider started: killed (its runners live on, and the
+        new agent finds them by their run folders) and started again at this version."""
+        log.warning(
+            "replacing the agent on Ray node %s (%s; this is gpuprovider %s)",
+            ray_id,
+            why,
+            __version__,
+        )
+        self._forget(ray_id)
+        with contextlib.suppress(Exception):
+            self.ray.kill(agent, no_restart=True)
+
+    def _agent(self, ray_id: str, labels: dict[str, str]) -> Any:
+        node_id = self.node_of.get(ray_id)
+        agent = self.agents.get(node_id) if node_id else None
+        if agent is not None and self.ray_of.get(node_id) == ray_id:
+            return agent
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return self._agent_cls.options(
+            name=f"agent-{ray_id}",
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=16,
+            max_restarts=-1,  # a dead agent comes back on its node (its tasks live on)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray_id, soft=False),
+        ).remote(
+            credential_hash(self.credential),
+            labels.get(LABEL_NAME, ""),
+            labels,
+            self.data_dir,
+            self.isolation,
+            self.kernel_log,
+        )
 
     def telemetry(self, poll_nvml: bool, kernel_log: str) -> list[NodeTelemetry]:
         """Asked of every agent at once, only when NVML is due: each agent reads its
         kernel log then too, so XIDs on Ray nodes arrive at the NVML interval."""
         if not poll_nvml:
             return []
-        asked = {
-            agent.telemetry.remote(True, kernel_log): node_id
-            for node_id, agent in list(self.agents.items())
-            if node_id not in self.dead and hasattr(agent, "telemetry")
+        calls = {
+            node_id: ("telemetry", (True, kernel_log))
+            for node_id in list(self.agents)
+            if node_id not in self.dead
         }
-        if not asked:
-            return []
-        ready, late = self.ray.wait(list(asked), num_returns=len(asked), timeout=CALL_TIMEOUT_S)
-        reports = []
-        for ref in ready:
-            try:
-                reports.append(self.ray.get(ref))
-            except Exception as exc:  # the agent died; liveness is discover's to report
-                log.info("no telemetry from node %s: %s", asked[ref], type(exc).__name__)
-        for ref in late:
-            log.info("no telemetry from node %s within %gs", asked[ref], CALL_TIMEOUT_S)
-        return reports
+        answers, failed = self._ask(calls, CALL_TIMEOUT_S)
+        for node_id, why in failed.items():
+            log.info("no telemetry from node %s: %s", node_id, why)
+        return list(answers.values())
 
-    def _agent(self, node_id: str, ray_node_id: str, labels: dict[str, str]):
-        agent = self.agents.get(node_id)
-        if agent is None:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    # -- calls -------------------------------------------------------------------
 
-            agent = self._agent_cls.options(
-                name=f"agent-{ray_node_id}",
-                lifetime="detached",
-                get_if_exists=True,
-                num_cpus=0,
-                max_concurrency=16,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(ray_node_id, soft=False),
-            ).remote(node_id, labels.get(LABEL_NAME, ""), labels, self.data_dir, self.isolation)
-            self.agents[node_id] = agent
-        return agent
-
-    def _agent_of(self, node_id: str) -> Any:
-        agent = self.agents.get(node_id)
-        if agent is None:
-            self.discover(full=True)
+    def _ask(
+        self, calls: dict[str, tuple[str, tuple]], timeout_s: float
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Every node's call at once, `timeout_s` at most for all: ({node: answer},
+        {node: why none}). A dead agent's handle is kept: Ray restarts the agent behind
+        it, and discovery forgets one that will not come back."""
+        answers: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        pending: dict[Any, str] = {}
+        for node_id, (method, args) in calls.items():
             agent = self.agents.get(node_id)
-        if agent is None:
-            raise NodeDown(node_id, f"node {node_id} is not an alive node of the Ray cluster")
-        return agent
+            if agent is None:
+                failed[node_id] = "no agent known there"
+                continue
+            try:
+                pending[getattr(agent, method).remote(self.credential, *args)] = node_id
+            except (TypeError, AttributeError) as exc:  # not our agent: discovery replaces it
+                failed[node_id] = f"its agent is not this provider's: {exc}"
+                self.agents.pop(node_id, None)
+        if not pending:
+            return answers, failed
+        ready, late = self.ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+        for ref in ready:
+            node_id = pending[ref]
+            try:
+                answers[node_id] = self.ray.get(ref)
+            except Exception as exc:  # the actor died (Ray restarts it), the node went
+                failed[node_id] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        for ref in late:
+            failed[pending[ref]] = f"no answer within {timeout_s:g}s"
+        return answers, failed
 
-    def _call(self, node_id: str, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
-        return self.ray.get(getattr(self._agent_of(node_id), method).remote(*args), timeout=timeout)
+    def _call(self, node_id: str, method: str, *args: Any) -> Any:
+        answers, failed = self._ask({node_id: (method, args)}, CALL_TIMEOUT_S)
+        if node_id in failed:
+            raise NodeDown(node_id, f"node {node_id} does not answer: {failed[node_id]}")
+        return answers[node_id]
+
+    def _lease(self, node_id: str) -> tuple[float, float, list[str]]:
+        """The lease a call to `node_id` carries: (deadline, period, attempts)."""
+        deadline = time.time() + self.lease_s
+        self.deadline[node_id] = max(self.deadline.get(node_id, 0.0), deadline)
+        return deadline, self.lease_s, sorted(self.running.get(node_id, ()))
+
+    def fenced(self, node_id: str, now: float) -> bool:
+        """Whether every runner on `node_id` has surely stopped for want of a lease:
+        the last deadline sent there (or, none sent since this daemon started, the one
+        a daemon before it could have sent) has passed, and the grace after it."""
+        last = self.deadline.get(node_id, self.started + self.lease_s)
+        return now > last + self.grace_s
 
     # -- tasks -------------------------------------------------------------------
 
-    def _fan_out(
-        self, node_of: list[str], items: list[Any], many: str, one: str, timeout_s: float
-    ) -> tuple[dict[int, Any], dict[str, str]]:
-        """Ask every node at once: for the items of each node, its agent's `many` call
-        (or `one` call per item, on an agent an older gpuprovider started), waiting
-        `timeout_s` at most for all. Returns ({item index: answer}, {node id: why it
-        gave none}); RayBackendError when Ray itself cannot be reached."""
-        answers: dict[int, Any] = {}
-        failed: dict[str, str] = {}
+    def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
+        """Every node asked at once, one call for all its launches, each listed in the
+        node's lease before its runner starts."""
+        results: list[Handle | OSError | None] = [None] * len(launches)
         by_node: dict[str, list[int]] = {}
-        for i, node_id in enumerate(node_of):
-            by_node.setdefault(node_id, []).append(i)
-        pending: dict[Any, tuple[str, list[int], bool]] = {}  # call -> node, items, many
+        if any(x.node_id not in self.agents and x.node_id not in self.dead for x in launches):
+            with contextlib.suppress(RayBackendError):  # just restarted: not discovered yet
+                self.discover(full=True)
+        for i, launch in enumerate(launches):
+            if launch.node_id in self.dead or launch.node_id not in self.agents:
+                results[i] = NodeDown(launch.node_id, f"node {launch.node_id} is not alive")
+            else:
+                by_node.setdefault(launch.node_id, []).append(i)
+        calls = {}
         for node_id, rows in by_node.items():
-            try:
-                agent = self._agent_of(node_id)
-            except NodeDown as exc:
-                failed[node_id] = str(exc)
-                continue
-            if hasattr(agent, many):
-                pending[getattr(agent, many).remote([items[i] for i in rows])] = (
-                    node_id,
-                    rows,
-                    True,
-                )
+            keys = {attempt_key(launches[i].run_dir, launches[i].attempt) for i in rows}
+            self.running[node_id] = self.running.get(node_id, set()) | keys
+            calls[node_id] = ("start_many", ([launches[i] for i in rows], *self._lease(node_id)))
+        try:
+            answers, failed = self._ask(calls, CALL_TIMEOUT_S)
+        except Exception as exc:  # Ray itself cannot be reached
+            answers, failed = {}, {node_id: type(exc).__name__ for node_id in calls}
+        for node_id, rows in by_node.items():
+            if node_id in answers:
+                for i, started in zip(rows, answers[node_id], strict=True):
+                    results[i] = started
             else:
                 for i in rows:
-                    pending[getattr(agent, one).remote(items[i])] = (node_id, [i], False)
-        if pending:
-            ready, late = self.ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
-            for ref in ready:
-                node_id, rows, is_many = pending[ref]
-                try:
-                    answer = self.ray.get(ref)
-                except Exception as exc:  # the actor died, the node went
-                    failed[node_id] = f"{type(exc).__name__}: {exc}"
-                    continue
-                answers.update(zip(rows, answer if is_many else [answer], strict=True))
-            for ref in late:
-                failed[pending[ref][0]] = f"no answer within {timeout_s:g}s"
-        return answers, failed
-
-    def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
-        """Every node asked at once, one call for all its launches."""
-        results: list[Handle | OSError | None] = [None] * len(launches)
-        asked = [i for i, launch in enumerate(launches) if launch.node_id not in self.dead]
-        for i, launch in enumerate(launches):
-            if launch.node_id in self.dead:
-                results[i] = NodeDown(launch.node_id, f"node {launch.node_id} died")
-        try:
-            answers, failed = self._fan_out(
-                [launches[i].node_id for i in asked],
-                [launches[i] for i in asked],
-                "start_many",
-                "start",
-                CALL_TIMEOUT_S,
-            )
-        except RayBackendError as exc:
-            answers, failed = {}, {launches[i].node_id: str(exc) for i in asked}
-        dead = self._dead_among(failed) if failed else set()
-        for k, i in enumerate(asked):
-            node_id = launches[i].node_id
-            if k in answers:
-                results[i] = answers[k]
-            elif node_id in dead:
-                results[i] = NodeDown(node_id, f"node {node_id} died")
-            else:
-                results[i] = OSError(f"Ray could not start it on {node_id}: {failed[node_id]}")
+                    results[i] = NodeDown(
+                        node_id, f"node {node_id} could not start it: {failed[node_id]}"
+                    )
         return results  # type: ignore[return-value]
 
     def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
-        """Every node asked at once, one call for all its tasks, waiting POLL_TIMEOUT_S
-        at most for them all. A task whose node cannot answer reads None (nothing
-        known, ask again later) unless Ray reports the node dead."""
+        """Every node asked at once, one call for all its tasks (which renews its lease
+        for exactly them), POLL_TIMEOUT_S at most for all. A task whose node cannot
+        answer reads None (nothing known yet) until the node is surely fenced: then it
+        is lost, and may run elsewhere."""
         results: list[Exit | None] = [None] * len(handles)
-        asked = [i for i, handle in enumerate(handles) if handle.node_id not in self.dead]
+        by_node: dict[str, list[int]] = {}
         for i, handle in enumerate(handles):
-            if handle.node_id in self.dead:
-                results[i] = node_lost(handle.node_id)
+            by_node.setdefault(handle.node_id, []).append(i)
+        self.running = {
+            node_id: {attempt_key(handles[i].run_dir, handles[i].attempt) for i in rows}
+            for node_id, rows in by_node.items()
+        }
+        calls = {
+            node_id: ("poll_many", ([handles[i] for i in rows], *self._lease(node_id)))
+            for node_id, rows in by_node.items()
+            if node_id not in self.dead and node_id in self.agents
+        }
         try:
-            answers, failed = self._fan_out(
-                [handles[i].node_id for i in asked],
-                [handles[i] for i in asked],
-                "poll_many",
-                "poll",
-                POLL_TIMEOUT_S,
-            )
-        except RayBackendError:
-            return results  # Ray itself is unreachable: nothing is known
-        dead = self._dead_among(failed) if failed else set()
-        for k, i in enumerate(asked):
-            node_id = handles[i].node_id
-            if k in answers:
-                results[i] = answers[k]
-            elif node_id in dead:
-                results[i] = node_lost(node_id)
-        for node_id, why in failed.items():
-            if node_id not in dead:
-                log.warning("polling tasks on %s failed: %s", node_id, why)
+            answers, failed = self._ask(calls, POLL_TIMEOUT_S)
+        except Exception as exc:  # Ray itself cannot be reached: nothing is known
+            answers, failed = {}, {node_id: type(exc).__name__ for node_id in calls}
+        now = time.time()
+        for node_id, rows in by_node.items():
+            if node_id in answers:
+                self._trouble.pop(node_id, None)
+                for i, ended in zip(rows, answers[node_id], strict=True):
+                    results[i] = ended
+            elif self.fenced(node_id, now):
+                self.running.pop(node_id, None)
+                for i in rows:
+                    results[i] = node_lost(node_id)
+            else:
+                self._say(node_id, failed.get(node_id, "not alive") + "; waiting out its lease")
         return results
-
-    def _dead_among(self, node_ids: Iterable[str]) -> set[str]:
-        """Those of `node_ids` that Ray no longer lists alive (asked once), marked dead."""
-        alive = {n["NodeID"] for n in self.ray.nodes() if n["Alive"]}
-        dead = {node_id for node_id in node_ids if self.ray_ids.get(node_id) not in alive}
-        self.dead |= dead
-        for node_id in dead:
-            self.agents.pop(node_id, None)
-        return dead
 
     def stop(self, handle: Handle) -> bool:
         try:
             return self._call(handle.node_id, "stop", handle)
-        except Exception:
+        except NodeDown:
             return False
 
     def kill(self, handle: Handle) -> None:
         try:
             self._call(handle.node_id, "kill", handle)
-        except Exception as exc:
+        except NodeDown as exc:
             log.warning("could not kill %s on %s: %s", handle.pid, handle.node_id, exc)
 
     def recover(self, run_dir: str, attempt: int, node_id: str = "") -> Handle | None:
         try:
             return self._call(node_id, "recover", run_dir, attempt)
-        except Exception:
+        except NodeDown:
             return None
 
     def read_log(self, node_id: str, run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
-        try:
-            return self._call(node_id, "read_log", run_dir, offset, limit)
-        except Exception:
-            return offset, b""
+        """NodeDown when the node cannot be asked (never an empty log in its place)."""
+        if node_id not in self.agents:
+            raise NodeDown(node_id, f"node {node_id} is not alive; its log is there")
+        return self._call(node_id, "read_log", run_dir, offset, limit)
 
     def close(self) -> None:
         pass  # agents and their runners outlive the daemon by design

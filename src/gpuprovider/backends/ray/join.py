@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
+from typing import Any
 
 from gpuprovider.backends.ray.common import (
     CLUSTER_KEY,
@@ -31,34 +33,86 @@ def reachable(address: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
-def check_head(address: str) -> str:
-    """Connect to a Ray head as `node join` does before joining: it must answer, run our
-    Ray version and serve gpuprovider. Returns the head's gpuprovider version."""
+def speaks_grpc(address: str, timeout_s: float = 5.0) -> None:
+    """Fail with a clear message when what listens at host:port does not speak gRPC, as
+    a Ray head's GCS does (Ray itself would wait forever on, say, a web server)."""
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        raise RayBackendError(
+            f"{address} answers but is not a Ray head (no gRPC within {timeout_s:g}s); "
+            "check the port: the head's GCS port (6379 unless `ray start --port` said)"
+        ) from None
+    finally:
+        channel.close()
+
+
+CONNECT_TIMEOUT_S = 60.0
+
+
+def ray_init(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
+    """Ray, connected as a driver to the head at `address` ("": RAY_ADDRESS or a head on
+    this machine) within `timeout_s`, or RayBackendError saying what to fix."""
     try:
         import ray
-        from ray.experimental import internal_kv
     except ImportError:
-        raise RayBackendError("joining needs Ray: pip install 'gpuprovider[ray]'") from None
-    reachable(address)
-    try:
-        ray.init(
-            address=address,
-            namespace=NAMESPACE,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            configure_logging=False,
+        raise RayBackendError(
+            "[backend] kind = \"ray\" needs Ray: pip install 'gpuprovider[ray]'"
+        ) from None
+    if address:
+        reachable(address)
+        speaks_grpc(address)
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(
+                address=address or "auto",
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                configure_logging=False,
+            )
+            outcome["error"] = None
+        except BaseException as exc:  # reported to the caller below
+            outcome["error"] = exc
+
+    # ray.init cannot be interrupted: it runs aside, and is waited for this long at most
+    thread = threading.Thread(target=connect, name="ray-init", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "error" not in outcome:
+        raise RayBackendError(
+            f"the Ray head at {address or 'auto'} did not accept a driver within "
+            f"{timeout_s:g}s; check that its Ray version is {ray.__version__} and that "
+            "every port of the head is open to this machine"
         )
-    except Exception as exc:
+    if (exc := outcome["error"]) is not None:
         text = str(exc)
         if "version" in text.lower():
             raise RayBackendError(
                 f"the head at {address} runs another Ray version ({text.splitlines()[0]}); "
                 f"install the head's Ray version here (this one is {ray.__version__})"
-            ) from None
+            )
         raise RayBackendError(
-            f"cannot reach a Ray head at {address}: {text.splitlines()[0] if text else exc!r}; "
-            "check the address (host:port of `ray start --head`) and the firewall"
-        ) from None
+            f"cannot connect to the Ray head at {address or 'auto'}: "
+            f"{text.splitlines()[0] if text else repr(exc)}; check [backend] address "
+            "(host:port of `ray start --head`), that the head runs, and the firewall"
+        )
+    return ray
+
+
+def check_head(address: str) -> str:
+    """Connect to a Ray head as `node join` does before joining: it must answer, run our
+    Ray version and serve gpuprovider. Returns the head's gpuprovider version."""
+    try:
+        from ray.experimental import internal_kv
+    except ImportError:
+        raise RayBackendError("joining needs Ray: pip install 'gpuprovider[ray]'") from None
+    ray = ray_init(address)
     try:
         marker = internal_kv._internal_kv_get(CLUSTER_KEY, namespace=NAMESPACE)
     finally:

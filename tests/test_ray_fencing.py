@@ -1,0 +1,211 @@
+"""Fencing on a real Ray cluster (nodes on 127.0.0.1): whatever happens to a node (its
+raylet killed, its agent killed, cut off, Ray restarted there), an attempt never runs
+in two places, and the node comes back as itself.
+
+Each job writes a heartbeat line per 0.1 s into a file of its attempt; two attempts ran
+at once if one's heartbeats overlap another's."""
+
+import contextlib
+import itertools
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gpuprovider.testing import free_port, make_home, running, wait_for
+
+ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every Ray process on 127.0.0.1
+
+pytestmark = pytest.mark.slow
+
+LEASE_S, GRACE_S = 3.0, 1.0
+BEAT = (
+    "import os, pathlib, sys, time\n"
+    "path = pathlib.Path(sys.argv[1], os.environ['GPUPROVIDER_ATTEMPT'])\n"
+    "while True:\n"
+    "    with path.open('a') as f: f.write(f'{time.time()}\\n')\n"
+    "    time.sleep(0.1)\n"
+)
+
+
+def add_node(cluster, name):
+    labels = {
+        "gpuprovider.io/node": "1",
+        "gpuprovider.io/name": name,
+        "gpuprovider.io/sim-h100-80gb-sxm": "1",
+    }
+    node = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", labels=labels)
+    cluster.by_name[name] = node
+    return node
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    made = ray_cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+        },
+    )
+    made.by_name = {}
+    for name in ("left", "right", "spare"):
+        add_node(made, name)
+    made.wait_for_nodes()
+    yield made
+    made.shutdown()
+
+
+@pytest.fixture(scope="module")
+def provider(cluster, tmp_path_factory):
+    port = free_port()
+    root = tmp_path_factory.mktemp("fencing")
+    home = make_home(root, port, gpus="")
+    text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
+    text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
+    text = text.replace("lease_s = 10.0", f"lease_s = {LEASE_S}")
+    text = text.replace("grace_s = 2.0", f"grace_s = {GRACE_S}")
+    home.config.write_text(text)
+    with running(home, port) as p:
+        wait_for(lambda: len(ready_nodes(p)) == 3, 60, "three ready nodes")
+        yield p
+
+
+def ready_nodes(p) -> dict[str, dict]:
+    return {n["name"]: n for n in p.api.get("/nodes").json() if n["status"] == "ready"}
+
+
+def beating_job(p, marks: Path, name: str) -> dict:
+    marks.mkdir()
+    task = p.submit(
+        name=name,
+        command=[sys.executable, "-c", BEAT, str(marks)],
+        resources={"gpu": "H100:1"},
+        retry={"attempts": 5, "backoff_s": 0},
+    )
+    running_task = p.wait_state(task["id"], "running", timeout=60)
+    wait_for(lambda: (marks / str(running_task["attempt"])).exists(), 30, "the first beat")
+    return running_task
+
+
+def beats(marks: Path) -> dict[int, list[float]]:
+    return {
+        int(f.name): [float(x) for x in f.read_text().split()]
+        for f in marks.iterdir()
+        if f.read_text().strip()
+    }
+
+
+def assert_never_twice(marks: Path) -> dict[int, list[float]]:
+    """No two attempts beat at the same time: each ended before the next began."""
+    seen = beats(marks)
+    spans = sorted((min(b), max(b), attempt) for attempt, b in seen.items())
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        assert end < start, f"attempts {first} and {second} ran at once: {spans}"
+    return seen
+
+
+def node_processes(cluster, name) -> tuple[psutil.Process, list[psutil.Process]]:
+    """The node's raylet and its gpuprovider agent's worker process."""
+    raylet = psutil.Process(cluster.by_name[name].all_processes["raylet"][0].process.pid)
+    agents = []
+    for child in raylet.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # gone, or a zombie: not an agent now
+            if "NodeAgent" in " ".join(child.cmdline()):
+                agents.append(child)
+    return raylet, agents
+
+
+def on_another_node(p, task_id: str, victim: str, marks: Path) -> dict:
+    moved = wait_for(
+        lambda: (
+            (t := p.task(task_id))["state"] == "running"
+            and t["allocation"]["node"] != victim
+            and (marks / str(t["attempt"])).exists()
+            and t
+        ),
+        60,
+        "the job to run on another node",
+    )
+    time.sleep(1.0)  # beats of both, if both ran
+    return moved
+
+
+def finish(p, task_id: str) -> None:
+    p.api.post(f"/tasks/{task_id}/cancel")
+    p.wait_state(task_id, "cancelled", timeout=60)
+
+
+def test_a_cut_off_node_stops_its_attempt_before_it_runs_elsewhere(provider, cluster, tmp_path):
+    """A partition: the node's raylet and agent stop answering (SIGSTOP), its runner and
+    task run on. The runner kills the task when the lease runs out; only then does the
+    provider start it elsewhere. The node comes back as itself."""
+    marks = tmp_path / "marks"
+    task = beating_job(provider, marks, "partitioned")
+    victim = task["allocation"]["node"]
+    raylet, agents = node_processes(cluster, victim)
+    stopped = [raylet, *agents]
+    for proc in stopped:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        moved = on_another_node(provider, task["id"], victim, marks)
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
+    seen = assert_never_twice(marks)
+    assert moved["attempt"] > task["attempt"] and len(seen) == 2
+    events = " ".join(e["reason"] for e in moved["events"])
+    assert "lost" in events
+    finish(provider, task["id"])
+
+
+def test_a_killed_raylet_stops_its_attempt_and_ray_restarted_brings_the_node_back(
+    provider, cluster, tmp_path
+):
+    marks = tmp_path / "marks"
+    task = beating_job(provider, marks, "raylet-killed")
+    victim = task["allocation"]["node"]
+    before = {n["name"]: n["id"] for n in provider.api.get("/nodes").json()}
+    cluster.remove_node(cluster.by_name[victim], allow_graceful=False)  # kill -9 its Ray
+    on_another_node(provider, task["id"], victim, marks)
+    assert_never_twice(marks)
+    gone = wait_for(
+        lambda: (n := provider.api.get(f"/nodes/{victim}").json())["status"] == "unreachable" and n,
+        30,
+        "the node to be unreachable",
+    )
+    assert gone["id"] == before[victim]
+    refused = provider.api.post(f"/nodes/{victim}/resume")
+    assert refused.status_code == 409 and "unreachable" in refused.json()["error"]
+    # Ray started again on that machine: the same node, not a ghost beside the old one
+    add_node(cluster, victim)
+    back = wait_for(lambda: ready_nodes(provider).get(victim), 60, "the node to come back")
+    assert back["id"] == before[victim]
+    assert {n["name"]: n["id"] for n in provider.api.get("/nodes").json()} == before
+    finish(provider, task["id"])
+
+
+def test_a_killed_agent_is_restarted_and_its_attempt_never_runs_twice(provider, cluster, tmp_path):
+    marks = tmp_path / "marks"
+    task = beating_job(provider, marks, "agent-killed")
+    victim = task["allocation"]["node"]
+    _, agents = node_processes(cluster, victim)
+    assert agents
+    for agent in agents:
+        agent.kill()
+    wait_for(lambda: node_processes(cluster, victim)[1], 60, "Ray to restart the agent")
+    time.sleep(LEASE_S + GRACE_S + 1)  # long enough for a lost lease to show
+    now = provider.task(task["id"])
+    assert now["state"] == "running"
+    seen = assert_never_twice(marks)
+    assert max(seen[max(seen)]) > time.time() - 1  # the attempt running now still beats
+    assert ready_nodes(provider)[victim]["id"] == task["allocation"]["node_id"]
+    finish(provider, task["id"])
