@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import psutil
@@ -448,3 +450,27 @@ def test_a_service_on_a_ray_node_is_reachable_through_the_gateway(ray_provider):
     answer = wait_for(answered, 60, "the Ray replica through the gateway")
     assert answer.text  # the Ray node id the replica runs on
     ray_provider.api.post(f"/tasks/{task['id']}/cancel")
+
+
+def test_join_and_connect_give_up_on_an_address_that_is_not_a_ray_head(ray_provider, tmp_path):
+    """A port that answers, but not as Ray (a web server): refused within seconds, by
+    `node join` and by the daemon, whose API keeps serving."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_port}"
+    try:
+        done = ray_provider.cli("node", "join", address, "--dry-run", timeout=60)
+        assert done.returncode == 1 and "is not a Ray head" in done.stderr, done.stderr
+        port = free_port()
+        home = make_home(tmp_path / "home", port, gpus="")
+        text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
+        home.config.write_text(text.replace('address = ""', f'address = "{address}"', 1))
+        provider = Provider(home, port)
+        provider.start()
+        try:
+            wait_for(lambda: "is not a Ray head" in provider.log(), 60, "the refusal")
+            assert provider.api.get("/health").status_code == 200
+        finally:
+            provider.stop()
+    finally:
+        server.shutdown()
