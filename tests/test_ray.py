@@ -32,10 +32,12 @@ pytestmark = pytest.mark.slow
 PY = sys.executable
 
 
-def gpuprovider_node(cluster, name, sims):
+def gpuprovider_node(cluster, name, sims, ray_gpus=0):
     labels = {"gpuprovider.io/node": "1", "gpuprovider.io/name": name}
     labels.update({f"gpuprovider.io/sim-{model}": str(n) for model, n in sims})
-    return cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", labels=labels)
+    return cluster.add_node(
+        num_cpus=2, num_gpus=ray_gpus, node_ip_address="127.0.0.1", labels=labels
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,8 @@ def cluster():
         },
     )
     made.nodes_by_name = {
-        "node-h100": gpuprovider_node(made, "node-h100", [("h100-80gb-sxm", 2)]),
+        # its GPUs are Ray's as well: the provider's agent claims them
+        "node-h100": gpuprovider_node(made, "node-h100", [("h100-80gb-sxm", 2)], ray_gpus=2),
         "node-a100": gpuprovider_node(made, "node-a100", [("a100-80gb-sxm", 1)]),
     }
     made.wait_for_nodes()
@@ -168,6 +171,15 @@ for call in (
     except ray.exceptions.RayTaskError as exc:
         print("refused" if "serves its provider only" in str(exc) else str(exc)[:200])
 
+@ray.remote(num_gpus=1)
+def grab():
+    return "got a GPU"
+
+try:  # the only Ray GPUs are node-h100's, which the provider's agent holds
+    print(ray.get(grab.remote(), timeout=5))
+except ray.exceptions.GetTimeoutError:
+    print("no-gpu")
+
 class OlderAgent:  # as an older gpuprovider made them: no credential, another signature
     def inventory(self, address):
         return None
@@ -189,7 +201,9 @@ print("swapped")
 """
 
 
-def test_agents_cannot_be_borrowed_and_an_older_one_is_replaced(ray_provider, tmp_path):
+def test_agents_cannot_be_borrowed_nor_their_gpus_and_an_older_one_is_replaced(
+    ray_provider, tmp_path
+):
     # before the dead-node test below, which takes a node away
     wait_for(lambda: len(nodes_by_name(ray_provider)) == 2, 60, "both nodes")
     done = subprocess.run(
@@ -200,7 +214,7 @@ def test_agents_cannot_be_borrowed_and_an_older_one_is_replaced(ray_provider, tm
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["refused", "refused", "swapped"]
+    assert done.stdout.split() == ["refused", "refused", "no-gpu", "swapped"]
     wait_for(lambda: "replacing the agent on Ray node" in ray_provider.log(), 60, "a replacement")
     task = ray_provider.submit(
         name="after-swap", command=[PY, "-c", "print('ok')"], resources={"gpu": "A100:1"}

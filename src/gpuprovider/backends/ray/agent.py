@@ -31,6 +31,19 @@ from gpuprovider.isolation.policy import Settings
 from gpuprovider.telemetry.node import NodeTelemetry, NodeWatcher
 
 
+def _code_version() -> str:
+    """gpuprovider's version and a digest of the code an agent runs (this folder and the
+    local backend's): an agent made by other code is replaced, even at the same version."""
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for path in [*sorted(here.glob("*.py")), *sorted(here.parent.glob("*.py"))]:
+        digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+AGENT_VERSION = _code_version()
+
+
 class Refused(PermissionError):
     """A call without the provider's credential."""
 
@@ -115,7 +128,7 @@ class NodeAgent:
         node.backend, node.address = "ray", address
         node.facts["host"] = socket.gethostname()
         node.facts["isolation"] = self.local.isolation.describe()
-        node.facts["agent_version"] = __version__
+        node.facts["agent_version"] = AGENT_VERSION
         return node
 
     def telemetry(self, credential: str, poll_nvml: bool, kernel_log: str) -> NodeTelemetry:

@@ -34,7 +34,7 @@ from typing import Any
 
 from gpuprovider import __version__
 from gpuprovider.backends.base import Discovery, Exit, Handle, Launch, NodeDown, node_lost
-from gpuprovider.backends.ray.agent import NodeAgent, credential_hash
+from gpuprovider.backends.ray.agent import AGENT_VERSION, NodeAgent, credential_hash
 from gpuprovider.backends.ray.common import (
     CLUSTER_KEY,
     LABEL_NAME,
@@ -152,7 +152,7 @@ class RayBackend:
         asked = {}
         for info in infos:
             if info["Alive"]:
-                agent = self._agent(info["NodeID"], info.get("Labels") or {})
+                agent = self._agent(info)
                 try:
                     ref = agent.inventory.remote(self.credential, info["NodeManagerAddress"])
                 except TypeError as exc:  # its methods are not ours: another version's
@@ -174,7 +174,7 @@ class RayBackend:
                         self._forget(ray_id)  # found again by name: restarted, or replaced
                     self._say(ray_id, f"its agent does not answer: {type(exc).__name__}")
                     continue
-                if (version := node.facts.get("agent_version")) != __version__:
+                if (version := node.facts.get("agent_version")) != AGENT_VERSION:
                     self._replace(agent, ray_id, f"it runs gpuprovider {version}")
                     continue
                 self.node_of[ray_id], self.ray_of[node.id] = node.id, ray_id
@@ -182,8 +182,12 @@ class RayBackend:
                 self.dead.discard(node.id)
                 lost.pop(node.id, None)
                 nodes.append(node)
-            for ref in late:
-                self._say(asked[ref][0], f"its agent did not answer within {CALL_TIMEOUT_S:g}s")
+            for ref in late:  # a new agent waits for its node's GPUs, which others may hold
+                self._say(
+                    asked[ref][0],
+                    f"its agent did not answer within {CALL_TIMEOUT_S:g}s (a new agent "
+                    "waits for every GPU Ray counts there: other Ray work may hold them)",
+                )
         return Discovery(nodes, lost)
 
     def _say(self, node: str, why: str) -> None:
@@ -204,13 +208,17 @@ class RayBackend:
             "replacing the agent on Ray node %s (%s; this is gpuprovider %s)",
             ray_id,
             why,
-            __version__,
+            AGENT_VERSION,
         )
         self._forget(ray_id)
         with contextlib.suppress(Exception):
             self.ray.kill(agent, no_restart=True)
 
-    def _agent(self, ray_id: str, labels: dict[str, str]) -> Any:
+    def _agent(self, info: dict) -> Any:
+        """The node's agent: the one known, else the one of that name in Ray, else a new
+        one, which claims every GPU Ray counts on the node (no other Ray work is given
+        them: the provider hands them out)."""
+        ray_id, labels = info["NodeID"], info.get("Labels") or {}
         node_id = self.node_of.get(ray_id)
         agent = self.agents.get(node_id) if node_id else None
         if agent is not None and self.ray_of.get(node_id) == ray_id:
@@ -222,6 +230,7 @@ class RayBackend:
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
+            num_gpus=(info.get("Resources") or {}).get("GPU", 0),
             max_concurrency=16,
             max_restarts=-1,  # a dead agent comes back on its node (its tasks live on)
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray_id, soft=False),
