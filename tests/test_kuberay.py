@@ -91,3 +91,17 @@ def test_the_checker_catches_what_kubernetes_would_reject():
     ):
         with pytest.raises(ValidationError, match=what):
             check_k8s({"spec": {"containers": [broken]}})
+
+
+def test_the_provider_shares_the_heads_ray_folder():
+    """The provider is a Ray driver on the head's node: without the head's /tmp/ray (its
+    sockets) a driver cannot start (tests/test_ray.py tries both)."""
+    head = yaml.safe_load(MANIFEST.read_text())["spec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {
+        c["name"]: {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        for c in head["containers"]
+    }
+    shared = mounts["ray-head"].get("/tmp/ray")
+    assert shared and mounts["provider"].get("/tmp/ray") == shared
+    volume = next(v for v in head["volumes"] if v["name"] == shared)
+    assert "emptyDir" in volume

@@ -2,9 +2,11 @@
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,6 +16,7 @@ import pytest
 
 from gpuprovider.telemetry.standin import ENV as STANDIN_NVML
 from gpuprovider.testing import (
+    GPUPROVIDER,
     Provider,
     StandinGpus,
     free_port,
@@ -488,3 +491,35 @@ def test_join_and_connect_give_up_on_an_address_that_is_not_a_ray_head(ray_provi
             provider.stop()
     finally:
         server.shutdown()
+
+
+def test_a_driver_without_the_heads_ray_folder_is_refused_clearly(ray_provider):
+    """As in a Kubernetes pod: the provider's container beside the Ray head's. With a
+    /tmp/ray of its own (the manifest before it shared the head's) a Ray driver aborts
+    its process; `join` and the daemon try one aside first and say what to fix."""
+    temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths
+    head = ray_cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "temp_dir": temp,
+        },
+    )
+    try:
+        own_folder = 'mount -t tmpfs tmpfs "$1" && exec "$2" node join "$3" --dry-run'
+        done = subprocess.run(
+            ["unshare", "-m", "sh", "-c", own_folder, "sh", temp, GPUPROVIDER, head.address],
+            env={**os.environ, "GPUPROVIDER_HOME": str(ray_provider.home.root)},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 1 and "share /tmp/ray" in done.stderr, done.stderr[-1000:]
+        # the folder shared: the driver starts (this head is not a provider's cluster)
+        shared = ray_provider.cli("node", "join", head.address, "--dry-run", timeout=180)
+        assert shared.returncode == 1 and "not a gpuprovider cluster" in shared.stderr
+    finally:
+        head.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -51,6 +53,48 @@ def speaks_grpc(address: str, timeout_s: float = 5.0) -> None:
 
 
 CONNECT_TIMEOUT_S = 60.0
+# A Ray driver that cannot reach its node's sockets aborts its whole process (a C++
+# check), so one is first tried in a process of its own.
+PROBE = (
+    "import logging, sys, ray; "
+    "ray.init(address=sys.argv[1], log_to_driver=False, logging_level=logging.ERROR); "
+    "ray.shutdown()"
+)
+
+
+def probe_driver(address: str, timeout_s: float) -> None:
+    """RayBackendError unless a Ray driver can start here against `address` ("": a head
+    on this machine) within `timeout_s`."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, address or "auto"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise RayBackendError(
+            f"a Ray driver did not start against {address or 'auto'} within {timeout_s:g}s; "
+            "check that every port of the head is open to this machine"
+        ) from None
+    if done.returncode == 0:
+        return
+    lines = [x for x in done.stderr.splitlines() if x.strip() and not x.startswith(" ")]
+    why = next(
+        (x for x in lines if "Error" in x or "Check failed" in x), lines[-1] if lines else ""
+    )
+    if "version" in why.lower():
+        raise RayBackendError(
+            f"the head at {address} runs another Ray version ({why.strip()[:300]}); "
+            f"install the head's Ray version here"
+        )
+    raise RayBackendError(
+        f"a Ray driver cannot start here against {address or 'auto'} (exit "
+        f"{done.returncode}: {why.strip()[:300]}); a driver must run on a node of the "
+        "cluster and reach that node's Ray sockets (in a pod beside the Ray head, share "
+        "/tmp/ray with the head's container, as deploy/kuberay/raycluster.yaml does)"
+    )
 
 
 def ray_init(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
@@ -65,6 +109,7 @@ def ray_init(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
     if address:
         reachable(address)
         speaks_grpc(address)
+    probe_driver(address, timeout_s)
     outcome: dict[str, BaseException | None] = {}
 
     def connect() -> None:
