@@ -9,8 +9,10 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -209,3 +211,63 @@ def test_a_killed_agent_is_restarted_and_its_attempt_never_runs_twice(provider, 
     assert max(seen[max(seen)]) > time.time() - 1  # the attempt running now still beats
     assert ready_nodes(provider)[victim]["id"] == task["allocation"]["node_id"]
     finish(provider, task["id"])
+
+
+def redis_answers() -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 6379), 2) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+    return False
+
+
+def test_a_gcs_outage_leaves_the_api_up_and_the_work_running(tmp_path, monkeypatch):
+    """Ray's GCS fault tolerance with an external Redis (the README's recipe): the GCS
+    dies and comes back; the provider's API answers all along, the job runs on (or, if
+    its node's lease ran out, once, elsewhere), and the provider finds its nodes again."""
+    if not redis_answers():
+        pytest.skip("no Redis answers on 127.0.0.1:6379 (.ci/run starts one)")
+    monkeypatch.setenv("RAY_external_storage_namespace", f"gpp-{uuid.uuid4().hex}")
+    made = ray_cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "external_addresses": ["127.0.0.1:6379"],
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+        },
+    )
+    made.by_name = {}
+    try:
+        for name in ("left", "right"):
+            add_node(made, name)
+        made.wait_for_nodes()
+        port = free_port()
+        home = make_home(tmp_path / "home", port, gpus="")
+        text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
+        text = text.replace('address = ""', f'address = "{made.address}"', 1)
+        home.config.write_text(text.replace("lease_s = 10.0", f"lease_s = {LEASE_S}"))
+        with running(home, port) as p:
+            wait_for(lambda: len(ready_nodes(p)) == 2, 60, "two ready nodes")
+            marks = tmp_path / "marks"
+            task = beating_job(p, marks, "through-an-outage")
+            made.head_node.kill_gcs_server()
+            answered = []
+            try:
+                for _ in range(40):  # 8 s without a GCS
+                    answered.append(p.api.get("/health", timeout=5).status_code)
+                    time.sleep(0.2)
+            finally:
+                made.head_node.start_gcs_server()
+            assert answered == [200] * 40
+            wait_for(lambda: "GCS has not answered" in p.log(), 30, "the outage in the log")
+            wait_for(lambda: len(ready_nodes(p)) == 2, 60, "both nodes after the outage")
+            now = wait_for(
+                lambda: (t := p.task(task["id"]))["state"] == "running" and t, 60, "the job"
+            )
+            time.sleep(1.0)
+            seen = assert_never_twice(marks)
+            assert max(seen[now["attempt"]]) > time.time() - 1  # still beating
+            finish(p, task["id"])
+    finally:
+        made.shutdown()

@@ -28,6 +28,8 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ POLL_TIMEOUT_S = 3.0
 LIVENESS_S = 1.0  # how often nodes' liveness is asked between full discoveries
 LEASE_S = 10.0
 GRACE_S = 2.0
+GCS_TIMEOUT_S = 5.0
 
 
 def attempt_key(run_dir: str, attempt: int) -> str:
@@ -103,6 +106,8 @@ class RayBackend:
         self.deadline: dict[str, float] = {}  # node -> latest lease deadline sent there
         self.running: dict[str, set[str]] = {}  # node -> attempts it was last told to run
         self._trouble: dict[str, str] = {}  # node -> what was last logged about it
+        self._gcs = ThreadPoolExecutor(1, thread_name_prefix="ray-gcs")
+        self._gcs_question: Future | None = None
 
     def connect(self) -> None:
         """Join the Ray cluster as a driver (once); RayBackendError says what to fix."""
@@ -120,10 +125,20 @@ class RayBackend:
     # -- nodes -------------------------------------------------------------------
 
     def _ray_nodes(self) -> list[dict]:
-        """The gpuprovider nodes Ray lists (alive or dead)."""
+        """The gpuprovider nodes Ray lists (alive or dead), from Ray's GCS, within
+        GCS_TIMEOUT_S: an outage makes this RayBackendError, not a thread stuck for its
+        length (one question at a time is out; the next waits for its answer)."""
         self.connect()
+        if self._gcs_question is None or self._gcs_question.done():
+            self._gcs_question = self._gcs.submit(self.ray.nodes)
         try:
-            infos = self.ray.nodes()
+            infos = self._gcs_question.result(timeout=GCS_TIMEOUT_S)
+        except FuturesTimeout:
+            raise RayBackendError(
+                f"Ray's GCS has not answered for {GCS_TIMEOUT_S:g}s or more: no node is "
+                "discovered or lost meanwhile; tasks run on while their nodes answer "
+                "(run Ray's GCS fault tolerance so that a restarted head keeps its cluster)"
+            ) from None
         except Exception as exc:
             raise RayBackendError(f"Ray's GCS does not answer: {type(exc).__name__}") from None
         return [i for i in infos if (i.get("Labels") or {}).get(LABEL_NODE) == "1"]

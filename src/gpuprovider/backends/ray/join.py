@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -109,6 +110,10 @@ def ray_init(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
     if address:
         reachable(address)
         speaks_grpc(address)
+    # A driver whose GCS stays away longer than this exits its whole process (Ray's
+    # default: 60 s). The provider outlives any outage: it reconnects when the GCS
+    # returns (with GCS fault tolerance, the same cluster) and serves its API meanwhile.
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(10 * 365 * 86400))
     probe_driver(address, timeout_s)
     outcome: dict[str, BaseException | None] = {}
 
