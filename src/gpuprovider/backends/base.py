@@ -24,6 +24,7 @@ __all__ = [
     "Launch",
     "NoFreePort",
     "NodeDown",
+    "NodeNotReady",
 ]
 
 
@@ -62,6 +63,11 @@ class NoFreePort(OSError):
     """The node has no free port left in the configured range."""
 
 
+class NodeNotReady(OSError):
+    """The node cannot take work yet (a remote backend has not found it since it
+    started): not the task's fault, and nothing is wrong with the node."""
+
+
 def node_lost(node_id: str) -> Exit:
     return Exit(None, f"lost: node {node_id} died", lost=True, details={"node_down": node_id})
 
@@ -79,9 +85,9 @@ class Backend(Protocol):
 
     def start_many(self, launches: list[Launch]) -> list[Handle | OSError]:
         """Start each attempt where its `node_id` says, all at once. For each, its handle,
-        or why not: NodeDown or NoFreePort when the node cannot take it (not the task's
-        fault), another OSError when the task's own launch cannot work (a workdir that
-        cannot be made)."""
+        or why not: NodeDown, NodeNotReady or NoFreePort when the node cannot take it
+        (not the task's fault), another OSError when the task's own launch cannot work (a
+        workdir that cannot be made)."""
         ...
 
     def poll_many(self, handles: list[Handle]) -> list[Exit | None]:

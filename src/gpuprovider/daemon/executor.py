@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpuprovider.backends.base import Backend, Exit, Handle, NodeDown, NoFreePort
+from gpuprovider.backends.base import Backend, Exit, Handle, NodeDown, NodeNotReady, NoFreePort
 from gpuprovider.backends.launch import build_launch
 from gpuprovider.config import ProviderConfig
 from gpuprovider.daemon.loops import Loop
@@ -176,7 +176,7 @@ class ExecutorLoop(Loop):
         for (task, _), result in zip(starting, results, strict=True):
             if isinstance(result, Handle):
                 started.append((task, result))
-            elif isinstance(result, NodeDown | NoFreePort):  # not the task's fault
+            elif isinstance(result, NodeDown | NodeNotReady | NoFreePort):  # not the task's fault
                 if isinstance(result, NodeDown):
                     self._node_down(result.node_id, str(result))
                 failed.append((task, str(result), False))

@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from gpuprovider import __version__
-from gpuprovider.backends.base import Discovery, Exit, Handle, Launch, NodeDown, node_lost
+from gpuprovider.backends.base import (
+    Discovery,
+    Exit,
+    Handle,
+    Launch,
+    NodeDown,
+    NodeNotReady,
+    node_lost,
+)
 from gpuprovider.backends.ray.agent import AGENT_VERSION, NodeAgent, credential_hash
 from gpuprovider.backends.ray.common import (
     CLUSTER_KEY,
@@ -51,9 +59,10 @@ from gpuprovider.telemetry.node import NodeTelemetry
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT_S = 10.0
-# An executor pass waits this long at most for all its polls together; a node that
-# cannot answer in time is given up once its lease has run out.
+CALL_TIMEOUT_S = 10.0  # a log read, from an API worker thread
+# The executor's calls (starts, polls, stops) wait at most this long, and never more
+# than a third of the lease: one node that hangs must not keep the others' leases from
+# being renewed. A node that cannot answer in time is given up once its lease ran out.
 POLL_TIMEOUT_S = 3.0
 LIVENESS_S = 1.0  # how often nodes' liveness is asked between full discoveries
 LEASE_S = 10.0
@@ -96,6 +105,9 @@ class RayBackend:
         self.credential = provider_credential(Path(data_dir) / ".ray-credential")
         self.isolation = asdict(isolation or Settings())
         self.lease_s, self.grace_s = lease_s, grace_s
+        self.quick_s = min(POLL_TIMEOUT_S, lease_s / 3)  # the executor's and discovery's
+        # node -> when the oldest call it has not answered was sent (none: all answered)
+        self.waiting_since: dict[str, float] = {}
         self.kernel_log = kernel_log  # [telemetry] kernel_log, read on every node
         self.ray: Any = None
         self.agents: dict[str, Any] = {}  # our node id -> agent actor handle
@@ -176,7 +188,7 @@ class RayBackend:
                 asked[ref] = (info["NodeID"], agent)
         nodes = []
         if asked:
-            ready, late = self.ray.wait(list(asked), num_returns=len(asked), timeout=CALL_TIMEOUT_S)
+            ready, late = self.ray.wait(list(asked), num_returns=len(asked), timeout=self.quick_s)
             for ref in ready:
                 ray_id, agent = asked[ref]
                 try:
@@ -200,7 +212,7 @@ class RayBackend:
             for ref in late:  # a new agent waits for its node's GPUs, which others may hold
                 self._say(
                     asked[ref][0],
-                    f"its agent did not answer within {CALL_TIMEOUT_S:g}s (a new agent "
+                    f"its agent did not answer within {self.quick_s:g}s (a new agent "
                     "waits for every GPU Ray counts there: other Ray work may hold them)",
                 )
         return Discovery(nodes, lost)
@@ -268,7 +280,7 @@ class RayBackend:
             for node_id in list(self.agents)
             if node_id not in self.dead
         }
-        answers, failed = self._ask(calls, CALL_TIMEOUT_S)
+        answers, failed = self._ask(calls, CALL_TIMEOUT_S)  # the telemetry loop's own thread
         for node_id, why in failed.items():
             log.info("no telemetry from node %s: %s", node_id, why)
         return list(answers.values())
@@ -291,6 +303,7 @@ class RayBackend:
                 continue
             try:
                 pending[getattr(agent, method).remote(self.credential, *args)] = node_id
+                self.waiting_since.setdefault(node_id, time.time())
             except (TypeError, AttributeError) as exc:  # not our agent: discovery replaces it
                 failed[node_id] = f"its agent is not this provider's: {exc}"
                 self.agents.pop(node_id, None)
@@ -299,6 +312,7 @@ class RayBackend:
         ready, late = self.ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
         for ref in ready:
             node_id = pending[ref]
+            self.waiting_since.pop(node_id, None)  # answered, or failed: never runs later
             try:
                 answers[node_id] = self.ray.get(ref)
             except Exception as exc:  # the actor died (Ray restarts it), the node went
@@ -307,16 +321,22 @@ class RayBackend:
             failed[pending[ref]] = f"no answer within {timeout_s:g}s"
         return answers, failed
 
-    def _call(self, node_id: str, method: str, *args: Any) -> Any:
-        answers, failed = self._ask({node_id: (method, args)}, CALL_TIMEOUT_S)
+    def _call(self, node_id: str, method: str, *args: Any, timeout_s: float = 0.0) -> Any:
+        answers, failed = self._ask({node_id: (method, args)}, timeout_s or self.quick_s)
         if node_id in failed:
             raise NodeDown(node_id, f"node {node_id} does not answer: {failed[node_id]}")
         return answers[node_id]
 
     def _lease(self, node_id: str) -> tuple[float, float, list[str]]:
-        """The lease a call to `node_id` carries: (deadline, period, attempts)."""
-        deadline = time.time() + self.lease_s
-        self.deadline[node_id] = max(self.deadline.get(node_id, 0.0), deadline)
+        """The lease a call to `node_id` carries: (deadline, period, attempts). A node
+        silent for half a lease is not renewed: calls queued there would renew it when
+        it wakes, so none may reach past the deadline already sent (and it runs out)."""
+        now = time.time()
+        if now - self.waiting_since.get(node_id, now) > self.lease_s / 2:
+            deadline = self.deadline.get(node_id, now)
+        else:
+            deadline = now + self.lease_s
+            self.deadline[node_id] = max(self.deadline.get(node_id, 0.0), deadline)
         return deadline, self.lease_s, sorted(self.running.get(node_id, ()))
 
     def fenced(self, node_id: str, now: float) -> bool:
@@ -333,12 +353,11 @@ class RayBackend:
         node's lease before its runner starts."""
         results: list[Handle | OSError | None] = [None] * len(launches)
         by_node: dict[str, list[int]] = {}
-        if any(x.node_id not in self.agents and x.node_id not in self.dead for x in launches):
-            with contextlib.suppress(RayBackendError):  # just restarted: not discovered yet
-                self.discover(full=True)
         for i, launch in enumerate(launches):
-            if launch.node_id in self.dead or launch.node_id not in self.agents:
+            if launch.node_id in self.dead:
                 results[i] = NodeDown(launch.node_id, f"node {launch.node_id} is not alive")
+            elif launch.node_id not in self.agents:  # not found since this daemon started
+                results[i] = NodeNotReady(f"node {launch.node_id} is not discovered yet")
             else:
                 by_node.setdefault(launch.node_id, []).append(i)
         calls = {}
@@ -347,7 +366,7 @@ class RayBackend:
             self.running[node_id] = self.running.get(node_id, set()) | keys
             calls[node_id] = ("start_many", ([launches[i] for i in rows], *self._lease(node_id)))
         try:
-            answers, failed = self._ask(calls, CALL_TIMEOUT_S)
+            answers, failed = self._ask(calls, self.quick_s)
         except Exception as exc:  # Ray itself cannot be reached
             answers, failed = {}, {node_id: type(exc).__name__ for node_id in calls}
         for node_id, rows in by_node.items():
@@ -363,7 +382,7 @@ class RayBackend:
 
     def poll_many(self, handles: list[Handle]) -> list[Exit | None]:
         """Every node asked at once, one call for all its tasks (which renews its lease
-        for exactly them), POLL_TIMEOUT_S at most for all. A task whose node cannot
+        for exactly them), `quick_s` at most for all. A task whose node cannot
         answer reads None (nothing known yet) until the node is surely fenced: then it
         is lost, and may run elsewhere."""
         results: list[Exit | None] = [None] * len(handles)
@@ -380,7 +399,7 @@ class RayBackend:
             if node_id not in self.dead and node_id in self.agents
         }
         try:
-            answers, failed = self._ask(calls, POLL_TIMEOUT_S)
+            answers, failed = self._ask(calls, self.quick_s)
         except Exception as exc:  # Ray itself cannot be reached: nothing is known
             answers, failed = {}, {node_id: type(exc).__name__ for node_id in calls}
         now = time.time()
@@ -419,7 +438,7 @@ class RayBackend:
         """NodeDown when the node cannot be asked (never an empty log in its place)."""
         if node_id not in self.agents:
             raise NodeDown(node_id, f"node {node_id} is not alive; its log is there")
-        return self._call(node_id, "read_log", run_dir, offset, limit)
+        return self._call(node_id, "read_log", run_dir, offset, limit, timeout_s=CALL_TIMEOUT_S)
 
     def close(self) -> None:
         pass  # agents and their runners outlive the daemon by design
