@@ -74,9 +74,11 @@ def provider(cluster, tmp_path_factory):
     text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
     text = text.replace("lease_s = 10.0", f"lease_s = {LEASE_S}")
     text = text.replace("grace_s = 2.0", f"grace_s = {GRACE_S}")
+    text = text.replace('node_dir = ""', f'node_dir = "{root / "on-nodes"}"')
     home.config.write_text(text)
     with running(home, port) as p:
         wait_for(lambda: len(ready_nodes(p)) == 3, 60, "three ready nodes")
+        p.node_dir = root / "on-nodes"
         yield p
 
 
@@ -177,6 +179,14 @@ def test_a_killed_raylet_stops_its_attempt_and_ray_restarted_brings_the_node_bac
     victim = task["allocation"]["node"]
     before = {n["name"]: n["id"] for n in provider.api.get("/nodes").json()}
     cluster.remove_node(cluster.by_name[victim], allow_graceful=False)  # kill -9 its Ray
+    wait_for(
+        lambda: provider.api.get(f"/nodes/{victim}").json()["status"] == "unreachable",
+        30,
+        "the node to be unreachable",
+    )
+    log = provider.api.get(f"/tasks/{task['id']}/logs")
+    if provider.task(task["id"])["allocation"]["node"] == victim:  # not moved yet
+        assert log.status_code == 503 and "does not answer" in log.json()["error"]
     on_another_node(provider, task["id"], victim, marks)
     assert_never_twice(marks)
     gone = wait_for(
@@ -210,6 +220,9 @@ def test_a_killed_agent_is_restarted_and_its_attempt_never_runs_twice(provider, 
     seen = assert_never_twice(marks)
     assert max(seen[max(seen)]) > time.time() - 1  # the attempt running now still beats
     assert ready_nodes(provider)[victim]["id"] == task["allocation"]["node_id"]
+    # the node keeps the task's folder, its key and its lease under [backend] node_dir
+    assert (provider.node_dir / task["id"] / "output.log").exists()
+    assert (provider.node_dir / "nodes" / victim / "node.key").exists()
     finish(provider, task["id"])
 
 
@@ -271,3 +284,24 @@ def test_a_gcs_outage_leaves_the_api_up_and_the_work_running(tmp_path, monkeypat
             finish(p, task["id"])
     finally:
         made.shutdown()
+
+
+def test_a_dead_host_is_fenced_like_a_dead_raylet(provider, cluster, tmp_path):
+    """The whole machine goes: its raylet, its agent, the task's runner and the task."""
+    marks = tmp_path / "marks"
+    task = beating_job(provider, marks, "host-killed")
+    victim = task["allocation"]["node"]
+    doomed = node_processes(cluster, victim)[1]
+    for proc in psutil.process_iter(["environ"]):
+        with contextlib.suppress(psutil.Error):
+            if (proc.info["environ"] or {}).get("GPUPROVIDER_TASK_ID") == task["id"]:
+                doomed += [proc, proc.parent()]
+    for proc in doomed:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    cluster.remove_node(cluster.by_name.pop(victim), allow_graceful=False)
+    on_another_node(provider, task["id"], victim, marks)
+    assert_never_twice(marks)
+    add_node(cluster, victim)  # the machine back: the same node
+    wait_for(lambda: ready_nodes(provider).get(victim), 60, "the node to come back")
+    finish(provider, task["id"])

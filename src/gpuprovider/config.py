@@ -51,6 +51,10 @@ class BackendConfig(_Section):
     # lease ran out and the grace after it (which must cover the nodes' clock skew)
     lease_s: float = Field(10.0, ge=1, le=3600)
     lease_grace_s: float = Field(2.0, ge=0.5, le=600)
+    # ray: where each node keeps its tasks' folders (logs, capped by [isolation]
+    # log_max_mib; exit records; work folders), its key and its lease; "" = the path of
+    # this home's tasks folder, on every node
+    node_dir: str = Field("", pattern=r"^(/.*)?$")
 
 
 class SchedulerConfig(_Section):
@@ -478,6 +482,9 @@ address = "{d.backend.address}"
 # skew: run NTP). Lower both to move work off a dead node sooner.
 lease_s = {d.backend.lease_s}
 lease_grace_s = {d.backend.lease_grace_s}
+# ray: where each node keeps its tasks' folders (their logs, capped by [isolation]
+# log_max_mib), its key and its lease. Empty: this home's tasks folder, same path.
+node_dir = "{d.backend.node_dir}"
 
 [scheduler]
 # Placement policy: "best-fit" (pack CPU and GPU; the fastest packer), "fgd-full"

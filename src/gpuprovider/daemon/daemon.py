@@ -13,6 +13,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import IO
 
 import uvicorn
@@ -152,7 +153,7 @@ class Daemon:
         self.scheduler = SchedulerLoop(
             self.store, Framework(framework_policy), config, usability, self.metrics
         )
-        self.executor = ExecutorLoop(self.store, self.backend, config, home.tasks, engine)
+        self.executor = ExecutorLoop(self.store, self.backend, config, self.tasks_dir, engine)
         self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
         self.reaper = ReaperLoop(self.store, config)
         self.telemetry = TelemetryLoop(
@@ -248,12 +249,24 @@ class Daemon:
             calls=Calls(self.store),
         )
 
+    @property
+    def tasks_dir(self) -> Path:
+        """Where tasks' folders are (their logs, exit records, work folders): in the home,
+        or on a Ray node, `[backend] node_dir` of each node if set."""
+        backend = self.config.backend
+        return (
+            Path(backend.node_dir)
+            if backend.kind == "ray" and backend.node_dir
+            else self.home.tasks
+        )
+
     def _backend(self, public_key: str) -> Backend:
         config = self.config
         if config.backend.kind == "ray":
             return RayBackend(
                 config.backend.address,
-                self.home.tasks,
+                self.tasks_dir,
+                self.home.root / "ray.credential",
                 config.isolation.settings(),
                 config.backend.lease_s,
                 config.backend.lease_grace_s,

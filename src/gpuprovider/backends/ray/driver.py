@@ -95,6 +95,7 @@ class RayBackend:
         self,
         address: str,
         data_dir: Path,
+        credential_file: Path,
         isolation: Settings | None = None,
         lease_s: float = LEASE_S,
         grace_s: float = GRACE_S,
@@ -102,7 +103,7 @@ class RayBackend:
     ):
         self.address, self.data_dir = address, str(data_dir)
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        self.credential = provider_credential(Path(data_dir) / ".ray-credential")
+        self.credential = provider_credential(credential_file)
         self.isolation = asdict(isolation or Settings())
         self.lease_s, self.grace_s = lease_s, grace_s
         self.quick_s = min(POLL_TIMEOUT_S, lease_s / 3)  # the executor's and discovery's
