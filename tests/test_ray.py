@@ -74,7 +74,6 @@ def ray_provider(cluster, tmp_path_factory):
     watch_home(home, root / "kern.log", interval_s=1.0)
     text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
     text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
-    text = text.replace("lease_s = 10.0", "lease_s = 3.0").replace("grace_s = 2.0", "grace_s = 1.0")
     home.config.write_text(text)
     with running(home, port) as provider:
         provider.cluster_address = cluster.address
@@ -93,7 +92,9 @@ def nodes_by_name(p):
 
 
 def test_nodes_come_from_ray_with_their_declared_gpus(ray_provider):
-    nodes = wait_for(lambda: len(nodes_by_name(ray_provider)) == 2 and nodes_by_name(ray_provider))
+    nodes = wait_for(
+        lambda: len(nodes_by_name(ray_provider)) == 2 and nodes_by_name(ray_provider), 60
+    )
     assert {n["backend"] for n in nodes.values()} == {"ray"}
     gpus = ray_provider.api.get("/gpus").json()
     models = {(g["node"], g["model"]) for g in gpus}
