@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -35,15 +34,16 @@ import psutil
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process on 127.0.0.1
 os.environ.setdefault("RAY_external_storage_namespace", f"gpp-bench-{uuid.uuid4().hex}")
 
-from ray.cluster_utils import Cluster
-
 from gpuprovider.backends.ray.common import node_labels
 from gpuprovider.testing import (
     GPUPROVIDER,
+    HEARTBEAT_JOB,
     Provider,
+    concurrent_attempts,
     free_port,
     kill_task_processes,
     make_home,
+    ray_cluster,
     wait_for,
 )
 
@@ -51,13 +51,6 @@ LEASE_S, GRACE_S = 3.0, 1.0
 HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 KINDS = ("raylet_kill", "host_kill", "agent_kill", "partition", "ray_restart")
 NODES = ("n0", "n1", "n2", "n3")
-BEAT = (
-    "import os, pathlib, sys, time\n"
-    "path = pathlib.Path(sys.argv[1], os.environ['GPUPROVIDER_ATTEMPT'])\n"
-    "while True:\n"
-    "    with path.open('a') as f: f.write(f'{time.time()}\\n')\n"
-    "    time.sleep(0.1)\n"
-)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -101,16 +94,7 @@ class Fleet:
     provider using them."""
 
     def __init__(self, root: Path):
-        self.cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 1,
-                "node_ip_address": "127.0.0.1",
-                "include_dashboard": False,
-                "external_addresses": ["127.0.0.1:6379"],
-                "_system_config": HEALTH,
-            },
-        )
+        self.cluster = ray_cluster(external_addresses=["127.0.0.1:6379"], _system_config=HEALTH)
         self.nodes: dict[str, object] = {}
         for name in NODES:
             self.add(name)
@@ -171,23 +155,13 @@ def task_processes(task_id: str) -> list[psutil.Process]:
     return [p for p in found if p is not None]
 
 
-def overlaps(marks: Path) -> int:
-    spans = []
-    for f in marks.iterdir():
-        beats = [float(x) for x in f.read_text().split()]
-        if beats:
-            spans.append((min(beats), max(beats)))
-    spans.sort()
-    return sum(end >= start for (_, end), (start, _) in itertools.pairwise(spans))
-
-
 def inject_once(fleet: Fleet, kind: str, root: Path) -> dict:
     p = fleet.provider
     marks = root / uuid.uuid4().hex
     marks.mkdir()
     task = p.submit(
         name=f"{kind}-{marks.name[:8]}",
-        command=[sys.executable, "-c", BEAT, str(marks)],
+        command=[sys.executable, "-c", HEARTBEAT_JOB, str(marks)],
         resources={"gpu": "H100:1"},
         retry={"attempts": 10, "backoff_s": 0},
     )
@@ -236,7 +210,7 @@ def inject_once(fleet: Fleet, kind: str, root: Path) -> dict:
             proc.send_signal(signal.SIGCONT)
     health = prober.stop()
     time.sleep(1.0)  # both attempts' beats, had both run
-    double = overlaps(marks)
+    double = len(concurrent_attempts(marks))
     # put the fleet back: the same nodes, as themselves
     if kind == "partition":
         with contextlib.suppress(psutil.Error):

@@ -22,12 +22,13 @@ from gpuprovider.testing import (
     free_port,
     kill_task_processes,
     make_home,
+    ray_cluster,
     running,
     wait_for,
     watch_home,
 )
 
-ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
+pytest.importorskip("ray.cluster_utils")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every Ray process on 127.0.0.1
 
 pytestmark = pytest.mark.slow
@@ -45,16 +46,7 @@ def gpuprovider_node(cluster, name, sims, ray_gpus=0):
 
 @pytest.fixture(scope="module")
 def cluster():
-    made = ray_cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            # notice a dead node within seconds, not Ray's default ~30 s
-            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
-        },
-    )
+    made = ray_cluster()
     made.nodes_by_name = {
         # its GPUs are Ray's as well: the provider's agent claims them
         "node-h100": gpuprovider_node(made, "node-h100", [("h100-80gb-sxm", 2)], ray_gpus=2),
@@ -325,10 +317,7 @@ def test_join_checks_the_head_then_wraps_ray_start(ray_provider, cluster):
 
 
 def test_join_refuses_a_ray_cluster_that_is_not_a_provider(ray_provider):
-    plain = ray_cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
-    )
+    plain = ray_cluster()
     try:
         done = ray_provider.cli("node", "join", plain.address, "--dry-run")
     finally:
@@ -499,15 +488,7 @@ def test_a_driver_without_the_heads_ray_folder_is_refused_clearly(ray_provider):
     /tmp/ray of its own (the manifest before it shared the head's) a Ray driver aborts
     its process; `join` and the daemon try one aside first and say what to fix."""
     temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths
-    head = ray_cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            "temp_dir": temp,
-        },
-    )
+    head = ray_cluster(num_cpus=0, temp_dir=temp)
     try:
         own_folder = 'mount -t tmpfs tmpfs "$1" && exec "$2" node join "$3" --dry-run'
         done = subprocess.run(

@@ -6,7 +6,6 @@ Each job writes a heartbeat line per 0.1 s into a file of its attempt; two attem
 at once if one's heartbeats overlap another's."""
 
 import contextlib
-import itertools
 import os
 import signal
 import socket
@@ -18,21 +17,23 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gpuprovider.testing import free_port, make_home, running, wait_for
+from gpuprovider.testing import (
+    HEARTBEAT_JOB,
+    concurrent_attempts,
+    free_port,
+    heartbeats,
+    make_home,
+    ray_cluster,
+    running,
+    wait_for,
+)
 
-ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
+pytest.importorskip("ray.cluster_utils")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every Ray process on 127.0.0.1
 
 pytestmark = pytest.mark.slow
 
 LEASE_S, GRACE_S = 3.0, 1.0
-BEAT = (
-    "import os, pathlib, sys, time\n"
-    "path = pathlib.Path(sys.argv[1], os.environ['GPUPROVIDER_ATTEMPT'])\n"
-    "while True:\n"
-    "    with path.open('a') as f: f.write(f'{time.time()}\\n')\n"
-    "    time.sleep(0.1)\n"
-)
 
 
 def add_node(cluster, name):
@@ -48,15 +49,7 @@ def add_node(cluster, name):
 
 @pytest.fixture(scope="module")
 def cluster():
-    made = ray_cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
-        },
-    )
+    made = ray_cluster()
     made.by_name = {}
     for name in ("left", "right", "spare"):
         add_node(made, name)
@@ -90,7 +83,7 @@ def beating_job(p, marks: Path, name: str) -> dict:
     marks.mkdir()
     task = p.submit(
         name=name,
-        command=[sys.executable, "-c", BEAT, str(marks)],
+        command=[sys.executable, "-c", HEARTBEAT_JOB, str(marks)],
         resources={"gpu": "H100:1"},
         retry={"attempts": 5, "backoff_s": 0},
     )
@@ -99,21 +92,10 @@ def beating_job(p, marks: Path, name: str) -> dict:
     return running_task
 
 
-def beats(marks: Path) -> dict[int, list[float]]:
-    return {
-        int(f.name): [float(x) for x in f.read_text().split()]
-        for f in marks.iterdir()
-        if f.read_text().strip()
-    }
-
-
 def assert_never_twice(marks: Path) -> dict[int, list[float]]:
     """No two attempts beat at the same time: each ended before the next began."""
-    seen = beats(marks)
-    spans = sorted((min(b), max(b), attempt) for attempt, b in seen.items())
-    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
-        assert end < start, f"attempts {first} and {second} ran at once: {spans}"
-    return seen
+    assert concurrent_attempts(marks) == [], "attempts ran at once"
+    return heartbeats(marks)
 
 
 def node_processes(cluster, name) -> tuple[psutil.Process, list[psutil.Process]]:
@@ -240,16 +222,7 @@ def test_a_gcs_outage_leaves_the_api_up_and_the_work_running(tmp_path, monkeypat
     if not redis_answers():
         pytest.skip("no Redis answers on 127.0.0.1:6379 (.ci/run starts one)")
     monkeypatch.setenv("RAY_external_storage_namespace", f"gpp-{uuid.uuid4().hex}")
-    made = ray_cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            "external_addresses": ["127.0.0.1:6379"],
-            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
-        },
-    )
+    made = ray_cluster(external_addresses=["127.0.0.1:6379"])
     made.by_name = {}
     try:
         for name in ("left", "right"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -443,3 +444,48 @@ def kill_processes_mentioning(path: Path) -> None:
                     os.killpg(member.pid, signal.SIGKILL)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(member.pid, signal.SIGKILL)
+
+
+def ray_cluster(**head: Any) -> Any:
+    """A Ray cluster on 127.0.0.1 with its head only (Ray's multi-node-on-one-machine
+    tool): the head runs no tasks and notices a dead node within seconds; `head`
+    overrides its arguments. Needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before Ray is
+    imported."""
+    from ray.cluster_utils import Cluster
+
+    return Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+        }
+        | head,
+    )
+
+
+# A job that writes a heartbeat line every 0.1 s into a file named after its attempt,
+# in the folder given as its argument: two attempts ran at once if their beats overlap.
+HEARTBEAT_JOB = (
+    "import os, pathlib, sys, time\n"
+    "path = pathlib.Path(sys.argv[1], os.environ['GPUPROVIDER_ATTEMPT'])\n"
+    "while True:\n"
+    "    with path.open('a') as f: f.write(f'{time.time()}\\n')\n"
+    "    time.sleep(0.1)\n"
+)
+
+
+def heartbeats(marks: Path) -> dict[int, list[float]]:
+    """Each attempt's heartbeat times, from a HEARTBEAT_JOB's folder."""
+    return {
+        int(f.name): [float(x) for x in f.read_text().split()]
+        for f in marks.iterdir()
+        if f.read_text().strip()
+    }
+
+
+def concurrent_attempts(marks: Path) -> list[tuple[int, int]]:
+    """The pairs of attempts whose heartbeats overlap: (earlier, later)."""
+    spans = sorted((min(b), max(b), attempt) for attempt, b in heartbeats(marks).items())
+    return [(a, b) for (_, end, a), (start, _, b) in itertools.pairwise(spans) if end >= start]
