@@ -220,7 +220,7 @@ class _Services(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: str | None = None
     cmd: list[Annotated[str, Field(max_length=4096)]] = Field(min_length=1, max_length=256)
-    envs: list[Annotated[str, Field(max_length=8192)]] = Field(default_factory=list)
+    envs: list[Annotated[str, Field(max_length=8192)]] = Field(default_factory=list, max_length=256)
     expose_port: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
         default_factory=list, max_length=1
     )
