@@ -278,3 +278,59 @@ def test_a_dead_host_is_fenced_like_a_dead_raylet(provider, cluster, tmp_path):
     add_node(cluster, victim)  # the machine back: the same node
     wait_for(lambda: ready_nodes(provider).get(victim), 60, "the node to come back")
     finish(provider, task["id"])
+
+
+def test_a_daemon_down_longer_than_the_lease_has_its_attempts_fenced_and_run_once_more(
+    provider, tmp_path
+):
+    """kill -9 of the daemon, restarted after its nodes' leases ran out: the runners
+    stopped their attempts on their own; the new daemon finds them fenced, counts them
+    lost (not the task's fault) and runs each once more, never beside the old one."""
+    marks = tmp_path / "marks"
+    task = beating_job(provider, marks, "outlived-its-lease")
+    provider.stop(signal.SIGKILL)
+    time.sleep(LEASE_S + GRACE_S + 1)
+    ended_at = max(heartbeats(marks)[task["attempt"]])
+    provider.start()
+    again = wait_for(
+        lambda: (
+            (t := provider.task(task["id"]))["state"] == "running"
+            and t["attempt"] > task["attempt"]
+            and (marks / str(t["attempt"])).exists()
+            and t
+        ),
+        60,
+        "the job to run again",
+    )
+    assert ended_at < time.time() - 1  # it had stopped before the daemon came back
+    seen = assert_never_twice(marks)
+    assert sorted(seen) == [task["attempt"], again["attempt"]]
+    events = " ".join(e["reason"] for e in again["events"])
+    assert "fenced" in events
+    finish(provider, task["id"])
+
+
+def test_a_node_whose_agent_answers_late_is_asked_again_soon(provider, cluster):
+    """A restarted daemon whose first question to a node's agent goes unanswered (a busy
+    or paused agent) asks again within seconds, not at the next full discovery (30 s):
+    meanwhile that node's tasks would be given up as lost."""
+    provider.stop(signal.SIGKILL)
+    _, agents = node_processes(cluster, "spare")
+    for agent in agents:
+        agent.send_signal(signal.SIGSTOP)
+    try:
+        started = time.time()
+        provider.start()
+        wait_for(lambda: {"left", "right"} <= seen_since(provider, started), 60, "two nodes")
+        time.sleep(1.0)
+        assert "spare" not in seen_since(provider, started)
+    finally:
+        for agent in agents:
+            agent.send_signal(signal.SIGCONT)
+    resumed = time.time()
+    wait_for(lambda: "spare" in seen_since(provider, resumed), 60, "the late node")
+    assert time.time() - resumed < 20  # long before the next full discovery
+
+
+def seen_since(p, since: float) -> set[str]:
+    return {n["name"] for n in p.api.get("/nodes").json() if n["last_heartbeat"] > since}

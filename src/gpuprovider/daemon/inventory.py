@@ -24,6 +24,7 @@ class InventoryLoop(Loop):
         self.store, self.backend = store, backend
         self.problem = ""
         self._full_due = 0.0
+        self._retry_s = 0.5
 
     def tick(self) -> float | None:
         now = time.monotonic()
@@ -37,8 +38,9 @@ class InventoryLoop(Loop):
             self._full_due = 0.0
             return RETRY_S
         self.problem = ""
-        if full:
-            self._full_due = now + self.interval_s
+        if full:  # nodes that could not answer are asked again soon, then less often
+            self._retry_s = min(self._retry_s * 2, self.interval_s) if found.unanswered else 0.5
+            self._full_due = now + (self._retry_s if found.unanswered else self.interval_s)
         with self.store.tx() as tx:
             for node in found.nodes:
                 node_seen(tx, node)

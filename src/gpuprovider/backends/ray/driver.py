@@ -216,7 +216,8 @@ class RayBackend:
                     f"its agent did not answer within {self.quick_s:g}s (a new agent "
                     "waits for every GPU Ray counts there: other Ray work may hold them)",
                 )
-        return Discovery(nodes, lost)
+        alive = sum(bool(info["Alive"]) for info in infos)
+        return Discovery(nodes, lost, unanswered=alive - len(nodes))
 
     def _say(self, node: str, why: str) -> None:
         """Log trouble with a node once per kind of trouble (not every pass)."""
