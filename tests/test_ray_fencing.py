@@ -34,6 +34,15 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every Ray process 
 pytestmark = pytest.mark.slow
 
 LEASE_S, GRACE_S = 3.0, 1.0
+# the shipped rule's 15 min, made short enough for a test (and long enough for the
+# tests that look at an unreachable node)
+NODE_LOST_RULE = """
+[[repair.rules]]
+name = "node-lost"
+signal = "node_unreachable"
+window = "20s"
+actions = ["remove_node", "alert"]
+"""
 
 
 def add_node(cluster, name):
@@ -68,7 +77,7 @@ def provider(cluster, tmp_path_factory):
     text = text.replace("lease_s = 10.0", f"lease_s = {LEASE_S}")
     text = text.replace("grace_s = 2.0", f"grace_s = {GRACE_S}")
     text = text.replace('node_dir = ""', f'node_dir = "{root / "on-nodes"}"')
-    home.config.write_text(text)
+    home.config.write_text(text + NODE_LOST_RULE)
     with running(home, port) as p:
         wait_for(lambda: len(ready_nodes(p)) == 3, 60, "three ready nodes")
         p.node_dir = root / "on-nodes"
@@ -76,7 +85,7 @@ def provider(cluster, tmp_path_factory):
 
 
 def ready_nodes(p) -> dict[str, dict]:
-    return {n["name"]: n for n in p.api.get("/nodes").json() if n["status"] == "ready"}
+    return {name: n for name, n in listed(p).items() if n["status"] == "ready"}
 
 
 def beating_job(p, marks: Path, name: str) -> dict:
@@ -275,8 +284,18 @@ def test_a_dead_host_is_fenced_like_a_dead_raylet(provider, cluster, tmp_path):
     cluster.remove_node(cluster.by_name.pop(victim), allow_graceful=False)
     on_another_node(provider, task["id"], victim, marks)
     assert_never_twice(marks)
-    add_node(cluster, victim)  # the machine back: the same node
-    wait_for(lambda: ready_nodes(provider).get(victim), 60, "the node to come back")
+    # gone for longer than the rule's window: lost, and removed by the repair rule
+    lost = wait_for(
+        lambda: (n := listed(provider, removed=True)[victim])["status"] == "removed" and n,
+        60,
+        "the node to be removed as lost",
+    )
+    assert "node-lost" in lost["reason"] and victim not in listed(provider)
+    events = provider.cli("repair", "events").stdout
+    assert "node-lost" in events and "remove_node" in events
+    add_node(cluster, victim)  # the machine back: the same node, registered again
+    back = wait_for(lambda: ready_nodes(provider).get(victim), 60, "the node to come back")
+    assert back["id"] == lost["id"]
     finish(provider, task["id"])
 
 
@@ -330,6 +349,10 @@ def test_a_node_whose_agent_answers_late_is_asked_again_soon(provider, cluster):
     resumed = time.time()
     wait_for(lambda: "spare" in seen_since(provider, resumed), 60, "the late node")
     assert time.time() - resumed < 20  # long before the next full discovery
+
+
+def listed(p, removed: bool = False) -> dict[str, dict]:
+    return {n["name"]: n for n in p.api.get("/nodes", params={"removed": removed}).json()}
 
 
 def seen_since(p, since: float) -> set[str]:

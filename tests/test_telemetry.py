@@ -186,6 +186,7 @@ def test_history_keeps_a_day_per_gpu_at_one_point_a_minute():
         ({"signal": "xid", "actions": ["alert"]}, "needs the XIDs"),
         ({"signal": "gpu_lost", "window": "soon", "actions": ["alert"]}, "not a duration"),
         ({"signal": "temperature", "xids": [48], "actions": ["alert"]}, "signal xid only"),
+        ({"signal": "gpu_lost", "actions": ["remove_node"]}, "node_unreachable only"),
     ],
 )
 def test_a_wrong_rule_is_a_config_error_naming_it(tmp_path, rule, says):

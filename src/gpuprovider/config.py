@@ -592,7 +592,7 @@ reset_command = {list(d.repair.reset_command)!r}
 # threshold = 1000
 # window = "1h"
 # actions = ["warn", "alert"]  # warn, cordon_gpu, cordon_node, drain, reschedule,
-#                              # reset_gpu, alert
+#                              # reset_gpu, remove_node (node_unreachable only), alert
 
 [alerts]
 # Webhooks get one JSON body read by Slack, Discord and Alertmanager's webhook receiver.

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 # A GPU cordon that a rule set starts with this; only a passing check lifts it.
 REPAIR_CORDON = "repair rule "
 RESET_TIMEOUT_S = 120.0
+NODE_ACTIONS = {
+    "cordon_node": NodeStatus.CORDONED,
+    "drain": NodeStatus.DRAINING,
+    "remove_node": NodeStatus.REMOVED,  # for a lost node; refused while tasks are there
+}
 
 
 @dataclass
@@ -61,7 +66,9 @@ class GpuState:
 
 def _node_level(rule: RepairRule) -> bool:
     """Whether the rule acts on a whole node (else on the GPU its evidence names)."""
-    return rule.signal == "node_unreachable" or bool({"cordon_node", "drain"} & set(rule.actions))
+    return rule.signal == "node_unreachable" or bool(
+        {"cordon_node", "drain", "remove_node"} & set(rule.actions)
+    )
 
 
 def _summary(evidence: dict[str, Any]) -> str:
@@ -222,8 +229,8 @@ class RepairService:
                     return "already", f"cordoned already: {current.cordon_reason}"
                 node_lifecycle.gpu_cordon(tx, gpu.uuid, reason)
                 return "done", f"cordoned {where}"
-            if action in ("cordon_node", "drain"):
-                target = NodeStatus.CORDONED if action == "cordon_node" else NodeStatus.DRAINING
+            if action in NODE_ACTIONS:
+                target = NODE_ACTIONS[action]
                 current_node = tx.nodes.get(node.id)
                 if current_node is None or current_node.status == target:
                     return "already", f"node is {target} already"

@@ -41,8 +41,12 @@ Signal = Literal[
     "row_remap_pending",
     "node_unreachable",
 ]
-Action = Literal["warn", "cordon_gpu", "cordon_node", "drain", "reschedule", "reset_gpu", "alert"]
-DISRUPTIVE = frozenset({"cordon_gpu", "cordon_node", "drain", "reschedule", "reset_gpu"})
+Action = Literal[
+    "warn", "cordon_gpu", "cordon_node", "drain", "reschedule", "reset_gpu", "remove_node", "alert"
+]
+DISRUPTIVE = frozenset(
+    {"cordon_gpu", "cordon_node", "drain", "reschedule", "reset_gpu", "remove_node"}
+)
 
 
 def _sum(values: dict[str, int], *keys: str) -> float | None:
@@ -131,6 +135,11 @@ class RepairRule(BaseModel):
             raise ValueError(f"rule {self.name}: xids apply to signal xid only")
         if self.signal == "node_unreachable" and {"cordon_gpu", "reset_gpu"} & set(self.actions):
             raise ValueError(f"rule {self.name}: node_unreachable concerns a node, not a GPU")
+        if "remove_node" in self.actions and self.signal != "node_unreachable":
+            raise ValueError(
+                f"rule {self.name}: remove_node is for signal node_unreachable only (a node "
+                "that answers is drained or cordoned, and removed by a person)"
+            )
         return self
 
 
@@ -159,6 +168,9 @@ DEFAULT_RULES = [
     _rule("gpu-lost", "gpu_lost", ["cordon_gpu", "reschedule", "alert"]),
     _rule("gpu-hot", "temperature", ["warn", "alert"], threshold=90, window="5m"),
     _rule("node-unreachable", "node_unreachable", ["alert"], window="5m"),
+    # a node gone this long is lost: removed (its tasks were fenced and moved long
+    # before), out of every count of capacity; it returns as itself if it registers again
+    _rule("node-lost", "node_unreachable", ["remove_node", "alert"], window="15m"),
 ]
 
 
