@@ -123,12 +123,14 @@ def burst(provider: Provider, jobs: int, rate: float | None = None) -> dict:
     tasks = [t for t in all_tasks(provider) if t["created_at"] >= start]
     waits = [t["started_at"] - t["created_at"] for t in tasks]
     last_end = max(t["finished_at"] for t in tasks)
+    last_start = max(t["started_at"] for t in tasks)
     return {
         "jobs": jobs,
         **({"offered_per_s": rate} if rate else {}),
         "failed": sum(t["state"] != "succeeded" for t in tasks),
         "submit_s": round(submitted_s, 2),
         "completed_per_s": round(jobs / (last_end - start), 1),
+        "placements_per_s": round(jobs / (last_start - start), 1),
         **ms(waits),
     }
 

@@ -36,12 +36,22 @@ from gpuprovider.testing import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core import EIGHT_GPUS, TRIVIAL, all_tasks, done_count, ms
+from core import EIGHT_GPUS, all_tasks, burst, ms
 
 HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
-def cluster_with(nodes: int, gpus_each: int = 2) -> tuple[Cluster, list]:
+# Enough GPUs for a whole burst (4 nodes x 128, or one local node x 512: a simulated
+# model is at most 64 to a node): submit -> running is then the provider's own latency,
+# not time queued for a GPU.
+ROOMY = [("h100-80gb-sxm", 64), ("a100-80gb-sxm", 64)]
+MODELS_8 = ["h200-141gb-sxm", "h200-141gb-nvl", "h100-80gb-sxm", "h100-80gb-pcie"]
+MODELS_8 += ["h100-94gb-nvl", "a100-40gb-sxm", "a100-80gb-sxm", "a100-40gb-pcie"]
+
+
+def cluster_with(
+    nodes: int, gpus_each: int = 2, models: list[tuple[str, int]] | None = None
+) -> tuple[Cluster, list]:
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -55,7 +65,7 @@ def cluster_with(nodes: int, gpus_each: int = 2) -> tuple[Cluster, list]:
         cluster.add_node(
             num_cpus=2,
             node_ip_address="127.0.0.1",
-            labels=node_labels(f"node-{i}", [("h100-80gb-sxm", gpus_each)], {}),
+            labels=node_labels(f"node-{i}", models or [("h100-80gb-sxm", gpus_each)], {}),
         )
         for i in range(nodes)
     ]
@@ -63,9 +73,11 @@ def cluster_with(nodes: int, gpus_each: int = 2) -> tuple[Cluster, list]:
     return cluster, added
 
 
-def provider_for(root: Path, address: str | None, gpus_expected: int = 8) -> Provider:
+def provider_for(
+    root: Path, address: str | None, gpus_expected: int = 8, local_gpus: str = EIGHT_GPUS
+) -> Provider:
     port = free_port()
-    gpus = "" if address else EIGHT_GPUS
+    gpus = "" if address else local_gpus
     home = make_home(root, port, gpus, poll_interval_s=0.1, reaper_interval_s=5.0)
     if address:
         text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
@@ -76,19 +88,31 @@ def provider_for(root: Path, address: str | None, gpus_expected: int = 8) -> Pro
     return provider
 
 
-def burst(provider: Provider, jobs: int) -> dict:
-    start = time.time()
-    for _ in range(jobs):
-        provider.submit(**TRIVIAL)
-    wait_for(lambda: done_count(provider) >= jobs, 900)
-    tasks = [t for t in all_tasks(provider) if t["created_at"] >= start]
-    waits = [t["started_at"] - t["created_at"] for t in tasks]
-    span = max(t["started_at"] for t in tasks) - min(t["created_at"] for t in tasks)
+def roomy_bursts(root: Path, jobs: int, rate: float) -> dict:
+    """The same burst where every job finds a free GPU at once, back to back and paced at
+    `rate` jobs/s: Ray over 4 nodes of 128 GPUs against one local node of 512."""
+    gpus = 4 * sum(n for _, n in ROOMY)
+    local_gpus = "".join(
+        f'\n[[inventory.simulated_gpus]]\nmodel = "{model}"\ncount = 64\n'
+        for model in MODELS_8
+    )
+    local = provider_for(root / "local-roomy", None, gpus, local_gpus)
+    try:
+        local_bursts = [burst(local, jobs), burst(local, jobs, rate)]
+    finally:
+        local.stop()
+    cluster, _ = cluster_with(4, models=ROOMY)
+    ray = provider_for(root / "ray-roomy", cluster.address, gpus)
+    try:
+        ray_bursts = [burst(ray, jobs), burst(ray, jobs, rate)]
+    finally:
+        ray.stop()
+        kill_task_processes(ray.home)
+        cluster.shutdown()
     return {
-        "jobs": jobs,
-        "failed": sum(t["state"] != "succeeded" for t in tasks),
-        "placements_per_s": round(jobs / span, 1),
-        **ms(waits),
+        "gpus": gpus,
+        "back_to_back": {"ray_4_nodes": ray_bursts[0], "local_baseline": local_bursts[0]},
+        "paced": {"ray_4_nodes": ray_bursts[1], "local_baseline": local_bursts[1]},
     }
 
 
@@ -130,6 +154,18 @@ def describe_loaded(loaded: dict) -> str:
         f"p99 {busy['p99_ms']} ms (none running: p50 {idle['p50_ms']} ms, "
         f"p99 {idle['p99_ms']} ms)"
     )
+
+
+def describe_roomy(roomy: dict) -> str:
+    lines = [f"bursts with a GPU free for every job ({roomy['gpus']} GPUs): submit -> running"]
+    for kind in ("back_to_back", "paced"):
+        for name, got in roomy[kind].items():
+            offered = f" of {got['offered_per_s']}/s" if "offered_per_s" in got else ""
+            lines.append(
+                f"  {kind}{offered} {name}: p50 {got['p50_ms']} ms, p99 {got['p99_ms']} ms, "
+                f"{got['placements_per_s']} placements/s (submitted in {got['submit_s']} s)"
+            )
+    return "\n".join(lines)
 
 
 def footprint(pid: int, seconds: float = 10.0) -> dict:
@@ -182,9 +218,16 @@ def main() -> None:
     parser.add_argument("--deaths", type=int, default=3)
     parser.add_argument("--running", type=int, default=200)
     parser.add_argument("--only-running", action="store_true", help="only the API-latency phase")
+    parser.add_argument("--rate", type=float, default=60.0, help="the paced burst's jobs/s")
+    parser.add_argument("--only-roomy", action="store_true", help="only the bursts with room")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        roomy = roomy_bursts(root / "roomy", args.jobs, args.rate)
+        if args.only_roomy:
+            print(describe_roomy(roomy))
+            print(json.dumps({"roomy": roomy}))
+            return
         loaded = api_with_running(root / "running", args.running)
         if args.only_running:
             print(describe_loaded(loaded))
@@ -220,6 +263,7 @@ def main() -> None:
         "dead_node_to_requeued_s": detection,
         "head_idle": {"1_node": one_node, "4_nodes": four_nodes, "per_extra_node": per_node},
         "api_with_running": loaded,
+        "roomy": roomy,
     }
     print(f"{args.jobs} jobs, 8 GPUs: Ray over 4 nodes vs the local backend")
     for name, got in (("ray, 4 nodes", ray_burst), ("local", local_burst)):
@@ -230,6 +274,7 @@ def main() -> None:
     print(f"dead node -> job re-queued: {detection} s (goal < 10 s)")
     print(f"head idle: 1 node {one_node}, 4 nodes {four_nodes}, per extra node {per_node}")
     print(describe_loaded(loaded))
+    print(describe_roomy(roomy))
     print(json.dumps(figures))
 
 
