@@ -1,6 +1,8 @@
 """The CLI tour of the README, run as a user would: subprocesses against a real daemon."""
 
 import json
+import os
+import subprocess
 import sys
 
 from gpuprovider.testing import free_port, wait_for
@@ -113,3 +115,28 @@ def test_task_get_shows_reasons_verbatim(provider):
     shown = " ".join(provider.cli("task", "get", "picky").stdout.split())
     assert reason in shown  # "vm: not enough free CPU (at most 2 of 999 cores)", brackets and all
     provider.cli("task", "cancel", "picky")
+
+
+def test_commands_that_talk_to_the_api_load_no_server(provider):
+    """A command that only asks the API loads neither the daemon nor the hub, the
+    gateway or the store: those would cost every call a second or more."""
+    servers = ["gpuprovider.daemon.daemon", "gpuprovider.hub.app", "gpuprovider.gateway.router"]
+    servers += ["fastapi", "sqlalchemy", "alembic", "ray"]
+    code = (
+        "import sys\n"
+        "from gpuprovider.cli.main import run\n"
+        "sys.argv = ['gpuprovider', *sys.argv[1:]]\n"
+        "try:\n"
+        "    run()\n"
+        "finally:\n"
+        f"    print('loaded:', [m for m in {servers!r} if m in sys.modules], file=sys.stderr)\n"
+    )
+    env = {"GPUPROVIDER_HOME": str(provider.home.root)}
+    for command in (["task", "list"], ["node", "list"], ["gpu", "history", "GPU-x"]):
+        ran = subprocess.run(
+            [PY, "-c", code, *command], capture_output=True, text=True, env=os.environ | env
+        )
+        assert "loaded: []" in ran.stderr, (command, ran.stderr)
+    help_text = provider.cli("--help").stdout
+    for name in ("init", "up", "task", "node", "gpu", "hub", "accounting"):
+        assert f" {name} " in help_text

@@ -2,28 +2,67 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
+import click
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from gpuprovider import __version__
-from gpuprovider.cli import provider
-from gpuprovider.cli.check import check
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import Globals
-from gpuprovider.cli.gateway import gateway_app, service_app
-from gpuprovider.cli.hub import hub_app
-from gpuprovider.cli.key import key_app
-from gpuprovider.cli.market import market_app, price_app
 from gpuprovider.cli.output import errors
-from gpuprovider.cli.proof import proof_app
-from gpuprovider.cli.resources import gpu_app, node_app, token_app
-from gpuprovider.cli.task import task_app
-from gpuprovider.cli.watch import accounting, alert_app, gpu_history, repair_app
 from gpuprovider.home import Home
 
+# Each command's module, loaded only when that command runs (or `--help` lists them):
+# most commands only talk to the API and need none of the daemon, the hub, the gateway
+# or the checks that the others bring in (a second and more at every call otherwise).
+COMMANDS = {
+    "init": "provider:init",
+    "up": "provider:up",
+    "check": "check:check",
+    "accounting": "watch:accounting",
+    "task": "task:task_app",
+    "node": "resources:node_app",
+    "gpu": "resources:gpu_app",
+    "token": "resources:token_app",
+    "proof": "proof:proof_app",
+    "key": "key:key_app",
+    "repair": "watch:repair_app",
+    "service": "gateway:service_app",
+    "gateway": "gateway:gateway_app",
+    "alert": "watch:alert_app",
+    "market": "market:market_app",
+    "price": "market:price_app",
+    "hub": "hub:hub_app",
+}
+
+
+class LazyGroup(TyperGroup):
+    """The top-level command group, whose commands come from COMMANDS on demand."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, _, attribute = COMMANDS[cmd_name].partition(":")
+        found = getattr(importlib.import_module(f"gpuprovider.cli.{module}"), attribute)
+        if isinstance(found, typer.Typer):
+            command: click.Command = typer.main.get_group(found)
+        else:  # a function: a command of its own
+            single = typer.Typer()
+            single.command(cmd_name)(found)
+            command = typer.main.get_command(single)
+        command.name = cmd_name
+        return command
+
+
 app = typer.Typer(
+    cls=LazyGroup,
     help="Turn GPU servers into a compute provider.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -47,26 +86,6 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
 ) -> None:
     ctx.obj = Globals(Home.resolve(home), url, token)
-
-
-app.command()(provider.init)
-app.command()(provider.up)
-app.command()(check)
-app.add_typer(task_app, name="task")
-app.add_typer(node_app, name="node")
-app.add_typer(gpu_app, name="gpu")
-app.add_typer(token_app, name="token")
-app.add_typer(proof_app, name="proof")
-app.add_typer(key_app, name="key")
-app.add_typer(repair_app, name="repair")
-app.add_typer(service_app, name="service")
-app.add_typer(gateway_app, name="gateway")
-app.add_typer(alert_app, name="alert")
-app.add_typer(market_app, name="market")
-app.add_typer(price_app, name="price")
-app.add_typer(hub_app, name="hub")
-app.command("accounting")(accounting)
-gpu_app.command("history")(gpu_history)
 
 
 def run() -> None:

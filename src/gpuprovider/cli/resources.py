@@ -234,6 +234,15 @@ def gpu_list(ctx: typer.Context, as_json: bool = JSON) -> None:
     table("GPUs", columns, rows)
 
 
+@gpu_app.command("history")
+def gpu_history(
+    ctx: typer.Context,
+    uuid: str = typer.Argument(..., help="GPU UUID."),
+) -> None:
+    """A GPU's utilisation and memory, one point per minute over the last 24 hours (JSON)."""
+    print_json(globals_of(ctx).client().get(f"/gpus/{uuid}/history"))
+
+
 @gpu_app.command("cordon")
 def gpu_cordon(
     ctx: typer.Context,

@@ -98,11 +98,3 @@ def accounting(
             for r in rows
         ],
     )
-
-
-def gpu_history(
-    ctx: typer.Context,
-    uuid: str = typer.Argument(..., help="GPU UUID."),
-) -> None:
-    """A GPU's utilisation and memory, one point per minute over the last 24 hours (JSON)."""
-    print_json(globals_of(ctx).client().get(f"/gpus/{uuid}/history"))
