@@ -93,8 +93,7 @@ def roomy_bursts(root: Path, jobs: int, rate: float) -> dict:
     `rate` jobs/s: Ray over 4 nodes of 128 GPUs against one local node of 512."""
     gpus = 4 * sum(n for _, n in ROOMY)
     local_gpus = "".join(
-        f'\n[[inventory.simulated_gpus]]\nmodel = "{model}"\ncount = 64\n'
-        for model in MODELS_8
+        f'\n[[inventory.simulated_gpus]]\nmodel = "{model}"\ncount = 64\n' for model in MODELS_8
     )
     local = provider_for(root / "local-roomy", None, gpus, local_gpus)
     try:

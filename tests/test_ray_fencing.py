@@ -357,3 +357,39 @@ def listed(p, removed: bool = False) -> dict[str, dict]:
 
 def seen_since(p, since: float) -> set[str]:
     return {n["name"] for n in p.api.get("/nodes").json() if n["last_heartbeat"] > since}
+
+
+def test_nodes_a_rebuilt_ray_cluster_lacks_become_unreachable_not_ghosts(provider):
+    """The Ray cluster made again without GCS fault tolerance (or the provider pointed at
+    another one): its nodes the new cluster does not list are unreachable, and nothing
+    is placed there; the nodes it has register."""
+    other = ray_cluster()
+    other.by_name = {}
+    config = provider.home.config.read_text()
+    try:
+        add_node(other, "fresh")
+        other.wait_for_nodes()
+        provider.stop()
+        old_address = next(line for line in config.splitlines() if line.startswith("address"))
+        provider.home.config.write_text(
+            config.replace(old_address, f'address = "{other.address}"', 1)
+        )
+        provider.start()
+        gone = wait_for(
+            lambda: (
+                (nodes := listed(provider))["fresh"]["status"] == "ready"
+                and all(nodes[n]["status"] == "unreachable" for n in ("left", "right", "spare"))
+                and nodes
+            ),
+            60,
+            "the old nodes unreachable and the new one ready",
+        )
+        assert "no longer finds it" in gone["left"]["reason"]
+        task = provider.submit(command=["true"], resources={"gpu": "H100:1"})
+        ended = provider.wait_state(task["id"], "succeeded", timeout=60)
+        assert ended["allocation"]["node"] == "fresh"
+    finally:
+        provider.stop()
+        provider.home.config.write_text(config)
+        other.shutdown()
+        provider.start()

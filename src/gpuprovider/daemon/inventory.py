@@ -44,7 +44,13 @@ class InventoryLoop(Loop):
         with self.store.tx() as tx:
             for node in found.nodes:
                 node_seen(tx, node)
-            for node_id, why in found.lost.items():
+            lost = dict(found.lost)
+            if full and not found.unanswered:  # every node there answered: the rest is gone
+                seen = {node.id for node in found.nodes}
+                for node in tx.nodes.list():
+                    if node.backend == self.backend.name and node.id not in seen | lost.keys():
+                        lost[node.id] = f"the {self.backend.name} backend no longer finds it"
+            for node_id, why in lost.items():
                 if node_lost(tx, node_id, why):
                     log.warning("node %s is unreachable: %s", node_id, why)
         return self.backend.liveness_interval_s
