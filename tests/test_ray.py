@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,6 +67,8 @@ def ray_provider(cluster, tmp_path_factory):
     watch_home(home, root / "kern.log", interval_s=1.0)
     text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
     text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
+    # an agent swapped behind the provider's back is found at the next full discovery
+    text = re.sub(r"(?ms)^(\[inventory\].*?)^interval_s = .*?$", r"\1interval_s = 5.0", text)
     home.config.write_text(text)
     with running(home, port) as provider:
         provider.cluster_address = cluster.address
@@ -316,15 +319,6 @@ def test_join_checks_the_head_then_wraps_ray_start(ray_provider, cluster):
     assert bad_gpu.returncode == 2 and "names several models" in bad_gpu.stderr
 
 
-def test_join_refuses_a_ray_cluster_that_is_not_a_provider(ray_provider):
-    plain = ray_cluster()
-    try:
-        done = ray_provider.cli("node", "join", plain.address, "--dry-run")
-    finally:
-        plain.shutdown()
-    assert done.returncode == 1 and "is not a gpuprovider cluster" in done.stderr
-
-
 def test_unreachable_ray_address_is_logged_and_the_api_keeps_serving(tmp_path):
     port = free_port()
     home = make_home(tmp_path / "home", port, gpus="")
@@ -499,7 +493,8 @@ def test_a_driver_without_the_heads_ray_folder_is_refused_clearly(ray_provider):
             timeout=180,
         )
         assert done.returncode == 1 and "share /tmp/ray" in done.stderr, done.stderr[-1000:]
-        # the folder shared: the driver starts (this head is not a provider's cluster)
+        # the folder shared: the driver starts, and finds a Ray cluster that is not a
+        # provider's (no provider ever connected to it)
         shared = ray_provider.cli("node", "join", head.address, "--dry-run", timeout=180)
         assert shared.returncode == 1 and "not a gpuprovider cluster" in shared.stderr
     finally:

@@ -44,8 +44,9 @@ class Handle:
 class Discovery:
     nodes: list[NodeRecord] = field(default_factory=list)  # alive, with their hardware
     lost: dict[str, str] = field(default_factory=dict)  # node id -> why it is gone
-    # alive nodes that did not answer in time (busy, a new agent): ask again soon rather
-    # than at the next full discovery, so their tasks are not given up meanwhile
+    # alive nodes that did not answer in time (busy, a new agent), or, between full
+    # discoveries, alive nodes not known to answer: asked again soon rather than at the
+    # next full discovery, so that their tasks are not given up meanwhile
     unanswered: int = 0
 
 

@@ -38,9 +38,13 @@ class InventoryLoop(Loop):
             self._full_due = 0.0
             return RETRY_S
         self.problem = ""
-        if full:  # nodes that could not answer are asked again soon, then less often
+        # nodes that could not answer, or whose agents are new, are asked again soon,
+        # then less often
+        if full:
             self._retry_s = min(self._retry_s * 2, self.interval_s) if found.unanswered else 0.5
             self._full_due = now + (self._retry_s if found.unanswered else self.interval_s)
+        elif found.unanswered:
+            self._full_due = min(self._full_due, now + self._retry_s)
         with self.store.tx() as tx:
             for node in found.nodes:
                 node_seen(tx, node)

@@ -175,8 +175,11 @@ class RayBackend:
         (an agent of another gpuprovider version is replaced)."""
         infos = self._ray_nodes()
         lost = self._lost(infos)
-        if not full:
-            return Discovery(lost=lost)
+        if not full:  # an alive node whose agent is not known (gone, replaced) is news
+            unknown = [
+                i for i in infos if i["Alive"] and self.node_of.get(i["NodeID"]) not in self.agents
+            ]
+            return Discovery(lost=lost, unanswered=len(unknown))
         asked = {}
         for info in infos:
             if info["Alive"]:
