@@ -4,9 +4,12 @@ API's latency while many tasks run on Ray (against none running).
 
 Every Ray process listens on 127.0.0.1 (Ray's multi-node-on-one-machine tool, as the
 tests use it). Both providers get 8 simulated H100s: 4 Ray nodes x 2, or one local node
-x 8; jobs are `true` asking for one GPU.
+x 8; jobs are `true` asking for one GPU. The "roomy" bursts give each provider 512
+GPUs, so that no job waits for one, back to back and paced at `--rate`. Dead nodes are
+timed with the default lease and with the README's fast-failover lease.
 
-Usage: python bench/ray_backend.py [--jobs 500] [--deaths 3] [--running 200] [--only-running]
+Usage: python bench/ray_backend.py [--jobs 500] [--deaths 3] [--running 200] [--rate 60]
+                                   [--only roomy|running|deaths]
 Prints a human summary, then JSON on the last line.
 """
 
@@ -74,14 +77,24 @@ def cluster_with(
 
 
 def provider_for(
-    root: Path, address: str | None, gpus_expected: int = 8, local_gpus: str = EIGHT_GPUS
+    root: Path,
+    address: str | None,
+    gpus_expected: int = 8,
+    local_gpus: str = EIGHT_GPUS,
+    lease: tuple[float, float] | None = None,
 ) -> Provider:
+    """A provider on the local backend, or on the Ray cluster at `address`; `lease`:
+    ([backend] lease_s, lease_grace_s) other than the defaults."""
     port = free_port()
     gpus = "" if address else local_gpus
     home = make_home(root, port, gpus, poll_interval_s=0.1, reaper_interval_s=5.0)
     if address:
         text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
-        home.config.write_text(text.replace('address = ""', f'address = "{address}"', 1))
+        text = text.replace('address = ""', f'address = "{address}"', 1)
+        if lease:
+            text = text.replace("lease_s = 10.0", f"lease_s = {lease[0]}")
+            text = text.replace("grace_s = 2.0", f"grace_s = {lease[1]}")
+        home.config.write_text(text)
     provider = Provider(home, port)
     provider.start()
     wait_for(lambda: len(provider.api.get("/gpus").json()) == gpus_expected, 60, "the GPUs")
@@ -177,10 +190,14 @@ def footprint(pid: int, seconds: float = 10.0) -> dict:
     }
 
 
-def deaths(root: Path, runs: int) -> list[float]:
+# The README's settings for fast failover; the defaults are (10, 2).
+FAST_LEASE = (3.0, 1.0)
+
+
+def deaths(root: Path, runs: int, lease: tuple[float, float] | None = None) -> list[float]:
     """Seconds from a node's death to its job re-queued, `runs` times."""
     cluster, nodes = cluster_with(runs + 1)
-    provider = provider_for(root, cluster.address, gpus_expected=2 * (runs + 1))
+    provider = provider_for(root, cluster.address, gpus_expected=2 * (runs + 1), lease=lease)
     by_name = {f"node-{i}": node for i, node in enumerate(nodes)}
     found = []
     try:
@@ -216,22 +233,24 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--deaths", type=int, default=3)
     parser.add_argument("--running", type=int, default=200)
-    parser.add_argument("--only-running", action="store_true", help="only the API-latency phase")
     parser.add_argument("--rate", type=float, default=60.0, help="the paced burst's jobs/s")
-    parser.add_argument("--only-roomy", action="store_true", help="only the bursts with room")
+    parser.add_argument("--only", choices=["roomy", "running", "deaths"], help="one phase only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.only:
+            only = {
+                "roomy": lambda: roomy_bursts(root, args.jobs, args.rate),
+                "running": lambda: api_with_running(root, args.running),
+                "deaths": lambda: {
+                    "defaults": deaths(root / "defaults", args.deaths),
+                    "fast": deaths(root / "fast", args.deaths, FAST_LEASE),
+                },
+            }[args.only]()
+            print(json.dumps({args.only: only}))
+            return
         roomy = roomy_bursts(root / "roomy", args.jobs, args.rate)
-        if args.only_roomy:
-            print(describe_roomy(roomy))
-            print(json.dumps({"roomy": roomy}))
-            return
         loaded = api_with_running(root / "running", args.running)
-        if args.only_running:
-            print(describe_loaded(loaded))
-            print(json.dumps({"api_with_running": loaded}))
-            return
         local = provider_for(root / "local", None)
         try:
             local_burst = burst(local, args.jobs)
@@ -252,6 +271,7 @@ def main() -> None:
             kill_task_processes(ray.home)
             cluster.shutdown()
         detection = deaths(root / "deaths", args.deaths)
+        fast_detection = deaths(root / "fast-deaths", args.deaths, FAST_LEASE)
     per_node = {
         "rss_mb": round((four_nodes["rss_mb"] - one_node["rss_mb"]) / 3, 1),
         "cpu_pct": round((four_nodes["cpu_pct"] - one_node["cpu_pct"]) / 3, 2),
@@ -259,7 +279,7 @@ def main() -> None:
     figures = {
         "ray_4_nodes": ray_burst,
         "local_baseline": local_burst,
-        "dead_node_to_requeued_s": detection,
+        "dead_node_to_requeued_s": {"defaults": detection, "lease_3_grace_1": fast_detection},
         "head_idle": {"1_node": one_node, "4_nodes": four_nodes, "per_extra_node": per_node},
         "api_with_running": loaded,
         "roomy": roomy,
@@ -270,7 +290,10 @@ def main() -> None:
             f"  {name:13s} {got['placements_per_s']:7.1f} placements/s  "
             f"p50 {got['p50_ms']:8.1f} ms  p99 {got['p99_ms']:8.1f} ms  failed {got['failed']}"
         )
-    print(f"dead node -> job re-queued: {detection} s (goal < 10 s)")
+    print(
+        f"dead node -> job re-queued: {detection} s with the default lease, {fast_detection} s "
+        "with lease_s = 3, lease_grace_s = 1 (goal < 10 s)"
+    )
     print(f"head idle: 1 node {one_node}, 4 nodes {four_nodes}, per extra node {per_node}")
     print(describe_loaded(loaded))
     print(describe_roomy(roomy))
