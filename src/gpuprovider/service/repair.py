@@ -66,9 +66,7 @@ class GpuState:
 
 def _node_level(rule: RepairRule) -> bool:
     """Whether the rule acts on a whole node (else on the GPU its evidence names)."""
-    return rule.signal == "node_unreachable" or bool(
-        {"cordon_node", "drain", "remove_node"} & set(rule.actions)
-    )
+    return rule.signal == "node_unreachable" or bool({"cordon_node", "drain"} & set(rule.actions))
 
 
 def _summary(evidence: dict[str, Any]) -> str:
