@@ -9,7 +9,7 @@ GPUs, so that no job waits for one, back to back and paced at `--rate`. Dead nod
 timed with the default lease and with the README's fast-failover lease.
 
 Usage: python bench/ray_backend.py [--jobs 500] [--deaths 3] [--running 200] [--rate 60]
-                                   [--only roomy|running|deaths]
+                                   [--only bursts|roomy|running|deaths]
 Prints a human summary, then JSON on the last line.
 """
 
@@ -99,6 +99,26 @@ def provider_for(
     provider.start()
     wait_for(lambda: len(provider.api.get("/gpus").json()) == gpus_expected, 60, "the GPUs")
     return provider
+
+
+def eight_gpu_bursts(root: Path, jobs: int) -> dict:
+    """The burst on 8 GPUs (most jobs wait for one): Ray over 4 nodes of 2 against one
+    local node of 8; and the Ray provider's footprint, idle, before it."""
+    local = provider_for(root / "local", None)
+    try:
+        local_burst = burst(local, jobs)
+    finally:
+        local.stop()
+    cluster, _ = cluster_with(4)
+    ray = provider_for(root / "ray4", cluster.address)
+    try:
+        idle = footprint(ray.proc.pid)
+        ray_burst = burst(ray, jobs)
+    finally:
+        ray.stop()
+        kill_task_processes(ray.home)
+        cluster.shutdown()
+    return {"ray_4_nodes": ray_burst, "local_baseline": local_burst, "ray_head_idle": idle}
 
 
 def roomy_bursts(root: Path, jobs: int, rate: float) -> dict:
@@ -234,12 +254,14 @@ def main() -> None:
     parser.add_argument("--deaths", type=int, default=3)
     parser.add_argument("--running", type=int, default=200)
     parser.add_argument("--rate", type=float, default=60.0, help="the paced burst's jobs/s")
-    parser.add_argument("--only", choices=["roomy", "running", "deaths"], help="one phase only")
+    phases = ["bursts", "roomy", "running", "deaths"]
+    parser.add_argument("--only", choices=phases, help="one phase only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.only:
             only = {
+                "bursts": lambda: eight_gpu_bursts(root, args.jobs),
                 "roomy": lambda: roomy_bursts(root, args.jobs, args.rate),
                 "running": lambda: api_with_running(root, args.running),
                 "deaths": lambda: {
@@ -251,25 +273,14 @@ def main() -> None:
             return
         roomy = roomy_bursts(root / "roomy", args.jobs, args.rate)
         loaded = api_with_running(root / "running", args.running)
-        local = provider_for(root / "local", None)
-        try:
-            local_burst = burst(local, args.jobs)
-        finally:
-            local.stop()
         cluster, _ = cluster_with(1)
         one = provider_for(root / "ray1", cluster.address, gpus_expected=2)
         one_node = footprint(one.proc.pid)
         one.stop()
         cluster.shutdown()
-        cluster, _ = cluster_with(4)
-        ray = provider_for(root / "ray4", cluster.address)
-        try:
-            four_nodes = footprint(ray.proc.pid)
-            ray_burst = burst(ray, args.jobs)
-        finally:
-            ray.stop()
-            kill_task_processes(ray.home)
-            cluster.shutdown()
+        eight = eight_gpu_bursts(root / "eight", args.jobs)
+        ray_burst, local_burst = eight["ray_4_nodes"], eight["local_baseline"]
+        four_nodes = eight["ray_head_idle"]
         detection = deaths(root / "deaths", args.deaths)
         fast_detection = deaths(root / "fast-deaths", args.deaths, FAST_LEASE)
     per_node = {
