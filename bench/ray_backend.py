@@ -35,6 +35,7 @@ from gpuprovider.testing import (
     free_port,
     kill_task_processes,
     make_home,
+    ray_home,
     wait_for,
 )
 
@@ -89,12 +90,7 @@ def provider_for(
     gpus = "" if address else local_gpus
     home = make_home(root, port, gpus, poll_interval_s=0.1, reaper_interval_s=5.0)
     if address:
-        text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
-        text = text.replace('address = ""', f'address = "{address}"', 1)
-        if lease:
-            text = text.replace("lease_s = 10.0", f"lease_s = {lease[0]}")
-            text = text.replace("grace_s = 2.0", f"grace_s = {lease[1]}")
-        home.config.write_text(text)
+        ray_home(home, address, *(lease or (None, None)))
     provider = Provider(home, port)
     provider.start()
     wait_for(lambda: len(provider.api.get("/gpus").json()) == gpus_expected, 60, "the GPUs")

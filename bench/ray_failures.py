@@ -44,6 +44,7 @@ from gpuprovider.testing import (
     kill_task_processes,
     make_home,
     ray_cluster,
+    ray_home,
     wait_for,
 )
 
@@ -101,11 +102,10 @@ class Fleet:
         self.cluster.wait_for_nodes()
         port = free_port()
         home = make_home(root, port, gpus="", poll_interval_s=0.1)
-        text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
-        text = text.replace('address = ""', f'address = "{self.cluster.address}"', 1)
-        text = text.replace("lease_s = 10.0", f"lease_s = {LEASE_S}")
-        text = text.replace("grace_s = 2.0", f"grace_s = {GRACE_S}")
-        home.config.write_text(text.replace("log_max_mib = 64", "log_max_mib = 300"))
+        ray_home(home, self.cluster.address, LEASE_S, GRACE_S)
+        home.config.write_text(
+            home.config.read_text().replace("log_max_mib = 64", "log_max_mib = 300")
+        )
         self.provider = Provider(home, port)
         self.provider.start_timeout_s = 60
         self.provider.start()

@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from gpuprovider.testing import (
     kill_task_processes,
     make_home,
     ray_cluster,
+    ray_home,
     running,
     wait_for,
     watch_home,
@@ -65,11 +65,8 @@ def ray_provider(cluster, tmp_path_factory):
     home = make_home(root, port, gpus="", gateway_port=free_port())
     (root / "kern.log").write_text("")  # every node of this cluster is this machine
     watch_home(home, root / "kern.log", interval_s=1.0)
-    text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
-    text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
     # an agent swapped behind the provider's back is found at the next full discovery
-    text = re.sub(r"(?ms)^(\[inventory\].*?)^interval_s = .*?$", r"\1interval_s = 5.0", text)
-    home.config.write_text(text)
+    ray_home(home, cluster.address, inventory_interval_s=5.0)
     with running(home, port) as provider:
         provider.cluster_address = cluster.address
         yield provider
@@ -322,8 +319,7 @@ def test_join_checks_the_head_then_wraps_ray_start(ray_provider, cluster):
 def test_unreachable_ray_address_is_logged_and_the_api_keeps_serving(tmp_path):
     port = free_port()
     home = make_home(tmp_path / "home", port, gpus="")
-    text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
-    home.config.write_text(text.replace('address = ""', 'address = "127.0.0.1:1"', 1))
+    ray_home(home, "127.0.0.1:1")
     provider = Provider(home, port)
     provider.start()
     try:
@@ -464,8 +460,7 @@ def test_join_and_connect_give_up_on_an_address_that_is_not_a_ray_head(ray_provi
         assert done.returncode == 1 and "is not a Ray head" in done.stderr, done.stderr
         port = free_port()
         home = make_home(tmp_path / "home", port, gpus="")
-        text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
-        home.config.write_text(text.replace('address = ""', f'address = "{address}"', 1))
+        ray_home(home, address)
         provider = Provider(home, port)
         provider.start()
         try:

@@ -24,6 +24,7 @@ from gpuprovider.testing import (
     heartbeats,
     make_home,
     ray_cluster,
+    ray_home,
     running,
     wait_for,
 )
@@ -72,12 +73,8 @@ def provider(cluster, tmp_path_factory):
     port = free_port()
     root = tmp_path_factory.mktemp("fencing")
     home = make_home(root, port, gpus="")
-    text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
-    text = text.replace('address = ""', f'address = "{cluster.address}"', 1)
-    text = text.replace("lease_s = 10.0", f"lease_s = {LEASE_S}")
-    text = text.replace("grace_s = 2.0", f"grace_s = {GRACE_S}")
-    text = text.replace('node_dir = ""', f'node_dir = "{root / "on-nodes"}"')
-    home.config.write_text(text + NODE_LOST_RULE)
+    ray_home(home, cluster.address, LEASE_S, GRACE_S, node_dir=root / "on-nodes")
+    home.config.write_text(home.config.read_text() + NODE_LOST_RULE)
     with running(home, port) as p:
         wait_for(lambda: len(ready_nodes(p)) == 3, 60, "three ready nodes")
         p.node_dir = root / "on-nodes"
@@ -239,9 +236,7 @@ def test_a_gcs_outage_leaves_the_api_up_and_the_work_running(tmp_path, monkeypat
         made.wait_for_nodes()
         port = free_port()
         home = make_home(tmp_path / "home", port, gpus="")
-        text = home.config.read_text().replace('kind = "local"', 'kind = "ray"')
-        text = text.replace('address = ""', f'address = "{made.address}"', 1)
-        home.config.write_text(text.replace("lease_s = 10.0", f"lease_s = {LEASE_S}"))
+        ray_home(home, made.address, LEASE_S)
         with running(home, port) as p:
             wait_for(lambda: len(ready_nodes(p)) == 2, 60, "two ready nodes")
             marks = tmp_path / "marks"
@@ -370,10 +365,7 @@ def test_nodes_a_rebuilt_ray_cluster_lacks_become_unreachable_not_ghosts(provide
         add_node(other, "fresh")
         other.wait_for_nodes()
         provider.stop()
-        old_address = next(line for line in config.splitlines() if line.startswith("address"))
-        provider.home.config.write_text(
-            config.replace(old_address, f'address = "{other.address}"', 1)
-        )
+        ray_home(provider.home, other.address)
         provider.start()
         gone = wait_for(
             lambda: (

@@ -127,6 +127,35 @@ def watch_home(
     home.config.write_text(text)
 
 
+def ray_home(
+    home: Home,
+    address: str,
+    lease_s: float | None = None,
+    grace_s: float | None = None,
+    node_dir: Path | None = None,
+    inventory_interval_s: float | None = None,
+) -> None:
+    """Have `home` run its work on the Ray cluster at `address` (again: another
+    address), with these `[backend]` and `[inventory]` settings where given."""
+    settings = [
+        (r"(?ms)^(\[backend\].*?)^kind = .*?$", r'\1kind = "ray"'),
+        (r"(?ms)^(\[backend\].*?)^address = .*?$", rf"\1address = {json.dumps(address)}"),
+    ]
+    if lease_s is not None:
+        settings.append((r"(?m)^lease_s = .*$", f"lease_s = {lease_s}"))
+    if grace_s is not None:
+        settings.append((r"(?m)^lease_grace_s = .*$", f"lease_grace_s = {grace_s}"))
+    if node_dir is not None:
+        settings.append((r"(?m)^node_dir = .*$", f"node_dir = {json.dumps(str(node_dir))}"))
+    if inventory_interval_s is not None:
+        pattern = r"(?ms)^(\[inventory\].*?)^interval_s = .*?$"
+        settings.append((pattern, rf"\1interval_s = {inventory_interval_s}"))
+    text = home.config.read_text()
+    for pattern, value in settings:
+        text = _set_once(text, pattern, value)
+    home.config.write_text(text)
+
+
 def market_home(
     home: Home,
     hub_url: str,
