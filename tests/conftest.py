@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from gpuprovider.api.loopwatch import ENV as LOOP_WATCH
 from gpuprovider.testing import (
     GPUPROVIDER,
     Provider,
@@ -32,9 +33,11 @@ def fresh_provider(tmp_path: Path) -> Iterator[Provider]:
 
 @pytest.fixture(scope="module")
 def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
-    """One running provider shared by a module's tests."""
+    """One running provider shared by a module's tests, with its event loop watched:
+    a handler that blocks it is logged (test_api's last test holds the log to it)."""
     port = free_port()
     p = Provider(make_home(tmp_path_factory.mktemp("home"), port), port)
+    p.env[LOOP_WATCH] = "50"
     p.start()
     yield p
     p.cancel_all()

@@ -1,11 +1,13 @@
 """The HTTP API of a real daemon on 127.0.0.1, with real task processes."""
 
 import json
+import stat
 import sys
 
 import httpx
 import pytest
 
+from gpuprovider.api.loopwatch import MARK
 from gpuprovider.testing import wait_for
 
 PY = sys.executable
@@ -324,3 +326,24 @@ def test_logs_are_read_by_range(provider):
     for bad in ({"offset": -1}, {"limit": 0}, {"limit": 1 << 40}, {"offset": "1e400"}):
         answer = provider.api.get(f"/tasks/{task['id']}/logs", params=bad)
         assert answer.status_code == 422, bad
+
+
+def test_nothing_blocked_the_event_loop(provider):
+    """Every request this module made ran its slow parts off the loop that serves the
+    API: no handler used 50 ms of CPU there or made a call that waits (a subprocess, a
+    sleep, a connect). Last in the module: it reads what all the others did."""
+    image = provider.api.post("/tasks", json={"image": "busybox:latest", "command": ["true"]})
+    assert image.status_code in (201, 422)  # the engine is asked, off the loop
+    listing = provider.api.get("/tasks", params={"limit": 100000})
+    assert listing.status_code == 200
+    blocked = [line for line in provider.log().splitlines() if MARK in line]
+    assert blocked == []
+
+
+def test_the_home_is_the_providers_alone(provider):
+    """The store (and its journal files), the lock, the config, the secrets: no file
+    the daemon keeps in its home is readable by anyone else."""
+    kept = [p for p in provider.home.root.iterdir() if p.name not in ("tasks", "daemon.log")]
+    assert any(p.name == "store.db" for p in kept)
+    for path in kept:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path

@@ -2,20 +2,25 @@
 
 import stat
 import subprocess
+import sys
 import tomllib
+import typing
 
 import pytest
 
 from gpuprovider.bootstrap import init_home
 from gpuprovider.config import (
     ConfigError,
+    PolicyName,
     ProviderConfig,
+    RayBackendConfig,
     SimulatedGpu,
     load_config,
     render_default_config,
 )
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import hash_token
+from gpuprovider.scheduler import POLICIES
 from gpuprovider.store.store import Store
 from gpuprovider.testing import GPUPROVIDER
 
@@ -31,6 +36,11 @@ def test_default_config_writes_every_default_and_reads_back():
         if section == "market":  # per market; the template shows a commented example
             assert "# [market.hub]" in text
             continue
+        if section == "backend":  # by kind: local's keys set, ray's commented
+            assert raw["backend"] == {"kind": "local"}
+            for key in set(RayBackendConfig.model_fields) - {"kind"}:
+                assert f"# {key} = " in text, f"[backend] {key} missing from the template"
+            continue
         for key in model.annotation.model_fields:
             if key in ("simulated_gpus", "expected_gpus", "rules"):  # commented examples
                 assert f"# [[{section}.{key}]]" in text
@@ -40,6 +50,32 @@ def test_default_config_writes_every_default_and_reads_back():
                 assert key in raw[section], f"[{section}] {key} missing from the template"
     declared = [SimulatedGpu(model="h100-80gb-sxm", count=2)]
     assert load_config_text(render_default_config(declared)).inventory.simulated_gpus == declared
+
+
+def test_a_config_an_older_init_wrote_still_loads():
+    """`init` wrote every Ray key under [backend] before kinds had keys of their own."""
+    old = (
+        '[backend]\nkind = "local"\naddress = ""\nlease_s = 10.0\nlease_grace_s = 2.0\n'
+        'node_dir = ""\n'
+    )
+    assert load_config_text(old).backend.kind == "local"
+
+
+def test_the_config_knows_every_scheduler_policy():
+    assert set(typing.get_args(PolicyName)) == set(POLICIES)
+
+
+def test_loading_the_config_loads_no_feature():
+    """config.py imports no feature package: a Ray agent starts without pricing, TLS,
+    alerts or numpy."""
+    probe = (
+        "import sys, gpuprovider.config, gpuprovider.backends.ray.agent\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy' or m in ("
+        "'gpuprovider.market.pricing', 'gpuprovider.gateway.tls', "
+        "'gpuprovider.telemetry.alerts', 'gpuprovider.scheduler', 'gpuprovider.market.model')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_isolation_devices_takes_the_former_switch_too():
@@ -62,6 +98,9 @@ def test_init_creates_home_with_secrets_private(tmp_path):
     with Store(home.store_url("")).read() as r:
         assert r.tokens.by_hash(hash_token(report.admin_token)).scopes == ["admin"]
     assert report.admin_token not in home.store.read_bytes().decode(errors="ignore")
+    # everything in the home is its owner's alone, from the moment it is made
+    for path in [home.root, *home.root.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
 
 
 def test_init_again_keeps_key_and_token(tmp_path):
@@ -107,6 +146,18 @@ def test_cli_init_says_what_exists(tmp_path):
         ("[colour]\n", "colour: unknown key"),
         ("[isolation]\ndevices = 'some'\n", r"\[isolation\] devices"),
         ("[proof]\ntrusted_verifiers = ['abc']\n", "not an Ed25519 public key"),
+        # a key of another kind is named, with the section it is in
+        (
+            "[backend]\nkind = 'local'\naddress = 'h:6379'\n",
+            r'\[backend\] address: .* kind = "ray"',
+        ),
+        ("[backend]\nkind = 'ray'\nadress = 'h:6379'\n", r"\[backend\] adress: unknown key"),
+        ("[backend]\nkind = 'slurm'\n", r"\[backend\] kind: 'slurm' is not one of local, ray"),
+        (
+            "[market.h]\nurl = 'http://h'\nverifier_key = '" + "a" * 64 + "'\ncp_account = '0x'\n",
+            r'\[market.h\] cp_account: unknown key here; it is a key of kind = "swan"',
+        ),
+        ("[market.s]\nkind = 'swan'\nurl = 'http://h'\n", r"\[market.s\] orchestrator: Field"),
     ],
 )
 def test_config_typos_are_errors_that_name_the_key(tmp_path, text, message):

@@ -1,18 +1,16 @@
 """Specs, GPU constraints, the catalogue and the state machine."""
 
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 
 from gpuprovider.domain import catalogue
 from gpuprovider.domain.resources import parse_gpu_request, parse_memory_mib
 from gpuprovider.domain.spec import TaskSpec
-from gpuprovider.domain.states import (
-    TERMINAL,
-    TRANSITIONS,
-    IllegalTransition,
-    TaskState,
-    check_transition,
-)
+from gpuprovider.domain.states import TERMINAL, TRANSITIONS, TaskState
+from gpuprovider.lifecycle.kernel import IllegalTransition
+from gpuprovider.lifecycle.tasks import TASKS
 
 
 @pytest.mark.parametrize(
@@ -164,13 +162,17 @@ def test_retry_backoff_grows_and_is_capped():
 
 def test_state_machine_table():
     S = TaskState
-    check_transition(S.QUEUED, S.SCHEDULED)
-    check_transition(S.RUNNING, S.PREEMPTED)
-    check_transition(S.FAILED, S.QUEUED)  # a retry
-    with pytest.raises(IllegalTransition, match="from succeeded to running"):
-        check_transition(S.SUCCEEDED, S.RUNNING)
+
+    def check(source, target):
+        return TASKS.check(SimpleNamespace(state=source, id="t-1"), target, "because")
+
+    check(S.QUEUED, S.SCHEDULED)
+    check(S.RUNNING, S.PREEMPTED)
+    check(S.FAILED, S.QUEUED)  # a retry
+    with pytest.raises(IllegalTransition, match=r"task t-1 cannot go from succeeded to running"):
+        check(S.SUCCEEDED, S.RUNNING)
     with pytest.raises(IllegalTransition):
-        check_transition(S.QUEUED, S.RUNNING)  # never skips scheduling
+        check(S.QUEUED, S.RUNNING)  # never skips scheduling
     # every state at rest but the ends can be cancelled
     for state in TaskState:
         if state not in TERMINAL and state != S.CANCELLING:

@@ -6,104 +6,31 @@ from dataclasses import replace
 
 import pytest
 
-from gpuprovider.domain.nodes import IllegalNodeTransition, NodeStatus
+from gpuprovider.domain.nodes import NodeStatus
 from gpuprovider.domain.process import Exit
-from gpuprovider.domain.records import GpuRecord, NodeRecord
-from gpuprovider.domain.spec import TaskSpec
-from gpuprovider.domain.states import IllegalTransition, TaskState
+from gpuprovider.domain.states import TaskState
 from gpuprovider.domain.usability import Usability
 from gpuprovider.lifecycle import nodes as node_lifecycle
+from gpuprovider.lifecycle.kernel import Change, IllegalTransition
 from gpuprovider.lifecycle.nodes import Refused, node_lost, node_seen, operator_sets
 from gpuprovider.lifecycle.tasks import (
     TASK_RULES,
-    Change,
-    process_ended,
     request_cancel,
     service_restart,
     start_failed,
-    submit,
     transition,
 )
 from gpuprovider.service.placement import build_snapshot
 from gpuprovider.service.views import gpu_views, node_view
-from gpuprovider.store import migrate
-from gpuprovider.store.signals import Signal, Signals
-from gpuprovider.store.store import Store
+from gpuprovider.store.signals import Signal
+from gpuprovider.testing import NODE, StoreWorld, node_record
 
 S, N = TaskState, NodeStatus
-NODE = "n-test"
-
-
-def node_record(node_id: str = NODE, name: str = "box", gpus: int = 2) -> NodeRecord:
-    return NodeRecord(
-        id=node_id, name=name, address="127.0.0.1", backend="local", labels={},
-        status=N.READY, status_reason="", cpu_count=8, memory_mib=65536, disk_mib=1000,
-        public_key="", facts={}, last_heartbeat=time.time(),
-        gpus=[GpuRecord(f"GPU-{node_id}-{i}", node_id, i, "h100-80gb-sxm", "sim", 81920, 80, True)
-              for i in range(gpus)],
-    )  # fmt: skip
-
-
-class World:
-    """A store with one node, and the signals its transactions published."""
-
-    def __init__(self, tmp_path):
-        self.signals = Signals()
-        self.fired: list[tuple[Signal, set[str]]] = []
-        for signal in Signal:
-            self.signals.subscribe(signal, lambda ids, s=signal: self.fired.append((s, ids)))
-        self.store = Store(f"sqlite:///{tmp_path / 'store.db'}", self.signals)
-        migrate.upgrade(self.store)
-        with self.store.tx() as tx:
-            node_seen(tx, node_record())
-        self.fired.clear()
-
-    def submit(self, **fields):
-        spec = TaskSpec.model_validate({"command": ["true"], **fields})
-        with self.store.tx() as tx:
-            task = tx.tasks.insert(spec, "team")
-            submit(tx, task)
-        return task
-
-    def get(self, task_id):
-        with self.store.read() as r:
-            return r.tasks.get(task_id)
-
-    def place(self, task, gpu: int = 0):
-        with self.store.tx() as tx:
-            tx.tasks.allocate(task, NODE, [f"GPU-{NODE}-{gpu}"], 1000, 0, 0)
-            transition(tx, task, S.SCHEDULED, "placed", node_id=NODE)
-
-    def run(self, task, pid: int = 4242):
-        self.place(task)
-        with self.store.tx() as tx:
-            transition(tx, task, S.STARTING, "starting", run_dir="/tmp/x")
-            transition(tx, task, S.RUNNING, "running", pid=pid, pid_start_time=1.0)
-
-    def end(self, task, ended: Exit):
-        with self.store.tx() as tx:
-            process_ended(tx, task, ended)
-
-    def apply(self, action, *args):
-        with self.store.tx() as tx:
-            return action(tx, *args)
-
-    def allocations(self):
-        with self.store.read() as r:
-            return r.tasks.active_allocations()
-
-    def node(self, ref=NODE):
-        with self.store.read() as r:
-            return r.nodes.get(ref, removed=True)
-
-    def events(self, task):
-        with self.store.read() as r:
-            return [(e.from_state, e.to_state) for e in r.tasks.events(task.id)]
 
 
 @pytest.fixture
 def world(tmp_path):
-    made = World(tmp_path)
+    made = StoreWorld(tmp_path)
     yield made
     made.store.close()
 
@@ -309,7 +236,7 @@ def test_a_drained_node_that_dies_comes_back_draining(world):
     back = world.node()
     assert back.status == N.DRAINING and back.prior_status is None
     with world.store.read() as r:
-        history = [(e.from_status, e.to_status) for e in r.nodes.events(NODE)]
+        history = [(e.from_state, e.to_state) for e in r.nodes.events(NODE)]
     assert history == [
         (None, "ready"), ("ready", "draining"), ("draining", "unreachable"),
         ("unreachable", "draining"),
@@ -326,7 +253,7 @@ def test_cordon_is_reachable_and_only_the_table_decides(world):
     world.apply(operator_sets, world.node(), N.CORDONED, "admin", "fan noise")
     node = world.node()
     assert node.status == N.CORDONED and node.status_reason == "cordoned by admin: fan noise"
-    with pytest.raises(IllegalNodeTransition):
+    with pytest.raises(IllegalTransition):
         world.apply(node_lifecycle.node_transition, node, N.CORDONED, "again")
     world.apply(operator_sets, node, N.READY, "admin")
     assert world.node().status == N.READY and world.node().status_reason == ""

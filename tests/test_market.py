@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import httpx
@@ -20,15 +21,15 @@ from gpuprovider.hub.hub import Hub, HubError, HubSettings
 from gpuprovider.hub.store import HubStore
 from gpuprovider.identity.keys import public_key_hex
 from gpuprovider.identity.signing import BadSignature, ReplayCache, sign_request, verify_request
+from gpuprovider.lifecycle.kernel import IllegalTransition
+from gpuprovider.lifecycle.leases import LEASES
 from gpuprovider.market.client import HubClient
 from gpuprovider.market.model import (
-    IllegalLeaseTransition,
     LeaseState,
     Order,
     OrderResources,
     Transfer,
     charge,
-    check_transition,
 )
 from gpuprovider.market.pricing import PriceTable, Pricing, Unpriceable, akash_input, quote_table
 from gpuprovider.market.usage import Usage, UsageError, check_chain, check_next, genesis, seal
@@ -68,15 +69,16 @@ def test_short_jobs_are_never_free_and_money_is_whole_micros():
 
 
 def test_leases_follow_one_table():
-    check_transition(LeaseState.BIDDING, LeaseState.WON)
-    check_transition(LeaseState.RUNNING, LeaseState.CLOSING)
+    assert LEASES.allowed(LeaseState.BIDDING, LeaseState.WON)
+    assert LEASES.allowed(LeaseState.RUNNING, LeaseState.CLOSING)
     for current, target in [
         (LeaseState.CLOSED, LeaseState.RUNNING),
         (LeaseState.LOST, LeaseState.WON),
+        (LeaseState.LOST, LeaseState.CLOSED),
         (LeaseState.OFFERED, LeaseState.RUNNING),
     ]:
-        with pytest.raises(IllegalLeaseTransition):
-            check_transition(current, target)
+        with pytest.raises(IllegalTransition, match=f"from {current} to {target}"):
+            LEASES.check(SimpleNamespace(state=current, id="ord-1"), target)
 
 
 def test_a_transfer_posts_two_sides_that_sum_to_zero():
@@ -250,12 +252,13 @@ def test_usage_records_chain_and_any_change_shows():
 # -- the whole loop on 127.0.0.1 --------------------------------------------------------
 
 PRICES = {"h100": 1.83, "rtx-4090": 0.52}
-JOB = {
+JOB = {  # an order file as a tenant writes it: its price in currency units per hour
     "resources": {"gpus": 1, "gpu_model": "h100", "cpus": 0, "memory_gb": 0},
-    "max_price_per_hour": 2_000_000,
+    "max_price_per_hour": 2.0,
     "duration_s": 600,
     "payload": {"command": ["sleep", "1.5"]},
 }
+WIRE_JOB = JOB | {"max_price_per_hour": 2_000_000}  # the hub's API takes micros
 
 
 class Tenant:
@@ -301,33 +304,36 @@ def market(tmp_path_factory):
         "2",
     )
     providers = []
-    for name, api_url in (("a", ""), ("b", f"http://127.0.0.1:{free_port()}")):
-        port, gateway_port = free_port(), free_port()
-        home = make_home(root / name, port, gateway_port=gateway_port if name == "a" else None)
-        market_home(home, hub.url, hub.key, PRICES, api_url=api_url)
-        text = home.config.read_text().replace('node_name = ""', f'node_name = "provider-{name}"')
-        home.config.write_text(text)
-        provider = Provider(home, port)
-        provider.start()
-        provider.gateway = f"http://127.0.0.1:{gateway_port}"
-        providers.append(provider)
-    a, b = providers
-    tenant = Tenant(a, hub, root / "tenant")
-    done = tenant("register", hub.url, "alice")
-    assert done.returncode == 0, done.stderr
-    done = a.cli("hub", "deposit", hub.url, "alice", "100", "--dir", str(hub.folder))
-    assert done.returncode == 0, done.stderr
-    yield hub, a, b, tenant
-    for provider in providers:
-        provider.cancel_all()
-        provider.stop(signal.SIGKILL)
-        kill_task_processes(provider.home)
-    hub.stop()
+    try:  # whatever fails while setting up, nothing started is left running
+        for name, api_url in (("a", ""), ("b", f"http://127.0.0.1:{free_port()}")):
+            port, gateway_port = free_port(), free_port()
+            gateway = gateway_port if name == "a" else None
+            home = make_home(root / name, port, gateway_port=gateway)
+            market_home(home, hub.url, hub.key, PRICES, api_url=api_url)
+            named = f'node_name = "provider-{name}"'
+            home.config.write_text(home.config.read_text().replace('node_name = ""', named))
+            provider = Provider(home, port)
+            providers.append(provider)
+            provider.start()
+            provider.gateway = f"http://127.0.0.1:{gateway_port}"
+        a, b = providers
+        tenant = Tenant(a, hub, root / "tenant")
+        done = tenant("register", hub.url, "alice")
+        assert done.returncode == 0, done.stderr
+        done = a.cli("hub", "deposit", hub.url, "alice", "100", "--dir", str(hub.folder))
+        assert done.returncode == 0, done.stderr
+        yield hub, a, b, tenant
+    finally:
+        for provider in providers:
+            provider.cancel_all()
+            provider.stop(signal.SIGKILL)
+            kill_task_processes(provider.home)
+        hub.stop()
 
 
-def reach(url: str) -> int:
+def reach(url: str, headers: dict[str, str] | None = None) -> int:
     try:
-        return httpx.get(url, timeout=5).status_code
+        return httpx.get(url, headers=headers, timeout=5).status_code
     except httpx.TransportError:  # the gateway is still starting
         return 0
 
@@ -388,6 +394,33 @@ def test_a_job_is_matched_runs_is_billed_and_both_sides_agree(market, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_tenants_failing_job_shows_why_and_costs_the_provider_nothing(market, tmp_path):
+    """A job that exits 3 closes `work_failed`: its tenant reads why and the end of its
+    output on the hub; the provider's reliability does not drop for it."""
+    hub, a, _, tenant = market
+    wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
+    before = market_status(a)
+    script = "import sys; print('loading weights'); print('boom: no GPU memory'); sys.exit(3)"
+    made = tenant.order(
+        tmp_path, JOB | {"payload": {"command": ["python3", "-c", script]}}, deposit=1
+    )
+    lease = wait_for(
+        lambda: (x := tenant.lease(made["id"])) and x["state"] == "closed" and x,
+        timeout=60,
+        what="the failing job's lease to close",
+    )
+    assert lease["close_reason"] == "work_failed" and "exited with code 3" in lease["close_detail"]
+    assert "boom: no GPU memory" in lease["log_tail"]
+    shown = tenant("logs", hub.url, made["id"])
+    assert shown.returncode == 0 and "boom: no GPU memory" in shown.stdout
+    assert "running -> closed" in shown.stdout
+    after = wait_for(
+        lambda: (x := market_status(a))["reliability"] is not None and x, what="a heartbeat"
+    )
+    assert after["reliability"] >= (before["reliability"] or 0)  # not the provider's fault
+
+
+@pytest.mark.slow
 def test_a_win_the_provider_never_bid_on_is_refused(market):
     hub, a, _, _ = market
     wait_for(lambda: market_status(a)["status"] == "admitted", timeout=60, what="admission")
@@ -410,8 +443,10 @@ def test_a_win_the_provider_never_bid_on_is_refused(market):
         ),
         what="provider a to see the forged win",
     )
-    assert refused["state"] == "closed" and "never bid on it" in refused["reason"]
+    assert refused["state"] == "lost" and "never bid on it" in refused["reason"]
     assert refused["task_id"] is None  # nothing ran
+    # told to the hub, which knows no such lease: nothing more to tell, no retrying
+    wait_for(lambda: our_lease(a, "ord-forged")["reported"] == "closed", what="the refusal told")
 
 
 @pytest.mark.slow
@@ -422,8 +457,9 @@ def test_orders_no_one_can_run_or_under_the_price_charge_nothing(market, tmp_pat
     path = tmp_path / "huge.json"
     path.write_text(json.dumps(JOB | {"resources": {"gpus": 8, "gpu_model": "h100"}}))
     done = tenant("order", hub.url, str(path), "--deposit", "1")
-    assert done.returncode == 2 and "no admitted provider could ever run" in done.stderr
-    cheap = tenant.order(tmp_path, JOB | {"max_price_per_hour": 1_000_000}, deposit=1)
+    assert done.returncode == 2 and "no provider can run this order now" in done.stderr
+    assert "provider-a: 2 proven GPU(s) of h100, 8 wanted" in done.stderr  # the real cause
+    cheap = tenant.order(tmp_path, JOB | {"max_price_per_hour": 1.0}, deposit=1)
     unmatched = wait_for(
         lambda: (o := tenant.order_of(cheap["id"]))["state"] == "unmatched" and o,
         what="the cheap order to go unmatched",
@@ -484,7 +520,7 @@ def test_replayed_and_forged_requests_are_refused_and_change_nothing(market):
     answer = httpx.post(hub.url + "/v1/orders/ord-x/bids", content=b"{}", headers=forged)
     assert answer.status_code == 403 and "no provider registered" in answer.text
     # an order paid with more than the tenant has
-    order_body = json.dumps({"order": JOB, "deposit": 10**12}).encode()
+    order_body = json.dumps({"order": WIRE_JOB, "deposit": 10**12}).encode()
     signed = sign_request(mallory, "POST", "/v1/orders", order_body)
     answer = httpx.post(hub.url + "/v1/orders", content=order_body, headers=signed)
     assert answer.status_code == 422 and "more than your balance" in answer.text
@@ -570,7 +606,7 @@ def test_the_operators_preemptible_work_gives_way_to_a_service_lease(market, tmp
         "payload": {
             "command": ["/bin/sh", "-c", serve],
             "ports": ["http"],
-            "serve": {"port": "http", "auth": "public"},
+            "serve": {"port": "http"},  # token auth: only the lease's tenant calls it
         },
     }
     made = tenant.order(tmp_path, service, deposit=1)
@@ -581,10 +617,20 @@ def test_the_operators_preemptible_work_gives_way_to_a_service_lease(market, tmp
     )
     assert "lease-" in running["endpoint"]  # where the tenant reaches it, behind the gateway
     assert a.task(own["id"])["state"] in ("preempted", "queued")
-    # requests through the gateway are metered: the hub sees what the provider counted
+    # the hub hands the tenant (and the tenant alone) a token for this service only
+    token = running["access_token"]
+    assert token.startswith("gpp_")
+    shown = tenant("lease", hub.url, made["id"])
+    assert shown.returncode == 0 and token in shown.stdout and "curl" in shown.stdout
     name = urlsplit(running["endpoint"]).hostname.split(".")[0]
+    assert reach(f"{a.gateway}/s/{name}/") in (0, 401)  # no token: refused
+    assert a.api.get("/tasks", headers={"Authorization": f"Bearer {token}"}).status_code == 403
+    # requests through the gateway are metered: the hub sees what the provider counted
+    called = {"Authorization": f"Bearer {token}"}
     for _ in range(3):
-        wait_for(lambda: reach(f"{a.gateway}/s/{name}/") == 200, timeout=60, what="the service")
+        wait_for(
+            lambda: reach(f"{a.gateway}/s/{name}/", called) == 200, timeout=60, what="the service"
+        )
     ours = wait_for(
         lambda: (x := our_lease(a, made["id"]))["usage_requests"] >= 3 and x,
         timeout=30,
@@ -603,6 +649,8 @@ def test_the_operators_preemptible_work_gives_way_to_a_service_lease(market, tmp
     )
     a.wait_state(own["id"], "running")  # the operator's work comes back
     a.api.post(f"/tasks/{own['id']}/cancel")
+    revoked = [t for t in a.api.get("/tokens").json() if t["name"].startswith("lease-")]
+    assert revoked and all(t["revoked_at"] for t in revoked)  # its token ended with it
 
 
 @pytest.mark.slow
@@ -672,8 +720,8 @@ def test_the_hub_keeps_its_books_on_sqlite_and_postgresql(hub_store):
     tenant = public_key_hex(Ed25519PrivateKey.generate())
     hub.register(tenant, "tenant", {"name": "alice"})
     hub.deposit({"tenant": "alice", "amount": 5_000_000})
-    with pytest.raises(HubError, match="no admitted provider could ever run"):
-        hub.post_order(tenant, {"order": JOB, "deposit": 1_000_000})
+    with pytest.raises(HubError, match=r"no provider can run this order now \(no provider is"):
+        hub.post_order(tenant, {"order": WIRE_JOB, "deposit": 1_000_000})
     with pytest.raises(HubError, match="no tenant"):
         hub.deposit({"tenant": "bob", "amount": 1})
     books = hub.ledger_summary()
@@ -699,7 +747,7 @@ def test_a_won_lease_that_never_runs_is_closed_and_refunded(hub_store):
         )
     hub.register(tenant, "tenant", {"name": "alice"})
     hub.deposit({"tenant": "alice", "amount": 5_000_000})
-    made = hub.post_order(tenant, {"order": JOB, "deposit": 1_000_000})
+    made = hub.post_order(tenant, {"order": WIRE_JOB, "deposit": 1_000_000})
     hub.bid(provider, made["id"], {"price_per_hour": 1_000_000})
     now = time.time()
     hub.tick(now + 3)  # the auction window is over

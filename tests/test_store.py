@@ -15,13 +15,14 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import IntegrityError
 
 from gpuprovider.bootstrap import init_home
+from gpuprovider.domain.records import OwnerKind
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.lifecycle.tasks import submit, transition
 from gpuprovider.store import migrate, schema
 from gpuprovider.store.signals import Signal, Signals
 from gpuprovider.store.store import Store, StoreError
-from gpuprovider.store.tasks import StaleTask
 from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
 OLD = Path(__file__).parent / "fixtures" / "store-0.1.0"
@@ -56,7 +57,7 @@ def test_store_operations(store_url):
     with store.read() as r:
         stale = r.tasks.get(task.id)
     stale.version -= 1
-    with pytest.raises(StaleTask), store.tx() as tx:
+    with pytest.raises(Stale), store.tx() as tx:
         transition(tx, stale, S.STARTING, "should not apply")
     with store.read() as r:
         assert r.tasks.resolve("job", "admin").state == S.SCHEDULED
@@ -125,15 +126,63 @@ def test_the_daemon_refuses_a_newer_store_with_a_clear_error(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def load_pg_dump(url: str) -> None:
+def load_pg_dump(url: str, folder: Path = OLD) -> None:
     """pg_dump's output as psql would run it (its \\-commands aside)."""
     sql = "\n".join(
         line
-        for line in (OLD / "store.pg.sql").read_text().splitlines()
+        for line in (folder / "store.pg.sql").read_text().splitlines()
         if not line.startswith("\\")
     )
     with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as conn:
         conn.execute(sql)  # no parameters: the dump's '%' signs stay as they are
+
+
+JOURNAL_0008 = Path(__file__).parent / "fixtures" / "store-0008"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_0008_store_keeps_its_history_in_the_journal(tmp_path, kind, request):
+    """The three event tables of schema 0008 (tasks', nodes', services') become one
+    journal, in the order they were written; replicas name their service as owner."""
+    made = json.loads((JOURNAL_0008 / "made.json").read_text())[kind]
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+        shutil.copy(JOURNAL_0008 / "store.db", tmp_path / "store.db")
+    else:
+        url = request.getfixturevalue("postgres_url")
+        load_pg_dump(url, JOURNAL_0008)
+    store = Store(url)
+    with store.engine.connect() as conn:
+        before = {
+            table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar()
+            for table in ("events", "node_events", "service_events")
+        }
+    done = migrate.upgrade(store)
+    assert (done.before, done.after) == ("0008", migrate.head())
+    with store.read() as r:
+        rows = r.journal.after(0, 10_000)
+        kinds = [row.kind for row in rows]
+        assert kinds.count("task") == before["events"] and kinds.count("node") == 3
+        assert kinds.count("service") == before["service_events"] > 0
+        assert [row.at for row in rows] == sorted(row.at for row in rows)
+        done_task = [(e.from_state, e.to_state) for e in r.tasks.events(made["tasks"]["done"])]
+        assert done_task[0] == (None, "submitted") and done_task[-1] == ("running", "succeeded")
+        assert all(row.tenant == "admin" for row in rows if row.kind == "task")
+        node = [(e.to_state, e.reason) for e in r.nodes.events(made["node"])]
+        assert [state for state, _ in node] == ["ready", "cordoned", "ready"]
+        service = r.services.get(made["service"])
+        assert service is not None and service.state == "stopped"
+        history = [
+            (e.from_state, e.to_state, e.reason) for e in r.journal.of("service", service.id)
+        ]
+        assert history[0] == ("live", "live", "scaled 1 -> 2 by admin")  # a note
+        assert history[-1] == ("live", "stopped", "stopped by admin")  # a transition
+        replicas = r.tasks.owned(OwnerKind.SERVICE, service.id)
+        assert len(replicas) == 2 and all(t.service_id == service.id for t in replicas)
+    with store.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+    assert differences == []
+    store.close()
 
 
 def old_home(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> tuple[Provider, dict]:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from gpuprovider.market.swan import (
+    SIGNED_JOB_FIELDS,
     Deploy,
     Space,
     SwanError,
@@ -179,7 +180,8 @@ class Orchestrator:
         body |= self.fresh() | change
         body.setdefault("node_id_job_source_uri_signature", "")
         if not body["node_id_job_source_uri_signature"]:
-            body["node_id_job_source_uri_signature"] = self.signature(source, body)
+            subject = "|".join(str(body[name]) for name in SIGNED_JOB_FIELDS)
+            body["node_id_job_source_uri_signature"] = self.signature(subject, body)
         return body
 
     def post(self, body) -> tuple[int, dict]:
@@ -338,7 +340,20 @@ def test_a_hostile_orchestrator_or_stranger_gets_nothing(swan):
     tampered = orchestrator.job(source)
     tampered["job_source_uri"] = sources.space("other")
     refused(orchestrator.post(tampered), 401, 4002, "not signed by")
-    refused(orchestrator.post(b"{not json"), 400, 4000, "JSON object")
+    # every field that decides what runs, how long, at what price, is signed
+    for field, value in (
+        ("bid_price", "999999"),
+        ("duration", 366 * 86400),
+        ("uuid", str(uuid.uuid4())),
+        ("task_uuid", str(uuid.uuid4())),
+    ):
+        changed = orchestrator.job(source)
+        changed[field] = value
+        refused(orchestrator.post(changed), 401, 4002, "over job_source_uri, uuid, task_uuid")
+        assert field in orchestrator.post(changed)[1]["message"]
+    refused(orchestrator.post(b"{not json"), 400, 4000, "not JSON")
+    refused(orchestrator.post(b"[" * 5000 + b"]" * 5000), 400, 4000, "nested too deep")
+    refused(orchestrator.post(b"[1, 2]"), 400, 4000, "JSON object")
     refused(orchestrator.post({"uuid": "x"}), 400, 4001, "Field required")
     refused(orchestrator.post(orchestrator.job(source, bid_price="NaN")), 400, 4001, "bid_price")
     # expired, too far ahead, replayed

@@ -19,6 +19,7 @@ from gpuprovider.telemetry.rules import (
     CircuitBreaker,
     RuleEngine,
     parse_duration,
+    rules_in_force,
 )
 from gpuprovider.telemetry.standin import ENV
 from gpuprovider.testing import StandinGpus, free_port, wait_for
@@ -237,7 +238,7 @@ def test_a_configured_rule_replaces_the_shipped_one_of_its_name():
             }
         }
     )
-    names = [r.name for r in config.repair.active_rules()]
+    names = [r.name for r in rules_in_force(config.repair)]
     assert "gpu-hot" not in names and "nvlink" in names and "ecc-uncorrected" in names
     assert parse_duration("1h30m") == 5400 and parse_duration(90) == 90
 

@@ -30,6 +30,15 @@ def test_names_are_each_tenants_own(provider):
     assert a.get("/tasks/names-b:train").status_code == 404
     assert a.get(f"/tasks/{theirs['id']}").status_code == 404
     assert a.post(f"/tasks/{theirs['id']}/cancel").status_code == 404
+    # nor read or follow its output: refused before any stream starts
+    for ref in (theirs["id"], "names-b:train"):
+        assert a.get(f"/tasks/{ref}/logs").status_code == 404
+        followed = a.get(f"/tasks/{ref}/logs", params={"follow": "true"})
+        assert followed.status_code == 404 and "no task" in followed.json()["error"]
+    # and its journal rows are not in this tenant's feed
+    feed = a.get("/events", params={"limit": 1000}).json()["events"]
+    assert {row["id"] for row in feed} <= {mine["id"]}
+    assert any(row["to"] == "running" or row["to"] == "queued" for row in feed)
     for task in (mine, theirs):
         provider.api.post(f"/tasks/{task['id']}/cancel")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpuprovider.config import SimulatedGpu, load_config, render_default_config
-from gpuprovider.home import Home, write_secret
+from gpuprovider.home import Home, make_private, private_files, write_secret
 from gpuprovider.identity.keys import (
     create_node_key,
     hash_token,
@@ -34,7 +34,15 @@ class InitReport:
 
 
 def init_home(home: Home, simulate: bool | None = None) -> InitReport:
-    """Set up `home`. `simulate`: declare simulated GPUs (None: only if NVML finds none)."""
+    """Set up `home`. `simulate`: declare simulated GPUs (None: only if NVML finds none).
+    Everything it makes is its owner's alone (0600 files, 0700 folders)."""
+    with private_files():
+        report = _init_home(home, simulate)
+    make_private(home)
+    return report
+
+
+def _init_home(home: Home, simulate: bool | None) -> InitReport:
     report = InitReport()
     home.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     home.tasks.mkdir(exist_ok=True)

@@ -1,4 +1,9 @@
-"""provider.toml: every setting with its default, loaded strictly (a typo is an error)."""
+"""provider.toml: every setting with its default, loaded strictly (a typo is an error).
+
+The sections' models only: each feature reads its own section and builds what it needs
+from it (features import config, never the reverse), so loading the config loads none
+of them. A section whose keys depend on a kind (`[backend]`, each `[market.<name>]`)
+is a union keyed by `kind`: a key of another kind is an error naming it."""
 
 from __future__ import annotations
 
@@ -17,12 +22,13 @@ from pydantic import (
 )
 
 from gpuprovider.domain import catalogue
-from gpuprovider.gateway.tls import certificate_names, is_domain
-from gpuprovider.isolation.policy import Settings
-from gpuprovider.market.pricing import PriceTable
-from gpuprovider.scheduler.plugins import POLICIES
-from gpuprovider.telemetry.alerts import Alerter, Smtp
-from gpuprovider.telemetry.rules import DEFAULT_RULES, RepairRule, merge_rules, parse_duration
+from gpuprovider.domain.durations import parse_duration
+from gpuprovider.domain.pricing import PriceTable
+from gpuprovider.domain.repair import RepairRule
+from gpuprovider.domain.spec import is_domain
+
+# The scheduler's policies (scheduler/plugins.py POLICIES; a test holds them equal).
+PolicyName = Literal["best-fit", "fgd-full", "fgd-warm", "fgd", "first-fit", "spread", "random"]
 
 
 class ConfigError(ValueError):
@@ -43,9 +49,17 @@ class StoreConfig(_Section):
     url: str = ""  # empty: SQLite file `store.db` in the home
 
 
-class BackendConfig(_Section):
-    kind: Literal["local", "ray"] = "local"
-    address: str = ""  # ray: the head's host:port; empty: RAY_ADDRESS or a local head
+class LocalBackendConfig(_Section):
+    """Tasks run as processes on this machine."""
+
+    kind: Literal["local"] = "local"
+
+
+class RayBackendConfig(_Section):
+    """Tasks run on the nodes of a Ray cluster (`gpuprovider node join`)."""
+
+    kind: Literal["ray"]
+    address: str = ""  # the head's host:port; empty: RAY_ADDRESS or a local head
     # ray: a node runs its tasks only while its lease from the provider holds (renewed
     # by every poll); a node not heard from has its tasks run elsewhere only after the
     # lease ran out and the grace after it (which must cover the nodes' clock skew)
@@ -57,16 +71,15 @@ class BackendConfig(_Section):
     node_dir: str = Field("", pattern=r"^(/.*)?$")
 
 
-class SchedulerConfig(_Section):
-    policy: str = "best-fit"
-    interval_s: float = Field(5.0, gt=0, le=3600)
+BackendConfig = Annotated[LocalBackendConfig | RayBackendConfig, Field(discriminator="kind")]
+# What `gpuprovider init` wrote under [backend] before kinds had keys of their own: a
+# local backend with these at their defaults is read as it was meant.
+_RAY_DEFAULTS = {"address": "", "lease_s": 10.0, "lease_grace_s": 2.0, "node_dir": ""}
 
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        if value not in POLICIES:
-            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICIES)}")
-        return value
+
+class SchedulerConfig(_Section):
+    policy: PolicyName = "best-fit"
+    interval_s: float = Field(5.0, gt=0, le=3600)
 
 
 class ExecutorConfig(_Section):
@@ -156,18 +169,6 @@ class IsolationConfig(_Section):
                 raise ValueError(f"{root!r} is not an absolute path")
         return [root.rstrip("/") or "/" for root in roots]
 
-    def settings(self) -> Settings:
-        return Settings(
-            users=self.users,
-            cgroups=self.cgroups,
-            memory_margin_pct=self.memory_margin_pct,
-            memory_margin_mib=self.memory_margin_mib,
-            pids_max=self.pids_max,
-            cpu_quota=self.cpu_quota,
-            devices=self.devices,
-            log_max_bytes=self.log_max_mib << 20,
-        )
-
 
 class QuotaConfig(_Section):
     gpus: float = Field(ge=0, le=100_000, description="GPUs guaranteed to the tenant")
@@ -229,9 +230,6 @@ class RepairConfig(_Section):
 
     _window = field_validator("breaker_window", mode="before")(_duration)
 
-    def active_rules(self) -> list[RepairRule]:
-        return merge_rules(DEFAULT_RULES, self.rules)
-
 
 class SmtpConfig(_Section):
     host: str = Field(min_length=1)
@@ -259,25 +257,6 @@ class AlertsConfig(_Section):
     timeout_s: float = Field(5.0, gt=0, le=120)
 
     _resend = field_validator("resend_interval", mode="before")(_duration)
-
-    def alerter(self) -> Alerter:
-        smtp = self.smtp
-        return Alerter(
-            [str(url) for url in self.webhooks],
-            Smtp(
-                smtp.host,
-                smtp.port,
-                smtp.sender,
-                tuple(smtp.to),
-                smtp.starttls,
-                smtp.username,
-                smtp.password_file,
-            )
-            if smtp
-            else None,
-            parse_duration(self.resend_interval),
-            self.timeout_s,
-        )
 
 
 class GatewayConfig(_Section):
@@ -307,63 +286,60 @@ class GatewayConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _tls_files(self) -> GatewayConfig:
+    def _tls_pair(self) -> GatewayConfig:
+        # the files themselves are read where the gateway starts (gateway/tls.py)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
-        for key in ("tls_cert", "tls_key"):
-            path = getattr(self, key)
-            if path and not Path(path).is_file():
-                raise ValueError(f"{key} {path} does not exist")
-        if self.tls_cert and self.domain:
-            names = certificate_names(Path(self.tls_cert))
-            wanted = f"*.{self.domain}"
-            if wanted not in names:
-                raise ValueError(
-                    f"tls_cert {self.tls_cert} is for {', '.join(sorted(names)) or 'no name'}, "
-                    f"not {wanted}"
-                )
         return self
 
 
-class MarketConfig(_Section):
-    """[market.<name>]: a market this provider takes work from: the reference hub
-    (kind "hub", pulled), or Swan's orchestrator pushing jobs to this API (kind "swan")."""
+class _MarketConfig(_Section):
+    """What every market section has."""
 
-    kind: Literal["hub", "swan"] = "hub"
-    url: str = Field("", pattern=r"^(https?://[^\s]+)?$")  # the hub
+    priority: int = Field(500, ge=-1000, le=1000)  # lease tasks: preemptible work gives way
+    usage_interval_s: float = Field(60.0, ge=0.5, le=86400)
+
+
+class HubMarketConfig(_MarketConfig):
+    """[market.<name>] kind "hub": the reference hub, pulled (its event stream)."""
+
+    kind: Literal["hub"] = "hub"
+    url: str = Field(pattern=r"^https?://[^\s]+$")
     # The hub's verifier key (`gpuprovider hub key`): its proofs of this provider's GPUs
     # are trusted like a key in [proof] trusted_verifiers.
-    verifier_key: str = Field("", pattern=r"^([0-9a-fA-F]{64})?$")
+    verifier_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     provider_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$")  # default: the node's
     api_url: str = ""  # where the hub reaches this API; default http://[api] host:port
-    priority: int = Field(500, ge=-1000, le=1000)  # lease tasks: preemptible work gives way
     heartbeat_s: float = Field(10.0, gt=0, le=3600)
-    usage_interval_s: float = Field(60.0, ge=0.5, le=86400)
     bid_valid_s: float = Field(60.0, gt=0, le=3600)
-    # kind "swan": whose signatures are obeyed, and what they are signed over
-    orchestrator: str = Field("", pattern=r"^(0x[0-9a-fA-F]{40})?$")
-    cp_account: str = Field("", pattern=r"^(0x[0-9a-fA-F]{40})?$")
-    node_id: str = Field("", max_length=256)
-    token_price: float = Field(0.0, ge=0, le=1e6)  # one Swan token in [pricing]'s currency
-    source_hosts: list[str] = Field(default_factory=list, max_length=64)  # host[:port]
 
-    @model_validator(mode="after")
-    def _kind(self) -> MarketConfig:
-        needed = (
-            ("url", "verifier_key")
-            if self.kind == "hub"
-            else ("orchestrator", "cp_account", "node_id", "token_price", "source_hosts")
-        )
-        missing = [name for name in needed if not getattr(self, name)]
-        if missing:
-            raise ValueError(f"a {self.kind} market needs {', '.join(missing)}")
-        return self
+
+class SwanMarketConfig(_MarketConfig):
+    """[market.<name>] kind "swan": Swan's orchestrator pushes jobs to this API."""
+
+    kind: Literal["swan"]
+    # whose signatures are obeyed, and what they are signed over
+    orchestrator: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
+    cp_account: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
+    node_id: str = Field(min_length=1, max_length=256)
+    token_price: float = Field(gt=0, le=1e6)  # one Swan token in [pricing]'s currency
+    source_hosts: list[str] = Field(min_length=1, max_length=64)  # host[:port]
+
+
+MarketConfig = Annotated[HubMarketConfig | SwanMarketConfig, Field(discriminator="kind")]
+
+
+def _with_kind(section: object, default: str) -> object:
+    """A section with its `kind` written out (a union needs it to choose)."""
+    if isinstance(section, dict) and "kind" not in section:
+        return {"kind": default, **section}
+    return section
 
 
 class ProviderConfig(_Section):
     api: ApiConfig = Field(default_factory=ApiConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    backend: BackendConfig = Field(default_factory=LocalBackendConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     inventory: InventoryConfig = Field(default_factory=InventoryConfig)
@@ -382,9 +358,25 @@ class ProviderConfig(_Section):
     # preemptible. A tenant without an entry has no limit.
     quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kinds(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        backend = _with_kind(data.get("backend", {}), "local")
+        if isinstance(backend, dict) and backend.get("kind") == "local":
+            # a config an older `init` wrote: the Ray keys at their defaults, unused
+            backend = {k: v for k, v in backend.items() if _RAY_DEFAULTS.get(k, ...) != v}
+        data["backend"] = backend
+        markets = data.get("market")
+        if isinstance(markets, dict):
+            data["market"] = {name: _with_kind(m, "hub") for name, m in markets.items()}
+        return data
+
     @model_validator(mode="after")
     def _one_swan(self) -> ProviderConfig:
-        swans = [name for name, m in self.market.items() if m.kind == "swan"]
+        swans = [name for name, m in self.market.items() if isinstance(m, SwanMarketConfig)]
         if len(swans) > 1:
             raise ValueError(f"one swan market at most (its routes are fixed): {swans}")
         return self
@@ -401,15 +393,44 @@ class ProviderConfig(_Section):
         return self
 
 
+_KIND_TAGS = {"local", "ray", "hub", "swan"}
+
+
 def _where(loc: tuple) -> str:
     """(`api`, `prot`) -> `[api] prot`; (`repair`, `rules`, 0, `window`) ->
-    `[repair] rules[0].window`."""
-    if len(loc) == 1:  # a whole section's own rule
-        return f"[{loc[0]}]" if loc[0] in ProviderConfig.model_fields else str(loc[0])
+    `[repair] rules[0].window`; (`market`, `a`, `swan`, `url`) -> `[market.a] url`."""
+    section, rest = str(loc[0]), list(loc[1:])
+    if section == "market" and rest:  # a table of tables: [market.<name>]
+        section, rest = f"market.{rest[0]}", rest[1:]
+    if rest and rest[0] in _KIND_TAGS:  # the union's choice, not a key
+        rest = rest[1:]
+    if not rest:  # a whole section's own rule
+        known = section in ProviderConfig.model_fields or section.startswith("market.")
+        return f"[{section}]" if known else section
     key = ""
-    for part in loc[1:]:
+    for part in rest:
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    return f"[{loc[0]}] {key}"
+    return f"[{section}] {key}"
+
+
+# The sections with a model per kind: a key of one kind written under another is named
+# as such, not as a typo.
+_BY_KIND: dict[str, dict[str, type[BaseModel]]] = {
+    "backend": {"local": LocalBackendConfig, "ray": RayBackendConfig},
+    "market": {"hub": HubMarketConfig, "swan": SwanMarketConfig},
+}
+
+
+def _other_kind(loc: tuple) -> str | None:
+    """The kind whose key `loc` names, when the section it is in has another kind."""
+    kinds = _BY_KIND.get(str(loc[0]), {})
+    if not kinds or not loc or not isinstance(loc[-1], str):
+        return None
+    tag = next((part for part in loc[1:] if part in kinds), None)
+    for kind, model in kinds.items():
+        if kind != tag and loc[-1] in model.model_fields:
+            return kind
+    return None
 
 
 def describe_validation_error(path: Path | str, error: ValidationError) -> str:
@@ -417,9 +438,19 @@ def describe_validation_error(path: Path | str, error: ValidationError) -> str:
     for item in error.errors():
         where = _where(item["loc"]) if item["loc"] else "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(
-                f"  {where}: unknown key; check its spelling against `gpuprovider init`'s file"
-            )
+            other = _other_kind(item["loc"])
+            if other:
+                lines.append(f'  {where}: unknown key here; it is a key of kind = "{other}"')
+            else:
+                lines.append(
+                    f"  {where}: unknown key; check its spelling against `gpuprovider init`'s file"
+                )
+        elif item["type"] == "literal_error":
+            expected = item["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+            lines.append(f"  {where}: {item['input']!r} is not one of {expected}")
+        elif item["type"] == "union_tag_invalid":
+            expected = item["ctx"]["expected_tags"].replace("'", "")
+            lines.append(f"  {where} kind: {item['ctx']['tag']!r} is not one of {expected}")
         else:
             lines.append(f"  {where}: {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
@@ -445,6 +476,7 @@ def load_config(path: Path) -> ProviderConfig:
 def render_default_config(simulated_gpus: list[SimulatedGpu]) -> str:
     """provider.toml as `gpuprovider init` writes it: every default, commented."""
     d = ProviderConfig()
+    ray = RayBackendConfig(kind="ray")
     sim = "\n".join(
         f'[[inventory.simulated_gpus]]\nmodel = "{g.model}"\ncount = {g.count}\n'
         for g in simulated_gpus
@@ -474,17 +506,17 @@ url = "{d.store.url}"
 # Where tasks run: "local" (processes on this machine) or "ray" (on the nodes of a
 # Ray cluster that joined with `gpuprovider node join`).
 kind = "{d.backend.kind}"
-# ray: address of the Ray head, host:port. Empty: $RAY_ADDRESS or the local head.
-address = "{d.backend.address}"
-# ray: each node runs its tasks only while its lease from this provider holds (renewed
-# with every poll). A node not heard from stops its tasks when the lease runs out;
-# they run elsewhere only after the lease and the grace (more than the nodes' clock
-# skew: run NTP). Lower both to move work off a dead node sooner.
-lease_s = {d.backend.lease_s}
-lease_grace_s = {d.backend.lease_grace_s}
-# ray: where each node keeps its tasks' folders (their logs, capped by [isolation]
+# With kind = "ray", these too (written here at their defaults):
+# address = ""          # the Ray head, host:port; empty: $RAY_ADDRESS or the local head
+# Each node runs its tasks only while its lease from this provider holds (renewed with
+# every poll). A node not heard from stops its tasks when the lease runs out; they run
+# elsewhere only after the lease and the grace (more than the nodes' clock skew: run
+# NTP). Lower both to move work off a dead node sooner.
+# lease_s = {ray.lease_s}
+# lease_grace_s = {ray.lease_grace_s}
+# Where each node keeps its tasks' folders (their logs, capped by [isolation]
 # log_max_mib), its key and its lease. Empty: this home's tasks folder, same path.
-node_dir = "{d.backend.node_dir}"
+# node_dir = ""
 
 [scheduler]
 # Placement policy: "best-fit" (pack CPU and GPU; the fastest packer), "fgd-full"

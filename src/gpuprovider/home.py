@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,24 @@ class Home:
 
     def store_url(self, configured: str) -> str:
         return configured or f"sqlite:///{self.store}"
+
+
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Files and folders made meanwhile are their owner's alone (0600, 0700)."""
+    before = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def make_private(home: Home) -> None:
+    """What a home holds that an older gpuprovider made readable by others (the store,
+    its journal files, the daemon's lock), made its owner's alone."""
+    for path in (home.store, *home.root.glob("store.db-*"), home.lock, home.config):
+        with contextlib.suppress(FileNotFoundError):
+            path.chmod(0o600)
 
 
 def write_secret(path: Path, data: bytes) -> None:

@@ -19,10 +19,31 @@ from typing import Any
 
 import httpx
 import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.bootstrap import init_home
+from gpuprovider.domain.nodes import NodeStatus
+from gpuprovider.domain.process import Exit
+from gpuprovider.domain.records import GpuRecord, NodeRecord, TaskRecord
+from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.domain.states import TaskState
+from gpuprovider.domain.usability import Usability
 from gpuprovider.home import Home
 from gpuprovider.isolation.policy import Applied, undo
+from gpuprovider.lifecycle import nodes as lifecycle_nodes
+from gpuprovider.lifecycle import tasks as lifecycle_tasks
+from gpuprovider.market.client import Event
+from gpuprovider.market.model import Decision
+from gpuprovider.market.pricing import PriceTable, Pricing
+from gpuprovider.market.usage import Usage
+from gpuprovider.scheduler import policy
+from gpuprovider.service.market import MarketService, MarketSettings
+from gpuprovider.service.serving import GatewaySettings, Serving
+from gpuprovider.service.tasks import TaskService
+from gpuprovider.service.tokens import TokenService
+from gpuprovider.store import migrate
+from gpuprovider.store.signals import Signal, Signals
+from gpuprovider.store.store import Store
 from gpuprovider.telemetry.standin import ENV as STANDIN_ENV
 
 GPUPROVIDER = str(Path(sys.executable).parent / "gpuprovider")
@@ -35,8 +56,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+SLACK = float(os.environ.get("GPUPROVIDER_TEST_SLACK", "1"))
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    """Poll `condition` until it returns something truthy; fail after `timeout` (times
+    GPUPROVIDER_TEST_SLACK, for a machine busy with other work)."""
+    timeout *= SLACK
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -45,6 +71,176 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+NODE = "n-test"
+
+
+def node_record(node_id: str = NODE, name: str = "box", gpus: int = 2) -> NodeRecord:
+    """A ready node with `gpus` simulated H100s, as a backend would report it."""
+    return NodeRecord(
+        id=node_id, name=name, address="127.0.0.1", backend="local", labels={},
+        status=NodeStatus.READY, status_reason="", cpu_count=8, memory_mib=65536, disk_mib=1000,
+        public_key="", facts={}, last_heartbeat=time.time(),
+        gpus=[GpuRecord(f"GPU-{node_id}-{i}", node_id, i, "h100-80gb-sxm", "sim", 81920, 80, True)
+              for i in range(gpus)],
+    )  # fmt: skip
+
+
+class StoreWorld:
+    """A store with one node, and the signals its transactions published: lifecycle
+    rules tried alone, with no daemon (tasks are placed, run and ended by hand)."""
+
+    def __init__(self, tmp_path: Path):
+        self.signals = Signals()
+        self.fired: list[tuple[Signal, set[str]]] = []
+        for fired in set(Signal) - {Signal.JOURNAL}:  # every write journals: not news here
+            self.signals.subscribe(fired, lambda ids, s=fired: self.fired.append((s, ids)))
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.store = Store(f"sqlite:///{tmp_path / 'store.db'}", self.signals)
+        migrate.upgrade(self.store)
+        with self.store.tx() as tx:
+            lifecycle_nodes.node_seen(tx, node_record())
+        self.fired.clear()
+
+    def submit(self, **fields: Any) -> TaskRecord:
+        spec = TaskSpec.model_validate({"command": ["true"], **fields})
+        with self.store.tx() as tx:
+            task = tx.tasks.insert(spec, "team")
+            lifecycle_tasks.submit(tx, task)
+        return task
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        with self.store.read() as r:
+            return r.tasks.get(task_id)
+
+    def place(self, task: TaskRecord, gpu: int = 0) -> None:
+        with self.store.tx() as tx:
+            tx.tasks.allocate(task, NODE, [f"GPU-{NODE}-{gpu}"], 1000, 0, 0)
+            lifecycle_tasks.transition(tx, task, TaskState.SCHEDULED, "placed", node_id=NODE)
+
+    def run(self, task: TaskRecord, pid: int = 4242) -> None:
+        self.place(task)
+        with self.store.tx() as tx:
+            lifecycle_tasks.transition(tx, task, TaskState.STARTING, "starting", run_dir="/tmp/x")
+            lifecycle_tasks.transition(
+                tx, task, TaskState.RUNNING, "running", pid=pid, pid_start_time=1.0
+            )
+
+    def end(self, task: TaskRecord, ended: Exit) -> None:
+        with self.store.tx() as tx:
+            lifecycle_tasks.process_ended(tx, task, ended)
+
+    def apply(self, action: Callable[..., Any], *args: Any) -> Any:
+        with self.store.tx() as tx:
+            return action(tx, *args)
+
+    def allocations(self) -> list[Any]:
+        with self.store.read() as r:
+            return r.tasks.active_allocations()
+
+    def node(self, ref: str = NODE) -> Any:
+        with self.store.read() as r:
+            return r.nodes.get(ref, removed=True)
+
+    def events(self, task: TaskRecord) -> list[tuple[str | None, str]]:
+        with self.store.read() as r:
+            return [(e.from_state, e.to_state) for e in r.tasks.events(task.id)]
+
+
+MARKET_JOB = {
+    "resources": {"gpus": 1, "gpu_model": "h100", "cpus": 1, "memory_gb": 1},
+    "max_price_per_hour": 3_000_000,
+    "duration_s": 600,
+    "payload": {"command": ["true"]},
+}
+
+
+class FakeMarket:
+    """A market that records what it is told, and fails as a test asks, per lease."""
+
+    pushes = False
+
+    def __init__(self) -> None:
+        self.bids: list[tuple[str, Decision]] = []
+        self.states: list[tuple[str, str, dict[str, Any]]] = []
+        self.usage: dict[str, list[Usage]] = {}
+        self.fail: dict[str, Exception] = {}  # lease id -> what its reports raise
+
+    def register(self, name: str, api_url: str, verify_token: str) -> dict[str, Any]:
+        return {"status": "admitted", "status_reason": ""}
+
+    def beat(self) -> None:
+        pass
+
+    def events(self, after: int) -> Iterator[Event]:
+        return iter(())
+
+    def respond(self, order_id: str, mode: str, decision: Decision) -> None:
+        self.bids.append((order_id, decision))
+
+    def report_state(self, lease_id: str, state: str, **details: Any) -> dict[str, Any]:
+        if lease_id in self.fail:
+            raise self.fail[lease_id]
+        self.states.append((lease_id, state, details))
+        return {"running_at": time.time()} if state == "running" else {}
+
+    def report_usage(self, usage: Usage) -> None:
+        if usage.lease_id in self.fail:
+            raise self.fail[usage.lease_id]
+        self.usage.setdefault(usage.lease_id, []).append(usage)
+
+    def paid(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class MarketWorld(StoreWorld):
+    """A store with one node of two H100s, and the provider's side of one market (its
+    `FakeMarket` for a connector): lease rules tried with no daemon and no hub."""
+
+    def __init__(self, tmp_path: Path, key: Ed25519PrivateKey):
+        super().__init__(tmp_path)
+        serving = Serving(self.store, GatewaySettings())
+        self.tasks = TaskService(
+            self.store,
+            policy("best-fit"),
+            Usability(),
+            None,
+            lambda: None,
+            serving,  # type: ignore[arg-type]
+        )
+        self.connector = FakeMarket()
+        self.service = MarketService(
+            self.store,
+            self.tasks,
+            TokenService(self.store),
+            key,
+            Pricing(PriceTable(gpu_hour={"h100": 1.0}, cpu_hour=0.1)),
+            MarketSettings("hub", "http://hub", "", "p", usage_interval_s=0.0),
+            self.connector,
+        )
+
+    def won(self, lease_id: str = "ord-1", order: dict[str, Any] | None = None) -> None:
+        """The order (a 1-GPU job by default) bid on, and won at the price bid."""
+        order = order or MARKET_JOB
+        self.service.on_order({"order": order | {"id": lease_id}, "mode": "auction"})
+        price = self.lease(lease_id).price_per_hour
+        self.service.on_won(lease_id, price, order | {"id": lease_id})
+
+    def lease(self, lease_id: str = "ord-1") -> Any:
+        with self.store.read() as r:
+            return r.market.get(lease_id)
+
+    def task_of(self, lease_id: str = "ord-1") -> Any:
+        lease = self.lease(lease_id)
+        return self.get(lease.task_id) if lease and lease.task_id else None
+
+    def history(self, lease_id: str = "ord-1") -> list[tuple[str | None, str]]:
+        with self.store.read() as r:
+            return [(row.from_state, row.to_state) for row in r.market.history(lease_id)]
 
 
 SIMULATED = """
@@ -137,22 +333,26 @@ def ray_home(
 ) -> None:
     """Have `home` run its work on the Ray cluster at `address` (again: another
     address), with these `[backend]` and `[inventory]` settings where given."""
-    settings = [
-        (r"(?ms)^(\[backend\].*?)^kind = .*?$", r'\1kind = "ray"'),
-        (r"(?ms)^(\[backend\].*?)^address = .*?$", rf"\1address = {json.dumps(address)}"),
-    ]
+    text = home.config.read_text()
+    section = {"kind": json.dumps("ray"), "address": json.dumps(address)}
     if lease_s is not None:
-        settings.append((r"(?m)^lease_s = .*$", f"lease_s = {lease_s}"))
+        section["lease_s"] = str(lease_s)
     if grace_s is not None:
-        settings.append((r"(?m)^lease_grace_s = .*$", f"lease_grace_s = {grace_s}"))
+        section["lease_grace_s"] = str(grace_s)
     if node_dir is not None:
-        settings.append((r"(?m)^node_dir = .*$", f"node_dir = {json.dumps(str(node_dir))}"))
+        section["node_dir"] = json.dumps(str(node_dir))
+    start = text.index("[backend]\n")
+    end = text.index("\n[", start + 1)
+    kept = [  # the section's other keys as they were (commented or set before)
+        line
+        for line in text[start:end].splitlines()[1:]
+        if not any(re.match(rf"^#? ?{key} = ", line) for key in section)
+    ]
+    lines = ["[backend]", *(f"{key} = {value}" for key, value in section.items()), *kept]
+    text = text[:start] + "\n".join(lines) + "\n" + text[end:]
     if inventory_interval_s is not None:
         pattern = r"(?ms)^(\[inventory\].*?)^interval_s = .*?$"
-        settings.append((pattern, rf"\1interval_s = {inventory_interval_s}"))
-    text = home.config.read_text()
-    for pattern, value in settings:
-        text = _set_once(text, pattern, value)
+        text = _set_once(text, pattern, rf"\1interval_s = {inventory_interval_s}")
     home.config.write_text(text)
 
 
@@ -330,7 +530,9 @@ class Provider:
         self.proc: subprocess.Popen | None = None
         self.up_args: list[str] = []  # options for `gpuprovider up`
         self.env: dict[str, str] = {}  # more environment for the daemon
-        self.start_timeout_s = 15.0
+        # a machine shared with other work starts a daemon slower: GPUPROVIDER_TEST_SLACK
+        # multiplies this bound (and every wait of the tests that use `slack`)
+        self.start_timeout_s = 15.0 * SLACK
         self.api = httpx.Client(
             base_url=self.url + "/api/v1",
             headers={"Authorization": f"Bearer {self.token}"},
@@ -428,9 +630,11 @@ class Provider:
         return b"".join(pieces).decode(errors="replace")
 
     def cancel_all(self) -> None:
-        for task in self.api.get("/tasks", params={"limit": 100000}).json():
-            if task["state"] not in TERMINAL:
-                self.api.post(f"/tasks/{task['id']}/cancel")
+        """Cancel every live task (nothing to do when the daemon does not answer)."""
+        with contextlib.suppress(httpx.TransportError):
+            for task in self.api.get("/tasks", params={"limit": 100000}).json():
+                if task["state"] not in TERMINAL:
+                    self.api.post(f"/tasks/{task['id']}/cancel")
 
 
 @contextlib.contextmanager

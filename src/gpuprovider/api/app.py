@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gpuprovider import __version__
 from gpuprovider.api.deps import Services
 from gpuprovider.api.routers import (
+    events,
     gpus,
     health,
     market,
@@ -23,6 +24,7 @@ from gpuprovider.api.routers import (
     watch,
 )
 from gpuprovider.api.routers import services as service_routes
+from gpuprovider.domain.wire import parse_json
 from gpuprovider.service.errors import ServiceError
 
 PREFIX = "/api/v1"
@@ -77,14 +79,39 @@ def create_app(services: Services) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ServiceError, _refused)
     app.add_exception_handler(StarletteHTTPException, _http)
-    for module in (health, tasks, nodes, gpus, proofs, tokens, watch, service_routes, market, swan):
+    for module in (
+        health,
+        tasks,
+        nodes,
+        gpus,
+        proofs,
+        tokens,
+        watch,
+        service_routes,
+        market,
+        swan,
+        events,
+    ):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(watch.metrics_router)
     return app
 
 
+SWAN_PATHS = f"{PREFIX}/computing/"  # Swan's orchestrator reads errors in its own shape
+
+
+def _refused_body(scope: dict, status: int, message: str) -> JSONResponse:
+    if scope.get("path", "").startswith(SWAN_PATHS):  # go-computing-provider's 4000 "bad json"
+        return JSONResponse(
+            {"status": "fail", "code": 4000, "message": message, "error": message}, status
+        )
+    return _error(status, message)
+
+
 class BodyLimit:
-    """Refuses request bodies over the limit with 413 before they are read whole."""
+    """Refuses request bodies over the limit with 413 before they are read whole, and a
+    JSON body that nests too deep or holds a number too large (or not finite) with 400
+    before anything parses it: nothing of the app sees a body it could choke on."""
 
     def __init__(self, app: Any, limit: int):
         self.app, self.limit = app, limit
@@ -94,9 +121,13 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        too_big = _error(413, f"request body is larger than the limit of {self.limit} bytes")
+        too_big = _refused_body(
+            scope, 413, f"request body is larger than the limit of {self.limit} bytes"
+        )
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_big(scope, receive, send)
+        if b"json" in headers.get(b"content-type", b"").lower():
+            return await self._json(scope, receive, send, too_big)
         seen = 0
         refused = False
 
@@ -118,6 +149,36 @@ class BodyLimit:
                 await send(message)
 
         await self.app(scope, limited_receive, guarded_send)
+
+    async def _json(self, scope: dict, receive: Any, send: Any, too_big: Any) -> None:
+        """Read the whole (bounded) JSON body, check it, and hand it on as it came."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        if body:
+            try:
+                # depth and size here; numbers are bounded by the typed models, which
+                # name the field
+                parse_json(bytes(body), self.limit, numbers=False)
+            except ValueError as exc:
+                return await _refused_body(scope, 400, f"body: {exc}")(scope, receive, send)
+        given = False
+
+        async def replay() -> dict:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def build_asgi(services: Services, max_body_bytes: int) -> Any:

@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Request
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.service.calls import Calls
 from gpuprovider.service.errors import Unavailable
+from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
@@ -33,6 +34,7 @@ class Services:
     nodes: NodeService
     tokens: TokenService
     calls: Calls
+    journal: Journal
     proofs: ProofService | None = None
     repair: RepairService | None = None
     metrics: Metrics | None = None

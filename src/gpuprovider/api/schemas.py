@@ -15,7 +15,7 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- requests ---------------------------------------------------------------------
@@ -118,6 +118,25 @@ class EventOut(BaseModel):
     from_: str | None = Field(alias="from")
     to: str
     reason: str
+
+
+class JournalEventOut(BaseModel):
+    """One row of the journal: a transition (or, with from == to, a note)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    cursor: str
+    kind: str
+    id: str
+    tenant: str
+    at: float
+    from_: str | None = Field(alias="from")
+    to: str
+    reason: str
+
+
+class EventsPageOut(BaseModel):
+    events: list[JournalEventOut]
+    next: str  # the cursor to ask from next
 
 
 class ServiceBriefOut(BaseModel):
@@ -448,3 +467,56 @@ class ServiceFiguresIn(_In):
 
 class GatewayStatsIn(_In):
     services: list[ServiceFiguresIn] = Field(max_length=100_000)
+
+
+# -- markets ------------------------------------------------------------------------------
+
+
+class MarketFiguresOut(BaseModel):
+    orders: int
+    bids: int
+    declined: int
+    won: int
+    lost: int
+    report_errors: int  # reports the market refused, could not take, or answered badly
+    leases_retrying: int  # leases whose report waits for its next try
+
+
+class MarketOut(BaseModel):
+    market: str
+    url: str
+    status: str
+    status_reason: str
+    last_event: int
+    reliability: float | None  # as the market computes it, from its last heartbeat answer
+    reliability_floor: float | None
+    leases: dict[str, int]  # by state
+    figures: MarketFiguresOut
+
+
+class LeaseOut(BaseModel):
+    id: str
+    market: str
+    state: str
+    model: str
+    gpus: float
+    price_per_hour: int  # micros
+    duration_s: int
+    earned: int  # micros, by this provider's count
+    task_id: str | None
+    service_id: str | None
+    endpoint: str
+    close_reason: str
+    reason: str
+    reported: str  # what the market was last told
+    usage_records: int
+    usage_gpu_seconds: float
+    usage_requests: int
+
+
+class EarningsOut(BaseModel):
+    market: str
+    earned_by_our_count: int  # micros
+    paid_by_the_hub: int | None
+    gpu_seconds_reported: float
+    leases: int

@@ -7,14 +7,42 @@ import os
 import resource
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from functools import cache
 
 ENGINES = ("docker", "podman")
 
 
+ENGINE_TTL_S = 60.0  # an engine started (or stopped) since is noticed within this
+
+
+class EngineProbe:
+    """The container engine `[executor] container_engine` allows, asked again at most
+    every ENGINE_TTL_S: an engine that was down at start is found once it answers, and
+    one that stopped is no longer offered. Called on worker threads only (it may wait
+    for `ENGINE info`)."""
+
+    def __init__(self, choice: str = "auto", ttl_s: float = ENGINE_TTL_S):
+        self.choice, self.ttl_s = choice, ttl_s
+        self._found: tuple[float, str | None] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str | None:
+        with self._lock:
+            if self._found is None or time.monotonic() - self._found[0] > self.ttl_s:
+                self._found = (time.monotonic(), find_engine(self.choice))
+            return self._found[1]
+
+
 @cache
 def container_engine(choice: str = "auto") -> str | None:
+    """The engine found first (`find_engine`), remembered for the process."""
+    return find_engine(choice)
+
+
+def find_engine(choice: str = "auto") -> str | None:
     """The container engine to use: `choice` if it answers (`ENGINE info` succeeds),
     or with "auto" the first of docker and podman that does; "none": never one."""
     if choice == "none":

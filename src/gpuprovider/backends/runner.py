@@ -161,7 +161,8 @@ def _read_count(fd: int) -> int:
 def read_output(run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
     """Up to `limit` bytes of a task's output from `offset` (counted from the first
     byte it wrote), and where they start: later than `offset` when the bytes there were
-    dropped to keep the log to its size."""
+    dropped to keep the log to its size. A negative `offset` counts back from the end
+    (-4096: the last 4 KiB)."""
     dropped, files = 0, []
     try:
         counter = os.open(os.path.join(run_dir, DROPPED_NAME), os.O_RDONLY)
@@ -177,6 +178,9 @@ def read_output(run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
     finally:
         if counter is not None:
             os.close(counter)
+    if offset < 0:
+        end = dropped + sum(os.fstat(handle.fileno()).st_size for handle in files)
+        offset = max(end + offset, 0)
     start = max(offset, dropped)
     pieces, position, wanted = [], dropped, limit
     for handle in files:

@@ -106,19 +106,26 @@ class Client:
 
     def stream_events(self, path: str, **params: Any) -> Iterator[tuple[str, Any]]:
         """Server-sent events as (event, data) pairs."""
+        for event, data, _ in self.stream_with_ids(path, **params):
+            yield event, data
+
+    def stream_with_ids(self, path: str, **params: Any) -> Iterator[tuple[str, Any, str]]:
+        """Server-sent events as (event, data, id) triples."""
         try:
             with self.http.stream("GET", f"/api/v1{path}", params=params, timeout=None) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     self._check(resp)
-                event, data = "message", None
+                event, data, ident = "message", None, ""
                 for line in resp.iter_lines():
                     if line.startswith("event:"):
                         event = line[6:].strip()
                     elif line.startswith("data:"):
                         data = json.loads(line[5:].strip())
+                    elif line.startswith("id:"):
+                        ident = line[3:].strip()
                     elif line == "" and data is not None:
-                        yield event, data
-                        event, data = "message", None
+                        yield event, data, ident
+                        event, data, ident = "message", None, ""
         except httpx.TransportError as exc:
             raise CliError(f"lost the provider at {self.url} ({exc.__class__.__name__})") from None

@@ -12,6 +12,7 @@ import uvicorn
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import ago, console, print_json, table
+from gpuprovider.cli.runnable import runnable_config
 from gpuprovider.config import ConfigError, load_config
 from gpuprovider.gateway import nginx
 from gpuprovider.gateway.router import Router
@@ -30,10 +31,7 @@ def gateway(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     home = globals_of(ctx).home
-    try:
-        config = load_config(home.config)
-    except ConfigError as exc:
-        raise CliError(str(exc), 2) from None
+    config = runnable_config(home)
     try:
         token = home.gateway_token.read_text().strip()
     except OSError:

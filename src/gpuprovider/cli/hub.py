@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,15 @@ from gpuprovider.hub.hub import Hub, HubSettings
 from gpuprovider.hub.store import HubStore
 from gpuprovider.identity.keys import create_node_key, load_node_key, new_token, public_key_hex
 from gpuprovider.market.client import HubClient, MarketRefused, MarketUnreachable
-from gpuprovider.market.model import fmt_money
+from gpuprovider.market.model import MAX_MONEY, MICROS, fmt_money
 
 hub_app = typer.Typer(help="The reference market hub: serve it, or use it.", no_args_is_help=True)
 
 HUB_DIR = typer.Option(
-    Path("~/.gpuprovider-hub"), "--dir", help="The hub's folder: database, keys, admin token."
+    Path("~/.gpuprovider-hub"),
+    "--dir",
+    envvar="GPUPROVIDER_HUB_HOME",
+    help="The hub's folder: database, keys, admin token ($GPUPROVIDER_HUB_HOME).",
 )
 HUB_URL = typer.Argument(..., help="The hub's URL, e.g. http://127.0.0.1:8090")
 
@@ -43,6 +48,24 @@ def _admin_token(folder: Path) -> str:
     if not path.exists():
         write_secret(path, new_token().encode())
     return path.read_text().strip()
+
+
+MAX_HOURLY = 10_000  # currency units an hour: more than any GPU order pays
+
+
+def _money(value: float, what: str) -> int:
+    """Currency units as micros, or exit 2 naming the value (nan, inf, 0, negative or
+    more than any order may hold)."""
+    if not (math.isfinite(value) and 0 < value <= MAX_MONEY / MICROS):
+        raise CliError(
+            f"{what} {value!r}: give a positive amount of currency units, at most "
+            f"{MAX_MONEY // MICROS:,}",
+            2,
+        )
+    micros = round(value * MICROS)
+    if micros <= 0:
+        raise CliError(f"{what} {value!r} is less than one micro (0.000001)", 2)
+    return micros
 
 
 @hub_app.command("serve")
@@ -122,10 +145,19 @@ def deposit(
     folder: Path = HUB_DIR,
 ) -> None:
     """Credit a tenant (the hub operator's command: needs the hub's admin token)."""
-    token = (folder.expanduser() / "admin.token").read_text().strip()
+    micros = _money(amount, "amount")
+    path = folder.expanduser() / "admin.token"
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        raise CliError(
+            f"no hub admin token at {path}: `gpuprovider hub serve` makes it in its folder "
+            "(give that folder with --dir or $GPUPROVIDER_HUB_HOME)",
+            2,
+        ) from None
     answer = httpx.post(
         url.rstrip("/") + "/v1/admin/deposit",
-        json={"tenant": tenant, "amount": round(amount * 1_000_000)},
+        json={"tenant": tenant, "amount": micros},
         headers={"Authorization": f"Bearer {token}"},
         timeout=10,
     )
@@ -148,13 +180,29 @@ def order(
         body = json.loads(spec.read_text())
     except (OSError, ValueError) as exc:
         raise CliError(f"{spec}: {exc}", 2) from None
+    if not isinstance(body, dict):
+        raise CliError(f"{spec}: an order is a JSON object", 2)
+    price = body.get("max_price_per_hour")
+    if not isinstance(price, int | float) or isinstance(price, bool):
+        raise CliError(
+            f"{spec}: max_price_per_hour: the most the order pays per hour, in currency "
+            "units (e.g. 2.5)",
+            2,
+        )
+    if price > MAX_HOURLY:
+        raise CliError(
+            f"{spec}: max_price_per_hour {price:g} is in currency units per hour (e.g. 2.5 "
+            f"for 2.50 an hour); more than {MAX_HOURLY:,} looks like micros",
+            2,
+        )
+    body["max_price_per_hour"] = _money(float(price), "max_price_per_hour")
     made = _call(
         _tenant(ctx, url),
         "POST",
         "/v1/orders",
         {
             "order": body,
-            "deposit": round(deposit * 1_000_000),
+            "deposit": _money(deposit, "--deposit"),
             "mode": "dispatch" if dispatch else "auction",
         },
     )
@@ -220,6 +268,72 @@ def close(ctx: typer.Context, url: str = HUB_URL, lease: str = typer.Argument(..
     """Close a lease: billing stops now and the rest of the deposit comes back."""
     made = _call(_tenant(ctx, url), "POST", f"/v1/leases/{lease}/close")
     console.print(f"lease {made['id']} {made['state']}")
+
+
+@hub_app.command("lease")
+def lease(
+    ctx: typer.Context,
+    url: str = HUB_URL,
+    lease_id: str = typer.Argument(..., metavar="LEASE", help="The order's id (ord-...)."),
+    as_json: bool = JSON,
+) -> None:
+    """One of your leases: where to reach it and the token that calls it (a service's),
+    what it cost, how it ended."""
+    found = next(
+        (x for x in _call(_tenant(ctx, url), "GET", "/v1/leases") if x["id"] == lease_id), None
+    )
+    if found is None:
+        raise CliError(f"no lease {lease_id} of yours; `hub leases` lists them", 2)
+    if as_json:
+        print_json(found)
+        return
+    console.print(f"lease {found['id']} {found['state']}", highlight=False)
+    console.print(f"  price    {fmt_money(found['price_per_hour'])}/h", highlight=False)
+    console.print(
+        f"  charged  {fmt_money(found['charged'])} for {found['billed_s']:.0f} s "
+        f"(escrow left {fmt_money(found['escrow'])})",
+        highlight=False,
+    )
+    if found["endpoint"]:
+        console.print(f"  endpoint {found['endpoint']}", highlight=False, soft_wrap=True)
+    if found["access_token"]:
+        console.print(f"  token    {found['access_token']}", highlight=False, soft_wrap=True)
+        console.print(
+            f'  call it: curl -H "Authorization: Bearer {found["access_token"]}" '
+            f"{found['endpoint']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if found["close_reason"]:
+        console.print(
+            f"  closed   {found['close_reason']}: {found['close_detail']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@hub_app.command("logs")
+def logs(
+    ctx: typer.Context,
+    url: str = HUB_URL,
+    order_id: str = typer.Argument(..., metavar="ORDER", help="The order's id (ord-...)."),
+    as_json: bool = JSON,
+) -> None:
+    """What happened to an order and its lease, each change with its reason, and the
+    end of its work's output as the provider sent it when the lease closed."""
+    history = _call(_tenant(ctx, url), "GET", f"/v1/history/{order_id}")
+    if as_json:
+        print_json(history)
+        return
+    for row in history["journal"]:
+        change = row["to"] if row["from"] in (None, row["to"]) else f"{row['from']} -> {row['to']}"
+        console.print(f"{row['kind']:5} {change}: {row['reason']}", highlight=False, soft_wrap=True)
+    lease_view = history.get("lease") or {}
+    if lease_view.get("log_tail"):
+        console.print("--- the end of its output ---", highlight=False)
+        sys.stdout.write(lease_view["log_tail"])
+        if not lease_view["log_tail"].endswith("\n"):
+            sys.stdout.write("\n")
 
 
 @hub_app.command("me")

@@ -24,6 +24,7 @@ COMMANDS = {
     "up": "provider:up",
     "check": "check:check",
     "accounting": "watch:accounting",
+    "events": "events:events",
     "task": "task:task_app",
     "node": "resources:node_app",
     "gpu": "resources:gpu_app",
@@ -92,5 +93,6 @@ def run() -> None:
     try:
         app(standalone_mode=True)
     except CliError as exc:
-        errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        # never folded: a path or a value in it stays whole, to copy and to grep
+        errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.code)

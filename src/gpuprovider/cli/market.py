@@ -33,12 +33,13 @@ def status(ctx: typer.Context, as_json: bool = JSON) -> None:
         return
     table(
         "Markets",
-        ["MARKET", "HUB", "STATUS", "LEASES", "ORDERS SEEN", "REASON"],
+        ["MARKET", "HUB", "STATUS", "RELIABILITY", "LEASES", "ORDERS SEEN", "REASON"],
         [
             [
                 m["market"],
                 m["url"],
                 m["status"],
+                _reliability(m),
                 ", ".join(f"{k} {v}" for k, v in m["leases"].items()) or "-",
                 m["figures"]["orders"],
                 m["status_reason"],
@@ -46,6 +47,14 @@ def status(ctx: typer.Context, as_json: bool = JSON) -> None:
             for m in rows
         ],
     )
+
+
+def _reliability(market: dict) -> str:
+    """As the market computes it, beside its floor (below it, no order comes)."""
+    if market["reliability"] is None:
+        return "-"
+    floor = market["reliability_floor"]
+    return f"{market['reliability']:.2f}" + (f" (floor {floor:g})" if floor is not None else "")
 
 
 @market_app.command("leases")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 
 import typer
+from pydantic import TypeAdapter
 
 from gpuprovider.backends.ray.trial import LocalRayCluster
+from gpuprovider.backends.registry import BACKENDS
 from gpuprovider.bootstrap import init_home
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import globals_of
 from gpuprovider.cli.output import console
-from gpuprovider.config import ConfigError, SimulatedGpu, load_config
+from gpuprovider.cli.runnable import runnable_config
+from gpuprovider.config import BackendConfig, ConfigError, RayBackendConfig, SimulatedGpu
 from gpuprovider.daemon.daemon import DaemonError, run_daemon
 from gpuprovider.store.store import StoreError
 
@@ -60,16 +63,14 @@ def up(
 ) -> None:
     """Run the provider: HTTP API and loops, until Ctrl-C or SIGTERM."""
     home = globals_of(ctx).home
-    try:
-        config = load_config(home.config)
-    except ConfigError as exc:
-        raise CliError(str(exc), 2) from None
-    if backend not in (None, "local", "ray"):
-        raise CliError(f"--backend {backend!r}: choose local or ray", 2)
-    if backend:
-        config.backend.kind = backend
+    config = runnable_config(home)
+    if backend not in (None, *BACKENDS):
+        raise CliError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}", 2)
+    if backend and backend != config.backend.kind:
+        config.backend = TypeAdapter(BackendConfig).validate_python({"kind": backend})
     trial_nodes = [_trial_node(text) for text in ray_node]
-    if trial_nodes and (config.backend.kind != "ray" or config.backend.address):
+    ray = config.backend if isinstance(config.backend, RayBackendConfig) else None
+    if trial_nodes and (ray is None or ray.address):
         raise CliError(
             "--ray-node starts a local trial cluster: use it with --backend ray "
             "and no [backend] address",
@@ -78,11 +79,12 @@ def up(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     trial = None
-    if config.backend.kind == "ray" and not config.backend.address:
+    if ray is not None and not ray.address:
         console.print(f"starting a local Ray cluster: head + {len(trial_nodes)} node(s)")
         trial = LocalRayCluster(trial_nodes)
-        config.backend.address = trial.address
+        ray.address = trial.address
     try:
         run_daemon(home, config)
     except DaemonError as exc:

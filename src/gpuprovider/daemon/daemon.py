@@ -8,25 +8,22 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import signal
 import socket
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import IO
 
 import uvicorn
 import uvloop
 
+from gpuprovider.api import loopwatch
 from gpuprovider.api.app import build_asgi
 from gpuprovider.api.deps import Services
-from gpuprovider.backends.base import Backend
-from gpuprovider.backends.container import container_engine
-from gpuprovider.backends.local import LocalBackend, LocalNode
-from gpuprovider.backends.ray.driver import RayBackend
+from gpuprovider.backends.container import EngineProbe
+from gpuprovider.backends.registry import BackendContext, make_backend, tasks_dir
 from gpuprovider.check import CheckContext, Status, run_checks, select, summary
-from gpuprovider.config import ProviderConfig
+from gpuprovider.config import HubMarketConfig, ProviderConfig
 from gpuprovider.daemon.executor import ExecutorLoop
 from gpuprovider.daemon.gateway import (
     ServiceLoop,
@@ -36,28 +33,28 @@ from gpuprovider.daemon.gateway import (
 )
 from gpuprovider.daemon.inventory import InventoryLoop
 from gpuprovider.daemon.loops import Loop, ReaperLoop
-from gpuprovider.daemon.market import MarketBeat, MarketKeeper, MarketReader
+from gpuprovider.daemon.market import MARKET_KINDS, MarketReporter, settings_for
 from gpuprovider.daemon.scheduling import SchedulerLoop
 from gpuprovider.daemon.telemetry import TelemetryLoop
 from gpuprovider.domain.usability import Usability
-from gpuprovider.home import Home
+from gpuprovider.home import Home, make_private
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
-from gpuprovider.market.connector import HubConnector, PushConnector
 from gpuprovider.market.pricing import Pricing
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
-from gpuprovider.service.market import MarketService, MarketSettings
+from gpuprovider.service.journal import Journal
+from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.repair import RepairService, RepairSettings
 from gpuprovider.service.serving import GatewaySettings, Serving
-from gpuprovider.service.swan import SwanService, SwanSettings
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
 from gpuprovider.store.signals import Signal, Signals
 from gpuprovider.store.store import Store, StoreError
-from gpuprovider.telemetry.rules import parse_duration
+from gpuprovider.telemetry.alerts import alerter_for
+from gpuprovider.telemetry.rules import parse_duration, rules_in_force
 
 log = logging.getLogger("gpuprovider")
 
@@ -125,17 +122,26 @@ class Daemon:
         key = load_node_key(home.node_key)
         self.node_id, public_key = node_id_for(key), public_key_hex(key)
         trusted = frozenset(config.proof.trusted_verifiers) | {
-            m.verifier_key.lower() for m in config.market.values() if m.verifier_key
+            m.verifier_key.lower() for m in config.market.values() if isinstance(m, HubMarketConfig)
         }
         usability = Usability(config.proof.max_age_s if config.proof.required else None, trusted)
-        engine = partial(container_engine, config.executor.container_engine)
-        self.backend = self._backend(public_key)
+        engine = EngineProbe(config.executor.container_engine)
+        self.backend = make_backend(
+            BackendContext(
+                config,
+                home.root,
+                home.tasks,
+                self.node_id,
+                public_key,
+                partial(self.signals.fire, Signal.EXITED),
+            )
+        )
         framework_policy = policy(config.scheduler.policy)
-        self.alerter = config.alerts.alerter()
+        self.alerter = alerter_for(config.alerts)
         self.repair = RepairService(
             self.store,
             RepairSettings(
-                rules=config.repair.active_rules(),
+                rules=rules_in_force(config.repair),
                 dry_run=config.repair.dry_run,
                 breaker_max_pct=config.repair.breaker_max_pct,
                 breaker_window_s=parse_duration(config.repair.breaker_window),
@@ -153,7 +159,9 @@ class Daemon:
         self.scheduler = SchedulerLoop(
             self.store, Framework(framework_policy), config, usability, self.metrics
         )
-        self.executor = ExecutorLoop(self.store, self.backend, config, self.tasks_dir, engine)
+        self.executor = ExecutorLoop(
+            self.store, self.backend, config, tasks_dir(config, home.tasks), engine
+        )
         self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
         self.reaper = ReaperLoop(self.store, config)
         self.telemetry = TelemetryLoop(
@@ -186,48 +194,29 @@ class Daemon:
             workdir_roots=config.isolation.workdir_roots,
         )
         tokens = TokenService(self.store)
-        markets = [
-            MarketService(
+        markets, swan = [], None
+        for name, section in config.market.items():
+            kind = MARKET_KINDS[section.kind]
+            market = MarketService(
                 self.store,
                 tasks,
                 tokens,
                 key,
                 Pricing(config.pricing),
-                MarketSettings(
-                    name=name,
-                    url=m.url,
-                    api_url=m.api_url or f"http://{config.api.host}:{config.api.port}",
-                    provider_name=m.provider_name
-                    or re.sub(
-                        r"[^A-Za-z0-9_.-]", "-", config.inventory.node_name or socket.gethostname()
-                    )[:64],
-                    priority=m.priority,
-                    heartbeat_s=m.heartbeat_s,
-                    usage_interval_s=m.usage_interval_s,
-                    bid_valid_s=m.bid_valid_s,
-                ),
-                PushConnector() if m.kind == "swan" else HubConnector(m.url, key),
+                settings_for(name, section, config),
+                kind.connector(section, key),
             )
-            for name, m in config.market.items()
-        ]
-        swan = None
-        for market, m in zip(markets, config.market.values(), strict=True):
-            self.loops.append(MarketKeeper(market))
-            if m.kind == "hub":
-                self.loops += [MarketReader(market), MarketBeat(market)]
-                continue
-            market.register()  # a push market: nothing to reach, only routes to serve
-            swan = SwanService(
-                market,
-                SwanSettings(
-                    orchestrator=m.orchestrator.lower(),
-                    cp_account=m.cp_account,
-                    node_id=m.node_id,
-                    token_price=m.token_price,
-                    source_hosts=frozenset(h.lower() for h in m.source_hosts),
-                ),
-            )
+            joined = kind.join(section, market)
+            markets.append(market)
+            self.loops += joined.loops
+            swan = joined.swan or swan
+            for loop in joined.loops:
+                if isinstance(loop, MarketReporter):
+                    self.signals.subscribe(Signal.LEASES, loop.wake)
+        self.journal = Journal(self.store)
+        self.signals.subscribe(Signal.JOURNAL, self.journal.committed)
         self.services = Services(
+            journal=self.journal,
             tasks=tasks,
             nodes=NodeService(self.store, usability),
             repair=self.repair,
@@ -248,49 +237,6 @@ class Daemon:
             ),
             calls=Calls(self.store),
         )
-
-    @property
-    def tasks_dir(self) -> Path:
-        """Where tasks' folders are (their logs, exit records, work folders): in the home,
-        or on a Ray node, `[backend] node_dir` of each node if set."""
-        backend = self.config.backend
-        return (
-            Path(backend.node_dir)
-            if backend.kind == "ray" and backend.node_dir
-            else self.home.tasks
-        )
-
-    def _backend(self, public_key: str) -> Backend:
-        config = self.config
-        if config.backend.kind == "ray":
-            return RayBackend(
-                config.backend.address,
-                self.tasks_dir,
-                self.home.root / "ray.credential",
-                config.isolation.settings(),
-                config.backend.lease_s,
-                config.backend.lease_grace_s,
-                config.telemetry.kernel_log,
-            )
-        node = LocalNode(
-            node_id=self.node_id,
-            name=config.inventory.node_name,
-            public_key=public_key,
-            home=self.home.root,
-            simulated_gpus=tuple(config.inventory.simulated_gpus),
-            labels=tuple(sorted(config.inventory.labels.items())),
-            nvml=config.inventory.nvml,
-        )
-        backend = LocalBackend(
-            node,
-            self.home.tasks,
-            on_exit=partial(self.signals.fire, Signal.EXITED),
-            isolation=config.isolation.settings(),
-        )
-        for what, how in backend.isolation.describe().items():
-            if how.startswith("none"):
-                log.warning("ISOLATION %s %s: tasks are not kept apart this way", what, how)
-        return backend
 
     def preflight(self) -> None:
         """The preflight checks, logged and stored; their trouble never stops the daemon."""
@@ -319,15 +265,22 @@ class Daemon:
 
     async def serve(self) -> None:
         lock = lock_home(self.home)
-        self.inventory.tick()  # register the nodes (and connect a cluster) first
-        self.preflight()  # before binding: the API port must still be free
+        # register the nodes (and connect a cluster) first, then the preflight checks
+        # before binding (the API port must still be free): on a thread, as all that waits
+        await asyncio.to_thread(self.inventory.tick)
+        await asyncio.to_thread(self.preflight)
         sock = bind_api_socket(self.config.api.host, self.config.api.port)
         try:
             app = build_asgi(self.services, self.config.api.max_body_bytes)
+            # what FastAPI and the store do once, at length (the OpenAPI schema, compiling
+            # the first statements): on a thread, before the loop serves anyone
+            await asyncio.to_thread(app.app.openapi)
+            await asyncio.to_thread(self.services.tasks.counts, None)
             server = _Server(
                 uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
             )
             self.alerter.start()
+            self.journal.start()
             for loop in self.loops:
                 loop.start()
             if self.config.gateway.enabled:
@@ -346,6 +299,7 @@ class Daemon:
             for loop in self.loops:
                 await asyncio.to_thread(loop.stop)
             await asyncio.to_thread(self.alerter.stop)
+            await asyncio.to_thread(self.journal.stop)
             if self.config.gateway.enabled:
                 await asyncio.to_thread(stop_gateway, self.home)
             log.info("gpuprovider stopped; running tasks keep running and are re-adopted on start")
@@ -357,4 +311,13 @@ class Daemon:
 
 
 def run_daemon(home: Home, config: ProviderConfig) -> None:
-    uvloop.run(Daemon(home, config).serve())
+    # what the daemon makes in the home (the store, logs, the gateway's files) is its
+    # alone; tasks set their own umask (backends/runner.py)
+    os.umask(0o077)
+    make_private(home)
+    watch = loopwatch.limit_ms()
+    if watch is None:
+        uvloop.run(Daemon(home, config).serve())
+    else:  # the loop watch needs the standard loop (tests, diagnosis)
+        loopwatch.install(watch)
+        asyncio.run(Daemon(home, config).serve())

@@ -22,8 +22,8 @@ from gpuprovider.domain.records import AllocationRecord, GpuRecord, TaskRecord
 from gpuprovider.domain.states import STOPPING, TaskState
 from gpuprovider.lifecycle import nodes as node_lifecycle
 from gpuprovider.lifecycle import tasks as lifecycle
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.store.store import Store, Tx
-from gpuprovider.store.tasks import StaleTask
 
 log = logging.getLogger(__name__)
 S = TaskState
@@ -144,7 +144,7 @@ class ExecutorLoop(Loop):
                     run_dir = str(self.tasks_dir / task.id)
                     lifecycle.transition(tx, task, S.STARTING, "starting", run_dir=run_dir)
                     starting.append((task, mine))
-                except StaleTask:  # nothing was written for it: cancelled meanwhile
+                except Stale:  # nothing was written for it: cancelled meanwhile
                     continue
         engine = self.container_engine() if any(t.task_spec.image for t, _ in starting) else None
         launches = []
@@ -194,7 +194,7 @@ class ExecutorLoop(Loop):
             for task, handle in started:
                 try:
                     self._record_process(tx, task, handle, why.format(pid=handle.pid))
-                except StaleTask:  # nothing was written for it
+                except Stale:  # nothing was written for it
                     stale.append((task, handle))
         for task, handle in stale:
             for _ in range(3):
@@ -204,7 +204,7 @@ class ExecutorLoop(Loop):
                     with self.store.tx() as tx:
                         self._record_process(tx, task, handle, why.format(pid=handle.pid))
                     break
-                except StaleTask:
+                except Stale:
                     continue
         for task, _ in started:
             self._watched[task.id] = task
@@ -227,7 +227,7 @@ class ExecutorLoop(Loop):
                     with self.store.tx() as tx:
                         lifecycle.start_failed(tx, task, why, task_at_fault)
                     break
-                except StaleTask:
+                except Stale:
                     with self.store.read() as r:
                         task = r.tasks.get(task.id)
 
@@ -271,7 +271,7 @@ class ExecutorLoop(Loop):
                 for task, result in ended:
                     lifecycle.process_ended(tx, task, result)
             return
-        except StaleTask:
+        except Stale:
             pass
         for listed, result in ended:
             with self.store.read() as r:  # the failed batch changed records, not the store
@@ -281,6 +281,6 @@ class ExecutorLoop(Loop):
             try:
                 with self.store.tx() as tx:
                     lifecycle.process_ended(tx, task, result)
-            except StaleTask:
+            except Stale:
                 log.info("task %s changed while finishing; the next pass decides again", task.id)
                 self.resync()

@@ -11,9 +11,9 @@ import time
 
 from gpuprovider.config import ProviderConfig
 from gpuprovider.domain.states import TaskState
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.lifecycle.tasks import transition
 from gpuprovider.store.store import Store
-from gpuprovider.store.tasks import StaleTask
 
 log = logging.getLogger(__name__)
 S = TaskState
@@ -82,7 +82,7 @@ class ReaperLoop(Loop):
             try:
                 with self.store.tx() as tx:
                     transition(tx, task, S.EXPIRED, reason)
-            except StaleTask:
+            except Stale:
                 continue  # placed or cancelled meanwhile
         self.store.checkpoint()
         return None

@@ -12,6 +12,7 @@ from gpuprovider.daemon.loops import Loop
 from gpuprovider.domain.records import NodeRecord, TaskRecord
 from gpuprovider.domain.states import TaskState
 from gpuprovider.domain.usability import Usability
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.lifecycle.tasks import transition
 from gpuprovider.scheduler import Framework, Placement, Preemption, Snapshot
 from gpuprovider.scheduler.fragmentation import TypicalTasks
@@ -19,7 +20,6 @@ from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.placement import build_snapshot, task_request
 from gpuprovider.service.quotas import QuotaBook, effective_priority, running_work
 from gpuprovider.store.store import Store
-from gpuprovider.store.tasks import StaleTask
 
 S = TaskState
 
@@ -218,7 +218,7 @@ class SchedulerLoop(Loop):
                         transition(
                             tx, task, S.SCHEDULED, f"placed on {where}", node_id=decision.node_id
                         )
-                    except StaleTask:  # cancelled meanwhile: nothing written, nothing reserved
+                    except Stale:  # cancelled meanwhile: nothing written, nothing reserved
                         continue
                     if self.metrics is not None:
                         self.metrics.queue_wait.observe(waited)
@@ -251,7 +251,7 @@ class SchedulerLoop(Loop):
             try:
                 with self.store.tx() as tx:
                     transition(tx, victim, S.PREEMPTED, why)
-            except StaleTask:
+            except Stale:
                 continue
 
 

@@ -23,14 +23,3 @@ NODE_TRANSITIONS: dict[NodeStatus, frozenset[NodeStatus]] = {
     N.UNREACHABLE: frozenset({N.READY, N.CORDONED, N.DRAINING, N.REMOVED}),
     N.REMOVED: frozenset({N.READY}),
 }
-
-
-class IllegalNodeTransition(ValueError):
-    def __init__(self, current: NodeStatus, target: NodeStatus):
-        super().__init__(f"a node cannot go from {current} to {target}")
-        self.current, self.target = current, target
-
-
-def check_node_transition(current: NodeStatus, target: NodeStatus) -> None:
-    if target not in NODE_TRANSITIONS[current]:
-        raise IllegalNodeTransition(current, target)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
 from gpuprovider.domain.nodes import NodeStatus
+from gpuprovider.domain.services import ServiceState
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TaskState
 
@@ -40,6 +42,13 @@ class SpecCache:
 SPECS = SpecCache()
 
 
+class OwnerKind(StrEnum):
+    """What may own tasks (and services): its rule hears their transitions."""
+
+    SERVICE = "service"  # a replica of a service
+    LEASE = "lease"  # the work of a market lease
+
+
 @dataclass
 class TaskRecord:
     id: str
@@ -66,7 +75,13 @@ class TaskRecord:
     finished_at: float | None
     version: int
     crash_streak: int = 0  # a service's quick failures in a row
-    service_id: str | None = None  # the service this task is a replica of
+    owner_kind: str | None = None  # OwnerKind: what the task belongs to, if anything
+    owner_id: str | None = None
+
+    @property
+    def service_id(self) -> str | None:
+        """The service this task is a replica of."""
+        return self.owner_id if self.owner_kind == OwnerKind.SERVICE else None
 
     @cached_property
     def task_spec(self) -> TaskSpec:
@@ -95,14 +110,35 @@ class AllocationRecord:
     released_at: float | None
 
 
-@dataclass
-class EventRecord:
+@dataclass(frozen=True)
+class JournalRow:
+    """One transition of an aggregate (or, with from == to, a note of a change that left
+    its state as it was), as the journal keeps it; `id` is its cursor."""
+
     id: int
-    task_id: str
+    kind: str
+    subject: str
+    tenant: str
     at: float
     from_state: str | None
     to_state: str
     reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cursor": str(self.id),
+            "kind": self.kind,
+            "id": self.subject,
+            "tenant": self.tenant,
+            "at": self.at,
+            "from": self.from_state,
+            "to": self.to_state,
+            "reason": self.reason,
+        }
+
+    def brief(self) -> dict[str, Any]:
+        """As an aggregate's own history shows it."""
+        return {"at": self.at, "from": self.from_state, "to": self.to_state, "reason": self.reason}
 
 
 @dataclass
@@ -153,16 +189,6 @@ class NodeRecord:
 
 
 @dataclass
-class NodeEventRecord:
-    id: int
-    node_id: str
-    at: float
-    from_status: str | None
-    to_status: str
-    reason: str
-
-
-@dataclass
 class TokenRecord:
     """An API token as the provider knows it (the secret is never kept): who calls."""
 
@@ -196,11 +222,16 @@ class ServiceRecord:
     name: str
     tenant: str
     spec: dict[str, Any]
-    replicas: int
-    next_replica: int
-    state: str
+    replicas: int  # wanted now (the autoscaler moves it)
+    next_replica: int  # numbers replica names
+    state: ServiceState
     created_at: float
     updated_at: float
+    owner_kind: str | None = None  # OwnerKind: a lease's service
+    owner_id: str | None = None
+    # replicas (task ids) being drained, since when: the router sends them nothing new,
+    # and they are stopped once it reports nothing in flight on them
+    draining: dict[str, float] = field(default_factory=dict)
 
     @cached_property
     def task_spec(self) -> TaskSpec:

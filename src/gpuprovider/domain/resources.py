@@ -12,6 +12,8 @@ from gpuprovider.domain import catalogue
 MAX_GPUS_PER_TASK = 64
 MILLI = 1000
 
+_MAX_MIB = 1 << 40  # a petabyte and more: no machine has it
+MAX_GPU_TEXT = 256
 _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*$", re.I)
 _SIZE = r"\d+(?:\.\d+)?\s*(?:mb|mib|gb|gib|tb|tib)"
 # `80GB`, `24GB..`, `..48GB`, `24GB..48GB`: a bound on GPU memory in a constraint.
@@ -33,6 +35,10 @@ def parse_memory_mib(value: str | int | float) -> int:
     """`16GB`, `512MiB` or a bare number of MiB -> MiB."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError("memory must be a size such as '16GB' or a number of MiB")
+    if isinstance(value, str) and len(value) > 64:
+        raise ValueError(f"memory {value[:20]!r}... is {len(value)} characters; a size is short")
+    if isinstance(value, int) and abs(value) > _MAX_MIB:  # before float(): it may not fit
+        raise ValueError(f"memory {str(value)[:20]}... MiB is larger than any machine")
     if isinstance(value, int | float):
         number, unit = float(value), "mib"
     else:
@@ -42,9 +48,14 @@ def parse_memory_mib(value: str | int | float) -> int:
                 f"cannot read {value!r} as a memory size; write e.g. '16GB' or '512MiB'"
             )
         number, unit = float(match.group(1)), (match.group(2) or "mib").lower()
+    if not math.isfinite(number):
+        raise ValueError(f"memory {value!r} is not a finite size")
     if number < 0:
         raise ValueError("memory cannot be negative")
-    return round(number * _MIB_PER_UNIT[unit])
+    mib = number * _MIB_PER_UNIT[unit]
+    if mib > _MAX_MIB:
+        raise ValueError(f"memory {value!r} is larger than any machine")
+    return round(mib)
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,11 @@ def _parse_count(text: str) -> tuple[int, int]:
 def parse_gpu_request(text: str | int | float) -> GpuRequest:
     if isinstance(text, bool) or not isinstance(text, str | int | float):
         raise ValueError("gpu must be a count or a constraint such as 'H100:80GB:2'")
+    if isinstance(text, str) and len(text) > MAX_GPU_TEXT:
+        raise ValueError(f"gpu constraint is {len(text)} characters; at most {MAX_GPU_TEXT}")
+    not_finite = isinstance(text, float) and not math.isfinite(text)
+    if not_finite or (isinstance(text, int) and abs(text) > 1 << 20):
+        raise ValueError(f"gpu {str(text)[:20]} is not a count of GPUs")
     if isinstance(text, int | float):
         text = f"{text:g}" if isinstance(text, float) else str(text)
     text = text.strip()

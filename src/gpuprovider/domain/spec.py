@@ -59,7 +59,8 @@ MAX_DURATION_S = 366 * 86400
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no key it does not know, and no type made from another: "4" or true is no number
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RetryPolicy(_Strict):
@@ -109,6 +110,8 @@ class Resources(_Strict):
     def gpu_request(self) -> GpuRequest:
         return parse_gpu_request(self.gpu)
 
+
+MAX_LABELS = 64
 
 # A service's name is the first label of its host name: `<name>.<domain>`.
 DNS_LABEL_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
@@ -252,6 +255,8 @@ class TaskSpec(_Strict):
     @field_validator("labels", "node_selector")
     @classmethod
     def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_LABELS:
+            raise ValueError(f"{len(value)} labels; at most {MAX_LABELS}")
         for key, text in value.items():
             _printable(key, "label")
             _printable(text, f"label {key}:")
@@ -298,3 +303,12 @@ class TaskSpec(_Strict):
     @property
     def gpu(self) -> GpuRequest:
         return self.resources.gpu_request
+
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
+
+
+def is_domain(value: str) -> bool:
+    """A lowercase DNS name of two labels or more (no scheme, port or wildcard)."""
+    return len(value) <= 253 and bool(_DOMAIN.match(value))

@@ -51,14 +51,3 @@ NOT_STARTED = frozenset({S.SUBMITTED, S.QUEUED, S.SCHEDULED})
 UNALLOCATED = frozenset({S.QUEUED, *TERMINAL})
 # States in which a task may hold an allocation (placed, until it is released).
 ALLOCATED = frozenset(S) - UNALLOCATED - {S.SUBMITTED}
-
-
-class IllegalTransition(ValueError):
-    def __init__(self, current: TaskState, target: TaskState):
-        super().__init__(f"a task cannot go from {current} to {target}")
-        self.current, self.target = current, target
-
-
-def check_transition(current: TaskState, target: TaskState) -> None:
-    if target not in TRANSITIONS[current]:
-        raise IllegalTransition(current, target)

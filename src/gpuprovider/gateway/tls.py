@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import re
 from pathlib import Path
 
 from cryptography import x509
@@ -13,13 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
+from gpuprovider.domain.spec import is_domain
 
-
-def is_domain(value: str) -> bool:
-    """A lowercase DNS name of two labels or more (no scheme, port or wildcard)."""
-    return len(value) <= 253 and bool(_DOMAIN.match(value))
+__all__ = ["certificate_names", "check_gateway_tls", "is_domain", "self_signed"]
 
 
 def certificate_names(path: Path) -> set[str]:
@@ -74,3 +69,20 @@ def self_signed(domain: str, cert_path: Path, key_path: Path, days: int = 90) ->
     )
     key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def check_gateway_tls(cert: str, key: str, domain: str) -> None:
+    """The router's own TLS files, read before it starts: both or neither, each there,
+    and a certificate for *.<domain> when a domain is set. ValueError naming the key."""
+    if bool(cert) != bool(key):
+        raise ValueError("tls_cert and tls_key go together: give both or neither")
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{name} {path} does not exist")
+    if cert and domain:
+        names = certificate_names(Path(cert))
+        wanted = f"*.{domain}"
+        if wanted not in names:
+            raise ValueError(
+                f"tls_cert {cert} is for {', '.join(sorted(names)) or 'no name'}, not {wanted}"
+            )

@@ -16,7 +16,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gpuprovider.hub.hub import Hub, HubError, NotAllowed
+from gpuprovider.domain.wire import parse_json
+from gpuprovider.hub.hub import BadRequest, Hub, HubError, NotAllowed
+from gpuprovider.hub.records import ParticipantKind
 from gpuprovider.identity.keys import public_key_hex
 from gpuprovider.identity.signing import BadSignature, ReplayCache, verify_request
 
@@ -26,25 +28,43 @@ TICK_S = 0.1
 MAX_BODY = 1 << 20
 
 
+class TooLarge(HubError):
+    status = 413
+
+
+async def read_body(request: Request) -> tuple[bytes, Any]:
+    """The body, and what it says as JSON (None when empty), within the limits on size,
+    nesting and numbers: refused (413, 400) before anything else reads it, whoever
+    sent it, signed or not."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise TooLarge(f"body over {MAX_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise TooLarge(f"body over {MAX_BODY} bytes")
+    if not body:
+        return b"", None
+    try:
+        return bytes(body), parse_json(bytes(body), MAX_BODY)
+    except ValueError as exc:
+        raise BadRequest(f"body: {exc}") from None
+
+
 class Signed:
-    """Who signed a request, checked against the replay cache."""
+    """Who signed a request, checked against the replay cache, and its JSON body."""
 
     def __init__(self, cache: ReplayCache):
         self.cache = cache
 
     async def __call__(self, request: Request) -> tuple[str, Any]:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise HubError(f"body over {MAX_BODY} bytes")
+        body, data = await read_body(request)
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
             key = verify_request(dict(request.headers), request.method, target, body, self.cache)
         except BadSignature as exc:
             raise NotAllowed(str(exc)) from None
-        try:
-            data = json.loads(body) if body else None
-        except ValueError:
-            raise HubError("the body is not JSON") from None
         return key, data
 
 
@@ -84,7 +104,7 @@ def create_app(hub: Hub, admin_token: str, cache: ReplayCache | None = None) -> 
 
     @app.exception_handler(HubError)
     async def _hub_error(_request: Request, exc: HubError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"error": str(exc), **exc.details}, status_code=exc.status)
 
     def admin(request: Request) -> None:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -102,7 +122,7 @@ def create_app(hub: Hub, admin_token: str, cache: ReplayCache | None = None) -> 
     @app.post("/v1/providers")
     async def register_provider(request: Request) -> dict[str, Any]:
         key, data = await signed(request)
-        made = await asyncio.to_thread(hub.register, key, "provider", data)
+        made = await asyncio.to_thread(hub.register, key, ParticipantKind.PROVIDER, data)
         admit_soon(key)
         return made
 
@@ -114,7 +134,7 @@ def create_app(hub: Hub, admin_token: str, cache: ReplayCache | None = None) -> 
     @app.post("/v1/tenants")
     async def register_tenant(request: Request) -> dict[str, Any]:
         key, data = await signed(request)
-        return await asyncio.to_thread(hub.register, key, "tenant", data)
+        return await asyncio.to_thread(hub.register, key, ParticipantKind.TENANT, data)
 
     @app.get("/v1/me")
     async def me(request: Request) -> dict[str, Any]:
@@ -123,8 +143,9 @@ def create_app(hub: Hub, admin_token: str, cache: ReplayCache | None = None) -> 
 
     @app.post("/v1/admin/deposit")
     async def deposit(request: Request) -> dict[str, Any]:
+        _, data = await read_body(request)
         admin(request)
-        return await asyncio.to_thread(hub.deposit, await request.json())
+        return await asyncio.to_thread(hub.deposit, data)
 
     @app.get("/v1/admin/ledger")
     def ledger(request: Request) -> dict[str, Any]:
@@ -165,6 +186,12 @@ def create_app(hub: Hub, admin_token: str, cache: ReplayCache | None = None) -> 
     async def close(lease_id: str, request: Request) -> dict[str, Any]:
         key, _ = await signed(request)
         return await asyncio.to_thread(hub.close_lease, key, lease_id)
+
+    @app.get("/v1/history/{subject}")
+    async def history(subject: str, request: Request) -> dict[str, Any]:
+        """An order's and its lease's journal, with the lease's close and log tail."""
+        key, _ = await signed(request)
+        return await asyncio.to_thread(hub.history, key, subject)
 
     @app.post("/v1/leases/{lease_id}/usage")
     async def usage(lease_id: str, request: Request) -> dict[str, Any]:

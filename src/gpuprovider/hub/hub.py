@@ -1,7 +1,9 @@
 """The reference hub's rules: who may take part, how orders are matched, how money
-moves. Every method is one transaction; the loop (`tick`) decides auctions and
-dispatches, accrues escrow to providers each second and closes leases whose deposit
-ran out, whose time is up or whose provider went silent."""
+moves. Every method is one transaction; participants, orders and leases change state
+only through their machines (`hub/lifecycle.py`), each change a row of the hub's
+journal. The loop (`tick`) decides auctions and dispatches, accrues escrow to providers
+each second and closes leases whose deposit ran out, whose time is up or whose
+provider went silent."""
 
 from __future__ import annotations
 
@@ -17,8 +19,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 
+from gpuprovider.hub import lifecycle
 from gpuprovider.hub import store as t
-from gpuprovider.hub.store import HubStore, balance, emit, new_id, post
+from gpuprovider.hub.lifecycle import LEASES, ORDERS, PARTICIPANTS
+from gpuprovider.hub.money import accrue
+from gpuprovider.hub.records import (
+    HubLease,
+    HubOrder,
+    OrderState,
+    Participant,
+    ParticipantKind,
+    ParticipantStatus,
+)
+from gpuprovider.hub.store import HubStore, balance, emit, new_id, post, write_journal
+from gpuprovider.lifecycle.kernel import IllegalTransition
 from gpuprovider.market.model import (
     EXTERNAL,
     MAX_MONEY,
@@ -26,8 +40,6 @@ from gpuprovider.market.model import (
     LeaseState,
     Order,
     Transfer,
-    charge,
-    check_transition,
     escrow_account,
     provider_account,
     tenant_account,
@@ -36,10 +48,20 @@ from gpuprovider.market.usage import Usage, UsageError, check_next
 from gpuprovider.proof.remote import RemoteError, RemoteVerifier
 
 log = logging.getLogger(__name__)
+L = LeaseState
+P = ParticipantStatus
 
 
 class HubError(Exception):
     status = 422
+
+    def __init__(self, message: str, **details: Any):
+        super().__init__(message)
+        self.details = details
+
+
+class BadRequest(HubError):
+    status = 400
 
 
 class NotAllowed(HubError):
@@ -72,7 +94,8 @@ class HubSettings:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: a string or a boolean is not a number, and nothing unknown is taken
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ProviderIn(_Body):
@@ -88,7 +111,7 @@ class TenantIn(_Body):
 class OrderIn(_Body):
     order: dict[str, Any]  # an Order without its id (the hub names it)
     mode: Literal["auction", "dispatch"] = "auction"
-    deposit: Annotated[int, Field(gt=0, le=MAX_MONEY)]
+    deposit: Annotated[int, Field(gt=0, le=MAX_MONEY)]  # micros
 
 
 class BidIn(_Body):
@@ -104,10 +127,13 @@ class DispatchIn(_Body):
 
 class LeaseStateIn(_Body):
     state: Literal["provisioning", "running", "closed"]
-    reason: CloseReason | None = None
+    reason: Annotated[CloseReason | None, Field(strict=False)] = None  # by its value
     detail: Annotated[str, Field(max_length=1000)] = ""
     endpoint: Annotated[str, Field(max_length=512)] = ""
-    ended_at: float | None = None  # when its tasks stopped: billing ends there, if earlier
+    # for the tenant alone: a token that calls the lease's service
+    access_token: Annotated[str, Field(max_length=256)] = ""
+    log_tail: Annotated[str, Field(max_length=8192)] = ""  # the end of the work's output
+    ended_at: Annotated[float, Field(ge=0, le=1e11)] | None = None  # billing ends there
 
 
 class DepositIn(_Body):
@@ -116,16 +142,14 @@ class DepositIn(_Body):
 
 
 def parse(model: type[BaseModel], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise HubError("body: a JSON object is expected")
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]) or "body"
         raise HubError(f"{where}: {error['msg']}") from None
-
-
-def reliability(row: Any) -> float:
-    return (row.completed + 1) / (row.completed + row.failed + 2)
 
 
 class Hub:
@@ -138,62 +162,72 @@ class Hub:
         with self.store.tx() as conn:
             conn.execute(
                 update(t.participants)
-                .where(t.participants.c.kind == "provider")
+                .where(t.participants.c.kind == ParticipantKind.PROVIDER.value)
                 .values(last_heartbeat=time.time())
             )
 
     # -- who takes part -----------------------------------------------------------------
 
-    def participant(self, conn: Connection, key: str, kind: str) -> Any:
+    def participant(self, conn: Connection, key: str, kind: ParticipantKind) -> Participant:
         row = conn.execute(select(t.participants).where(t.participants.c.key == key)).first()
-        if row is None or row.kind != kind:
+        if row is None or row.kind != kind.value:
             raise NotAllowed(f"no {kind} registered with this key; register first")
-        return row
+        return Participant.of(row)
 
-    def require(self, key: str, kind: str) -> None:
+    def require(self, key: str, kind: ParticipantKind) -> Participant:
         """NotAllowed unless `key` is a registered `kind`: checked before a body is read."""
         with self.store.read() as conn:
-            self.participant(conn, key, kind)
+            return self.participant(conn, key, kind)
 
     def register(self, key: str, kind: str, raw: Any) -> dict[str, Any]:
-        body = parse(ProviderIn if kind == "provider" else TenantIn, raw)
+        who = ParticipantKind(kind)
+        body = parse(ProviderIn if who == ParticipantKind.PROVIDER else TenantIn, raw)
         now = time.time()
         with self.store.tx() as conn:
             existing = conn.execute(
                 select(t.participants).where(t.participants.c.key == key)
             ).first()
-            if existing is not None and existing.kind != kind:
+            if existing is not None and existing.kind != who.value:
                 raise Clash(f"this key is registered as a {existing.kind}")
             taken = conn.execute(
                 select(t.participants.c.key).where(
-                    t.participants.c.kind == kind,
+                    t.participants.c.kind == who.value,
                     t.participants.c.name == body.name,
                     t.participants.c.key != key,
                 )
             ).first()
             if taken:
-                raise Clash(f"another {kind} is registered as {body.name!r}")
+                raise Clash(f"another {who} is registered as {body.name!r}")
             values: dict[str, Any] = {"name": body.name}
-            if kind == "provider":
+            if who == ParticipantKind.PROVIDER:
                 values |= {
                     "api_url": body.api_url.rstrip("/"),
                     "verify_token": body.verify_token,
-                    "status": "pending",
-                    "status_reason": "waiting for proof of GPU",
                     "last_heartbeat": now,
                 }
-            else:
-                values["status"] = "admitted"
             if existing is None:
+                status = P.PENDING if who == ParticipantKind.PROVIDER else P.ADMITTED
+                why = "waiting for proof of GPU" if status == P.PENDING else "registered"
                 conn.execute(
                     t.participants.insert().values(
-                        key=key, kind=kind, registered_at=now, gpus=[], **values
+                        key=key,
+                        kind=who.value,
+                        registered_at=now,
+                        gpus=[],
+                        status=status.value,
+                        status_reason=why,
+                        **values,
                     )
                 )
+                write_journal(conn, "participant", key, key, None, status.value, why)
             else:
                 conn.execute(
                     update(t.participants).where(t.participants.c.key == key).values(**values)
                 )
+                current = Participant.of(existing)
+                if who == ParticipantKind.PROVIDER and current.status != P.PENDING:
+                    why = "registered again: waiting for proof of GPU"
+                    PARTICIPANTS.transition(conn, current, P.PENDING, why)
         return self.describe(key)
 
     def describe(self, key: str) -> dict[str, Any]:
@@ -201,27 +235,30 @@ class Hub:
             row = conn.execute(select(t.participants).where(t.participants.c.key == key)).first()
             if row is None:
                 raise Missing("no participant with this key")
+            who = Participant.of(row)
             return {
-                "key": row.key,
-                "kind": row.kind,
-                "name": row.name,
-                "status": row.status,
-                "status_reason": row.status_reason,
-                "gpus": row.gpus,
-                "reliability": round(reliability(row), 3),
+                "key": who.key,
+                "kind": who.kind.value,
+                "name": who.name,
+                "status": who.status.value,
+                "status_reason": who.status_reason,
+                "gpus": who.gpus,
+                "reliability": round(who.reliability, 3),
+                "reliability_floor": self.settings.reliability_floor,
+                "leases_completed": who.completed,
+                "leases_failed": who.failed,
                 "balance": balance(
                     conn,
-                    provider_account(row.key)
-                    if row.kind == "provider"
-                    else tenant_account(row.key),
+                    provider_account(who.key)
+                    if who.kind == ParticipantKind.PROVIDER
+                    else tenant_account(who.key),
                 ),
             }
 
     def admit(self, key: str) -> dict[str, Any]:
         """Prove every GPU of a provider (blocking: the app runs it on a thread). Admitted
         only if every GPU passes, with a real (or, when allowed, simulated) verdict."""
-        with self.store.read() as conn:
-            row = self.participant(conn, key, "provider")
+        row = self.require(key, ParticipantKind.PROVIDER)
         verifier = RemoteVerifier(row.api_url, row.verify_token, key, self.verifier_key)
         try:
             uuids = verifier.gpus()
@@ -232,22 +269,30 @@ class Hub:
             if not outcomes:
                 problems.append("it lists no GPU")
             if not self.settings.allow_simulated:
-                problems += [f"{o.gpu_uuid}: simulated" for o in outcomes if o.simulated]
+                problems += [
+                    f"{o.gpu_uuid}: simulated (this hub admits real GPUs only; a demo hub "
+                    "runs with --allow-simulated)"
+                    for o in outcomes
+                    if o.simulated
+                ]
         except RemoteError as exc:
             outcomes, problems = [], [str(exc)]
-        status = "refused" if problems else "admitted"
+        status = P.REFUSED if problems else P.ADMITTED
         reason = "; ".join(problems)[:2000] if problems else "every GPU proven"
         gpus = [{"uuid": o.gpu_uuid, "model": o.model} for o in outcomes if o.verdict.passed]
         with self.store.tx() as conn:
-            current = self.participant(conn, key, "provider")
-            if current.status == "suspended" and not problems:
-                status = "admitted"
-            conn.execute(
-                update(t.participants)
-                .where(t.participants.c.key == key)
-                .values(status=status, status_reason=reason, gpus=gpus, last_proof_at=time.time())
-            )
-            emit(conn, key, "admission", {"status": status, "reason": reason})
+            current = self.participant(conn, key, ParticipantKind.PROVIDER)
+            changes = {"gpus": gpus, "last_proof_at": time.time()}
+            if current.status == status:  # proven again, as it was
+                conn.execute(
+                    update(t.participants)
+                    .where(t.participants.c.key == key)
+                    .values(status_reason=reason, **changes)
+                )
+                write_journal(conn, "participant", key, key, status.value, status.value, reason)
+                emit(conn, key, "admission", {"status": status.value, "reason": reason})
+            else:
+                PARTICIPANTS.transition(conn, current, status, reason, **changes)
         log.info("provider %s %s: %s", row.name, status, reason)
         return self.describe(key)
 
@@ -260,7 +305,8 @@ class Hub:
         with self.store.read() as conn:
             rows = conn.execute(
                 select(t.participants).where(
-                    t.participants.c.kind == "provider", t.participants.c.status == "admitted"
+                    t.participants.c.kind == ParticipantKind.PROVIDER.value,
+                    t.participants.c.status == P.ADMITTED.value,
                 )
             ).all()
             busy = {
@@ -282,7 +328,7 @@ class Hub:
 
     def heartbeat(self, key: str) -> dict[str, Any]:
         with self.store.tx() as conn:
-            self.participant(conn, key, "provider")
+            self.participant(conn, key, ParticipantKind.PROVIDER)
             conn.execute(
                 update(t.participants)
                 .where(t.participants.c.key == key)
@@ -295,7 +341,7 @@ class Hub:
         with self.store.tx() as conn:
             row = conn.execute(
                 select(t.participants).where(
-                    t.participants.c.kind == "tenant",
+                    t.participants.c.kind == ParticipantKind.TENANT.value,
                     (t.participants.c.key == body.tenant) | (t.participants.c.name == body.tenant),
                 )
             ).first()
@@ -309,40 +355,49 @@ class Hub:
 
     # -- orders ---------------------------------------------------------------------
 
-    def _candidates(self, conn: Connection, order: Order, now: float) -> list[Any]:
-        """Admitted, live, reliable providers with enough proven GPUs of a wanted model."""
+    def _candidates(
+        self, conn: Connection, order: Order, now: float
+    ) -> tuple[list[Participant], list[str]]:
+        """Admitted, live, reliable providers with enough proven GPUs of a wanted model;
+        and for each provider that is not, why not."""
         need = max(1, math.ceil(order.resources.gpus))
         rows = conn.execute(
-            select(t.participants).where(
-                t.participants.c.kind == "provider", t.participants.c.status == "admitted"
-            )
+            select(t.participants).where(t.participants.c.kind == ParticipantKind.PROVIDER.value)
         ).all()
-        fit = []
-        for row in rows:
+        fit, why_not = [], []
+        floor = self.settings.reliability_floor
+        for row in map(Participant.of, rows):
             count = sum(1 for g in row.gpus if order.resources.accepts(g["model"]))
-            if order.resources.gpus and count < need:
-                continue
-            if (row.last_heartbeat or 0) < now - self.settings.silent_after_s:
-                continue
-            if reliability(row) < self.settings.reliability_floor:
-                continue
-            fit.append(row)
-        return fit
+            if row.status != P.ADMITTED:
+                why_not.append(f"{row.name}: {row.status} ({row.status_reason[:200]})")
+            elif order.resources.gpus and count < need:
+                model = order.resources.gpu_model or "any model"
+                why_not.append(f"{row.name}: {count} proven GPU(s) of {model}, {need} wanted")
+            elif (row.last_heartbeat or 0) < now - self.settings.silent_after_s:
+                why_not.append(f"{row.name}: silent for {now - (row.last_heartbeat or 0):.0f} s")
+            elif row.reliability < floor:
+                why_not.append(
+                    f"{row.name}: reliability {row.reliability:.2f} is below the floor "
+                    f"{floor:g} ({row.failed} lease(s) failed by the provider, "
+                    f"{row.completed} not)"
+                )
+            else:
+                fit.append(row)
+        return fit, why_not
 
     def post_order(self, tenant: str, raw: Any) -> dict[str, Any]:
-        self.require(tenant, "tenant")
+        self.require(tenant, ParticipantKind.TENANT)
         body = parse(OrderIn, raw)
         order_id = new_id("ord")
         order = parse(Order, {**body.order, "id": order_id, "market": "hub"})
         now = time.time()
         with self.store.tx() as conn:
-            self.participant(conn, tenant, "tenant")
-            candidates = self._candidates(conn, order, now)
+            self.participant(conn, tenant, ParticipantKind.TENANT)
+            candidates, why_not = self._candidates(conn, order, now)
             if not candidates:
+                reasons = "; ".join(why_not) or "no provider is registered"
                 raise HubError(
-                    "no admitted provider could ever run this order: none has "
-                    f"{math.ceil(order.resources.gpus)} proven GPU(s) of "
-                    f"{order.resources.gpu_model or 'any model'}; nothing was charged"
+                    f"no provider can run this order now ({reasons}); nothing was charged"
                 )
             available = balance(conn, tenant_account(tenant))
             if body.deposit > available:
@@ -371,7 +426,7 @@ class Hub:
                     tenant=tenant,
                     spec=order.model_dump(),
                     mode=body.mode,
-                    state="open",
+                    state=OrderState.OPEN.value,
                     deposit=body.deposit,
                     created_at=now,
                     decide_at=decide_at,
@@ -379,6 +434,7 @@ class Hub:
                     refused_by=[],
                 )
             )
+            write_journal(conn, "order", order_id, tenant, None, "open", f"{body.mode} order")
             announce = {"order": order.model_dump(), "mode": body.mode, "decide_at": decide_at}
             for row in [r for r in candidates if r.key == dispatched] if dispatched else candidates:
                 emit(conn, row.key, "order", announce)
@@ -389,35 +445,48 @@ class Hub:
             row = conn.execute(select(t.orders).where(t.orders.c.id == order_id)).first()
             if row is None:
                 raise Missing(f"no order {order_id}")
+            order = HubOrder.of(row)
             return {
-                "id": row.id,
-                "state": row.state,
-                "mode": row.mode,
-                "deposit": row.deposit,
-                "reason": row.reason,
-                "order": row.spec,
+                "id": order.id,
+                "state": order.state.value,
+                "mode": order.mode,
+                "deposit": order.deposit,
+                "reason": order.reason,
+                "order": order.spec,
             }
 
-    def _open_order(self, conn: Connection, order_id: str) -> Any:
+    def _order(self, conn: Connection, order_id: str) -> HubOrder:
         row = conn.execute(select(t.orders).where(t.orders.c.id == order_id)).first()
         if row is None:
             raise Missing(f"no order {order_id}")
-        if row.state != "open":
-            raise Clash(f"order {order_id} is {row.state}")
-        return row
+        return HubOrder.of(row)
+
+    def _open_order(self, conn: Connection, order_id: str) -> HubOrder:
+        order = self._order(conn, order_id)
+        if order.state != OrderState.OPEN:
+            raise Clash(f"order {order_id} is {order.state}")
+        return order
+
+    def _trading(self, conn: Connection, provider: str) -> Participant:
+        """The provider, if it may trade now: admitted (403 with why not otherwise)."""
+        who = self.participant(conn, provider, ParticipantKind.PROVIDER)
+        if who.status != P.ADMITTED:
+            raise NotAllowed(f"this provider is {who.status}, not admitted: {who.status_reason}")
+        return who
 
     def bid(self, provider: str, order_id: str, raw: Any) -> dict[str, Any]:
-        self.require(provider, "provider")
+        self.require(provider, ParticipantKind.PROVIDER)
         body = parse(BidIn, raw)
         now = time.time()
         with self.store.tx() as conn:
-            row = self._open_order(conn, order_id)
-            if row.mode != "auction":
+            self._trading(conn, provider)
+            order = self._open_order(conn, order_id)
+            if order.mode != "auction":
                 raise Clash(f"order {order_id} is dispatched, not auctioned")
-            if body.price_per_hour > row.spec["max_price_per_hour"]:
+            if body.price_per_hour > order.spec["max_price_per_hour"]:
                 raise HubError(
                     f"bid {body.price_per_hour} is above the order's cap "
-                    f"{row.spec['max_price_per_hour']} micros per hour"
+                    f"{order.spec['max_price_per_hour']} micros per hour"
                 )
             conn.execute(
                 t.bids.delete().where(t.bids.c.order_id == order_id, t.bids.c.provider == provider)
@@ -434,228 +503,132 @@ class Hub:
         return {"order_id": order_id, "bid": body.price_per_hour}
 
     def answer_dispatch(self, provider: str, order_id: str, raw: Any) -> dict[str, Any]:
-        self.require(provider, "provider")
+        self.require(provider, ParticipantKind.PROVIDER)
         body = parse(DispatchIn, raw)
         with self.store.tx() as conn:
-            row = self._open_order(conn, order_id)
-            if row.dispatched_to != provider:
+            order = self._open_order(conn, order_id)
+            if order.dispatched_to != provider:
                 raise NotAllowed(f"order {order_id} was not dispatched to you")
             if body.accept:
-                if not 0 < body.price_per_hour <= row.spec["max_price_per_hour"]:
+                self._trading(conn, provider)
+                if not 0 < body.price_per_hour <= order.spec["max_price_per_hour"]:
                     raise HubError("accept with a price_per_hour within the order's cap")
-                self._match(conn, row, provider, body.price_per_hour)
+                self._match(conn, order, provider, body.price_per_hour)
             else:
-                self._redispatch(conn, row, body.reason or "refused")
+                self._redispatch(conn, order, body.reason or "refused")
         return self.order_view(order_id)
 
-    def _match(self, conn: Connection, row: Any, provider: str, price: int) -> None:
-        spec = row.spec
-        now = time.time()
-        conn.execute(update(t.orders).where(t.orders.c.id == row.id).values(state="matched"))
+    def _match(self, conn: Connection, order: HubOrder, provider: str, price: int) -> None:
+        spec = order.spec
+        ORDERS.transition(conn, order, OrderState.MATCHED, f"matched at {price} micros/h")
         conn.execute(
             t.leases.insert().values(
-                id=row.id,
-                tenant=row.tenant,
+                id=order.id,
+                tenant=order.tenant,
                 provider=provider,
-                state=LeaseState.WON.value,
+                state=L.WON.value,
                 price_per_hour=price,
                 gpus=spec["resources"]["gpus"],
                 duration_s=spec["duration_s"],
-                created_at=now,
+                created_at=time.time(),
             )
         )
-        emit(conn, provider, "won", {"lease_id": row.id, "price_per_hour": price, "order": spec})
+        write_journal(conn, "lease", order.id, order.tenant, None, L.WON.value, "won")
+        emit(conn, provider, "won", {"lease_id": order.id, "price_per_hour": price, "order": spec})
 
-    def _unmatched(self, conn: Connection, row: Any, reason: str) -> None:
-        conn.execute(
-            update(t.orders).where(t.orders.c.id == row.id).values(state="unmatched", reason=reason)
-        )
-        self._refund(conn, row.id, row.tenant)
+    def _unmatched(self, conn: Connection, order: HubOrder, reason: str) -> None:
+        ORDERS.transition(conn, order, OrderState.UNMATCHED, reason, reason=reason)
 
-    def _redispatch(self, conn: Connection, row: Any, reason: str) -> None:
-        refused = [*row.refused_by, row.dispatched_to]
-        order = Order.model_validate(row.spec)
-        left = [c for c in self._candidates(conn, order, time.time()) if c.key not in refused]
+    def _redispatch(self, conn: Connection, order: HubOrder, reason: str) -> None:
+        refused = [*order.refused_by, order.dispatched_to or ""]
+        spec = Order.model_validate(order.spec)
+        fit, _ = self._candidates(conn, spec, time.time())
+        left = [c for c in fit if c.key not in refused]
         if not left:
-            self._unmatched(conn, row, f"every provider refused or timed out (last: {reason})")
+            self._unmatched(conn, order, f"every provider refused or timed out (last: {reason})")
             return
         chosen = random.choice(left).key
         decide_at = time.time() + self.settings.dispatch_timeout_s
         conn.execute(
             update(t.orders)
-            .where(t.orders.c.id == row.id)
+            .where(t.orders.c.id == order.id)
             .values(dispatched_to=chosen, refused_by=refused, decide_at=decide_at)
         )
-        emit(conn, chosen, "order", {"order": row.spec, "mode": "dispatch", "decide_at": decide_at})
-
-    def _refund(self, conn: Connection, lease_or_order: str, tenant: str) -> None:
-        left = balance(conn, escrow_account(lease_or_order))
-        if left > 0:
-            post(
-                conn,
-                Transfer(
-                    new_id("ref"),
-                    escrow_account(lease_or_order),
-                    tenant_account(tenant),
-                    left,
-                    "refund",
-                ),
-            )
+        write_journal(
+            conn, "order", order.id, order.tenant, "open", "open", f"redispatched: {reason}"
+        )
+        emit(
+            conn, chosen, "order", {"order": order.spec, "mode": "dispatch", "decide_at": decide_at}
+        )
 
     # -- leases ---------------------------------------------------------------------
 
-    def _lease(self, conn: Connection, lease_id: str, key: str) -> Any:
+    def _lease(self, conn: Connection, lease_id: str, key: str) -> HubLease:
         row = conn.execute(select(t.leases).where(t.leases.c.id == lease_id)).first()
         if row is None or key not in (row.tenant, row.provider):
             raise Missing(f"no lease {lease_id} of yours")
-        return row
+        return HubLease.of(row)
 
     def lease_state(self, provider: str, lease_id: str, raw: Any) -> dict[str, Any]:
-        self.require(provider, "provider")
+        self.require(provider, ParticipantKind.PROVIDER)
         body = parse(LeaseStateIn, raw)
         now = time.time()
         with self.store.tx() as conn:
-            row = self._lease(conn, lease_id, provider)
-            if row.provider != provider:
+            lease = self._lease(conn, lease_id, provider)
+            if lease.provider != provider:
                 raise NotAllowed("only the lease's provider reports its state")
-            current = LeaseState(row.state)
-            if body.state == "closed":
-                if current == LeaseState.CLOSED:
-                    return self.lease_view(lease_id)
-                until = min(now, body.ended_at) if body.ended_at else now
-                self._close(conn, row, body.reason or CloseReason.FAILED, body.detail, until)
-            else:
-                target = LeaseState(body.state)
-                if current == target:
-                    return self.lease_view(lease_id)
-                try:  # a provider may report running without provisioning first
-                    if current == LeaseState.WON and target == LeaseState.RUNNING:
-                        check_transition(LeaseState.PROVISIONING, target)
-                    else:
-                        check_transition(current, target)
-                except ValueError as exc:
-                    raise Clash(str(exc)) from None
-                values: dict[str, Any] = {"state": target.value}
-                if target == LeaseState.RUNNING:
-                    values |= {"running_at": now, "endpoint": body.endpoint}
-                conn.execute(update(t.leases).where(t.leases.c.id == lease_id).values(**values))
-        return self.lease_view(lease_id)
+            try:
+                if body.state == "closed":
+                    if lease.state != L.CLOSED:
+                        until = min(now, body.ended_at) if body.ended_at else now
+                        lifecycle.closed(
+                            conn,
+                            lease,
+                            body.reason or CloseReason.FAILED,
+                            body.detail,
+                            until,
+                            log_tail=body.log_tail,
+                        )
+                    return self._view(conn, lease_id, provider)
+                target = L(body.state)
+                if lease.state == target:
+                    return self._view(conn, lease_id, provider)
+                if lease.state == L.WON and target == L.RUNNING:  # provisioning unreported
+                    LEASES.transition(conn, lease, L.PROVISIONING, "the provider started it")
+                values: dict[str, Any] = {}
+                if target == L.RUNNING:
+                    values = {
+                        "running_at": now,
+                        "endpoint": body.endpoint,
+                        "access_token": body.access_token,
+                    }
+                LEASES.transition(
+                    conn, lease, target, f"reported {target} by the provider", **values
+                )
+            except IllegalTransition as exc:
+                raise Clash(str(exc)) from None
+        return self.lease_view(lease_id, provider)
 
     def close_lease(self, tenant: str, lease_id: str) -> dict[str, Any]:
         with self.store.tx() as conn:
-            row = self._lease(conn, lease_id, tenant)
-            if row.tenant != tenant:
+            lease = self._lease(conn, lease_id, tenant)
+            if lease.tenant != tenant:
                 raise NotAllowed("only the lease's tenant closes it")
-            if LeaseState(row.state) in (LeaseState.CLOSED, LeaseState.CLOSING):
-                return self.lease_view(lease_id)
-            self._closing(conn, row, CloseReason.TENANT, "closed by the tenant", time.time())
-        return self.lease_view(lease_id)
-
-    def _accrue(self, conn: Connection, row: Any, until: float, final: bool = False) -> int:
-        """Move what the running lease owes up to `until` from escrow to the provider;
-        what could not be paid (escrow ran out). `final`: the lease ends at `until`, and
-        anything accrued beyond it is returned."""
-        row = conn.execute(select(t.leases).where(t.leases.c.id == row.id)).one()  # as it is now
-        if row.running_at is None:
-            return 0
-        seconds = min(max(0.0, until - row.running_at), float(row.duration_s))
-        owed = charge(row.price_per_hour, seconds) - row.charged
-        if owed < 0 and final:
-            # the work ended before the hub heard (it was down, or the report was slow):
-            # what was accrued past the end goes back to escrow, and from there the tenant
-            back = min(-owed, balance(conn, provider_account(row.provider)))
-            if back > 0:
-                post(
-                    conn,
-                    Transfer(
-                        new_id("cor"),
-                        provider_account(row.provider),
-                        escrow_account(row.id),
-                        back,
-                        "accrued past the end",
-                    ),
-                )
-            conn.execute(
-                update(t.leases)
-                .where(t.leases.c.id == row.id)
-                .values(charged=row.charged - back, billed_s=seconds)
-            )
-            return 0
-        if owed <= 0:
-            return 0
-        left = balance(conn, escrow_account(row.id))
-        paid = min(owed, left)
-        if paid > 0:
-            post(
-                conn,
-                Transfer(
-                    new_id("pay"),
-                    escrow_account(row.id),
-                    provider_account(row.provider),
-                    paid,
-                    "accrual",
-                ),
-            )
-        conn.execute(
-            update(t.leases)
-            .where(t.leases.c.id == row.id)
-            .values(charged=row.charged + paid, billed_s=seconds)
-        )
-        return owed - paid
-
-    def _closing(self, conn: Connection, row: Any, reason: CloseReason, detail: str, now: float):
-        """Stop billing and ask the provider to stop its tasks."""
-        self._accrue(conn, row, now)
-        conn.execute(
-            update(t.leases)
-            .where(t.leases.c.id == row.id)
-            .values(
-                state=LeaseState.CLOSING.value,
-                close_reason=reason.value,
-                close_detail=detail,
-                closing_at=now,
-            )
-        )
-        emit(conn, row.provider, "close", {"lease_id": row.id, "reason": reason.value})
-
-    def _close(self, conn: Connection, row: Any, reason: CloseReason, detail: str, now: float):
-        """The lease is over: final accrual (unless already closing), refund, counters."""
-        if LeaseState(row.state) != LeaseState.CLOSING:
-            self._accrue(conn, row, now, final=True)
-        else:  # the reason the hub asked for stands
-            reason = CloseReason(row.close_reason or reason)
-        conn.execute(
-            update(t.leases)
-            .where(t.leases.c.id == row.id)
-            .values(
-                state=LeaseState.CLOSED.value,
-                close_reason=reason.value,
-                close_detail=detail or row.close_detail,
-                closed_at=now,
-            )
-        )
-        self._refund(conn, row.id, row.tenant)
-        good = reason in (
-            CloseReason.COMPLETED,
-            CloseReason.TENANT,
-            CloseReason.EXPIRED,
-            CloseReason.INSUFFICIENT_FUNDS,
-        )
-        column = "completed" if good else "failed"
-        conn.execute(
-            update(t.participants)
-            .where(t.participants.c.key == row.provider)
-            .values({column: getattr(t.participants.c, column) + 1})
-        )
+            if lease.state in (L.CLOSED, L.CLOSING):
+                return self._view(conn, lease_id, tenant)
+            lifecycle.closing(conn, lease, CloseReason.TENANT, "closed by the tenant", time.time())
+        return self.lease_view(lease_id, tenant)
 
     def record_usage(self, provider: str, lease_id: str, raw: Any) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise HubError("usage record: a JSON object is expected")
         try:
-            record = Usage.model_validate(raw)
+            record = Usage.model_validate(raw, strict=True)
         except ValidationError as exc:
             raise HubError(f"usage record: {exc.errors()[0]['msg']}") from None
         with self.store.tx() as conn:
-            row = self._lease(conn, lease_id, provider)
-            if row.provider != provider or record.lease_id != lease_id:
+            lease = self._lease(conn, lease_id, provider)
+            if lease.provider != provider or record.lease_id != lease_id:
                 raise NotAllowed("usage is reported by the lease's provider, for that lease")
             last_row = conn.execute(
                 select(t.usage.c.record)
@@ -666,10 +639,19 @@ class Hub:
             last = Usage.model_validate(last_row.record) if last_row else None
             if last and record.seq == last.seq and record.hash == last.hash:
                 return {"lease_id": lease_id, "seq": record.seq, "stored": False}
+            # what the provider needs to catch up when this is refused: the record the
+            # hub holds last (its own, signed), and whether the lease is over here
+            held = {
+                "held": last.model_dump() if last else None,
+                "lease_state": lease.state.value,
+                "close_reason": lease.close_reason,
+            }
+            if lease.state == L.CLOSED and last and record.start >= last.end - 1e-6:
+                raise Clash(f"lease {lease_id} is closed: no usage after its end", **held)
             try:
                 check_next(record, provider, last)
             except UsageError as exc:
-                raise Clash(str(exc)) from None
+                raise Clash(str(exc), **held) from None
             conn.execute(
                 t.usage.insert().values(
                     lease_id=lease_id,
@@ -682,17 +664,23 @@ class Hub:
             )
         return {"lease_id": lease_id, "seq": record.seq, "stored": True}
 
-    def lease_view(self, lease_id: str) -> dict[str, Any]:
+    def lease_view(self, lease_id: str, key: str | None = None) -> dict[str, Any]:
         with self.store.read() as conn:
-            row = conn.execute(select(t.leases).where(t.leases.c.id == lease_id)).first()
-            if row is None:
-                raise Missing(f"no lease {lease_id}")
-            return self._lease_dicts(conn, [row])[0]
+            return self._view(conn, lease_id, key)
+
+    def _view(self, conn: Connection, lease_id: str, key: str | None) -> dict[str, Any]:
+        row = conn.execute(select(t.leases).where(t.leases.c.id == lease_id)).first()
+        if row is None:
+            raise Missing(f"no lease {lease_id}")
+        return self._lease_dicts(conn, [HubLease.of(row)], key)[0]
 
     @staticmethod
-    def _lease_dicts(conn: Connection, rows: list[Any]) -> list[dict[str, Any]]:
-        """Leases as shown, with their usage and escrow read in two queries for all."""
-        ids = [row.id for row in rows]
+    def _lease_dicts(
+        conn: Connection, leases: list[HubLease], key: str | None
+    ) -> list[dict[str, Any]]:
+        """Leases as `key` sees them (its tenant sees its access token), with their usage
+        and escrow read in two queries for all."""
+        ids = [lease.id for lease in leases]
         used = {
             lease_id: (gpu_seconds, requests)
             for lease_id, gpu_seconds, requests in conn.execute(
@@ -713,8 +701,13 @@ class Hub:
             ).all()
         )
         return [
-            _lease_dict(row, used.get(row.id) or (0.0, 0), held.get(escrow_account(row.id)) or 0)
-            for row in rows
+            _lease_dict(
+                lease,
+                used.get(lease.id) or (0.0, 0),
+                held.get(escrow_account(lease.id)) or 0,
+                for_tenant=key == lease.tenant,
+            )
+            for lease in leases
         ]
 
     def leases_of(self, key: str) -> list[dict[str, Any]]:
@@ -724,7 +717,36 @@ class Hub:
                 .where((t.leases.c.tenant == key) | (t.leases.c.provider == key))
                 .order_by(t.leases.c.created_at)
             ).all()
-            return self._lease_dicts(conn, rows)
+            return self._lease_dicts(conn, [HubLease.of(r) for r in rows], key)
+
+    def history(self, key: str, subject: str) -> dict[str, Any]:
+        """An order's (and its lease's) journal, as its tenant or provider sees it."""
+        with self.store.read() as conn:
+            lease = conn.execute(select(t.leases).where(t.leases.c.id == subject)).first()
+            order = conn.execute(select(t.orders).where(t.orders.c.id == subject)).first()
+            owners = {r.tenant for r in (lease, order) if r is not None}
+            if lease is not None:
+                owners.add(lease.provider)
+            if key not in owners:
+                raise Missing(f"no order or lease {subject} of yours")
+            rows = conn.execute(
+                select(t.journal).where(t.journal.c.subject == subject).order_by(t.journal.c.id)
+            ).all()
+            view = self._lease_dicts(conn, [HubLease.of(lease)], key)[0] if lease else None
+        return {
+            "id": subject,
+            "lease": view,
+            "journal": [
+                {
+                    "kind": r.kind,
+                    "at": r.at,
+                    "from": r.from_state,
+                    "to": r.to_state,
+                    "reason": r.reason,
+                }
+                for r in rows
+            ],
+        }
 
     def orders_of(self, tenant: str) -> list[dict[str, Any]]:
         with self.store.read() as conn:
@@ -751,7 +773,7 @@ class Hub:
 
     def events_after(self, key: str, after: int, limit: int = 500) -> list[dict[str, Any]]:
         with self.store.read() as conn:
-            self.participant(conn, key, "provider")
+            self.participant(conn, key, ParticipantKind.PROVIDER)
             rows = conn.execute(
                 select(t.events)
                 .where(t.events.c.seq > after, t.events.c.to.in_([key, "*"]))
@@ -767,84 +789,89 @@ class Hub:
         now = time.time() if now is None else now
         with self.store.tx() as conn:
             due = conn.execute(
-                select(t.orders).where(t.orders.c.state == "open", t.orders.c.decide_at <= now)
+                select(t.orders).where(
+                    t.orders.c.state == OrderState.OPEN.value, t.orders.c.decide_at <= now
+                )
             ).all()
-            for row in due:
-                if row.mode == "dispatch":
-                    self._redispatch(conn, row, "no answer in time")
+            for order in map(HubOrder.of, due):
+                if order.mode == "dispatch":
+                    self._redispatch(conn, order, "no answer in time")
                 else:
-                    self._decide_auction(conn, row, now)
+                    self._decide_auction(conn, order, now)
         with self.store.tx() as conn:
             live = conn.execute(select(t.leases).where(t.leases.c.closed_at.is_(None))).all()
             stale = {
                 r.key
                 for r in conn.execute(
                     select(t.participants.c.key).where(
-                        t.participants.c.kind == "provider",
+                        t.participants.c.kind == ParticipantKind.PROVIDER.value,
                         t.participants.c.last_heartbeat < now - self.settings.silent_after_s,
                     )
                 )
             }
-            for row in live:
-                state = LeaseState(row.state)
-                if state == LeaseState.CLOSING:
-                    if now - (row.closing_at or now) > self.settings.close_grace_s:
-                        self._close(
-                            conn,
-                            row,
-                            CloseReason(row.close_reason),
-                            (row.close_detail + "; the provider did not confirm the close"),
-                            now,
-                        )
-                    continue
-                if row.provider in stale:
-                    self._closing(conn, row, CloseReason.LOST, "the provider stopped beating", now)
-                    continue
-                if state != LeaseState.RUNNING:
-                    if now - row.created_at > self.settings.start_timeout_s:
-                        why = f"not running {self.settings.start_timeout_s:g} s after it was won"
-                        self._closing(conn, row, CloseReason.FAILED, why, now)
-                    continue
-                if now - row.running_at >= row.duration_s:
-                    self._closing(conn, row, CloseReason.EXPIRED, "its duration ran out", now)
-                elif self._accrue(conn, row, now) > 0:
-                    self._closing(
-                        conn, row, CloseReason.INSUFFICIENT_FUNDS, "the deposit ran out", now
-                    )
+            for lease in map(HubLease.of, live):
+                self._keep(conn, lease, stale, now)
 
-    def _decide_auction(self, conn: Connection, row: Any, now: float) -> None:
-        order = Order.model_validate(row.spec)
-        eligible = {r.key for r in self._candidates(conn, order, now)}
+    def _keep(self, conn: Connection, lease: HubLease, stale: set[str], now: float) -> None:
+        if lease.state == L.CLOSING:
+            if now - (lease.closing_at or now) > self.settings.close_grace_s:
+                detail = lease.close_detail + "; the provider did not confirm the close"
+                lifecycle.closed(conn, lease, CloseReason(lease.close_reason), detail, now)
+            return
+        if lease.provider in stale:
+            lifecycle.closing(conn, lease, CloseReason.LOST, "the provider stopped beating", now)
+            return
+        if lease.state != L.RUNNING:
+            if now - lease.created_at > self.settings.start_timeout_s:
+                why = f"not running {self.settings.start_timeout_s:g} s after it was won"
+                lifecycle.closing(conn, lease, CloseReason.FAILED, why, now)
+            return
+        assert lease.running_at is not None
+        if now - lease.running_at >= lease.duration_s:
+            lifecycle.closing(conn, lease, CloseReason.EXPIRED, "its duration ran out", now)
+        elif accrue(conn, lease, now) > 0:
+            lifecycle.closing(
+                conn, lease, CloseReason.INSUFFICIENT_FUNDS, "the deposit ran out", now
+            )
+
+    def _decide_auction(self, conn: Connection, order: HubOrder, now: float) -> None:
+        spec = Order.model_validate(order.spec)
+        fit, _ = self._candidates(conn, spec, now)
+        eligible = {r.key for r in fit}
         offers = conn.execute(
             select(t.bids)
-            .where(t.bids.c.order_id == row.id, t.bids.c.expires_at > now)
+            .where(t.bids.c.order_id == order.id, t.bids.c.expires_at > now)
             .order_by(t.bids.c.price_per_hour, t.bids.c.at)
         ).all()
         winner = next((b for b in offers if b.provider in eligible), None)
         if winner is None:
-            self._unmatched(conn, row, "no eligible bid within the auction window")
+            self._unmatched(conn, order, "no eligible bid within the auction window")
             return
-        self._match(conn, row, winner.provider, winner.price_per_hour)
+        self._match(conn, order, winner.provider, winner.price_per_hour)
         for bid in offers:
             if bid.provider != winner.provider:
-                emit(conn, bid.provider, "lost", {"order_id": row.id})
+                emit(conn, bid.provider, "lost", {"order_id": order.id})
 
 
-def _lease_dict(row: Any, used: tuple[float, int], escrow: int) -> dict[str, Any]:
+def _lease_dict(
+    lease: HubLease, used: tuple[float, int], escrow: int, for_tenant: bool
+) -> dict[str, Any]:
     return {
-        "id": row.id,
-        "tenant": row.tenant,
-        "provider": row.provider,
-        "state": row.state,
-        "price_per_hour": row.price_per_hour,
-        "gpus": row.gpus,
-        "running_at": row.running_at,
-        "endpoint": row.endpoint,
-        "billed_s": row.billed_s,
-        "charged": row.charged,
+        "id": lease.id,
+        "tenant": lease.tenant,
+        "provider": lease.provider,
+        "state": lease.state.value,
+        "price_per_hour": lease.price_per_hour,
+        "gpus": lease.gpus,
+        "running_at": lease.running_at,
+        "endpoint": lease.endpoint,
+        "access_token": lease.access_token if for_tenant else "",
+        "billed_s": lease.billed_s,
+        "charged": lease.charged,
         "escrow": int(escrow),
         "reported_gpu_seconds": round(float(used[0] or 0), 3),
         "reported_requests": int(used[1] or 0),
-        "close_reason": row.close_reason,
-        "close_detail": row.close_detail,
+        "close_reason": lease.close_reason,
+        "close_detail": lease.close_detail,
+        "log_tail": lease.log_tail,
     }

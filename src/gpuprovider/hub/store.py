@@ -99,6 +99,8 @@ leases = Table(
     Column("close_detail", Text, nullable=False, default=""),
     Column("closing_at", Float),
     Column("closed_at", Float),
+    Column("access_token", Text, nullable=False, default="", server_default=""),
+    Column("log_tail", Text, nullable=False, default="", server_default=""),
 )
 
 usage = Table(
@@ -108,7 +110,7 @@ usage = Table(
     Column("seq", Integer, primary_key=True),
     Column("record", JSON, nullable=False),
     Column("gpu_seconds", Float, nullable=False),
-    Column("requests", Integer, nullable=False, default=0),
+    Column("requests", Integer, nullable=False, default=0, server_default="0"),
     Column("at", Float, nullable=False),
 )
 
@@ -136,6 +138,40 @@ events = Table(
 )
 
 
+# Every transition of the hub's aggregates (participants, orders, leases), one row each,
+# and notes of what changed without a change of state (from == to).
+journal = Table(
+    "journal",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("subject", String(64), nullable=False, index=True),
+    Column("tenant", String(64), nullable=False, default=""),  # whose it is (a key)
+    Column("at", Float, nullable=False),
+    Column("from_state", String(24)),
+    Column("to_state", String(24), nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added to a table since a hub made it (the hub has no migrations): each
+    has a default, so adding it keeps every row valid."""
+    found = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in found.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = column.server_default.arg if column.server_default is not None else None
+                clause = f" NOT NULL DEFAULT '{default}'" if default is not None else ""
+                conn.execute(
+                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}')
+                )
+
+
 class HubStore:
     def __init__(self, url: str):
         self.engine: Engine = create_engine(url, future=True)
@@ -147,10 +183,7 @@ class HubStore:
                 conn.execute("PRAGMA busy_timeout=10000")
 
         metadata.create_all(self.engine)
-        # a column added since the table was made (the hub has no migrations yet)
-        if "requests" not in {c["name"] for c in inspect(self.engine).get_columns("usage")}:
-            with self.engine.begin() as conn:
-                conn.execute(text("ALTER TABLE usage ADD COLUMN requests INTEGER DEFAULT 0"))
+        _add_missing_columns(self.engine)
         self.writing = threading.Lock()
 
     @contextmanager
@@ -217,3 +250,25 @@ def deposited(conn: Connection) -> int:
 
 def emit(conn: Connection, to: str, kind: str, data: dict[str, Any]) -> None:
     conn.execute(insert(events).values(to=to, kind=kind, data=data, at=time.time()))
+
+
+def write_journal(
+    conn: Connection,
+    kind: str,
+    subject: str,
+    tenant: str,
+    source: str | None,
+    target: str,
+    reason: str,
+) -> None:
+    conn.execute(
+        insert(journal).values(
+            kind=kind,
+            subject=subject,
+            tenant=tenant,
+            at=time.time(),
+            from_state=source,
+            to_state=target,
+            reason=reason[:2000],
+        )
+    )

@@ -1,57 +1,43 @@
-"""What each node status change causes, and the node changes actors report.
+"""What each node status change causes, and the node changes actors report: the node
+machine of the lifecycle kernel (`lifecycle/kernel.py`).
 
 `node_transition` is the one way a node changes status: checked against the table in
-`domain/nodes.py`, written with a node event, its rules applied in the same
+`domain/nodes.py`, written with its journal row, its rules applied in the same
 transaction. Every change may change what the scheduler can use, so each signals it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
-from gpuprovider.domain.nodes import NodeStatus, check_node_transition
+from gpuprovider.domain.nodes import NODE_TRANSITIONS, NodeStatus
 from gpuprovider.domain.records import NodeRecord
 from gpuprovider.domain.states import TERMINAL, TaskState
+from gpuprovider.lifecycle.kernel import Change, Machine, Refused, Rule
 from gpuprovider.lifecycle.tasks import transition
 from gpuprovider.store.signals import Signal
 from gpuprovider.store.store import Tx
 
+__all__ = ["NODES", "Refused", "node_lost", "node_seen", "node_transition", "operator_sets"]
+
 N = NodeStatus
-ANY = frozenset(N)
-
-
-class Refused(ValueError):
-    """The change cannot be made now; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class NodeRule:
-    name: str
-    doc: str
-    targets: frozenset[NodeStatus]
-    sources: frozenset[NodeStatus] = ANY
-    # Checked before anything is written; raises Refused to stop the change.
-    guard: Callable[[Tx, NodeRecord], None] | None = None
-    then: Callable[[Tx, NodeRecord, str], None] | None = None
-
-    def matches(self, source: NodeStatus, target: NodeStatus) -> bool:
-        return target in self.targets and source in self.sources
+NodeChange = Change[NodeStatus]
+NodeRule = Rule[Tx, NodeRecord, NodeStatus]
 
 
 def node_transition(tx: Tx, node: NodeRecord, target: NodeStatus, reason: str) -> None:
-    source = node.status
-    check_node_transition(source, target)
-    rules = [r for r in NODE_RULES if r.matches(source, target)]
-    for rule in rules:
-        if rule.guard is not None:
-            rule.guard(tx, node)
-    prior = source if target == N.UNREACHABLE else None
+    NODES.transition(tx, node, target, reason)
+
+
+def _write(
+    tx: Tx, node: NodeRecord, target: NodeStatus, reason: str, changes: dict[str, Any]
+) -> None:
+    prior = node.status if target == N.UNREACHABLE else None
     tx.nodes.write_status(node, target, reason, prior)
+
+
+def _signal_nodes(tx: Tx, node: NodeRecord, change: NodeChange) -> None:
     tx.signal(Signal.NODES)
-    for rule in rules:
-        if rule.then is not None:
-            rule.then(tx, node, reason)
 
 
 LIVE_ON_NODE = [
@@ -59,12 +45,12 @@ LIVE_ON_NODE = [
 ]
 
 
-def _move_services(tx: Tx, node: NodeRecord, reason: str) -> None:
+def _move_services(tx: Tx, node: NodeRecord, change: NodeChange) -> None:
     for task in tx.tasks.find(states=[TaskState.RUNNING], node_id=node.id, kind="service"):
         transition(tx, task, TaskState.PREEMPTED, f"moving: node {node.name} is draining")
 
 
-def _idle(tx: Tx, node: NodeRecord) -> None:
+def _idle(tx: Tx, node: NodeRecord, change: NodeChange) -> None:
     live = tx.tasks.find(states=LIVE_ON_NODE, node_id=node.id)
     if live:
         names = ", ".join(t.label for t in live)
@@ -72,6 +58,12 @@ def _idle(tx: Tx, node: NodeRecord) -> None:
 
 
 NODE_RULES: list[NodeRule] = [
+    NodeRule(
+        "wake-scheduler",
+        "every status change may change what the scheduler can use",
+        frozenset(N),
+        then=_signal_nodes,
+    ),
     NodeRule(
         "drain-moves-services",
         "a draining node's running services move (re-queued like preempted work); "
@@ -86,6 +78,14 @@ NODE_RULES: list[NodeRule] = [
         guard=_idle,
     ),
 ]
+NODES: Machine[Tx, NodeRecord, NodeStatus] = Machine(
+    "node",
+    NODE_TRANSITIONS,
+    write=_write,
+    state_of=lambda node: node.status,
+    subject_of=lambda node: node.id,
+    rules=NODE_RULES,
+)
 
 
 # -- what actors report -----------------------------------------------------------------
@@ -99,7 +99,7 @@ def node_seen(tx: Tx, node: NodeRecord) -> bool:
     if known is None:
         node.status, node.status_reason, node.prior_status = N.READY, "", None
         tx.nodes.write_inventory(node)
-        tx.nodes.event(node.id, None, N.READY, "registered")
+        tx.nodes.registered(node, "registered")
         tx.signal(Signal.NODES)
         return True
     tx.nodes.write_inventory(node)

@@ -1,35 +1,38 @@
-"""What each task transition causes, as rules bound to (from-states, to-states).
+"""What each task transition causes, as rules bound to (from-states, to-states): the
+task machine of the lifecycle kernel (`lifecycle/kernel.py`).
 
 `transition` is the one way a task changes state: it checks the change against the
 table in `domain/states.py`, lets the matching rules add to the change, writes it with
-its event, then applies the rules' consequences, all in the caller's transaction. A
-consequence may itself be a transition (a failed job retried, a cancelled gang member's
-siblings stopped), applied the same way. A feature that makes a transition cause
-something adds a rule to `TASK_RULES`, not a branch in a loop.
+its journal row, then applies the rules' consequences, all in the caller's transaction.
+A consequence may itself be a transition (a failed job retried, a cancelled gang
+member's siblings stopped, the task's owner told), applied the same way. A feature that
+makes a transition cause something adds a rule to `TASK_RULES`, not a branch in a loop;
+a feature that owns tasks (a service, a lease) registers an owner hook (`OWNERS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from gpuprovider.domain.process import Exit
-from gpuprovider.domain.records import TaskRecord
+from gpuprovider.domain.records import OwnerKind, TaskRecord
 from gpuprovider.domain.states import (
     ALLOCATED,
     NOT_STARTED,
     STOPPING,
     TERMINAL,
+    TRANSITIONS,
     UNALLOCATED,
     TaskState,
-    check_transition,
 )
+from gpuprovider.lifecycle.kernel import Change, Machine, Rule
 from gpuprovider.store.signals import Signal
 from gpuprovider.store.store import Tx
 
 S = TaskState
-ANY = frozenset(S)
+TaskChange = Change[TaskState]
+TaskRule = Rule[Tx, TaskRecord, TaskState]
 # A failing service restarts after 1 s, 2 s, 4 s ... up to 300 s while it keeps failing
 # within STABLE_RUN_S of its start: at most 6 restarts in its first minute of crashing,
 # then one each 5 minutes.
@@ -38,59 +41,24 @@ SERVICE_BACKOFF_MAX_S = 300.0
 STABLE_RUN_S = 600.0
 
 
-@dataclass(frozen=True)
-class Change:
-    """A transition being applied: the task is already in `target` when rules see it."""
-
-    source: TaskState
-    target: TaskState
-    reason: str
-
-
-@dataclass(frozen=True)
-class TaskRule:
-    name: str
-    doc: str
-    targets: frozenset[TaskState]
-    sources: frozenset[TaskState] = ANY
-    # Fields to write with the transition itself, from the task as it was read.
-    changes: Callable[[Tx, TaskRecord], dict[str, Any]] | None = None
-    # What the transition causes, in the same transaction, once it is written.
-    then: Callable[[Tx, TaskRecord, Change], None] | None = None
-
-    def matches(self, source: TaskState, target: TaskState) -> bool:
-        return target in self.targets and source in self.sources
-
-
 def transition(tx: Tx, task: TaskRecord, target: TaskState, reason: str, **changes: Any) -> None:
-    """Move `task` to `target` with an event saying `reason`, and apply what that causes.
-
-    Raises IllegalTransition for a change the table forbids and StaleTask when the task
-    changed since it was read (nothing is then written: the caller's transaction fails).
-    """
-    source = task.state
-    check_transition(source, target)
-    rules = rules_for(source, target)
-    written: dict[str, Any] = {}
-    for rule in rules:
-        if rule.changes is not None:
-            written.update(rule.changes(tx, task))
-    written.update(changes)
-    tx.tasks.write_transition(task, target, reason, written)
-    change = Change(source, target, reason)
-    for rule in rules:
-        if rule.then is not None:
-            rule.then(tx, task, change)
+    """Move `task` to `target` with a journal row saying `reason`, and apply what that
+    causes. Raises IllegalTransition for a change the table forbids and Stale when the
+    task changed since it was read (nothing is then written: the caller's transaction
+    fails)."""
+    TASKS.transition(tx, task, target, reason, **changes)
 
 
-_BY_PAIR: dict[tuple[TaskState, TaskState], list[TaskRule]] = {}
+def _write(
+    tx: Tx, task: TaskRecord, target: TaskState, reason: str, changes: dict[str, Any]
+) -> None:
+    tx.tasks.write_transition(task, target, reason, changes)
 
 
-def rules_for(source: TaskState, target: TaskState) -> list[TaskRule]:
-    found = _BY_PAIR.get((source, target))
-    if found is None:
-        found = _BY_PAIR[source, target] = [r for r in TASK_RULES if r.matches(source, target)]
-    return found
+# An owner's hook hears every transition of the tasks it owns, after the task's own
+# rules (a retried task is seen queued, not failed), in the same transaction.
+OwnerHook = Callable[[Tx, TaskRecord, TaskChange], None]
+OWNERS: dict[OwnerKind, OwnerHook] = {}
 
 
 # -- the rules ------------------------------------------------------------------------
@@ -116,23 +84,23 @@ def _count_preemption(tx: Tx, task: TaskRecord) -> dict[str, Any]:
     return {"preemptions": task.preemptions + 1, "not_before": tx.now}
 
 
-def _release(tx: Tx, task: TaskRecord, change: Change) -> None:
+def _release(tx: Tx, task: TaskRecord, change: TaskChange) -> None:
     if tx.tasks.release(task.id):
         tx.signal(Signal.CAPACITY)
 
 
-def _signal(signal: Signal) -> Callable[[Tx, TaskRecord, Change], None]:
-    def then(tx: Tx, task: TaskRecord, change: Change) -> None:
+def _signal(signal: Signal) -> Callable[[Tx, TaskRecord, TaskChange], None]:
+    def then(tx: Tx, task: TaskRecord, change: TaskChange) -> None:
         tx.signal(signal, task.id)
 
     return then
 
 
-def _end_unstarted(tx: Tx, task: TaskRecord, change: Change) -> None:
+def _end_unstarted(tx: Tx, task: TaskRecord, change: TaskChange) -> None:
     transition(tx, task, S.CANCELLED, f"{change.reason}; it never ran")
 
 
-def service_restart(task: TaskRecord, change: Change, now: float) -> tuple[float, int]:
+def service_restart(task: TaskRecord, change: TaskChange, now: float) -> tuple[float, int]:
     """How long a failed service waits before it restarts, and its crash streak: the
     failures in a row that came within STABLE_RUN_S of a start (or before one). The
     provider's backoff (1 s, doubled with each such failure, up to 300 s) holds whatever
@@ -146,7 +114,7 @@ def service_restart(task: TaskRecord, change: Change, now: float) -> tuple[float
     return max(task.task_spec.retry.delay_s(streak), floor), streak
 
 
-def _retry(tx: Tx, task: TaskRecord, change: Change) -> None:
+def _retry(tx: Tx, task: TaskRecord, change: TaskChange) -> None:
     spec = task.task_spec
     delay = spec.retry.delay_s(task.attempt)
     changes: dict[str, Any] = {}
@@ -160,7 +128,7 @@ def _retry(tx: Tx, task: TaskRecord, change: Change) -> None:
     transition(tx, task, S.QUEUED, why, not_before=tx.now + delay, **changes)
 
 
-def _gang_together(tx: Tx, task: TaskRecord, change: Change) -> None:
+def _gang_together(tx: Tx, task: TaskRecord, change: TaskChange) -> None:
     """A gang lives and ends together. When a member fails or is cancelled, running
     members are stopped: preempted to run again when the member restarts, else
     cancelled; members not started yet are cancelled unless it restarts."""
@@ -182,6 +150,16 @@ def _gang_together(tx: Tx, task: TaskRecord, change: Change) -> None:
             transition(tx, sibling, S.CANCELLING, why)
 
 
+def _tell_owner(tx: Tx, task: TaskRecord, change: TaskChange) -> None:
+    if task.owner_kind is None:
+        return
+    hook = OWNERS.get(OwnerKind(task.owner_kind))
+    if hook is None:  # a feature's hook not loaded: never skip an owner quietly
+        raise RuntimeError(f"no owner hook for {task.owner_kind} (task {task.id})")
+    hook(tx, task, change)
+
+
+ANY = frozenset(S)
 TASK_RULES: list[TaskRule] = [
     TaskRule(
         "count-attempt",
@@ -259,7 +237,21 @@ TASK_RULES: list[TaskRule] = [
         frozenset({S.FAILED, S.CANCELLED}),
         then=_gang_together,
     ),
+    TaskRule(
+        "tell-owner",
+        "the task's owner (its service, its lease) hears of every transition, last",
+        ANY,
+        then=_tell_owner,
+    ),
 ]
+TASKS: Machine[Tx, TaskRecord, TaskState] = Machine(
+    "task",
+    TRANSITIONS,
+    write=_write,
+    state_of=lambda task: task.state,
+    subject_of=lambda task: task.id,
+    rules=TASK_RULES,
+)
 
 
 # -- what actors report, as transitions ----------------------------------------------

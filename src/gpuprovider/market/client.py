@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuprovider.domain.wire import parse_json
 from gpuprovider.identity.signing import sign_request
 
 
@@ -19,11 +20,13 @@ class MarketUnreachable(RuntimeError):
 
 
 class MarketRefused(RuntimeError):
-    """The market answered with an error: the message is the market's."""
+    """The market answered with an error (the message is the market's), or with
+    something that is not an answer. `details`: what else its error said."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, details: dict[str, Any] | None = None):
         super().__init__(f"hub: {status} {message}")
         self.status = status
+        self.details = details or {}
 
 
 @dataclass
@@ -53,17 +56,23 @@ class HubClient:
         return self.http.build_request(method, path, content=content, headers=headers, **extra)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        """The hub's JSON answer. MarketUnreachable when it does not answer in time,
+        MarketRefused when it refuses (with what its error says) or answers something
+        that is not JSON, nested too deep, or too large."""
         try:
             response = self.http.send(self._signed(method, path, body))
         except httpx.TransportError as exc:
             raise MarketUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
+        try:
+            answer = parse_json(response.content)
+        except ValueError as exc:
+            raise MarketRefused(response.status_code, f"answered badly: {exc}") from None
         if response.status_code >= 400:
-            try:
-                message = response.json().get("error", response.text)
-            except ValueError:
-                message = response.text[:300]
-            raise MarketRefused(response.status_code, message)
-        return response.json()
+            if isinstance(answer, dict):
+                message = str(answer.get("error", ""))[:1000] or response.reason_phrase
+                raise MarketRefused(response.status_code, message, answer)
+            raise MarketRefused(response.status_code, response.text[:300])
+        return answer
 
     def info(self) -> dict[str, Any]:
         try:

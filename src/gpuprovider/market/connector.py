@@ -9,7 +9,6 @@ what it was paid, where the market says.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -30,8 +29,8 @@ class Connector(Protocol):
     def register(self, name: str, api_url: str, verify_token: str) -> dict[str, Any]:
         """Join the market; its answer has `status` and `status_reason`."""
 
-    def beat(self) -> None:
-        """Say this provider is alive."""
+    def beat(self) -> dict[str, Any]:
+        """Say this provider is alive; the market's view of it (status, reliability)."""
 
     def events(self, after: int) -> Iterator[Event]:
         """What the market says (orders, wins, losses, closes), after `after`."""
@@ -64,8 +63,9 @@ class HubConnector:
         body = {"name": name, "api_url": api_url, "verify_token": verify_token}
         return self.client.call("POST", "/v1/providers", body)
 
-    def beat(self) -> None:
-        self.client.call("POST", "/v1/providers/heartbeat")
+    def beat(self) -> dict[str, Any]:
+        answer = self.client.call("POST", "/v1/providers/heartbeat")
+        return answer if isinstance(answer, dict) else {}
 
     def events(self, after: int) -> Iterator[Event]:
         return self.client.events(after)
@@ -104,33 +104,23 @@ class HubConnector:
 
 class PushConnector:
     """A market that pushes work to routes on the daemon (Swan's job API): nothing to
-    join, beat or read; the route takes the decision `respond` recorded. The market
-    has no API for state, usage or payment (Swan pays on chain for the duration), so
-    those stay in this provider's own records."""
+    join, beat or read; the route answers with the decision itself. The market has no
+    API for state, usage or payment (Swan pays on chain for the duration), so those
+    stay in this provider's own records."""
 
     pushes = True
-
-    def __init__(self) -> None:
-        self._decisions: dict[str, Decision] = {}
-        self._lock = threading.Lock()
 
     def register(self, name: str, api_url: str, verify_token: str) -> dict[str, Any]:
         return {"status": "admitted", "status_reason": "work is pushed to this provider"}
 
-    def beat(self) -> None:
-        pass
+    def beat(self) -> dict[str, Any]:
+        return {}
 
     def events(self, after: int) -> Iterator[Event]:
         return iter(())
 
     def respond(self, order_id: str, mode: str, decision: Decision) -> None:
-        with self._lock:
-            self._decisions[order_id] = decision
-
-    def take(self, order_id: str) -> Decision | None:
-        """The decision on `order_id`, once: None when none was made (a repeated order)."""
-        with self._lock:
-            return self._decisions.pop(order_id, None)
+        pass  # the route that brought the order answers with the decision
 
     def report_state(self, lease_id: str, state: str, **details: Any) -> dict[str, Any]:
         return {"running_at": time.time()} if state == "running" else {}

@@ -77,12 +77,23 @@ class Action(StrEnum):
     ACCEPT = "accept"
 
 
+class Cause(StrEnum):
+    """Why an order was declined, for whoever must act on it (a market's error code)."""
+
+    PRICE = "price"  # our price is above the order's cap
+    CAPACITY = "capacity"  # no room for it now, nor once preemptible work gives way
+    NO_MODEL = "no_model"  # no GPU of the model it asks for
+    PAYLOAD = "payload"  # its payload is not a task this provider can run
+    UNPRICEABLE = "unpriceable"  # the pricing policy cannot price it
+
+
 @dataclass(frozen=True)
 class Decision:
     action: Action
     reason: str
     price_per_hour: int = 0  # micros, for bid and accept
     expires_at: float = 0.0  # a bid's expiry (epoch seconds)
+    cause: Cause | None = None  # for a decline
 
 
 class LeaseState(StrEnum):
@@ -105,9 +116,14 @@ class CloseReason(StrEnum):
     EXPIRED = "expired"  # its duration ran out
     UNSTABLE = "unstable"  # its tasks kept failing
     PAYLOAD_TIMEOUT = "payload_timeout"
+    WORK_FAILED = "work_failed"  # the tenant's own work failed (its exit code, its OOM)
     PREEMPTED = "preempted"
-    FAILED = "failed"  # its tasks failed, or could not be placed
+    FAILED = "failed"  # the provider could not run it (not placed, not started, refused)
     LOST = "lost"  # the provider or the hub disappeared
+
+
+# Closes that are the provider's fault: they count against its reliability on a market.
+PROVIDER_FAULT = frozenset({CloseReason.FAILED, CloseReason.PREEMPTED, CloseReason.LOST})
 
 
 L = LeaseState
@@ -125,16 +141,68 @@ TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
 }
 TERMINAL = frozenset({L.LOST, L.EXPIRED, L.CLOSED})
 BILLED = frozenset({L.RUNNING})  # the tenant pays while the lease runs
+# Won, not over: its work is (or is about to be) on this provider.
+LIVE = frozenset({L.WON, L.AWAITING_PAYLOAD, L.PROVISIONING, L.RUNNING, L.CLOSING})
 
 
-class IllegalLeaseTransition(ValueError):
-    def __init__(self, current: LeaseState, target: LeaseState):
-        super().__init__(f"a lease cannot go from {current} to {target}")
+class Reported(StrEnum):
+    """What the market has been told of a lease (the provider's side)."""
+
+    NOTHING = ""
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    CLOSED = "closed"
+    REFUSE = "refuse"  # a win it never agreed to: to be reported closed, as refused
 
 
-def check_transition(current: LeaseState, target: LeaseState) -> None:
-    if target not in TRANSITIONS[current]:
-        raise IllegalLeaseTransition(current, target)
+def market_tenant(market: str) -> str:
+    """The tenant that a market's work runs as on this provider."""
+    return f"market-{market}"
+
+
+@dataclass
+class LeaseRecord:
+    """The provider's side of a lease: the order as it came, what was decided and why,
+    the work that realises it, and the usage chain sent so far."""
+
+    id: str
+    market: str
+    state: LeaseState
+    order: dict[str, Any]
+    model: str
+    price_per_hour: int
+    reason: str
+    task_id: str | None
+    endpoint: str
+    running_since: float | None
+    ended_at: float | None
+    close_reason: str
+    reported: str
+    usage_seq: int
+    usage_hash: str
+    usage_until: float | None
+    usage_gpu_seconds: float
+    usage_requests: int
+    requests_mark: str
+    created_at: float
+    updated_at: float
+    service_id: str | None = None
+
+    @property
+    def tenant(self) -> str:
+        return market_tenant(self.market)
+
+    @property
+    def spec(self) -> Order:
+        return Order.model_validate(self.order)
+
+    def earned(self, now: float) -> int:
+        """What it earned by this provider's count: its price for the time it ran."""
+        if self.running_since is None:
+            return 0
+        end = self.ended_at or now
+        seconds = min(end - self.running_since, self.order["duration_s"])
+        return charge(self.price_per_hour, seconds)
 
 
 def charge(price_per_hour: int, seconds: float) -> int:

@@ -16,11 +16,10 @@ import threading
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Protocol
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Protocol
 
 from gpuprovider.domain import catalogue
+from gpuprovider.domain.pricing import PriceTable
 from gpuprovider.market.model import MAX_MONEY, MICROS, Order, OrderResources, charge
 
 GIB = 2**30
@@ -42,37 +41,23 @@ class Quote:
         return "; ".join(f"{what} {micros / MICROS:.6f}/h" for what, micros in self.lines)
 
 
-class PriceTable(BaseModel):
-    """[pricing]: currency units per hour (USD on the reference hub)."""
-
-    model_config = ConfigDict(extra="forbid")
-    # per GPU model id (h100-80gb-sxm) or family (h100); an exact id wins
-    gpu_hour: dict[str, Annotated[float, Field(ge=0, le=10_000)]] = Field(default_factory=dict)
-    cpu_hour: Annotated[float, Field(ge=0, le=1000)] = 0.0  # per core
-    memory_gb_hour: Annotated[float, Field(ge=0, le=1000)] = 0.0
-    storage_gb_hour: Annotated[float, Field(ge=0, le=1000)] = 0.0
-    min_duration_s: Annotated[int, Field(ge=1, le=86400)] = 60
-    # an Akash-compatible pricing script (resources JSON on stdin, price per block out)
-    script: str = ""
-    script_block_s: Annotated[float, Field(gt=0, le=3600)] = 6.0
-    script_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
-    script_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
-
-    def gpu_rate(self, model_id: str) -> float:
-        if model_id in self.gpu_hour:
-            return self.gpu_hour[model_id]
-        family = catalogue.models()[model_id].family if model_id in catalogue.models() else None
-        for name, rate in self.gpu_hour.items():
-            try:
-                if model_id in catalogue.resolve(name):
-                    return rate
-            except catalogue.UnknownGpuModel:
-                continue
-        raise Unpriceable(
-            f"no price for {model_id}"
-            + (f" (family {family})" if family else "")
-            + " in [pricing] gpu_hour: it is not offered rather than priced at a guess"
-        )
+def gpu_rate(table: PriceTable, model_id: str) -> float:
+    """The table's price of one GPU of `model_id` per hour: its own, else its family's;
+    Unpriceable (never a guess) when it has none."""
+    if model_id in table.gpu_hour:
+        return table.gpu_hour[model_id]
+    family = catalogue.models()[model_id].family if model_id in catalogue.models() else None
+    for name, rate in table.gpu_hour.items():
+        try:
+            if model_id in catalogue.resolve(name):
+                return rate
+        except catalogue.UnknownGpuModel:
+            continue
+    raise Unpriceable(
+        f"no price for {model_id}"
+        + (f" (family {family})" if family else "")
+        + " in [pricing] gpu_hour: it is not offered rather than priced at a guess"
+    )
 
 
 def _micros(value: float) -> int:
@@ -89,7 +74,7 @@ def quote_table(table: PriceTable, order: Order, model: str) -> Quote:
     r = order.resources
     lines = []
     if r.gpus:
-        lines.append((f"{r.gpus:g} x {model}", _micros(r.gpus * table.gpu_rate(model))))
+        lines.append((f"{r.gpus:g} x {model}", _micros(r.gpus * gpu_rate(table, model))))
     for what, amount, rate in (
         (f"{r.cpus:g} cores", r.cpus, table.cpu_hour),
         (f"{r.memory_gb:g} GB memory", r.memory_gb, table.memory_gb_hour),

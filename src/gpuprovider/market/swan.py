@@ -10,9 +10,12 @@ Its requests are signed like Ethereum's `personal_sign` (secp256k1 over Keccak-2
 "\\x19Ethereum Signed Message:\\n<len><text>"), the text being the provider's account
 address, its node id and the subject (the space URI, the task uuid or the job uuid),
 and the signer must be the orchestrator's address. The original carries no nonce or
-expiry, so any captured request can be replayed forever, and renewals are not signed at
-all. Here every request also carries `nonce` and `expires_at`, appended to the signed
-text, and a renewal is signed over its task uuid and duration.
+expiry, so any captured request can be replayed forever; renewals are not signed at
+all; and a job's signature covers its space URI only, so its price, duration and ids
+can be changed after signing. Here every request also carries `nonce` and
+`expires_at`, appended to the signed text; a job's subject is every field that decides
+what runs, for how long and at what price (`SIGNED_JOB_FIELDS`); a renewal is signed
+over its task uuid and duration.
 """
 
 from __future__ import annotations
@@ -101,6 +104,16 @@ def signer(text: str, signature: str) -> str:
     except (ValueError, TypeError):
         raise SwanError(400, SwanError.SIGNATURE, "the signature does not verify") from None
     return address_of(key)
+
+
+# A job's fields its signature covers: what runs (the space), as which lease and task,
+# for how long, at what price. A change to any after signing fails the signature.
+SIGNED_JOB_FIELDS = ("job_source_uri", "uuid", "task_uuid", "duration", "bid_price")
+
+
+def job_subject(job: SwanJob) -> str:
+    """What a job's signature is over, besides the account, node id, nonce and expiry."""
+    return "|".join(str(getattr(job, name)) for name in SIGNED_JOB_FIELDS)
 
 
 def signed_text(cp_account: str, node_id: str, subject: str, nonce: str, expires_at: int) -> str:

@@ -57,6 +57,18 @@ def seal(key: Ed25519PrivateKey, usage: Usage) -> Usage:
     return usage.model_copy(update={"hash": digest, "signature": signature})
 
 
+def check_sealed(usage: Usage, provider_key: str) -> None:
+    """UsageError unless `usage`'s hash matches its contents and is signed by the key."""
+    if usage.digest() != usage.hash:
+        raise UsageError(f"record {usage.seq}'s hash does not match its contents")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(provider_key)).verify(
+            base64.b64decode(usage.signature, validate=True), bytes.fromhex(usage.hash)
+        )
+    except (ValueError, binascii.Error, InvalidSignature):
+        raise UsageError(f"record {usage.seq} is not signed by the provider's key") from None
+
+
 def check_next(usage: Usage, provider_key: str, last: Usage | None) -> None:
     """UsageError unless `usage` is the next record after `last`, sealed by the key."""
     if usage.end < usage.start:
@@ -69,14 +81,7 @@ def check_next(usage: Usage, provider_key: str, last: Usage | None) -> None:
         raise UsageError(f"record {usage.seq} does not chain from the record before it")
     if last and usage.start < last.end - 1e-6:
         raise UsageError(f"record {usage.seq} overlaps the period before it")
-    if usage.digest() != usage.hash:
-        raise UsageError(f"record {usage.seq}'s hash does not match its contents")
-    try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(provider_key)).verify(
-            base64.b64decode(usage.signature, validate=True), bytes.fromhex(usage.hash)
-        )
-    except (ValueError, binascii.Error, InvalidSignature):
-        raise UsageError(f"record {usage.seq} is not signed by the provider's key") from None
+    check_sealed(usage, provider_key)
 
 
 def check_chain(records: list[dict[str, Any]], provider_key: str) -> list[Usage]:

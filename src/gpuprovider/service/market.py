@@ -1,45 +1,60 @@
 """The provider's side of a market (the reference hub, or a push market such as Swan):
-register, price and bid on orders, realise won leases as tasks, report their state and
-signed, hash-chained usage, and close them. Called from the event reader (`handle`) or
-a push market's routes, and from the maintainer (`maintain`); every step is one short
-transaction on the lease's row."""
+register, price and bid on orders, realise won leases as tasks or services, report
+their state and signed, hash-chained usage, and close them.
+
+Every change to a lease is a transition of the lease machine (`lifecycle/leases.py`) in
+one transaction with what it causes: a win is recorded, its task submitted and the
+lease provisioning, or none of it; the lease hears its task's transitions through its
+owner hook, so nothing here polls tasks. What must reach the market (state, usage) is
+sent by `report`, woken by the lease's changes, one lease at a time: a lease the market
+refuses or cannot take is retried with backoff, never holding the others back.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import secrets
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from gpuprovider.domain.records import TokenRecord
+from gpuprovider.domain.records import OwnerKind, TokenRecord
 from gpuprovider.domain.spec import TaskSpec
-from gpuprovider.domain.states import TERMINAL, TaskState
+from gpuprovider.identity.keys import public_key_hex
+from gpuprovider.lifecycle import leases as lifecycle
 from gpuprovider.market.client import Event, MarketRefused, MarketUnreachable
 from gpuprovider.market.connector import Connector
 from gpuprovider.market.model import (
+    LIVE,
     Action,
+    Cause,
     CloseReason,
     Decision,
+    LeaseRecord,
     LeaseState,
     Order,
-    charge,
+    Reported,
+    fmt_money,
+    market_tenant,
 )
 from gpuprovider.market.pricing import PricingPolicy, Unpriceable
-from gpuprovider.market.usage import Usage, genesis, seal
+from gpuprovider.market.usage import Usage, UsageError, check_sealed, genesis, seal
 from gpuprovider.service.errors import ServiceError
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
-from gpuprovider.store.store import Store
+from gpuprovider.store.store import Store, Tx
 
 log = logging.getLogger(__name__)
 L = LeaseState
-LIVE = {L.AWAITING_PAYLOAD, L.PROVISIONING, L.RUNNING, L.CLOSING}
-REPORTED = {L.PROVISIONING: "provisioning", L.RUNNING: "running", L.CLOSED: "closed"}
+REPORTED = {L.PROVISIONING: Reported.PROVISIONING, L.RUNNING: Reported.RUNNING}
+BACKOFF_S = 1.0  # a lease whose report failed is tried again after 1 s, 2 s, 4 s ...
+BACKOFF_MAX_S = 300.0
+REPORT_IDLE_S = 5.0  # the reporter looks again at least this often
 
 
 @dataclass
@@ -55,12 +70,23 @@ class MarketSettings:
 
 
 @dataclass
-class Progress:
-    running: bool  # something of the lease runs
-    ended: bool  # and will not again
-    succeeded: bool
-    ended_at: float
-    detail: str
+class Retry:
+    """A lease whose report failed: when to try again, and how many times it has."""
+
+    failures: int = 0
+    at: float = 0.0
+    last_error: str = ""
+
+
+@dataclass
+class Figures:
+    orders: int = 0
+    bids: int = 0
+    declined: int = 0
+    won: int = 0
+    lost: int = 0
+    report_errors: int = 0  # reports the market refused, could not take, or answered badly
+    retrying: dict[str, Retry] = field(default_factory=dict)  # lease id -> its backoff
 
 
 def lease_spec(
@@ -68,7 +94,7 @@ def lease_spec(
 ) -> TaskSpec:
     """The task that realises a lease: the tenant's payload, with the order's resources,
     duration and the market's priority (the payload cannot raise or lower them). A
-    renewable lease's task has no deadline of its own: `maintain` ends it on time."""
+    renewable lease's task has no deadline of its own: `expire` ends it on time."""
     payload = dict(order.payload or {})
     r = order.resources
     labels = dict(payload.get("labels") or {}) | {"market": market, "lease": lease_id}
@@ -107,11 +133,14 @@ class MarketService:
             id=f"market:{self.market}",
             name=f"market:{self.market}",
             scopes=["read", "submit"],
-            tenant=f"market-{self.market}",
+            tenant=market_tenant(self.market),
             created_at=time.time(),
         )
         self.registered = False
-        self.figures = {"orders": 0, "bids": 0, "declined": 0, "won": 0, "lost": 0}
+        self.figures = Figures()
+        self.standing: dict[str, Any] = {}  # the market's view of this provider, last heard
+        self._public_key = public_key_hex(key)
+        self._reporting = threading.Lock()  # one report pass at a time
 
     # -- joining --------------------------------------------------------------------
 
@@ -134,6 +163,7 @@ class MarketService:
         )
         self._cursor(status=answer["status"], status_reason=answer["status_reason"])
         self.registered = True
+        log.info("market %s: registered as %s", self.market, self.settings.provider_name)
         given_before = [
             token["name"]
             for token in self.tokens.list()
@@ -171,7 +201,7 @@ class MarketService:
                     event.data["order"],
                 )
             elif event.kind == "lost":
-                self._settle_offer(str(event.data["order_id"]), L.LOST, "another provider won")
+                self._lost(str(event.data["order_id"]), "another provider won")
             elif event.kind == "close":
                 self.on_close(str(event.data["lease_id"]), str(event.data["reason"]))
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
@@ -189,11 +219,12 @@ class MarketService:
         )
         if not models:
             wanted = order.resources.gpu_model or "any GPU"
-            return Decision(Action.DECLINE, f"no {wanted} here"), ""
+            return Decision(Action.DECLINE, f"no {wanted} here", cause=Cause.NO_MODEL), ""
         # a payload still to come is judged by its resources alone
         probe = (
             order if order.payload else order.model_copy(update={"payload": {"command": ["true"]}})
         )
+        cause = Cause.CAPACITY
         for model in models:
             try:
                 spec = lease_spec(order.id, probe, model, self.settings.priority, self.market)
@@ -204,111 +235,172 @@ class MarketService:
                 quotes.append((self.pricing.quote(order, model or "cpu"), model))
             except Unpriceable as exc:
                 reasons.append(str(exc))
+                cause = Cause.UNPRICEABLE
             except ValidationError as exc:
-                return Decision(
-                    Action.DECLINE, f"payload is not a task spec: {exc.errors()[0]['msg']}"
-                ), ""
+                why = f"payload is not a task spec: {exc.errors()[0]['msg']}"
+                return Decision(Action.DECLINE, why, cause=Cause.PAYLOAD), ""
+            except ServiceError as exc:  # a payload this provider cannot run (an image)
+                return Decision(Action.DECLINE, str(exc), cause=Cause.PAYLOAD), ""
         if not quotes:
-            return Decision(Action.DECLINE, "; ".join(reasons) or "cannot run it"), ""
+            return Decision(Action.DECLINE, "; ".join(reasons) or "cannot run it", cause=cause), ""
         quote, model = min(quotes, key=lambda q: q[0].price_per_hour)
         if quote.price_per_hour > order.max_price_per_hour:
             return Decision(
                 Action.DECLINE,
                 f"our price {quote.price_per_hour} is above the cap {order.max_price_per_hour} "
                 f"micros per hour ({quote.explain()})",
+                cause=Cause.PRICE,
             ), model
         action = Action.BID if mode == "auction" else Action.ACCEPT
         expires = time.time() + self.settings.bid_valid_s
         return Decision(action, quote.explain(), quote.price_per_hour, expires), model
 
     def on_order(self, data: dict[str, Any]) -> None:
+        """An order from the hub: decided, recorded (bidding, or lost when declined),
+        then answered; a lease the hub would not take the answer of expires."""
         order = Order.model_validate(data["order"])
         mode = str(data.get("mode", "auction"))
-        self.figures["orders"] += 1
+        self.figures.orders += 1
         with self.store.read() as r:
             if r.market.get(order.id):
                 return  # seen before (a resumed stream)
         decision, model = self.decide(order, mode)
-        state = L.LOST if decision.action == Action.DECLINE else L.BIDDING
+        declined = decision.action == Action.DECLINE
         with self.store.tx() as tx:
             tx.market.add(
                 order.id,
                 self.market,
-                state.value,
+                L.LOST if declined else L.BIDDING,
                 order.model_dump(),
+                f"declined: {decision.reason}" if declined else f"bid: {decision.reason}",
                 model=model,
                 price_per_hour=decision.price_per_hour,
-                reason=decision.reason,
             )
         try:
             self.connector.respond(order.id, mode, decision)
-            self.figures["declined" if decision.action == Action.DECLINE else "bids"] += 1
+            if declined:
+                self.figures.declined += 1
+            else:
+                self.figures.bids += 1
         except (MarketRefused, MarketUnreachable) as exc:
-            self._settle_offer(order.id, L.EXPIRED, f"the hub refused the answer: {exc}")
+            with self.store.tx() as tx:
+                lease = tx.market.get(order.id)
+                if lease and lease.state == L.BIDDING:
+                    lifecycle.transition(tx, lease, L.EXPIRED, f"the hub refused the bid: {exc}")
 
-    def _settle_offer(self, lease_id: str, state: LeaseState, reason: str) -> None:
+    def _lost(self, lease_id: str, why: str) -> None:
         with self.store.tx() as tx:
             lease = tx.market.get(lease_id)
-            if lease and lease["state"] in (L.OFFERED.value, L.BIDDING.value):
-                tx.market.set(lease_id, state=state.value, reason=reason)
-                self.figures["lost"] += state == L.LOST
+            if lease and lease.state in (L.OFFERED, L.BIDDING):
+                lifecycle.transition(tx, lease, L.LOST, why, reason=why)
+                self.figures.lost += 1
 
     def on_won(self, lease_id: str, price: int, raw_order: dict[str, Any]) -> None:
-        """Run a won lease: the order as this provider priced it (its row, written before
-        the bid went out), at no less than its price. A win it never bid on, one it
-        declined, or one below its price is refused, and reported closed."""
+        """Run a won lease, in one transaction: the lease won, its task submitted and
+        the lease provisioning, or none of it (the event is read again after a crash).
+        The order is run as this provider priced it (its row, written before the bid
+        went out), at no less than its price. A win it never bid on, one it declined,
+        or one below its price is refused: recorded lost, and reported closed."""
         with self.store.tx() as tx:
             lease = tx.market.get(lease_id)
-            refusal = ""
             if lease is None:
+                order = Order.model_validate(raw_order).model_copy(update={"id": lease_id})
                 tx.market.add(
                     lease_id,
                     self.market,
-                    L.LOST.value,
-                    Order.model_validate(raw_order).model_dump(),
+                    L.LOST,
+                    order.model_dump(),
+                    "refused the win: this provider never bid on it",
+                    reported=Reported.REFUSE.value,
                 )
-                refusal = "this provider never bid on it"
-            elif lease["state"] == L.LOST.value and lease["reported"] != "closed":
-                refusal = f"this provider declined it ({lease['reason'][:200]})"
-            elif lease["state"] not in (L.OFFERED.value, L.BIDDING.value):
+                return
+            if lease.state == L.LOST and lease.reported in (Reported.NOTHING, ""):
+                tx.market.update(lease, reported=Reported.REFUSE.value)
+                tx.market.note(
+                    lease, f"refused the win: this provider declined it ({lease.reason})"
+                )
+                return
+            if lease.state not in (L.OFFERED, L.BIDDING):
                 return  # a repeated event
-            elif price < lease["price_per_hour"]:
-                refusal = f"won at {price}, below this provider's price {lease['price_per_hour']}"
-            if refusal:
-                tx.market.set(
-                    lease_id,
-                    state=L.CLOSED.value,
-                    close_reason=CloseReason.FAILED.value,
-                    reason=f"refused the win: {refusal}",
-                )
+            if price < lease.price_per_hour:
+                why = f"refused the win: won at {price}, below this provider's price"
+                lifecycle.transition(tx, lease, L.LOST, why, reported=Reported.REFUSE.value)
                 return
-            order = Order.model_validate(lease["order"])  # not the hub's copy: what was priced
-            self.figures["won"] += 1
-            if order.payload is None:
-                tx.market.set(lease_id, state=L.AWAITING_PAYLOAD.value, price_per_hour=price)
-                return
-            tx.market.set(lease_id, state=L.WON.value, price_per_hour=price)
-        model = lease["model"] or self._any_model(order)
+            self.figures.won += 1
+            self.start_won(tx, lease, price)
+        log.info("market %s: lease %s won at %s/h", self.market, lease_id, fmt_money(price))
+
+    def start_won(self, tx: Tx, lease: LeaseRecord, price: int) -> None:
+        """Win `lease` at `price` and start its work, in the caller's transaction."""
+        order = lease.spec  # not the market's copy: what was priced
+        lifecycle.transition(tx, lease, L.WON, f"won at {price}", price_per_hour=price)
+        if order.payload is None:
+            lifecycle.transition(tx, lease, L.AWAITING_PAYLOAD, "its payload is to come")
+            return
+        model = lease.model or self._any_model(order)
         try:
             spec = lease_spec(
-                lease_id,
+                lease.id,
                 order,
                 model,
                 self.settings.priority,
                 self.market,
                 renewable=self.connector.pushes,
             )
-            view, _ = self.tasks.submit(spec, self.who, idempotency_key=lease_id)
+            self.tasks.check_runnable(spec)
         except (ValidationError, ServiceError) as exc:
-            self._closed(lease_id, CloseReason.FAILED, f"could not start: {exc}")
+            lifecycle.close(tx, lease, CloseReason.FAILED, f"could not start: {exc}")
             return
+        task, _ = self.tasks.submit_in(
+            tx, spec, self.who.tenant, idempotency_key=lease.id, owner=(OwnerKind.LEASE, lease.id)
+        )
         endpoint = ""
-        if service := view.get("service"):
-            endpoint = (service.get("urls") or [""])[0]
+        if task.service_id:
+            service = tx.services.get(task.service_id)
+            if service is not None:
+                endpoint = self.tasks.serving.gateway.urls(service.name)[0]
+        lifecycle.transition(
+            tx,
+            lease,
+            L.PROVISIONING,
+            f"task {task.id} submitted",
+            task_id=task.id,
+            service_id=task.service_id,
+            endpoint=endpoint,
+        )
+
+    def accept_pushed(self, order: Order) -> tuple[Decision, LeaseRecord | None]:
+        """An order a push market sends (Swan): decided, and if accepted won and started,
+        in one transaction (a refused one leaves a lost lease saying why). None for the
+        lease when another request made it first."""
+        self.figures.orders += 1
+        decision, model = self.decide(order, "dispatch")
         with self.store.tx() as tx:
-            tx.market.set(
-                lease_id, state=L.PROVISIONING.value, task_id=view["id"], endpoint=endpoint
+            if tx.market.get(order.id):
+                return decision, None
+            if decision.action != Action.ACCEPT:
+                tx.market.add(
+                    order.id,
+                    self.market,
+                    L.LOST,
+                    order.model_dump(),
+                    f"declined: {decision.reason}",
+                    model=model,
+                )
+                self.figures.declined += 1
+                return decision, tx.market.get(order.id)
+            lease = tx.market.add(
+                order.id,
+                self.market,
+                L.OFFERED,
+                order.model_dump(),
+                f"accepted: {decision.reason}",
+                model=model,
+                price_per_hour=decision.price_per_hour,
             )
+            self.figures.won += 1
+            self.start_won(tx, lease, decision.price_per_hour)
+            return decision, tx.market.get(order.id)
 
     def _any_model(self, order: Order) -> str:
         with self.store.read() as r:
@@ -317,204 +409,304 @@ class MarketService:
         return fits[0] if fits else "0"
 
     def on_close(self, lease_id: str, reason: str) -> None:
-        """The hub ends the lease: stop its tasks; `maintain` reports once they stopped."""
+        """The market ends the lease: it stops its work and closes once that stopped."""
+        why = CloseReason(reason)
         with self.store.tx() as tx:
             lease = tx.market.get(lease_id)
-            if lease is None or lease["state"] in (L.CLOSED.value, L.CLOSING.value):
-                return
-            tx.market.set(lease_id, state=L.CLOSING.value, close_reason=CloseReason(reason).value)
-        if not lease["task_id"]:
-            return
+            if lease is not None and lease.state in LIVE:
+                lifecycle.close(tx, lease, why, f"closed by the market: {why}")
+
+    # -- what time decides ----------------------------------------------------------
+
+    def expire(self, now: float | None = None) -> None:
+        """Leases whose time ran out here: a payload that never came, and a push
+        market's lease past its duration (the market does not end those itself)."""
+        now = now or time.time()
         with self.store.read() as r:
-            task = r.tasks.get(lease["task_id"])
-        with contextlib.suppress(ServiceError):  # already over: maintain sees it
-            if task and task.service_id:  # a service: stop the replica set, not one replica
-                self.tasks.serving.stop(task.service_id, self.who)
-            else:
-                self.tasks.cancel(lease["task_id"], self.who)
-
-    # -- keeping leases in step -----------------------------------------------------
-
-    def _closed(self, lease_id: str, reason: CloseReason, detail: str) -> None:
-        with self.store.tx() as tx:
-            lease = tx.market.get(lease_id)
-            if lease and lease["state"] != L.CLOSED.value:
-                tx.market.set(
-                    lease_id,
-                    state=L.CLOSED.value,
-                    close_reason=lease["close_reason"] or reason.value,
-                    reason=detail[:2000],
-                    ended_at=lease["ended_at"] or time.time(),
-                )
+            live = r.market.list(self.market, {L.AWAITING_PAYLOAD, L.PROVISIONING, L.RUNNING})
+        for lease in live:
+            order = lease.spec
+            why: tuple[CloseReason, str] | None = None
+            if lease.state == L.AWAITING_PAYLOAD:
+                if now - lease.created_at > order.payload_timeout_s:
+                    why = CloseReason.PAYLOAD_TIMEOUT, "the payload never came"
+            elif self.connector.pushes:
+                since = lease.running_since or lease.created_at
+                if now - since > order.duration_s:
+                    why = CloseReason.EXPIRED, "its duration ran out"
+            if why is None:
+                continue
+            with self.store.tx() as tx:
+                current = tx.market.get(lease.id)
+                if current is not None and current.state == lease.state:
+                    lifecycle.close(tx, current, *why)
 
     def beat(self) -> None:
-        """Tell the hub this provider is alive (its own thread: nothing slow delays it)."""
+        """Tell the hub this provider is alive (its own thread: nothing slow delays it).
+        A hub that forgot this provider (restarted on an empty store, or it was
+        removed) is joined again at once."""
         if not self.registered:
             return
         try:
-            self.connector.beat()
-        except (MarketRefused, MarketUnreachable) as exc:
+            self.standing = self.connector.beat()
+        except MarketRefused as exc:
+            log.warning("market %s: heartbeat refused: %s; registering again", self.market, exc)
+            if exc.status in (401, 403, 404):
+                self.registered = False
+        except MarketUnreachable as exc:
             log.warning("market %s: heartbeat failed: %s", self.market, exc)
 
-    def maintain(self) -> None:
-        """Follow each live lease's task, report states and usage."""
-        now = time.time()
-        with self.store.read() as r:
-            leases = r.market.list(self.market, {s.value for s in LIVE} | {L.CLOSED.value})
-            progress = {
-                lease["id"]: self._progress(r, lease["task_id"], now)
-                for lease in leases
-                if lease["task_id"] and lease["state"] != L.CLOSED.value
-            }
-        for lease in leases:
-            if lease["state"] != L.CLOSED.value:
-                self._follow(lease, progress.get(lease["id"]), now)
-        for lease in leases:
-            if not (lease["state"] == L.CLOSED.value and lease["reported"] == "closed"):
-                self._report(lease["id"], now)
+    # -- telling the market ---------------------------------------------------------
 
-    @staticmethod
-    def _progress(r: Any, task_id: str, now: float) -> Progress | None:
-        """How the work of a lease is going: its task, or for a service its replica set
-        (replicas come and go; the lease lasts while the service is live)."""
-        task = r.tasks.get(task_id)
-        if task is None:
-            return None
-        if task.service_id:
-            service = r.services.get(task.service_id)
-            live = r.tasks.replicas([task.service_id])[task.service_id]
-            stopped = service is None or (service.state != "live" and not live)
-            return Progress(
-                running=any(t.state == TaskState.RUNNING for t in live),
-                ended=stopped,
-                succeeded=False,
-                ended_at=now,
-                detail=f"service {service.name if service else '?'} stopped",
-            )
-        return Progress(
-            running=task.state == TaskState.RUNNING,
-            ended=task.state in TERMINAL,
-            succeeded=task.state == TaskState.SUCCEEDED,
-            ended_at=task.finished_at or now,
-            detail=f"task {task.id} {task.state}: {task.state_reason}",
-        )
+    def report(self, now: float | None = None) -> float:
+        """Tell the market what changed, lease by lease: usage (up to now, or to the
+        end), then the state. A lease whose report fails is tried again with backoff
+        and never holds the others back. How soon the next pass is due."""
+        now = now or time.time()
+        with self._reporting:
+            with self.store.read() as r:
+                pending = r.market.to_report(self.market)
+            retrying = self.figures.retrying
+            for gone in set(retrying) - {lease.id for lease in pending}:
+                retrying.pop(gone, None)
+            soon = REPORT_IDLE_S
+            for lease in pending:
+                retry = retrying.get(lease.id)
+                if retry and retry.at > now:
+                    soon = min(soon, retry.at - now)
+                    continue
+                try:
+                    self._report_one(lease, now)
+                    retrying.pop(lease.id, None)
+                except Exception as exc:  # one lease's trouble is that lease's alone
+                    self._failed(lease, exc, now)
+                if lease.running_since is not None and lease.state == L.RUNNING:
+                    due = (
+                        lease.usage_until or lease.running_since
+                    ) + self.settings.usage_interval_s
+                    soon = min(soon, max(due - now, 0.05))
+            return soon
 
-    def _follow(self, lease: dict[str, Any], progress: Progress | None, now: float) -> None:
-        state = L(lease["state"])
-        if state == L.AWAITING_PAYLOAD:
-            order = Order.model_validate(lease["order"])
-            if now - lease["created_at"] > order.payload_timeout_s:
-                self._closed(lease["id"], CloseReason.PAYLOAD_TIMEOUT, "the payload never came")
-            return
-        if progress is None:
-            if state in (L.PROVISIONING, L.RUNNING, L.CLOSING):
-                self._closed(lease["id"], CloseReason.FAILED, "its task is gone")
-            return
-        since = lease["running_since"] or lease["created_at"]
-        if (
-            self.connector.pushes  # a pull market (the hub) ends its leases itself
-            and state in (L.PROVISIONING, L.RUNNING)
-            and now - since > lease["order"]["duration_s"]
-        ):
-            self.on_close(lease["id"], CloseReason.EXPIRED.value)
-            return
-        if progress.ended:
-            if state == L.CLOSING:
-                reason = CloseReason(lease["close_reason"] or CloseReason.TENANT)
-            else:
-                reason = CloseReason.COMPLETED if progress.succeeded else CloseReason.FAILED
-            with self.store.tx() as tx:
-                tx.market.set(lease["id"], ended_at=progress.ended_at)
-            self._closed(lease["id"], reason, progress.detail)
-        elif state == L.PROVISIONING and progress.running:
-            with self.store.tx() as tx:  # billed from when the hub hears of it: _report
-                tx.market.set(lease["id"], state=L.RUNNING.value)
-
-    def _report(self, lease_id: str, now: float) -> None:
-        """Tell the hub what changed: usage first (up to now, or to the end), then the
-        state; retried on the next pass when the hub cannot be reached."""
-        with self.store.read() as r:
-            lease = r.market.get(lease_id)
-        state = L(lease["state"])
-        try:
-            if lease["running_since"] is not None:
-                self._send_usage(lease, now)
-            wanted = REPORTED.get(state)
-            if wanted and lease["reported"] != wanted:
-                details: dict[str, Any] = {}
-                if state == L.RUNNING:
-                    details["endpoint"] = lease["endpoint"]
-                if state == L.CLOSED:
-                    details |= {
-                        "reason": lease["close_reason"],
-                        "detail": lease["reason"][:1000],
-                        "ended_at": lease["ended_at"],
-                    }
-                answer = self.connector.report_state(lease_id, wanted, **details)
-                with self.store.tx() as tx:
-                    tx.market.set(lease_id, reported=wanted)
-                    if state == L.RUNNING:  # the market bills from when it heard: so do we
-                        heard = answer.get("running_at")
-                        sane = isinstance(heard, int | float) and abs(heard - now) < 3600
-                        tx.market.set(lease_id, running_since=float(heard) if sane else now)
-        except MarketUnreachable as exc:
-            log.warning("market %s: lease %s not reported: %s", self.market, lease_id, exc)
-        except MarketRefused as exc:
+    def _failed(self, lease: LeaseRecord, exc: Exception, now: float) -> None:
+        retry = self.figures.retrying.setdefault(lease.id, Retry())
+        retry.failures += 1
+        retry.at = now + min(BACKOFF_S * 2 ** (retry.failures - 1), BACKOFF_MAX_S)
+        retry.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        self.figures.report_errors += 1
+        if isinstance(exc, MarketUnreachable):
+            log.warning("market %s: lease %s not reported: %s", self.market, lease.id, exc)
+        elif isinstance(exc, MarketRefused):
             log.warning(
-                "market %s: the hub refused lease %s's report: %s", self.market, lease_id, exc
+                "market %s: the market refused lease %s's report: %s", self.market, lease.id, exc
             )
-            if wanted:
-                with self.store.tx() as tx:
-                    tx.market.set(lease_id, reported=wanted)  # never loop on a refusal
+        else:
+            log.exception("market %s: reporting lease %s failed", self.market, lease.id)
 
-    def _send_usage(self, lease: dict[str, Any], now: float) -> None:
-        start = lease["usage_until"] or lease["running_since"]
-        end = min(now, lease["ended_at"] or now)
-        final = lease["ended_at"] is not None
+    def _report_one(self, lease: LeaseRecord, now: float) -> None:
+        try:
+            self._tell(lease, now)
+        except MarketRefused as exc:
+            if not self._reconcile(lease, exc):
+                raise
+
+    def _tell(self, lease: LeaseRecord, now: float) -> None:
+        if lease.reported == Reported.REFUSE:
+            self.connector.report_state(
+                lease.id, "closed", reason=CloseReason.FAILED.value, detail=lease.reason[:1000]
+            )
+            self._set_reported(lease, Reported.CLOSED, "the market was told the win is refused")
+            return
+        if lease.running_since is not None:
+            self._send_usage(lease, now)
+        if lease.state == L.CLOSED:
+            wanted = Reported.CLOSED
+        else:
+            wanted = REPORTED.get(lease.state, Reported.NOTHING)
+        if wanted in (Reported.NOTHING, lease.reported):
+            return
+        details: dict[str, Any] = {}
+        if wanted == Reported.RUNNING:
+            details["endpoint"] = lease.endpoint
+            if lease.service_id:  # the tenant calls its service with this, and only that
+                details["access_token"] = self._access_token(lease)
+        if wanted == Reported.CLOSED:
+            details |= {
+                "reason": lease.close_reason or CloseReason.FAILED.value,
+                "detail": lease.reason[:1000],
+                "ended_at": lease.ended_at,
+                "log_tail": self._log_tail(lease),
+            }
+        answer = self.connector.report_state(lease.id, wanted.value, **details)
+        if wanted == Reported.CLOSED:
+            self._revoke_access(lease)
+        with self.store.tx() as tx:
+            current = tx.market.get(lease.id)
+            if current is None:
+                return
+            changes: dict[str, Any] = {"reported": wanted.value}
+            if wanted == Reported.RUNNING:  # the market bills from when it heard: so do we
+                heard = answer.get("running_at")
+                sane = isinstance(heard, int | float) and abs(heard - now) < 3600
+                changes["running_since"] = float(heard) if sane else now
+            tx.market.update(current, **changes)
+            tx.market.note(current, f"reported {wanted.value} to the market")
+        said = f" ({lease.close_reason}: {lease.reason[:200]})" if wanted == Reported.CLOSED else ""
+        log.info("market %s: lease %s reported %s%s", self.market, lease.id, wanted.value, said)
+        lease.reported = wanted.value
+
+    def _access_prefix(self, lease: LeaseRecord) -> str:
+        return f"lease-{lease.id}"[:56] + "-"
+
+    def _access_token(self, lease: LeaseRecord) -> str:
+        """A token for the lease's tenant that calls the lease's service and nothing
+        else (scope service:<name>); shown once (a new one when asked again), revoked
+        when the lease closes."""
+        with self.store.read() as r:
+            service = r.services.get(lease.service_id or "")
+        if service is None:
+            return ""
+        self._revoke_access(lease)
+        name = self._access_prefix(lease) + secrets.token_hex(3)
+        made = self.tokens.create(name, [f"service:{service.name}"], tenant=self.who.tenant)
+        return str(made["token"])
+
+    def _revoke_access(self, lease: LeaseRecord) -> None:
+        prefix = self._access_prefix(lease)
+        for token in self.tokens.list():
+            if token["name"].startswith(prefix) and token["revoked_at"] is None:
+                self.tokens.revoke(token["name"])
+
+    def _log_tail(self, lease: LeaseRecord, limit: int = 4096) -> str:
+        """The end of the lease's work's output, for its tenant to see why it ended."""
+        if not lease.task_id:
+            return ""
+        try:
+            return self.tasks.tail(lease.task_id, limit)
+        except ServiceError:
+            return ""
+
+    def _set_reported(self, lease: LeaseRecord, reported: Reported, why: str) -> None:
+        with self.store.tx() as tx:
+            current = tx.market.get(lease.id)
+            if current is not None:
+                tx.market.update(current, reported=reported.value)
+                tx.market.note(current, why)
+        lease.reported = reported.value
+
+    def _send_usage(self, lease: LeaseRecord, now: float) -> None:
+        start = lease.usage_until or lease.running_since
+        assert start is not None
+        end = min(now, lease.ended_at or now)
+        final = lease.ended_at is not None
         if end <= start or (not final and end - start < self.settings.usage_interval_s):
             return
-        order = Order.model_validate(lease["order"])
+        order = lease.spec
         seconds = end - start
         mark, requests = self._requests(lease)
         record = seal(
             self.key,
             Usage(
-                lease_id=lease["id"],
-                seq=lease["usage_seq"] + 1,
+                lease_id=lease.id,
+                seq=lease.usage_seq + 1,
                 start=start,
                 end=end,
-                gpu_seconds={lease["model"] or "cpu": order.resources.gpus * seconds},
+                gpu_seconds={lease.model or "cpu": order.resources.gpus * seconds},
                 cpu_seconds=order.resources.cpus * seconds,
                 memory_gib_seconds=order.resources.memory_gb * seconds,
                 requests=requests,
-                prev=lease["usage_hash"] or genesis(lease["id"]),
+                prev=lease.usage_hash or genesis(lease.id),
             ),
         )
         self.connector.report_usage(record)
+        self._record_usage(lease, record, requests, mark)
+        log.info(
+            "market %s: lease %s usage record %d sent (%.0f s)",
+            self.market,
+            lease.id,
+            record.seq,
+            record.end - record.start,
+        )
+
+    def _record_usage(self, lease: LeaseRecord, record: Usage, requests: int, mark: str) -> None:
+        gpu_seconds = sum(record.gpu_seconds.values())
         with self.store.tx() as tx:
-            tx.market.set(
-                lease["id"],
+            current = tx.market.get(lease.id)
+            if current is None:
+                return
+            changes = dict(
                 usage_seq=record.seq,
                 usage_hash=record.hash,
-                usage_until=end,
-                usage_gpu_seconds=lease["usage_gpu_seconds"] + order.resources.gpus * seconds,
-                usage_requests=lease["usage_requests"] + requests,
-                requests_mark=mark,
+                usage_until=record.end,
+                usage_gpu_seconds=current.usage_gpu_seconds + gpu_seconds,
+                usage_requests=current.usage_requests + requests,
+                requests_mark=mark or current.requests_mark,
             )
+            tx.market.update(current, **changes)
+        for key, value in changes.items():
+            setattr(lease, key, value)
 
-    def _requests(self, lease: dict[str, Any]) -> tuple[str, int]:
+    def _reconcile(self, lease: LeaseRecord, refused: MarketRefused) -> bool:
+        """The market refused a report: catch up with what it holds. It says the last
+        usage record it holds (our own, signed: we take it as sent, and go on from it),
+        or that the lease is over there (we close it with that reason, and send no more
+        usage). False when it says neither: the report is retried with backoff."""
+        held = refused.details.get("held")
+        if isinstance(held, dict):
+            try:
+                record = Usage.model_validate(held)
+                check_sealed(record, self._public_key)
+            except (ValidationError, UsageError) as exc:
+                log.warning(
+                    "market %s: lease %s: the record the market holds is not ours: %s",
+                    self.market,
+                    lease.id,
+                    exc,
+                )
+                return False
+            if record.lease_id == lease.id and record.seq > lease.usage_seq:
+                log.warning(
+                    "market %s: lease %s: the market holds usage to record %d; going on from it",
+                    self.market,
+                    lease.id,
+                    record.seq,
+                )
+                self._record_usage(lease, record, record.requests, "")
+                return True
+        state = refused.details.get("lease_state")
+        forgotten = refused.status == 404  # the market does not know it (any more)
+        if state == L.CLOSED.value or forgotten:
+            why = CloseReason.LOST
+            with contextlib.suppress(ValueError):
+                why = CloseReason(refused.details.get("close_reason") or why)
+            with self.store.tx() as tx:
+                current = tx.market.get(lease.id)
+                if current is not None:
+                    if current.state in LIVE:
+                        lifecycle.close(tx, current, why, f"the market closed it: {refused}")
+                    # no more usage for a lease the market ended: its last record stands
+                    tx.market.update(current, usage_until=current.ended_at or current.usage_until)
+                    if current.state in (L.CLOSED, L.LOST):
+                        tx.market.update(current, reported=Reported.CLOSED.value)
+                    said = "does not know it" if forgotten else f"holds it closed ({why})"
+                    tx.market.note(current, f"the market {said}")
+            lease.reported = Reported.CLOSED.value
+            return True
+        return False
+
+    def _requests(self, lease: LeaseRecord) -> tuple[str, int]:
         """(the gateway's count now, requests since the lease's last record) for a
         service lease. Each lease has a service of its own, so all the router passed to
         it is the lease's; a router that restarted counts again from zero (what it
         passed between the last record and its end goes uncounted, never twice)."""
+        if not lease.service_id:
+            return lease.requests_mark, 0
         with self.store.read() as r:
-            task = r.tasks.get(lease["task_id"]) if lease["task_id"] else None
-            service = r.services.get(task.service_id) if task and task.service_id else None
+            service = r.services.get(lease.service_id)
         seen = self.tasks.serving.served(service.name) if service else None
         if seen is None:
-            return lease["requests_mark"], 0
+            return lease.requests_mark, 0
         started, total = seen
-        before, _, counted = lease["requests_mark"].partition(":")
+        before, _, counted = lease.requests_mark.partition(":")
         same_router = before == f"{started:.6f}" and int(counted or 0) <= total
         return f"{started:.6f}:{total}", total - int(counted) if same_router else total
 
@@ -523,12 +715,13 @@ class MarketService:
         is no such lease or it is over. The order stays valid: at most a year in all."""
         with self.store.tx() as tx:
             lease = tx.market.get(lease_id)
-            if lease is None or L(lease["state"]) not in LIVE - {L.CLOSING}:
+            if lease is None or lease.state not in LIVE - {L.CLOSING}:
                 return None
             order = Order.model_validate(
-                lease["order"] | {"duration_s": lease["order"]["duration_s"] + extra_s}
+                lease.order | {"duration_s": lease.order["duration_s"] + extra_s}
             )
-            tx.market.set(lease_id, order=order.model_dump())
+            tx.market.update(lease, order=order.model_dump())
+            tx.market.note(lease, f"renewed for {extra_s} s more")
         return self.lease(lease_id)
 
     def labelled(self, key: str, value: str) -> str | None:
@@ -536,9 +729,9 @@ class MarketService:
         with self.store.read() as r:
             rows = r.market.list(self.market)
         for lease in reversed(rows):
-            labels = (lease["order"].get("payload") or {}).get("labels") or {}
+            labels = (lease.order.get("payload") or {}).get("labels") or {}
             if labels.get(key) == value:
-                return lease["id"]
+                return lease.id
         return None
 
     # -- views ----------------------------------------------------------------------
@@ -546,66 +739,76 @@ class MarketService:
     def lease(self, lease_id: str) -> dict[str, Any] | None:
         with self.store.read() as r:
             lease = r.market.get(lease_id)
-        return self._view(lease) if lease else None
+        return self._view(lease) if lease and lease.market == self.market else None
 
-    def leases(self) -> list[dict[str, Any]]:
+    def leases(self, limit: int | None = None) -> list[dict[str, Any]]:
         with self.store.read() as r:
-            rows = r.market.list(self.market)
+            rows = r.market.list(self.market, limit=limit)
         return [self._view(lease) for lease in rows]
 
-    def _view(self, lease: dict[str, Any]) -> dict[str, Any]:
-        order = lease["order"]
+    def _view(self, lease: LeaseRecord) -> dict[str, Any]:
+        order = lease.order
         return {
-            "id": lease["id"],
-            "market": lease["market"],
-            "state": lease["state"],
-            "model": lease["model"],
+            "id": lease.id,
+            "market": lease.market,
+            "state": lease.state.value,
+            "model": lease.model,
             "gpus": order["resources"]["gpus"],
-            "price_per_hour": lease["price_per_hour"],
+            "price_per_hour": lease.price_per_hour,
             "duration_s": order["duration_s"],
-            "earned": self._earned(lease),
-            "task_id": lease["task_id"],
-            "endpoint": lease["endpoint"],
-            "close_reason": lease["close_reason"],
-            "reason": lease["reason"],
-            "usage_records": lease["usage_seq"],
-            "usage_gpu_seconds": round(lease["usage_gpu_seconds"], 3),
-            "usage_requests": lease["usage_requests"],
+            "earned": lease.earned(time.time()),
+            "task_id": lease.task_id,
+            "service_id": lease.service_id,
+            "endpoint": lease.endpoint,
+            "close_reason": lease.close_reason,
+            "reason": lease.reason,
+            "reported": lease.reported,
+            "usage_records": lease.usage_seq,
+            "usage_gpu_seconds": round(lease.usage_gpu_seconds, 3),
+            "usage_requests": lease.usage_requests,
         }
-
-    @staticmethod
-    def _earned(lease: dict[str, Any]) -> int:
-        if lease["running_since"] is None:
-            return 0
-        end = lease["ended_at"] or time.time()
-        seconds = min(end - lease["running_since"], lease["order"]["duration_s"])
-        return charge(lease["price_per_hour"], seconds)
 
     def status(self) -> dict[str, Any]:
         cursor = self.cursor()
-        leases = self.leases()
+        with self.store.read() as r:
+            rows = r.market.list(self.market)
         by_state: dict[str, int] = {}
-        for lease in leases:
-            by_state[lease["state"]] = by_state.get(lease["state"], 0) + 1
+        for lease in rows:
+            by_state[lease.state.value] = by_state.get(lease.state.value, 0) + 1
+        figures = self.figures
+        standing = self.standing
         return {
             "market": self.market,
             "url": self.settings.url,
             "status": cursor["status"] or "not registered",
             "status_reason": cursor["status_reason"],
             "last_event": cursor["last_event"],
+            # as the market computes it, from its last answer to a heartbeat
+            "reliability": standing.get("reliability"),
+            "reliability_floor": standing.get("reliability_floor"),
             "leases": by_state,
-            "figures": dict(self.figures),
+            "figures": {
+                "orders": figures.orders,
+                "bids": figures.bids,
+                "declined": figures.declined,
+                "won": figures.won,
+                "lost": figures.lost,
+                "report_errors": figures.report_errors,
+                "leases_retrying": len(figures.retrying),
+            },
         }
 
     def earnings(self) -> dict[str, Any]:
-        leases = self.leases()
+        now = time.time()
+        with self.store.read() as r:
+            rows = r.market.list(self.market)
         hub_balance = None
         with contextlib.suppress(MarketRefused, MarketUnreachable):
             hub_balance = self.connector.paid()
         return {
             "market": self.market,
-            "earned_by_our_count": sum(lease["earned"] for lease in leases),
+            "earned_by_our_count": sum(lease.earned(now) for lease in rows),
             "paid_by_the_hub": hub_balance,
-            "gpu_seconds_reported": round(sum(lease["usage_gpu_seconds"] for lease in leases), 3),
-            "leases": len(leases),
+            "gpu_seconds_reported": round(sum(lease.usage_gpu_seconds for lease in rows), 3),
+            "leases": len(rows),
         }

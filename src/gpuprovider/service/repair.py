@@ -12,11 +12,14 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from gpuprovider.domain.nodes import NodeStatus
-from gpuprovider.domain.records import NodeRecord, TokenRecord
+from gpuprovider.domain.records import GpuRecord, NodeRecord, TokenRecord
+from gpuprovider.domain.repair import RepairAction
 from gpuprovider.domain.states import ALLOCATED, TaskState
 from gpuprovider.lifecycle import nodes as node_lifecycle
 from gpuprovider.lifecycle.tasks import transition
@@ -40,11 +43,37 @@ log = logging.getLogger(__name__)
 # A GPU cordon that a rule set starts with this; only a passing check lifts it.
 REPAIR_CORDON = "repair rule "
 RESET_TIMEOUT_S = 120.0
-NODE_ACTIONS = {
-    "cordon_node": NodeStatus.CORDONED,
-    "drain": NodeStatus.DRAINING,
-    "remove_node": NodeStatus.REMOVED,  # for a lost node; refused while tasks are there
-}
+A = RepairAction
+
+
+class Outcome(StrEnum):
+    """What an action of a rule came to, as `repair events` shows it."""
+
+    DONE = "done"
+    ALREADY = "already"  # the subject was out already
+    PENDING = "pending"  # a reset waiting for the GPU to be idle
+    SKIPPED = "skipped"  # nothing to act on (no such GPU, another node's reset)
+    REFUSED = "refused"  # the lifecycle refused it (a node still running work)
+    FAILED = "failed"
+    DRY_RUN = "dry-run"
+    BREAKER_OPEN = "breaker-open"
+    SENT = "sent"  # an alert
+    NO_TARGET = "no-target"  # an alert with nowhere to go
+    SUPPRESSED = "suppressed"  # an alert sent already and not due again
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a disruptive action acts on, and why."""
+
+    finding: Finding
+    node: NodeRecord
+    gpu: GpuRecord | None
+    where: str  # as people read it: node name, GPU index and UUID
+
+    @property
+    def reason(self) -> str:
+        return f"{REPAIR_CORDON}{self.finding.rule.name}: {_summary(self.finding.evidence)}"
 
 
 @dataclass
@@ -66,7 +95,7 @@ class GpuState:
 
 def _node_level(rule: RepairRule) -> bool:
     """Whether the rule acts on a whole node (else on the GPU its evidence names)."""
-    return rule.signal == "node_unreachable" or bool({"cordon_node", "drain"} & set(rule.actions))
+    return rule.signal == "node_unreachable" or bool({A.CORDON_NODE, A.DRAIN} & set(rule.actions))
 
 
 def _summary(evidence: dict[str, Any]) -> str:
@@ -160,18 +189,20 @@ class RepairService:
         for action in rule.actions:
             if action in DISRUPTIVE and not finding.new:
                 continue  # done when the rule started to hold
-            if action == "alert":
+            if action == A.ALERT:
                 self._alert(finding, where, disruptive, allowed, why_not)
                 continue
-            if action == "warn":
+            if action == A.WARN:
                 if finding.new:
-                    self._record(finding, action, "done", f"warned: {where}")
+                    self._record(finding, action, Outcome.DONE, f"warned: {where}")
                 continue
             if self.settings.dry_run:
-                self._record(finding, action, "dry-run", f"would {action} {where}")
+                self._record(finding, action, Outcome.DRY_RUN, f"would {action} {where}")
             elif not allowed:
-                outcome = "skipped" if why_not.startswith("skipped") else "breaker-open"
-                self._record(finding, action, outcome, why_not)
+                skipped = why_not.startswith("skipped")
+                self._record(
+                    finding, action, Outcome.SKIPPED if skipped else Outcome.BREAKER_OPEN, why_not
+                )
             else:
                 outcome, detail = self._do(action, finding, node, gpu, where)
                 self._record(finding, action, outcome, detail)
@@ -212,69 +243,18 @@ class RepairService:
         return False, why
 
     def _do(
-        self, action: str, finding: Finding, node: NodeRecord | None, gpu: Any, where: str
-    ) -> tuple[str, str]:
-        rule = finding.rule
-        reason = f"{REPAIR_CORDON}{rule.name}: {_summary(finding.evidence)}"
+        self, action: RepairAction, finding: Finding, node: NodeRecord | None, gpu: Any, where: str
+    ) -> tuple[Outcome, str]:
         if node is None:
-            return "skipped", f"node {finding.node_id} is not known"
-        with self.store.tx() as tx:
-            if action == "cordon_gpu":
-                if gpu is None:
-                    return "skipped", "the finding names no GPU of this node"
-                current = tx.nodes.gpu(gpu.uuid)
-                if current and current.cordon_reason:
-                    return "already", f"cordoned already: {current.cordon_reason}"
-                node_lifecycle.gpu_cordon(tx, gpu.uuid, reason)
-                return "done", f"cordoned {where}"
-            if action in NODE_ACTIONS:
-                target = NODE_ACTIONS[action]
-                current_node = tx.nodes.get(node.id)
-                if current_node is None or current_node.status == target:
-                    return "already", f"node is {target} already"
-                try:
-                    node_lifecycle.operator_sets(
-                        tx,
-                        current_node,
-                        target,
-                        f"repair rule {rule.name}",
-                        _summary(finding.evidence),
-                    )
-                except node_lifecycle.Refused as exc:
-                    return "refused", str(exc)
-                return "done", f"{target} {node.name}"
-            if action == "reschedule":
-                return "done", self._reschedule(tx, node, gpu, rule)
-        if action == "reset_gpu":
+            return Outcome.SKIPPED, f"node {finding.node_id} is not known"
+        target = Target(finding, node, gpu, where)
+        if action == A.RESET_GPU:  # runs later, outside any transaction
             if gpu is None:
-                return "skipped", "the finding names no GPU"
+                return Outcome.SKIPPED, "the finding names no GPU"
             self._pending_resets[gpu.uuid] = finding
-            return "pending", f"reset of {where} once no task holds it"
-        return "skipped", f"unknown action {action}"
-
-    def _reschedule(self, tx: Tx, node: NodeRecord, gpu: Any, rule: RepairRule) -> str:
-        """Stop the GPU's (or, without one, the node's) tasks; they are re-queued like
-        preempted work and placed elsewhere (the cordon keeps them off this GPU)."""
-        allocations = [
-            a
-            for a in tx.tasks.active_allocations()
-            if a.node_id == node.id and (gpu is None or gpu.uuid in a.gpu_uuids)
-        ]
-        moved = []
-        for allocation in allocations:
-            task = tx.tasks.get(allocation.task_id)
-            if task is None:
-                continue
-            what = f"GPU {gpu.idx}" if gpu else "node"
-            why = f"moved: {what} on {node.name} failed repair rule {rule.name}"
-            if task.state == TaskState.RUNNING:
-                transition(tx, task, TaskState.PREEMPTED, why)
-            elif task.state == TaskState.SCHEDULED:
-                transition(tx, task, TaskState.QUEUED, why)
-            else:
-                continue
-            moved.append(task.label)
-        return f"moved {', '.join(moved)}" if moved else "no task to move"
+            return Outcome.PENDING, f"reset of {where} once no task holds it"
+        with self.store.tx() as tx:
+            return ACTIONS[action](tx, target)
 
     def _reset_idle(self, now: float) -> None:
         """Reset each GPU waiting for it once no task holds it (local node only)."""
@@ -288,9 +268,8 @@ class RepairService:
             del self._pending_resets[uuid]
             state = self.latest.get(uuid)
             if finding.node_id != self.settings.local_node_id:
-                self._record(
-                    finding, "reset_gpu", "skipped", "GPU resets run on the daemon's own node only"
-                )
+                why = "GPU resets run on the daemon's own node only"
+                self._record(finding, A.RESET_GPU, Outcome.SKIPPED, why)
                 continue
             index = state.sample.index if state else -1
             command = [
@@ -301,12 +280,12 @@ class RepairService:
                 done = subprocess.run(
                     command, capture_output=True, text=True, timeout=RESET_TIMEOUT_S, check=False
                 )
-                outcome = "done" if done.returncode == 0 else "failed"
+                outcome = Outcome.DONE if done.returncode == 0 else Outcome.FAILED
                 said = (done.stdout + done.stderr).strip()[:300]
                 detail = f"{' '.join(command)}: exit {done.returncode} {said}"
             except (OSError, subprocess.TimeoutExpired) as exc:
-                outcome, detail = "failed", f"{' '.join(command)}: {exc}"
-            self._record(finding, "reset_gpu", outcome, detail)
+                outcome, detail = Outcome.FAILED, f"{' '.join(command)}: {exc}"
+            self._record(finding, A.RESET_GPU, outcome, detail)
 
     def _alert(
         self, finding: Finding, where: str, disruptive: list[str], allowed: bool, why_not: str
@@ -334,20 +313,23 @@ class RepairService:
             )
         )
         if finding.new:
-            outcome = (
-                "sent" if queued else ("no-target" if not self.alerter.configured else "suppressed")
-            )
-            self._record(finding, "alert", outcome, f"alert {rule.name} on {where}")
+            if queued:
+                outcome = Outcome.SENT
+            else:
+                outcome = Outcome.SUPPRESSED if self.alerter.configured else Outcome.NO_TARGET
+            self._record(finding, A.ALERT, outcome, f"alert {rule.name} on {where}")
 
-    def _record(self, finding: Finding, action: str, outcome: str, detail: str) -> None:
+    def _record(
+        self, finding: Finding, action: RepairAction, outcome: Outcome, detail: str
+    ) -> None:
         with self.store.tx() as tx:
             tx.repairs.record(
                 finding.node_id,
                 finding.gpu_uuid,
                 finding.rule.name,
                 finding.rule.signal,
-                action,
-                outcome,
+                action.value,
+                outcome.value,
                 detail,
                 finding.evidence,
             )
@@ -462,3 +444,71 @@ class RepairService:
             severity="info",
         )
         return {"deliveries": [asdict(d) for d in self.alerter.deliver(alert)]}
+
+
+# -- the disruptive actions, each a function of its own ---------------------------------
+
+
+def _cordon_gpu(tx: Tx, target: Target) -> tuple[Outcome, str]:
+    if target.gpu is None:
+        return Outcome.SKIPPED, "the finding names no GPU of this node"
+    current = tx.nodes.gpu(target.gpu.uuid)
+    if current and current.cordon_reason:
+        return Outcome.ALREADY, f"cordoned already: {current.cordon_reason}"
+    node_lifecycle.gpu_cordon(tx, target.gpu.uuid, target.reason)
+    return Outcome.DONE, f"cordoned {target.where}"
+
+
+def _set_node(status: NodeStatus) -> Callable[[Tx, Target], tuple[Outcome, str]]:
+    def act(tx: Tx, target: Target) -> tuple[Outcome, str]:
+        current = tx.nodes.get(target.node.id)
+        if current is None or current.status == status:
+            return Outcome.ALREADY, f"node is {status} already"
+        rule = target.finding.rule
+        try:
+            node_lifecycle.operator_sets(
+                tx, current, status, f"repair rule {rule.name}", _summary(target.finding.evidence)
+            )
+        except node_lifecycle.Refused as exc:
+            return Outcome.REFUSED, str(exc)
+        return Outcome.DONE, f"{status} {target.node.name}"
+
+    return act
+
+
+def _reschedule(tx: Tx, target: Target) -> tuple[Outcome, str]:
+    """Stop the GPU's (or, without one, the node's) tasks; they are re-queued like
+    preempted work and placed elsewhere (the cordon keeps them off this GPU)."""
+    node, gpu, rule = target.node, target.gpu, target.finding.rule
+    allocations = [
+        a
+        for a in tx.tasks.active_allocations()
+        if a.node_id == node.id and (gpu is None or gpu.uuid in a.gpu_uuids)
+    ]
+    moved = []
+    for allocation in allocations:
+        task = tx.tasks.get(allocation.task_id)
+        if task is None:
+            continue
+        what = f"GPU {gpu.idx}" if gpu else "node"
+        why = f"moved: {what} on {node.name} failed repair rule {rule.name}"
+        if task.state == TaskState.RUNNING:
+            transition(tx, task, TaskState.PREEMPTED, why)
+        elif task.state == TaskState.SCHEDULED:
+            transition(tx, task, TaskState.QUEUED, why)
+        else:
+            continue
+        moved.append(task.label)
+    return Outcome.DONE, f"moved {', '.join(moved)}" if moved else "no task to move"
+
+
+# The disruptive actions done in a transaction (reset_gpu waits for an idle GPU; warn
+# and alert take nothing out), by name: a new action is a function here and a name in
+# domain/repair.py's RepairAction.
+ACTIONS: dict[RepairAction, Callable[[Tx, Target], tuple[Outcome, str]]] = {
+    A.CORDON_GPU: _cordon_gpu,
+    A.CORDON_NODE: _set_node(NodeStatus.CORDONED),
+    A.DRAIN: _set_node(NodeStatus.DRAINING),
+    A.REMOVE_NODE: _set_node(NodeStatus.REMOVED),  # a lost node; refused while work is there
+    A.RESCHEDULE: _reschedule,
+}

@@ -1,10 +1,13 @@
 """Services behind the gateway: a named replica set per service submission, kept at its
-wanted size (a replica that ends is replaced), scaled by hand or by the autoscaler
-from the router's figures, and the routes the gateway serves them by.
+wanted size, scaled by hand or by the autoscaler from the router's figures, and the
+routes the gateway serves them by.
 
 Each replica is a task like any other (placed by the scheduler, restarted by the
-lifecycle's service rules); `Serving.reconcile`, run by the daemon's service loop, adds
-and drains replicas until the live count is the wanted one."""
+lifecycle's service rules) that its service owns: what its transitions cause for the
+service (replaced when it ends, the service live once one runs, stopped once the last
+of a stopping one ends) is `lifecycle/services.py`'s, in the same transaction. The
+daemon's service loop only acts on the router's figures: it autoscales, and stops
+drained replicas once nothing is in flight on them."""
 
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from gpuprovider.domain.records import ServiceRecord, TaskRecord, TokenRecord
+from gpuprovider.domain.records import OwnerKind, ServiceRecord, TaskRecord, TokenRecord
+from gpuprovider.domain.services import ACTIVE
 from gpuprovider.domain.spec import DNS_LABEL_PATTERN, Readiness, TaskSpec
 from gpuprovider.domain.states import TaskState
-from gpuprovider.lifecycle import tasks as lifecycle
+from gpuprovider.lifecycle import services as lifecycle
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.service.errors import Conflict, NotFound, Rejected
 from gpuprovider.store.store import Store, Tx
-from gpuprovider.store.tasks import StaleTask
 
 DRAIN_MAX_S = 120.0  # a replica being drained is stopped by then, whatever is in flight
 STATS_STALE_S = 5.0  # the router's figures older than this are not used to scale
@@ -75,14 +79,19 @@ class Serving:
     def __init__(self, store: Store, gateway: GatewaySettings):
         self.store, self.gateway = store, gateway
         self.figures: dict[str, ServiceFigures] = {}  # service name -> latest report
-        self._draining: dict[str, float] = {}  # task id -> since when
         self._high_since: dict[str, float] = {}  # service id -> load above target since
         self._low_since: dict[str, float] = {}
         self._lock = threading.Lock()
 
     # -- made with its first replica ----------------------------------------------
 
-    def register(self, tx: Tx, spec: TaskSpec, tenant: str) -> ServiceRecord:
+    def register(
+        self,
+        tx: Tx,
+        spec: TaskSpec,
+        tenant: str,
+        owner: tuple[OwnerKind, str] | None = None,
+    ) -> ServiceRecord:
         """The service a service task starts (in the submitting transaction): its name
         asked for (409 when a live service has it), else one from the task's name, made
         unique if another tenant's service has it."""
@@ -101,79 +110,41 @@ class Serving:
             name = base
             while name == "svc" or tx.services.live_named(name):
                 name = f"{base[:56]}-{secrets.token_hex(3)}"
-        return tx.services.insert(name, tenant, spec, wanted)
-
-    def add_replicas(
-        self, tx: Tx, service: ServiceRecord, count: int, why: str
-    ) -> list[TaskRecord]:
-        made = []
-        for _ in range(count):
-            number = service.next_replica + 1
-            tx.services.update(service, next_replica=number)
-            spec = service.task_spec.model_copy(update={"name": f"{service.name}.r{number}"})
-            task = tx.tasks.insert(spec, service.tenant, service_id=service.id)
-            lifecycle.submit(tx, task)
-            made.append(task)
-        if made:
-            tx.services.event(service.id, f"{why}: started {', '.join(t.label for t in made)}")
-        return made
+        return tx.services.insert(name, tenant, spec, wanted, owner)
 
     # -- the service loop ------------------------------------------------------------
 
     def reconcile(self, now: float | None = None) -> None:
-        """One pass: each live service to its wanted replica count (autoscaled first)."""
+        """One pass on the router's figures: autoscale each active service, and stop
+        each drained replica once the router says nothing is in flight on it (or after
+        DRAIN_MAX_S). Replicas' own transitions need no pass: their rules act at once."""
         now = now or time.time()
         with self.store.read() as r:
             services = r.services.list()
-            replicas = r.tasks.replicas(s.id for s in services)
         for service in services:
             try:
-                self._autoscale(service, replicas[service.id], now)
-                self._converge(service, replicas[service.id], now)
-            except (StaleTask, IntegrityError):
+                self._autoscale(service, now)
+                self._finish_drains(service, now)
+            except (Stale, IntegrityError):
                 continue  # changed meanwhile: the next pass decides again
-        live = {t.id for tasks in replicas.values() for t in tasks}
-        for task_id in [t for t in self._draining if t not in live]:
-            self._draining.pop(task_id, None)  # ended
         names = {s.name for s in services}
         with self._lock:  # figures of services gone (or never ours) are not kept
             for name in [n for n in self.figures if n not in names]:
                 del self.figures[name]
 
-    def _converge(self, service: ServiceRecord, live: list[TaskRecord], now: float) -> None:
-        serving = [
-            t for t in live if t.id not in self._draining and t.state != TaskState.CANCELLING
-        ]
-        if len(serving) < service.replicas:
-            missing = service.replicas - len(serving)
-            with self.store.tx() as tx:
-                current = tx.services.get(service.id)
-                if current is None or current.state != "live":
-                    return
-                self.add_replicas(
-                    tx, current, missing, f"{len(serving)} of {service.replicas} replicas live"
-                )
-        elif len(serving) > service.replicas:
-            for task in sorted(serving, key=lambda t: t.created_at)[service.replicas :]:
-                self._draining.setdefault(task.id, now)
-                with self.store.tx() as tx:
-                    tx.services.event(
-                        service.id, f"draining {task.label}: {service.replicas} replicas wanted"
-                    )
+    def _finish_drains(self, service: ServiceRecord, now: float) -> None:
         figures = self.figures.get(service.name)
-        for task in live:
-            since = self._draining.get(task.id)
-            if since is None or task.state == TaskState.CANCELLING:
-                continue
-            in_flight = ((figures.replicas.get(task.id) or {}) if figures else {}).get(
+        for task_id, since in service.draining.items():
+            in_flight = ((figures.replicas.get(task_id) or {}) if figures else {}).get(
                 "in_flight", 0
             )
             reported_after = figures is not None and figures.at > since + 1.0
             if (reported_after and in_flight == 0) or now - since > DRAIN_MAX_S:
+                why = "nothing in flight" if reported_after and not in_flight else "drain timeout"
                 with self.store.tx() as tx:
-                    lifecycle.request_cancel(tx, task, f"service {service.name} scaling down")
+                    lifecycle.drained(tx, service, task_id, why)
 
-    def _autoscale(self, service: ServiceRecord, live: list[TaskRecord], now: float) -> None:
+    def _autoscale(self, service: ServiceRecord, now: float) -> None:
         spec = service.task_spec.serve
         scale = spec.autoscale if spec else None
         figures = self.figures.get(service.name)
@@ -201,14 +172,13 @@ class Serving:
             return
         with self.store.tx() as tx:
             current = tx.services.get(service.id)
-            if current is None or current.state != "live":
+            if current is None or current.state not in ACTIVE:
                 return
-            tx.services.update(current, replicas=want)
-            tx.services.event(
-                service.id,
-                f"autoscale {service.replicas} -> {want}: {load:g} {what} against a target "
-                f"of {target:g} per replica",
+            why = (
+                f"autoscale {current.replicas} -> {want}: {load:g} {what} against a target "
+                f"of {target:g} per replica"
             )
+            lifecycle.scale(tx, current, want, why)
         service.replicas = want
         self._high_since.pop(service.id, None)
         self._low_since.pop(service.id, None)
@@ -237,7 +207,7 @@ class Serving:
                     "address": addresses[held[task.id].node_id],
                     "port": held[task.id].ports[port_name],
                     # no new requests; kept until what it serves has finished
-                    "draining": task.id in self._draining,
+                    "draining": task.id in service.draining,
                 }
                 for task in replicas[service.id]
                 if task.state == TaskState.RUNNING
@@ -315,7 +285,7 @@ class Serving:
             "id": service.id,
             "name": service.name,
             "tenant": service.tenant,
-            "state": service.state,
+            "state": service.state.value,
             "urls": self.gateway.urls(service.name),
             "auth": spec.serve.auth if spec.serve else "token",
             "replicas_wanted": service.replicas,
@@ -329,7 +299,7 @@ class Serving:
                     "task_id": t.id,
                     "name": t.label,
                     "state": t.state.value,
-                    "draining": t.id in self._draining,
+                    "draining": t.id in service.draining,
                 }
                 for t in live
             ],
@@ -360,33 +330,33 @@ class Serving:
         with self.store.read() as r:
             service = self._find(r, ref, who)
             live = r.tasks.replicas([service.id])[service.id]
-            return self.view(service, live, r.services.events(service.id))
+            events = [{"at": e.at, "reason": e.reason} for e in r.services.events(service.id)]
+            return self.view(service, live, events)
 
     def scale(self, ref: str, replicas: int, who: TokenRecord) -> dict[str, Any]:
         with self.store.tx() as tx:
             service = self._find(tx, ref, who)
-            if service.state != "live":
-                raise Conflict(f"service {service.name} is stopped")
+            if service.state not in ACTIVE:
+                raise Conflict(f"service {service.name} is {service.state}")
             scale = service.task_spec.serve.autoscale if service.task_spec.serve else None
             if scale is not None and not scale.min <= replicas <= scale.max:
                 raise Rejected(
                     f"replicas: service {service.name} autoscales between {scale.min} and "
                     f"{scale.max}; {replicas} is outside"
                 )
-            before = service.replicas
-            tx.services.update(service, replicas=replicas)
-            tx.services.event(service.id, f"scaled {before} -> {replicas} by {who.name}")
-        self.reconcile()
+            why = f"scaled {service.replicas} -> {replicas} by {who.name}"
+            lifecycle.scale(tx, service, replicas, why)
         return self.get(service.id, who)
 
     def stop(self, ref: str, who: TokenRecord) -> dict[str, Any]:
-        with self.store.tx() as tx:
-            service = self._find(tx, ref, who)
-            if service.state != "live":
-                raise Conflict(f"service {service.name} is stopped already")
-            tx.services.update(service, state="stopped", replicas=0)
-            tx.services.event(service.id, f"stopped by {who.name}")
-            for task in tx.tasks.replicas([service.id])[service.id]:
-                if task.state != TaskState.CANCELLING:
-                    lifecycle.request_cancel(tx, task, who.name)
-        return self.get(service.id, who)
+        for _ in range(5):
+            try:
+                with self.store.tx() as tx:
+                    service = self._find(tx, ref, who)
+                    if service.state not in ACTIVE:
+                        raise Conflict(f"service {service.name} is {service.state} already")
+                    lifecycle.stop(tx, service, who.name)
+                return self.get(service.id, who)
+            except Stale:
+                continue  # a replica changed under the stop: read again and stop again
+        raise Conflict(f"service {ref} keeps changing; try the stop again")

@@ -21,15 +21,17 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from gpuprovider.market.connector import PushConnector
-from gpuprovider.market.model import Action
+from gpuprovider.market.model import Action, Cause, LeaseState
 from gpuprovider.market.swan import (
     DEPLOY_FILE,
+    SIGNED_JOB_FIELDS,
     Freshness,
     Renewal,
     Space,
     SwanError,
     SwanJob,
     deploy_status,
+    job_subject,
     ok,
     parse_deploy,
     signed_text,
@@ -77,14 +79,22 @@ class SwanService:
 
     # -- checks -----------------------------------------------------------------------
 
-    def _verify(self, subject: str, fresh: Freshness, signature: str) -> None:
+    def _verify(
+        self, subject: str, fresh: Freshness, signature: str, over: str = "the subject"
+    ) -> None:
         """Signed by the orchestrator, unexpired, and never seen before (nonces are
         kept in the store until they expire: a replay after a restart is refused too)."""
         fresh.check(time.time())
         s = self.settings
         text = signed_text(s.cp_account, s.node_id, subject, fresh.nonce, fresh.expires_at)
         if signer(text, signature) != s.orchestrator:
-            raise SwanError(401, SwanError.SIGNATURE, "not signed by this provider's orchestrator")
+            raise SwanError(
+                401,
+                SwanError.SIGNATURE,
+                f"not signed by this provider's orchestrator over {over}, nonce and "
+                "expires_at as sent: one of them was changed after signing, or another "
+                "key signed it",
+            )
         with self.nonces, self.market.store.tx() as tx:
             if not tx.market.use_nonce(self.market.market, fresh.nonce, fresh.expires_at):
                 raise SwanError(
@@ -147,7 +157,12 @@ class SwanService:
         """A job from the orchestrator: checked, priced, placed and started, or refused
         with what and why (a refused job leaves a lost lease saying so, never a task)."""
         job = parse(SwanJob, body)
-        self._verify(job.job_source_uri, job, job.node_id_job_source_uri_signature)
+        self._verify(
+            job_subject(job),
+            job,
+            job.node_id_job_source_uri_signature,
+            over=", ".join(SIGNED_JOB_FIELDS),
+        )
         lease_id = self._lease_id(job.uuid)
         if self.market.lease(lease_id):
             raise SwanError(409, SwanError.BAD_PARAM, f"job {job.uuid} was already received")
@@ -155,22 +170,19 @@ class SwanService:
         order = to_order(job, space, parse_deploy(deploy_text), self.settings.token_price)
         order = order.model_copy(update={"id": lease_id, "market": self.market.market})
         with self.deciding:
-            self.market.on_order({"order": order.model_dump(), "mode": "dispatch"})
-            decision = self.connector.take(lease_id)
-            if decision is None:  # another request with this uuid got there first
-                raise SwanError(409, SwanError.BAD_PARAM, f"job {job.uuid} was already received")
-            if decision.action != Action.ACCEPT:
-                code = SwanError.BELOW_PRICE if "above the cap" in decision.reason else None
-                raise SwanError(400, code or SwanError.NO_RESOURCES, decision.reason)
-            self.market.on_won(lease_id, decision.price_per_hour, order.model_dump())
-        lease = self.market.lease(lease_id) or {}
-        if lease.get("state") == "closed":
-            raise SwanError(500, SwanError.NO_RESOURCES, lease["reason"])
+            decision, lease = self.market.accept_pushed(order)
+        if lease is None:  # another request with this uuid got there first
+            raise SwanError(409, SwanError.BAD_PARAM, f"job {job.uuid} was already received")
+        if decision.action != Action.ACCEPT:
+            code = SwanError.BELOW_PRICE if decision.cause == Cause.PRICE else None
+            raise SwanError(400, code or SwanError.NO_RESOURCES, decision.reason)
+        if lease.state == LeaseState.CLOSED:
+            raise SwanError(500, SwanError.NO_RESOURCES, lease.reason)
         answer = job.model_dump(exclude={"nonce", "expires_at"})
         answer |= {
             "node_id_job_source_uri_signature": "",
-            "job_real_uri": lease.get("endpoint", ""),
-            "job_result_uri": lease.get("endpoint", ""),
+            "job_real_uri": lease.endpoint,
+            "job_result_uri": lease.endpoint,
             "price_per_hour": decision.price_per_hour,
         }
         return ok(answer)
@@ -183,7 +195,7 @@ class SwanService:
             raise SwanError(
                 400, SwanError.BAD_PARAM, "task_uuid and node_id_task_uuid_signature are required"
             )
-        self._verify(task_uuid, fresh, signature)
+        self._verify(task_uuid, fresh, signature, over="task_uuid")
         lease_id = self.market.labelled("swan-task", task_uuid)
         if lease_id is None:
             raise SwanError(404, SwanError.NOT_FOUND, f"no job of task {task_uuid}")
@@ -192,7 +204,12 @@ class SwanService:
 
     def renew(self, body: Any) -> dict[str, Any]:
         renewal = parse(Renewal, body)
-        self._verify(f"{renewal.task_uuid}{renewal.duration}", renewal, renewal.signature)
+        self._verify(
+            f"{renewal.task_uuid}{renewal.duration}",
+            renewal,
+            renewal.signature,
+            over="task_uuid, duration",
+        )
         lease_id = self.market.labelled("swan-task", renewal.task_uuid)
         try:
             lease = self.market.renew(lease_id, renewal.duration) if lease_id else None
@@ -204,7 +221,7 @@ class SwanService:
 
     def status(self, job_uuid: str, query: dict[str, str]) -> dict[str, Any]:
         fresh = parse(Freshness, query)
-        self._verify(job_uuid, fresh, query.get("signature", ""))
+        self._verify(job_uuid, fresh, query.get("signature", ""), over="the job uuid")
         lease = self.market.lease(self._lease_id(job_uuid))
         if lease is None:
             raise SwanError(404, SwanError.NOT_FOUND, f"no job {job_uuid}")

@@ -13,18 +13,19 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from gpuprovider.backends.base import Backend, NodeDown
-from gpuprovider.domain.records import TaskRecord, TokenRecord
+from gpuprovider.domain.records import OwnerKind, TaskRecord, TokenRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.domain.usability import Usability
+from gpuprovider.lifecycle import services as service_lifecycle
 from gpuprovider.lifecycle import tasks as lifecycle
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.scheduler import Framework, Placement, Policy
 from gpuprovider.service.errors import Conflict, NotFound, Rejected, Unavailable
 from gpuprovider.service.placement import build_snapshot, task_request
 from gpuprovider.service.serving import Serving
 from gpuprovider.service.views import task_view
-from gpuprovider.store.store import Store
-from gpuprovider.store.tasks import StaleTask
+from gpuprovider.store.store import Store, Tx
 
 FOLLOW_POLL_S = 0.2
 LOG_CHUNK = 1 << 20  # one read from a task's log, local or remote
@@ -75,35 +76,53 @@ class TaskService:
     ) -> tuple[dict[str, Any], bool]:
         """Store a spec and queue it, in one transaction; with an idempotency key the
         tenant used before for the same spec, the task it made instead. The task, and
-        whether it is new."""
-        self._check_runnable(spec)
+        whether it is new. The caller ran `check_runnable` first (it may ask the
+        container engine: never on the event loop, never inside the transaction)."""
         for _ in range(2):  # a concurrent submission may win the name or the key
             try:
                 with self.store.tx() as tx:
-                    if idempotency_key and (
-                        earlier := tx.tasks.submitted_with(who.tenant, idempotency_key)
-                    ):
-                        return self._replay(earlier, spec, idempotency_key), False
-                    if spec.gang:
-                        gang = f"{who.tenant}/{spec.gang.name}"
-                        self._check_gang(tx.tasks.gang_members(gang), spec)
-                    if spec.name and (holder := tx.tasks.live_named(who.tenant, spec.name)):
-                        raise self._name_taken(spec.name, holder)
-                    service = None
-                    if spec.kind == "service":
-                        service = self.serving.register(tx, spec, who.tenant)
-                    task = tx.tasks.insert(
-                        spec, who.tenant, idempotency_key, service.id if service else None
-                    )
-                    lifecycle.submit(tx, task)
-                    if service is not None and service.replicas > 1:
-                        self.serving.add_replicas(
-                            tx, service, service.replicas - 1, "started with the service"
-                        )
+                    task, created = self.submit_in(tx, spec, who.tenant, idempotency_key)
+                if not created:
+                    return self._replay(task, spec, idempotency_key or ""), False
                 return self._with_service(task_view(task), task), True
             except IntegrityError:
                 continue  # read again: the winner is now there to name
         raise Conflict(f"task {spec.name or ''} keeps being submitted concurrently; try again")
+
+    def submit_in(
+        self,
+        tx: Tx,
+        spec: TaskSpec,
+        tenant: str,
+        idempotency_key: str | None = None,
+        owner: tuple[OwnerKind, str] | None = None,
+    ) -> tuple[TaskRecord, bool]:
+        """`submit` in the caller's transaction, for an `owner` (a lease) that commits
+        its own change with the task's: the task (a service's first replica), and
+        whether it is new (False: the task this key made before). Checks nothing the
+        caller did not: call `check_runnable` first."""
+        if idempotency_key and (earlier := tx.tasks.submitted_with(tenant, idempotency_key)):
+            return earlier, False
+        if spec.gang:
+            self._check_gang(tx.tasks.gang_members(f"{tenant}/{spec.gang.name}"), spec)
+        if spec.name and (holder := tx.tasks.live_named(tenant, spec.name)):
+            raise self._name_taken(spec.name, holder)
+        if spec.kind != "service":
+            task = tx.tasks.insert(spec, tenant, idempotency_key, owner)
+            lifecycle.submit(tx, task)
+            return task, True
+        service = self.serving.register(tx, spec, tenant, owner)
+        task = tx.tasks.insert(spec, tenant, idempotency_key, (OwnerKind.SERVICE, service.id))
+        lifecycle.submit(tx, task)
+        if service.replicas > 1:
+            service_lifecycle.add_replicas(
+                tx, service, service.replicas - 1, "started with the service"
+            )
+        return task, True
+
+    def check_runnable(self, spec: TaskSpec) -> None:
+        """Refuse what this provider cannot run at all (Rejected, naming the field)."""
+        self._check_runnable(spec)
 
     @staticmethod
     def _replay(earlier: TaskRecord, spec: TaskSpec, key: str) -> dict[str, Any]:
@@ -266,7 +285,7 @@ class TaskService:
             try:
                 with self.store.tx() as tx:
                     lifecycle.request_cancel(tx, task, who.name)
-            except StaleTask:
+            except Stale:
                 continue  # changed under us: read again and decide again
             return task_view(task)
         raise Conflict(f"task {ref} keeps changing; try the cancel again")
@@ -285,16 +304,26 @@ class TaskService:
                 f"the log of {task.label} is on a node that does not answer: {exc}"
             ) from None
 
+    def tail(self, task_id: str, limit: int) -> str:
+        """The last `limit` bytes of a task's output, as text (for a market's tenant to
+        see why its lease ended); "" when it has none or its node does not answer."""
+        with self.store.read() as r:
+            task = r.tasks.get(task_id)
+        if task is None:
+            return ""
+        _, data = self._read_log(task, -limit, limit)
+        return data.decode("utf-8", errors="replace")
+
     def log(self, ref: str, who: TokenRecord, offset: int, limit: int) -> tuple[int, bytes]:
         """Up to `limit` bytes of the task's output from `offset`, and where they start."""
         return self._read_log(self.visible(ref, who), offset, limit)
 
-    async def follow(self, ref: str, who: TokenRecord, offset: int) -> AsyncIterator[str]:
+    async def follow(self, task_id: str, offset: int) -> AsyncIterator[str]:
         """Server-sent events: one `data:` event per chunk (text, never a character cut
         in two), `event: skipped` with the number of bytes dropped by the log's cap
         before the next chunk, `event: end` when done. One chunk at a time: a follower
-        costs the daemon the same memory however much the task writes."""
-        task_id = (await asyncio.to_thread(self.visible, ref, who)).id
+        costs the daemon the same memory however much the task writes. The caller
+        checked, before the stream began, that `task_id` is the follower's to see."""
         position = offset
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:

@@ -8,8 +8,7 @@ from typing import Any
 
 from gpuprovider.domain.records import (
     AllocationRecord,
-    EventRecord,
-    NodeEventRecord,
+    JournalRow,
     NodeRecord,
     TaskRecord,
     TokenRecord,
@@ -21,7 +20,7 @@ def task_view(
     task: TaskRecord,
     allocation: AllocationRecord | None = None,
     node: NodeRecord | None = None,
-    events: list[EventRecord] | None = None,
+    events: list[JournalRow] | None = None,
 ) -> dict[str, Any]:
     view: dict[str, Any] = {
         "id": task.id,
@@ -68,14 +67,12 @@ def task_view(
                 name: f"http://{node.address}:{port}" for name, port in allocation.ports.items()
             }
     if events is not None:
-        view["events"] = [
-            {"at": e.at, "from": e.from_state, "to": e.to_state, "reason": e.reason} for e in events
-        ]
+        view["events"] = [e.brief() for e in events]
     return view
 
 
 def node_view(
-    node: NodeRecord, usability: Usability, events: list[NodeEventRecord] | None = None
+    node: NodeRecord, usability: Usability, events: list[JournalRow] | None = None
 ) -> dict[str, Any]:
     now = time.time()
     view: dict[str, Any] = {
@@ -102,10 +99,7 @@ def node_view(
         "last_heartbeat": node.last_heartbeat,
     }
     if events is not None:
-        view["events"] = [
-            {"at": e.at, "from": e.from_status, "to": e.to_status, "reason": e.reason}
-            for e in events
-        ]
+        view["events"] = [e.brief() for e in events]
     return view
 
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import insert, or_, select, update
 
 from gpuprovider.domain.nodes import NodeStatus
-from gpuprovider.domain.records import GpuRecord, NodeEventRecord, NodeRecord
+from gpuprovider.domain.records import GpuRecord, JournalRow, NodeRecord
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.store import schema as t
 from gpuprovider.store.rows import record
 
@@ -116,42 +117,30 @@ class NodeRepo:
         reason: str,
         prior_status: NodeStatus | None = None,
     ) -> None:
-        """Store a status change and its event. Only the lifecycle calls this: it checks
-        the change against the node status table first. A ready node shows no reason;
-        its event keeps one."""
+        """Store a status change and its journal row, guarded by the status read. Only
+        the lifecycle calls this: it checks the change against the node status table
+        first. A ready node shows no reason; its journal row keeps one."""
         shown = "" if target == NodeStatus.READY else reason
-        self.tx.conn.execute(
+        done = self.tx.conn.execute(
             update(t.nodes)
-            .where(t.nodes.c.id == node.id)
+            .where(t.nodes.c.id == node.id, t.nodes.c.status == node.status.value)
             .values(
                 status=target.value,
                 status_reason=shown,
                 prior_status=prior_status.value if prior_status else None,
             )
         )
-        self.event(node.id, node.status, target, reason)
+        if done.rowcount != 1:
+            raise Stale("node", node.id)
+        self.tx.journal.write("node", node.id, "", node.status.value, target.value, reason)
         node.status, node.status_reason, node.prior_status = target, shown, prior_status
 
-    def event(
-        self, node_id: str, source: NodeStatus | None, target: NodeStatus, reason: str
-    ) -> None:
-        self.tx.conn.execute(
-            insert(t.node_events).values(
-                node_id=node_id,
-                at=self.tx.now,
-                from_status=source.value if source else None,
-                to_status=target.value,
-                reason=reason,
-            )
-        )
+    def registered(self, node: NodeRecord, reason: str) -> None:
+        """The journal row of a node that registers for the first time."""
+        self.tx.journal.write("node", node.id, "", None, node.status.value, reason)
 
-    def events(self, node_id: str) -> list[NodeEventRecord]:
-        rows = self.tx.conn.execute(
-            select(t.node_events)
-            .where(t.node_events.c.node_id == node_id)
-            .order_by(t.node_events.c.id)
-        )
-        return [record(NodeEventRecord, r) for r in rows]
+    def events(self, node_id: str) -> list[JournalRow]:
+        return self.tx.journal.of("node", node_id)
 
     def gpu(self, uuid: str) -> GpuRecord | None:
         row = self.tx.conn.execute(select(t.gpus).where(t.gpus.c.uuid == uuid)).first()

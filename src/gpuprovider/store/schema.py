@@ -66,18 +66,6 @@ nodes = Table(
     Column("prior_status", String(16)),  # while unreachable: the status it returns to
 )
 
-# Every node status change, with its reason (the node's side of `events`).
-node_events = Table(
-    "node_events",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("node_id", String(64), nullable=False, index=True),
-    Column("at", Float, nullable=False),
-    Column("from_status", String(16)),
-    Column("to_status", String(16), nullable=False),
-    Column("reason", Text, nullable=False),
-)
-
 gpus = Table(
     "gpus",
     metadata,
@@ -130,14 +118,17 @@ tasks = Table(
     Column("idempotency_key", String(255)),
     # A service's failures in a row that came soon after its start: its restart backoff.
     Column("crash_streak", Integer, nullable=False, default=0, server_default="0"),
-    # The service this task is a replica of.
-    Column("service_id", String(32), index=True),
+    # What the task belongs to, if anything ("service": a replica; "lease": a market's
+    # work): its owner's rule hears each transition, in the same transaction.
+    Column("owner_kind", String(16)),
+    Column("owner_id", String(64)),
     UniqueConstraint("tenant", "live_name", name="uq_tasks_tenant_live_name"),
     UniqueConstraint("tenant", "idempotency_key", name="uq_tasks_tenant_idempotency_key"),
 )
 Index("ix_tasks_name", tasks.c.name)
 Index("ix_tasks_created_at", tasks.c.created_at)
 Index("ix_tasks_gang", tasks.c.gang)
+Index("ix_tasks_owner", tasks.c.owner_id, tasks.c.owner_kind)
 
 allocations = Table(
     "allocations",
@@ -157,16 +148,23 @@ allocations = Table(
     Column("released_at", Float),
 )
 
-events = Table(
-    "events",
+# Every transition of every aggregate (task, node, service, lease, ...), one row each,
+# and notes of what changed without a change of state (from_state == to_state): the one
+# feed the CLI, the API's /events and the dashboard follow, by `id` (the cursor).
+journal = Table(
+    "journal",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("task_id", String(32), ForeignKey("tasks.id"), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("subject", String(64), nullable=False),
+    Column("tenant", String(64), nullable=False, server_default=""),  # "": the provider's
     Column("at", Float, nullable=False),
-    Column("from_state", String(16)),
-    Column("to_state", String(16), nullable=False),
+    Column("from_state", String(24)),  # None: the aggregate was made
+    Column("to_state", String(24), nullable=False),
     Column("reason", Text, nullable=False),
 )
+Index("ix_journal_subject", journal.c.subject, journal.c.kind)
+Index("ix_journal_tenant", journal.c.tenant, journal.c.id)
 
 # The latest proof-of-GPU verdict per GPU, signed by its verifier (`signed`: the verdict
 # and signature as posted; verifier_key "" for verdicts stored before schema 6).
@@ -249,19 +247,13 @@ services = Table(
     Column("spec", JSON, nullable=False),
     Column("replicas", Integer, nullable=False),  # wanted now (autoscale moves it)
     Column("next_replica", Integer, nullable=False),  # numbers replica names
-    Column("state", String(16), nullable=False),  # live, stopped
+    Column("state", String(16), nullable=False),  # ServiceState
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
-)
-
-# Every scaling decision and replacement, with its reason.
-service_events = Table(
-    "service_events",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("service_id", String(32), nullable=False, index=True),
-    Column("at", Float, nullable=False),
-    Column("reason", Text, nullable=False),
+    Column("owner_kind", String(16)),  # a lease's service: the lease hears its transitions
+    Column("owner_id", String(64)),
+    # replicas being drained (task id -> since when): the router sends them nothing new
+    Column("draining", JSON, nullable=False, server_default="{}"),
 )
 
 # The provider's side of each market lease (migration 0007): the order as it came, what
@@ -270,7 +262,7 @@ market_leases = Table(
     "market_leases",
     metadata,
     Column("id", String(64), primary_key=True),
-    Column("market", String(64), nullable=False, index=True),
+    Column("market", String(64), nullable=False),
     Column("state", String(24), nullable=False),
     Column("order", JSON, nullable=False),
     Column("model", String(64), nullable=False, server_default=""),
@@ -292,7 +284,10 @@ market_leases = Table(
     Column("requests_mark", String(64), nullable=False, server_default=""),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # migration 0009: the service that realises a service lease (its task is a replica)
+    Column("service_id", String(32)),
 )
+Index("ix_market_leases_state", market_leases.c.market, market_leases.c.state)
 
 # Where each market's event stream was read up to, and this provider's standing there.
 market_cursors = Table(

@@ -1,4 +1,4 @@
-"""Services: replica sets behind the gateway, and their events."""
+"""Services: replica sets behind the gateway. Their history is in the journal."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
 
-from gpuprovider.domain.records import ServiceRecord
+from gpuprovider.domain.records import JournalRow, OwnerKind, ServiceRecord
+from gpuprovider.domain.services import ACTIVE, ServiceState
 from gpuprovider.domain.spec import TaskSpec
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.store import schema as t
 from gpuprovider.store.rows import record
 
@@ -17,15 +19,31 @@ if TYPE_CHECKING:
     from gpuprovider.store.store import Tx
 
 _COLUMNS = [t.services.c[f.name] for f in fields(ServiceRecord)]
+_ACTIVE = [s.value for s in ACTIVE]
+
+
+def _service(row: Any) -> ServiceRecord:
+    service = record(ServiceRecord, row)
+    service.state = ServiceState(service.state)
+    service.draining = dict(service.draining or {})
+    return service
 
 
 class ServiceRepo:
     def __init__(self, tx: Tx):
         self.tx = tx
 
-    def insert(self, name: str, tenant: str, spec: TaskSpec, replicas: int) -> ServiceRecord:
-        """IntegrityError when a live service has the name."""
-        values = dict(
+    def insert(
+        self,
+        name: str,
+        tenant: str,
+        spec: TaskSpec,
+        replicas: int,
+        owner: tuple[OwnerKind, str] | None = None,
+    ) -> ServiceRecord:
+        """A new service, starting, with its journal row. IntegrityError when an active
+        service has the name."""
+        values: dict[str, Any] = dict(
             id="s-" + secrets.token_hex(6),
             name=name,
             live_name=name,
@@ -33,62 +51,88 @@ class ServiceRepo:
             spec=spec.model_dump(mode="json", exclude_defaults=True),
             replicas=replicas,
             next_replica=0,
-            state="live",
+            state=ServiceState.STARTING.value,
             created_at=self.tx.now,
             updated_at=self.tx.now,
+            owner_kind=owner[0].value if owner else None,
+            owner_id=owner[1] if owner else None,
+            draining={},
         )
         self.tx.conn.execute(insert(t.services).values(**values))
         values.pop("live_name")
-        return ServiceRecord(**values)
+        service = ServiceRecord(**values)
+        service.state = ServiceState.STARTING
+        self.tx.journal.write(
+            "service", service.id, tenant, None, service.state.value, f"started by {tenant}"
+        )
+        return service
 
     def get(self, ref: str, tenant: str | None = None) -> ServiceRecord | None:
-        """A service by id, else the live one of that name (else the latest of it)."""
+        """A service by id, else the active one of that name (else the latest of it)."""
         c = t.services.c
         query = select(*_COLUMNS).where((c.id == ref) | (c.name == ref))
         if tenant is not None:
             query = query.where(c.tenant == tenant)
         query = query.order_by(
-            (c.id == ref).desc(), (c.state == "live").desc(), c.created_at.desc()
+            (c.id == ref).desc(), c.state.in_(_ACTIVE).desc(), c.created_at.desc()
         )
         row = self.tx.conn.execute(query.limit(1)).first()
-        return record(ServiceRecord, row) if row else None
+        return _service(row) if row else None
 
     def live_named(self, name: str) -> ServiceRecord | None:
         row = self.tx.conn.execute(select(*_COLUMNS).where(t.services.c.live_name == name)).first()
-        return record(ServiceRecord, row) if row else None
+        return _service(row) if row else None
 
-    def list(self, tenant: str | None = None, live: bool = True) -> list[ServiceRecord]:
+    def list(self, tenant: str | None = None, active: bool = True) -> list[ServiceRecord]:
         c = t.services.c
         query = select(*_COLUMNS).order_by(c.name)
         if tenant is not None:
             query = query.where(c.tenant == tenant)
-        if live:
-            query = query.where(c.state == "live")
-        return [record(ServiceRecord, r) for r in self.tx.conn.execute(query)]
+        if active:
+            query = query.where(c.state.in_(_ACTIVE))
+        return [_service(r) for r in self.tx.conn.execute(query)]
+
+    def draining_any(self) -> list[ServiceRecord]:
+        """Services with replicas being drained (the service loop finishes them)."""
+        return [s for s in self.list() if s.draining]
 
     def update(self, service: ServiceRecord, **changes: Any) -> None:
-        if changes.get("state") == "stopped":
-            changes["live_name"] = None
+        """Change fields other than the state (the lifecycle changes that)."""
         self.tx.conn.execute(
             update(t.services)
             .where(t.services.c.id == service.id)
             .values(updated_at=self.tx.now, **changes)
         )
-        changes.pop("live_name", None)
         for key, value in changes.items():
             setattr(service, key, value)
 
-    def event(self, service_id: str, reason: str) -> None:
-        self.tx.conn.execute(
-            insert(t.service_events).values(service_id=service_id, at=self.tx.now, reason=reason)
+    def write_transition(
+        self, service: ServiceRecord, target: ServiceState, reason: str, changes: dict[str, Any]
+    ) -> None:
+        """Store a state change guarded by the state read, with its journal row."""
+        values = dict(changes, state=target.value, updated_at=self.tx.now)
+        if target not in ACTIVE:
+            values["live_name"] = None
+        done = self.tx.conn.execute(
+            update(t.services)
+            .where(t.services.c.id == service.id, t.services.c.state == service.state.value)
+            .values(**values)
         )
+        if done.rowcount != 1:
+            raise Stale("service", service.id)
+        self.tx.journal.write(
+            "service", service.id, service.tenant, service.state.value, target.value, reason
+        )
+        values.pop("live_name", None)
+        for key, value in values.items():
+            setattr(service, key, value)
+        service.state = target
 
-    def events(self, service_id: str, limit: int = 50) -> list[dict[str, Any]]:
-        c = t.service_events.c
-        rows = self.tx.conn.execute(
-            select(c.at, c.reason)
-            .where(c.service_id == service_id)
-            .order_by(c.id.desc())
-            .limit(limit)
-        )
-        return [{"at": r.at, "reason": r.reason} for r in rows]
+    def note(self, service: ServiceRecord, reason: str) -> None:
+        """A decision that left the service's state as it was (scaling, a replacement)."""
+        state = service.state.value
+        self.tx.journal.write("service", service.id, service.tenant, state, state, reason)
+
+    def events(self, service_id: str, limit: int = 50) -> list[JournalRow]:
+        """The latest of the service's journal, newest first."""
+        return self.tx.journal.latest("service", service_id, limit)

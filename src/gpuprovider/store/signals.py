@@ -20,6 +20,8 @@ class Signal(StrEnum):
     PLACED = "placed"  # tasks (ids) placed: the executor starts them
     STOP = "stop"  # tasks (ids) whose process must stop: cancel, preemption, drain
     EXITED = "exited"  # a backend saw task processes end (not from the store)
+    JOURNAL = "journal"  # rows were added to the journal: its followers read them
+    LEASES = "leases"  # market leases (ids) changed: their market reports them
 
 
 Fired = dict[Signal, set[str]]

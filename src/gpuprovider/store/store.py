@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, literal, select
 
 from gpuprovider.store.checks import CheckRepo
+from gpuprovider.store.journal import JournalRepo
 from gpuprovider.store.market import MarketRepo
 from gpuprovider.store.nodes import NodeRepo
 from gpuprovider.store.proofs import ProofRepo
@@ -68,6 +69,7 @@ class Tx:
         self.conn = conn
         self.now = now
         self.fired: Fired = {}
+        self.journaled = False  # whether this transaction wrote to the journal
 
     def answers(self) -> bool:
         """A read that costs the store nothing: whether it answers at all."""
@@ -76,6 +78,10 @@ class Tx:
     def signal(self, signal: Signal, *subjects: str) -> None:
         """Note what this transaction changed, published once it commits."""
         self.fired.setdefault(signal, set()).update(subjects)
+
+    @cached_property
+    def journal(self) -> JournalRepo:
+        return JournalRepo(self)
 
     @cached_property
     def tasks(self) -> TaskRepo:
@@ -142,6 +148,10 @@ class Store:
         with self._writing, self.engine.begin() as conn:
             tx = Tx(conn, time.time())
             yield tx
+            if tx.journaled:
+                tx.journal.flush()
+        if tx.journaled:
+            tx.signal(Signal.JOURNAL)
         if tx.fired:
             self.signals.publish(tx.fired)
 

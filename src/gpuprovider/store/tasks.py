@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 
-from gpuprovider.domain.records import SPECS, AllocationRecord, EventRecord, TaskRecord
+from gpuprovider.domain.records import SPECS, AllocationRecord, JournalRow, OwnerKind, TaskRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
+from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.store import schema as t
 from gpuprovider.store.rows import record
 
@@ -20,15 +21,10 @@ if TYPE_CHECKING:
     from gpuprovider.store.store import Tx
 
 
-class StaleTask(RuntimeError):
-    """The task changed since it was read; the caller re-reads and decides again."""
-
-
 # Tasks are read often: select their columns in the record's field order and build
 # records positionally. Statements are constants, so SQLAlchemy compiles each once.
 _SELECT_TASKS = select(*[t.tasks.c[f.name] for f in fields(TaskRecord)])
 _INSERT_TASK = insert(t.tasks)
-_INSERT_EVENT = insert(t.events)
 _INSERT_ALLOCATION = insert(t.allocations)
 _UPDATE_GUARDED = update(t.tasks).where(
     t.tasks.c.id == bindparam("b_id"), t.tasks.c.version == bindparam("b_version")
@@ -114,10 +110,11 @@ class TaskRepo:
         spec: TaskSpec,
         tenant: str,
         idempotency_key: str | None = None,
-        service_id: str | None = None,
+        owner: tuple[OwnerKind, str] | None = None,
     ) -> TaskRecord:
-        """Store a validated spec as `submitted`, with its event. IntegrityError when a
-        live task of the tenant has the name, or a task of the tenant has the key."""
+        """Store a validated spec as `submitted`, with its journal row. IntegrityError
+        when a live task of the tenant has the name, or a task of the tenant has the key.
+        `owner`: what the task belongs to (its service, its lease)."""
         now = self.tx.now
         values: dict[str, Any] = dict(
             id=new_task_id(),
@@ -146,10 +143,13 @@ class TaskRepo:
             version=0,
             crash_streak=0,
             idempotency_key=idempotency_key,
-            service_id=service_id,
+            owner_kind=owner[0].value if owner else None,
+            owner_id=owner[1] if owner else None,
         )
         self.tx.conn.execute(_INSERT_TASK, values)
-        self._event(values["id"], None, TaskState.SUBMITTED, f"submitted by {tenant}")
+        self.tx.journal.write(
+            "task", values["id"], tenant, None, TaskState.SUBMITTED.value, f"submitted by {tenant}"
+        )
         values.pop("live_name")
         values.pop("idempotency_key")
         SPECS.put(values["id"], spec)
@@ -160,8 +160,9 @@ class TaskRepo:
     def write_transition(
         self, task: TaskRecord, target: TaskState, reason: str, changes: dict[str, Any]
     ) -> None:
-        """Store a state change, guarded by the task's version, and its event; update
-        `task` to match. StaleTask when anything else changed the task since it was read."""
+        """Store a state change, guarded by the task's version, and its journal row;
+        update `task` to match. Stale when anything else changed the task since it was
+        read."""
         values = dict(changes)
         values.update(
             state=target.value,
@@ -176,24 +177,12 @@ class TaskRepo:
             _UPDATE_GUARDED, {**values, "b_id": task.id, "b_version": task.version}
         )
         if done.rowcount != 1:
-            raise StaleTask(task.id)
-        self._event(task.id, task.state, target, reason)
+            raise Stale("task", task.id)
+        self.tx.journal.write("task", task.id, task.tenant, task.state.value, target.value, reason)
         for key, value in values.items():
             if hasattr(task, key):
                 setattr(task, key, value)
         task.state = target
-
-    def _event(self, task_id: str, source: TaskState | None, target: TaskState, why: str) -> None:
-        self.tx.conn.execute(
-            _INSERT_EVENT,
-            {
-                "task_id": task_id,
-                "at": self.tx.now,
-                "from_state": source.value if source else None,
-                "to_state": target.value,
-                "reason": why,
-            },
-        )
 
     def write_fields(self, task: TaskRecord, **fields: Any) -> None:
         """Change fields of a task without changing its state (no event), guarded by
@@ -203,7 +192,7 @@ class TaskRepo:
             _UPDATE_GUARDED, {**values, "b_id": task.id, "b_version": task.version}
         )
         if done.rowcount != 1:
-            raise StaleTask(task.id)
+            raise Stale("task", task.id)
         for key, value in values.items():
             setattr(task, key, value)
 
@@ -327,14 +316,11 @@ class TaskRepo:
 
     def transitions(self) -> dict[str, int]:
         """Every task transition ever made, by the state it entered."""
-        query = select(t.events.c.to_state, func.count()).group_by(t.events.c.to_state)
-        return {state: n for state, n in self.tx.conn.execute(query)}
+        return self.tx.journal.counts("task")
 
     def failure_reasons(self) -> dict[str, int]:
         """How many times tasks failed, by reason as written."""
-        c = t.events.c
-        query = select(c.reason, func.count()).where(c.to_state == "failed").group_by(c.reason)
-        return {reason: n for reason, n in self.tx.conn.execute(query)}
+        return self.tx.journal.reasons("task", TaskState.FAILED.value)
 
     def replicas(self, service_ids: Iterable[str]) -> dict[str, list[TaskRecord]]:
         """The live replica tasks of each service, oldest first, in one query."""
@@ -343,7 +329,9 @@ class TaskRepo:
         if not wanted:
             return found
         query = (
-            _SELECT_TASKS.where(t.tasks.c.service_id.in_(wanted))
+            _SELECT_TASKS.where(
+                t.tasks.c.owner_id.in_(wanted), t.tasks.c.owner_kind == OwnerKind.SERVICE.value
+            )
             .where(t.tasks.c.state.not_in([s.value for s in TERMINAL]))
             .order_by(t.tasks.c.created_at)
         )
@@ -352,11 +340,17 @@ class TaskRepo:
             found[task.service_id].append(task)
         return found
 
-    def events(self, task_id: str) -> list[EventRecord]:
-        rows = self.tx.conn.execute(
-            select(t.events).where(t.events.c.task_id == task_id).order_by(t.events.c.id)
+    def events(self, task_id: str) -> list[JournalRow]:
+        return self.tx.journal.of("task", task_id)
+
+    def owned(self, kind: OwnerKind, owner_id: str, live: bool = False) -> list[TaskRecord]:
+        """The tasks of one owner (only those not ended, with `live`), oldest first."""
+        query = _SELECT_TASKS.where(
+            t.tasks.c.owner_id == owner_id, t.tasks.c.owner_kind == kind.value
         )
-        return [record(EventRecord, r) for r in rows]
+        if live:
+            query = query.where(t.tasks.c.state.not_in([s.value for s in TERMINAL]))
+        return [_task(r) for r in self.tx.conn.execute(query.order_by(t.tasks.c.created_at))]
 
     def allocation(self, task_id: str) -> AllocationRecord | None:
         """The task's latest allocation, active or not."""

@@ -20,6 +20,9 @@ from typing import Any
 
 import httpx
 
+from gpuprovider.config import AlertsConfig
+from gpuprovider.domain.durations import parse_duration
+
 log = logging.getLogger(__name__)
 
 
@@ -170,3 +173,24 @@ class Alerter:
         except (OSError, smtplib.SMTPException) as exc:
             return Delivery(target, False, f"{type(exc).__name__}: {exc}")
         return Delivery(target, True, "sent")
+
+
+def alerter_for(config: AlertsConfig) -> Alerter:
+    """The alerter [alerts] asks for."""
+    smtp = config.smtp
+    return Alerter(
+        [str(url) for url in config.webhooks],
+        Smtp(
+            smtp.host,
+            smtp.port,
+            smtp.sender,
+            tuple(smtp.to),
+            smtp.starttls,
+            smtp.username,
+            smtp.password_file,
+        )
+        if smtp
+        else None,
+        parse_duration(config.resend_interval),
+        config.timeout_s,
+    )

@@ -14,39 +14,27 @@ what alerts resend on. Acting on findings is `service/repair.py`'s work."""
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
+from gpuprovider.config import RepairConfig
+from gpuprovider.domain.durations import parse_duration
+from gpuprovider.domain.repair import BENIGN_XIDS, DISRUPTIVE, RepairAction, RepairRule, Signal
 from gpuprovider.telemetry.gpus import GpuSample
 from gpuprovider.telemetry.kernel_log import Xid
 
-# NVIDIA's XID catalogue: these mean an application's own fault or a recovered event;
-# no rule may cordon, drain, reschedule or reset on them.
-BENIGN_XIDS = frozenset({13, 31, 43, 45, 63, 94})
-
-Signal = Literal[
-    "xid",
-    "ecc_uncorrected",
-    "ecc_corrected",
-    "retired_pages",
-    "pcie_replays",
-    "nvlink_errors",
-    "temperature",
-    "gpu_lost",
-    "row_remap_failure",
-    "row_remap_pending",
-    "node_unreachable",
+__all__ = [
+    "BENIGN_XIDS",
+    "DEFAULT_RULES",
+    "DISRUPTIVE",
+    "RepairAction",
+    "RepairRule",
+    "Signal",
+    "merge_rules",
+    "parse_duration",
+    "rules_in_force",
 ]
-Action = Literal[
-    "warn", "cordon_gpu", "cordon_node", "drain", "reschedule", "reset_gpu", "remove_node", "alert"
-]
-DISRUPTIVE = frozenset(
-    {"cordon_gpu", "cordon_node", "drain", "reschedule", "reset_gpu", "remove_node"}
-)
 
 
 def _sum(values: dict[str, int], *keys: str) -> float | None:
@@ -81,67 +69,6 @@ LEVELS: dict[str, Any] = {
     "row_remap_pending": lambda s: _flag(s.row_remap_pending),
 }
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(text: str | float | int) -> float:
-    """Seconds in `90`, `90s`, `10m`, `1h30m`; ValueError saying what is expected."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"{text} is negative; a duration is at least 0")
-        return float(text)
-    found = _DURATION.match(str(text).strip()) if str(text).strip() else None
-    if found is None or not any(found.groups()):
-        raise ValueError(f"{text!r} is not a duration; write e.g. 30s, 10m, 1h or 1h30m")
-    hours, minutes, seconds = (float(g or 0) for g in found.groups())
-    return hours * 3600 + minutes * 60 + seconds
-
-
-class RepairRule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    signal: Signal
-    xids: list[int] = Field(default_factory=list)
-    threshold: float = Field(1.0, ge=0)
-    window: str = "0s"
-    actions: list[Action] = Field(min_length=1)
-    enabled: bool = True
-
-    @field_validator("window", mode="before")
-    @classmethod
-    def _duration(cls, value: object) -> str:
-        parse_duration(value)  # type: ignore[arg-type]
-        return str(value)
-
-    @property
-    def window_s(self) -> float:
-        return parse_duration(self.window)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RepairRule:
-        if self.signal == "xid":
-            if not self.xids:
-                raise ValueError(f"rule {self.name}: signal xid needs the XIDs it acts on (xids)")
-            benign = sorted(BENIGN_XIDS & set(self.xids))
-            disruptive = sorted(DISRUPTIVE & set(self.actions))
-            if benign and disruptive:
-                raise ValueError(
-                    f"rule {self.name}: XIDs {benign} are benign (an application's own error or "
-                    f"a recovered event); a rule on them may only warn or alert, not "
-                    f"{', '.join(disruptive)}"
-                )
-        elif self.xids:
-            raise ValueError(f"rule {self.name}: xids apply to signal xid only")
-        if self.signal == "node_unreachable" and {"cordon_gpu", "reset_gpu"} & set(self.actions):
-            raise ValueError(f"rule {self.name}: node_unreachable concerns a node, not a GPU")
-        if "remove_node" in self.actions and self.signal != "node_unreachable":
-            raise ValueError(
-                f"rule {self.name}: remove_node is for signal node_unreachable only (a node "
-                "that answers is drained or cordoned, and removed by a person)"
-            )
-        return self
-
 
 def _rule(name: str, signal: str, actions: list[str], **more: Any) -> RepairRule:
     return RepairRule(name=name, signal=signal, actions=actions, **more)
@@ -172,6 +99,11 @@ DEFAULT_RULES = [
     # before), out of every count of capacity; it returns as itself if it registers again
     _rule("node-lost", "node_unreachable", ["remove_node", "alert"], window="15m"),
 ]
+
+
+def rules_in_force(config: RepairConfig) -> list[RepairRule]:
+    """The shipped rules with [repair] rules on top."""
+    return merge_rules(DEFAULT_RULES, config.rules)
 
 
 def merge_rules(defaults: list[RepairRule], configured: list[RepairRule]) -> list[RepairRule]:

@@ -1,18 +1,18 @@
 """/gpus: every GPU of the pool, and cordons on one."""
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from gpuprovider.api.deps import Admin, Reader, Svc
-from gpuprovider.api.routers import ERRORS, answer
+from gpuprovider.api.routers import ERRORS, answer, listing
 from gpuprovider.api.schemas import CordonIn, GpuCordonOut, GpuOut
 
 router = APIRouter(prefix="/gpus", tags=["gpus"], responses=ERRORS)
 
 
 @router.get("", response_model=list[GpuOut])
-async def gpus(who: Reader, svc: Svc) -> JSONResponse:
-    return answer(await svc.read(svc.nodes.gpus, who))
+async def gpus(who: Reader, svc: Svc) -> Response:
+    return await listing(svc, svc.nodes.gpus, who)
 
 
 @router.post("/{uuid}/cordon", response_model=GpuCordonOut)

@@ -1,10 +1,10 @@
 """/nodes: the pool, operators' actions on it, and check results."""
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from gpuprovider.api.deps import Admin, Reader, Svc
-from gpuprovider.api.routers import ERRORS, answer
+from gpuprovider.api.routers import ERRORS, answer, listing
 from gpuprovider.api.schemas import (
     CheckRunIn,
     ChecksSavedOut,
@@ -22,8 +22,8 @@ router = APIRouter(prefix="/nodes", tags=["nodes"], responses=ERRORS)
 
 
 @router.get("", response_model=list[NodeOut])
-async def nodes(who: Reader, svc: Svc, removed: bool = False) -> JSONResponse:
-    return answer(await svc.read(svc.nodes.list, removed))
+async def nodes(who: Reader, svc: Svc, removed: bool = False) -> Response:
+    return await listing(svc, svc.nodes.list, removed)
 
 
 @router.get("/{ref}", response_model=NodeDetailOut)

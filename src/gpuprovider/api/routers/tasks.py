@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from gpuprovider.api.deps import Reader, Submitter, Svc
-from gpuprovider.api.routers import ERRORS, answer
+from gpuprovider.api.routers import ERRORS, answer, listing
 from gpuprovider.api.schemas import DryRunOut, EventOut, TaskDetailOut, TaskOut
 from gpuprovider.domain.spec import TaskSpec
 
@@ -43,6 +43,7 @@ async def submit(
 ) -> JSONResponse:
     if dry_run:
         return answer(await svc.slow(svc.tasks.dry_run, spec, who))
+    await svc.slow(svc.tasks.check_runnable, spec)  # may ask the container engine
     task, created = await svc.write(svc.tasks.submit, spec, who, idempotency_key)
     if created:
         return answer(task, 201)
@@ -57,8 +58,8 @@ async def list_tasks(
     name: str | None = None,
     kind: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
-) -> JSONResponse:
-    return answer(await svc.read(svc.tasks.list, who, state or [], name, kind, limit))
+) -> Response:
+    return await listing(svc, svc.tasks.list, who, state or [], name, kind, limit)
 
 
 @router.get("/{ref}", response_model=TaskDetailOut)
@@ -104,8 +105,9 @@ async def logs(
     """The task's output (stdout and stderr), up to `limit` bytes from `offset` (counted
     from the first byte the task wrote); with `follow`, server-sent events until the
     task ends."""
-    if follow:
-        return StreamingResponse(svc.tasks.follow(ref, who, offset), media_type="text/event-stream")
+    if follow:  # whose task it is is settled before the stream starts: 404 otherwise
+        task = await svc.read(svc.tasks.visible, ref, who)
+        return StreamingResponse(svc.tasks.follow(task.id, offset), media_type="text/event-stream")
     start, data = await svc.slow(svc.tasks.log, ref, who, offset, limit)
     headers = {"X-Log-Start": str(start), "X-Log-Next": str(start + len(data))}
     return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
