@@ -272,7 +272,8 @@ def idle_figures(provider: Provider, settle_s: float = 3.0, window_s: float = 10
 
 
 def fill_finished(url: str, count: int) -> None:
-    """`count` finished tasks with their events, as a long-lived provider accumulates."""
+    """`count` finished tasks with their journal rows, as a long-lived provider
+    accumulates."""
     store = Store(url)
     now = time.time()
     tasks, events = [], []
@@ -309,7 +310,9 @@ def fill_finished(url: str, count: int) -> None:
         ):
             events.append(
                 {
-                    "task_id": task_id,
+                    "kind": "task",
+                    "subject": task_id,
+                    "tenant": "admin",
                     "at": now,
                     "from_state": src,
                     "to_state": dst,
@@ -318,7 +321,7 @@ def fill_finished(url: str, count: int) -> None:
             )
     with store.engine.begin() as conn:
         conn.execute(insert(schema.tasks), tasks)
-        conn.execute(insert(schema.events), events)
+        conn.execute(insert(schema.journal), events)
     store.close()
 
 
