@@ -107,7 +107,7 @@ def nginx_config(
     except ConfigError as exc:
         if router is None:
             raise CliError(str(exc), 2) from None
-        g = GatewayConfig()  # no home here: the router's defaults
+        g = GatewayConfig.model_validate({})  # no home here: the router's defaults
     if router is None:
         router = f"{g.host}:{g.port}"
     limits = nginx.EdgeSettings(

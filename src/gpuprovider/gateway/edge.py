@@ -356,7 +356,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {EDGE_EXTENSION: Call()}
+        extensions: dict[str, Any] = {EDGE_EXTENSION: Call()}
+        self.scope["extensions"] = extensions  # type: ignore[typeddict-item]
         self.head_uncounted = self.phase is not Phase.WAITING
         self.phase = Phase.WAITING
         if self.wait is not Wait.HEAD:  # a fresh connection's deadline runs from its opening
@@ -382,9 +383,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.phase = Phase.BODY
         self.head_bytes = 0
         self._wait(Wait.BODY)
-        call = self.scope["extensions"][EDGE_EXTENSION]
+        call = call_of(self.scope)  # type: ignore[arg-type]
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.scope is self.scope:
+        if call is not None and self.cycle is not None and self.cycle.scope is self.scope:
             if self.calls:
                 self.calls = [(c, k) for c, k in self.calls if not c.response_complete]
             self.calls.append((self.cycle, call))
