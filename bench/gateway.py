@@ -405,12 +405,29 @@ def baseline_router(root: Path, home_root: Path, src: Path) -> tuple[subprocess.
         home_root, other, ignore=shutil.ignore_patterns("tasks", "*.db*", "*.sock", "gateway.log")
     )
     gport = free_port()
-    text = (other / "provider.toml").read_text()
-    gateway_port = re.search(r"(?ms)^\[gateway\].*?^port = (\d+)$", text)
-    assert gateway_port is not None
-    start, end = gateway_port.span(1)
-    (other / "provider.toml").write_text(text[:start] + str(gport) + text[end:])
     env = {**os.environ, "PYTHONPATH": str(src)}
+    # the [gateway] keys that checkout knows (an older one refuses newer keys)
+    known = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from gpuprovider.config import GatewayConfig as G; print(*G.model_fields)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    text = (other / "provider.toml").read_text()
+    head, _, rest = text.partition("[gateway]\n")
+    section, nl, tail = rest.partition("\n[")
+    lines = [
+        line
+        for line in section.splitlines()
+        if line.startswith("#") or not line.strip() or line.split(" = ")[0] in known
+    ]
+    section = re.sub(r"(?m)^port = \d+$", f"port = {gport}", "\n".join(lines))
+    (other / "provider.toml").write_text(f"{head}[gateway]\n{section}{nl}{tail}")
     with (other / "gateway.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpuprovider", "--home", str(other), "gateway"],
