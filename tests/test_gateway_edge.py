@@ -504,6 +504,14 @@ def test_provider_tokens_never_reach_a_public_replica_in_any_spelling(edge, toke
     assert not seen.get("authorization") and not seen.get("x-api-key")
 
 
+def test_a_provider_token_unknown_to_the_router_is_dropped_by_its_shape(edge):
+    """A metrics or verify token is not in the route table (it may call no service),
+    nor is one revoked a moment ago: still never a replica's to see."""
+    other = "gpp_" + "m" * 43
+    seen = _seen_by_replica(edge, "shape", {"Authorization": f"Token {other}", "X-Key": other})
+    assert other not in json.dumps(seen.headers)
+
+
 def test_a_public_replica_gets_the_callers_own_authorization(edge):
     for own in (APP_OWN, "Basic dXNlcjpwYXNz", "Bearer\tapp-own-key-0123456789abcdef"):
         assert _seen_by_replica(edge, "own", {"Authorization": own}).get("authorization") == [

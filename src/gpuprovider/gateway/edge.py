@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 import resource
 import socket
 import time
@@ -56,6 +57,7 @@ SUMMARY_EVERY_S = 60.0  # what the edge refused is logged at most this often, in
 # long (and this much) before closing: closing with unread bytes resets the connection,
 # and the caller would never read why (nginx's lingering close)
 LINGER_S = 2.0
+TIMEOUT_SPREAD = 0.1
 LINGER_BYTES = 8 << 20
 
 
@@ -286,23 +288,34 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.since = 0.0
         self.calls: list[tuple[Any, Call]] = []  # (cycle, call) of requests not answered
         self.lingering = -1  # bytes dropped after a refusal; -1: not refused
+        self.refused = False  # at connection: never set up, nothing to tear down
+        # each connection's timeouts are up to 10 % longer, its own share: connections
+        # opened together (a flood) time out spread over a while, not in one loop pass
+        # that would stall every other caller, and do not all come back at once
+        self.stretch = 1.0 + random.random() * TIMEOUT_SPREAD
 
     # -- connection ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        address = self.client[0] if self.client else ""
+        # admitted or refused before uvicorn sets the connection up: a flood of refused
+        # connections costs as little as it can
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple | list) and peer else ""
         self.client_key = client_key(address)
         trusted = self.edge.limits.trusted_proxies
         self.trusted = address in trusted or self.client_key in trusted
         refused = self.edge.admit(self)
         if refused is not None:
+            self.transport, self.refused = transport, True
             self._answer(*refused, extra=b"retry-after: 1\r\n")
             return
+        super().connection_made(transport)
         self.edge.waiting[self] = None
         self._wait(Wait.HEAD)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:  # uvicorn never knew it
+            return
         self._stop_timer()
         self.edge.release(self)
         for cycle, call in self.calls:
@@ -450,7 +463,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         wait = self.wait
         if wait is None or self.transport.is_closing():
             return  # busy answering: the next wait starts the timer again
-        left = self.since + getattr(self.edge.limits, wait.value) - self.loop.time()
+        timeout = getattr(self.edge.limits, wait.value) * self.stretch
+        left = self.since + timeout - self.loop.time()
         if left > 0 or (wait is Wait.BODY and self.flow.read_paused):
             # not yet; or the router itself is not reading the body (backpressure)
             self.timer = self.loop.call_later(
