@@ -14,7 +14,9 @@ work on bytes as they arrive, before the application sees a request.
 - **Timeouts**: a connection must deliver a whole request head `header_timeout_s` after
   it opened or after the head's first byte (a slowloris is closed, 408); between requests
   a connection may idle `keepalive_timeout_s`; a request body may pause `body_timeout_s`
-  between two reads (never while the router itself is not reading: backpressure).
+  between two reads (never while the router itself is not reading: backpressure). Each
+  connection's timeouts are up to 10 % longer, its own share, so that a flood's
+  connections time out spread out, not all in one pass of the event loop.
 - **Connections**: at most `max_connections_per_client` per caller address (an IPv6
   caller per /64; not for trusted proxies, whose callers they limit themselves: 429 and
   closed) and `max_connections` in total, which also fits the open-file limit. When all
