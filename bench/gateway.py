@@ -156,8 +156,18 @@ def held(port: int) -> int:
     return len(out.splitlines())
 
 
-def under_slow_clients(port: int, url: str, sources: list[str], count: int, seconds: float) -> dict:
-    """Real requests paced at 200/s while `count` slow clients hold what they can."""
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds of a server process and its children (nginx's workers) so far."""
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+def under_slow_clients(
+    port: int, url: str, sources: list[str], count: int, seconds: float, pid: int
+) -> dict:
+    """Real requests paced at 200/s while `count` slow clients hold what they can; the
+    server's CPU meanwhile (what a loaded machine cannot blur: the latencies it can)."""
     slow = subprocess.Popen(
         [sys.executable, "-c", SLOW_CLIENTS, str(port), str(count), ",".join(sources), "/s/echo/"],
         stdin=subprocess.PIPE,
@@ -176,10 +186,13 @@ def under_slow_clients(port: int, url: str, sources: list[str], count: int, seco
                 holding.append(held(port))
 
         sampler = threading.Thread(target=sample)
+        cpu = server_cpu_s(pid)
         sampler.start()
         latencies = asyncio.run(paced(url, 200, seconds))
         done.set()
         sampler.join()
+        cpu = server_cpu_s(pid) - cpu
+        load = os.getloadavg()[0]
         slow.stdin.close()
         told = json.loads(slow.stdout.readline())
     finally:
@@ -192,6 +205,8 @@ def under_slow_clients(port: int, url: str, sources: list[str], count: int, seco
         "slow_clients_told": told,
         "real_200rps": ms(latencies),
         "real_failed": FAILED.pop(url, 0),
+        "server_cpu_s": round(cpu, 2),
+        "load_average_1m": round(load, 1),
     }
 
 
@@ -449,16 +464,33 @@ def in_rounds(paths: dict[str, str], rounds: int, seconds: float) -> dict[str, d
     return {name: ms(values) for name, values in latencies.items()}
 
 
-def wrk_rounds(paths: dict[str, str], rounds: int, seconds: float) -> dict[str, float | None]:
-    """wrk on each path in turn, `rounds` times: each path's median requests/s."""
+def wrk_rounds(
+    paths: dict[str, str], rounds: int, seconds: float, pids: dict[str, int]
+) -> dict[str, dict[str, float | None]]:
+    """wrk on each path in turn, `rounds` times: each path's median requests/s, and for
+    the servers in `pids` their median CPU per request (which a machine busy with other
+    work blurs less than requests/s)."""
     seen: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, url in paths.items():
-            if (rps := wrk(url, max(1, round(seconds / rounds)))) is not None:
+            before = server_cpu_s(pids[name]) if name in pids else 0.0
+            span = max(1, round(seconds / rounds))
+            if (rps := wrk(url, span)) is not None:
                 seen[name].append(rps)
+                if name in pids and rps:
+                    cpu[name].append((server_cpu_s(pids[name]) - before) / (rps * span) * 1e6)
     return {
-        name: sorted(values)[len(values) // 2] if values else None for name, values in seen.items()
+        name: {
+            "rps": median(seen[name]),
+            "server_cpu_us_per_request": median(cpu[name]),
+        }
+        for name in paths
     }
+
+
+def median(values: list[float]) -> float | None:
+    return round(sorted(values)[len(values) // 2], 1) if values else None
 
 
 def router_files(home_root: Path) -> dict:
@@ -511,11 +543,18 @@ def main() -> None:
                 paths["nginx -> router"] = f"http://127.0.0.1:{nginx[1]}/s/echo/"
             if "latency" in only:
                 result["latency_500rps"] = in_rounds(paths, args.rounds, args.seconds)
+                result["load_average_1m_after_latency"] = round(os.getloadavg()[0], 1)
             if "throughput" in only:
+                pids = {"router": int((home.root / "gateway.pid").read_text())}
+                if baseline:
+                    pids["router (baseline)"] = baseline[0].pid
+                if nginx:
+                    pids["nginx -> replica"] = nginx[0].pid
                 result["throughput_rps"] = wrk_rounds(
                     {k: v for k, v in paths.items() if k != "nginx -> router"},
                     args.rounds,
                     args.seconds,
+                    pids,
                 )
             if "sse" in only:
                 result["sse_delay"] = {
@@ -528,12 +567,13 @@ def main() -> None:
                     )
             if "slow" in only:
                 twenty = [f"127.0.0.{i}" for i in range(2, 22)]
+                rpid = int((home.root / "gateway.pid").read_text())
                 result["slow_clients"] = {
                     "router, twenty addresses": under_slow_clients(
-                        gport, gateway + "/s/echo/", twenty, 2000, args.slow_seconds
+                        gport, gateway + "/s/echo/", twenty, 2000, args.slow_seconds, rpid
                     ),
                     "router, one address": under_slow_clients(
-                        gport, gateway + "/s/echo/", ["127.0.0.2"], 2000, args.slow_seconds
+                        gport, gateway + "/s/echo/", ["127.0.0.2"], 2000, args.slow_seconds, rpid
                     ),
                 }
                 if baseline:
@@ -544,6 +584,7 @@ def main() -> None:
                             twenty,
                             2000,
                             args.slow_seconds,
+                            baseline[0].pid,
                         )
                     )
                 if nginx:
@@ -554,6 +595,7 @@ def main() -> None:
                             twenty,
                             2000,
                             args.slow_seconds,
+                            nginx[0].pid,
                         )
                     )
             if baseline:  # its figures would mix with this router's in the daemon's
@@ -603,6 +645,7 @@ def main() -> None:
         print(
             f"2,000 slow clients, {name}: real p50 {real['p50_ms']} ms p99 {real['p99_ms']} ms, "
             f"{figures['real_failed']} failed; held {figures['held_min_median_max']}; "
+            f"server CPU {figures['server_cpu_s']} s, load {figures['load_average_1m']}; "
             f"slow ones told {figures['slow_clients_told']}"
         )
     if "failover" in result:
