@@ -18,6 +18,9 @@ real nginx from Debian in front, all in one run.
               the connections the router holds, and what the slow clients were told;
               nginx -> replica under the twenty-address flood beside it
 
+  protocol:   CPU per keep-alive request of uvicorn's httptools protocol and of the
+              router's edge protocol, in process with no sockets (what the edge adds)
+
 Latency and throughput are measured in rounds, each path in turn, so that a machine
 whose load changes meanwhile weighs on every path alike. `--baseline-src DIR` runs a
 second router from another checkout's sources (e.g. a worktree of main) beside this
@@ -25,7 +28,7 @@ one, on the same daemon and replica, measured in the same rounds and under the s
 slow clients: the before and after of a router change in one run.
 
 Usage: python bench/gateway.py [--seconds 10] [--rounds 5] [--slow-seconds 15]
-                               [--only latency,throughput,sse,failover,autoscale,slow]
+                               [--only protocol,latency,throughput,sse,failover,autoscale,slow]
                                [--baseline-src /path/to/other/src]
 Run it under `prlimit --nofile=1024:<hard>` to see the router raise its own limit (a
 router that does not stops answering with 2,000 slow clients and 1,024 files).
@@ -53,7 +56,12 @@ from pathlib import Path
 import aiohttp
 import httpx
 import psutil
+import uvloop
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
+from gpuprovider.gateway.edge import Edge, EdgeHttpProtocol, EdgeLimits
 from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -493,6 +501,80 @@ def median(values: list[float]) -> float | None:
     return round(sorted(values)[len(values) // 2], 1) if values else None
 
 
+class _Socketless(asyncio.Transport):
+    """A transport that writes nowhere: the protocol's own cost, without the kernel's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 8086)}.get(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def protocol_cost(requests: int, rounds: int) -> dict[str, float]:
+    """CPU per keep-alive request of uvicorn's httptools protocol and of the edge's,
+    in this process with no sockets (an application that answers at once): what the
+    edge adds to each request, apart from everything a loaded machine adds."""
+    answered = asyncio.Event()
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        await send(  # type: ignore[operator]
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+        answered.set()
+
+    head = (
+        b"GET /s/echo/ HTTP/1.1\r\nHost: 127.0.0.1:8086\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+    )
+
+    async def one(kind: str) -> float:
+        config = Config(
+            app, http="httptools", lifespan="off", proxy_headers=False, access_log=False
+        )
+        config.load()
+        if kind == "edge":
+            protocol: HttpToolsProtocol = EdgeHttpProtocol(
+                config, ServerState(), {}, edge=Edge(EdgeLimits(), 4096)
+            )
+        else:
+            protocol = HttpToolsProtocol(config, ServerState(), {})
+        protocol.connection_made(_Socketless())
+        began = time.process_time()
+        for _ in range(requests):
+            answered.clear()
+            protocol.data_received(head)
+            await answered.wait()
+            await asyncio.sleep(0)
+        return (time.process_time() - began) / requests * 1e6
+
+    async def both() -> dict[str, list[float]]:
+        seen: dict[str, list[float]] = {"httptools": [], "edge": []}
+        for _ in range(rounds):
+            for kind in seen:
+                seen[kind].append(await one(kind))
+        return seen
+
+    seen = uvloop.run(both())
+    return {f"{kind}_us_per_request": median(values) or 0.0 for kind, values in seen.items()}
+
+
 def router_files(home_root: Path) -> dict:
     """The router's open-file limit now, and what it said it runs with (its log)."""
     pid = int((home_root / "gateway.pid").read_text())
@@ -511,11 +593,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--slow-seconds", type=float, default=15.0)
     parser.add_argument("--baseline-src", type=Path, default=None)
-    parser.add_argument("--only", default="latency,throughput,sse,failover,autoscale,slow")
+    parser.add_argument("--only", default="protocol,latency,throughput,sse,failover,autoscale,slow")
     args = parser.parse_args()
     only = set(args.only.split(","))
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     result: dict = {"bench_open_files": resource.getrlimit(resource.RLIMIT_NOFILE)}
+    if "protocol" in only:
+        result["protocol_cpu"] = protocol_cost(20000, args.rounds)
     with tempfile.TemporaryDirectory(prefix="gpp-gateway-") as tmp:
         root = Path(tmp)
         port, gport = free_port(), free_port()
@@ -631,6 +715,8 @@ def main() -> None:
             p.cancel_all()
             p.stop()
             kill_task_processes(home)
+    if "protocol_cpu" in result:
+        print(f"protocol CPU per request (no sockets): {result['protocol_cpu']}")
     print(f"router open files: {result['router_open_files']}")
     if "baseline_router_open_files" in result:
         print(f"baseline router open files: {result['baseline_router_open_files']}")
