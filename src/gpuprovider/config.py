@@ -7,6 +7,7 @@ is a union keyed by `kind`: a key of another kind is an error naming it."""
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -274,6 +275,33 @@ class GatewayConfig(_Section):
     # A proxied request may wait this long for its next byte (long LLM streams).
     read_timeout_s: float = Field(3600.0, gt=0, le=7 * 86400)
     refresh_s: float = Field(0.5, gt=0, le=60)
+    # The router's edge (gateway/edge.py): request heads (request line and headers) over
+    # max_header_bytes or with over max_headers headers: 414/431; a head must arrive
+    # within header_timeout_s, a connection may idle keepalive_timeout_s between
+    # requests and a body pause body_timeout_s; connections per client address (not
+    # trusted proxies: 429) and in total (the longest-waiting one closed to make room).
+    max_header_bytes: int = Field(32768, ge=1024, le=1 << 20)
+    max_headers: int = Field(100, ge=8, le=10_000)
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    keepalive_timeout_s: float = Field(75.0, gt=0, le=3600)
+    body_timeout_s: float = Field(60.0, gt=0, le=86400)
+    max_connections: int = Field(4096, ge=16, le=1_000_000)
+    max_connections_per_client: int = Field(256, ge=1, le=1_000_000)
+    # Proxies in front (nginx) whose X-Forwarded-For/-Proto/-Host and X-Real-IP are
+    # believed and who are not limited per client (they limit their own callers).
+    trusted_proxies: list[str] = Field(["127.0.0.1", "::1"], max_length=64)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an IP address; write one address each, e.g. 10.0.0.5"
+                ) from None
+        return values
 
     @field_validator("domain")
     @classmethod
@@ -655,6 +683,23 @@ tls_key = "{d.gateway.tls_key}"
 read_timeout_s = {d.gateway.read_timeout_s}
 # How often the router fetches routes: a replica set change is routable within this.
 refresh_s = {d.gateway.refresh_s}
+# The edge: a request head (request line and headers) over max_header_bytes or with
+# more than max_headers headers is refused (414/431) before a replica sees it; it must
+# arrive within header_timeout_s (slow ones are closed), a connection may idle
+# keepalive_timeout_s between requests and a request body pause body_timeout_s.
+max_header_bytes = {d.gateway.max_header_bytes}
+max_headers = {d.gateway.max_headers}
+header_timeout_s = {d.gateway.header_timeout_s}
+keepalive_timeout_s = {d.gateway.keepalive_timeout_s}
+body_timeout_s = {d.gateway.body_timeout_s}
+# Connections held at once, in total (cut to what the open-file limit allows, which the
+# router raises to its hard limit) and per client address (429 beyond). When all are
+# taken, the one waiting longest for a request is closed to make room.
+max_connections = {d.gateway.max_connections}
+max_connections_per_client = {d.gateway.max_connections_per_client}
+# Proxies in front (nginx) whose X-Forwarded-* and X-Real-IP are believed, and which
+# are not limited per client. Empty: the router is the edge itself.
+trusted_proxies = {list(d.gateway.trusted_proxies)!r}
 
 [pricing]
 # What market orders are charged here, in currency units per hour (USD on the

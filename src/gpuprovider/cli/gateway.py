@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import ago, console, print_json, table
 from gpuprovider.cli.runnable import runnable_config
-from gpuprovider.config import ConfigError, load_config
+from gpuprovider.config import ConfigError, GatewayConfig, load_config
 from gpuprovider.gateway import nginx
+from gpuprovider.gateway.edge import Edge, EdgeHttpProtocol, EdgeLimits, EdgeWebSocketProtocol
 from gpuprovider.gateway.router import Router
 from gpuprovider.gateway.tls import is_domain, self_signed
 
@@ -43,13 +45,25 @@ def gateway(ctx: typer.Context) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per route fetch
+    limits = EdgeLimits(
+        max_header_bytes=g.max_header_bytes,
+        max_headers=g.max_headers,
+        header_timeout_s=g.header_timeout_s,
+        keepalive_timeout_s=g.keepalive_timeout_s,
+        body_timeout_s=g.body_timeout_s,
+        max_connections=g.max_connections,
+        max_connections_per_client=g.max_connections_per_client,
+        trusted_proxies=frozenset(g.trusted_proxies),
+    )
     router = Router(
         f"http://{config.api.host}:{config.api.port}",
         token,
         domain=g.domain,
         read_timeout_s=g.read_timeout_s,
         refresh_s=g.refresh_s,
+        trusted_proxies=limits.trusted_proxies,
     )
+    edge = Edge.for_process(limits)  # raises the open-file limit, logs what it runs with
     uvicorn.run(
         router,
         host=g.host,
@@ -58,11 +72,18 @@ def gateway(ctx: typer.Context) -> None:
         log_config=None,  # keep the logging set up above (httpx quiet)
         access_log=False,
         lifespan="on",
+        # uvicorn's own X-Forwarded-* handling would make a caller's claimed address the
+        # scope's client before the router sees it: the router decides whom to believe
+        proxy_headers=False,
         ssl_certfile=g.tls_cert or None,
         ssl_keyfile=g.tls_key or None,
-        timeout_keep_alive=75,
+        # uvicorn's own keep-alive timer; the edge's replaces it (fractions of a second too)
+        timeout_keep_alive=max(1, round(g.keepalive_timeout_s)),
         loop="uvloop",
-        http="httptools",
+        # httptools with the edge's limits (uvicorn's own bound no header size or count,
+        # and time out no request head)
+        http=functools.partial(EdgeHttpProtocol, edge=edge),  # type: ignore[arg-type]
+        ws=EdgeWebSocketProtocol,
         ws_max_size=64 << 20,
     )
 
@@ -77,15 +98,37 @@ def nginx_config(
     listen: str = typer.Option("443", help="nginx's TLS listen address."),
     http_listen: str = typer.Option("80", help="Plain HTTP, redirected to HTTPS."),
 ) -> None:
-    """Print an nginx configuration terminating TLS for *.DOMAIN in front of the router."""
-    if router is None:
-        try:
-            g = load_config(globals_of(ctx).home.config).gateway
-        except ConfigError as exc:
-            raise CliError(str(exc), 2) from None
-        router = f"{g.host}:{g.port}"
+    """Print an nginx configuration terminating TLS for *.DOMAIN in front of the router,
+    with the router's edge limits ([gateway]) set to match."""
     try:
-        print(nginx.render(domain, cert, key, router, listen, http_listen), end="")
+        g = load_config(globals_of(ctx).home.config).gateway
+    except ConfigError as exc:
+        if router is None:
+            raise CliError(str(exc), 2) from None
+        g = GatewayConfig.model_validate({})  # no home here: the router's defaults
+    if router is None:
+        router = f"{g.host}:{g.port}"
+    limits = nginx.EdgeSettings(
+        max_header_bytes=g.max_header_bytes,
+        header_timeout_s=g.header_timeout_s,
+        keepalive_timeout_s=g.keepalive_timeout_s,
+        body_timeout_s=g.body_timeout_s,
+        max_connections_per_client=g.max_connections_per_client,
+    )
+    try:
+        print(
+            nginx.render(
+                domain,
+                cert,
+                key,
+                router,
+                listen,
+                http_listen,
+                read_timeout_s=g.read_timeout_s,
+                edge=limits,
+            ),
+            end="",
+        )
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
 

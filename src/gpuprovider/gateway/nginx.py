@@ -5,6 +5,7 @@ operator's wildcard certificate)."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -20,6 +21,24 @@ _TEMPLATES = Environment(
 )
 
 
+@dataclass(frozen=True)
+class EdgeSettings:
+    """The router's edge limits ([gateway]), which nginx in front applies first."""
+
+    max_header_bytes: int = 32768
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    body_timeout_s: float = 60.0
+    max_connections_per_client: int = 256
+
+    @property
+    def header_buffer_bytes(self) -> int:
+        """nginx's large header buffer: a request line or a header must fit in one, a
+        head in four. What nginx passes on (plus the few headers it adds, under 1 KiB)
+        stays within the router's max_header_bytes."""
+        return max(1024, (self.max_header_bytes - 1024) // 4)
+
+
 def render(
     domain: str,
     cert: Path,
@@ -29,6 +48,7 @@ def render(
     http_listen: str = "80",
     redirect_http: bool = True,
     read_timeout_s: float = 3600,
+    edge: EdgeSettings | None = None,
 ) -> str:
     """The configuration; ValueError naming what is wrong (a certificate that does not
     exist or does not cover `*.<domain>`, a key that does not exist)."""
@@ -62,4 +82,11 @@ def render(
         http_listen=http_listen,
         redirect_http=redirect_http,
         read_timeout_s=int(read_timeout_s),
+        edge=edge or EdgeSettings(),
+        seconds=_seconds,
     )
+
+
+def _seconds(value: float) -> str:
+    """A duration as nginx reads it: whole milliseconds."""
+    return f"{max(1, round(value * 1000))}ms"

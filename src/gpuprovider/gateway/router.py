@@ -11,20 +11,30 @@ traffic never competes with the API's event loop.
   replica by cookie when the service asks, takes a replica out on a connect error and
   retries a request without a body on another, before any byte went back.
 - Checks tokens at the edge (the tenant's tokens, admin's, and per-service tokens with
-  scope `service:<name>`; SHA-256 compared in constant time,
-  the caller's token stripped before the upstream sees it); per-service rate and body
-  limits; 404 for an unknown service, 503 with Retry-After when none is ready.
+  scope `service:<name>`; SHA-256 compared in constant time); no provider token reaches
+  a replica however it is spelled, in any header; a public service's replica gets the
+  caller's own `Authorization` only when no provider token is in it. Headers that say
+  who the caller is (`Forwarded`, `X-Real-IP`, `X-Forwarded-*`, `True-Client-IP`, ...)
+  are the router's own: a caller's are dropped, a trusted proxy's (nginx in front)
+  believed. Per-service rate and body limits (413, streamed bodies too); 404 for an
+  unknown service, 503 with Retry-After when none is ready.
+- A caller that goes away has its request cancelled at once (the edge protocol tells
+  it, see `gateway/edge.py`): its replica's in-flight slot is free and the replica sees
+  the upstream connection close.
 - Probes readiness itself (HTTP path or TCP), and reports each service's figures over
   30/60/300 s to the daemon every second (they drive the autoscaler)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
 import logging
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +46,8 @@ import httpx
 import websockets
 import yarl
 from multidict import CIMultiDict
+
+from gpuprovider.gateway.edge import call_of
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +67,43 @@ HOP_BY_HOP = frozenset(
 WINDOWS_S = (30, 60, 300)
 EJECT_S = 5.0  # a replica that refused a connection gets no traffic this long
 RETRIES = 2
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Headers that say who called: only the router says it to a replica. From a trusted
+# proxy (nginx in front) it believes these, which that proxy sets itself...
+FROM_PROXY = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+)
+# ...and drops these (and any X-Forwarded-*) from anyone: whoever set them, the router
+# cannot vouch for them, and replicas' frameworks believe some of them by default.
+CLIENT_IDENTITY = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"cf-connecting-ipv6",
+        b"fastly-client-ip",
+        b"akamai-client-ip",
+        b"x-cluster-client-ip",
+        b"x-original-forwarded-for",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-proxyuser-ip",
+        b"x-envoy-external-address",
+        b"x-azure-clientip",
+        b"x-azure-socketip",
+        b"x-appengine-user-ip",
+    }
+)
+BEARER = re.compile(r"^[ \t]*bearer[ \t]+([^ \t]+)[ \t]*$", re.IGNORECASE)
+# identity/keys.py's new_token(): dropped by its shape, known to this router or not (the
+# route table holds only tokens that may call services, not metrics or verify ones, nor
+# one revoked a moment ago that another daemon on the store still honours)
+PROVIDER_TOKEN = re.compile(rb"gpp_[A-Za-z0-9_-]{43}")
+TOKEN_WORD = re.compile(rb"[A-Za-z0-9._~+/=:-]{16,512}")  # what could be a token in a header
+MAX_AUTHORIZATION_WORDS = 16  # a public replica's own scheme needs fewer; more is dropped
 NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 STICKY_COOKIE = "gpp_replica"
 STICKY_HEADER = b"x-gpp-replica"  # a client may name its replica (the task id) itself
@@ -195,13 +243,16 @@ class Router:
         domain: str = "",
         read_timeout_s: float = 3600.0,
         refresh_s: float = 0.5,
+        trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"}),
     ):
         self.daemon_url, self.token = daemon_url.rstrip("/"), token
         self.domain = domain.lower().strip(".")
         self.read_timeout_s, self.refresh_s = read_timeout_s, refresh_s
+        self.trusted_proxies = trusted_proxies
         self.routes: dict[str, Route] = {}
         self.started = time.time()  # with each route's total: requests are metered from it
         self.token_hashes: dict[str, list[str]] = {}
+        self.every_token_hash: frozenset[str] = frozenset()  # of every tenant, for stripping
         self._tasks: list[asyncio.Task] = []
         self._upstream: aiohttp.ClientSession | None = None
         self._daemon: httpx.AsyncClient | None = None
@@ -286,9 +337,7 @@ class Router:
         bearer = ""
         for key, value in headers:
             if key == b"authorization":
-                text = value.decode("latin-1")
-                if text.lower().startswith("bearer "):
-                    bearer = text[7:].strip()
+                bearer = bearer_token(value) or ""
                 break
         if not bearer:
             raise Refused(
@@ -330,6 +379,24 @@ class Router:
     # -- HTTP --------------------------------------------------------------------------
 
     async def _http(self, scope: dict, receive: Any, send: Any) -> None:
+        call = call_of(scope)
+        if call is not None:
+            if call.gone:  # went away before this task ran
+                return
+            call.task = asyncio.current_task()
+        try:
+            await self._proxy(scope, receive, send)
+        except asyncio.CancelledError:
+            if call is None or not call.gone:
+                raise
+            # the caller went away (the edge cancelled us): the `finally`s on the way
+            # here freed its replica's slot and closed the upstream request; nothing is
+            # left to answer, so the cancellation ends here
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+
+    async def _proxy(self, scope: dict, receive: Any, send: Any) -> None:
         began = time.monotonic()
         headers = scope.get("headers", [])
         length = _content_length(headers)
@@ -395,8 +462,10 @@ class Router:
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in self._upstream_headers(scope, route)
         ]
-        body = None if retryable else _body(receive, route.max_body_bytes)
+        upload = _Upload(route.max_body_bytes)
+        body = None if retryable else _body(receive, upload)
         started = False
+        finished = False
         ttfb = 0.0
         error = False
         try:
@@ -416,11 +485,11 @@ class Router:
             if retryable:
                 return "retry"
             return await self._fail(send, route, began, 502, "its replica failed to answer")
-        except _TooLarge:
-            return await self._fail(
-                send, route, began, 413, f"bodies up to {route.max_body_bytes} bytes"
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, _TooLarge, _Gone) as exc:
+            if upload.too_large:  # aiohttp wraps what the body raised: ask the body
+                return await self._fail(
+                    send, route, began, 413, f"bodies up to {route.max_body_bytes} bytes"
+                )
             return await self._fail(
                 send, route, began, 502, f"its replica failed: {type(exc).__name__}"
             )
@@ -442,6 +511,7 @@ class Router:
             async for chunk in response.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finished = True
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # reset mid-answer, client gone
             error = True
             log.info("stream of %s via %s ended early: %s", route.name, replica.task_id, exc)
@@ -449,7 +519,10 @@ class Router:
                 with contextlib.suppress(Exception):
                     await _plain(send, 502, f"service {route.name}: its replica failed")
         finally:
-            response.release()
+            if finished:
+                response.release()  # the connection back to the pool
+            else:
+                response.close()  # cut: the replica sees its caller leave
             route.figures.add(time.monotonic() - began, ttfb, error)
         return "done"
 
@@ -513,27 +586,30 @@ class Router:
             route.figures.add(time.monotonic() - began, 0.0, False)
 
     def _upstream_headers(self, scope: dict, route: Route) -> list[tuple[bytes, bytes]]:
-        """The caller's headers for the upstream: hop-by-hop ones dropped, the provider
-        token never passed on, where it came from added. X-Forwarded-* sent by the
-        caller are kept only from a proxy on this machine (nginx in front); anyone else
-        could claim any address with them."""
+        """The caller's headers for the upstream: hop-by-hop ones dropped, no provider
+        token passed on, who called said by the router. Of the headers that name the
+        caller, only a trusted proxy's X-Forwarded-For/-Proto/-Host and X-Real-IP are
+        believed (nginx in front sets them); anyone else could claim any address."""
         peer = str((scope.get("client") or ("", 0))[0])
-        trusted = peer in ("127.0.0.1", "::1")
-        forwarded = {b"x-forwarded-for": peer.encode()} if peer else {}
+        trusted = peer in self.trusted_proxies
+        forwarded = {b"x-forwarded-for": peer.encode(), b"x-real-ip": peer.encode()} if peer else {}
         forwarded |= {b"x-forwarded-proto": scope.get("scheme", "http").encode()}
         out = []
         for key, value in scope.get("headers", []):
             if key == b"host":
                 forwarded.setdefault(b"x-forwarded-host", value)
-            if key in FORWARDED:
+            if key in CLIENT_IDENTITY or key.startswith(b"x-forwarded"):
                 if trusted and key == b"x-forwarded-for":  # its chain, then the proxy
                     forwarded[key] = b", ".join(x for x in (value, forwarded.get(key)) if x)
-                elif trusted:  # the proxy's view: the scheme and host the caller used
+                elif trusted and key in FROM_PROXY:  # the proxy's view of the caller
                     forwarded[key] = value
                 continue
             if key.decode("latin-1") in HOP_BY_HOP:
                 continue
-            if key == b"authorization" and (route.auth == "token" or self._provider_token(value)):
+            if key == b"authorization":
+                if route.auth == "token" or self._authorization_leaks(value):
+                    continue
+            elif b"gpp_" in value and self._carries_provider_token(value):
                 continue
             if key == b"cookie" and route.sticky:
                 kept = [
@@ -545,14 +621,35 @@ class Router:
             out.append((key, value))
         return out + list(forwarded.items())
 
-    def _provider_token(self, authorization: bytes) -> bool:
-        """Whether the header carries a token of this provider (never sent upstream,
-        even to a public service)."""
-        text = authorization.decode("latin-1")
-        if not text.lower().startswith("bearer "):
-            return False
-        presented = hashlib.sha256(text[7:].strip().encode()).hexdigest()
-        return any(presented in hashes for hashes in self.token_hashes.values())
+    def _is_provider_token(self, candidate: bytes) -> bool:
+        return hashlib.sha256(candidate).hexdigest() in self.every_token_hash
+
+    @staticmethod
+    def _carries_provider_token(value: bytes) -> bool:
+        """Whether a header value holds anything shaped like a provider token."""
+        return PROVIDER_TOKEN.search(value) is not None
+
+    def _authorization_leaks(self, value: bytes) -> bool:
+        """Whether a public service's replica must not see this Authorization: a
+        provider token in any spelling (`Bearer<TAB>t`, `Token t`, `token=t`, a bare
+        `t`, inside Basic credentials, quoted...), or more words than any scheme needs
+        (then no one checks them all)."""
+        if PROVIDER_TOKEN.search(value):
+            return True
+        words = TOKEN_WORD.findall(value)
+        if len(words) > MAX_AUTHORIZATION_WORDS:
+            return True
+        candidates = set(words)
+        for word in words:
+            for part in word.split(b"="):  # token=<t>, a padded base64 one
+                candidates.add(part)
+            with contextlib.suppress(binascii.Error, ValueError):  # Basic user:password
+                decoded = base64.b64decode(word + b"=" * (-len(word) % 4), validate=False)
+                if PROVIDER_TOKEN.search(decoded):
+                    return True
+                candidates.update(decoded.split(b":"))
+        # a token of this provider's that the route table knows, without its shape
+        return any(self._is_provider_token(c) for c in candidates if c)
 
     # -- background work ---------------------------------------------------------------
 
@@ -605,6 +702,9 @@ class Router:
             routes[route.name] = route
         new = [(route, r) for route in routes.values() for r in route.replicas.values()]
         self.routes, self.token_hashes = routes, table["token_hashes"]
+        self.every_token_hash = frozenset(
+            h for hashes in self.token_hashes.values() for h in hashes
+        )
         # a replica seen for the first time is probed now: routable within this refresh
         await asyncio.gather(*(self._probe(route, r) for route, r in new if r.probed_at == 0))
 
@@ -673,16 +773,35 @@ class _TooLarge(Exception):
     pass
 
 
-async def _body(receive: Any, limit: int):
-    """The request body as it arrives, refused past `limit` bytes."""
+class _Gone(Exception):
+    pass
+
+
+@dataclass
+class _Upload:
+    limit: int
+    too_large: bool = False  # what the body raised, whatever aiohttp wraps it in
+
+
+def bearer_token(authorization: bytes) -> str | None:
+    """The token of `Authorization: Bearer <token>` (any case, spaces or tabs): the one
+    spelling the router accepts."""
+    found = BEARER.match(authorization.decode("latin-1"))
+    return found.group(1) if found else None
+
+
+async def _body(receive: Any, upload: _Upload):
+    """The request body as it arrives, refused past its limit; a caller who leaves
+    mid-body ends the upstream request too (a cut body never goes up as a whole one)."""
     seen = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            raise _Gone()
         chunk = message.get("body", b"")
         seen += len(chunk)
-        if seen > limit:
+        if seen > upload.limit:
+            upload.too_large = True
             raise _TooLarge()
         if chunk:
             yield chunk
