@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from gpuprovider.domain import catalogue
-from gpuprovider.proof import calibration
+from gpuprovider.proof import bounds, calibration
 from gpuprovider.proof.protocol import Challenge, Params, params_for_memory
 from gpuprovider.proof.prover import Commitment
 from gpuprovider.proof.verifier import (
@@ -42,14 +42,24 @@ class RemoteError(RuntimeError):
     """The provider could not be asked (unreachable, refused, wrong answer shape)."""
 
 
-def gpu_params(memory_bytes: int) -> Params:
-    """A GPU's challenge: 1 MiB matrices, 256 rows reading 8 each per step."""
-    return params_for_memory(memory_bytes, n=1024, m=256, per_step=8, uses=8, rounds=256)
+def gpu_params(memory_bytes: int, rounds: int = bounds.ROUNDS_MIN) -> Params:
+    """A GPU's challenge: 1 MiB matrices, 1,024 rows reading 16 each per step (16 GiB a
+    step: the host's Merkle root of each 1 MiB state stays small next to it), each matrix
+    read 32 times; `rounds` from `bounds.rounds_for(model)`."""
+    return params_for_memory(memory_bytes, n=1024, m=1024, per_step=16, uses=32, rounds=rounds)
 
 
 def cpu_params(memory_bytes: int) -> Params:
-    """A simulated GPU's (the CPU prover's MiBs): 64 KiB matrices, 128 rows reading 4."""
-    return params_for_memory(memory_bytes, n=256, m=128, per_step=4, uses=8, rounds=256)
+    """A simulated GPU's (the CPU prover's MiBs): 64 KiB matrices, 128 rows reading 4,
+    each matrix read 32 times; 256 rounds make a word ~128x dearer than reading it on a
+    CPU core (measured: bench/proof.py)."""
+    return params_for_memory(memory_bytes, n=256, m=128, per_step=4, uses=32, rounds=256)
+
+
+def model_params(model: catalogue.GpuModel) -> Params:
+    """What a verifier asks of a real GPU of `model`: 90 % of the catalogue's memory, the
+    rounds its compute and bandwidth call for."""
+    return gpu_params(model.memory_gb * GIB, bounds.rounds_for(model))
 
 
 class _Answer(BaseModel):
@@ -215,7 +225,7 @@ class RemoteVerifier:
             raise RemoteError(
                 f"{info.model!r} is not in the GPU catalogue: nothing to prove against"
             )
-        return gpu_params(model.memory_gb * GIB)
+        return model_params(model)
 
     def _walk_and_check(
         self,
