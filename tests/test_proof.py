@@ -17,14 +17,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gpuprovider.cli.proof import verifier_key
 from gpuprovider.domain import catalogue
 from gpuprovider.domain.records import GpuRecord
-from gpuprovider.domain.usability import Usability
+from gpuprovider.domain.usability import PROOF_PROTOCOL, Usability
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import public_key_hex
-from gpuprovider.proof import calibration
+from gpuprovider.proof import bounds, calibration, native
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.cheats import GrindingProver, PartialMemoryBackend, SegmentedProver
 from gpuprovider.proof.prover import Commitment, Prover, TorchBackend
-from gpuprovider.proof.remote import cpu_params, gpu_params
+from gpuprovider.proof.remote import cpu_params, gpu_params, model_params
 from gpuprovider.proof.verifier import (
     WINDOW,
     Verdict,
@@ -70,8 +70,48 @@ def test_defaults_bound_skipped_work_and_guessed_states():
         assert (1 / 256) ** params.checks <= 2**-40  # one guessed step, all checks miss
     k = P.openings_for()
     assert P.false_accept(k - 1, P.SKIP_FRACTION) >= 2**-40  # and no fewer would do
-    assert h100.covered_bytes >= 0.9 * 80 * 2**30 and h100.state_bytes < 100 << 20
+    assert h100.covered_bytes >= 0.9 * 80 * 2**30 and h100.state_bytes < 256 << 20
     assert h100.openings * h100.opening_bytes < 10e6  # bytes per proof on the wire
+
+
+def test_every_catalogue_model_makes_a_missing_word_at_least_8x_dearer_than_reading_it():
+    # on paper, against the fastest generator the model's instruction issue allows
+    # (bounds.py): the rounds the verifier asks for keep rho >= 8 on every model
+    for model in catalogue.models().values():
+        params = model_params(model)
+        assert bounds.ROUNDS_MIN <= params.rounds <= bounds.ROUNDS_MAX
+        assert bounds.rho(model, params.rounds) >= bounds.RHO_FLOOR, model.id
+        assert params.covered_bytes >= 0.9 * model.memory_gb * 2**30
+    h100 = catalogue.models()["h100-80gb-sxm"]
+    assert bounds.rho(h100, bounds.rounds_for(h100)) >= bounds.RHO_GOAL
+
+
+@pytest.fixture
+def numpy_only():
+    native.use(False)
+    yield
+    native.use(True)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels were not built")
+def test_native_kernels_compute_the_numpy_bits(numpy_only):
+    ch, nonce = challenge(), new_nonce()
+    k0, keys = ch.keys()
+    n, rounds = PARAMS.n, PARAMS.rounds
+    js = np.array([[3, 0, 7], [1, 1, 5]])
+    cols = np.array([0, 255])
+    by_numpy = (P.make_words(k0, keys[:9], n, rounds), P.columns(k0, keys[js], n, cols, rounds))
+    _, walked_numpy = prove(ch, nonce=nonce)
+    native.use(True)
+    assert native.kernel() == "native"
+    assert np.array_equal(by_numpy[0], P.make_words(k0, keys[:9], n, rounds))
+    assert np.array_equal(by_numpy[1], P.columns(k0, keys[js], n, cols, rounds))
+    prover, walked_native = prove(ch, nonce=nonce)
+    assert walked_native.roots == walked_numpy.roots
+    assert walked_native.backend == "native" and walked_numpy.backend == "numpy"
+    # and the native cheater's remade matrices give the same walk too
+    _, cheated = prove(ch, Prover(ch, PartialMemoryBackend(0.3)), nonce=nonce)
+    assert cheated.roots == walked_numpy.roots
 
 
 def test_numpy_and_torch_provers_commit_bit_identically():
@@ -276,6 +316,7 @@ def test_a_verdict_counts_only_for_what_it_proved():
         proof_model="h100-80gb-sxm",
         proof_timed=True,
         proof_covered_bytes=int(0.9 * 80 * 2**30),
+        proof_protocol=PROOF_PROTOCOL,
     )
     assert rules.gpu_reason(gpu, 200.0) == ""
     cases = {
@@ -285,6 +326,9 @@ def test_a_verdict_counts_only_for_what_it_proved():
         "was not timed": {"proof_timed": False},
         "covered under 85%": {"proof_covered_bytes": 4 << 20},
         "older than": {"proof_at": -4000.0},
+        # v2 verdicts proved weaker parameters (and could be revived): they do not count
+        "given under gpuprovider-pog-v2": {"proof_protocol": "gpuprovider-pog-v2"},
+        "given under an older protocol": {"proof_protocol": ""},
     }
     for reason, change in cases.items():
         assert reason in rules.gpu_reason(dataclasses.replace(gpu, **change), 200.0), reason
@@ -472,6 +516,46 @@ def test_an_abandoned_session_ends_and_frees_the_gpu(fresh_provider):
     assert p.api.post(f"/gpus/{uuid}/proof/walk", json=walk).status_code == 409
     again = new_challenge(uuid, info["model"], info["provider_key"], good.params)
     assert p.api.post(f"/gpus/{uuid}/proof/challenge", json=again.to_dict()).status_code == 200
+
+
+def test_an_expired_proof_cannot_be_revived_under_its_old_challenge(
+    fresh_provider, verifier_home
+):
+    # before: the provider's admin read the old challenge id from GET .../proof, opened a
+    # new session under it, walked, and posted the old signed verdict again: it was stored
+    # with a new time and the GPU was usable again with no verifier involved
+    p = fresh_provider
+    trusted = public_key_hex(verifier_key(verifier_home))
+    config = p.home.config.read_text().replace("required = false", "required = true")
+    config = config.replace("trusted_verifiers = []", f'trusted_verifiers = ["{trusted}"]')
+    config = config.replace("session_s = 900.0", "session_s = 5")
+    p.home.config.write_text(config.replace("max_age_s = 86400.0", "max_age_s = 2"))
+    p.start()
+    uuid = p.api.get("/gpus").json()[0]["uuid"]
+    done = run_verifier(p, verifier_home, "--gpu", uuid, "--json", token_value=token(p, "v"))
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["stored"], done.stdout
+    info = p.api.get(f"/gpus/{uuid}/proof").json()
+    old = info["proof"]
+    assert old["at"] == old["signed"]["verdict"]["at"]  # its age runs from the signature
+
+    def reason() -> str:
+        return {g["uuid"]: g for g in p.api.get("/gpus").json()}[uuid]["unusable_reason"]
+
+    wait_for(lambda: "older than 2 s" in reason(), what="the proof to expire", timeout=30)
+    ch = new_challenge(uuid, info["model"], info["provider_key"], cpu_params(info["memory_bytes"]))
+    reopened = p.api.post(
+        f"/gpus/{uuid}/proof/challenge", json={**ch.to_dict(), "id": old["challenge_id"]}
+    )
+    assert reopened.status_code == 409 and "used before" in reopened.text
+    # under a fresh id the old verdict does not fit the session either
+    assert p.api.post(f"/gpus/{uuid}/proof/challenge", json=ch.to_dict()).status_code == 200
+    walk = {"challenge_id": ch.id, "nonce": "33" * 32}
+    assert p.api.post(f"/gpus/{uuid}/proof/walk", json=walk).status_code == 200
+    posted = p.api.post(f"/gpus/{uuid}/proof/result", json=old["signed"])
+    assert posted.status_code == 409, posted.text
+    assert "being proved" in reason()
+    wait_for(lambda: "older than 2 s" in reason(), what="the session to end", timeout=30)
+    assert p.api.get(f"/gpus/{uuid}/proof").json()["proof"]["at"] == old["at"]
 
 
 class LyingProvider(BaseHTTPRequestHandler):

@@ -271,6 +271,7 @@ class ProofVerdictOut(BaseModel):
     simulated: bool
     timed: bool
     covered_bytes: int
+    protocol: str = ""  # the proof protocol it was given under; only the current one counts
 
 
 class GpuOut(BaseModel):

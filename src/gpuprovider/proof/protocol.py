@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from gpuprovider.domain.usability import PROOF_PROTOCOL
 from gpuprovider.proof import native
 
 MASK = 0xFFFFFFFF
 # v3: the native and fused kernels, the rounds chosen per model against the fastest
 # generator anyone can write, challenge ids used once. A verdict of another version
 # does not count (docs/proof-of-gpu.md).
-VERSION = "gpuprovider-pog-v3"
+VERSION = PROOF_PROTOCOL
 MAX_ROWS = 4096  # m
 MAX_N = 16384  # K < 2^17 keeps int32 sums exact; this bounds messages far below that
 MAX_STATE_BYTES = 1 << 30  # every state the prover keeps for openings, together

@@ -25,9 +25,10 @@ from gpuprovider.proof.prover import Commitment
 # whose measured resource differs by >= 25 % fall outside each other's window
 # (1 / 1.25 = 0.8 < 0.85; 1.25 > 1.2); docs/proof-of-gpu.md says what that rests on.
 WINDOW = (0.85, 1.2)
-VERDICT_VERSION = "gpuprovider-verdict-v1"
+VERDICT_VERSION = "gpuprovider-verdict-v2"  # v2: names the proof protocol
 VERDICT_FIELDS = (
     "version",
+    "protocol",
     "challenge_id",
     "gpu_uuid",
     "model",
@@ -195,6 +196,7 @@ def sign_verdict(
     """The verdict as the provider stores it: what was proved, signed by the verifier."""
     body = {
         "version": VERDICT_VERSION,
+        "protocol": P.VERSION,
         "challenge_id": challenge.id,
         "gpu_uuid": challenge.gpu_uuid,
         "model": challenge.model,

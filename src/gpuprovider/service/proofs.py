@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MIB = 2**20
 BUSY = ("filling", "walking")  # stages a session cannot expire in
+CLOCK_SKEW_S = 300.0  # a verdict dated further ahead than this is refused
 
 
 @dataclass
@@ -178,6 +179,15 @@ class ProofService:
         busy = await asyncio.to_thread(self._tasks_on, uuid)
         if busy:
             raise Conflict(f"GPU {uuid} runs tasks {', '.join(busy)}; prove it when idle")
+        if uuid in self.sessions:  # opened by a concurrent request meanwhile
+            raise Conflict(f"GPU {uuid} is being proved; one challenge per GPU at a time")
+        # a challenge id opens one session, ever: a verdict already given for it (say, one
+        # that expired) can then never be posted again under a new session
+        if not await asyncio.to_thread(self._take, challenge.id, uuid):
+            raise Conflict(
+                f"challenge {challenge.id} was used before; a verifier sends a fresh id "
+                "for every proof"
+            )
         session = Session(
             challenge,
             Prover(challenge, self._backend(gpu)),
@@ -214,6 +224,10 @@ class ProofService:
             P.commitment_digest(challenge_id, nonce, commitment.roots)
         ).hex()
         return commitment.to_dict()
+
+    def _take(self, challenge_id: str, uuid: str) -> bool:
+        with self.store.tx() as tx:
+            return tx.proofs.take_challenge(challenge_id, uuid)
 
     def _backend(self, gpu: GpuRecord):
         if gpu.simulated:
@@ -267,6 +281,17 @@ class ProofService:
         for name, value in expected.items():
             if verdict[name] != value:
                 raise Rejected(f"the verdict's {name} is {verdict[name]!r}; expected {value!r}")
+        if verdict["protocol"] != P.VERSION:
+            raise Rejected(
+                f"the verdict was given under {verdict['protocol']!r}; this provider counts "
+                f"{P.VERSION} only"
+            )
+        at = verdict["at"]
+        if not isinstance(at, int | float) or isinstance(at, bool) or at > time.time() + CLOCK_SKEW_S:
+            raise Rejected(
+                f"the verdict's time {at!r} is not a time up to {CLOCK_SKEW_S:g} s from now: "
+                "a proof's age starts when its verifier signed it"
+            )
         with self.store.tx() as tx:
             tx.proofs.save(uuid, self.node_id, verdict, signed["signature"], verifier)
             tx.signal(Signal.NODES)  # `[proof] required` may now allow the GPU
