@@ -106,7 +106,7 @@ def test_native_kernels_compute_the_numpy_bits(numpy_only):
     assert native.kernel() == "native"
     assert np.array_equal(by_numpy[0], P.make_words(k0, keys[:9], n, rounds))
     assert np.array_equal(by_numpy[1], P.columns(k0, keys[js], n, cols, rounds))
-    prover, walked_native = prove(ch, nonce=nonce)
+    _, walked_native = prove(ch, nonce=nonce)
     assert walked_native.roots == walked_numpy.roots
     assert walked_native.backend == "native" and walked_numpy.backend == "numpy"
     # and the native cheater's remade matrices give the same walk too
@@ -518,9 +518,7 @@ def test_an_abandoned_session_ends_and_frees_the_gpu(fresh_provider):
     assert p.api.post(f"/gpus/{uuid}/proof/challenge", json=again.to_dict()).status_code == 200
 
 
-def test_an_expired_proof_cannot_be_revived_under_its_old_challenge(
-    fresh_provider, verifier_home
-):
+def test_an_expired_proof_cannot_be_revived_under_its_old_challenge(fresh_provider, verifier_home):
     # before: the provider's admin read the old challenge id from GET .../proof, opened a
     # new session under it, walked, and posted the old signed verdict again: it was stored
     # with a new time and the GPU was usable again with no verifier involved

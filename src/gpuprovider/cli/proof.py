@@ -62,6 +62,12 @@ def verify_remote(
     ),
     gpu: list[str] = typer.Option([], "--gpu", help="GPU UUID to prove (default: all)."),
     expect_s: float | None = EXPECT,
+    allow_estimated: bool = typer.Option(
+        False,
+        "--allow-estimated",
+        help="Time a real GPU whose model has no measured calibration against its "
+        "published bandwidth (proof/calibration.py) instead of failing it.",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Challenge a provider's GPUs at once, print each verdict (signed with this home's
@@ -72,7 +78,9 @@ def verify_remote(
             raise ValueError
     except ValueError:
         raise CliError("--provider-key: an Ed25519 public key is 64 hex digits", 2) from None
-    verifier = RemoteVerifier(url, g.token, provider_key, verifier_key(g.home))
+    verifier = RemoteVerifier(
+        url, g.token, provider_key, verifier_key(g.home), allow_estimated=allow_estimated
+    )
     try:
         uuids = gpu or verifier.gpus()
         with console.status(f"proving {len(uuids)} GPU(s) at once ..."):

@@ -64,6 +64,8 @@ class HubSettings:
     start_timeout_s: float = 900.0  # a won lease runs within this, or closes as failed
     rechallenge_s: float = 3600.0  # mean time between random re-proofs of a provider
     allow_simulated: bool = False  # admit providers proving simulated GPUs (tests, demos)
+    # time real GPUs of unmeasured models against published bandwidth (proof/calibration.py)
+    allow_estimated_calibration: bool = False
 
     @property
     def silent_after_s(self) -> float:
@@ -222,7 +224,13 @@ class Hub:
         only if every GPU passes, with a real (or, when allowed, simulated) verdict."""
         with self.store.read() as conn:
             row = self.participant(conn, key, "provider")
-        verifier = RemoteVerifier(row.api_url, row.verify_token, key, self.verifier_key)
+        verifier = RemoteVerifier(
+            row.api_url,
+            row.verify_token,
+            key,
+            self.verifier_key,
+            allow_estimated=self.settings.allow_estimated_calibration,
+        )
         try:
             uuids = verifier.gpus()
             outcomes = verifier.prove_all(uuids)

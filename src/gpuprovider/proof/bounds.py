@@ -48,7 +48,8 @@ def rho(model: GpuModel, rounds: int) -> float:
 def rounds_for(model: GpuModel) -> int:
     """The rounds a challenge for `model` uses: enough for RHO_GOAL, within the bounds the
     verifier's CPU allows (those models reach RHO_FLOOR, not the goal: docs say which)."""
-    need = RHO_GOAL * WORD_BYTES * issue_ops_per_s(model) / (OPS_COUNTED * model.bandwidth_gbs * 1e9)
+    bandwidth = model.bandwidth_gbs * 1e9
+    need = RHO_GOAL * WORD_BYTES * issue_ops_per_s(model) / (OPS_COUNTED * bandwidth)
     rounded = ROUNDS_STEP * math.ceil(need / ROUNDS_STEP)
     return max(ROUNDS_MIN, min(ROUNDS_MAX, rounded))
 

@@ -50,8 +50,9 @@ class NumpyBackend:
         words = self.big[start:stop].view(np.uint32).reshape(stop - start, n * n // 4)
         fast = native.module()
         if fast is not None:  # made where they are kept: no copy
-            fast.matrix_words(words, np.ascontiguousarray(keys[start:stop], np.uint32), k0, n,
-                              self.params.rounds)
+            fast.matrix_words(
+                words, np.ascontiguousarray(keys[start:stop], np.uint32), k0, n, self.params.rounds
+            )
             P.words_to_transposed(words, n)
         else:
             self.big[start:stop] = P.make_transposed(k0, keys[start:stop], n, self.params.rounds)
@@ -72,8 +73,9 @@ class NumpyBackend:
         if fast is not None and type(self).gather is NumpyBackend.gather:
             p = self.params
             out = np.empty((p.m, p.n), dtype=np.int8)
-            fast.walk_step(out, state, self.big, np.ascontiguousarray(js, np.int64), p.m, p.n, 0,
-                           p.m)
+            fast.walk_step(
+                out, state, self.big, np.ascontiguousarray(js, np.int64), p.m, p.n, 0, p.m
+            )
             return out
         return self.numpy_step(state, js)
 
@@ -188,7 +190,11 @@ class Commitment:
         if not isinstance(raw, dict):
             raise ProofError("malformed commitment: not a JSON object")
         try:
-            roots = base64.b64decode(str(raw["roots"]), validate=True)
+            if not isinstance(raw["roots"], str) or len(raw["roots"]) > 4 * 32 * params.steps + 64:
+                raise ValueError("roots must be base64 of the state roots")
+            if not isinstance(raw.get("prover_s", 0.0), int | float):
+                raise ValueError("prover_s must be a number")
+            roots = base64.b64decode(raw["roots"], validate=True)
             made = cls(
                 str(raw["challenge_id"]),
                 str(raw["nonce"]),
@@ -197,8 +203,8 @@ class Commitment:
                 float(raw.get("prover_s", 0.0)),
                 str(raw.get("backend", ""))[:32],
             )
-        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-            raise ProofError(f"malformed commitment: {exc}") from None
+        except (KeyError, TypeError, ValueError, OverflowError, binascii.Error) as exc:
+            raise ProofError(f"malformed commitment: {str(exc)[:200]}") from None
         if len(roots) != 32 * (params.steps + 1):
             raise ProofError(
                 f"commitment has {len(roots) // 32} state roots; the challenge needs "

@@ -287,7 +287,8 @@ class ProofService:
                 f"{P.VERSION} only"
             )
         at = verdict["at"]
-        if not isinstance(at, int | float) or isinstance(at, bool) or at > time.time() + CLOCK_SKEW_S:
+        number = isinstance(at, int | float) and not isinstance(at, bool)
+        if not number or at > time.time() + CLOCK_SKEW_S:
             raise Rejected(
                 f"the verdict's time {at!r} is not a time up to {CLOCK_SKEW_S:g} s from now: "
                 "a proof's age starts when its verifier signed it"
