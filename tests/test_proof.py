@@ -6,7 +6,10 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -668,3 +671,33 @@ def test_a_lying_provider_fails_each_gpu_and_never_crashes_the_verifier(proven, 
     # and no --expect-seconds, the verifier fails it rather than pass it untimed
     (outcome,) = json.loads(untimed.stdout)
     assert "cannot time the walk" in outcome["reason"] and "not measured" in outcome["reason"]
+
+
+TRITON_CHECK = """
+import numpy as np, torch
+from gpuprovider.proof import gpu_kernels as G, protocol as P
+from gpuprovider.proof.prover import NumpyBackend, Prover
+from gpuprovider.proof.verifier import new_challenge
+params = P.Params(n=128, m=8, per_step=2, matrices=4, steps=2, rounds=3, checks=5)
+ch = new_challenge("GPU-triton", "m", "ab" * 32, params)
+cpu = Prover(ch, NumpyBackend()); cpu.fill()
+gpu = Prover(ch, G.TritonBackend(torch, "cpu")); gpu.fill()
+assert np.array_equal(gpu.backend.big.numpy(), cpu.backend.big), "fill differs"
+assert cpu.walk("11" * 32).roots == gpu.walk("11" * 32).roots, "walk differs"
+print("identical")
+"""
+
+
+@pytest.mark.slow
+def test_the_fused_gpu_kernels_compute_the_reference_bits_in_tritons_interpreter(tmp_path):
+    # the Triton fill and walk kernels, run by Triton's CPU interpreter: the same bits as
+    # numpy (on a GPU, bench/gpu.sh checks them against the CPU prover again)
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "identical" in done.stdout, done.stderr[-2000:]

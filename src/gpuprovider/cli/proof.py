@@ -16,7 +16,8 @@ from gpuprovider.cli.output import console, print_json, table
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import create_node_key, load_node_key, public_key_hex
 from gpuprovider.proof import protocol as P
-from gpuprovider.proof.prover import Prover, pick_backend
+from gpuprovider.proof.gpu_kernels import pick_backend
+from gpuprovider.proof.prover import Prover
 from gpuprovider.proof.remote import RemoteError, RemoteVerifier, cpu_params, gpu_params
 from gpuprovider.proof.verifier import Verdict, new_challenge, new_nonce, pick_openings, verify
 

@@ -157,15 +157,6 @@ class TorchBackend(NumpyBackend):
             self.torch.cuda.empty_cache()
 
 
-def pick_backend(device: str | None = None):
-    """PyTorch on CUDA when a GPU is there (device "cuda:N"), else numpy."""
-    if device and device.startswith("cuda"):
-        import torch
-
-        return TorchBackend(torch, device)
-    return NumpyBackend()
-
-
 @dataclass
 class Commitment:
     challenge_id: str

@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gpuprovider.domain.records import GpuRecord
 from gpuprovider.domain.usability import MIN_PROOF_COVER
 from gpuprovider.inventory.local import torch_index
+from gpuprovider.proof import gpu_kernels
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.protocol import Challenge, ProofError
-from gpuprovider.proof.prover import NumpyBackend, Prover, TorchBackend
+from gpuprovider.proof.prover import NumpyBackend, Prover
 from gpuprovider.proof.verifier import check_signed_verdict
 from gpuprovider.service.errors import Conflict, Forbidden, NotFound, Rejected
 from gpuprovider.store.signals import Signal
@@ -241,7 +242,7 @@ class ProofService:
         index = torch_index(torch, gpu.uuid)
         if index is None:
             raise Rejected(f"PyTorch does not see GPU {gpu.uuid}")
-        return TorchBackend(torch, f"cuda:{index}")
+        return gpu_kernels.cuda_backend(torch, f"cuda:{index}")
 
     def open(self, uuid: str, challenge_id: str, wanted: Any, verifier: str) -> bytes:
         session = self._session(uuid, challenge_id, verifier, "walked")
