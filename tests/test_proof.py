@@ -27,7 +27,13 @@ from gpuprovider.proof import bounds, calibration, native
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.cheats import GrindingProver, PartialMemoryBackend, SegmentedProver
 from gpuprovider.proof.prover import Commitment, Prover, TorchBackend
-from gpuprovider.proof.remote import cpu_params, gpu_params, model_params
+from gpuprovider.proof.remote import (
+    RemoteError,
+    RemoteVerifier,
+    cpu_params,
+    gpu_params,
+    model_params,
+)
 from gpuprovider.proof.verifier import (
     WINDOW,
     Verdict,
@@ -701,3 +707,36 @@ def test_the_fused_gpu_kernels_compute_the_reference_bits_in_tritons_interpreter
         timeout=300,
     )
     assert done.returncode == 0 and "identical" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_gpu_is_timed_on_a_measured_calibration_or_an_estimate_the_verifier_opted_into():
+    entry = {
+        "model": "h100-80gb-sxm",
+        "effective_gbs": 2900,
+        "step_s": 0.0014,
+        "spread_pct": 2.0,
+        "source": "bench/gpu.sh",
+    }
+    assert "h100-80gb-sxm" in calibration.usable([entry])
+    # repeats spread wider than the window allows would reject honest walks: unused
+    assert not calibration.usable([{**entry, "spread_pct": 25.0}])
+    assert not calibration.usable([{k: v for k, v in entry.items() if k != "step_s"}])
+    h100 = catalogue.models()["h100-80gb-sxm"]
+    params = model_params(h100)
+    estimate = calibration.expected(h100.id, params)
+    assert estimate.kind is calibration.Calibration.ESTIMATED and "published" in estimate.source
+    # the estimate is the fused walk's reads at 85 % of the published bandwidth, plus steps
+    reads = params.steps * params.reads_per_step * params.matrix_bytes
+    assert (
+        reads / (h100.bandwidth_gbs * 1e9)
+        < estimate.seconds
+        < 1.5 * reads / (h100.bandwidth_gbs * 1e9)
+    )
+    strict = RemoteVerifier("http://127.0.0.1:9", None, "ab" * 32, KEY)
+    with pytest.raises(RemoteError, match="estimated, not measured"):
+        strict._expected(h100.id, False, params, None)
+    opted = RemoteVerifier("http://127.0.0.1:9", None, "ab" * 32, KEY, allow_estimated=True)
+    seconds, source = opted._expected(h100.id, False, params, None)
+    assert seconds == estimate.seconds and source.startswith("estimated")
+    assert opted._expected(h100.id, False, params, 3.0) == (3.0, "given")
+    assert opted._expected(h100.id, True, params, None)[0] is None  # simulated: untimed

@@ -27,6 +27,9 @@ WALK_TRAFFIC = 1.0  # bytes the fused walk moves per matrix byte it proves
 EFFICIENCY = 0.85  # of the published bandwidth a streaming read reaches (HBM: 0.85-0.93)
 STEP_OVERHEAD_S = 150e-6  # launches, the state to the host and the indices back
 ROOT_S_PER_ROW = 1.2e-6  # SHA-256 of one 1 KiB state row on the host (hashlib)
+# The window (0.85x-1.2x) leaves 20 % above the expected time; a measurement whose repeats
+# spread wider than half that would reject honest walks, so it is not used.
+MAX_SPREAD_PCT = 10.0
 
 
 class Calibration(StrEnum):
@@ -48,7 +51,18 @@ class Expectation:
 @cache
 def measured() -> dict[str, dict]:
     text = resources.files(__package__).joinpath("calibration.toml").read_text()
-    return {entry["model"]: entry for entry in tomllib.loads(text).get("gpu", [])}
+    return usable(tomllib.loads(text).get("gpu", []))
+
+
+def usable(entries: list[dict]) -> dict[str, dict]:
+    """The entries a verifier may time against, by model: complete, and measured with a
+    spread the window covers."""
+    keys = {"model", "effective_gbs", "step_s", "spread_pct", "source"}
+    return {
+        entry["model"]: entry
+        for entry in entries
+        if keys <= set(entry) and entry["spread_pct"] <= MAX_SPREAD_PCT
+    }
 
 
 def walk_seconds(params: Params, bandwidth_bps: float, step_s: float) -> float:
