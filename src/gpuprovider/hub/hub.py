@@ -33,7 +33,7 @@ from gpuprovider.market.model import (
     tenant_account,
 )
 from gpuprovider.market.usage import Usage, UsageError, check_next
-from gpuprovider.proof.remote import RemoteError, RemoteVerifier
+from gpuprovider.proof.remote import AttestMode, RemoteError, RemoteVerifier
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ class Hub:
             key,
             self.verifier_key,
             allow_estimated=self.settings.allow_estimated_calibration,
+            attest=AttestMode.TRY,  # recorded per GPU; orders may require it
         )
         try:
             uuids = verifier.gpus()
@@ -245,7 +246,15 @@ class Hub:
             outcomes, problems = [], [str(exc)]
         status = "refused" if problems else "admitted"
         reason = "; ".join(problems)[:2000] if problems else "every GPU proven"
-        gpus = [{"uuid": o.gpu_uuid, "model": o.model} for o in outcomes if o.verdict.passed]
+        gpus = [
+            {
+                "uuid": o.gpu_uuid,
+                "model": o.model,
+                "attested": str(o.verdict.figures.get("attestation", "")).startswith("verified"),
+            }
+            for o in outcomes
+            if o.verdict.passed
+        ]
         with self.store.tx() as conn:
             current = self.participant(conn, key, "provider")
             if current.status == "suspended" and not problems:
@@ -327,8 +336,13 @@ class Hub:
         ).all()
         fit = []
         for row in rows:
-            count = sum(1 for g in row.gpus if order.resources.accepts(g["model"]))
-            if order.resources.gpus and count < need:
+            count = sum(
+                1
+                for g in row.gpus
+                if order.resources.accepts(g["model"])
+                and (g.get("attested") or not order.resources.attested)
+            )
+            if (order.resources.gpus or order.resources.attested) and count < need:
                 continue
             if (row.last_heartbeat or 0) < now - self.settings.silent_after_s:
                 continue
@@ -349,7 +363,8 @@ class Hub:
             if not candidates:
                 raise HubError(
                     "no admitted provider could ever run this order: none has "
-                    f"{math.ceil(order.resources.gpus)} proven GPU(s) of "
+                    f"{math.ceil(order.resources.gpus)} proven"
+                    f"{' and attested' if order.resources.attested else ''} GPU(s) of "
                     f"{order.resources.gpu_model or 'any model'}; nothing was charged"
                 )
             available = balance(conn, tenant_account(tenant))

@@ -9,6 +9,8 @@ GPU whose provider misbehaves fails on its own while the others are still checke
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -16,16 +18,24 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any
 
 import httpx
 import numpy as np
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from gpuprovider.domain import catalogue
-from gpuprovider.proof import bounds, calibration
-from gpuprovider.proof.protocol import Challenge, Params, ProofError, params_for_memory
+from gpuprovider.proof import attestation, bounds, calibration
+from gpuprovider.proof.protocol import (
+    Challenge,
+    Params,
+    ProofError,
+    commitment_digest,
+    params_for_memory,
+)
 from gpuprovider.proof.prover import Commitment
 from gpuprovider.proof.verifier import (
     WINDOW,
@@ -40,6 +50,12 @@ from gpuprovider.proof.verifier import (
 GIB = 2**30
 MAX_SIMULATED_BYTES = 4 * GIB  # a simulated GPU proves host memory with the CPU prover
 MAX_JSON_BYTES = 16 << 20  # no answer but the openings is larger
+
+
+class AttestMode(StrEnum):
+    OFF = "off"  # no attestation asked
+    TRY = "try"  # asked; the verdict's figures say verified, unavailable or failed
+    REQUIRE = "require"  # a GPU without a verified attestation fails
 
 
 class RemoteError(RuntimeError):
@@ -86,6 +102,11 @@ class ProofInfo(_Answer):
 
 class Filled(_Answer):
     challenge_id: Annotated[str, Field(max_length=64)]
+
+
+class Attested(_Answer):
+    report: Annotated[str, Field(max_length=4 * attestation.MAX_REPORT_BYTES // 3 + 4)]
+    cert_chain: Annotated[str, Field(max_length=4 * attestation.MAX_CHAIN_BYTES // 3 + 4)]
 
 
 @dataclass
@@ -208,6 +229,8 @@ class RemoteVerifier:
         signer: Ed25519PrivateKey,
         timeout_s: float = 900.0,
         allow_estimated: bool = False,
+        attest: AttestMode = AttestMode.OFF,
+        attestation_root: x509.Certificate | None = None,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(
@@ -216,6 +239,8 @@ class RemoteVerifier:
         self.url, self.provider_key, self.signer = url, provider_key.lower(), signer
         self.timeout_s = timeout_s  # no single call lasts longer, whatever its deadline
         self.allow_estimated = allow_estimated  # time real GPUs against published bandwidth
+        self.attest = attest
+        self.attestation_root = attestation_root  # None: NVIDIA's pinned root
         self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -433,11 +458,54 @@ class RemoteVerifier:
             deadline=Deadline.after(INFO_TIMEOUT_S + limit / 1e6),
         )
         verdict = verify(challenge, commitment, wanted, opened, elapsed, expect_s)
+        if verdict.passed and self.attest is not AttestMode.OFF:
+            self._attest(uuid, challenge, commitment, simulated, verdict)
         if simulated:
             verdict.figures["timing"] = "not enforced: simulated GPU (CPU prover)"
         else:
             verdict.figures["calibration"] = calibrated
         return verdict
+
+    def _attested(
+        self, uuid: str, challenge: Challenge, commitment: Commitment, simulated: bool
+    ) -> str:
+        """ "verified: <the GPU's certificate>", "unavailable: why" or "failed: why"."""
+        if simulated:
+            return "unavailable: a simulated GPU has no hardware to attest"
+        digest = commitment_digest(challenge.id, commitment.nonce, commitment.roots)
+        nonce = attestation.nonce_for(challenge.id, digest)
+        body = {"challenge_id": challenge.id, "nonce": nonce.hex()}
+        try:
+            raw = self._json("POST", f"/gpus/{uuid}/proof/attestation", body, uuid)
+        except RemoteError as exc:
+            return f"unavailable: {str(exc)[:300]}"
+        try:
+            got = Attested.model_validate(raw)
+            leaf = attestation.verify_report(
+                base64.b64decode(got.report, validate=True),
+                base64.b64decode(got.cert_chain, validate=True),
+                nonce,
+                self.attestation_root,
+            )
+        except ValidationError as exc:
+            return f"failed: malformed attestation ({_first(exc)})"
+        except (attestation.AttestationError, binascii.Error, ValueError) as exc:
+            return f"failed: {str(exc)[:300]}"
+        return f"verified: {leaf.subject.rfc4514_string()[:200]}"
+
+    def _attest(
+        self,
+        uuid: str,
+        challenge: Challenge,
+        commitment: Commitment,
+        simulated: bool,
+        verdict: Verdict,
+    ) -> None:
+        found = self._attested(uuid, challenge, commitment, simulated)
+        verdict.figures["attestation"] = found
+        if self.attest is AttestMode.REQUIRE and not found.startswith("verified"):
+            verdict.passed = False
+            verdict.reason = f"an NVIDIA CC attestation is required: {found}"
 
 
 def _reason(exc: Exception) -> str:

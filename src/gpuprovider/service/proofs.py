@@ -4,17 +4,19 @@ walk, open), and the verdicts of trusted verifiers only."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import pynvml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.domain.records import GpuRecord
 from gpuprovider.domain.usability import MIN_PROOF_COVER
 from gpuprovider.inventory.local import torch_index
-from gpuprovider.proof import gpu_kernels
+from gpuprovider.proof import attestation, gpu_kernels
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.protocol import Challenge, ProofError
 from gpuprovider.proof.prover import NumpyBackend, Prover
@@ -37,6 +39,18 @@ class Session:
     verifier: str  # the token's name: only it may go on with the session
     expires: float
     stage: str = "filling"  # filling, filled, walking, walked
+    commitment: bytes = b""  # the signed commitment's digest, once walked
+
+
+def _read_attestation(index: int, nonce: bytes) -> tuple[bytes, bytes]:
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # no driver, no NVML: no CC either
+        raise attestation.NotAvailable(f"NVML is unavailable ({exc})") from None
+    try:
+        return attestation.read(pynvml, index, nonce)
+    finally:
+        pynvml.nvmlShutdown()
 
 
 class ProofService:
@@ -221,10 +235,30 @@ class ProofService:
             raise
         session.prover.release()
         session.stage = "walked"
-        commitment.signature = self.key.sign(
-            P.commitment_digest(challenge_id, nonce, commitment.roots)
-        ).hex()
+        session.commitment = P.commitment_digest(challenge_id, nonce, commitment.roots)
+        commitment.signature = self.key.sign(session.commitment).hex()
         return commitment.to_dict()
+
+    async def attest(self, uuid: str, challenge_id: str, nonce: str, verifier: str) -> dict:
+        """The GPU's confidential-computing attestation report for this proof (after the
+        walk): NVML's report and certificate chain, for the nonce derived from the walk's
+        commitment (no other nonce: the GPU signs nothing but this proof)."""
+        session = self._session(uuid, challenge_id, verifier, "walked")
+        if nonce != attestation.nonce_for(challenge_id, session.commitment).hex():
+            raise Rejected("the attestation nonce is not this proof's (attestation.nonce_for)")
+        gpu = await asyncio.to_thread(self._gpu, uuid)
+        if gpu.simulated:
+            raise Conflict("a simulated GPU has no hardware to attest")
+        try:
+            report, chain = await asyncio.to_thread(
+                _read_attestation, gpu.idx, bytes.fromhex(nonce)
+            )
+        except attestation.NotAvailable as exc:
+            raise Conflict(f"GPU {uuid} offers no attestation: {exc}") from None
+        return {
+            "report": base64.b64encode(report).decode(),
+            "cert_chain": base64.b64encode(chain).decode(),
+        }
 
     def _take(self, challenge_id: str, uuid: str) -> bool:
         with self.store.tx() as tx:
