@@ -17,12 +17,17 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuprovider.check import hardware
+from gpuprovider.check.context import CheckContext
+from gpuprovider.check.result import Status
 from gpuprovider.cli.proof import verifier_key
+from gpuprovider.config import ProviderConfig
 from gpuprovider.domain import catalogue
 from gpuprovider.domain.records import GpuRecord
 from gpuprovider.domain.usability import PROOF_PROTOCOL, Usability
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import public_key_hex
+from gpuprovider.inventory.local import NvmlReport
 from gpuprovider.proof import bounds, calibration, native
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.cheats import GrindingProver, PartialMemoryBackend, SegmentedProver
@@ -741,3 +746,30 @@ def test_a_gpu_is_timed_on_a_measured_calibration_or_an_estimate_the_verifier_op
     assert seconds == estimate.seconds and source.startswith("estimated")
     assert opted._expected(h100.id, False, params, 3.0) == (3.0, "given")
     assert opted._expected(h100.id, True, params, None)[0] is None  # simulated: untimed
+
+
+def test_check_shows_per_gpu_whether_its_calibration_is_measured_or_estimated(
+    tmp_path, monkeypatch
+):
+    gpus = [
+        GpuRecord("GPU-0", "n", 0, "h100-80gb-sxm", "NVIDIA H100 80GB HBM3", 81559, 80, False),
+        GpuRecord("GPU-1", "n", 1, "a100-80gb-sxm", "NVIDIA A100-SXM4-80GB", 81920, 80, False),
+        GpuRecord("GPU-2", "n", 2, "gb10-121gb", "NVIDIA GB10", 124000, 121, False),
+    ]
+    context = CheckContext(ProviderConfig(), tmp_path, nvml=NvmlReport(gpus=gpus))
+    entry = {
+        "model": "a100-80gb-sxm",
+        "effective_gbs": 1800,
+        "step_s": 0.001,
+        "spread_pct": 1.0,
+        "source": "test",
+    }
+    monkeypatch.setattr(calibration, "measured", lambda: calibration.usable([entry]))
+    shown = {r.subject: r for r in hardware.proof_calibration(context)}
+    assert shown["GPU 0"].value == "estimated" and shown["GPU 0"].status is Status.WARN
+    assert "bench/gpu.sh" in shown["GPU 0"].advice
+    assert shown["GPU 1"].value == "measured" and shown["GPU 1"].status is Status.PASS
+    assert shown["GPU 2"].value == "not in the catalogue"
+    assert calibration.expected(
+        "a100-80gb-sxm", model_params(catalogue.models()["a100-80gb-sxm"])
+    ).measured

@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gpuprovider.identity.keys import public_key_hex
+from gpuprovider.proof import native
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.protocol import Challenge, Params, ProofError
 from gpuprovider.proof.prover import Commitment
@@ -106,6 +107,7 @@ def verify(
         "covered_bytes": params.covered_bytes,
         "openings": len(wanted),
         "false_accept_if_5pct_skipped": P.false_accept(len(wanted), P.SKIP_FRACTION),
+        "verifier_kernel": native.kernel(),  # native or numpy: the same bits, not the same CPU
     }
 
     def fail(reason: str) -> Verdict:
