@@ -11,6 +11,15 @@ setup(
             ["src/gpuprovider/proof/_native.c"],
             extra_compile_args=["-O3", "-fno-strict-aliasing"],
             optional=True,
-        )
+        ),
+        # the walk state's Merkle root on libcrypto (OpenSSL's headers needed to build;
+        # without them hashlib computes it)
+        Extension(
+            "gpuprovider.proof._merkle",
+            ["src/gpuprovider/proof/_merkle.c"],
+            extra_compile_args=["-O2"],
+            libraries=["crypto"],
+            optional=True,
+        ),
     ]
 )

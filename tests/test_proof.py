@@ -123,6 +123,11 @@ def test_native_kernels_compute_the_numpy_bits(numpy_only):
     _, walked_native = prove(ch, nonce=nonce)
     assert walked_native.roots == walked_numpy.roots
     assert walked_native.backend == "native" and walked_numpy.backend == "numpy"
+    # the native Merkle root (libcrypto, threaded for large states) is hashlib's
+    if native.merkle() is not None:
+        for m, n in ((2, 8), (128, 256), (1024, 1024)):
+            rows = np.random.default_rng(m).integers(-128, 128, (m, n), dtype=np.int8)
+            assert native.merkle().merkle_root(7, rows, m, n) == P.merkle_levels(7, rows)[-1][0]
     # and the native cheater's remade matrices give the same walk too
     _, cheated = prove(ch, Prover(ch, PartialMemoryBackend(0.3)), nonce=nonce)
     assert cheated.roots == walked_numpy.roots

@@ -11,6 +11,10 @@ try:  # optional by design: a machine without a C compiler still proves and veri
     from gpuprovider.proof import _native as _loaded
 except ImportError:  # pragma: no cover - depends on the build
     _loaded = None
+try:  # the Merkle root on libcrypto: built only where OpenSSL's headers are
+    from gpuprovider.proof import _merkle as _merkle_loaded
+except ImportError:  # pragma: no cover - depends on the build
+    _merkle_loaded = None
 
 # GPUPROVIDER_PROOF_NATIVE=0 forces numpy (tests compare the two; benches time both)
 _wanted = os.environ.get("GPUPROVIDER_PROOF_NATIVE", "1") != "0"
@@ -19,6 +23,11 @@ _wanted = os.environ.get("GPUPROVIDER_PROOF_NATIVE", "1") != "0"
 def module() -> ModuleType | None:
     """The compiled kernels when built and wanted, else None."""
     return _loaded if _wanted else None
+
+
+def merkle() -> ModuleType | None:
+    """The native Merkle root when built and wanted, else None (hashlib)."""
+    return _merkle_loaded if _wanted else None
 
 
 def available() -> bool:
