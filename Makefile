@@ -11,7 +11,7 @@ TEST_DEBS := podman runc busybox-static prometheus nginx
 
 .PHONY: up test lint format bench clean debs
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/gpuprovider/proof/_native.c src/gpuprovider/proof/_merkle.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

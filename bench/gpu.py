@@ -5,12 +5,13 @@ one without, everything it can, saying exactly what it skipped):
   telemetry     one NVML sample per GPU: utilisation, memory, temperature, power, ECC,
                 retired pages, remapped rows, throttling, PCIe and NVLink counters
   check         `gpuprovider check`, full suite, with its HTML report
-  identity      the CPU (numpy) and GPU (PyTorch, cuda:0) provers commit bit-identically
+  identity      the CPU prover (native kernels) and the GPU's (PyTorch, and the fused
+                Triton kernels) commit bit-identically
   proof         proof of GPU on cuda:0 with a GPU's parameters over GPP_PROOF_GIB (16)
                 GiB of its memory (the walk's cost per step does not depend on how much
                 is filled), proved and verified; fill throughput measured
-  calibration   the walk's time measured against its seeded model: a
-                proof/calibration.toml entry to paste
+  calibration   the walk's measured bandwidth, host step cost and spread over 5
+                repeats: a proof/calibration.toml entry to paste
   tradeoff      bench/proof.py on cuda:0 over 2 GiB: provers keeping 90 % and 50 % of
                 memory against the honest one
   metrics       a daemon on this machine, /metrics scraped with its GPU telemetry
@@ -34,12 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuprovider.domain import catalogue
 from gpuprovider.identity.keys import public_key_hex
 from gpuprovider.inventory.local import read_nvml
-from gpuprovider.proof import calibration
+from gpuprovider.proof import bounds, calibration, native
 from gpuprovider.proof import protocol as P
+from gpuprovider.proof.gpu_kernels import cuda_backend
 from gpuprovider.proof.prover import NumpyBackend, Prover, TorchBackend
 from gpuprovider.proof.remote import gpu_params
 from gpuprovider.proof.verifier import new_challenge, new_nonce, pick_openings, verify
@@ -133,24 +137,38 @@ def step_check(out: Path, state: dict) -> dict:
     }
 
 
-def _prove(memory_bytes: int, backend: Any) -> tuple[Any, float, float, Any]:
-    """(params, fill seconds, walk seconds, verdict) for one honest proof."""
+WALK_REPEATS = 5
+
+
+def _rounds(state: dict) -> int:
+    """The rounds a verifier asks of this machine's first GPU model."""
+    gpus = state.get("gpus") or []
+    model = catalogue.models().get(gpus[0].model) if gpus else None
+    return bounds.rounds_for(model) if model else bounds.ROUNDS_MIN
+
+
+def _prove(memory_bytes: int, backend: Any, rounds: int) -> tuple[Any, float, list, Any]:
+    """(params, fill seconds, walk seconds of each repeat, verdict) for an honest proof."""
     key = Ed25519PrivateKey.generate()
-    params = gpu_params(memory_bytes)
+    params = gpu_params(memory_bytes, rounds)
     challenge = new_challenge(
         "GPU-bench-" + secrets.token_hex(4), "bench", public_key_hex(key), params
     )
-    prover, nonce = Prover(challenge, backend), new_nonce()
+    prover = Prover(challenge, backend)
     fill_s = prover.fill()
-    began = time.perf_counter()
-    commitment = prover.walk(nonce)
-    elapsed = time.perf_counter() - began
+    walks = []
+    for _ in range(WALK_REPEATS):  # the spread the timing window must cover
+        nonce = new_nonce()
+        began = time.perf_counter()
+        commitment = prover.walk(nonce)
+        walks.append(time.perf_counter() - began)
+    elapsed = walks
     prover.release()
     commitment.signature = key.sign(
         P.commitment_digest(challenge.id, nonce, commitment.roots)
     ).hex()
     wanted = pick_openings(params)
-    verdict = verify(challenge, commitment, wanted, prover.open(wanted), elapsed, None)
+    verdict = verify(challenge, commitment, wanted, prover.open(wanted), elapsed[-1], None)
     return params, fill_s, elapsed, verdict
 
 
@@ -163,15 +181,20 @@ def _walk(challenge, backend, nonce: str) -> bytes:
 def step_identity(out: Path, state: dict) -> dict:
     t = cuda()
     key = Ed25519PrivateKey.generate()
-    params = gpu_params(64 * 2**20)
+    params = P.Params(1024, 64, 16, 256, 4, _rounds(state), 5)  # the GPU's n, w and rounds
     challenge = new_challenge("GPU-identity", "bench", public_key_hex(key), params)
     nonce = new_nonce()
     on_cpu = _walk(challenge, NumpyBackend(), nonce)
-    on_gpu = _walk(challenge, TorchBackend(t, "cuda:0"), nonce)
-    same = on_cpu == on_gpu
-    if not same:
-        raise RuntimeError("the CPU and GPU provers committed different roots")
-    return {"memory_mib": 64, "roots": len(on_cpu) // 32, "bit_identical": same}
+    found = {"memory_mib": 256, "roots": len(on_cpu) // 32, "cpu_kernel": native.kernel()}
+    gpu_backends = [("torch", TorchBackend(t, "cuda:0")), ("triton", cuda_backend(t, "cuda:0"))]
+    for name, backend in gpu_backends:
+        if backend.name != name:
+            found[name] = "not available"
+            continue
+        if _walk(challenge, backend, nonce) != on_cpu:
+            raise RuntimeError(f"the CPU and the GPU's {name} prover committed different roots")
+        found[name] = "bit-identical"
+    return found
 
 
 def step_proof(out: Path, state: dict) -> dict:
@@ -179,8 +202,10 @@ def step_proof(out: Path, state: dict) -> dict:
     free, total = t.cuda.mem_get_info(0)
     wanted = float(os.environ.get("GPP_PROOF_GIB", "16")) * 2**30
     memory = int(min(wanted, free * 0.97 / P.FILL_FRACTION))
-    params, fill_s, elapsed, verdict = _prove(memory, TorchBackend(t, "cuda:0"))
-    state["proof"] = (params, elapsed)
+    backend = cuda_backend(t, "cuda:0")
+    params, fill_s, walks, verdict = _prove(memory, backend, _rounds(state))
+    elapsed = sorted(walks)[len(walks) // 2]
+    state["proof"] = (params, walks)
     if not verdict.passed:
         raise RuntimeError(f"the honest proof failed: {verdict.reason}")
     fill_gbs = params.covered_bytes / fill_s / 1e9
@@ -191,10 +216,26 @@ def step_proof(out: Path, state: dict) -> dict:
         "fill_s": round(fill_s, 2),
         "fill_gbs": round(fill_gbs, 2),
         "full_memory_fill_s_extrapolated": round(0.9 * total / 1e9 / fill_gbs, 1),
+        "prover": backend.name,
         "walk_s": round(elapsed, 3),
+        "walk_s_all": [round(w, 4) for w in walks],
+        "walk_spread_pct": round(100 * (max(walks) - min(walks)) / elapsed, 2),
+        "walk_read_gbs": round(
+            params.steps * params.reads_per_step * params.matrix_bytes / elapsed / 1e9, 1
+        ),
         "walk_steps": params.steps,
         "verdict": verdict.to_dict(),
     }
+
+
+def _host_step_s(params: Any) -> float:
+    """What one step costs on the host, measured: the state's Merkle root and the next
+    step's indices (the GPU's part is the rest of the walk)."""
+    state = np.random.default_rng(0).integers(-128, 128, (params.m, params.n), dtype=np.int8)
+    began = time.perf_counter()
+    for step in range(1, 11):
+        P.indices(P.merkle_root(step, state), step, params)
+    return (time.perf_counter() - began) / 10
 
 
 def step_calibration(out: Path, state: dict) -> dict:
@@ -204,30 +245,32 @@ def step_calibration(out: Path, state: dict) -> dict:
     if not gpus:
         raise Skipped("NVML named no GPU model")
     model = gpus[0].model
-    params, elapsed = state["proof"]
-    seeded = calibration.expected(model, params)
-    if seeded is None:
+    if model not in catalogue.models():
         raise Skipped(f"{model} is not in the catalogue")
-    entry = calibration.measured().get(model)
-    modelled = seeded.seconds / (entry or {}).get("scale", 1.0)
-    scale = elapsed / modelled
+    params, walks = state["proof"]
+    median = sorted(walks)[len(walks) // 2]
+    spread = 100 * (max(walks) - min(walks)) / median
+    step_s = _host_step_s(params)
+    reads = params.steps * params.reads_per_step * params.matrix_bytes
+    effective = reads / max(1e-9, median - params.steps * step_s) / 1e9
+    estimated = calibration.expected(model, params)
     source = (
         f"bench/gpu.sh on {gpus[0].device_name}, driver {state.get('driver', '?')}, "
         f"{time.strftime('%Y-%m-%d')}"
     )
-    bandwidth = (entry or {}).get("effective_gbs") or calibration.catalogue.models()[
-        model
-    ].bandwidth_gbs * calibration.EFFICIENCY
     toml = (
-        f'[[gpu]]\nmodel = "{model}"\neffective_gbs = {bandwidth:.0f}\n'
-        f'scale = {scale:.3f}\nsource = "{source}"\n'
+        f'[[gpu]]\nmodel = "{model}"\neffective_gbs = {effective:.0f}\n'
+        f'step_s = {step_s:.6f}\nspread_pct = {spread:.2f}\nsource = "{source}"\n'
     )
     (out / "calibration.toml").write_text(toml)
     return {
         "model": model,
-        "measured_s": round(elapsed, 2),
-        "modelled_s": round(modelled, 2),
-        "scale": round(scale, 3),
+        "measured_s": round(median, 3),
+        "estimated_s": round(estimated.seconds, 3) if estimated else None,
+        "spread_pct": round(spread, 2),
+        "window_covers_spread": spread < calibration.MAX_SPREAD_PCT,
+        "host_step_s": round(step_s, 6),
+        "effective_gbs": round(effective, 1),
         "entry": toml,
     }
 

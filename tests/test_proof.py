@@ -6,7 +6,10 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,17 +17,28 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuprovider.check import hardware
+from gpuprovider.check.context import CheckContext
+from gpuprovider.check.result import Status
 from gpuprovider.cli.proof import verifier_key
+from gpuprovider.config import ProviderConfig
 from gpuprovider.domain import catalogue
 from gpuprovider.domain.records import GpuRecord
-from gpuprovider.domain.usability import Usability
+from gpuprovider.domain.usability import PROOF_PROTOCOL, Usability
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import public_key_hex
-from gpuprovider.proof import calibration
+from gpuprovider.inventory.local import NvmlReport
+from gpuprovider.proof import bounds, calibration, native
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.cheats import GrindingProver, PartialMemoryBackend, SegmentedProver
 from gpuprovider.proof.prover import Commitment, Prover, TorchBackend
-from gpuprovider.proof.remote import cpu_params, gpu_params
+from gpuprovider.proof.remote import (
+    RemoteError,
+    RemoteVerifier,
+    cpu_params,
+    gpu_params,
+    model_params,
+)
 from gpuprovider.proof.verifier import (
     WINDOW,
     Verdict,
@@ -70,13 +84,59 @@ def test_defaults_bound_skipped_work_and_guessed_states():
         assert (1 / 256) ** params.checks <= 2**-40  # one guessed step, all checks miss
     k = P.openings_for()
     assert P.false_accept(k - 1, P.SKIP_FRACTION) >= 2**-40  # and no fewer would do
-    assert h100.covered_bytes >= 0.9 * 80 * 2**30 and h100.state_bytes < 100 << 20
+    assert h100.covered_bytes >= 0.9 * 80 * 2**30 and h100.state_bytes < 256 << 20
     assert h100.openings * h100.opening_bytes < 10e6  # bytes per proof on the wire
+
+
+def test_every_catalogue_model_makes_a_missing_word_at_least_8x_dearer_than_reading_it():
+    # on paper, against the fastest generator the model's instruction issue allows
+    # (bounds.py): the rounds the verifier asks for keep rho >= 8 on every model
+    for model in catalogue.models().values():
+        params = model_params(model)
+        assert bounds.ROUNDS_MIN <= params.rounds <= bounds.ROUNDS_MAX
+        assert bounds.rho(model, params.rounds) >= bounds.RHO_FLOOR, model.id
+        assert params.covered_bytes >= 0.9 * model.memory_gb * 2**30
+    h100 = catalogue.models()["h100-80gb-sxm"]
+    assert bounds.rho(h100, bounds.rounds_for(h100)) >= bounds.RHO_GOAL
+
+
+@pytest.fixture
+def numpy_only():
+    native.use(False)
+    yield
+    native.use(True)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels were not built")
+def test_native_kernels_compute_the_numpy_bits(numpy_only):
+    ch, nonce = challenge(), new_nonce()
+    k0, keys = ch.keys()
+    n, rounds = PARAMS.n, PARAMS.rounds
+    js = np.array([[3, 0, 7], [1, 1, 5]])
+    cols = np.array([0, 255])
+    by_numpy = (P.make_words(k0, keys[:9], n, rounds), P.columns(k0, keys[js], n, cols, rounds))
+    _, walked_numpy = prove(ch, nonce=nonce)
+    native.use(True)
+    assert native.kernel() == "native"
+    assert np.array_equal(by_numpy[0], P.make_words(k0, keys[:9], n, rounds))
+    assert np.array_equal(by_numpy[1], P.columns(k0, keys[js], n, cols, rounds))
+    _, walked_native = prove(ch, nonce=nonce)
+    assert walked_native.roots == walked_numpy.roots
+    assert walked_native.backend == "native" and walked_numpy.backend == "numpy"
+    # the native Merkle root (libcrypto, threaded for large states) is hashlib's
+    if native.merkle() is not None:
+        for m, n in ((2, 8), (128, 256), (1024, 1024)):
+            rows = np.random.default_rng(m).integers(-128, 128, (m, n), dtype=np.int8)
+            assert native.merkle().merkle_root(7, rows, m, n) == P.merkle_levels(7, rows)[-1][0]
+    # and the native cheater's remade matrices give the same walk too
+    _, cheated = prove(ch, Prover(ch, PartialMemoryBackend(0.3)), nonce=nonce)
+    assert cheated.roots == walked_numpy.roots
 
 
 def test_numpy_and_torch_provers_commit_bit_identically():
     torch = pytest.importorskip("torch")
-    ch, nonce = challenge(), new_nonce()
+    # PyTorch's unfused fill is slow on a CPU: the smallest challenge (2 MiB)
+    ch, nonce = challenge(params=cpu_params(2 << 20)), new_nonce()
     _, by_numpy = prove(ch, nonce=nonce)
     _, by_torch = prove(ch, Prover(ch, TorchBackend(torch, "cpu")), nonce=nonce)
     assert by_numpy.roots == by_torch.roots
@@ -276,6 +336,7 @@ def test_a_verdict_counts_only_for_what_it_proved():
         proof_model="h100-80gb-sxm",
         proof_timed=True,
         proof_covered_bytes=int(0.9 * 80 * 2**30),
+        proof_protocol=PROOF_PROTOCOL,
     )
     assert rules.gpu_reason(gpu, 200.0) == ""
     cases = {
@@ -285,6 +346,9 @@ def test_a_verdict_counts_only_for_what_it_proved():
         "was not timed": {"proof_timed": False},
         "covered under 85%": {"proof_covered_bytes": 4 << 20},
         "older than": {"proof_at": -4000.0},
+        # v2 verdicts proved weaker parameters (and could be revived): they do not count
+        "given under gpuprovider-pog-v2": {"proof_protocol": "gpuprovider-pog-v2"},
+        "given under an older protocol": {"proof_protocol": ""},
     }
     for reason, change in cases.items():
         assert reason in rules.gpu_reason(dataclasses.replace(gpu, **change), 200.0), reason
@@ -474,6 +538,44 @@ def test_an_abandoned_session_ends_and_frees_the_gpu(fresh_provider):
     assert p.api.post(f"/gpus/{uuid}/proof/challenge", json=again.to_dict()).status_code == 200
 
 
+def test_an_expired_proof_cannot_be_revived_under_its_old_challenge(fresh_provider, verifier_home):
+    # before: the provider's admin read the old challenge id from GET .../proof, opened a
+    # new session under it, walked, and posted the old signed verdict again: it was stored
+    # with a new time and the GPU was usable again with no verifier involved
+    p = fresh_provider
+    trusted = public_key_hex(verifier_key(verifier_home))
+    config = p.home.config.read_text().replace("required = false", "required = true")
+    config = config.replace("trusted_verifiers = []", f'trusted_verifiers = ["{trusted}"]')
+    config = config.replace("session_s = 900.0", "session_s = 5")
+    p.home.config.write_text(config.replace("max_age_s = 86400.0", "max_age_s = 2"))
+    p.start()
+    uuid = p.api.get("/gpus").json()[0]["uuid"]
+    done = run_verifier(p, verifier_home, "--gpu", uuid, "--json", token_value=token(p, "v"))
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["stored"], done.stdout
+    info = p.api.get(f"/gpus/{uuid}/proof").json()
+    old = info["proof"]
+    assert old["at"] == old["signed"]["verdict"]["at"]  # its age runs from the signature
+
+    def reason() -> str:
+        return {g["uuid"]: g for g in p.api.get("/gpus").json()}[uuid]["unusable_reason"]
+
+    wait_for(lambda: "older than 2 s" in reason(), what="the proof to expire", timeout=30)
+    ch = new_challenge(uuid, info["model"], info["provider_key"], cpu_params(info["memory_bytes"]))
+    reopened = p.api.post(
+        f"/gpus/{uuid}/proof/challenge", json={**ch.to_dict(), "id": old["challenge_id"]}
+    )
+    assert reopened.status_code == 409 and "used before" in reopened.text
+    # under a fresh id the old verdict does not fit the session either
+    assert p.api.post(f"/gpus/{uuid}/proof/challenge", json=ch.to_dict()).status_code == 200
+    walk = {"challenge_id": ch.id, "nonce": "33" * 32}
+    assert p.api.post(f"/gpus/{uuid}/proof/walk", json=walk).status_code == 200
+    posted = p.api.post(f"/gpus/{uuid}/proof/result", json=old["signed"])
+    assert posted.status_code == 409, posted.text
+    assert reason() != ""  # being proved, or (session over) still expired: never usable
+    wait_for(lambda: "older than 2 s" in reason(), what="the session to end", timeout=60)
+    assert p.api.get(f"/gpus/{uuid}/proof").json()["proof"]["at"] == old["at"]
+
+
 class LyingProvider(BaseHTTPRequestHandler):
     """Answers a verifier with everything a hostile provider might send."""
 
@@ -586,3 +688,93 @@ def test_a_lying_provider_fails_each_gpu_and_never_crashes_the_verifier(proven, 
     # and no --expect-seconds, the verifier fails it rather than pass it untimed
     (outcome,) = json.loads(untimed.stdout)
     assert "cannot time the walk" in outcome["reason"] and "not measured" in outcome["reason"]
+
+
+TRITON_CHECK = """
+import numpy as np, torch
+from gpuprovider.proof import gpu_kernels as G, protocol as P
+from gpuprovider.proof.prover import NumpyBackend, Prover
+from gpuprovider.proof.verifier import new_challenge
+params = P.Params(n=128, m=8, per_step=2, matrices=4, steps=2, rounds=3, checks=5)
+ch = new_challenge("GPU-triton", "m", "ab" * 32, params)
+cpu = Prover(ch, NumpyBackend()); cpu.fill()
+gpu = Prover(ch, G.TritonBackend(torch, "cpu")); gpu.fill()
+assert np.array_equal(gpu.backend.big.numpy(), cpu.backend.big), "fill differs"
+assert cpu.walk("11" * 32).roots == gpu.walk("11" * 32).roots, "walk differs"
+print("identical")
+"""
+
+
+@pytest.mark.slow
+def test_the_fused_gpu_kernels_compute_the_reference_bits_in_tritons_interpreter(tmp_path):
+    # the Triton fill and walk kernels, run by Triton's CPU interpreter: the same bits as
+    # numpy (on a GPU, bench/gpu.sh checks them against the CPU prover again)
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "identical" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_gpu_is_timed_on_a_measured_calibration_or_an_estimate_the_verifier_opted_into():
+    entry = {
+        "model": "h100-80gb-sxm",
+        "effective_gbs": 2900,
+        "step_s": 0.0014,
+        "spread_pct": 2.0,
+        "source": "bench/gpu.sh",
+    }
+    assert "h100-80gb-sxm" in calibration.usable([entry])
+    # repeats spread wider than the window allows would reject honest walks: unused
+    assert not calibration.usable([{**entry, "spread_pct": 25.0}])
+    assert not calibration.usable([{k: v for k, v in entry.items() if k != "step_s"}])
+    h100 = catalogue.models()["h100-80gb-sxm"]
+    params = model_params(h100)
+    estimate = calibration.expected(h100.id, params)
+    assert estimate.kind is calibration.Calibration.ESTIMATED and "published" in estimate.source
+    # the estimate is the fused walk's reads at 85 % of the published bandwidth, plus steps
+    reads = params.steps * params.reads_per_step * params.matrix_bytes
+    assert (
+        reads / (h100.bandwidth_gbs * 1e9)
+        < estimate.seconds
+        < 1.5 * reads / (h100.bandwidth_gbs * 1e9)
+    )
+    strict = RemoteVerifier("http://127.0.0.1:9", None, "ab" * 32, KEY)
+    with pytest.raises(RemoteError, match="estimated, not measured"):
+        strict._expected(h100.id, False, params, None)
+    opted = RemoteVerifier("http://127.0.0.1:9", None, "ab" * 32, KEY, allow_estimated=True)
+    seconds, source = opted._expected(h100.id, False, params, None)
+    assert seconds == estimate.seconds and source.startswith("estimated")
+    assert opted._expected(h100.id, False, params, 3.0) == (3.0, "given")
+    assert opted._expected(h100.id, True, params, None)[0] is None  # simulated: untimed
+
+
+def test_check_shows_per_gpu_whether_its_calibration_is_measured_or_estimated(
+    tmp_path, monkeypatch
+):
+    gpus = [
+        GpuRecord("GPU-0", "n", 0, "h100-80gb-sxm", "NVIDIA H100 80GB HBM3", 81559, 80, False),
+        GpuRecord("GPU-1", "n", 1, "a100-80gb-sxm", "NVIDIA A100-SXM4-80GB", 81920, 80, False),
+        GpuRecord("GPU-2", "n", 2, "gb10-121gb", "NVIDIA GB10", 124000, 121, False),
+    ]
+    context = CheckContext(ProviderConfig(), tmp_path, nvml=NvmlReport(gpus=gpus))
+    entry = {
+        "model": "a100-80gb-sxm",
+        "effective_gbs": 1800,
+        "step_s": 0.001,
+        "spread_pct": 1.0,
+        "source": "test",
+    }
+    monkeypatch.setattr(calibration, "measured", lambda: calibration.usable([entry]))
+    shown = {r.subject: r for r in hardware.proof_calibration(context)}
+    assert shown["GPU 0"].value == "estimated" and shown["GPU 0"].status is Status.WARN
+    assert "bench/gpu.sh" in shown["GPU 0"].advice
+    assert shown["GPU 1"].value == "measured" and shown["GPU 1"].status is Status.PASS
+    assert shown["GPU 2"].value == "not in the catalogue"
+    assert calibration.expected(
+        "a100-80gb-sxm", model_params(catalogue.models()["a100-80gb-sxm"])
+    ).measured

@@ -45,6 +45,15 @@ class WalkIn(_In):
     nonce: Annotated[str, Field(max_length=128)]
 
 
+class AttestIn(WalkIn):
+    """The nonce is attestation.nonce_for(challenge id, the walk's commitment)."""
+
+
+class AttestationOut(BaseModel):
+    report: str  # base64: SPDM GET_MEASUREMENTS request and signed response (NVML)
+    cert_chain: str  # base64: the GPU's attestation certificate chain, PEM, leaf first
+
+
 class OpeningsIn(_In):
     challenge_id: Annotated[str, Field(max_length=64)]
     openings: Annotated[
@@ -290,6 +299,7 @@ class ProofVerdictOut(BaseModel):
     simulated: bool
     timed: bool
     covered_bytes: int
+    protocol: str = ""  # the proof protocol it was given under; only the current one counts
 
 
 class GpuOut(BaseModel):

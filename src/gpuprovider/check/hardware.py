@@ -25,6 +25,8 @@ from gpuprovider.check.measure import (
 from gpuprovider.check.registry import check
 from gpuprovider.check.result import Result, Status, graded
 from gpuprovider.domain.records import GpuRecord
+from gpuprovider.proof import calibration
+from gpuprovider.proof.calibration import Calibration
 
 MIB, GIB = 2**20, 2**30
 MEMORY_BANDWIDTH_WARN_GBS = 5.0
@@ -365,4 +367,39 @@ def peer(ctx: CheckContext) -> list[Result]:
             )
         )
     torch.cuda.empty_cache()
+    return results
+
+
+@check("hardware", "proof-calibration", "Proof-of-GPU timing calibration per GPU")
+def proof_calibration(ctx: CheckContext) -> list[Result]:
+    """Whether a verifier can time each GPU's proof against a measured walk time, or only
+    against one estimated from published bandwidth (which verifiers must opt into)."""
+    results = []
+    for gpu in ctx.gpus:
+        kind = calibration.kind_of(gpu.model)
+        subject = f"GPU {gpu.idx}"
+        if kind is None:
+            results.append(
+                Result(
+                    Status.WARN,
+                    "not in the catalogue",
+                    subject=subject,
+                    gpu_uuid=gpu.uuid,
+                    advice="no verifier can prove this model; add it to the GPU catalogue",
+                )
+            )
+            continue
+        results.append(
+            Result(
+                Status.PASS if kind is Calibration.MEASURED else Status.WARN,
+                str(kind),
+                subject=subject,
+                threshold="measured (bench/gpu.sh); estimated counts only where verifiers opt in",
+                advice=""
+                if kind is Calibration.MEASURED
+                else f"run bench/gpu.sh on this {gpu.model} and add its calibration entry",
+            )
+        )
+    if not results:
+        return [Result(Status.SKIP, advice="no NVIDIA GPU to prove")]
     return results

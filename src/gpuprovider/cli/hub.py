@@ -82,6 +82,12 @@ def serve(
     allow_simulated: bool = typer.Option(
         False, "--allow-simulated", help="Admit providers whose GPUs are simulated (demos, tests)."
     ),
+    allow_estimated: bool = typer.Option(
+        False,
+        "--allow-estimated-calibration",
+        help="Admit real GPUs of models with no measured walk time, timed against their "
+        "published bandwidth (labelled estimated).",
+    ),
 ) -> None:
     """Run the hub until stopped; prints its verifier key and where its admin token is."""
     folder = folder.expanduser()
@@ -95,6 +101,7 @@ def serve(
         heartbeat_s=heartbeat_s,
         rechallenge_s=rechallenge_s,
         allow_simulated=allow_simulated,
+        allow_estimated_calibration=allow_estimated,
     )
     hub = Hub(HubStore(db or f"sqlite:///{folder / 'hub.db'}"), settings, verifier)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

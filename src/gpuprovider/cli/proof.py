@@ -16,8 +16,15 @@ from gpuprovider.cli.output import console, print_json, table
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import create_node_key, load_node_key, public_key_hex
 from gpuprovider.proof import protocol as P
-from gpuprovider.proof.prover import Prover, pick_backend
-from gpuprovider.proof.remote import RemoteError, RemoteVerifier, cpu_params, gpu_params
+from gpuprovider.proof.gpu_kernels import pick_backend
+from gpuprovider.proof.prover import Prover
+from gpuprovider.proof.remote import (
+    AttestMode,
+    RemoteError,
+    RemoteVerifier,
+    cpu_params,
+    gpu_params,
+)
 from gpuprovider.proof.verifier import Verdict, new_challenge, new_nonce, pick_openings, verify
 
 proof_app = typer.Typer(
@@ -62,6 +69,18 @@ def verify_remote(
     ),
     gpu: list[str] = typer.Option([], "--gpu", help="GPU UUID to prove (default: all)."),
     expect_s: float | None = EXPECT,
+    allow_estimated: bool = typer.Option(
+        False,
+        "--allow-estimated",
+        help="Time a real GPU whose model has no measured calibration against its "
+        "published bandwidth (proof/calibration.py) instead of failing it.",
+    ),
+    attest: AttestMode = typer.Option(
+        AttestMode.OFF,
+        "--attest",
+        help="Ask each GPU for an NVIDIA CC attestation of the proof: try (record it) or "
+        "require (fail GPUs without a verified one). Checked offline against NVIDIA's root.",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Challenge a provider's GPUs at once, print each verdict (signed with this home's
@@ -72,7 +91,14 @@ def verify_remote(
             raise ValueError
     except ValueError:
         raise CliError("--provider-key: an Ed25519 public key is 64 hex digits", 2) from None
-    verifier = RemoteVerifier(url, g.token, provider_key, verifier_key(g.home))
+    verifier = RemoteVerifier(
+        url,
+        g.token,
+        provider_key,
+        verifier_key(g.home),
+        allow_estimated=allow_estimated,
+        attest=attest,
+    )
     try:
         uuids = gpu or verifier.gpus()
         with console.status(f"proving {len(uuids)} GPU(s) at once ..."):

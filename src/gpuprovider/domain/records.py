@@ -166,6 +166,7 @@ class GpuRecord:
     proof_simulated: bool = False
     proof_covered_bytes: int = 0
     proof_timed: bool = False
+    proof_protocol: str = ""  # the proof protocol its verdict was given under
 
 
 @dataclass

@@ -19,6 +19,9 @@ NODE_STATUS_REASONS = {
 # A proof must cover at least this much of the GPU's memory to count (and the provider
 # refuses smaller challenges: they prove nothing and would hold the GPU for nothing).
 MIN_PROOF_COVER = 0.85
+# The proof protocol whose verdicts count (`proof.protocol.VERSION`): a verdict given under
+# an older one proved weaker parameters and does not count as a new one.
+PROOF_PROTOCOL = "gpuprovider-pog-v3"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class Usability:
             )
         if not gpu.proof_passed:
             return f"latest proof of GPU failed: {gpu.proof_reason}"
+        if gpu.proof_protocol != PROOF_PROTOCOL:
+            shown = gpu.proof_protocol or "an older protocol"
+            return f"latest proof of GPU was given under {shown}, not {PROOF_PROTOCOL}: prove again"
         if gpu.proof_model != gpu.model or gpu.proof_simulated != gpu.simulated:
             shown = gpu.proof_model + (" (simulated)" if gpu.proof_simulated else "")
             return f"latest proof of GPU proved a {shown}, not this GPU's model"
@@ -70,6 +76,7 @@ class Usability:
         memory = gpu.memory_mib * 2**20
         if not gpu.simulated and gpu.proof_covered_bytes < MIN_PROOF_COVER * memory:
             return f"latest proof of GPU covered under {MIN_PROOF_COVER:.0%} of its memory"
+        # proof_at is the time the verifier signed, never when the provider stored it
         if now - (gpu.proof_at or 0.0) > self.proof_max_age_s:
             return f"proof of GPU older than {self.proof_max_age_s:g} s (proof.max_age_s)"
         return ""

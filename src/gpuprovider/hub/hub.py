@@ -45,7 +45,7 @@ from gpuprovider.market.model import (
     tenant_account,
 )
 from gpuprovider.market.usage import Usage, UsageError, check_next
-from gpuprovider.proof.remote import RemoteError, RemoteVerifier
+from gpuprovider.proof.remote import AttestMode, RemoteError, RemoteVerifier
 
 log = logging.getLogger(__name__)
 L = LeaseState
@@ -86,6 +86,8 @@ class HubSettings:
     start_timeout_s: float = 900.0  # a won lease runs within this, or closes as failed
     rechallenge_s: float = 3600.0  # mean time between random re-proofs of a provider
     allow_simulated: bool = False  # admit providers proving simulated GPUs (tests, demos)
+    # time real GPUs of unmeasured models against published bandwidth (proof/calibration.py)
+    allow_estimated_calibration: bool = False
 
     @property
     def silent_after_s(self) -> float:
@@ -259,7 +261,14 @@ class Hub:
         """Prove every GPU of a provider (blocking: the app runs it on a thread). Admitted
         only if every GPU passes, with a real (or, when allowed, simulated) verdict."""
         row = self.require(key, ParticipantKind.PROVIDER)
-        verifier = RemoteVerifier(row.api_url, row.verify_token, key, self.verifier_key)
+        verifier = RemoteVerifier(
+            row.api_url,
+            row.verify_token,
+            key,
+            self.verifier_key,
+            allow_estimated=self.settings.allow_estimated_calibration,
+            attest=AttestMode.TRY,  # recorded per GPU; orders may require it
+        )
         try:
             uuids = verifier.gpus()
             outcomes = verifier.prove_all(uuids)
@@ -279,7 +288,15 @@ class Hub:
             outcomes, problems = [], [str(exc)]
         status = P.REFUSED if problems else P.ADMITTED
         reason = "; ".join(problems)[:2000] if problems else "every GPU proven"
-        gpus = [{"uuid": o.gpu_uuid, "model": o.model} for o in outcomes if o.verdict.passed]
+        gpus = [
+            {
+                "uuid": o.gpu_uuid,
+                "model": o.model,
+                "attested": str(o.verdict.figures.get("attestation", "")).startswith("verified"),
+            }
+            for o in outcomes
+            if o.verdict.passed
+        ]
         with self.store.tx() as conn:
             current = self.participant(conn, key, ParticipantKind.PROVIDER)
             changes = {"gpus": gpus, "last_proof_at": time.time()}
@@ -366,13 +383,21 @@ class Hub:
         ).all()
         fit, why_not = [], []
         floor = self.settings.reliability_floor
+        attested = " attested" if order.resources.attested else ""
         for row in map(Participant.of, rows):
-            count = sum(1 for g in row.gpus if order.resources.accepts(g["model"]))
+            count = sum(
+                1
+                for g in row.gpus
+                if order.resources.accepts(g["model"])
+                and (g.get("attested") or not order.resources.attested)
+            )
             if row.status != P.ADMITTED:
                 why_not.append(f"{row.name}: {row.status} ({row.status_reason[:200]})")
-            elif order.resources.gpus and count < need:
+            elif (order.resources.gpus or order.resources.attested) and count < need:
                 model = order.resources.gpu_model or "any model"
-                why_not.append(f"{row.name}: {count} proven GPU(s) of {model}, {need} wanted")
+                why_not.append(
+                    f"{row.name}: {count} proven{attested} GPU(s) of {model}, {need} wanted"
+                )
             elif (row.last_heartbeat or 0) < now - self.settings.silent_after_s:
                 why_not.append(f"{row.name}: silent for {now - (row.last_heartbeat or 0):.0f} s")
             elif row.reliability < floor:

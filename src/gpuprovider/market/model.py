@@ -34,6 +34,8 @@ class OrderResources(_Strict):
     cpus: Annotated[float, Field(ge=0, le=1024)] = 1
     memory_gb: Annotated[float, Field(ge=0, le=16384)] = 4
     storage_gb: Annotated[float, Field(ge=0, le=1 << 20)] = 0
+    # only GPUs whose NVIDIA CC attestation the hub verified (proof/attestation.py)
+    attested: bool = False
 
     @field_validator("gpus")
     @classmethod

@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gpuprovider.identity.keys import public_key_hex
+from gpuprovider.proof import native
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.protocol import Challenge, Params, ProofError
 from gpuprovider.proof.prover import Commitment
@@ -25,9 +26,10 @@ from gpuprovider.proof.prover import Commitment
 # whose measured resource differs by >= 25 % fall outside each other's window
 # (1 / 1.25 = 0.8 < 0.85; 1.25 > 1.2); docs/proof-of-gpu.md says what that rests on.
 WINDOW = (0.85, 1.2)
-VERDICT_VERSION = "gpuprovider-verdict-v1"
+VERDICT_VERSION = "gpuprovider-verdict-v2"  # v2: names the proof protocol
 VERDICT_FIELDS = (
     "version",
+    "protocol",
     "challenge_id",
     "gpu_uuid",
     "model",
@@ -105,6 +107,7 @@ def verify(
         "covered_bytes": params.covered_bytes,
         "openings": len(wanted),
         "false_accept_if_5pct_skipped": P.false_accept(len(wanted), P.SKIP_FRACTION),
+        "verifier_kernel": native.kernel(),  # native or numpy: the same bits, not the same CPU
     }
 
     def fail(reason: str) -> Verdict:
@@ -195,6 +198,7 @@ def sign_verdict(
     """The verdict as the provider stores it: what was proved, signed by the verifier."""
     body = {
         "version": VERDICT_VERSION,
+        "protocol": P.VERSION,
         "challenge_id": challenge.id,
         "gpu_uuid": challenge.gpu_uuid,
         "model": challenge.model,

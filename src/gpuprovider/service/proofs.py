@@ -4,19 +4,22 @@ walk, open), and the verdicts of trusted verifiers only."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import pynvml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.domain.records import GpuRecord
 from gpuprovider.domain.usability import MIN_PROOF_COVER
 from gpuprovider.inventory.local import torch_index
+from gpuprovider.proof import attestation, gpu_kernels
 from gpuprovider.proof import protocol as P
 from gpuprovider.proof.protocol import Challenge, ProofError
-from gpuprovider.proof.prover import NumpyBackend, Prover, TorchBackend
+from gpuprovider.proof.prover import NumpyBackend, Prover
 from gpuprovider.proof.verifier import check_signed_verdict
 from gpuprovider.service.errors import Conflict, Forbidden, NotFound, Rejected
 from gpuprovider.store.signals import Signal
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MIB = 2**20
 BUSY = ("filling", "walking")  # stages a session cannot expire in
+CLOCK_SKEW_S = 300.0  # a verdict dated further ahead than this is refused
 
 
 @dataclass
@@ -35,6 +39,18 @@ class Session:
     verifier: str  # the token's name: only it may go on with the session
     expires: float
     stage: str = "filling"  # filling, filled, walking, walked
+    commitment: bytes = b""  # the signed commitment's digest, once walked
+
+
+def _read_attestation(index: int, nonce: bytes) -> tuple[bytes, bytes]:
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # no driver, no NVML: no CC either
+        raise attestation.NotAvailable(f"NVML is unavailable ({exc})") from None
+    try:
+        return attestation.read(pynvml, index, nonce)
+    finally:
+        pynvml.nvmlShutdown()
 
 
 class ProofService:
@@ -178,6 +194,15 @@ class ProofService:
         busy = await asyncio.to_thread(self._tasks_on, uuid)
         if busy:
             raise Conflict(f"GPU {uuid} runs tasks {', '.join(busy)}; prove it when idle")
+        if uuid in self.sessions:  # opened by a concurrent request meanwhile
+            raise Conflict(f"GPU {uuid} is being proved; one challenge per GPU at a time")
+        # a challenge id opens one session, ever: a verdict already given for it (say, one
+        # that expired) can then never be posted again under a new session
+        if not await asyncio.to_thread(self._take, challenge.id, uuid):
+            raise Conflict(
+                f"challenge {challenge.id} was used before; a verifier sends a fresh id "
+                "for every proof"
+            )
         session = Session(
             challenge,
             Prover(challenge, self._backend(gpu)),
@@ -210,10 +235,34 @@ class ProofService:
             raise
         session.prover.release()
         session.stage = "walked"
-        commitment.signature = self.key.sign(
-            P.commitment_digest(challenge_id, nonce, commitment.roots)
-        ).hex()
+        session.commitment = P.commitment_digest(challenge_id, nonce, commitment.roots)
+        commitment.signature = self.key.sign(session.commitment).hex()
         return commitment.to_dict()
+
+    async def attest(self, uuid: str, challenge_id: str, nonce: str, verifier: str) -> dict:
+        """The GPU's confidential-computing attestation report for this proof (after the
+        walk): NVML's report and certificate chain, for the nonce derived from the walk's
+        commitment (no other nonce: the GPU signs nothing but this proof)."""
+        session = self._session(uuid, challenge_id, verifier, "walked")
+        if nonce != attestation.nonce_for(challenge_id, session.commitment).hex():
+            raise Rejected("the attestation nonce is not this proof's (attestation.nonce_for)")
+        gpu = await asyncio.to_thread(self._gpu, uuid)
+        if gpu.simulated:
+            raise Conflict("a simulated GPU has no hardware to attest")
+        try:
+            report, chain = await asyncio.to_thread(
+                _read_attestation, gpu.idx, bytes.fromhex(nonce)
+            )
+        except attestation.NotAvailable as exc:
+            raise Conflict(f"GPU {uuid} offers no attestation: {exc}") from None
+        return {
+            "report": base64.b64encode(report).decode(),
+            "cert_chain": base64.b64encode(chain).decode(),
+        }
+
+    def _take(self, challenge_id: str, uuid: str) -> bool:
+        with self.store.tx() as tx:
+            return tx.proofs.take_challenge(challenge_id, uuid)
 
     def _backend(self, gpu: GpuRecord):
         if gpu.simulated:
@@ -227,7 +276,7 @@ class ProofService:
         index = torch_index(torch, gpu.uuid)
         if index is None:
             raise Rejected(f"PyTorch does not see GPU {gpu.uuid}")
-        return TorchBackend(torch, f"cuda:{index}")
+        return gpu_kernels.cuda_backend(torch, f"cuda:{index}")
 
     def open(self, uuid: str, challenge_id: str, wanted: Any, verifier: str) -> bytes:
         session = self._session(uuid, challenge_id, verifier, "walked")
@@ -267,6 +316,18 @@ class ProofService:
         for name, value in expected.items():
             if verdict[name] != value:
                 raise Rejected(f"the verdict's {name} is {verdict[name]!r}; expected {value!r}")
+        if verdict["protocol"] != P.VERSION:
+            raise Rejected(
+                f"the verdict was given under {verdict['protocol']!r}; this provider counts "
+                f"{P.VERSION} only"
+            )
+        at = verdict["at"]
+        number = isinstance(at, int | float) and not isinstance(at, bool)
+        if not number or at > time.time() + CLOCK_SKEW_S:
+            raise Rejected(
+                f"the verdict's time {at!r} is not a time up to {CLOCK_SKEW_S:g} s from now: "
+                "a proof's age starts when its verifier signed it"
+            )
         with self.store.tx() as tx:
             tx.proofs.save(uuid, self.node_id, verdict, signed["signature"], verifier)
             tx.signal(Signal.NODES)  # `[proof] required` may now allow the GPU

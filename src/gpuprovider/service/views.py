@@ -145,6 +145,7 @@ def gpu_views(
                         "simulated": gpu.proof_simulated,
                         "timed": gpu.proof_timed,
                         "covered_bytes": gpu.proof_covered_bytes,
+                        "protocol": gpu.proof_protocol,
                     },
                     "driver_version": gpu.driver_version,
                     "cuda_version": gpu.cuda_version,

@@ -185,6 +185,17 @@ gpu_proofs = Table(
     Column("covered_bytes", BigInteger, nullable=False, server_default="0"),
     Column("timed", Boolean, nullable=False, server_default=false()),
     Column("signed", JSON),
+    # the proof protocol the verdict was given under; "" before schema 10: never counted
+    Column("protocol", String(32), nullable=False, server_default=""),
+)
+
+# Every proof challenge id this provider has taken: a session never opens under one twice.
+proof_challenges = Table(
+    "proof_challenges",
+    metadata,
+    Column("challenge_id", String(32), primary_key=True),
+    Column("gpu_uuid", String(96), nullable=False),
+    Column("seen_at", Float, nullable=False),
 )
 
 # The latest result of each check on each node (`gpuprovider check`, preflight at `up`).

@@ -9,6 +9,8 @@ from fastapi.responses import Response
 from gpuprovider.api.deps import Proofs, Verifier
 from gpuprovider.api.routers import ERRORS
 from gpuprovider.api.schemas import (
+    AttestationOut,
+    AttestIn,
     ChallengeIn,
     CommitmentOut,
     FilledOut,
@@ -37,6 +39,12 @@ async def challenge(uuid: str, body: ChallengeIn, who: Verifier, service: Proofs
 async def walk(uuid: str, body: WalkIn, who: Verifier, service: Proofs) -> dict:
     """Walk from the verifier's nonce and commit: the part the verifier times."""
     return await service.walk(uuid, body.challenge_id, body.nonce, who.name)
+
+
+@router.post("/attestation", response_model=AttestationOut)
+async def attest(uuid: str, body: AttestIn, who: Verifier, service: Proofs) -> dict:
+    """NVIDIA CC attestation of the GPU for this proof (409 where the GPU has none)."""
+    return await service.attest(uuid, body.challenge_id, body.nonce, who.name)
 
 
 @router.post(
