@@ -44,7 +44,8 @@ class TraceError(ValueError):
 
 def _rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
     try:
-        text = path.read_text(newline="")
+        with open(path, newline="") as handle:
+            text = handle.read()
     except OSError as exc:
         raise TraceError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
