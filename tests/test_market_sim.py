@@ -601,6 +601,7 @@ def test_orders_declare_a_duration_never_shorter_than_they_run(traces):
         assert so.order.max_price_per_hour > 0 and so.models
 
 
+@pytest.mark.slow
 def test_the_simulator_is_deterministic_per_seed(traces):
     first = simulate(Scenario.A, 3, ["swan-default", "earnings"], hours=1, traces=traces)
     again = simulate(Scenario.A, 3, ["swan-default", "earnings"], hours=1, traces=traces)
@@ -724,6 +725,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([GPUPROVIDER, *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_market_simulate_writes_a_report(tmp_path, traces):
     out, where = ["--out", str(tmp_path)], ["--traces", str(traces)]
     ran = cli(

@@ -76,13 +76,14 @@ class EarningsSettings:
     half_life_s: float = 3 * 3600.0  # how fast old bids stop counting
     prior_weight: float = 4.0  # bids' worth of the prior at each price
     prior_width: float = 0.1  # the prior's odds fall from 1 to 0 over list +- ~2 widths
-    explore: float = 0.03  # bids move up to this share off the best price
+    explore: float = 0.01  # bids move up to this share off the best price
     max_ratio: float = 3.0
     idle_below: float = 0.5  # utilisation under which a GPU is not missed
     typical_orders: int = 2000  # recent orders whose shapes make the typical tasks
     rebind_every: int = 250
     load_steps: tuple[float, ...] = (0.7, 0.9)  # utilisation classes the odds are kept for
     frag_weight: float = 1.0  # a fragmented GPU counted as this many idle ones
+    scarcity_power: float = 2.0  # how steeply a GPU is missed as its model fills
 
 
 class WinCurve:
@@ -151,6 +152,7 @@ class EarningsStrategy:
         self.seen = 0
         self.bound: dict[str, BoundTypicalTasks] = {}
         self.masks: dict[str, np.ndarray] = {}  # the cluster's GPUs of each model
+        self._shapes: dict[tuple, TaskShape] = {}  # shapes are few: made once each
         self.bound_to: ClusterState | None = None
 
     # -- learning ---------------------------------------------------------------------
@@ -173,12 +175,11 @@ class EarningsStrategy:
             return
         request = options[0].request
         gpu = request.gpu
-        shape = TaskShape(
-            request.cpu_milli,
-            gpu.milli_per_gpu if gpu.wants_gpu else 0,
-            gpu.gpus_touched,
-            frozenset(o.model for o in options),
-        )
+        models = frozenset(o.model for o in options)
+        key = (request.cpu_milli, gpu.milli_per_gpu if gpu.wants_gpu else 0, gpu.gpus_touched)
+        shape = self._shapes.get((key, models))
+        if shape is None:
+            shape = self._shapes[(key, models)] = TaskShape(*key, models)
         quotes = [o.quote.price_per_hour for o in options if o.quote is not None]
         hours = min(situation.order.duration_s, 86400) / 3600
         worth = (min(quotes) / MICROS if quotes else gpu.gpus_touched) * hours
@@ -319,19 +320,13 @@ def _frag_growth(typical: BoundTypicalTasks, cluster: ClusterState, option: Opti
     placement = option.placement
     assert placement is not None
     i = cluster.index[placement.node_id]
-    rows = slice(i, i + 1)
-    before_free = cluster.gpu_free[rows]
-    after_free = before_free.copy()
-    after_free[0, cluster.slots(i, placement.gpu_uuids)] -= placement.gpu_milli
-    model = cluster.node_model[rows]
-    before = typical.node_frag(before_free, cluster.cpu_free[rows], cluster.mem_free[rows], model)
-    after = typical.node_frag(
-        after_free,
-        cluster.cpu_free[rows] - placement.cpu_milli,
-        cluster.mem_free[rows] - placement.memory_mib,
-        model,
-    )
-    return float(after[0] - before[0])
+    free = np.repeat(cluster.gpu_free[i : i + 1], 2, axis=0)  # before, after
+    free[1, cluster.slots(i, placement.gpu_uuids)] -= placement.gpu_milli
+    cpu = np.array([cluster.cpu_free[i], cluster.cpu_free[i] - placement.cpu_milli])
+    memory = np.array([cluster.mem_free[i], cluster.mem_free[i] - placement.memory_mib])
+    model = np.repeat(cluster.node_model[i : i + 1], 2)
+    before, after = typical.node_frag(free, cpu, memory, model)
+    return float(after - before)
 
 
 # -- app markets ----------------------------------------------------------------------

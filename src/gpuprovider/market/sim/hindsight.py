@@ -45,7 +45,7 @@ def lease_bound(
     capacity: Mapping[str, float],
     horizon_s: float,
     slot_s: float = 300.0,
-    iterations: int = 300,
+    iterations: int = 200,
 ) -> Bound:
     models = sorted(capacity)
     kept = [

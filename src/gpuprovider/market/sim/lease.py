@@ -312,8 +312,13 @@ class Competitor:
     def take(self, model: str, taken: tuple[int, np.ndarray], gpus: float, sign: int = 1) -> None:
         node, gpu_slots = taken
         row = self.free[model][node]
-        row[gpu_slots] -= sign * (MILLI if gpus >= 1 else round(gpus * MILLI))
-        self.whole[model][node] = int((row == MILLI).sum())
+        amount = sign * (MILLI if gpus >= 1 else round(gpus * MILLI))
+        whole = 0
+        for j in gpu_slots.tolist():
+            before = int(row[j])
+            row[j] = before - amount
+            whole += (before - amount == MILLI) - (before == MILLI)
+        self.whole[model][node] += whole
 
 
 def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
