@@ -26,14 +26,15 @@ Lease markets (`EarningsStrategy`). For each model the order fits on now:
 It bids the price and model of the highest expected profit; declines when none is
 positive, naming the terms. Never above `max_ratio` x list, never above the cap.
 
-App markets (`EarningsApps`): every tick, for each app and GPU model, the reward one
-more instance of this miner would add per hour (its share of the app's served work,
-invocations and, for its first instance, one more unique app, each weighted by the
-validator's public weights over the market's totals), less the cold start (no reward
-until ready), per GPU; instances go to the best values while GPUs are free (one model
-at a time: cheaper GPUs first at equal value). An instance is stopped only when it is
-not the app's only one here, has served nothing for 10 minutes, and its GPUs are
-wanted by a value well above what it adds (it never preempts work that serves).
+App markets (`EarningsApps`): every tick, while GPUs are free, for each app and GPU
+model, the score one more instance of this miner would add per hour: its share of the
+app's demand (served and rate-limited, from the validator's figures) given the
+instances already there, as compute units and invocations over the market's totals,
+plus one unique app for its first instance, each by the validator's public weights;
+less the cold start (nothing until ready, over a two-hour horizon); per GPU. The best
+goes first, best fit on that model. An instance is stopped only when it has served
+nothing for 10 minutes and its GPUs are worth well more elsewhere: it never preempts
+work that serves.
 
 What it does not use, and a live provider would not have: other providers' prices,
 fleets or load, how long a lease will really run (only its declared duration), orders
