@@ -32,6 +32,7 @@ SHOWN = {
         "refused_fragmentation",
         "regret",
         "hindsight_net_per_gpu_hour",
+        "hindsight_whole_node_share",
     ),
     Scenario.B: (
         "score_share_per_dollar",

@@ -38,6 +38,7 @@ class BoundOrder:
 class Bound:
     upper: float
     lower: float
+    lower_big: float = 0.0  # of `lower`, what leases of 4 GPUs or more earn
 
 
 def lease_bound(
@@ -66,17 +67,20 @@ def lease_bound(
             if m in o.values:
                 values[i, j] = o.values[m]
     cap = np.array([float(capacity[m]) for m in models])
-    lower = _greedy(start, end, gpus, values, cap, horizon_s)
+    lower, big = _greedy(start, end, gpus, values, cap, horizon_s)
     upper = _dual(start, end, gpus, values, cap, horizon_s, slot_s, iterations, lower)
-    return Bound(max(upper, lower), lower)
+    return Bound(max(upper, lower), lower, big)
 
 
-def _greedy(start, end, gpus, values, cap, horizon_s: float, step_s: float = 60.0) -> float:
+def _greedy(
+    start, end, gpus, values, cap, horizon_s: float, step_s: float = 60.0
+) -> tuple[float, float]:
+    """(value of the set, of which leases of 4 GPUs or more)."""
     slots = max(1, math.ceil(horizon_s / step_s))
     used = np.zeros((len(cap), slots))
     best = values.max(axis=1)
     density = best / (gpus * (end - start))
-    total = 0.0
+    total = big = 0.0
     for i in np.argsort(-density, kind="stable"):
         if best[i] <= 0:
             break
@@ -90,8 +94,9 @@ def _greedy(start, end, gpus, values, cap, horizon_s: float, step_s: float = 60.
             if used[j, a:b].max() + gpus[i] <= cap[j] + 1e-9:
                 used[j, a:b] += gpus[i]
                 total += float(values[i, j])
+                big += float(values[i, j]) if gpus[i] >= 4 else 0.0
                 break
-    return total
+    return total, big
 
 
 class _Ramps:

@@ -646,5 +646,7 @@ def _metrics(ours: SimProvider, cost: dict[str, float], horizon: float, bound) -
         "strategy_errors": float(ours.errors),
         "hindsight_net_per_gpu_hour": bound.upper / gpu_hours,
         "hindsight_lower_per_gpu_hour": bound.lower / gpu_hours,
+        # how much of that a node-blind bound owes to leases of 4 GPUs or more
+        "hindsight_whole_node_share": bound.lower_big / bound.lower if bound.lower else 0.0,
         "regret": 1 - net / bound.upper if bound.upper > 0 else 0.0,
     }
