@@ -537,6 +537,17 @@ def test_a_market_that_only_reports_losses_cannot_push_earnings_below_its_costs(
     assert len(prices) > 100 and min(prices) > 1.5 * MICROS  # above the busy cost, always
 
 
+def test_a_market_that_never_answers_cannot_fill_earnings_memory():
+    strategy = earnings(pending_max=10)
+    state = cluster((H100, 1, 8))
+    for k in range(50):
+        strategy.decide(situation(order(cap=4.0, id=f"o{k}"), state, now=float(k)))
+    assert (
+        len(strategy.pending) == 10 and "o49" in strategy.pending and "o0" not in strategy.pending
+    )
+    strategy.observe(Outcome("o0", True, 1, 50.0))  # forgotten: nothing to learn, no error
+
+
 def test_earnings_learns_to_ask_more_where_it_keeps_winning():
     strategy = earnings()
     state = cluster((H100, 1, 8))

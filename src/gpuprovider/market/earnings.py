@@ -85,6 +85,7 @@ class EarningsSettings:
     load_steps: tuple[float, ...] = (0.7, 0.9)  # utilisation classes the odds are kept for
     frag_weight: float = 1.0  # a fragmented GPU counted as this many idle ones
     scarcity_power: float = 2.0  # how steeply a GPU is missed as its model fills
+    pending_max: int = 100_000  # bids awaiting an outcome kept at most (the oldest go)
 
 
 class WinCurve:
@@ -276,7 +277,7 @@ class EarningsStrategy:
         price = round(option.quote.price_per_hour * ratio)
         price = max(1, min(price, order.max_price_per_hour, MAX_MONEY))
         ratio = price / option.quote.price_per_hour
-        if len(self.pending) >= 100_000:  # a market that never answers: forget the oldest
+        if len(self.pending) >= self.settings.pending_max:  # a market that never answers
             self.pending.pop(next(iter(self.pending)))
         self.pending[order.id] = (key, ratio)
         return Choice(Decision(Action.BID, why, price, now + BID_VALID_S), option.model, self.name)
