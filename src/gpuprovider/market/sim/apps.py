@@ -66,7 +66,8 @@ from gpuprovider.scheduler.state import ClusterState
 
 REFERENCE_GPU = "a100-80gb-sxm"
 WEIGHTS = {Reward.COMPUTE_UNITS: 0.55, Reward.INVOCATIONS: 0.25, Reward.UNIQUE_APPS: 0.20}
-RECENT_S = 600.0  # an instance invoked this recently is serving (preemption counts it)
+RECENT_S = 600.0
+DECISIONS_KEPT = 40  # an instance invoked this recently is serving (preemption counts it)
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ class AppRun:
     seed: int
     metrics: dict[str, float]
     series: dict[str, list[float]]
+    decisions: list[dict] = field(default_factory=list)  # this miner's first actions
 
 
 def run_apps(market: AppMarket, strategy: AppStrategy) -> AppRun:
@@ -275,6 +277,7 @@ def run_apps(market: AppMarket, strategy: AppStrategy) -> AppRun:
     sums = {name: np.zeros(n_apps) for name in ring}
     last_invoked = np.full(n_apps, -math.inf)
     instances: dict[str, Instance] = {}
+    decisions: list[dict] = []
     serial = 0
     warmup = sc.warmup_hours * 3600
     series: dict[str, list[float]] = {"t_h": [], "score": [], "utilisation": [], "cu_per_hour": []}
@@ -426,6 +429,17 @@ def run_apps(market: AppMarket, strategy: AppStrategy) -> AppRun:
                 actions = []
             for action in actions:
                 serial = _apply(action, m, market, instances, now, serial, counted)
+                if m.index == 0 and len(decisions) < DECISIONS_KEPT:
+                    decisions.append(
+                        {
+                            "at_h": round(now / 3600, 3),
+                            "step": str(action.step),
+                            "app": action.app_id,
+                            "models": sorted(action.models),
+                            "deployment": action.deployment_id,
+                            "reason": action.reason[:300],
+                        }
+                    )
         # -- time series (this miner) -----------------------------------------------------
         if now + tick > next_sample:
             ours = miners[0]
@@ -437,7 +451,7 @@ def run_apps(market: AppMarket, strategy: AppStrategy) -> AppRun:
             series["cu_per_hour"].append(round((ours.compute_units - last_cu) / hours, 2))
             last_cu = ours.compute_units
             next_sample += sc.sample_s
-    return AppRun(strategy.name, market.seed, _app_metrics(miners, market), series)
+    return AppRun(strategy.name, market.seed, _app_metrics(miners, market), series, decisions)
 
 
 def _apply(

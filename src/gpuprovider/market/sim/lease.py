@@ -75,6 +75,7 @@ OPENB_TO_FLEET = {
 }
 DURATION_LADDER_S = (3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 366 * 86400)
 MIN_RUN_S = 60.0
+DECISION_EVERY, DECISIONS_KEPT = 97, 40  # the report shows a sample of decisions
 LEASE_PRIORITY = 500  # the daemon's default [market] priority
 
 
@@ -371,6 +372,7 @@ class SimProvider:
     errors: int = 0
     refused_fragmentation: int = 0
     ratios: list[float] = field(default_factory=list)
+    decisions: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state = ClusterState(self.nodes)
@@ -391,6 +393,19 @@ class SimProvider:
         situation = Situation(so.order, now, options, self.state, self.views.values())
         choice = decide_safely(strategy, situation, fallback)
         self.errors += bool(choice.error)
+        if self.seen % DECISION_EVERY == 1 and len(self.decisions) < DECISIONS_KEPT:
+            self.decisions.append(
+                {
+                    "at_h": round(now / 3600, 3),
+                    "order": so.order.id,
+                    "gpus": so.order.resources.gpus,
+                    "action": str(choice.decision.action),
+                    "model": choice.model,
+                    "price_per_hour": choice.decision.price_per_hour / MICROS,
+                    "cap_per_hour": so.order.max_price_per_hour / MICROS,
+                    "reason": choice.decision.reason[:300],
+                }
+            )
         if not choice.bids:
             return None
         option = next(o for o in options if o.model == choice.model)
@@ -449,6 +464,7 @@ class LeaseRun:
     seed: int
     metrics: dict[str, float]
     series: dict[str, list[float]]
+    decisions: list[dict] = field(default_factory=list)  # a sample, with their reasons
 
 
 def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) -> LeaseRun:
@@ -608,7 +624,8 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
     for lease in list(ours.leases.values()):
         end_lease(lease)(horizon)
     bound = lease_bound(bound_orders, per_model, horizon)
-    return LeaseRun(strategy.name, market.seed, _metrics(ours, cost, horizon, bound), series)
+    metrics = _metrics(ours, cost, horizon, bound)
+    return LeaseRun(strategy.name, market.seed, metrics, series, ours.decisions)
 
 
 def _bound_order(

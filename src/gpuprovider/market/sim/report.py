@@ -131,6 +131,10 @@ def render(report: Mapping[str, Any]) -> str:
         for m in metrics
     )
     settings = html.escape(json.dumps(report.get("settings", {}), indent=1, default=str))
+    samples = "".join(
+        f"<h3>{html.escape(name)}</h3>{_decisions(run.get('decisions') or [])}"
+        for name, run in runs.items()
+    )
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>Market simulation, scenario {scenario}, seed {report['seed']}</title>"
@@ -141,8 +145,20 @@ def render(report: Mapping[str, Any]) -> str:
         f"<p>{html.escape(report.get('description', ''))}</p>"
         + "".join(f"<div>{c}</div>" for c in charts)
         + f"<h2>Figures</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>"
+        + f"<h2>Decisions (a sample, with their reasons)</h2>{samples}"
         + f"<h2>Settings</h2><pre>{settings}</pre></body></html>"
     )
+
+
+def _decisions(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    keys = list(rows[0])
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _fmt(value: Any) -> str:

@@ -67,7 +67,7 @@ def simulate(
         for name in chosen:
             started, cpu = time.perf_counter(), time.process_time()
             result = lease.run(market, strategies.lease_strategy(name, market.table, busy))
-            runs[name] = _entry(result.metrics, result.series, started, cpu)
+            runs[name] = _entry(result.metrics, result.series, started, cpu, result.decisions)
         settings = asdict(sc) | {"reference_usd_per_gpu_hour": market.reference}
         description = DESCRIPTION[scenario].format(k=sc.competitors)
     else:
@@ -80,7 +80,7 @@ def simulate(
             outcome = apps.run_apps(
                 app_market, strategies.app_strategy(name, app_market.hourly_cost)
             )
-            runs[name] = _entry(outcome.metrics, outcome.series, started, cpu)
+            runs[name] = _entry(outcome.metrics, outcome.series, started, cpu, outcome.decisions)
         settings = asdict(sb) | {"hourly_cost_usd": app_market.hourly_cost}
         description = DESCRIPTION[scenario].format(n=sb.apps, k=sb.miners)
     return {
@@ -92,9 +92,12 @@ def simulate(
     }
 
 
-def _entry(metrics: dict, series: dict, started: float, cpu: float) -> dict[str, Any]:
+def _entry(
+    metrics: dict, series: dict, started: float, cpu: float, decisions: list[dict]
+) -> dict[str, Any]:
     return {
         "metrics": dict(metrics)
         | {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu},
         "series": series,
+        "decisions": decisions,
     }
