@@ -269,7 +269,9 @@ class Servers:
         self.found.clear()
 
 
-def gepetto_server(view: AppMarketView, app: AppInfo, servers: Servers | None = None):
+def gepetto_server(
+    view: AppMarketView, app: AppInfo, servers: Servers | None = None
+) -> tuple[str, str] | None:
     """(node id, model) of `optimal_scale_up_server` for `app`, or None."""
     return (servers or Servers(view)).best(app.models, app.gpu_count)
 

@@ -146,7 +146,7 @@ class EarningsStrategy:
     def __init__(self, busy_cost: Mapping[str, float], settings: EarningsSettings | None = None):
         self.busy_cost = dict(busy_cost)
         self.settings = settings or EarningsSettings()
-        self.curves: dict[str, WinCurve] = {}
+        self.curves: dict[tuple[str, str, int], WinCurve] = {}  # (model, size, load)
         self.pending: dict[str, tuple[tuple[str, str, int], float]] = {}  # order -> (curve, ratio)
         # recent orders' shapes, each weighted by what it offered (GPU-hours at list price)
         self.shapes: deque[tuple[TaskShape, float]] = deque(maxlen=self.settings.typical_orders)

@@ -308,8 +308,8 @@ def run_apps(market: AppMarket, strategy: AppStrategy) -> AppRun:
         served_work = np.minimum(work, room)
         served_frac = np.divide(served_work, work, out=np.zeros(n_apps), where=work > 0)
         limited = asked * (1 - served_frac)
-        compute_time = np.zeros(n_apps)
-        compute_units = np.zeros(n_apps)
+        compute_time: np.ndarray = np.zeros(n_apps)
+        compute_units: np.ndarray = np.zeros(n_apps)
         counted = now >= warmup
         if ready:
             share = np.divide(

@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpuprovider.domain.resources import MILLI, parse_gpu_request
+from gpuprovider.domain.resources import MILLI, GpuRequest, parse_gpu_request
 from gpuprovider.market.baselines import TablePricing
-from gpuprovider.market.model import MICROS, Order, charge
+from gpuprovider.market.model import MICROS, Order, OrderResources, charge
 from gpuprovider.market.pricing import PriceTable, Pricing, Quote
 from gpuprovider.market.sim import fleet as fleets
 from gpuprovider.market.sim.hindsight import BoundOrder, lease_bound
@@ -137,10 +137,10 @@ def lease_request(order: Order, model: str) -> TaskRequest:
     )
 
 
-_GPU_REQUESTS: dict[str, object] = {}
+_GPU_REQUESTS: dict[str, GpuRequest] = {}
 
 
-def _gpu_request(text: str):
+def _gpu_request(text: str) -> GpuRequest:
     found = _GPU_REQUESTS.get(text)
     if found is None:
         found = _GPU_REQUESTS[text] = parse_gpu_request(text)
@@ -205,8 +205,8 @@ def make_orders(
     made: dict[tuple[str, tuple[str, ...]], tuple[Order, dict, dict]] = {}
     orders = []
     for index, (arrival, pod, copy) in enumerate(draws):
-        models = _accepted(pod, group_of, market_gpus, float(picks[index]))
-        models = tuple(sorted(models, key=lambda m: (reference[m], m)))
+        accepted = _accepted(pod, group_of, market_gpus, float(picks[index]))
+        models = tuple(sorted(accepted, key=lambda m: (reference[m], m)))
         run_s = float(max(pod.duration_s, MIN_RUN_S))
         cheapest = reference[models[0]] if models else min(reference.values())
         cap = max(1, round(cheapest * pod.gpus * float(cap_factor[index]) * MICROS))
@@ -214,12 +214,12 @@ def make_orders(
         if template is None:  # validated once per pod and models; copies change id and cap
             order = Order(
                 id=pod.name,
-                resources={
-                    "gpus": pod.gpus,
-                    "gpu_model": models[0] if len(models) == 1 else "",
-                    "cpus": pod.cpu_milli / 1000,
-                    "memory_gb": pod.memory_mib / 1024,
-                },
+                resources=OrderResources(
+                    gpus=pod.gpus,
+                    gpu_model=models[0] if len(models) == 1 else "",
+                    cpus=pod.cpu_milli / 1000,
+                    memory_gb=pod.memory_mib / 1024,
+                ),
                 max_price_per_hour=cap,
                 duration_s=declared_duration(run_s),
                 payload={"command": ["true"]},
@@ -502,7 +502,9 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
 
         return done
 
-    def end_rival(rival: Competitor, model: str, taken: tuple[int, np.ndarray], gpus: float):
+    def end_rival(
+        rival: Competitor, model: str, taken: tuple[int, np.ndarray], gpus: float
+    ) -> Callable[[float], None]:
         return lambda now: rival.take(model, taken, gpus, -1)
 
     def expire(bid: Bid, so: SimOrder) -> Callable[[float], None]:
@@ -514,7 +516,9 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
 
         return gone
 
-    def close(so: SimOrder, mine: Bid | None, theirs: list[tuple[int, str, tuple, int]]):
+    def close(
+        so: SimOrder, mine: Bid | None, theirs: list[tuple[int, str, tuple, int]]
+    ) -> Callable[[float], None]:
         def decide(now: float) -> None:
             cap = so.order.max_price_per_hour
             offers = [(price, so.tie[k + 1], k) for k, _, _, price in theirs]

@@ -59,16 +59,14 @@ def _rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str
     yield from enumerate(reader, start=1)
 
 
-def _number(path: Path, number: int, row: dict[str, str], column: str, kind: type = int):
+def _integer(path: Path, number: int, row: dict[str, str], column: str) -> int:
     text = (row.get(column) or "").strip()
     try:
-        value = kind(text)
+        return int(text)
     except ValueError:
-        wanted = "an integer" if kind is int else "a number"
-        raise TraceError(f"{path.name} row {number}: {column} is {text!r}, not {wanted}") from None
-    if kind is float and not math.isfinite(value):
-        raise TraceError(f"{path.name} row {number}: {column} is {text!r}, not a finite number")
-    return value
+        raise TraceError(
+            f"{path.name} row {number}: {column} is {text!r}, not an integer"
+        ) from None
 
 
 # -- openb pods --------------------------------------------------------------------------
@@ -106,7 +104,7 @@ class Pod:
 def load_pods(path: Path) -> list[Pod]:
     pods = []
     for number, row in _rows(path, POD_COLUMNS):
-        values = {c: _number(path, number, row, c) for c in POD_COLUMNS if c != "name"}
+        values = {c: _integer(path, number, row, c) for c in POD_COLUMNS if c != "name"}
         for column in ("cpu_milli", "memory_mib", "num_gpu", "gpu_milli", "creation_time"):
             if values[column] < 0:
                 raise TraceError(f"{path.name} row {number}: {column} is negative")
@@ -168,7 +166,7 @@ def load_requests(path: Path) -> Requests:
                 f"{path.name} row {number}: TIMESTAMP is {text!r}, not a date and time"
             ) from None
         for column, into in (("ContextTokens", context), ("GeneratedTokens", generated)):
-            value = _number(path, number, row, column)
+            value = _integer(path, number, row, column)
             if value < 0:
                 raise TraceError(f"{path.name} row {number}: {column} is negative")
             into.append(value)
