@@ -80,63 +80,62 @@ def _greedy(
     used = np.zeros((len(cap), slots))
     best = values.max(axis=1)
     density = best / (gpus * (end - start))
+    first = (start // step_s).astype(np.int64)
+    last = np.minimum(slots, np.maximum(np.ceil(end / step_s).astype(np.int64), first + 1))
+    preference = np.argsort(-values, axis=1, kind="stable").tolist()
     total = big = 0.0
-    for i in np.argsort(-density, kind="stable"):
+    for i in np.argsort(-density, kind="stable").tolist():
         if best[i] <= 0:
             break
-        a, b = (
-            int(start[i] // step_s),
-            min(slots, max(math.ceil(end[i] / step_s), int(start[i] // step_s) + 1)),
-        )
-        for j in np.argsort(-values[i], kind="stable"):
-            if values[i, j] <= 0:
+        a, b, g = int(first[i]), int(last[i]), float(gpus[i])
+        for j in preference[i]:
+            value = float(values[i, j])
+            if value <= 0:
                 break
-            if used[j, a:b].max() + gpus[i] <= cap[j] + 1e-9:
-                used[j, a:b] += gpus[i]
-                total += float(values[i, j])
-                big += float(values[i, j]) if gpus[i] >= 4 else 0.0
+            span = used[j, a:b]
+            if span.max() + g <= cap[j] + 1e-9:
+                span += g
+                total += value
+                big += value if g >= 4 else 0.0
                 break
     return total, big
 
 
-class _Ramps:
-    """sum_i g_i * (clip(t, s_i, e_i) - s_i) at the grid times, for any subset of the
-    intervals: the sorts are done once, a subset is a weight of 0."""
+class _Slots:
+    """GPU-seconds a subset of the intervals holds in each slot of a uniform grid: the
+    first and last slot of each interval are partial, the ones between whole."""
 
-    def __init__(self, grid: np.ndarray, start: np.ndarray, end: np.ndarray, gpus: np.ndarray):
-        self.grid = grid
-        self.gpus = gpus
-        self.by_start = np.argsort(start, kind="stable")
-        self.by_end = np.argsort(end, kind="stable")
-        self.start_sorted = start[self.by_start]
-        self.end_sorted = end[self.by_end]
-        self.at_start = np.searchsorted(self.start_sorted, grid, side="right")
-        self.at_end = np.searchsorted(self.end_sorted, grid, side="right")
+    def __init__(
+        self, start: np.ndarray, end: np.ndarray, gpus: np.ndarray, slot_s: float, slots: int
+    ):
+        self.slots, self.slot_s, self.gpus = slots, slot_s, gpus
+        self.first = np.minimum((start // slot_s).astype(np.int64), slots - 1)
+        self.last = np.minimum((end // slot_s).astype(np.int64), slots - 1)
+        same = self.first == self.last
+        # seconds held in the first and the last slot (all of it in one when they are one)
+        self.head = np.where(same, end - start, (self.first + 1) * slot_s - start)
+        self.tail = np.where(same, 0.0, end - self.last * slot_s)
+        self.inner = ~same  # whole slots strictly between first and last, if any
 
     def held(self, chosen: np.ndarray) -> np.ndarray:
-        """GPU-seconds the chosen intervals hold in each slot of the grid."""
         g = self.gpus * chosen
-        total = np.zeros(len(self.grid))
-        for order, times, at, sign in (
-            (self.by_start, self.start_sorted, self.at_start, 1.0),
-            (self.by_end, self.end_sorted, self.at_end, -1.0),
-        ):
-            weights = g[order]
-            cum_g = np.concatenate([[0.0], np.cumsum(weights)])
-            cum_gt = np.concatenate([[0.0], np.cumsum(weights * times)])
-            total += sign * (self.grid * cum_g[at] - cum_gt[at])
-        return np.diff(total)
+        n = self.slots + 1
+        total = np.bincount(self.first, weights=g * self.head, minlength=n)
+        total += np.bincount(self.last, weights=g * self.tail, minlength=n)
+        whole = g * self.inner * self.slot_s
+        steps = np.bincount(self.first + 1, weights=whole, minlength=n + 1)[:n]
+        steps -= np.bincount(self.last, weights=whole, minlength=n)
+        return (total + np.cumsum(steps))[: self.slots]
 
 
 def _dual(start, end, gpus, values, cap, horizon_s, slot_s, iterations, lower) -> float:
     slots = max(1, math.ceil(horizon_s / slot_s))
-    grid = np.arange(slots + 1) * slot_s
     prices = np.zeros((len(cap), slots))  # lambda: USD per GPU-second
     best_bound = math.inf
     step = 1.0
     stalled = 0
     rows = np.arange(len(start))
-    ramps = _Ramps(grid, start, end, gpus)
+    held = _Slots(start, end, gpus, slot_s, slots)
     # where each interval's ends fall on the grid: slot and the share of it passed
     s_slot = np.minimum((start // slot_s).astype(np.int64), slots - 1)
     e_slot = np.minimum((end // slot_s).astype(np.int64), slots - 1)
@@ -163,7 +162,7 @@ def _dual(start, end, gpus, values, cap, horizon_s, slot_s, iterations, lower) -
                 step, stalled = step / 2, 0
         gradient = np.empty_like(prices)
         for j in range(len(cap)):
-            gradient[j] = cap[j] * slot_s - ramps.held(taken & (choice == j))
+            gradient[j] = cap[j] * slot_s - held.held(taken & (choice == j))
         norm = float((gradient**2).sum())
         if norm <= 0 or step < 1e-4 or best_bound - lower <= 1e-6 * max(1.0, abs(lower)):
             break
