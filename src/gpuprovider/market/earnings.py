@@ -155,6 +155,7 @@ class EarningsStrategy:
         self.bound: dict[str, BoundTypicalTasks] = {}
         self.masks: dict[str, np.ndarray] = {}  # the cluster's GPUs of each model
         self._shapes: dict[tuple, TaskShape] = {}  # shapes are few: made once each
+        self._frags: dict[tuple, float] = {}  # fragmentation growth by node state
         self.bound_to: ClusterState | None = None
 
     # -- learning ---------------------------------------------------------------------
@@ -207,6 +208,7 @@ class EarningsStrategy:
                 for code, m in enumerate(cluster.models)
             }
             self.bound = {}
+            self._frags.clear()
             for model in cluster.models:
                 mine = {s: w for s, w in self.weights.items() if s.models and model in s.models}
                 if mine:
@@ -236,13 +238,12 @@ class EarningsStrategy:
             curve = self.curve(key).curve(now)
             busy = self.busy_cost.get(option.model, 0.0)
             gpu_value = self._gpu_value(curve, per_gpu_list, busy)
-            scarce = (
-                max(0.0, (used - self.settings.idle_below) / (1 - self.settings.idle_below)) ** 2
-            )
+            above = max(0.0, (used - self.settings.idle_below) / (1 - self.settings.idle_below))
+            scarce = above**self.settings.scarcity_power
             opportunity = gpu_value * scarce * gpus
             frag = 0.0
             if option.model in typical:
-                growth = _frag_growth(typical[option.model], cluster, option) / MILLI
+                growth = self._frag(typical[option.model], cluster, option) / MILLI
                 frag = growth * gpu_value * self.settings.frag_weight
             cost = busy * gpus + opportunity + frag
             top = min(
@@ -281,6 +282,29 @@ class EarningsStrategy:
             self.pending.pop(next(iter(self.pending)))
         self.pending[order.id] = (key, ratio)
         return Choice(Decision(Action.BID, why, price, now + BID_VALID_S), option.model, self.name)
+
+    def _frag(self, typical: BoundTypicalTasks, cluster: ClusterState, option: Option) -> float:
+        """`_frag_growth`, remembered by the node's state and the placement: nodes pass
+        through the same few states (until the typical tasks change)."""
+        p = option.placement
+        assert p is not None
+        i = cluster.index[p.node_id]
+        key = (
+            option.model,
+            cluster.gpu_free[i].tobytes(),
+            int(cluster.cpu_free[i]),
+            int(cluster.mem_free[i]),
+            tuple(cluster.slots(i, p.gpu_uuids)),
+            p.gpu_milli,
+            p.cpu_milli,
+            p.memory_mib,
+        )
+        found = self._frags.get(key)
+        if found is None:
+            if len(self._frags) > 100_000:
+                self._frags.clear()
+            found = self._frags[key] = _frag_growth(typical, cluster, option)
+        return found
 
     @staticmethod
     def _gpu_value(curve: np.ndarray, per_gpu_list: float, busy: float) -> float:

@@ -263,63 +263,72 @@ def _accepted(
 # -- competitors --------------------------------------------------------------------
 
 
-class Competitor:
-    """A rival provider with the same nodes, kept simple (no CPU or memory): whole GPUs
-    go to the node with the fewest free GPUs that has enough, a share to the GPU with
-    the least room that fits; it bids the reference price of the cheapest model it has
-    room on now, times its own factor for the order (drawn before the run)."""
+class Rivals:
+    """The K rival providers, each with the same nodes as this one, kept simple (no CPU or
+    memory): whole GPUs go to the node with the fewest free GPUs that has enough, a share
+    to the GPU with the least room that fits; each bids the reference price of the
+    cheapest model it has room on now, times its own factor for the order (drawn before
+    the run). All K are looked at together."""
 
-    def __init__(self, index: int, fleet: Sequence[fleets.NodeGroup]):
-        self.index = index
-        self.free: dict[str, np.ndarray] = {}  # model -> milli free [node, GPU]
+    def __init__(self, count: int, fleet: Sequence[fleets.NodeGroup]):
+        self.count = count
+        self.free: dict[str, np.ndarray] = {}  # model -> milli free [rival, node, GPU]
         for group in fleet:
             block = np.full((group.nodes, group.gpus_per_node), MILLI, dtype=np.int64)
             held = self.free.get(group.model)
             self.free[group.model] = block if held is None else _stack(held, block)
-        # whole free GPUs per node (padding slots are never free: they hold -1)
-        self.whole = {m: (f == MILLI).sum(axis=1) for m, f in self.free.items()}
+        self.free = {m: np.repeat(f[None], count, axis=0) for m, f in self.free.items()}
+        # whole free GPUs per rival and node (padding slots hold -1: never free)
+        self.whole = {m: (f == MILLI).sum(axis=2) for m, f in self.free.items()}
+        self.everyone = np.arange(count)
 
-    def slots(self, model: str, gpus: float) -> tuple[int, np.ndarray] | None:
-        free = self.free.get(model)
-        if free is None:
-            return None
-        if gpus >= 1:
-            whole = self.whole[model]
-            fits = np.flatnonzero(whole >= gpus)
-            if not len(fits):
-                return None
-            node = int(fits[np.argmin(whole[fits])])
-            return node, np.flatnonzero(free[node] == MILLI)[: int(gpus)]
-        share = round(gpus * MILLI)
-        room = np.where(free >= share, free, MILLI + 1)
-        flat = int(np.argmin(room))
-        if room.flat[flat] > MILLI:
-            return None
-        node, gpu = divmod(flat, free.shape[1])
-        return node, np.array([gpu])
-
-    def bid(self, so: SimOrder) -> tuple[str, tuple[int, np.ndarray], int] | None:
+    def bids(self, so: SimOrder) -> list[tuple[int, str, tuple[int, np.ndarray], int]]:
+        """(rival, model, (node, GPU slots), price) for each rival that bids."""
         gpus = so.order.resources.gpus
+        looking = list(range(self.count))
+        found = []
         for model in so.models:  # cheapest reference first
-            taken = self.slots(model, gpus)
-            if taken is not None:
-                factor = so.competitor_factor[self.index]
-                price = max(1, round(so.quotes[model].price_per_hour * factor))
+            free = self.free.get(model)
+            if free is None or not looking:
+                continue
+            if gpus >= 1:
+                whole = self.whole[model]
+                masked = np.where(whole >= gpus, whole, MILLI)
+                nodes = masked.argmin(axis=1)
+                fits = masked[self.everyone, nodes] < MILLI
+                slots = [(int(n), np.array([], dtype=np.int64)) for n in nodes]
+            else:
+                share = round(gpus * MILLI)
+                room = np.where(free >= share, free, 2 * MILLI).reshape(self.count, -1)
+                flat = room.argmin(axis=1)
+                fits = room[self.everyone, flat] <= MILLI
+                width = free.shape[2]
+                slots = [(int(f) // width, np.array([int(f) % width])) for f in flat]
+            for k in list(looking):
+                if not fits[k]:
+                    continue
+                looking.remove(k)
+                price = max(1, round(so.quotes[model].price_per_hour * so.competitor_factor[k]))
                 if price > so.order.max_price_per_hour:
-                    return None
-                return model, taken, price
-        return None
+                    continue  # its price is over the cap: it does not bid
+                node, taken = slots[k]
+                if gpus >= 1:
+                    taken = np.flatnonzero(free[k, node] == MILLI)[: int(gpus)]
+                found.append((k, model, (node, taken), price))
+        return found
 
-    def take(self, model: str, taken: tuple[int, np.ndarray], gpus: float, sign: int = 1) -> None:
+    def take(
+        self, k: int, model: str, taken: tuple[int, np.ndarray], gpus: float, sign: int = 1
+    ) -> None:
         node, gpu_slots = taken
-        row = self.free[model][node]
+        row = self.free[model][k, node]
         amount = sign * (MILLI if gpus >= 1 else round(gpus * MILLI))
         whole = 0
         for j in gpu_slots.tolist():
             before = int(row[j])
             row[j] = before - amount
             whole += (before - amount == MILLI) - (before == MILLI)
-        self.whole[model][node] += whole
+        self.whole[model][k, node] += whole
 
 
 def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -480,7 +489,7 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
         Framework(policy(scenario.policy), seed=market.seed),
     )
     per_model = fleets.gpu_count(scenario.fleet)
-    rivals = [Competitor(k, scenario.fleet) for k in range(scenario.competitors)]
+    rivals = Rivals(scenario.competitors, scenario.fleet)
     events: list[tuple[float, int, int, Callable[[float], None]]] = []
     seq = 0
     bound_orders: list[BoundOrder] = []
@@ -503,9 +512,9 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
         return done
 
     def end_rival(
-        rival: Competitor, model: str, taken: tuple[int, np.ndarray], gpus: float
+        k: int, model: str, taken: tuple[int, np.ndarray], gpus: float
     ) -> Callable[[float], None]:
-        return lambda now: rival.take(model, taken, gpus, -1)
+        return lambda now: rivals.take(k, model, taken, gpus, -1)
 
     def expire(bid: Bid, so: SimOrder) -> Callable[[float], None]:
         def gone(now: float) -> None:
@@ -531,10 +540,10 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
                         push(
                             now + so.run_s,
                             0,
-                            end_rival(rivals[k], model, taken, so.order.resources.gpus),
+                            end_rival(k, model, taken, so.order.resources.gpus),
                         )
                 else:
-                    rivals[k].take(model, taken, so.order.resources.gpus, -1)
+                    rivals.take(k, model, taken, so.order.resources.gpus, -1)
             if mine is not None and mine.live:
                 mine.live = False
                 if winner == -1:
@@ -608,13 +617,9 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
             continue
         so = orders[position]
         position += 1
-        theirs = []
-        for rival in rivals:
-            offered = rival.bid(so)
-            if offered is not None:
-                model, taken, price = offered
-                rival.take(model, taken, so.order.resources.gpus)
-                theirs.append((rival.index, model, taken, price))
+        theirs = rivals.bids(so)
+        for k, model, taken, _ in theirs:
+            rivals.take(k, model, taken, so.order.resources.gpus)
         mine = ours.offer(so, now, strategy, fallback)
         if mine is not None and mine.expires_at < now + scenario.auction_window_s:
             push(mine.expires_at, 1, expire(mine, so))
