@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpuprovider.domain.pricing import PriceTable
 from gpuprovider.domain.resources import parse_gpu_request
 from gpuprovider.market.baselines import (
     AKASH_BID_VALID_S,
@@ -32,8 +33,8 @@ from gpuprovider.market.earnings import (
     EarningsStrategy,
     _frag_growth,
 )
-from gpuprovider.market.model import MAX_MONEY, MICROS, Action, Decision, Order
-from gpuprovider.market.pricing import PriceTable, Pricing, quote_table
+from gpuprovider.market.model import MAX_MONEY, MICROS, Action, Cause, Decision, Order
+from gpuprovider.market.pricing import Pricing, quote_table
 from gpuprovider.market.sim import apps as app_sim
 from gpuprovider.market.sim import fleet as fleets
 from gpuprovider.market.sim import hindsight, lease
@@ -186,8 +187,10 @@ def test_akash_default_bids_on_every_order_that_fits_for_five_minutes():
     fill(state, H100, 2)
     full = akash.decide(situation(order(), state))
     assert full.decision.action == Action.DECLINE and "does not fit now" in full.decision.reason
+    assert full.decision.cause == Cause.CAPACITY
     cheap = akash.decide(situation(order(cap=1.0), cluster((H100, 1, 2))))
     assert cheap.decision.action == Action.DECLINE and "above the cap" in cheap.decision.reason
+    assert cheap.decision.cause == Cause.PRICE
 
 
 def tiny_market(
@@ -256,6 +259,7 @@ def test_swan_default_accepts_when_the_offer_covers_the_table_for_resources_and_
     assert covered.decision.price_per_hour == round(price * MICROS)  # the table's, not the cap
     short = answer(price - 0.001)
     assert short.decision.action == Action.DECLINE and "the table asks" in short.decision.reason
+    assert short.decision.cause == Cause.PRICE
     # a 30-second order is billed the table's minimum (60 s) and judged on that charge
     assert answer(price, duration_s=30).decision.action == Action.BID
     fill(state, H100, 2)
@@ -520,6 +524,7 @@ def test_earnings_bids_within_bounds_whatever_the_order_says():
     assert greedy.decision.price_per_hour <= 3 * 2 * MICROS  # at most 3x the list price
     stingy = earnings().decide(situation(order(cap=0.5), state))  # under the busy cost
     assert stingy.decision.action == Action.DECLINE and "cap" in stingy.decision.reason
+    assert stingy.decision.cause == Cause.PRICE
 
 
 def test_a_market_that_only_reports_losses_cannot_push_earnings_below_its_costs():

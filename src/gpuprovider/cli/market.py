@@ -116,8 +116,9 @@ def simulate(
     out: Path = typer.Option(Path("."), help="Folder for the HTML and JSON report."),
     as_json: bool = JSON,
 ) -> None:
-    """Run strategies head to head on a simulated market (deterministic per seed) and
-    write a report: HTML with revenue, utilisation and price over time, and JSON."""
+    """Strategies head to head on a simulated market: an HTML and a JSON report.
+
+    Deterministic per seed; plots revenue, utilisation and price over time."""
     # loaded only here: the other commands need neither the traces nor the simulator
     run = importlib.import_module("gpuprovider.market.sim.run")
     report = importlib.import_module("gpuprovider.market.sim.report")

@@ -23,8 +23,9 @@ from decimal import Decimal
 import numpy as np
 
 from gpuprovider.domain import catalogue
-from gpuprovider.market.model import MICROS, Action, Decision, Order, charge
-from gpuprovider.market.pricing import GIB, PriceTable, Quote, Unpriceable, akash_input
+from gpuprovider.domain.pricing import PriceTable
+from gpuprovider.market.model import MICROS, Action, Cause, Decision, Order, charge
+from gpuprovider.market.pricing import GIB, Quote, Unpriceable, akash_input, gpu_rate
 from gpuprovider.market.strategy import (
     AppAction,
     AppInfo,
@@ -69,7 +70,7 @@ def akash_mappings(table: PriceTable) -> dict[str, Decimal]:
     mapped: dict[str, Decimal] = {}
     for model_id in catalogue.models():
         try:
-            rate = table.gpu_rate(model_id)
+            rate = gpu_rate(table, model_id)
         except Unpriceable:
             continue
         mapped[akash_key(model_id)] = Decimal(str(rate)) * AKASH_MONTH_H
@@ -140,7 +141,7 @@ class AkashDefault:
             return decline(f"does not fit now ({why})", self.name)
         price, option, q = min(priced, key=lambda p: (p[0], p[1].model))
         if price > situation.order.max_price_per_hour:
-            return decline(f"script price {price} is above the cap", self.name)
+            return decline(f"script price {price} is above the cap", self.name, Cause.PRICE)
         reason = f"stock pricing script: {price / MICROS:.4f}/h on {option.model}"
         expires = situation.now + AKASH_BID_VALID_S
         return Choice(Decision(Action.BID, reason, price, expires), option.model, self.name)
@@ -168,7 +169,9 @@ class TablePricing:
             why = "; ".join(
                 f"{o.model or 'no GPU'}: {o.unpriceable or o.why}" for o in situation.options
             )
-            return decline(why or "cannot run it", self.name)
+            unpriced = any(o.usable and o.quote is None for o in situation.options)
+            cause = Cause.UNPRICEABLE if unpriced else Cause.CAPACITY
+            return decline(why or "cannot run it", self.name, cause)
         option = min(quoted, key=lambda o: (o.quote.price_per_hour, o.model))  # type: ignore[union-attr]
         q = option.quote
         assert q is not None
@@ -178,6 +181,7 @@ class TablePricing:
                 f"the offer pays {offered} for {q.billed_s} s; the table asks {q.total} "
                 f"({q.explain()})",
                 self.name,
+                Cause.PRICE,
             )
         return offer(situation, option, q.price_per_hour, q.explain(), self.name)
 

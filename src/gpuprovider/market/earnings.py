@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpuprovider.domain.resources import MILLI
-from gpuprovider.market.model import MAX_MONEY, MICROS, Action, Decision
+from gpuprovider.market.model import MAX_MONEY, MICROS, Action, Cause, Decision
 from gpuprovider.market.strategy import (
     BID_VALID_S,
     AppAction,
@@ -271,7 +271,9 @@ class EarningsStrategy:
             if best is None or profit[k] > best[0]:
                 best = (float(profit[k]), option, ratio, why, key)
         if best is None:
-            return decline("; ".join(reasons) or "nothing fits now", self.name)
+            priced = any(o.placement is not None and o.quote is not None for o in situation.options)
+            cause = Cause.PRICE if priced else Cause.CAPACITY  # it fits: no price pays
+            return decline("; ".join(reasons) or "nothing fits now", self.name, cause)
         _, option, ratio, why, key = best
         assert option.quote is not None
         ratio *= 1 + self.settings.explore * _jitter(order.id)

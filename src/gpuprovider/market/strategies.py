@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gpuprovider.domain import catalogue
+from gpuprovider.domain.pricing import PriceTable
 from gpuprovider.market.baselines import (
     AkashDefault,
     AkashStockPricing,
@@ -14,7 +15,7 @@ from gpuprovider.market.baselines import (
     akash_mappings,
 )
 from gpuprovider.market.earnings import EarningsApps, EarningsStrategy
-from gpuprovider.market.pricing import PriceTable, Unpriceable
+from gpuprovider.market.pricing import Unpriceable, gpu_rate
 from gpuprovider.market.strategy import AppStrategy, Strategy
 
 LEASE = ("akash-default", "swan-default", "earnings")
@@ -34,7 +35,7 @@ def busy_costs(
     found = {}
     for model in models:
         try:
-            found[model] = share * table.gpu_rate(model)
+            found[model] = share * gpu_rate(table, model)
         except Unpriceable:
             continue
     return found

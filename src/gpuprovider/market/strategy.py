@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
-from gpuprovider.market.model import MAX_MONEY, Action, Decision, Order
+from gpuprovider.market.model import MAX_MONEY, Action, Cause, Decision, Order
 from gpuprovider.market.pricing import Quote, Unpriceable
 from gpuprovider.scheduler.framework import Framework, Policy
 from gpuprovider.scheduler.model import Placement, TaskRequest
@@ -161,8 +161,8 @@ def probe(
     return tuple(found)
 
 
-def decline(reason: str, decided_by: str) -> Choice:
-    return Choice(Decision(Action.DECLINE, reason), "", decided_by)
+def decline(reason: str, decided_by: str, cause: Cause = Cause.CAPACITY) -> Choice:
+    return Choice(Decision(Action.DECLINE, reason, cause=cause), "", decided_by)
 
 
 def offer(situation: Situation, option: Option, price: int, reason: str, by: str) -> Choice:

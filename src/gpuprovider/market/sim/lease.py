@@ -40,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gpuprovider.domain.pricing import PriceTable
 from gpuprovider.domain.resources import MILLI, GpuRequest, parse_gpu_request
 from gpuprovider.market.baselines import TablePricing
 from gpuprovider.market.model import MICROS, Order, OrderResources, charge
-from gpuprovider.market.pricing import PriceTable, Pricing, Quote
+from gpuprovider.market.pricing import Pricing, Quote
 from gpuprovider.market.sim import fleet as fleets
 from gpuprovider.market.sim.hindsight import BoundOrder, lease_bound
 from gpuprovider.market.sim.traces import Pod, default_traces, load_pods, load_prices
