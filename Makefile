@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/telemetry.py
 	$(MAKE) debs TEST_DEBS=wrk
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/market.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -19,7 +19,7 @@ EVERYTHING = {
 FORBIDDEN = {
     "isolation": EVERYTHING,
     "domain": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
-    "scheduler": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends"},
+    "scheduler": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "market"},
     "telemetry": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
     "store": {"lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
     "lifecycle": {"service", "daemon", "api", "cli", "backends"},
@@ -27,18 +27,9 @@ FORBIDDEN = {
     "service": {"daemon", "api", "cli"},
     "api": {"store", "lifecycle", "daemon", "cli", "backends"},
     "daemon": {"api.routers", "cli"},
-    # market/ is a library (model, pricing, usage, the hub's client); hub/ is the hub app
-    "market": {
-        "store",
-        "lifecycle",
-        "service",
-        "daemon",
-        "api",
-        "cli",
-        "backends",
-        "scheduler",
-        "hub",
-    },
+    # market/ is a library (model, pricing, usage, the hub's client, strategies and the
+    # simulator, which place work with the scheduler library); hub/ is the hub app
+    "market": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "hub"},
     "hub": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
 }
 

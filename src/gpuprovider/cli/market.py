@@ -1,8 +1,10 @@
-"""`gpuprovider market status/leases/earnings` (the provider's markets, from its API)
-and `gpuprovider price quote SPEC` (what an order would be charged here, and why)."""
+"""`gpuprovider market status/leases/earnings` (the provider's markets, from its API),
+`gpuprovider market simulate` (strategies head to head on a simulated market) and
+`gpuprovider price quote SPEC` (what an order would be charged here, and why)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import tomllib
 from pathlib import Path
@@ -98,6 +100,55 @@ def earnings(ctx: typer.Context, as_json: bool = JSON) -> None:
             f"{'unknown (hub unreachable)' if paid is None else fmt_money(paid)} paid by the "
             f"hub, {m['gpu_seconds_reported']} GPU-seconds reported over {m['leases']} leases"
         )
+
+
+@market_app.command("simulate")
+def simulate(
+    scenario: str = typer.Option("A", "--scenario", help="A: lease market; B: app market."),
+    seed: int = typer.Option(1, "--seed", help="Everything random is drawn from it."),
+    strategy: list[str] = typer.Option(
+        ["earnings"], "--strategy", help="A strategy to run (repeat for several)."
+    ),
+    baselines: bool = typer.Option(True, help="Run the scenario's default strategies too."),
+    hours: float | None = typer.Option(None, min=0.25, max=24 * 14, help="Simulated hours."),
+    fleet_scale: int = typer.Option(1, min=1, max=64, help="Times the default fleet."),
+    traces: Path | None = typer.Option(None, help="The traces folder (default: found)."),
+    out: Path = typer.Option(Path("."), help="Folder for the HTML and JSON report."),
+    as_json: bool = JSON,
+) -> None:
+    """Strategies head to head on a simulated market: an HTML and a JSON report.
+
+    Deterministic per seed; plots revenue, utilisation and price over time."""
+    # loaded only here: the other commands need neither the traces nor the simulator
+    run = importlib.import_module("gpuprovider.market.sim.run")
+    report = importlib.import_module("gpuprovider.market.sim.report")
+    try:
+        chosen = run.Scenario(scenario.upper())
+    except ValueError:
+        raise CliError(f"unknown scenario {scenario!r}; choose A or B", 2) from None
+    wanted = [*(run.BASELINES[chosen] if baselines else ()), *strategy]
+    try:
+        result = run.simulate(chosen, seed, wanted, hours, fleet_scale, traces)
+    except ValueError as exc:  # bad traces, fleet, strategy name: the message says which
+        raise CliError(str(exc), 2) from None
+    page, data = report.write(result, out, f"market-{chosen}-seed{seed}")
+    if as_json:
+        print_json({"html": str(page), "json": str(data), **report.plain(result)})
+        return
+    metrics = sorted({m for r in result["strategies"].values() for m in r["metrics"]})
+    table(
+        f"Scenario {chosen}, seed {seed}",
+        ["METRIC", *result["strategies"]],
+        [
+            [m, *(_figure(r["metrics"].get(m)) for r in result["strategies"].values())]
+            for m in metrics
+        ],
+    )
+    console.print(f"report: {page}\nfigures: {data}")
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.4g}"
 
 
 @price_app.command("quote")
