@@ -91,10 +91,15 @@ def test_dry_run_says_whether_and_where_and_stores_nothing(provider):
     never = provider.api.post(
         "/tasks",
         params={"dry_run": "true"},
-        json={"command": ["true"], "resources": {"gpu": "H100:8"}},
+        json={"command": ["true"], "resources": {"gpu": "H100:3"}},
     ).json()
     assert never["placeable_now"] is False and never["would_wait"] is False
     assert "even when idle" in never["message"]
+    too_large = {"command": ["true"], "resources": {"gpu": 8}}
+    refused = provider.api.post("/tasks", json=too_large)
+    assert refused.status_code == 422 and "more than any node has" in refused.text
+    dry = provider.api.post("/tasks", params={"dry_run": "true"}, json=too_large).json()
+    assert dry["would_wait"] is False and "the largest is" in dry["message"]
     assert len(provider.api.get("/tasks").json()) == before
 
 

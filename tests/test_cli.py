@@ -60,13 +60,29 @@ def test_cancel_and_queued_reason(provider):
     assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout
     provider.wait_state("sleepy", "cancelled")
     provider.cli("task", "run", "--name", "big", "--gpu", "H100:2", "--", "true")
-    provider.cli("task", "run", "--name", "bigger", "--gpu", "H100:16", "--", "true")
+    provider.cli("task", "run", "--name", "bigger", "--gpu", "H100:3", "--", "true")
     provider.wait_state("bigger", "queued")
     listed = provider.cli("task", "list", "--state", "queued")
-    assert "no node has 16 H100 free" in listed.stdout
-    dry = provider.cli("task", "run", "--dry-run", "--gpu", "H100:16", "--", "true")
-    assert dry.returncode == 0 and "even when idle" in dry.stdout
+    assert "no node has 3 H100 free" in listed.stdout
+    dry = provider.cli("task", "run", "--dry-run", "--gpu", "H100:3", "--", "true")
+    assert dry.returncode == 3 and "even when idle" in dry.stdout
+    assert provider.cli("task", "run", "--dry-run", "--gpu", "1", "--", "true").returncode == 0
     provider.cli("task", "cancel", "bigger")
+
+
+def test_a_request_larger_than_every_node_is_refused_at_submit(provider):
+    """`--cpu 8` on a 2-core machine is refused, not queued forever (#28)."""
+    node = provider.api.get("/nodes").json()[0]
+    cores = node["cpu_count"]
+    huge = ["--gpu", "16", "--cpu", str(cores + 1), "--", "true"]
+    refused = provider.cli("task", "run", "--name", "huge", *huge)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert f"asks for {cores + 1} CPU and 16 GPU(s), more than any node has" in message
+    assert f"the largest is {node['name']} with {cores} CPU" in message and "3 GPU(s)" in message
+    dry = provider.cli("task", "run", "--dry-run", *huge)
+    assert dry.returncode == 3 and "would be refused" in dry.stdout
+    assert provider.api.get("/tasks/huge").status_code == 404
 
 
 def test_submit_from_yaml_file(provider, tmp_path):
@@ -110,11 +126,15 @@ def test_task_get_shows_reasons_verbatim(provider):
     got = provider.cli("task", "get", "exits-3")
     assert got.returncode == 0 and "exited with code 3" in got.stdout
     assert "preempted 0x" in got.stdout
-    provider.cli("task", "run", "--name", "picky", "--gpu", "1", "--cpu", "999", "--", "true")
+    cores = str(provider.api.get("/nodes").json()[0]["cpu_count"])
+    provider.cli("task", "run", "--name", "holder", "--cpu", "1", "--", "sleep", "60")
+    provider.wait_state("holder", "running")
+    provider.cli("task", "run", "--name", "picky", "--gpu", "1", "--cpu", cores, "--", "true")
     reason = wait_for(lambda: "CPU" in (t := provider.task("picky"))["reason"] and t["reason"])
     shown = " ".join(provider.cli("task", "get", "picky").stdout.split())
-    assert reason in shown  # "vm: not enough free CPU (at most 2 of 999 cores)", brackets and all
+    assert reason in shown  # "vm: not enough free CPU (at most 1 of 2 cores)", brackets and all
     provider.cli("task", "cancel", "picky")
+    provider.cli("task", "cancel", "holder")
 
 
 def test_commands_that_talk_to_the_api_load_no_server(provider):

@@ -18,7 +18,12 @@ from gpuprovider.cli.output import ago, console, errors, print_json, table
 
 MAX_SPEC_BYTES = 1 << 20  # as the API's default body limit
 task_app = typer.Typer(help="Batch jobs and services.", no_args_is_help=True)
-DRY_RUN = typer.Option(False, "--dry-run", help="Say where it would run; store nothing.")
+NEVER_FITS = 3  # --dry-run: no node could ever run it
+DRY_RUN = typer.Option(
+    False,
+    "--dry-run",
+    help="Say where it would run; store nothing. Exit 0 if it would run or wait, 3 if never.",
+)
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:
@@ -36,12 +41,14 @@ def _submit(ctx: typer.Context, spec: dict[str, Any], dry_run: bool, as_json: bo
     if dry_run:
         verdict = client.post("/tasks", spec, dry_run="true")
         if as_json:
-            return print_json(verdict)
-        if verdict["placeable_now"]:
+            print_json(verdict)
+        elif verdict["placeable_now"]:
             p = verdict["placement"]
             console.print(f"would run now on node {p['node_id']} with GPUs {p['gpu_uuids'] or '-'}")
         else:
             console.print(verdict["message"])
+        if not (verdict["placeable_now"] or verdict["would_wait"]):
+            raise typer.Exit(NEVER_FITS)
         return
     task = client.submit(spec)
     if as_json:

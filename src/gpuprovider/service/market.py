@@ -347,7 +347,7 @@ class MarketService:
                 self.market,
                 renewable=self.connector.pushes,
             )
-            self.tasks.check_runnable(spec)
+            self.tasks.check_runnable(spec, tx)
         except (ValidationError, ServiceError) as exc:
             lifecycle.close(tx, lease, CloseReason.FAILED, f"could not start: {exc}")
             return

@@ -60,3 +60,29 @@ def task_request(
         gang=gang,
         gang_size=spec.gang.size if spec.gang else 0,
     )
+
+
+def larger_than_every_node(spec: TaskSpec, nodes: Iterable[NodeRecord]) -> str:
+    """Why no known node could ever hold `spec` however idle, healthy or labelled it
+    were (sizes only: CPU, memory, GPU count), or "" when one could, or none is known
+    yet (a Ray cluster's nodes may still be joining)."""
+    sizes = [(n.cpu_count, n.memory_mib, sum(g.present for g in n.gpus), n.name) for n in nodes]
+    if not sizes:
+        return ""
+    cpu, memory, gpus = spec.resources.cpu, spec.resources.memory_mib, spec.gpu.gpus_touched
+    if any(cpu <= c and memory <= m and gpus <= g for c, m, g, _ in sizes):
+        return ""
+    asked = []
+    if cpu > max(c for c, _, _, _ in sizes):
+        asked.append(f"{cpu:g} CPU")
+    if memory > max(m for _, m, _, _ in sizes):
+        asked.append(f"{memory} MiB of memory")
+    if gpus > max(g for _, _, g, _ in sizes):
+        asked.append(f"{gpus} GPU(s)")
+    largest = max(sizes, key=lambda s: (s[2], s[0], s[1]))
+    what = " and ".join(asked) or f"{cpu:g} CPU, {memory} MiB and {gpus} GPU(s) on one node"
+    return (
+        f"resources: asks for {what}, more than any node has; the largest is "
+        f"{largest[3]} with {largest[0]} CPU, {largest[1]} MiB of memory and "
+        f"{largest[2]} GPU(s)"
+    )

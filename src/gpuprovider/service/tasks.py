@@ -22,7 +22,7 @@ from gpuprovider.lifecycle import tasks as lifecycle
 from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.scheduler import Framework, Placement, Policy
 from gpuprovider.service.errors import Conflict, NotFound, Rejected, Unavailable
-from gpuprovider.service.placement import build_snapshot, task_request
+from gpuprovider.service.placement import build_snapshot, larger_than_every_node, task_request
 from gpuprovider.service.serving import Serving
 from gpuprovider.service.views import task_view
 from gpuprovider.store.store import Store, Tx
@@ -120,9 +120,18 @@ class TaskService:
             )
         return task, True
 
-    def check_runnable(self, spec: TaskSpec) -> None:
-        """Refuse what this provider cannot run at all (Rejected, naming the field)."""
+    def check_runnable(self, spec: TaskSpec, tx: Tx | None = None) -> None:
+        """Refuse what this provider cannot run at all (Rejected, naming the field):
+        what it may not run, and what is larger than every node it has (read in `tx`
+        when the caller holds one)."""
         self._check_runnable(spec)
+        if tx is None:
+            with self.store.read() as r:
+                nodes = r.nodes.list()
+        else:
+            nodes = tx.nodes.list()
+        if reason := larger_than_every_node(spec, nodes):
+            raise Rejected(reason)
 
     @staticmethod
     def _replay(earlier: TaskRecord, spec: TaskSpec, key: str) -> dict[str, Any]:
@@ -166,6 +175,13 @@ class TaskService:
                 raise self._name_taken(spec.name, holder)
             nodes = r.nodes.list()
             allocations = r.tasks.active_allocations()
+        if too_large := larger_than_every_node(spec, nodes):
+            return {
+                "placeable_now": False,
+                "would_wait": False,
+                "reason": too_large,
+                "message": f"would be refused: {too_large}",
+            }
         request = task_request("dry-run", spec)
         with self._framework_lock:
             now = self._framework.place_one(
@@ -195,6 +211,8 @@ class TaskService:
             nodes = r.nodes.list()
             allocations = r.tasks.active_allocations()
             holders = {t.id: t for t in r.tasks.by_ids({a.task_id for a in allocations})}
+        if too_large := larger_than_every_node(spec, nodes):
+            return False, False, too_large
         kept = [
             a
             for a in allocations
