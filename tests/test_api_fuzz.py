@@ -13,6 +13,7 @@ ST = str(Path(sys.executable).parent / "st")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # about 150 s for 49 operations on two busy cores
 def test_no_request_makes_the_daemon_fail(provider):
     assert shutil.which(ST), "schemathesis is part of the test extra"
     done = subprocess.run(
@@ -25,15 +26,15 @@ def test_no_request_makes_the_daemon_fail(provider):
             "--checks",
             "not_a_server_error,response_schema_conformance",
             "--max-examples",
-            "40",
+            "25",
             "--exclude-path-regex",
-            "logs",  # follow streams until a task ends
+            "logs|stream",  # follow streams until a task ends, or for ever
             "--seed",
             "1",
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "Traceback" not in provider.log()

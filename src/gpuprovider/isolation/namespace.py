@@ -65,6 +65,12 @@ def _tmpfs(target: str, mode: str = "1777") -> None:
     _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size={TMPFS_SIZE}")
 
 
+def _mkdir(path: str, mode: int) -> None:
+    """A folder with exactly `mode`, whatever the daemon's umask (0o077) would leave."""
+    os.mkdir(path)
+    os.chmod(path, mode)
+
+
 def _bind_from(fd: int, target: str, flags: int = 0) -> None:
     """Bind what `fd` (an O_PATH handle opened in this namespace) is onto `target`."""
     _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | flags)
@@ -95,7 +101,7 @@ def enter(dev_nodes: list[str] | None = None, workdir: str = "", dev: str = "/de
                 _tmpfs(folder)
         for path, fd in held.items():
             if path.startswith("/tmp/"):
-                os.mkdir(path, 0o755)
+                _mkdir(path, 0o755)
                 _bind_from(fd, path, MS_REC)
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
         _mount("proc", "/proc", "proc", flags, "hidepid=invisible")
@@ -124,7 +130,7 @@ def _reach(fd: int, workdir: str) -> None:
             os.chdir(workdir)
             return
     for more in range(first, len(parts)):
-        os.mkdir("/" + "/".join(parts[: more + 1]), 0o711)
+        _mkdir("/" + "/".join(parts[: more + 1]), 0o711)
     _bind_from(fd, workdir)
     os.chdir(workdir)
 
@@ -137,10 +143,10 @@ def _own_dev(dev: str, held: dict[str, int]) -> None:
             continue
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         _bind_from(fd, path)
-    os.mkdir(os.path.join(dev, "pts"), 0o755)
+    _mkdir(os.path.join(dev, "pts"), 0o755)
     _bind_from(held[os.path.join(dev, "pts")], os.path.join(dev, "pts"), MS_REC)
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
-    os.mkdir(os.path.join(dev, "shm"), 0o1777)  # made a tmpfs with the other folders
+    _mkdir(os.path.join(dev, "shm"), 0o1777)  # made a tmpfs with the other folders
     os.symlink("/proc/self/fd", os.path.join(dev, "fd"))
     for number, name in enumerate(("stdin", "stdout", "stderr")):
         os.symlink(f"/proc/self/fd/{number}", os.path.join(dev, name))
