@@ -88,6 +88,26 @@ def test_a_check_that_raises_is_a_fail_and_the_suite_goes_on(tmp_path):
     assert {r.group for r in run.results[1:]} == {"preflight"} and len(run.results) > 5
 
 
+def test_fit_to_sell_only_when_a_gpu_was_measured(tmp_path):
+    """A box whose GPU checks all skipped is never called fit to sell (#28)."""
+
+    def gpu_check(status):
+        return Check("hardware", "g", "G", lambda _c: Result(status, advice="x"), gpu=True)
+
+    host = Check("hardware", "h", "H", lambda _c: Result(Status.PASS))
+    skipped = run_checks(ctx(tmp_path), [host, gpu_check(Status.SKIP)])
+    measured = run_checks(ctx(tmp_path), [host, gpu_check(Status.PASS)])
+    failed = run_checks(ctx(tmp_path), [host, gpu_check(Status.FAIL)])
+    assert (skipped.gpu_measured, measured.gpu_measured) == (False, True)
+    verdicts = [
+        report_data(r.results, r.started_at, r.wall_s, "n", r.gpu_measured)["verdict"]
+        for r in (skipped, measured, failed)
+    ]
+    assert verdicts[0].startswith("NO GPU MEASURED")
+    assert verdicts[1:] == ["FIT TO SELL", "NOT FIT: fix the FAILs"]
+    assert all(c.gpu for c in select() if c.name in ("gpus", "vram", "gemm", "pytorch"))
+
+
 def test_cpu_machine_gives_pass_or_skip_with_reasons(tmp_path):
     run = run_checks(ctx(tmp_path), select(["hardware", "compute", "workload"]))
     by_key = {r.key: r for r in run.results}
@@ -193,7 +213,7 @@ def test_html_report_is_self_contained_and_charts_gpus(tmp_path):
         Result(Status.FAIL, 91.0, "%", subject="GPU 0", name="vram", group="hardware",
                advice="<b>replace</b> it"),
     ]  # fmt: skip
-    page = as_html(report_data(results, time.time(), 1.5, "n-1"))
+    page = as_html(report_data(results, time.time(), 1.5, "n-1", gpu_measured=True))
     assert "NOT FIT" in page and page.count("<svg") == 2 and "GPU 0 bf16" in page
     assert "&lt;b&gt;replace&lt;/b&gt;" in page  # escaped, never markup
     assert not re.search(r"(src|href)=|<script|<link|@import|url\(", page)  # opens offline
@@ -221,7 +241,12 @@ def test_cli_runs_every_group_stores_and_serves_results(provider, tmp_path):
     served = provider.api.get(f"/nodes/{node['name']}/checks").json()
     assert {r["key"] for r in served["results"]} >= {r["group"] + "/" + r["name"]
                                                      for r in data["results"]
-                                                     if r["subject"] == ""}  # fmt: skip
+                                                     if r["subject"] == data["host"]}  # fmt: skip
+    # every GPU check skipped: never "fit to sell", whatever else passed (#28)
+    assert data["verdict"].startswith("NO GPU MEASURED") and "FIT TO SELL" not in report.read_text()
+    assert all(r["subject"] for r in data["results"])  # a whole-node result names the host
+    table = run_cli(provider, "--only", "preflight", "--no-store")
+    assert "NO GPU MEASURED" in table.stdout and "FIT TO SELL" not in table.stdout
     shown = provider.cli("node", "checks")
     assert shown.returncode == 0 and "hardware/memory-bandwidth" in shown.stdout
     assert provider.api.get("/nodes/nope/checks").status_code == 404

@@ -53,6 +53,39 @@ def test_json_on_every_listing(provider):
         json.loads(done.stdout)
 
 
+def test_every_listing_reads_at_80_columns(provider):
+    """No line wider than the terminal, no id, model name or header broken inside a
+    word (#28: `gpu list` wrapped `h100-8 / 0gb-sx / m`)."""
+    provider.submit(
+        name="a-rather-long-name-for-a-training-run", command=["sleep", "30"], resources={"gpu": 1}
+    )
+    provider.submit(name="waits", command=["true"], resources={"gpu": "H100:3"})
+    running = provider.wait_state("a-rather-long-name-for-a-training-run", "running")
+    waiting = provider.wait_state("waits", "queued")
+    node = provider.api.get("/nodes").json()[0]
+    intact = {
+        ("task", "list"): [running["id"], waiting["id"], "training-", "H100:3", "REASON"],
+        ("task", "get", "waits"): ["no node has 3"],
+        ("node", "list"): [node["name"], "HEARTBEAT", "simulated)"],
+        ("gpu", "list"): [f"{node['name']}/0", "h100-80gb-", "[simulated]", running["id"]],
+        ("token", "list"): ["admin"],
+        ("service", "list"): ["READY/LIVE/WANTED"],
+        ("repair", "rules"): ["xid-high-single-bit-rate", "cordon_gpu,"],
+        ("repair", "events"): ["OUTCOME"],
+        ("market", "status"): ["RELIABILITY"],
+        ("accounting",): ["BOOKED GPU-H"],
+    }
+    for args, words in intact.items():
+        done = provider.cli(*args, columns=80)
+        assert done.returncode == 0, (args, done.stderr)
+        lines = done.stdout.splitlines()
+        assert all(len(line) <= 80 for line in lines), done.stdout
+        for word in words:
+            assert any(word in line for line in lines), (args, word, done.stdout)
+    provider.cli("task", "cancel", running["id"])
+    provider.cli("task", "cancel", waiting["id"])
+
+
 def test_cancel_and_queued_reason(provider):
     provider.cli("task", "run", "--name", "sleepy", "--", PY, "-c", "import time; time.sleep(60)")
     provider.wait_state("sleepy", "running")

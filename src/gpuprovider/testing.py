@@ -577,9 +577,9 @@ class Provider:
         return self.proc.returncode if self.proc else None
 
     def cli(
-        self, *args: str, stdin: str | None = None, timeout: float = 60
+        self, *args: str, stdin: str | None = None, timeout: float = 60, columns: int = 200
     ) -> subprocess.CompletedProcess:
-        env = {**os.environ, "COLUMNS": "200", "GPUPROVIDER_HOME": str(self.home.root)}
+        env = {**os.environ, "COLUMNS": str(columns), "GPUPROVIDER_HOME": str(self.home.root)}
         return subprocess.run(
             [GPUPROVIDER, *args],
             capture_output=True,

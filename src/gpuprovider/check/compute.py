@@ -57,7 +57,7 @@ def pct_status(pct: float | None, pass_at: float, warn_at: float) -> Status:
     return Status.PASS if pct is None else graded(pct, pass_at=pass_at, warn_at=warn_at)
 
 
-@check("compute", "gemm", "GEMM throughput per dtype")
+@check("compute", "gemm", "GEMM throughput per dtype", gpu=True)
 def gemm(ctx: CheckContext) -> list[Result]:
     torch, _ = ctx.torch
     n = max(1024, int(8192 * ctx.scale**0.5) // 256 * 256)
@@ -110,7 +110,7 @@ def gemm(ctx: CheckContext) -> list[Result]:
     return per_cuda_gpu(ctx, measure)
 
 
-@check("compute", "device-memory", "Device memory bandwidth")
+@check("compute", "device-memory", "Device memory bandwidth", gpu=True)
 def device_memory(ctx: CheckContext) -> list[Result]:
     torch, _ = ctx.torch
     size = max(256 * 2**20, int(2 * 2**30 * ctx.scale))

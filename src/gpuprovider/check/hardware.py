@@ -129,7 +129,7 @@ def disk(ctx: CheckContext) -> list[Result]:
         os.unlink(path)
 
 
-@check("hardware", "gpus", "GPUs present as configured")
+@check("hardware", "gpus", "GPUs present as configured", gpu=True)
 def gpus_present(ctx: CheckContext) -> Result:
     expected: dict[str, int] = {}
     for entry in ctx.config.inventory.expected_gpus:
@@ -207,7 +207,7 @@ def _ecc(gpu: GpuRecord) -> Result:
     )
 
 
-@check("hardware", "ecc", "GPU ECC errors")
+@check("hardware", "ecc", "GPU ECC errors", gpu=True)
 def ecc(ctx: CheckContext) -> list[Result]:
     if not ctx.gpus:
         return no_gpus(ctx)
@@ -253,7 +253,7 @@ def _health(gpu: GpuRecord) -> Result:
     )
 
 
-@check("hardware", "gpu-health", "GPU throttling, temperature and power")
+@check("hardware", "gpu-health", "GPU throttling, temperature and power", gpu=True)
 def gpu_health(ctx: CheckContext) -> list[Result]:
     if not ctx.gpus:
         return no_gpus(ctx)
@@ -261,7 +261,7 @@ def gpu_health(ctx: CheckContext) -> list[Result]:
         return per_gpu(ctx, _health)
 
 
-@check("hardware", "vram", "VRAM allocatable")
+@check("hardware", "vram", "VRAM allocatable", gpu=True)
 def vram(ctx: CheckContext) -> list[Result]:
     torch, _ = ctx.torch
 
@@ -306,7 +306,7 @@ def vram(ctx: CheckContext) -> list[Result]:
     return per_cuda_gpu(ctx, fill)
 
 
-@check("hardware", "host-device", "Host to device bandwidth")
+@check("hardware", "host-device", "Host to device bandwidth", gpu=True)
 def host_device(ctx: CheckContext) -> list[Result]:
     torch, _ = ctx.torch
 
@@ -332,7 +332,7 @@ def host_device(ctx: CheckContext) -> list[Result]:
     return per_cuda_gpu(ctx, copy)
 
 
-@check("hardware", "peer", "GPU to GPU bandwidth")
+@check("hardware", "peer", "GPU to GPU bandwidth", gpu=True)
 def peer(ctx: CheckContext) -> list[Result]:
     torch, why = ctx.torch
     if len(ctx.gpus) < 2:
@@ -370,7 +370,7 @@ def peer(ctx: CheckContext) -> list[Result]:
     return results
 
 
-@check("hardware", "proof-calibration", "Proof-of-GPU timing calibration per GPU")
+@check("hardware", "proof-calibration", "Proof-of-GPU timing calibration per GPU", gpu=True)
 def proof_calibration(ctx: CheckContext) -> list[Result]:
     """Whether a verifier can time each GPU's proof against a measured walk time, or only
     against one estimated from published bandwidth (which verifiers must opt into)."""

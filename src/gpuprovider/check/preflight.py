@@ -60,7 +60,7 @@ def _distro() -> str:
         return "Linux"
 
 
-@check("preflight", "driver", "NVIDIA driver and CUDA")
+@check("preflight", "driver", "NVIDIA driver and CUDA", gpu=True)
 def driver(ctx: CheckContext) -> Result:
     if skipped := _no_nvml(ctx):
         return skipped
@@ -90,7 +90,7 @@ def engine(ctx: CheckContext) -> Result:
     )
 
 
-@check("preflight", "ram-vs-vram", "RAM at least total VRAM")
+@check("preflight", "ram-vs-vram", "RAM at least total VRAM", gpu=True)
 def ram_vs_vram(ctx: CheckContext) -> Result:
     if not ctx.gpus:
         return Result(Status.SKIP, advice="no NVIDIA GPU to compare against")

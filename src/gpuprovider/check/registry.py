@@ -19,16 +19,17 @@ class Check:
     name: str
     title: str
     fn: CheckFn
+    gpu: bool = False  # measures GPUs: when every such check skips, no GPU was measured
 
 
 CHECKS: list[Check] = []
 
 
-def check(group: str, name: str, title: str) -> Callable[[CheckFn], CheckFn]:
+def check(group: str, name: str, title: str, gpu: bool = False) -> Callable[[CheckFn], CheckFn]:
     assert group in GROUPS, group
 
     def register(fn: CheckFn) -> CheckFn:
-        CHECKS.append(Check(group, name, title, fn))
+        CHECKS.append(Check(group, name, title, fn, gpu))
         return fn
 
     return register

@@ -13,18 +13,31 @@ from gpuprovider.check.result import Result, Status, exit_code, summary
 COLOURS = {"PASS": "#1a7f37", "WARN": "#9a6700", "FAIL": "#cf222e", "SKIP": "#6e7781"}
 
 
+NO_GPU = "NO GPU MEASURED: every GPU check was skipped, so nothing shows this machine fit to sell"
+
+
+def verdict(results: list[Result], gpu_measured: bool) -> str:
+    """One line for the whole run: a FAIL decides, then whether any GPU was measured."""
+    if exit_code(results):
+        return "NOT FIT: fix the FAILs"
+    return "FIT TO SELL" if gpu_measured else NO_GPU
+
+
 def report_data(
-    results: list[Result], started_at: float, wall_s: float, node: str
+    results: list[Result], started_at: float, wall_s: float, node: str, gpu_measured: bool
 ) -> dict[str, Any]:
+    host = platform.node()
     return {
         "node": node,
-        "host": platform.node(),
+        "host": host,
+        "verdict": verdict(results, gpu_measured),
         "gpuprovider": __version__,
         "started_at": started_at,
         "wall_s": round(wall_s, 2),
         "summary": summary(results),
         "exit_code": exit_code(results),
-        "results": [r.to_dict() for r in results],
+        # a whole-node result's subject is the host
+        "results": [r.to_dict() | {"subject": r.subject or host} for r in results],
     }
 
 
@@ -100,7 +113,7 @@ def as_html(report: dict[str, Any]) -> str:
         "</tr>"
         for r in results
     )
-    verdict = "FIT TO SELL" if report["exit_code"] == 0 else "NOT FIT: fix the FAILs"
+    verdict = html.escape(report["verdict"])
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(report["started_at"]))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

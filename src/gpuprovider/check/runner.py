@@ -35,6 +35,7 @@ class Run:
     results: list[Result]
     started_at: float
     wall_s: float
+    gpu_measured: bool  # some check that measures GPUs did not skip
 
 
 def run_checks(
@@ -46,12 +47,14 @@ def run_checks(
     started = time.time()
     t0 = time.perf_counter()
     results: list[Result] = []
+    gpu_measured = False
     for item in checks:
         on_start(item)
         found = run_one(ctx, item)
         results.extend(found)
+        gpu_measured |= item.gpu and any(r.status != Status.SKIP for r in found)
         on_done(item, found)
-    return Run(results, started, time.perf_counter() - t0)
+    return Run(results, started, time.perf_counter() - t0, gpu_measured)
 
 
 def run_one(ctx: CheckContext, item: Check) -> list[Result]:

@@ -64,7 +64,7 @@ def compare_with_cpu(torch, device) -> dict[str, float]:
     return {"train": rel(w_dev, w_cpu), "inference": rel(out_dev, out_cpu), "seconds": elapsed}
 
 
-@check("workload", "pytorch", "Training step and inference vs CPU")
+@check("workload", "pytorch", "Training step and inference vs CPU", gpu=True)
 def pytorch(ctx: CheckContext) -> list[Result]:
     torch, _ = ctx.torch
 

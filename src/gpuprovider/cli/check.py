@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
 from gpuprovider.check import GROUPS, CheckContext, UnknownGroup, run_checks, select
@@ -15,7 +14,7 @@ from gpuprovider.check.report import COLOURS, as_html, report_data
 from gpuprovider.check.result import Result
 from gpuprovider.cli.client import CliError, Unreachable
 from gpuprovider.cli.common import Globals, globals_of
-from gpuprovider.cli.output import console, errors
+from gpuprovider.cli.output import console, errors, table
 from gpuprovider.config import ConfigError, ProviderConfig, load_config
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import load_node_key, node_id_for
@@ -71,7 +70,7 @@ def check(
             on_start=lambda c: progress.update(bar, description=f"{c.group}: {c.title}"),
             on_done=lambda _c, _r: progress.advance(bar),
         )
-    data = report_data(run.results, run.started_at, run.wall_s, node_id)
+    data = report_data(run.results, run.started_at, run.wall_s, node_id, run.gpu_measured)
     if store and home.config.exists():
         where = _store(globals_of(ctx), config, node_id, run.results, run.started_at)
         shown.print(f"[cyan]note[/] {where}")
@@ -81,7 +80,7 @@ def check(
     if as_json:
         print(json.dumps(data, indent=2))
     else:
-        _summary(run.results, data, report)
+        _summary(data, report)
     raise typer.Exit(data["exit_code"])
 
 
@@ -131,23 +130,29 @@ def _store(
     return "results stored (no provider running)"
 
 
-def _summary(results: list[Result], data: dict, report: Path | None) -> None:
-    grid = Table(title="gpuprovider check", title_justify="left", show_edge=False)
-    for column in ("CHECK", "SUBJECT", "STATUS", "VALUE", "THRESHOLD", "WHAT TO DO"):
-        grid.add_column(column, overflow="fold")
-    for r in results:
-        grid.add_row(
-            f"{r.group}/{r.name}",
-            r.subject,
-            Text(str(r.status), style=f"bold {COLOURS[str(r.status)]}"),
-            r.shown_value,
-            r.threshold,
-            r.advice,
-        )
-    console.print(grid)
+def _summary(data: dict, report: Path | None) -> None:
+    results = [Result.from_dict(r) for r in data["results"]]
+    table(
+        "gpuprovider check",
+        ["CHECK", "SUBJECT", "STATUS", "VALUE", "THRESHOLD", "WHAT TO DO"],
+        [
+            [
+                f"{r.group}/{r.name}",
+                r.subject,
+                Text(r.status, style=f"bold {COLOURS[r.status]}"),
+                r.shown_value,
+                r.threshold,
+                r.advice,
+            ]
+            for r in results
+        ],
+    )
     counts = data["summary"]
     console.print(
         f"{counts['PASS']} pass, {counts['WARN']} warn, {counts['FAIL']} fail, "
         f"{counts['SKIP']} skipped in {data['wall_s']:.1f} s"
-        + (f"; report {report}" if report else "")
+        + (f"; report {report}" if report else ""),
+        markup=False,
     )
+    colour = "FAIL" if data["exit_code"] else "PASS" if data["verdict"] == "FIT TO SELL" else "WARN"
+    console.print(Text(data["verdict"], style=f"bold {COLOURS[colour]}"))

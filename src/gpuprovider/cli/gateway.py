@@ -12,7 +12,7 @@ import uvicorn
 
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
-from gpuprovider.cli.output import ago, console, print_json, table
+from gpuprovider.cli.output import Id, ago, console, print_json, table
 from gpuprovider.cli.runnable import runnable_config
 from gpuprovider.config import ConfigError, GatewayConfig, load_config
 from gpuprovider.gateway import nginx
@@ -160,7 +160,7 @@ def service_list(ctx: typer.Context, as_json: bool = JSON) -> None:
             f"{s['replicas_ready'] if s['replicas_ready'] is not None else '?'}/"
             f"{s['replicas_live']}/{s['replicas_wanted']}",
             s["auth"],
-            s["urls"][0],
+            Id(s["urls"][0]),
         ]
         for s in services
     ]

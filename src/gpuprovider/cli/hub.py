@@ -16,7 +16,7 @@ import uvicorn
 
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
-from gpuprovider.cli.output import console, print_json, table
+from gpuprovider.cli.output import Id, console, print_json, table
 from gpuprovider.home import Home, write_secret
 from gpuprovider.hub.app import create_app
 from gpuprovider.hub.hub import Hub, HubSettings
@@ -229,7 +229,7 @@ def orders(ctx: typer.Context, url: str = HUB_URL, as_json: bool = JSON) -> None
     table(
         "Orders",
         ["ORDER", "STATE", "MODE", "DEPOSIT", "WHY"],
-        [[o["id"], o["state"], o["mode"], fmt_money(o["deposit"]), o["reason"]] for o in rows],
+        [[Id(o["id"]), o["state"], o["mode"], fmt_money(o["deposit"]), o["reason"]] for o in rows],
     )
 
 
@@ -255,7 +255,7 @@ def leases(ctx: typer.Context, url: str = HUB_URL, as_json: bool = JSON) -> None
         ],
         [
             [
-                lease["id"],
+                Id(lease["id"]),
                 lease["state"],
                 fmt_money(lease["price_per_hour"]),
                 f"{lease['gpus']:g}",

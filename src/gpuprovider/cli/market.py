@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
-from gpuprovider.cli.output import console, print_json, table
+from gpuprovider.cli.output import Id, console, print_json, table
 from gpuprovider.config import ConfigError, load_config
 from gpuprovider.domain import catalogue
 from gpuprovider.market.model import Order, fmt_money
@@ -71,18 +71,19 @@ def leases(ctx: typer.Context, as_json: bool = JSON) -> None:
         ["LEASE", "MARKET", "STATE", "MODEL", "GPUS", "PRICE/H", "EARNED", "TASK", "WHY"],
         [
             [
-                lease["id"],
+                Id(lease["id"]),
                 lease["market"],
                 lease["state"],
                 lease["model"],
                 f"{lease['gpus']:g}",
                 fmt_money(lease["price_per_hour"]),
                 fmt_money(lease["earned"]),
-                lease["task_id"] or "-",
+                Id(lease["task_id"]) if lease["task_id"] else "-",
                 lease["close_reason"] or lease["reason"][:60],
             ]
             for lease in rows
         ],
+        optional=["MARKET"],
     )
 
 

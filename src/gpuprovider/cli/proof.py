@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
-from gpuprovider.cli.output import console, print_json, table
+from gpuprovider.cli.output import Id, console, print_json, table
 from gpuprovider.home import Home
 from gpuprovider.identity.keys import create_node_key, load_node_key, public_key_hex
 from gpuprovider.proof import protocol as P
@@ -120,7 +120,7 @@ def verify_remote(
             ["GPU", "MODEL", "VERDICT", "FIGURES"],
             [
                 [
-                    o.gpu_uuid,
+                    Id(o.gpu_uuid),
                     o.model + (" [simulated]" if o.simulated else ""),
                     "PASS" if o.verdict.passed else f"FAIL: {o.verdict.reason}",
                     _figures(o.verdict),

@@ -15,9 +15,9 @@ import typer
 
 from gpuprovider.backends.ray.common import BadRayAddress, RayBackendError
 from gpuprovider.backends.ray.join import check_head, join_command
-from gpuprovider.cli.client import CliError
+from gpuprovider.cli.client import Client, CliError
 from gpuprovider.cli.common import JSON, globals_of
-from gpuprovider.cli.output import ago, console, print_json, table
+from gpuprovider.cli.output import Id, ShortId, ago, console, print_json, table
 from gpuprovider.config import SimulatedGpu
 
 node_app = typer.Typer(help="Nodes of the pool.", no_args_is_help=True)
@@ -52,7 +52,7 @@ def node_list(
         rows.append(
             [
                 n["name"],
-                n["id"],
+                Id(n["id"]),
                 n["backend"],
                 status,
                 n["cpu_count"],
@@ -61,7 +61,8 @@ def node_list(
                 ago(n["last_heartbeat"]),
             ]
         )
-    table("Nodes", ["NAME", "ID", "BACKEND", "STATUS", "CPUS", "MEMORY", "GPUS", "HEARTBEAT"], rows)
+    columns = ["NAME", "ID", "BACKEND", "STATUS", "CPUS", "MEMORY", "GPUS", "HEARTBEAT"]
+    table("Nodes", columns, rows, optional=["BACKEND", "ID"])
 
 
 @node_app.command("join")
@@ -204,8 +205,7 @@ def gpu_list(ctx: typer.Context, as_json: bool = JSON) -> None:
         return print_json(gpus)
     rows = [
         [
-            g["node"],
-            g["index"],
+            Id(f"{g['node']}/{g['index']}"),
             g["model"] + (" [simulated]" if g["simulated"] else ""),
             f"{g['memory_gb']} GB",
             (g["health"] + (f": {g['health_reason']}" if g["health_reason"] else ""))
@@ -213,59 +213,70 @@ def gpu_list(ctx: typer.Context, as_json: bool = JSON) -> None:
             else "absent",
             g["unusable_reason"] or "yes",
             f"{g['used_share']:g}",
-            ",".join(g["tasks"]),
+            [Id(task) for task in g["tasks"]],
             _proof(g["proof"]),
-            g["uuid"],
+            ShortId(g["uuid"]),
         ]
         for g in gpus
     ]
-    columns = [
-        "NODE",
-        "IDX",
-        "MODEL",
-        "MEMORY",
-        "HEALTH",
-        "NEW WORK",
-        "IN USE",
-        "TASKS",
-        "PROOF",
-        "UUID",
-    ]
-    table("GPUs", columns, rows)
+    columns = ["GPU", "MODEL", "MEMORY", "HEALTH", "NEW WORK", "USE", "TASKS", "PROOF", "UUID"]
+    table("GPUs", columns, rows, optional=["UUID"])
 
 
 @gpu_app.command("history")
 def gpu_history(
     ctx: typer.Context,
-    uuid: str = typer.Argument(..., help="GPU UUID."),
+    uuid: str = typer.Argument(..., help="GPU UUID, its start, or NODE/INDEX."),
 ) -> None:
     """A GPU's utilisation and memory, one point per minute over the last 24 hours (JSON)."""
-    print_json(globals_of(ctx).client().get(f"/gpus/{uuid}/history"))
+    client = globals_of(ctx).client()
+    print_json(client.get(f"/gpus/{gpu_uuid(client, uuid)}/history"))
 
 
 @gpu_app.command("cordon")
 def gpu_cordon(
     ctx: typer.Context,
-    uuid: str = typer.Argument(..., help="GPU UUID (`gpu list` shows them)."),
+    uuid: str = typer.Argument(
+        ..., help="GPU UUID, its start, or NODE/INDEX (`gpu list` shows them)."
+    ),
     reason: str = typer.Option("", help="Why, shown wherever the GPU is."),
 ) -> None:
     """No new work on one GPU; what runs there stays."""
-    done = globals_of(ctx).client().post(f"/gpus/{uuid}/cordon", {"reason": reason})
+    client = globals_of(ctx).client()
+    done = client.post(f"/gpus/{gpu_uuid(client, uuid)}/cordon", {"reason": reason})
     console.print(f"GPU {done['gpu_uuid']} cordoned ({done['reason']})")
 
 
 @gpu_app.command("uncordon")
 def gpu_uncordon(
     ctx: typer.Context,
-    uuid: str = typer.Argument(..., help="GPU UUID."),
+    uuid: str = typer.Argument(..., help="GPU UUID, its start, or NODE/INDEX."),
     force: bool = typer.Option(
         False, "--force", help="Also lift a repair rule's cordon without a passing check."
     ),
 ) -> None:
     """Give a cordoned GPU work again (a repair rule's cordon: after a passing check)."""
     params = {"force": "true"} if force else {}
-    done = globals_of(ctx).client().post(f"/gpus/{uuid}/uncordon", **params)
+    client = globals_of(ctx).client()
+    done = client.post(f"/gpus/{gpu_uuid(client, uuid)}/uncordon", **params)
     console.print(f"GPU {done['gpu_uuid']} takes work again")
+
+
+def gpu_uuid(client: Client, ref: str) -> str:
+    """The GPU `ref` names: its UUID, the start of it (`gpu list` shows a prefix when
+    the terminal is narrow), or NODE/INDEX as `gpu list` shows it; `ref` as given when
+    none matches (the API says so)."""
+    gpus = client.get("/gpus")
+    uuids = [g["uuid"] for g in gpus]
+    if ref in uuids:
+        return ref
+    for g in gpus:
+        if ref == f"{g['node']}/{g['index']}":
+            return str(g["uuid"])
+    matches = [u for u in uuids if u.startswith(ref)] if len(ref) >= 4 else []
+    if len(matches) > 1:
+        raise CliError(f"GPU {ref!r} could be any of {', '.join(matches)}: give more of it", 2)
+    return matches[0] if matches else ref
 
 
 def _proof(proof: dict | None) -> str:

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
-from gpuprovider.cli.output import ago, console, errors, print_json, table
+from gpuprovider.cli.output import Id, ago, console, errors, print_json, table
 
 MAX_SPEC_BYTES = 1 << 20  # as the API's default body limit
 task_app = typer.Typer(help="Batch jobs and services.", no_args_is_help=True)
@@ -186,11 +186,11 @@ def list_tasks(
         return print_json(tasks)
     rows = [
         [
-            t["id"],
+            Id(t["id"]),
             t["name"],
             t["kind"],
             t["state"],
-            t["gpu"],
+            Id(t["gpu"]),
             t["attempt"],
             t["exit_code"],
             ago(t["created_at"]),
@@ -198,9 +198,8 @@ def list_tasks(
         ]
         for t in tasks
     ]
-    table(
-        "Tasks", ["ID", "NAME", "KIND", "STATE", "GPU", "TRY", "EXIT", "SUBMITTED", "REASON"], rows
-    )
+    columns = ["ID", "NAME", "KIND", "STATE", "GPU", "TRY", "EXIT", "AGE", "REASON"]
+    table("Tasks", columns, rows, optional=["KIND", "TRY"])
 
 
 def _when(ts: float | None) -> str:

@@ -6,7 +6,8 @@ import typer
 
 from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import JSON, globals_of
-from gpuprovider.cli.output import ago, console, print_json, table
+from gpuprovider.cli.output import Id, ShortId, ago, console, print_json, table
+from gpuprovider.cli.resources import gpu_uuid
 
 repair_app = typer.Typer(help="Repair rules and what they did.", no_args_is_help=True)
 alert_app = typer.Typer(help="Alerts to webhooks and email.", no_args_is_help=True)
@@ -16,20 +17,22 @@ alert_app = typer.Typer(help="Alerts to webhooks and email.", no_args_is_help=Tr
 def repair_events(
     ctx: typer.Context,
     node: str | None = typer.Option(None, help="Only this node (name or id)."),
-    gpu: str | None = typer.Option(None, help="Only this GPU (UUID)."),
+    gpu: str | None = typer.Option(None, help="Only this GPU (UUID, its start or NODE/INDEX)."),
     limit: int = typer.Option(50, min=1, max=10000, help="How many, the latest first."),
     as_json: bool = JSON,
 ) -> None:
     """What repair rules did (or, in dry-run, would have done), with their evidence."""
-    events = globals_of(ctx).client().get("/repairs", node=node, gpu=gpu, limit=limit)
+    client = globals_of(ctx).client()
+    gpu = gpu and gpu_uuid(client, gpu)
+    events = client.get("/repairs", node=node, gpu=gpu, limit=limit)
     if as_json:
         return print_json(events)
     rows = [
         [
             ago(e["at"]),
-            e["rule"],
-            e["node_id"][:12],
-            e["gpu_uuid"] or "-",
+            Id(e["rule"]),
+            Id(e["node_id"]),
+            ShortId(e["gpu_uuid"]) if e["gpu_uuid"] else "-",
             e["action"],
             e["outcome"],
             e["detail"],
@@ -49,11 +52,11 @@ def repair_rules(ctx: typer.Context, as_json: bool = JSON) -> None:
     for rule in found["rules"]:
         when = rule["signal"]
         if rule["xids"]:
-            when += " " + ",".join(str(x) for x in rule["xids"])
+            when += " " + ", ".join(str(x) for x in rule["xids"])
         when += f" >= {rule['threshold']:g}"
         if rule["window"] not in ("0", "0s"):
             when += f" within {rule['window']}"
-        rows.append([rule["name"], when, ", ".join(rule["actions"])])
+        rows.append([Id(rule["name"]), when, ", ".join(rule["actions"])])
     mode = "dry run: nothing is changed" if found["dry_run"] else "acting"
     table(f"Repair rules ({mode})", ["NAME", "WHEN", "ACTIONS"], rows)
     console.print(
