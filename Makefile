@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.core  # the provider alone: what `make up` needs
+STAMP := $(VENV)/.installed  # and the test extra (torch, Ray, ...): what `make test` needs
 
 # Debian packages the tests run for real: podman and runc for containers, busybox for
 # the image they run, prometheus for promtool and a real scrape, nginx in front of the
@@ -11,13 +12,17 @@ TEST_DEBS := podman runc busybox-static prometheus nginx
 
 .PHONY: up test lint format bench clean debs
 
-$(STAMP): pyproject.toml setup.py src/gpuprovider/proof/_native.c src/gpuprovider/proof/_merkle.c
+$(CORE): pyproject.toml setup.py src/gpuprovider/proof/_native.c src/gpuprovider/proof/_merkle.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-up: $(STAMP)
+up: $(CORE)
 	$(BIN)/gpuprovider init
 	$(BIN)/gpuprovider up
 

@@ -172,16 +172,39 @@ def test_runners_are_forked_by_a_server_that_outlives_the_daemon(tmp_path, data_
     assert "--serve" in server.cmdline()  # a fork of the server, not a Python of its own
     assert exits.wait(10)  # told of the exit at once, not at the next poll
     assert finish(first, handle).exit_code == 0
-    first.close()
+    longer = first.start(launch(tmp_path, "import time; time.sleep(3)", attempt=2))
+    first.close()  # the daemon stops while a task runs
     # another daemon (a restart) uses the same server, which kept running
     second = LocalProcesses(data_dir, isolation=AS_PROVIDER)
-    again = second.start(launch(tmp_path, "pass", attempt=2))
+    again = second.start(launch(tmp_path, "pass", attempt=3))
     assert psutil.Process(again.pid).ppid() == server.pid
     assert finish(second, again).exit_code == 0
+    assert finish(second, longer).exit_code == 0
     # only the provider's user can reach it
     sockets = list((data_dir / ".runner").glob("runner-*.sock"))
     assert len(sockets) == 1 and stat.S_IMODE(sockets[0].stat().st_mode) == 0o600
     assert stat.S_IMODE((data_dir / ".runner").stat().st_mode) == 0o700
+
+
+def test_a_clean_stop_with_nothing_running_stops_the_runner_server(tmp_path, data_dir):
+    """#28: after Ctrl-C of `up` with nothing running, the server and its spares stayed
+    for ten minutes."""
+    backend = LocalProcesses(data_dir, isolation=AS_PROVIDER)
+    handle = backend.start(launch(tmp_path, "pass"))
+    server = psutil.Process(handle.pid).parent()
+    assert finish(backend, handle).exit_code == 0
+    wait_for(lambda: len(server.children()) >= 1, what="a spare")
+    spares = server.children()
+    backend.close()
+    gone = (psutil.NoSuchProcess, psutil.ZombieProcess)
+
+    def ended(process: psutil.Process) -> bool:
+        try:
+            return process.status() == psutil.STATUS_ZOMBIE
+        except gone:
+            return True
+
+    wait_for(lambda: all(ended(p) for p in [server, *spares]), 20, "the server to exit")
 
 
 def test_without_a_server_runners_start_as_processes_of_their_own(tmp_path, data_dir):

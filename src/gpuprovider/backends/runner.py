@@ -480,6 +480,7 @@ def serve(directory: str, name: str) -> None:
     # hands a task to one at once; the fork that replaces it happens after the answer.
     spares: dict[int, int] = {}
     idle_since = time.monotonic()
+    retiring = False  # the daemon stopped cleanly: exit once no runner and no client is left
 
     def inherited() -> list[int]:
         """What a forked child must close: the server's descriptors, not its own."""
@@ -541,21 +542,26 @@ def serve(directory: str, name: str) -> None:
         return pid
 
     def handle(conn: socket.socket, request: dict) -> dict | None:
+        nonlocal retiring
         op = request.get("op")
+        if op == "retire":
+            retiring = True
+            return {"retiring": True, "runners": len(runners)}
         if op == "hello":
             return {"version": VERSION, "pid": os.getpid()}
         if op == "watch":
             watchers.add(conn)
             return {"watching": True}
         if op == "start":
+            retiring = False
             return {"pid": start(request)}
         return {"error": f"unknown op {op!r}"}
 
     while True:
         if runners or clients:
             idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > IDLE_EXIT_S or not os.path.exists(path):
-            break  # idle, or its home was deleted: no one can reach it again
+        elif retiring or time.monotonic() - idle_since > IDLE_EXIT_S or not os.path.exists(path):
+            break  # its daemon stopped, idle, or its home was deleted: no one needs it
         while len(spares) < SPARES:
             fork_spare()
         for key, _ in selector.select(timeout=5.0):

@@ -154,6 +154,13 @@ class Spawner:
             self._closed.wait(1.0)
 
     def close(self) -> None:
+        """Stop watching; ask the server to exit once it has no runner left (a task
+        still running keeps it, and it keeps reporting that task's exit)."""
         self._closed.set()
         with self._lock:
+            with contextlib.suppress(OSError, ValueError):
+                if self._conn is None:  # the watcher started it; no task has run yet
+                    self._conn = self._connect_once()
+                    self._reader = self._conn.makefile("rb")
+                self._exchange(self._conn, self._reader, [{"op": "retire"}])
             self._drop()

@@ -305,9 +305,9 @@ def lease(
         console.print(f"  endpoint {found['endpoint']}", highlight=False, soft_wrap=True)
     if found["access_token"]:
         console.print(f"  token    {found['access_token']}", highlight=False, soft_wrap=True)
-        console.print(
-            f'  call it: curl -H "Authorization: Bearer {found["access_token"]}" '
-            f"{found['endpoint']}",
+        console.print(  # on lines that fit 80 columns, ready to paste
+            f"  call it:\n    curl --oauth2-bearer {found['access_token']} \\\n"
+            f"      {found['endpoint']}",
             highlight=False,
             soft_wrap=True,
         )

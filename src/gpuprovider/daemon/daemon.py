@@ -283,13 +283,18 @@ class Daemon:
             self.journal.start()
             for loop in self.loops:
                 loop.start()
-            if self.config.gateway.enabled:
+            gateway = self.config.gateway
+            if gateway.enabled:
                 ensure_gateway_token(self.home, self.services.tokens, self.node_id)
                 start_gateway(self.home)
             log.info(
-                "gpuprovider listening on http://%s:%d (home %s)",
+                "gpuprovider ready: API http://%s:%d/api/v1, %s (home %s)",
                 self.config.api.host,
                 self.config.api.port,
+                f"services at {'https' if gateway.tls_cert else 'http'}://{gateway.host}:"
+                f"{gateway.port}/s/NAME/"
+                if gateway.enabled
+                else "no gateway ([gateway] enabled = false)",
                 self.home.root,
             )
             event_loop = asyncio.get_running_loop()
