@@ -13,13 +13,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection
 
 from gpuprovider.backends.base import Exit
+from gpuprovider.config import ConfigError, load_config
 from gpuprovider.domain.records import OwnerKind
 from gpuprovider.domain.services import ServiceState
 from gpuprovider.domain.states import TaskState
 from gpuprovider.lifecycle import leases
 from gpuprovider.lifecycle.kernel import IllegalTransition
-from gpuprovider.market.client import MarketRefused, MarketUnreachable
-from gpuprovider.market.model import CloseReason, LeaseState, Order, Reported
+from gpuprovider.market.client import Event, MarketRefused, MarketUnreachable
+from gpuprovider.market.model import Action, CloseReason, LeaseState, Order, Reported
+from gpuprovider.market.strategy import offer
 from gpuprovider.market.usage import check_chain
 from gpuprovider.testing import MARKET_JOB as JOB
 from gpuprovider.testing import MarketWorld
@@ -295,3 +297,68 @@ def test_a_payload_that_never_comes_closes_the_lease(market):
     assert lease.state == L.CLOSED and lease.close_reason == CloseReason.PAYLOAD_TIMEOUT
     market.service.report()
     assert market.connector.states[-1][:2] == ("ord-1", "closed")
+
+
+# -- a strategy in the live daemon (#33: `[market.<name>] strategy`) --------------------
+
+
+class Recording:
+    """A strategy that bids the cap on the first option, and hears every outcome."""
+
+    name = "recording"
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.situations, self.outcomes = fail, [], []
+
+    def decide(self, situation):
+        if self.fail:
+            raise RuntimeError("boom")
+        self.situations.append(situation)
+        option = next(o for o in situation.options if o.usable)
+        price = situation.order.max_price_per_hour
+        return offer(situation, option, price, "the cap, always", self.name)
+
+    def observe(self, outcome):
+        self.outcomes.append(outcome)
+
+
+def test_a_strategy_answers_orders_from_the_live_cluster_and_hears_outcomes(market):
+    strategy = market.service.strategy = Recording()
+    market.service.handle(Event(1, "order", {"order": JOB | {"id": "ord-1"}, "mode": "auction"}))
+    (seen,) = strategy.situations
+    (option,) = seen.options  # the node's H100s, placed by the daemon's own scheduler
+    assert option.model == "h100-80gb-sxm" and option.fits_now and option.quote is not None
+    assert option.quote.price_per_hour == 1_100_000  # the built-in quote, for reference
+    (order_id, bid), *_ = market.connector.bids
+    assert order_id == "ord-1" and bid.price_per_hour == JOB["max_price_per_hour"]
+    assert bid.expires_at > time.time()  # the market's bid_valid_s, not the strategy's
+    assert market.lease().reason == "bid: the cap, always"
+    won = {"lease_id": "ord-1", "price_per_hour": bid.price_per_hour, "order": JOB}
+    market.service.handle(Event(2, "won", won | {"order": JOB | {"id": "ord-1"}}))
+    assert market.lease().state == L.PROVISIONING
+    assert [(o.order_id, o.won) for o in strategy.outcomes] == [("ord-1", True)]
+    # the next order sees the lease it now runs
+    market.service.handle(Event(3, "order", {"order": JOB | {"id": "ord-2"}, "mode": "auction"}))
+    assert [v.id for v in strategy.situations[-1].leases] == ["ord-1"]
+    market.service.handle(Event(4, "lost", {"order_id": "ord-2"}))
+    assert strategy.outcomes[-1].order_id == "ord-2" and not strategy.outcomes[-1].won
+
+
+def test_a_strategy_that_raises_gives_way_to_the_built_in_rule_and_says_so(market):
+    market.service.strategy = Recording(fail=True)
+    market.service.handle(Event(1, "order", {"order": JOB | {"id": "ord-1"}, "mode": "dispatch"}))
+    (_, decision), *_ = market.connector.bids
+    assert decision.action == Action.ACCEPT and decision.price_per_hour == 1_100_000
+    reason = market.lease().reason
+    assert "strategy recording failed (RuntimeError: boom)" in reason, reason
+    assert market.lease().state == L.BIDDING  # answered; nothing stopped
+
+
+def test_a_strategy_is_named_in_config_and_a_wrong_name_is_refused(tmp_path):
+    path = tmp_path / "provider.toml"
+    hub = '[market.hub]\nurl = "http://127.0.0.1:1"\nverifier_key = "' + "ab" * 32 + '"\n'
+    path.write_text(hub + 'strategy = "earnings"\n')
+    assert load_config(path).market["hub"].strategy == "earnings"
+    path.write_text(hub + 'strategy = "greedy"\n')
+    with pytest.raises(ConfigError, match="strategy"):
+        load_config(path)

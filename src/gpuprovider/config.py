@@ -326,6 +326,9 @@ class _MarketConfig(_Section):
 
     priority: int = Field(500, ge=-1000, le=1000)  # lease tasks: preemptible work gives way
     usage_interval_s: float = Field(60.0, ge=0.5, le=86400)
+    # how orders are answered beside [pricing] (market/strategies.py): "" is the
+    # built-in rule (the cheapest quote that fits, under the order's cap)
+    strategy: Literal["", "akash-default", "swan-default", "earnings"] = ""
 
 
 class HubMarketConfig(_MarketConfig):
@@ -725,6 +728,8 @@ script_concurrency = {d.pricing.script_concurrency}
 # provider_name = ""                 # default: this node's name
 # priority = 500                     # lease tasks preempt preemptible work below this
 # usage_interval_s = 60              # signed, chained usage records per lease
+# strategy = ""                      # "" the built-in rule; akash-default, swan-default,
+#                                    # or earnings (docs/market-strategy.md)
 
 # Per-tenant GPU quotas (DLWS style): work within a tenant's quota is guaranteed;
 # beyond it, work runs only as preemptible and gives way to guaranteed work.

@@ -40,6 +40,7 @@ from gpuprovider.domain.usability import Usability
 from gpuprovider.home import Home, make_private
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
 from gpuprovider.market.pricing import Pricing
+from gpuprovider.market.strategies import lease_strategy
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
 from gpuprovider.service.journal import Journal
@@ -205,6 +206,7 @@ class Daemon:
                 Pricing(config.pricing),
                 settings_for(name, section, config),
                 kind.connector(section, key),
+                lease_strategy(section.strategy, config.pricing) if section.strategy else None,
             )
             joined = kind.join(section, market)
             markets.append(market)

@@ -108,6 +108,7 @@ def settings_for(name: str, section: Any, config: ProviderConfig) -> MarketSetti
         heartbeat_s=hub.heartbeat_s if hub else 10.0,
         usage_interval_s=section.usage_interval_s,
         bid_valid_s=hub.bid_valid_s if hub else 60.0,
+        strategy=section.strategy,
     )
 
 

@@ -17,7 +17,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -42,9 +42,20 @@ from gpuprovider.market.model import (
     fmt_money,
     market_tenant,
 )
-from gpuprovider.market.pricing import PricingPolicy, Unpriceable
+from gpuprovider.market.pricing import PricingPolicy, Quote, Unpriceable
+from gpuprovider.market.strategies import builtin
+from gpuprovider.market.strategy import (
+    LeaseView,
+    Mode,
+    Outcome,
+    Situation,
+    Strategy,
+    decide_safely,
+    observe_safely,
+)
 from gpuprovider.market.usage import Usage, UsageError, check_sealed, genesis, seal
 from gpuprovider.service.errors import ServiceError
+from gpuprovider.service.placement import task_request
 from gpuprovider.service.tasks import TaskService
 from gpuprovider.service.tokens import TokenService
 from gpuprovider.store.store import Store, Tx
@@ -67,6 +78,7 @@ class MarketSettings:
     heartbeat_s: float = 10.0
     usage_interval_s: float = 60.0
     bid_valid_s: float = 60.0
+    strategy: str = ""  # [market.<name>] strategy; "": the built-in rule
 
 
 @dataclass
@@ -124,9 +136,12 @@ class MarketService:
         pricing: PricingPolicy,
         settings: MarketSettings,
         connector: Connector,
+        strategy: Strategy | None = None,
     ):
         self.store, self.tasks, self.tokens, self.key = store, tasks, tokens, key
         self.pricing, self.settings = pricing, settings
+        self.strategy = strategy  # None: the built-in rule in `decide`
+        self._builtin = builtin()
         self.market = settings.name
         self.connector = connector
         self.who = TokenRecord(
@@ -200,8 +215,10 @@ class MarketService:
                     int(event.data["price_per_hour"]),
                     event.data["order"],
                 )
+                self._observe(str(event.data["lease_id"]), won=True)
             elif event.kind == "lost":
                 self._lost(str(event.data["order_id"]), "another provider won")
+                self._observe(str(event.data["order_id"]), won=False)
             elif event.kind == "close":
                 self.on_close(str(event.data["lease_id"]), str(event.data["reason"]))
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
@@ -224,6 +241,8 @@ class MarketService:
         probe = (
             order if order.payload else order.model_copy(update={"payload": {"command": ["true"]}})
         )
+        if self.strategy is not None:
+            return self._decide_by_strategy(order, probe, models, mode)
         cause = Cause.CAPACITY
         for model in models:
             try:
@@ -254,6 +273,64 @@ class MarketService:
         action = Action.BID if mode == "auction" else Action.ACCEPT
         expires = time.time() + self.settings.bid_valid_s
         return Decision(action, quote.explain(), quote.price_per_hour, expires), model
+
+    def _decide_by_strategy(
+        self, order: Order, probe: Order, models: list[str], mode: str
+    ) -> tuple[Decision, str]:
+        """The configured strategy's answer, from what this provider knows now: each of
+        its models the order fits on (placed by its own scheduler, now or once its
+        preemptible work gave way), the built-in quote on each, its live leases. A
+        strategy that raises or answers what the market would refuse is replaced by the
+        built-in rule for this order, and the reason (the lease's journal row) says so."""
+        assert self.strategy is not None
+        requests, quotes, later = {}, {}, {}
+        for model in models:
+            try:
+                spec = lease_spec(order.id, probe, model, self.settings.priority, self.market)
+                later[model] = self.tasks.placeable(spec)[1]
+            except ValidationError as exc:
+                why = f"payload is not a task spec: {exc.errors()[0]['msg']}"
+                return Decision(Action.DECLINE, why, cause=Cause.PAYLOAD), ""
+            except ServiceError as exc:
+                return Decision(Action.DECLINE, str(exc), cause=Cause.PAYLOAD), ""
+            requests[model] = task_request(f"lease-{order.id}", spec)
+            quote: Quote | Unpriceable
+            try:
+                quote = self.pricing.quote(order, model or "cpu")
+            except Unpriceable as exc:
+                quote = exc
+            quotes[model] = quote
+        options, cluster = self.tasks.probe(requests, quotes, later)
+        situation = Situation(order, time.time(), options, cluster, self._lease_views(), Mode(mode))
+        choice = decide_safely(self.strategy, situation, self._builtin)
+        decision = choice.decision
+        if choice.bids:  # valid as long as this market's bids are
+            decision = replace(decision, expires_at=time.time() + self.settings.bid_valid_s)
+        return decision, choice.model
+
+    def _lease_views(self) -> list[LeaseView]:
+        with self.store.read() as r:
+            live = r.market.list(self.market, {L.PROVISIONING, L.RUNNING})
+        views = []
+        for lease in live:
+            started = lease.running_since or lease.created_at
+            duration = float(lease.order.get("duration_s") or 0)
+            gpus = float((lease.order.get("resources") or {}).get("gpus", 1))
+            views.append(
+                LeaseView(
+                    lease.id, lease.model, gpus, lease.price_per_hour, started, started + duration
+                )
+            )
+        return views
+
+    def _observe(self, lease_id: str, won: bool) -> None:
+        """Tell the strategy what became of its bid."""
+        if self.strategy is None:
+            return
+        with self.store.read() as r:
+            lease = r.market.get(lease_id)
+        if lease is not None:
+            observe_safely(self.strategy, Outcome(lease_id, won, lease.price_per_hour, time.time()))
 
     def on_order(self, data: dict[str, Any]) -> None:
         """An order from the hub: decided, recorded (bidding, or lost when declined),

@@ -20,7 +20,10 @@ from gpuprovider.domain.usability import Usability
 from gpuprovider.lifecycle import services as service_lifecycle
 from gpuprovider.lifecycle import tasks as lifecycle
 from gpuprovider.lifecycle.kernel import Stale
-from gpuprovider.scheduler import Framework, Placement, Policy
+from gpuprovider.market.pricing import Quote, Unpriceable
+from gpuprovider.market.strategy import Option, probe
+from gpuprovider.scheduler import Framework, Placement, Policy, TaskRequest
+from gpuprovider.scheduler.state import ClusterState
 from gpuprovider.service.errors import Conflict, NotFound, Rejected, Unavailable
 from gpuprovider.service.placement import build_snapshot, larger_than_every_node, task_request
 from gpuprovider.service.serving import Serving
@@ -202,6 +205,22 @@ class TaskService:
                 f"would stay queued: no node could run it even when idle ({ever.reason})"
             )
         return verdict
+
+    def probe(
+        self,
+        requests: dict[str, TaskRequest],
+        quotes: dict[str, Quote | Unpriceable],
+        fits_later: dict[str, bool],
+    ) -> tuple[tuple[Option, ...], ClusterState]:
+        """For a market strategy: each model's option on the live cluster (where the
+        scheduler would place it now, tried and given back), and the cluster itself."""
+        with self.store.read() as r:
+            nodes = r.nodes.list()
+            allocations = r.tasks.active_allocations()
+        cluster = ClusterState.from_snapshot(build_snapshot(nodes, allocations, self.usability))
+        with self._framework_lock:
+            options = probe(cluster, self._framework, requests, quotes, fits_later)
+        return options, cluster
 
     def placeable(self, spec: TaskSpec) -> tuple[bool, bool, str]:
         """Whether `spec` fits now, and whether it would once the work that must give way
