@@ -27,8 +27,10 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import asdict
 from pathlib import Path
@@ -77,6 +79,37 @@ MARKER_EVERY_S = 10.0
 
 def attempt_key(run_dir: str, attempt: int) -> str:
     return f"{run_dir}#{attempt}"
+
+
+ALIVE = 0  # GcsNodeInfo.GcsNodeState.ALIVE
+
+
+class ClusterReplaced(RayBackendError):
+    """Ray's GCS answers for another cluster than the one this driver joined."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Ray's GCS now serves another cluster (it restarted without GCS fault "
+            "tolerance): every node of the one this provider joined is gone, and their "
+            "work is given up once their leases run out; restart the provider "
+            "(`gpuprovider up`) to run on the new cluster, and run Ray's GCS fault "
+            "tolerance so that a restarted GCS keeps its cluster"
+        )
+
+
+def asked_aside(question: Callable[..., Any], *args: Any) -> Future:
+    """`question` asked on a thread of its own, which the process does not wait for at
+    exit: a question to a GCS that is away may never be answered."""
+    answer: Future = Future()
+
+    def ask() -> None:
+        try:
+            answer.set_result(question(*args))
+        except BaseException as exc:  # handed to whoever waits for the answer
+            answer.set_exception(exc)
+
+    threading.Thread(target=ask, name="ray-gcs", daemon=True).start()
+    return answer
 
 
 def provider_credential(path: Path) -> str:
@@ -139,7 +172,6 @@ class RayBackend:
         self._marker_at = 0.0
         self.running: dict[str, set[str]] = {}  # node -> attempts it was last told to run
         self._trouble: dict[str, str] = {}  # node -> what was last logged about it
-        self._gcs = ThreadPoolExecutor(1, thread_name_prefix="ray-gcs")
         self._gcs_question: Future | None = None
 
     def connect(self) -> None:
@@ -149,9 +181,6 @@ class RayBackend:
         ray = ray_init(self.address)
         self._agent_cls = ray.remote(NodeAgent)
         self.ray = ray
-        from ray.experimental import internal_kv
-
-        self._internal_kv = internal_kv
         self._mark()
 
     def _mark(self, stopped: bool = False) -> None:
@@ -162,14 +191,39 @@ class RayBackend:
         marker["renew_s"] = MARKER_EVERY_S
         if stopped:
             marker["stopped_at"] = now
-        self._internal_kv._internal_kv_put(CLUSTER_KEY, json.dumps(marker), namespace=NAMESPACE)
+        self.ray._private.worker.global_worker.gcs_client.internal_kv_put(
+            CLUSTER_KEY.encode(),
+            json.dumps(marker).encode(),
+            True,
+            NAMESPACE.encode(),
+            timeout=GCS_TIMEOUT_S,
+        )
         self._marker_at = now
 
     def _ask_gcs(self) -> list[dict]:
-        """One question to the GCS (on its thread): the marker when due, the nodes."""
+        """One question to the GCS (on its thread): the nodes, then the marker when
+        due. Asked of Ray's Python GCS client, which raises where `ray.nodes()` would
+        end the process (a GCS restarted without fault tolerance: another cluster)."""
+        gcs = self.ray._private.worker.global_worker.gcs_client
+        try:
+            found = gcs.get_all_node_info(timeout=GCS_TIMEOUT_S)
+        except Exception as exc:
+            if "WrongClusterID" in str(exc):
+                raise ClusterReplaced from None
+            raise
+        infos = [
+            {
+                "NodeID": info.node_id.hex(),
+                "Alive": info.state == ALIVE,
+                "Labels": dict(info.labels),
+                "NodeManagerAddress": info.node_manager_address,
+                "Resources": dict(info.resources_total),
+            }
+            for info in found.values()
+        ]
         if time.time() - self._marker_at >= MARKER_EVERY_S:
             self._mark()
-        return self.ray.nodes()
+        return infos
 
     def _read_grants(self) -> None:
         """The restart leases the daemon before this one granted when it stopped."""
@@ -196,7 +250,7 @@ class RayBackend:
         length (one question at a time is out; the next waits for its answer)."""
         self.connect()
         if self._gcs_question is None or self._gcs_question.done():
-            self._gcs_question = self._gcs.submit(self._ask_gcs)
+            self._gcs_question = asked_aside(self._ask_gcs)
         try:
             infos = self._gcs_question.result(timeout=GCS_TIMEOUT_S)
         except FuturesTimeout:
@@ -205,6 +259,8 @@ class RayBackend:
                 "discovered or lost meanwhile; tasks run on while their nodes answer "
                 "(run Ray's GCS fault tolerance so that a restarted head keeps its cluster)"
             ) from None
+        except ClusterReplaced:
+            raise
         except Exception as exc:
             raise RayBackendError(f"Ray's GCS does not answer: {type(exc).__name__}") from None
         return [i for i in infos if (i.get("Labels") or {}).get(LABEL_NODE) == "1"]
@@ -226,7 +282,14 @@ class RayBackend:
         """Without `full`: the nodes Ray reports dead (cheap: no node is asked). With
         it: also every alive node's hardware and identity, as its agent reports them
         (an agent of another gpuprovider version is replaced)."""
-        infos = self._ray_nodes()
+        try:
+            infos = self._ray_nodes()
+        except ClusterReplaced as exc:  # said once; every node the provider knew is gone
+            self._say("cluster", str(exc))
+            lost = {node_id: "Ray's cluster was made again without it" for node_id in self.ray_of}
+            self.dead.update(lost)
+            self.agents.clear()
+            return Discovery(lost=lost)
         lost = self._lost(infos)
         if not full:  # an alive node whose agent is not known (gone, replaced) is news
             unknown = [
@@ -525,12 +588,10 @@ class RayBackend:
             return
         if self.restart_grace_s > 0:
             self._grant_restart_leases()
-        question = self._gcs.submit(self._mark, True)
         try:
-            question.result(timeout=GCS_TIMEOUT_S)
+            asked_aside(self._mark, True).result(timeout=GCS_TIMEOUT_S)
         except Exception as exc:  # no GCS: `node join` finds the marker stale instead
             log.warning("could not mark the Ray cluster stopped: %s", type(exc).__name__)
-        self._gcs.shutdown(wait=False, cancel_futures=True)
 
     def _grant_restart_leases(self) -> None:
         now = time.time()
