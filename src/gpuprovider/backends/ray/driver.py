@@ -285,7 +285,9 @@ class RayBackend:
         try:
             infos = self._ray_nodes()
         except ClusterReplaced as exc:  # said once; every node the provider knew is gone
-            self._say("cluster", str(exc))
+            if self._trouble.get("") != str(exc):
+                self._trouble[""] = str(exc)
+                log.error("%s", exc)
             lost = {node_id: "Ray's cluster was made again without it" for node_id in self.ray_of}
             self.dead.update(lost)
             self.agents.clear()
