@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpuprovider.backends.base import Handle
+from gpuprovider.backends.base import Handle, NodeNotReady
+from gpuprovider.backends.launch import Launch
 from gpuprovider.backends.ray.common import GCS_RECONNECT_ENV, RayBackendError
 from gpuprovider.backends.ray.driver import GRACE_S, LEASE_S, RayBackend, attempt_key
 from gpuprovider.backends.ray.join import provider_running
@@ -111,6 +112,13 @@ def test_a_node_is_not_renewed_after_its_first_failed_call(tmp_path):
         assert backend.poll_many([handle()]) == [None]
         assert carried(backend.calls[-1]) == renewed  # nothing past the deadline sent
     assert backend.deadline["n1"] == renewed
+    # nothing is started there meanwhile: the start would carry no lease (and its
+    # refusal is not the task's fault)
+    launch = Launch("t-1", 1, ["true"], {}, "/tasks/t-1", "/tasks/t-1", node_id="n1")
+    sent = len(backend.calls)
+    (refused,) = backend.start_many([launch])
+    assert isinstance(refused, NodeNotReady) and "did not answer" in str(refused)
+    assert len(backend.calls) == sent
     assert not backend.fenced("n1", renewed + GRACE_S - 0.1)
     assert backend.fenced("n1", renewed + GRACE_S + 0.1)
     agent.outcome = "late"  # an answer that does not come in time counts the same

@@ -328,6 +328,7 @@ class RayBackend:
                     continue
                 self.node_of[ray_id], self.ray_of[node.id] = node.id, ray_id
                 self.agents[node.id] = agent
+                self.failing.discard(node.id)  # it answers: its lease is renewed again
                 self.dead.discard(node.id)
                 lost.pop(node.id, None)
                 nodes.append(node)
@@ -459,13 +460,20 @@ class RayBackend:
         calls queued there would renew it when it wakes, so none may reach past the
         deadline already sent (and it runs out)."""
         now = time.time()
-        if node_id in self.failing or now - self.waiting_since.get(node_id, now) > self.lease_s / 2:
+        if self._unsure(node_id, now):
             deadline = self.deadline.get(node_id, self.floor)
         else:
             deadline = now + self.lease_s
             self.deadline[node_id] = max(self.deadline.get(node_id, 0.0), deadline)
             self.sent[node_id] = max(self.sent.get(node_id, 0.0), deadline)
         return deadline, self.lease_s, sorted(self.running.get(node_id, ()))
+
+    def _unsure(self, node_id: str, now: float) -> bool:
+        """Whether `node_id` is sent no new lease: its last call failed or went
+        unanswered, or it has been silent for half a lease."""
+        return node_id in self.failing or now - self.waiting_since.get(node_id, now) > (
+            self.lease_s / 2
+        )
 
     def _renewed(self, node_id: str, carried: float) -> None:
         """A node answered a call whose lease ran to `carried`: a restart lease it said
@@ -496,6 +504,11 @@ class RayBackend:
                 results[i] = NodeDown(launch.node_id, f"node {launch.node_id} is not alive")
             elif launch.node_id not in self.agents:  # not found since this daemon started
                 results[i] = NodeNotReady(f"node {launch.node_id} is not discovered yet")
+            elif self._unsure(launch.node_id, time.time()):  # its lease is not renewed
+                results[i] = NodeNotReady(
+                    f"node {launch.node_id} did not answer its last call; nothing starts "
+                    "there until it answers"
+                )
             else:
                 by_node.setdefault(launch.node_id, []).append(i)
         calls = {}
