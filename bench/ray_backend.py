@@ -206,7 +206,7 @@ def footprint(pid: int, seconds: float = 10.0) -> dict:
     }
 
 
-# The README's settings for fast failover; the defaults are (10, 2).
+# The README's settings for fast failover; the defaults are (7, 2).
 FAST_LEASE = (3.0, 1.0)
 
 

@@ -64,8 +64,11 @@ class RayBackendConfig(_Section):
     # ray: a node runs its tasks only while its lease from the provider holds (renewed
     # by every poll); a node not heard from has its tasks run elsewhere only after the
     # lease ran out and the grace after it (which must cover the nodes' clock skew)
-    lease_s: float = Field(10.0, ge=1, le=3600)
+    lease_s: float = Field(7.0, ge=1, le=3600)
     lease_grace_s: float = Field(2.0, ge=0.5, le=600)
+    # ray: on a clean stop (SIGTERM) every node is granted a lease this long, so that a
+    # daemon back within it re-adopts everything (0: none; a kill -9 grants none)
+    restart_grace_s: float = Field(600.0, ge=0, le=86400)
     # ray: where each node keeps its tasks' folders (logs, capped by [isolation]
     # log_max_mib; exit records; work folders), its key and its lease; "" = the path of
     # this home's tasks folder, on every node
@@ -545,6 +548,9 @@ kind = "{d.backend.kind}"
 # NTP). Lower both to move work off a dead node sooner.
 # lease_s = {ray.lease_s}
 # lease_grace_s = {ray.lease_grace_s}
+# On a clean stop (SIGTERM) each node is granted a lease this long: a daemon back
+# within it (an upgrade) re-adopts all running work. A kill -9 grants none.
+# restart_grace_s = {ray.restart_grace_s}
 # Where each node keeps its tasks' folders (their logs, capped by [isolation]
 # log_max_mib), its key and its lease. Empty: this home's tasks folder, same path.
 # node_dir = ""

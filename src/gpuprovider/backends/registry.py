@@ -87,6 +87,8 @@ def _ray(context: BackendContext) -> Backend:
         section.lease_s,
         section.lease_grace_s,
         config.telemetry.kernel_log,
+        section.restart_grace_s,
+        context.home_root / "ray.grants.json",
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from gpuprovider.backends.ray.common import BadRayAddress, RayBackendError
+from gpuprovider.backends.ray.common import BadRayAddress, RayBackendError, ray_node_env
 from gpuprovider.backends.ray.join import check_head, join_command
 from gpuprovider.cli.client import Client, CliError
 from gpuprovider.cli.common import JSON, globals_of
@@ -93,7 +93,7 @@ def node_join(
     if dry_run:
         print(shlex.join(argv))
         return
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run(argv, capture_output=True, text=True, env=ray_node_env())
     if done.returncode != 0:
         raise CliError(f"`ray start` failed:\n{done.stderr.strip() or done.stdout.strip()}")
     console.print(f"joined: node {name} appears in `gpuprovider node list` within seconds")

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +106,7 @@ class NodeAgent:
             self.watcher = NodeWatcher(self.node_id, kernel_log)
             self.watcher.read(poll_nvml=False)
         self.leased: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self.leasing = threading.Lock()  # calls run on several threads (max_concurrency)
 
     def _check(self, credential: str) -> None:
         if not hmac.compare_digest(credential_hash(credential), self.credential):
@@ -113,12 +115,20 @@ class NodeAgent:
     def _lease(self, deadline: float, lease_s: float, attempts: list[str]) -> None:
         """Renew the node's lease to `deadline` (set by the provider when it sent the
         call: a call that arrives late renews nothing past it) for `attempts`; written
-        when the attempts change or a quarter of the period has gone."""
-        expires, listed = self.leased
-        wanted = frozenset(attempts)
-        if wanted != listed or deadline - expires > lease_s / 4:
-            self.local.lease(deadline, sorted(wanted))
-            self.leased = (deadline, wanted)
+        when the attempts change or the deadline moved by a quarter of the period: a
+        restart lease (`renew`) is cut back to the usual one at the first poll after it."""
+        with self.leasing:
+            expires, listed = self.leased
+            wanted = frozenset(attempts)
+            if wanted != listed or abs(deadline - expires) > lease_s / 4:
+                self.local.lease(deadline, sorted(wanted))
+                self.leased = (deadline, wanted)
+
+    def renew(self, credential: str, deadline: float, lease_s: float, attempts: list[str]) -> None:
+        """The lease alone: what a provider that stops cleanly grants its nodes, long
+        enough for it to come back (`[backend] restart_grace_s`)."""
+        self._check(credential)
+        self._lease(deadline, lease_s, attempts)
 
     def inventory(self, credential: str, address: str) -> NodeRecord:
         self._check(credential)

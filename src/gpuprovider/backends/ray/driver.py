@@ -27,8 +27,10 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import asdict
 from pathlib import Path
@@ -65,13 +67,49 @@ CALL_TIMEOUT_S = 10.0  # a log read, from an API worker thread
 # being renewed. A node that cannot answer in time is given up once its lease ran out.
 POLL_TIMEOUT_S = 3.0
 LIVENESS_S = 1.0  # how often nodes' liveness is asked between full discoveries
-LEASE_S = 10.0
+LEASE_S = 7.0  # with GRACE_S: a dead node's work runs elsewhere within 10 s
 GRACE_S = 2.0
+RESTART_GRACE_S = 600.0
 GCS_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 5.0  # a clean stop waits this long for its nodes' restart leases
+# The cluster's marker in Ray's KV says when the provider last ran, renewed this often
+# (`node join` finds it stale after three periods: the provider is not running)
+MARKER_EVERY_S = 10.0
 
 
 def attempt_key(run_dir: str, attempt: int) -> str:
     return f"{run_dir}#{attempt}"
+
+
+ALIVE = 0  # GcsNodeInfo.GcsNodeState.ALIVE
+
+
+class ClusterReplaced(RayBackendError):
+    """Ray's GCS answers for another cluster than the one this driver joined."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Ray's GCS now serves another cluster (it restarted without GCS fault "
+            "tolerance): every node of the one this provider joined is gone, and their "
+            "work is given up once their leases run out; restart the provider "
+            "(`gpuprovider up`) to run on the new cluster, and run Ray's GCS fault "
+            "tolerance so that a restarted GCS keeps its cluster"
+        )
+
+
+def asked_aside(question: Callable[..., Any], *args: Any) -> Future:
+    """`question` asked on a thread of its own, which the process does not wait for at
+    exit: a question to a GCS that is away may never be answered."""
+    answer: Future = Future()
+
+    def ask() -> None:
+        try:
+            answer.set_result(question(*args))
+        except BaseException as exc:  # handed to whoever waits for the answer
+            answer.set_exception(exc)
+
+    threading.Thread(target=ask, name="ray-gcs", daemon=True).start()
+    return answer
 
 
 def provider_credential(path: Path) -> str:
@@ -100,12 +138,15 @@ class RayBackend:
         lease_s: float = LEASE_S,
         grace_s: float = GRACE_S,
         kernel_log: str = "auto",
+        restart_grace_s: float = RESTART_GRACE_S,
+        grants_file: Path | None = None,
     ):
         self.address, self.data_dir = address, str(data_dir)
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         self.credential = provider_credential(credential_file)
         self.isolation = asdict(isolation or Settings())
         self.lease_s, self.grace_s = lease_s, grace_s
+        self.restart_grace_s, self.grants_file = restart_grace_s, grants_file
         self.quick_s = min(POLL_TIMEOUT_S, lease_s / 3)  # the executor's and discovery's
         # node -> when the oldest call it has not answered was sent (none: all answered)
         self.waiting_since: dict[str, float] = {}
@@ -116,10 +157,21 @@ class RayBackend:
         self.node_of: dict[str, str] = {}  # Ray node id -> our node id
         self.dead: set[str] = set()
         self.started = time.time()
-        self.deadline: dict[str, float] = {}  # node -> latest lease deadline sent there
+        # the latest deadline a node not heard from may hold: what a daemon before this
+        # one could have sent it (kill -9), unless a clean stop granted more
+        self.floor = self.started + lease_s
+        # node -> the latest lease deadline it may hold: sent by this daemon, or a restart
+        # lease the daemon before it granted on a clean stop
+        self.deadline: dict[str, float] = {}
+        self.sent: dict[str, float] = {}  # node -> the latest deadline this daemon sent
+        self.acked_grants: set[str] = set()  # restart leases the nodes said they hold
+        self._read_grants()
+        # nodes whose last call failed or went unanswered: their lease is not renewed
+        # until one answers (a dead node's work moves lease_s + grace_s after it died)
+        self.failing: set[str] = set()
+        self._marker_at = 0.0
         self.running: dict[str, set[str]] = {}  # node -> attempts it was last told to run
         self._trouble: dict[str, str] = {}  # node -> what was last logged about it
-        self._gcs = ThreadPoolExecutor(1, thread_name_prefix="ray-gcs")
         self._gcs_question: Future | None = None
 
     def connect(self) -> None:
@@ -129,11 +181,66 @@ class RayBackend:
         ray = ray_init(self.address)
         self._agent_cls = ray.remote(NodeAgent)
         self.ray = ray
-        from ray.experimental import internal_kv
+        self._mark()
 
-        internal_kv._internal_kv_put(
-            CLUSTER_KEY, json.dumps({"gpuprovider": __version__}), namespace=NAMESPACE
+    def _mark(self, stopped: bool = False) -> None:
+        """Say in Ray's KV that this provider runs on the cluster, and when it last did
+        (`node join` refuses a cluster whose provider is not running)."""
+        now = time.time()
+        marker: dict[str, Any] = {"gpuprovider": __version__, "alive_at": now}
+        marker["renew_s"] = MARKER_EVERY_S
+        if stopped:
+            marker["stopped_at"] = now
+        self.ray._private.worker.global_worker.gcs_client.internal_kv_put(
+            CLUSTER_KEY.encode(),
+            json.dumps(marker).encode(),
+            True,
+            NAMESPACE.encode(),
+            timeout=GCS_TIMEOUT_S,
         )
+        self._marker_at = now
+
+    def _ask_gcs(self) -> list[dict]:
+        """One question to the GCS (on its thread): the nodes, then the marker when
+        due. Asked of Ray's Python GCS client, which raises where `ray.nodes()` would
+        end the process (a GCS restarted without fault tolerance: another cluster)."""
+        gcs = self.ray._private.worker.global_worker.gcs_client
+        try:
+            found = gcs.get_all_node_info(timeout=GCS_TIMEOUT_S)
+        except Exception as exc:
+            if "WrongClusterID" in str(exc):
+                raise ClusterReplaced from None
+            raise
+        infos = [
+            {
+                "NodeID": info.node_id.hex(),
+                "Alive": info.state == ALIVE,
+                "Labels": dict(info.labels),
+                "NodeManagerAddress": info.node_manager_address,
+                "Resources": dict(info.resources_total),
+            }
+            for info in found.values()
+        ]
+        if time.time() - self._marker_at >= MARKER_EVERY_S:
+            self._mark()
+        return infos
+
+    def _read_grants(self) -> None:
+        """The restart leases the daemon before this one granted when it stopped."""
+        if self.grants_file is None:
+            return
+        try:
+            grants = json.loads(self.grants_file.read_text())["nodes"]
+            for node_id, grant in grants.items():
+                self.deadline[node_id] = float(grant["deadline"])
+                if grant["acked"] is True:
+                    self.acked_grants.add(node_id)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # unreadable: every node may hold the longest lease a stop could grant
+            log.warning("restart leases unreadable (%s): assuming the longest", exc)
+            self.floor = self.started + self.restart_grace_s
 
     # -- nodes -------------------------------------------------------------------
 
@@ -143,7 +250,7 @@ class RayBackend:
         length (one question at a time is out; the next waits for its answer)."""
         self.connect()
         if self._gcs_question is None or self._gcs_question.done():
-            self._gcs_question = self._gcs.submit(self.ray.nodes)
+            self._gcs_question = asked_aside(self._ask_gcs)
         try:
             infos = self._gcs_question.result(timeout=GCS_TIMEOUT_S)
         except FuturesTimeout:
@@ -152,6 +259,8 @@ class RayBackend:
                 "discovered or lost meanwhile; tasks run on while their nodes answer "
                 "(run Ray's GCS fault tolerance so that a restarted head keeps its cluster)"
             ) from None
+        except ClusterReplaced:
+            raise
         except Exception as exc:
             raise RayBackendError(f"Ray's GCS does not answer: {type(exc).__name__}") from None
         return [i for i in infos if (i.get("Labels") or {}).get(LABEL_NODE) == "1"]
@@ -173,7 +282,16 @@ class RayBackend:
         """Without `full`: the nodes Ray reports dead (cheap: no node is asked). With
         it: also every alive node's hardware and identity, as its agent reports them
         (an agent of another gpuprovider version is replaced)."""
-        infos = self._ray_nodes()
+        try:
+            infos = self._ray_nodes()
+        except ClusterReplaced as exc:  # said once; every node the provider knew is gone
+            if self._trouble.get("") != str(exc):
+                self._trouble[""] = str(exc)
+                log.error("%s", exc)
+            lost = {node_id: "Ray's cluster was made again without it" for node_id in self.ray_of}
+            self.dead.update(lost)
+            self.agents.clear()
+            return Discovery(lost=lost)
         lost = self._lost(infos)
         if not full:  # an alive node whose agent is not known (gone, replaced) is news
             unknown = [
@@ -210,6 +328,7 @@ class RayBackend:
                     continue
                 self.node_of[ray_id], self.ray_of[node.id] = node.id, ray_id
                 self.agents[node.id] = agent
+                self.failing.discard(node.id)  # it answers: its lease is renewed again
                 self.dead.discard(node.id)
                 lost.pop(node.id, None)
                 nodes.append(node)
@@ -320,10 +439,13 @@ class RayBackend:
             self.waiting_since.pop(node_id, None)  # answered, or failed: never runs later
             try:
                 answers[node_id] = self.ray.get(ref)
+                self.failing.discard(node_id)
             except Exception as exc:  # the actor died (Ray restarts it), the node went
                 failed[node_id] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                self.failing.add(node_id)
         for ref in late:
             failed[pending[ref]] = f"no answer within {timeout_s:g}s"
+            self.failing.add(pending[ref])
         return answers, failed
 
     def _call(self, node_id: str, method: str, *args: Any, timeout_s: float = 0.0) -> Any:
@@ -334,21 +456,40 @@ class RayBackend:
 
     def _lease(self, node_id: str) -> tuple[float, float, list[str]]:
         """The lease a call to `node_id` carries: (deadline, period, attempts). A node
-        silent for half a lease is not renewed: calls queued there would renew it when
-        it wakes, so none may reach past the deadline already sent (and it runs out)."""
+        whose last call failed or went unanswered is not renewed until one answers:
+        calls queued there would renew it when it wakes, so none may reach past the
+        deadline already sent (and it runs out)."""
         now = time.time()
-        if now - self.waiting_since.get(node_id, now) > self.lease_s / 2:
-            deadline = self.deadline.get(node_id, now)
+        if self._unsure(node_id, now):
+            deadline = self.deadline.get(node_id, self.floor)
         else:
             deadline = now + self.lease_s
             self.deadline[node_id] = max(self.deadline.get(node_id, 0.0), deadline)
+            self.sent[node_id] = max(self.sent.get(node_id, 0.0), deadline)
         return deadline, self.lease_s, sorted(self.running.get(node_id, ()))
+
+    def _unsure(self, node_id: str, now: float) -> bool:
+        """Whether `node_id` is sent no new lease: its last call failed or went
+        unanswered, or it has been silent for half a lease."""
+        return node_id in self.failing or now - self.waiting_since.get(node_id, now) > (
+            self.lease_s / 2
+        )
+
+    def _renewed(self, node_id: str, carried: float) -> None:
+        """A node answered a call whose lease ran to `carried`: a restart lease it said
+        it held is now cut back to what this daemon sent (the agent rewrites a lease
+        whose deadline moves by more than a quarter of the period)."""
+        held = self.deadline.get(node_id, 0.0)
+        if node_id in self.acked_grants and held - carried > self.lease_s / 4:
+            self.acked_grants.discard(node_id)
+            self.deadline[node_id] = self.sent[node_id]
 
     def fenced(self, node_id: str, now: float) -> bool:
         """Whether every runner on `node_id` has surely stopped for want of a lease:
-        the last deadline sent there (or, none sent since this daemon started, the one
-        a daemon before it could have sent) has passed, and the grace after it."""
-        last = self.deadline.get(node_id, self.started + self.lease_s)
+        the last deadline it may hold (sent by this daemon, granted by the one before it
+        on a clean stop, or, neither, what that one could have sent) has passed, and the
+        grace after it."""
+        last = self.deadline.get(node_id, self.floor)
         return now > last + self.grace_s
 
     # -- tasks -------------------------------------------------------------------
@@ -363,6 +504,11 @@ class RayBackend:
                 results[i] = NodeDown(launch.node_id, f"node {launch.node_id} is not alive")
             elif launch.node_id not in self.agents:  # not found since this daemon started
                 results[i] = NodeNotReady(f"node {launch.node_id} is not discovered yet")
+            elif self._unsure(launch.node_id, time.time()):  # its lease is not renewed
+                results[i] = NodeNotReady(
+                    f"node {launch.node_id} did not answer its last call; nothing starts "
+                    "there until it answers"
+                )
             else:
                 by_node.setdefault(launch.node_id, []).append(i)
         calls = {}
@@ -376,6 +522,7 @@ class RayBackend:
             answers, failed = {}, {node_id: type(exc).__name__ for node_id in calls}
         for node_id, rows in by_node.items():
             if node_id in answers:
+                self._renewed(node_id, calls[node_id][1][1])
                 for i, started in zip(rows, answers[node_id], strict=True):
                     results[i] = started
             else:
@@ -410,6 +557,7 @@ class RayBackend:
         now = time.time()
         for node_id, rows in by_node.items():
             if node_id in answers:
+                self._renewed(node_id, calls[node_id][1][1])
                 self._trouble.pop(node_id, None)
                 for i, ended in zip(rows, answers[node_id], strict=True):
                     results[i] = ended
@@ -446,4 +594,59 @@ class RayBackend:
         return self._call(node_id, "read_log", run_dir, offset, limit, timeout_s=CALL_TIMEOUT_S)
 
     def close(self) -> None:
-        pass  # agents and their runners outlive the daemon by design
+        """A clean stop: agents and their runners outlive the daemon by design, and
+        every node that answers is granted a restart lease (`restart_grace_s`) for what
+        it runs, so that a daemon down for an upgrade costs no running work; the next
+        daemon reads the grants and gives nothing up as lost before they end. A kill -9
+        grants nothing: nodes keep the usual lease."""
+        if self.ray is None:
+            return
+        if self.restart_grace_s > 0:
+            self._grant_restart_leases()
+        try:
+            asked_aside(self._mark, True).result(timeout=GCS_TIMEOUT_S)
+        except Exception as exc:  # no GCS: `node join` finds the marker stale instead
+            log.warning("could not mark the Ray cluster stopped: %s", type(exc).__name__)
+
+    def _grant_restart_leases(self) -> None:
+        now = time.time()
+        deadline = now + self.restart_grace_s
+        granted: dict[str, dict[str, Any]] = {}
+        for node_id, deadline_held in self.deadline.items():  # earlier grants still held
+            if deadline_held > now:
+                granted[node_id] = {"deadline": deadline_held, "acked": False}
+        calls = {
+            node_id: ("renew", (deadline, self.restart_grace_s, sorted(attempts)))
+            for node_id, attempts in self.running.items()
+            if attempts
+            and node_id in self.agents
+            and node_id not in self.dead
+            and node_id not in self.failing
+            and not self.waiting_since.get(node_id)
+        }
+        if calls:  # recorded before they are sent: a node may hear one it never answers
+            for node_id in calls:
+                granted[node_id] = {"deadline": deadline, "acked": False}
+            self._write_grants(granted)
+            try:
+                answers, failed = self._ask(calls, CLOSE_TIMEOUT_S)
+            except Exception as exc:
+                answers, failed = {}, {node_id: type(exc).__name__ for node_id in calls}
+            for node_id in answers:
+                granted[node_id]["acked"] = True
+            for node_id, why in failed.items():
+                log.warning("node %s has no restart lease: %s", node_id, why)
+        self._write_grants(granted)
+        log.info(
+            "restart leases of %g s granted to %d node(s): a daemon back before then "
+            "re-adopts their work",
+            self.restart_grace_s,
+            len(calls) - len([n for n in calls if not granted[n]["acked"]]),
+        )
+
+    def _write_grants(self, granted: dict[str, dict[str, Any]]) -> None:
+        if self.grants_file is None:
+            return
+        tmp = self.grants_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"nodes": granted}))
+        tmp.replace(self.grants_file)

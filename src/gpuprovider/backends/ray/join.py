@@ -10,15 +10,22 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from gpuprovider.backends.ray.common import (
     CLUSTER_KEY,
+    GCS_RECONNECT_ENV,
+    GCS_RECONNECT_S,
     NAMESPACE,
     BadRayAddress,
     RayBackendError,
     node_labels,
+    outlive_gcs_outages,
 )
+
+log = logging.getLogger(__name__)
 
 
 def reachable(address: str, timeout_s: float = 3.0) -> None:
@@ -110,10 +117,14 @@ def ray_init(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
     if address:
         reachable(address)
         speaks_grpc(address)
-    # A driver whose GCS stays away longer than this exits its whole process (Ray's
-    # default: 60 s). The provider outlives any outage: it reconnects when the GCS
-    # returns (with GCS fault tolerance, the same cluster) and serves its API meanwhile.
-    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(10 * 365 * 86400))
+    if not outlive_gcs_outages():
+        log.warning(
+            "Ray was imported before gpuprovider's Ray backend: this process ends if Ray's "
+            "GCS is away for %s s (set %s=%d before starting it)",
+            os.environ.get(GCS_RECONNECT_ENV, "60"),
+            GCS_RECONNECT_ENV,
+            GCS_RECONNECT_S,
+        )
     probe_driver(address, timeout_s)
     outcome: dict[str, BaseException | None] = {}
 
@@ -155,9 +166,11 @@ def ray_init(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
     return ray
 
 
-def check_head(address: str) -> str:
+def check_head(address: str, now: float | None = None) -> str:
     """Connect to a Ray head as `node join` does before joining: it must answer, run our
-    Ray version and serve gpuprovider. Returns the head's gpuprovider version."""
+    Ray version and serve gpuprovider, whose provider must be running (its marker in
+    Ray's KV renewed lately, not marked stopped). Returns the head's gpuprovider
+    version."""
     try:
         from ray.experimental import internal_kv
     except ImportError:
@@ -172,7 +185,37 @@ def check_head(address: str) -> str:
             f"the Ray cluster at {address} is not a gpuprovider cluster: no provider runs "
             'on it; start one there with [backend] kind = "ray" (`gpuprovider up`)'
         )
-    return json.loads(marker)["gpuprovider"]
+    return provider_running(address, marker, time.time() if now is None else now)
+
+
+def provider_running(address: str, marker: bytes, now: float) -> str:
+    """The provider's version from its marker in Ray's KV, or RayBackendError when it
+    does not run: marked stopped, or not renewed for three of its periods (a kill -9, a
+    provider cut off from the GCS; a node joining now would get no work)."""
+    try:
+        said = json.loads(marker)
+        version = str(said["gpuprovider"])
+    except (ValueError, KeyError, TypeError):
+        raise RayBackendError(f"the Ray cluster at {address} has an unreadable marker") from None
+    alive_at, renew_s = said.get("alive_at"), said.get("renew_s")
+    if not isinstance(alive_at, (int, float)) or not isinstance(renew_s, (int, float)):
+        raise RayBackendError(
+            f"the provider of the Ray cluster at {address} runs gpuprovider {version}, which "
+            "does not say whether it is running; upgrade it to this version before joining"
+        )
+    when = datetime.fromtimestamp(alive_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if isinstance(said.get("stopped_at"), (int, float)):
+        raise RayBackendError(
+            f"the provider of the Ray cluster at {address} is not running: it stopped at "
+            f"{when}; start it (`gpuprovider up` on its machine), then join"
+        )
+    if now - alive_at > 3 * renew_s:
+        raise RayBackendError(
+            f"the provider of the Ray cluster at {address} is not running: last heard from "
+            f"at {when}, {now - alive_at:.0f} s ago (killed, or cut off from Ray's GCS); "
+            "start it (`gpuprovider up` on its machine), then join"
+        )
+    return version
 
 
 def join_command(
