@@ -46,6 +46,7 @@ class Applied:
     uid: int | None = None
     gid: int | None = None
     lease: str = ""
+    lease_token: str = ""  # proves the lease is still this attempt's (isolation/users.py)
     cgroups: dict[str, str] | None = None
     memory_limit_bytes: int | None = None
     # False for a container: the engine's client runs as root; the container runs as the
@@ -76,9 +77,12 @@ def record_path(run_dir: str, attempt: int) -> str:
 
 
 class Isolation:
-    def __init__(self, settings: Settings, lease_dir: str):
+    def __init__(self, settings: Settings, home: str, user_table: str = users.TABLE):
+        """`home`: the folder this provider (or Ray node) keeps its tasks in, named in
+        the machine's user leases it takes."""
         self.settings = settings
-        self.lease_dir = lease_dir
+        self.home = home
+        self.user_table = user_table
         self.root = os.geteuid() == 0
         if settings.users == "none":
             self.users_why = 'off in config ([isolation] users = "none")'
@@ -152,9 +156,10 @@ class Isolation:
         os.chmod(run_dir, 0o700)  # exit records, log and this record: root's only
         try:
             if self.users:
-                user = users.lend(self.lease_dir, f"{task_id}/{attempt}")
+                user = users.lend(self.user_table, self.home, f"{task_id}/{attempt}")
                 applied.user, applied.uid = user.name, user.uid
                 applied.gid, applied.lease = user.gid, user.lease
+                applied.lease_token = user.token
                 if own_workdir:
                     os.chown(workdir, user.uid, user.gid)
                     os.chmod(workdir, 0o700)
@@ -198,13 +203,14 @@ class Isolation:
 
 
 def undo(applied: Applied) -> bool:
-    """Kill what is left of the attempt (its cgroup; without one, its user's processes),
-    remove its cgroup, give its user back. True when all of it is gone (the user is given
-    back only then)."""
+    """Kill what is left of the attempt (its cgroup; without one, its user's processes,
+    while its lease still holds the user), remove its cgroup, give its user back. True
+    when all of it is gone (the user is given back only then). Safe to call again, from
+    any process: a user lent since to another attempt is left alone."""
     if applied.cgroups:
         gone = cgroups.kill_and_remove(applied.cgroups)
     elif applied.uid is not None and applied.drop_privileges:
-        gone = users.kill_all(applied.uid)
+        gone = users.reap(applied.lease, applied.lease_token, applied.uid)
     else:
         gone = True
     if applied.container:  # its client is gone; the container may run on without it
@@ -217,5 +223,5 @@ def undo(applied: Applied) -> bool:
                 timeout=CONTAINER_RM_TIMEOUT_S,
             )
     if gone and applied.lease:
-        users.give_back(applied.lease)
+        users.give_back(applied.lease, applied.lease_token)
     return gone
