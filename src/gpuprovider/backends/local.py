@@ -202,6 +202,7 @@ class LocalProcesses:
             launch.cpu_milli,
             launch.gpu_minors,
             container,
+            sorted(ports.values()),
         )
         limits = ContainerLimits(
             user=f"{applied.uid}:{applied.gid}" if applied.uid is not None else None,

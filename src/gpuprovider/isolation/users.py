@@ -30,6 +30,7 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 PREFIX = "gpp-task-"
@@ -117,26 +118,25 @@ def _holds(lease: str, token: str) -> bool:
 
 def give_back(lease: str, token: str = "") -> None:
     """End the lease, if it is still `token`'s."""
-    with _locked(os.path.dirname(lease)):
-        if _holds(lease, token):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lease)
+    with holding(lease, token) as held:
+        if held:
+            end(lease)
 
 
-def reap(lease: str, token: str, uid: int) -> bool:
-    """Kill what runs as `uid` (where no cgroup holds an attempt's processes) and give the
-    lease back; only while `token` holds it: a uid lent since to another attempt, of this
-    home or another, is left alone. True once nothing of the attempt is left."""
-    if not lease:  # no lease recorded: the uid is the attempt's own
-        return kill_all(uid)
+@contextlib.contextmanager
+def holding(lease: str, token: str) -> Iterator[bool]:
+    """The table locked, and whether `token` still holds `lease`: what is done to the
+    lease's uid (kill what runs as it, lift its network rules) is done in here, only
+    when it does, so that a uid lent since to another attempt, of this home or another,
+    is left alone."""
     with _locked(os.path.dirname(lease)):
-        if not _holds(lease, token):
-            return True  # given back already, after its processes were gone
-        if not kill_all(uid):
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lease)
-    return True
+        yield _holds(lease, token)
+
+
+def end(lease: str) -> None:
+    """Remove the lease (inside `holding`, when held)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lease)
 
 
 def sweep(table: str = TABLE) -> int:
