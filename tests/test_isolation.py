@@ -452,6 +452,8 @@ def test_the_node_says_what_isolation_it_enforces(isolated):
         "cgroups": "v1",
         "devices": "cgroup v1 device list",
         "mounts": "its own /tmp, /dev/shm, /proc and IPC (namespaces)",
+        "network": "isolated: its ports answer only itself and the provider "
+        "(nftables, by socket uid)",
     }
     assert "isolation:" not in isolated.cli("node", "list").stdout
 

@@ -230,7 +230,7 @@ def root_service():
 
 
 def test_a_task_with_no_network_reaches_only_itself(offline, outside, root_service, tmp_path):
-    assert offline.isolation.describe()["network"].startswith("none:")
+    assert offline.isolation.describe()["network"].startswith("no network:")
     own = free_port()
     code = f"""
 import subprocess, sys, time

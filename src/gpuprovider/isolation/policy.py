@@ -140,6 +140,12 @@ class Isolation:
     def users(self) -> bool:
         return not self.users_why
 
+    def _network_how(self) -> str:
+        how = "its ports answer only itself and the provider (nftables, by socket uid)"
+        if self.settings.network == "none":
+            return f"no network: {how}; it connects only to itself"
+        return f"isolated: {how}"
+
     def describe(self) -> dict[str, str]:
         """For the node's facts: what is enforced here, or why not."""
         devices_how = {
@@ -155,10 +161,7 @@ class Isolation:
             "mounts": "its own /tmp, /dev/shm, /proc and IPC (namespaces)"
             if not self.namespace_why
             else f"none: {self.namespace_why}",
-            "network": f"{self.settings.network}: ports reached only by the task and the "
-            "provider (nftables, by socket uid)"
-            if not self.network_why
-            else f"none: {self.network_why}",
+            "network": self._network_how() if not self.network_why else f"none: {self.network_why}",
         }
 
     def apply(
