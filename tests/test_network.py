@@ -18,6 +18,7 @@ import pytest
 
 from gpuprovider.backends.base import Launch
 from gpuprovider.backends.local import LocalProcesses
+from gpuprovider.backends.registry import machine_addresses
 from gpuprovider.isolation import network
 from gpuprovider.isolation.policy import Applied, Settings, undo
 from gpuprovider.testing import (
@@ -78,19 +79,20 @@ def probe_argv(targets: list[tuple[str, str, int]]) -> list[str]:
 @pytest.fixture(scope="module")
 def outside():
     """(address, port) of a listener off this machine's own addresses (in a network
-    namespace of its own, routed to over a veth), and the machine's address there."""
+    namespace of its own, routed to over a veth), the machine's address there, the
+    namespace, and a second address of it."""
     tag = f"{os.getpid() % 100000}"
     space, host_end, far_end = f"gppout{tag}", f"gppo{tag}", f"gppi{tag}"
-    net = random.randrange(1, 16000) * 4
-    ours = f"10.251.{net // 256}.{net % 256 + 1}"
-    theirs = f"10.251.{net // 256}.{net % 256 + 2}"
+    net = random.randrange(1, 8000) * 8
+    ours, theirs, another = (f"10.251.{net // 256}.{net % 256 + i}" for i in (1, 2, 3))
     steps = [
         f"ip netns add {space}",
         f"ip link add {host_end} type veth peer name {far_end}",
         f"ip link set {far_end} netns {space}",
-        f"ip addr add {ours}/30 dev {host_end}",
+        f"ip addr add {ours}/29 dev {host_end}",
         f"ip link set {host_end} up",
-        f"ip -n {space} addr add {theirs}/30 dev {far_end}",
+        f"ip -n {space} addr add {theirs}/29 dev {far_end}",
+        f"ip -n {space} addr add {another}/29 dev {far_end}",
         f"ip -n {space} link set {far_end} up",
         f"ip -n {space} link set lo up",
     ]
@@ -105,7 +107,7 @@ def outside():
         stdout=subprocess.PIPE,
     )
     assert listener.stdout is not None and listener.stdout.readline() == b"listening\n"
-    yield theirs, 8080, ours
+    yield theirs, 8080, ours, space, another
     listener.kill()
     listener.wait()
     subprocess.run(["ip", "netns", "del", space], capture_output=True)
@@ -264,6 +266,13 @@ exec({textwrap.dedent(PROBE)!r})
         assert str(applied.uid) not in network.listed("offline")
 
 
+def test_a_ray_provider_lets_in_its_own_machine(outside):
+    """What the Ray backend sends its nodes as peers: this machine's addresses, not
+    loopback."""
+    found = machine_addresses()
+    assert outside[2] in found and "127.0.0.1" not in found and "::1" not in found
+
+
 def test_the_table_is_the_machines_and_made_once():
     assert network.ready() == "" and network.ready() == ""
     listed = subprocess.run(
@@ -271,3 +280,59 @@ def test_the_table_is_the_machines_and_made_once():
     )
     assert listed.stdout.count("jump answer") == 1  # made once, however many providers
     assert Path(network.LOCK).exists()
+
+
+def test_on_a_ray_node_a_replica_answers_the_providers_machine_and_no_other(outside, tmp_path):
+    """A Ray node's agent runs tasks as the local backend does; the provider's machine
+    (its gateway) is a peer off the node: it alone of the network is answered."""
+    peer, _, node_address, space, stranger = outside
+    home = tmp_path / "ray-node"
+    processes = LocalProcesses(
+        home,
+        isolation=Settings(users="pool", cgroups="none", devices="none", network_peers=(peer,)),
+    )
+    try:
+        run_dir = home / "t-1"
+        handle = processes.start(
+            Launch(
+                task_id="t-replica",
+                attempt=1,
+                argv=[TASK_PY, "-c", LISTENER, "on-a-node"],
+                env={},
+                workdir=str(run_dir / "work"),
+                run_dir=str(run_dir),
+                port_names=["http"],
+                port_range=(free_port(), 65000),
+            )
+        )
+        log = run_dir / "output.log"
+        wait_for(lambda: log.exists() and "listening" in log.read_text(), what="listening")
+        port = handle.ports["http"]
+
+        def from_(source: str) -> str:
+            code = (
+                "import socket, sys\n"
+                "s = socket.socket(); s.settimeout(2); s.bind((sys.argv[1], 0))\n"
+                "try:\n"
+                "    s.connect((sys.argv[2], int(sys.argv[3]))); s.sendall(b'GET /')\n"
+                "    print(s.recv(200).decode().split('\\n')[-1])\n"
+                "except OSError as exc:\n"
+                "    print(type(exc).__name__)\n"
+            )
+            argv = ["ip", "netns", "exec", space, TASK_PY, "-c", code]
+            argv += [source, node_address, str(port)]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+
+        assert from_(peer) == "on-a-node"  # the provider's machine: its gateway
+        assert from_(stranger) == "TimeoutError"  # anyone else on the network
+        processes.stop(handle)
+        wait_for(lambda: processes.poll(handle), 30, "the replica to end")
+    finally:
+        kill_processes_mentioning(home)
+        for record in home.glob("*/isolation-*.json"):
+            if applied := Applied.load(str(record)):
+                undo(applied)
+        subprocess.run(
+            ["nft", "delete", "element", "inet", network.TABLE, "peers4", f"{{ {peer} }}"],
+            capture_output=True,
+        )
