@@ -130,3 +130,20 @@ def test_a_lease_of_a_home_that_is_gone_is_swept_and_no_other(tmp_path, monkeypa
     assert os.path.exists(kept.lease)
     users.give_back(kept.lease, kept.token)
     assert not os.path.exists(kept.lease)
+
+
+def test_users_an_older_provider_lent_from_its_own_folder_are_not_lent_again(tmp_path, monkeypatch):
+    """An upgrade while tasks run: their users were leased in the home's own `.users`
+    folder; the table takes them in until those leases end."""
+    table, home = str(tmp_path / "table"), tmp_path / "home"
+    running: list[int] = []
+    monkeypatch.setattr(users, "processes_of", lambda uid: running)
+    (home / ".users").mkdir(parents=True)
+    (home / ".users" / "gpp-task-0").write_text("t-old/1")
+    assert users.adopt_legacy(str(home / ".users"), str(home), table) == 1
+    lent = users.lend(table, str(home), "t-new/1")
+    assert lent.name != "gpp-task-0"  # still the old attempt's
+    assert users.sweep(table) == 0
+    users.give_back(str(home / ".users" / "gpp-task-0"))  # the old attempt's clean-up
+    assert users.sweep(table) == 1
+    assert users.held_by(str(home), table) == [lent.name]

@@ -119,7 +119,9 @@ class LocalProcesses:
         self.isolation = Isolation(isolation or Settings(), str(data_dir))
         if self.isolation.users:
             with contextlib.suppress(OSError):
-                users.sweep(self.isolation.user_table)
+                table = self.isolation.user_table
+                users.adopt_legacy(str(data_dir / ".users"), str(data_dir), table)
+                users.sweep(table)
         self.spawner = Spawner(data_dir / ".runner", on_exit)
         self.spawner.watch()
         # Runners started without the server (it could not start); polled so they

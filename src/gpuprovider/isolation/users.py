@@ -139,17 +139,44 @@ def end(lease: str) -> None:
         os.unlink(lease)
 
 
+def adopt_legacy(folder: str, home: str, table: str = TABLE) -> int:
+    """Enter in the machine's table the leases a provider of before the table keeps in
+    its own `folder` (`<home>/.users`): attempts it started still hold those users, and
+    no other home may be lent them. The entry lasts as long as the old lease file (which
+    the old attempt's clean-up removes); `sweep` ends it after. How many."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(PREFIX)]
+    except FileNotFoundError:
+        return 0
+    adopted = 0
+    with _locked(table):
+        for name in names:
+            old = os.path.join(folder, name)
+            try:
+                fd = os.open(os.path.join(table, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # lent already: another home's, or adopted before
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"home": home, "holder": "", "token": "", "legacy": old}, handle)
+            adopted += 1
+    return adopted
+
+
 def sweep(table: str = TABLE) -> int:
     """Give back the leases whose home is gone (deleted with nothing of it running: a
-    test's home, a removed provider) and whose uid runs nothing; how many."""
+    test's home, a removed provider), or whose old lease file (`adopt_legacy`) was
+    removed, and whose uid runs nothing; how many."""
     freed = 0
     with contextlib.suppress(FileNotFoundError), _locked(table):
         for name in os.listdir(table):
             if not name.startswith(PREFIX):
                 continue
             lease = os.path.join(table, name)
-            home = read_lease(lease).get("home")
-            if not isinstance(home, str) or not home or os.path.isdir(home):
+            found = read_lease(lease)
+            home, legacy = found.get("home"), found.get("legacy")
+            home_gone = isinstance(home, str) and home and not os.path.isdir(home)
+            legacy_gone = isinstance(legacy, str) and legacy and not os.path.exists(legacy)
+            if not home_gone and not legacy_gone:
                 continue
             with contextlib.suppress(KeyError):
                 if processes_of(pwd.getpwnam(name).pw_uid):
