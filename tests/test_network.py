@@ -273,8 +273,19 @@ def test_a_ray_provider_lets_in_its_own_machine(outside):
     assert outside[2] in found and "127.0.0.1" not in found and "::1" not in found
 
 
-def test_the_table_is_the_machines_and_made_once():
+def test_the_table_is_the_machines_and_made_once(monkeypatch):
     assert network.ready() == "" and network.ready() == ""
+    # gone (a firewall reload that flushed the ruleset): the next start makes it again;
+    # tried on a table of the test's own, the machine's guards what runs beside it
+    monkeypatch.setattr(network, "TABLE", f"gpuprovider_test_{os.getpid()}")
+    try:
+        assert network.ready() == ""
+        subprocess.run(["nft", "delete", "table", "inet", network.TABLE], check=True)
+        network.guard(4_000_000_001, [], "isolated")
+        assert "4000000001" in network.listed("isolated")
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", network.TABLE], capture_output=True)
+    monkeypatch.undo()
     listed = subprocess.run(
         ["nft", "list", "chain", "inet", network.TABLE, "output"], capture_output=True, text=True
     )

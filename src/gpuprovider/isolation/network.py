@@ -44,8 +44,11 @@ MODES = ("host", "isolated", "none")
 ROOT_MARK = 0xFFFFFFFF  # no uid is -1
 NFT_TIMEOUT_S = 30.0
 
-RULES = f"""
-table inet {TABLE} {{
+
+def rules(table: str) -> str:
+    """The machine's table, made once."""
+    return f"""
+table inet {table} {{
   map connector {{ typeof meta skuid : ct mark; }}
   set isolated {{ typeof meta skuid; }}
   set offline {{ typeof meta skuid; }}
@@ -176,7 +179,7 @@ def ready() -> str:
         except NetworkError:
             pass
         try:
-            _nft(RULES + f"add element inet {TABLE} connector {{ 0 : {ROOT_MARK:#x} }}\n")
+            _nft(rules(TABLE) + f"add element inet {TABLE} connector {{ 0 : {ROOT_MARK:#x} }}\n")
         except NetworkError as exc:
             return str(exc)
     return ""
@@ -201,7 +204,14 @@ def guard(uid: int, ports: list[int], mode: str) -> None:
     if mode == "host":
         return
     lines = [f"add element inet {TABLE} {n} {{ {e} }}" for n, e in _elements(uid, ports, mode)]
-    _nft("\n".join(lines) + "\n")
+    try:
+        _nft("\n".join(lines) + "\n")
+    except NetworkError:
+        # The table went (someone flushed the machine's ruleset): made again, then the
+        # attempt is guarded; attempts running meanwhile are not, until they end.
+        if why := ready():
+            raise NetworkError(why) from None
+        _nft("\n".join(lines) + "\n")
 
 
 def release(uid: int, ports: list[int], mode: str) -> None:
