@@ -43,6 +43,7 @@ LOCK = "/run/gpuprovider/nftables.lock"
 MODES = ("host", "isolated", "none")
 ROOT_MARK = 0xFFFFFFFF  # no uid is -1
 NFT_TIMEOUT_S = 30.0
+SONAME = "libnftables.so.1"
 
 
 def rules(table: str) -> str:
@@ -101,10 +102,13 @@ class _Library:
         self.lock = threading.Lock()
         self.pid = 0
         self.ctx: int | None = None
-        try:
-            self.lib: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("nftables"))
-        except OSError:
-            self.lib = None
+        self.lib: ctypes.CDLL | None = None
+        # By its soname: find_library would run ldconfig, ~90 ms, in every runner.
+        for name in (SONAME, ctypes.util.find_library("nftables")):
+            with contextlib.suppress(OSError, TypeError):
+                self.lib = ctypes.CDLL(name)
+                break
+        if self.lib is None:
             return
         self.lib.nft_ctx_new.restype = ctypes.c_void_p
         self.lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
@@ -132,10 +136,18 @@ class _Library:
 _library: _Library | None = None
 
 
-def _nft(script: str) -> None:
+def load() -> bool:
+    """Load libnftables now (the runner server does, before it forks runners, so that
+    each runner's clean-up finds it loaded); whether there is one."""
     global _library
     if _library is None:
         _library = _Library()
+    return _library.lib is not None
+
+
+def _nft(script: str) -> None:
+    load()
+    assert _library is not None
     if _library.lib is not None:
         why = _library.run(script)
         if why is not None:
@@ -170,7 +182,7 @@ def ready() -> str:
     """Make the machine's table if there is none; why it cannot be ("" when it is)."""
     if os.geteuid() != 0:
         return "the daemon does not run as root"
-    if not shutil.which("nft") and not ctypes.util.find_library("nftables"):
+    if not load() and not shutil.which("nft"):
         return "nftables is not installed (the nft program, libnftables)"
     with _locked():
         try:
