@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gpuprovider.isolation import cgroups
+from gpuprovider.isolation import cgroups, users
 from gpuprovider.isolation.devices import NVIDIA_MAJOR
 from gpuprovider.testing import Provider, free_port, make_home, running, wait_for
 
@@ -92,7 +92,7 @@ def test_each_task_has_a_user_of_its_own_and_a_clean_environment(isolated):
     assert seen["home"] == ["by-its-path"]
     isolated.api.post(f"/tasks/{other['id']}/cancel")
     # its user is lent again only once it is done with
-    wait_for(lambda: not list((isolated.home.tasks / ".users").iterdir()), what="users back")
+    wait_for(lambda: not users.held_by(str(isolated.home.tasks)), what="users back")
 
 
 def test_a_task_reads_nothing_of_the_provider_nor_of_other_tasks(isolated):
@@ -452,6 +452,8 @@ def test_the_node_says_what_isolation_it_enforces(isolated):
         "cgroups": "v1",
         "devices": "cgroup v1 device list",
         "mounts": "its own /tmp, /dev/shm, /proc and IPC (namespaces)",
+        "network": "isolated: its ports answer only itself and the provider "
+        "(nftables, by socket uid)",
     }
     assert "isolation:" not in isolated.cli("node", "list").stdout
 

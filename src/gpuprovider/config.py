@@ -157,6 +157,10 @@ class IsolationConfig(_Section):
     log_max_mib: int = Field(64, ge=1, le=1 << 20)
     # Folders a spec's `workdir` may name (besides none: the task's own folder).
     workdir_roots: list[str] = Field(default_factory=list)
+    # Who reaches a task's ports: "isolated" (the task and the provider's gateway only;
+    # the task reaches out), "none" (isolated, and it connects nowhere but to itself),
+    # "host" (anyone). Work from markets runs with this too: isolated by default.
+    network: Literal["host", "isolated", "none"] = "isolated"
 
     @field_validator("devices", mode="before")
     @classmethod
@@ -634,6 +638,11 @@ devices = "{d.isolation.devices}"
 log_max_mib = {d.isolation.log_max_mib}
 # Absolute folders a task spec's workdir may name; none: only the task's own folder.
 workdir_roots = []
+# Who may connect to a task's ports (nftables rules by socket owner; needs root and
+# nft): "isolated" (the task itself and the provider's gateway only; the task reaches
+# the internet), "none" (isolated, and it connects nowhere but to itself), "host"
+# (anyone on the machine or network). Work from markets gets this too.
+network = "{d.isolation.network}"
 
 [telemetry]
 # GPU telemetry (utilisation, memory, temperature, power, ECC, retired pages, remapped

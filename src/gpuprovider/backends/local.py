@@ -27,6 +27,7 @@ from gpuprovider.backends.runner import LOG_NAME, read_output
 from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.inventory.local import read_local_node
+from gpuprovider.isolation import users
 from gpuprovider.isolation.policy import Applied, Isolation, Settings, record_path, undo
 from gpuprovider.telemetry.node import NodeTelemetry, NodeWatcher
 
@@ -101,7 +102,8 @@ def process_alive(pid: int, start_time: float) -> bool:
 class LocalProcesses:
     """Task processes on this machine, each isolated as `isolation` says (as far as the
     machine allows: `isolation.describe()`). `data_dir` holds the runner server's socket
-    (`.runner/`) and the task users' leases (`.users/`); `on_exit` is called, from a
+    (`.runner/`); task users are leased from the machine's table (isolation/users.py),
+    in the name of `data_dir`; `on_exit` is called, from a
     thread, whenever a runner ends."""
 
     def __init__(
@@ -114,7 +116,12 @@ class LocalProcesses:
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o700)  # task folders are reached through a task's own cwd only
-        self.isolation = Isolation(isolation or Settings(), str(data_dir / ".users"))
+        self.isolation = Isolation(isolation or Settings(), str(data_dir))
+        if self.isolation.users:
+            with contextlib.suppress(OSError):
+                table = self.isolation.user_table
+                users.adopt_legacy(str(data_dir / ".users"), str(data_dir), table)
+                users.sweep(table)
         self.spawner = Spawner(data_dir / ".runner", on_exit)
         self.spawner.watch()
         # Runners started without the server (it could not start); polled so they
@@ -197,6 +204,7 @@ class LocalProcesses:
             launch.cpu_milli,
             launch.gpu_minors,
             container,
+            sorted(ports.values()),
         )
         limits = ContainerLimits(
             user=f"{applied.uid}:{applied.gid}" if applied.uid is not None else None,

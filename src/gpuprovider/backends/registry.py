@@ -3,10 +3,14 @@ backend is a factory here and a config model beside the others in config.py."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import psutil
 
 from gpuprovider.backends.base import Backend
 from gpuprovider.backends.local import LocalBackend, LocalNode
@@ -40,7 +44,22 @@ def isolation_settings(isolation: IsolationConfig) -> Settings:
         cpu_quota=isolation.cpu_quota,
         devices=isolation.devices,
         log_max_bytes=isolation.log_max_mib << 20,
+        network=isolation.network,
     )
+
+
+def machine_addresses() -> tuple[str, ...]:
+    """This machine's own addresses off loopback: where a Ray node sees the provider's
+    gateway come from."""
+    found = set()
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            address = ipaddress.ip_address(entry.address.split("%")[0])
+            if not address.is_loopback and not address.is_link_local:
+                found.add(str(address))
+    return tuple(sorted(found))
 
 
 def tasks_dir(config: ProviderConfig, home_tasks: Path) -> Path:
@@ -83,7 +102,7 @@ def _ray(context: BackendContext) -> Backend:
         section.address,
         tasks_dir(config, context.home_tasks),
         context.home_root / "ray.credential",
-        isolation_settings(config.isolation),
+        replace(isolation_settings(config.isolation), network_peers=machine_addresses()),
         section.lease_s,
         section.lease_grace_s,
         config.telemetry.kernel_log,

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from gpuprovider.isolation import cgroups, namespace
+from gpuprovider.isolation import cgroups, namespace, network
 from gpuprovider.isolation.policy import Applied, undo
 
 
@@ -470,6 +470,8 @@ def serve(directory: str, name: str) -> None:
     signal.set_wakeup_fd(wake_w.fileno())
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopped only by SIGKILL or idleness
+    if os.geteuid() == 0:
+        network.load()  # once here, not in every runner that lifts a task's rules
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ, "accept")
     selector.register(wake_r, selectors.EVENT_READ, "signal")

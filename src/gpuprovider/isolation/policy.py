@@ -14,7 +14,7 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass
 
-from gpuprovider.isolation import cgroups, devices, namespace, users
+from gpuprovider.isolation import cgroups, devices, namespace, network, users
 from gpuprovider.isolation.cgroups import Hierarchy, Limits
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -35,6 +35,10 @@ class Settings:
     devices: str = "auto"
     proc_devices: str = "/proc/devices"
     log_max_bytes: int = 64 << 20  # a task's output kept on disk (the latest of it)
+    network: str = "isolated"  # "host", "isolated", "none" (isolation/network.py)
+    # Hosts besides this one that may reach guarded ports: the provider's machine, on a
+    # Ray node (its gateway reaches replicas there).
+    network_peers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Applied:
     uid: int | None = None
     gid: int | None = None
     lease: str = ""
+    lease_token: str = ""  # proves the lease is still this attempt's (isolation/users.py)
     cgroups: dict[str, str] | None = None
     memory_limit_bytes: int | None = None
     # False for a container: the engine's client runs as root; the container runs as the
@@ -57,6 +62,8 @@ class Applied:
     namespace: bool = False
     dev_nodes: list[str] | None = None
     workdir: str = ""  # its working folder, made reachable by its path in the namespace
+    network: str = "host"  # how its sockets are guarded (isolation/network.py)
+    ports: list[int] | None = None  # its declared ports, guarded with it
 
     def save(self, path: str) -> None:
         with open(path, "w") as handle:
@@ -76,9 +83,12 @@ def record_path(run_dir: str, attempt: int) -> str:
 
 
 class Isolation:
-    def __init__(self, settings: Settings, lease_dir: str):
+    def __init__(self, settings: Settings, home: str, user_table: str = users.TABLE):
+        """`home`: the folder this provider (or Ray node) keeps its tasks in, named in
+        the machine's user leases it takes."""
         self.settings = settings
-        self.lease_dir = lease_dir
+        self.home = home
+        self.user_table = user_table
         self.root = os.geteuid() == 0
         if settings.users == "none":
             self.users_why = 'off in config ([isolation] users = "none")'
@@ -96,6 +106,21 @@ class Isolation:
         else:
             self.namespace_why = namespace.refused()
         self.devices, self.devices_why = self._devices()
+        self.network_why = self._network()
+
+    def _network(self) -> str:
+        """Why tasks' ports are not guarded ("" when they are)."""
+        if self.settings.network == "host":
+            return 'off in config ([isolation] network = "host")'
+        if not self.users:  # the rules know a task by its own uid
+            return f"no user per task ({self.users_why})"
+        why = network.ready()
+        if not why and self.settings.network_peers:
+            try:
+                network.add_peers(list(self.settings.network_peers))
+            except (OSError, ValueError) as exc:
+                why = f"the provider's address cannot be let in: {exc}"
+        return why
 
     def _devices(self) -> tuple[str, str]:
         """How a task is kept to its own device nodes ("cgroup" or "namespace"), or why
@@ -115,6 +140,12 @@ class Isolation:
     def users(self) -> bool:
         return not self.users_why
 
+    def _network_how(self) -> str:
+        how = "its ports answer only itself and the provider (nftables, by socket uid)"
+        if self.settings.network == "none":
+            return f"no network: {how}; it connects only to itself"
+        return f"isolated: {how}"
+
     def describe(self) -> dict[str, str]:
         """For the node's facts: what is enforced here, or why not."""
         devices_how = {
@@ -130,6 +161,7 @@ class Isolation:
             "mounts": "its own /tmp, /dev/shm, /proc and IPC (namespaces)"
             if not self.namespace_why
             else f"none: {self.namespace_why}",
+            "network": self._network_how() if not self.network_why else f"none: {self.network_why}",
         }
 
     def apply(
@@ -143,6 +175,7 @@ class Isolation:
         cpu_milli: int,
         gpu_minors: list[int],
         container: list[str] | None = None,
+        ports: list[int] | None = None,
     ) -> Applied:
         """Lend a user, make the cgroup, hand the work folder over; what there is to undo
         is recorded in the run folder before anything runs. OSError when it cannot be
@@ -152,9 +185,10 @@ class Isolation:
         os.chmod(run_dir, 0o700)  # exit records, log and this record: root's only
         try:
             if self.users:
-                user = users.lend(self.lease_dir, f"{task_id}/{attempt}")
+                user = users.lend(self.user_table, self.home, f"{task_id}/{attempt}")
                 applied.user, applied.uid = user.name, user.uid
                 applied.gid, applied.lease = user.gid, user.lease
+                applied.lease_token = user.token
                 if own_workdir:
                     os.chown(workdir, user.uid, user.gid)
                     os.chmod(workdir, 0o700)
@@ -175,6 +209,9 @@ class Isolation:
                 if self.devices == "namespace":
                     applied.dev_nodes = devices.nodes(gpu_minors)
             applied.memory_limit_bytes = self.memory_limit(memory_mib)
+            if not self.network_why and applied.uid is not None:
+                network.guard(applied.uid, list(ports or ()), self.settings.network)
+                applied.network, applied.ports = self.settings.network, list(ports or ())
         except OSError:
             undo(applied)
             raise
@@ -199,14 +236,11 @@ class Isolation:
 
 def undo(applied: Applied) -> bool:
     """Kill what is left of the attempt (its cgroup; without one, its user's processes),
-    remove its cgroup, give its user back. True when all of it is gone (the user is given
-    back only then)."""
-    if applied.cgroups:
-        gone = cgroups.kill_and_remove(applied.cgroups)
-    elif applied.uid is not None and applied.drop_privileges:
-        gone = users.kill_all(applied.uid)
-    else:
-        gone = True
+    remove its cgroup and container, lift its network rules, give its user back. True
+    when all of it is gone (the user is given back only then). Safe to call again, from
+    any process: what is done to its uid is done only while its lease still holds it,
+    never to a uid lent since to another attempt."""
+    gone = cgroups.kill_and_remove(applied.cgroups) if applied.cgroups else True
     if applied.container:  # its client is gone; the container may run on without it
         engine, name = applied.container
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
@@ -216,6 +250,17 @@ def undo(applied: Applied) -> bool:
                 stdin=subprocess.DEVNULL,
                 timeout=CONTAINER_RM_TIMEOUT_S,
             )
-    if gone and applied.lease:
-        users.give_back(applied.lease)
-    return gone
+    if applied.uid is None or not applied.lease:
+        return gone
+    with users.holding(applied.lease, applied.lease_token) as held:
+        if not held:
+            return True  # given back already, once nothing of it ran
+        if not applied.cgroups and applied.drop_privileges:
+            gone = users.kill_all(applied.uid)
+        if not gone:
+            return False
+        if applied.network != "host":
+            with contextlib.suppress(OSError):  # left guarded: the safe side
+                network.release(applied.uid, applied.ports or [], applied.network)
+        users.end(applied.lease)
+    return True
