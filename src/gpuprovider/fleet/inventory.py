@@ -25,7 +25,9 @@ LABEL = NAME  # Ray node labels: the same characters as `node join --label`
 USER = r"[a-z_][a-z0-9_-]{0,31}"
 # A host name (RFC 1123 labels) or an IP address; never starts with '-', so never an
 # option to ssh or anything else.
-HOSTNAME = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+HOSTNAME = (
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 PATH = r"/[A-Za-z0-9._/+-]*"  # absolute, and only characters no shell gives a meaning
 PYTHON = r"(/[A-Za-z0-9._/+-]*|python3(\.[0-9]+)?)"
 
@@ -55,9 +57,7 @@ def _user(value: str) -> str:
 
 def _path(value: str) -> str:
     if not re.fullmatch(PATH, value) or "/../" in value + "/":
-        raise ValueError(
-            f"{value!r}: write an absolute path of letters, digits and . _ / + - only"
-        )
+        raise ValueError(f"{value!r}: write an absolute path of letters, digits and . _ / + - only")
     return value.rstrip("/") or "/"
 
 

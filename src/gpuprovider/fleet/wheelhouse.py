@@ -77,7 +77,9 @@ def _record_hash(data: bytes) -> str:
 
 
 def _tags(wheel_text: str, name: str) -> str:
-    tags = [line.split(":", 1)[1].strip() for line in wheel_text.splitlines() if line.startswith("Tag:")]
+    tags = [
+        line.split(":", 1)[1].strip() for line in wheel_text.splitlines() if line.startswith("Tag:")
+    ]
     if not tags:
         raise WheelhouseError(f"{name}: its WHEEL file names no tag; reinstall it with pip")
     parts = [sorted({t.split("-")[i] for t in tags}) for i in range(3)]
@@ -115,8 +117,11 @@ def repack(dist: metadata.Distribution, into: Path) -> Path:
                 if "__pycache__" in relative or relative.endswith(".pyc"):
                     continue  # pip compiles them on the host
                 if relative.startswith(f"{info}/") and relative.split("/", 1)[1] in (
-                    "RECORD", "INSTALLER", "REQUESTED", "direct_url.json"
-                ):  # fmt: skip
+                    "RECORD",
+                    "INSTALLER",
+                    "REQUESTED",
+                    "direct_url.json",
+                ):
                     continue
                 source = (base / relative).resolve()
                 if not source.is_file():
@@ -165,8 +170,19 @@ def own_wheel(into: Path) -> Path:
     source = match.group(1)
     with tempfile.TemporaryDirectory(dir=into) as scratch:
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-             "--no-index", "-q", "-w", scratch, source],  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-q",
+                "-w",
+                scratch,
+                source,
+            ],
             capture_output=True,
             text=True,
         )
