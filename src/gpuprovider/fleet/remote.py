@@ -80,17 +80,11 @@ async def _open(
     tunnel: Any = None,
 ) -> tuple[Any, bool]:
     """A connection, and whether its host key was pinned just now."""
-    pin = False
-    if known.knows(address, port):
-        checked: Any = known.load()
-    elif accept_new:
-        checked, pin = None, True  # trust on first use: pinned below
-    else:
-        raise RemoteError(
-            f"the host key of {_pattern(address, port)} is not known; check it and add it to "
-            f"~/.ssh/known_hosts (ssh-keyscan -p {port} {address}), or rerun with "
-            "--accept-new to pin the key it shows on this first connection"
-        )
+    known_before = known.knows(address, port)
+    pin = not known_before and accept_new
+    # an unknown host is still reached (its key is checked before any credential goes
+    # out), so that an unreachable one is said to be unreachable
+    checked: Any = None if pin else known.load()
     options: dict[str, Any] = {
         "host": address,
         "port": port,
@@ -105,6 +99,12 @@ async def _open(
     try:
         connection = await asyncssh.connect(**options)
     except asyncssh.HostKeyNotVerifiable as exc:
+        if not known_before:
+            raise RemoteError(
+                f"the host key of {_pattern(address, port)} is not known; check it and add it "
+                f"to ~/.ssh/known_hosts (ssh-keyscan -p {port} {address}), or rerun with "
+                "--accept-new to pin the key it shows on this first connection"
+            ) from None
         raise RemoteError(
             f"{_pattern(address, port)} REFUSED: its host key is not the one known for it "
             f"({exc.reason}). It may have been reinstalled, or someone is in the middle; "
