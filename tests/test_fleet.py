@@ -58,9 +58,8 @@ class Sshd:
             "Subsystem sftp internal-sftp\nLogLevel ERROR\n"
         )
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
-        self.process = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(config)], stderr=open(root / "sshd.log", "w")
-        )
+        with open(root / "sshd.log", "w") as log:
+            self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log)
         wait_for(lambda: _answers(self.port), 20, "sshd")
 
     def known_line(self) -> str:
@@ -161,7 +160,10 @@ def pin(home: Path, world) -> None:
 
 HOSTILE = {
     "bad YAML": ("hosts:\n  - host: a\n\t- host: b\n", ":3: not valid YAML"),
-    "unknown key": ("hosts:\n  - host: a.example\n    lables: {zone: eu}\n", ":3: hosts.0.lables: unknown key"),
+    "unknown key": (
+        "hosts:\n  - host: a.example\n    lables: {zone: eu}\n",
+        ":3: hosts.0.lables: unknown key",
+    ),
     "duplicate name": (
         "hosts:\n  - host: a.example\n    name: n1\n  - host: b.example\n    name: n1\n",
         ":4: name 'n1' is used twice",
@@ -179,7 +181,10 @@ HOSTILE = {
         "hosts:\n  - host: a.example\n    prefix: /opt/$(reboot)\n",
         ":3: hosts.0.prefix:",
     ),
-    "duplicate key": ("hosts:\n  - host: a.example\n    host: b.example\n", ":3: key 'host' appears twice"),
+    "duplicate key": (
+        "hosts:\n  - host: a.example\n    host: b.example\n",
+        ":3: key 'host' appears twice",
+    ),
     "jump is an option": ("hosts:\n  - host: a.example\n    jump: -J\n", ":3: hosts.0.jump"),
     "unknown top key": ("hots: []\nhosts:\n  - host: a\n", ":1: hots: unknown key"),
 }  # fmt: skip

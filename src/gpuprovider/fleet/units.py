@@ -121,14 +121,10 @@ WantedBy=multi-user.target
 PROVIDER_UNIT = "gpuprovider.service"
 HUB_UNIT = "gpuprovider-hub.service"
 
-# Hardening that leaves isolation working. Kept out on purpose: NoNewPrivileges (the
-# runner switches to each task's pool user, setuid helpers such as newuidmap need it),
-# PrivateDevices (tasks get /dev/nvidia*), ProtectSystem=strict (useradd writes
-# /etc/passwd for pool users), RestrictNamespaces (tasks run in namespaces of their
-# own), ProtectControlGroups (each task has a cgroup), PrivateTmp (tasks run with a
-# private /tmp the daemon makes itself).
+# Hardening that leaves isolation working (docs/security.md says why each other one is
+# left out: pool users, setuid helpers, /dev/nvidia*, useradd, cgroups, namespaces and
+# each task's private /tmp all need what they would take away).
 PROVIDER_HARDENING = """\
-ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectClock=yes
 ProtectHostname=yes
