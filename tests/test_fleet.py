@@ -5,6 +5,7 @@ with `systemd-analyze verify` and enabled, not started (the fleet says so)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import json
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuprovider.fleet import units
+from gpuprovider.fleet import deploy, units
 from gpuprovider.fleet.inventory import InventoryError, from_targets, load
+from gpuprovider.fleet.remote import KnownHosts
 from gpuprovider.testing import GPUPROVIDER, free_port, wait_for
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -371,3 +373,82 @@ def test_install_service_writes_a_unit_systemd_analyze_finds_clean(tmp_path):
     assert "hub serve" in (tmp_path / "units" / "gpuprovider-hub.service").read_text()
     nobody = run_cli(tmp_path / "home", "install-service", "--user", "no-such-user", "--print")
     assert nobody.returncode == 2 and "useradd --system" in nobody.stderr
+
+
+@needs_sshd
+def test_a_host_behind_a_jump_host_is_reached_through_it(tmp_path, world):
+    home = tmp_path / "home"
+    pin(home, world)
+    jump = f"{USER}@127.0.0.1:{world['sshd'].port}"
+    path = inventory(tmp_path / "fleet.yaml", world, [host(world, "behind", jump=jump)])
+    done = run_cli(home, "fleet", "add", "-f", str(path), "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "via 127.0.0.1" in done.stdout and "behind  check     ok" in done.stdout
+
+
+# -- the rolling order and the wait for ready, with a provider API that records ----------
+
+
+class FakeApi:
+    def __init__(self, ready_after: int = 0) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.ready_after = ready_after
+
+    def node_status(self, name):
+        self.calls.append(("status", name))
+        asked = sum(1 for c in self.calls if c == ("status", name))
+        return "ready" if asked > self.ready_after else None
+
+    def drain(self, name):
+        self.calls.append(("drain", name))
+
+    def resume(self, name):
+        self.calls.append(("resume", name))
+
+    def remove(self, name):
+        self.calls.append(("remove", name))
+
+    def running_on(self, name):
+        return 0
+
+
+def test_a_rolling_upgrade_keeps_at_most_max_unavailable_out_and_stops_at_a_failure():
+    hosts = [from_targets([f"h{i}.example"]).hosts[0] for i in range(7)]
+    out: set[str] = set()
+    most = 0
+    ran: list[str] = []
+
+    async def work(h):
+        nonlocal most
+        out.add(h.name)
+        most = max(most, len(out))
+        await asyncio.sleep(0.01)
+        out.discard(h.name)
+        ran.append(h.name)
+        return deploy.Outcome(h.name, ok=h.name != "h3.example", seconds=0.01)
+
+    outcomes = asyncio.run(deploy.rolling(hosts, 2, work))
+    assert most == 2
+    assert sorted(ran) == ["h0.example", "h1.example", "h2.example", "h3.example"]
+    assert [o.ok for o in outcomes] == [True, True, True, False, False, False, False]
+    assert outcomes[-1].reason == "not upgraded: an earlier host failed"
+
+
+def test_ready_waits_for_the_node_in_node_list_with_a_bound(tmp_path):
+    h = from_targets(["gpu-07.example"]).hosts[0]
+    plan = deploy.Plan(
+        head="127.0.0.1:1",
+        known=KnownHosts(tmp_path / "k"),
+        accept_new=False,
+        wheel_dir=tmp_path,
+        api=FakeApi(ready_after=2),
+        ready_timeout_s=30,
+    )
+    said, _ = asyncio.run(deploy._ready(h, plan, started=True))
+    assert said == "node gpu-07.example is ready"
+    plan.api = FakeApi(ready_after=10**6)
+    plan.ready_timeout_s = 1.5
+    with pytest.raises(deploy.StepFailed, match=r"is not in `node list` after 1\.5s"):
+        asyncio.run(deploy._ready(h, plan, started=True))
+    said, _ = asyncio.run(deploy._ready(h, plan, started=False))
+    assert said == "not waited for: the unit was not started"

@@ -124,12 +124,18 @@ def _api(g: Globals, wait: bool) -> ApiOfProvider | None:
 
 
 def _save(
-    records_path: Path, hosts: list[Host], outcomes: list[deploy.Outcome], action: str
+    records_path: Path,
+    hosts: list[Host],
+    outcomes: list[deploy.Outcome],
+    action: str,
+    head: str = "",
 ) -> None:
     records = deploy.load_records(records_path)
     by_name = {h.name: h for h in hosts}
     for outcome in outcomes:
         deploy.record_outcome(records, by_name[outcome.host], outcome, action)
+        if head and outcome.host in records:
+            records[outcome.host]["head"] = head  # what upgrade joins it to again
     deploy.save_records(records_path, records)
 
 
@@ -180,7 +186,7 @@ def fleet_add(
     outcomes = _run(
         deploy.run_all(inventory.hosts, parallel, lambda h: deploy.add_host(h, plan, _report))
     )
-    _save(records, inventory.hosts, outcomes, "check" if check else "add")
+    _save(records, inventory.hosts, outcomes, "check" if check else "add", plan.head)
     what = "checked" if check else "added"
     _summary(f"Fleet: {what} in {time.monotonic() - started:.0f}s", outcomes)
     if not all(o.ok for o in outcomes):
@@ -254,7 +260,11 @@ def fleet_upgrade(
         head = head or load(file).head
     else:
         _, _, records_path = _paths(g, None)
-        hosts = _known_hosts(g, names or sorted(deploy.load_records(records_path)))
+        known_records = deploy.load_records(records_path)
+        hosts = _known_hosts(g, names or sorted(known_records))
+        heads = {known_records[h.name].get("head") for h in hosts} - {None}
+        if head is None and len(heads) == 1:
+            head = heads.pop()
     if not hosts:
         raise CliError("no host to upgrade: `gpuprovider fleet add` first", 2)
     wheels, known, records = _paths(g, wheelhouse)
@@ -273,7 +283,7 @@ def fleet_upgrade(
             hosts, max_unavailable, lambda h: deploy.add_host(h, plan, _report, upgrade=True)
         )
     )
-    _save(records, hosts, [o for o in outcomes if o.seconds or o.ok], "upgrade")
+    _save(records, hosts, [o for o in outcomes if o.seconds or o.ok], "upgrade", plan.head)
     _summary(f"Fleet: upgraded in {time.monotonic() - started:.0f}s", outcomes)
     if not all(o.ok for o in outcomes):
         raise typer.Exit(1)
