@@ -317,11 +317,30 @@ def test_add_installs_the_providers_versions_writes_config_and_unit_then_upgrade
     home = tmp_path / "home"
     pin(home, world)
     spec = host(world, "gpu-01", labels={"zone": "eu"}, python="/usr/bin/python3")
-    path = inventory(tmp_path / "fleet.yaml", world, [spec])
+    # a host whose connection is cut in the middle of the install: its Python, asked to
+    # make the venv, kills the sshd process that serves the connection
+    cutter = tmp_path / "python3"
+    cutter.write_text(
+        "#!/usr/bin/python3\nimport os, signal, sys\n"
+        "if sys.argv[1:3] == ['-m', 'venv']:\n"
+        "    pid = os.getpid()\n"
+        "    while pid > 1:\n"
+        "        pid = int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1])\n"
+        "        if b'@' in open(f'/proc/{pid}/cmdline', 'rb').read():\n"
+        "            os.kill(pid, signal.SIGKILL)\n"
+        "            break\n"
+        "os.execv('/usr/bin/python3', ['/usr/bin/python3', *sys.argv[1:]])\n"
+    )
+    cutter.chmod(0o755)
+    cut = host(world, "cut-off", python=str(cutter))
+    path = inventory(tmp_path / "fleet.yaml", world, [spec, cut])
     WHEELHOUSE.mkdir(exist_ok=True)
     add = ["fleet", "add", "-f", str(path), "--no-wait", "--wheelhouse", str(WHEELHOUSE)]
     done = run_cli(home, *add, timeout=1100)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cut-off  venv      FAIL  the connection broke" in done.stdout, done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.strip().startswith("gpu-01"))
+    assert " ok " in row and "FAILED" not in row
     prefix = Path(spec["prefix"])
     version = subprocess.run(
         [prefix / "venv" / "bin" / "gpuprovider", "--version"], capture_output=True, text=True
