@@ -177,8 +177,18 @@ class Session:
             ) from None
         except (OSError, asyncssh.Error) as exc:
             raise RemoteError(f"the connection broke: {exc}") from None
+        if done.exit_status is None or done.exit_status < 0:
+            if done.exit_signal:
+                raise RemoteError(
+                    f"{argv[0]} was killed on the host ({done.exit_signal[0]})",
+                    f"{done.stdout or ''}{done.stderr or ''}",
+                )
+            raise RemoteError(
+                f"the connection broke while {argv[0]} ran",
+                f"{done.stdout or ''}{done.stderr or ''}",
+            )
         return Done(
-            done.exit_status if done.exit_status is not None else -1,
+            done.exit_status,
             str(done.stdout or ""),
             str(done.stderr or ""),
         )
