@@ -6,7 +6,6 @@ with `systemd-analyze verify` and enabled, not started (the fleet says so)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import json
 import os
@@ -22,61 +21,13 @@ import pytest
 from gpuprovider.fleet import deploy, units
 from gpuprovider.fleet.inventory import InventoryError, from_targets, load
 from gpuprovider.fleet.remote import KnownHosts
-from gpuprovider.testing import GPUPROVIDER, free_port, wait_for
+from gpuprovider.testing import GPUPROVIDER, SSHD, Sshd, free_port, keygen
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 needs_sshd = pytest.mark.skipif(
     not Path(SSHD).exists(), reason="needs openssh-server's sshd (make test installs it)"
 )
 USER = getpass.getuser()
 WHEELHOUSE = Path(os.environ.get("GPUPROVIDER_TEST_WHEELHOUSE", "/tmp/gpuprovider-test-wheels"))
-
-
-def keygen(path: Path) -> str:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f", str(path)],
-        check=True,
-    )
-    return path.with_suffix(".pub").read_text().strip()
-
-
-class Sshd:
-    """sshd -D on 127.0.0.1 at a free port, logging in only with the test's key."""
-
-    def __init__(self, root: Path, client_public: str) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
-        self.port = free_port()
-        self.host_public = keygen(root / "host_key")
-        authorized = root / "authorized_keys"
-        authorized.write_text(client_public + "\n")
-        authorized.chmod(0o600)
-        config = root / "sshd_config"
-        config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\n"
-            f"AuthorizedKeysFile {authorized}\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-            f"UsePAM no\nStrictModes no\nPidFile {root / 'sshd.pid'}\n"
-            "Subsystem sftp internal-sftp\nLogLevel ERROR\n"
-        )
-        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
-        with open(root / "sshd.log", "w") as log:
-            self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log)
-        wait_for(lambda: _answers(self.port), 20, "sshd")
-
-    def known_line(self) -> str:
-        kind, key = self.host_public.split()[:2]
-        return f"[127.0.0.1]:{self.port} {kind} {key}\n"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-        return True
-    return False
 
 
 class Listener:
@@ -392,6 +343,9 @@ def test_install_service_writes_a_unit_systemd_analyze_finds_clean(tmp_path):
     assert "hub serve" in (tmp_path / "units" / "gpuprovider-hub.service").read_text()
     nobody = run_cli(tmp_path / "home", "install-service", "--user", "no-such-user", "--print")
     assert nobody.returncode == 2 and "useradd --system" in nobody.stderr
+    for hostile in ("root\nExecStartPre=/bin/sh -c id", "a b", "$(id)"):
+        refused = run_cli(tmp_path / "home", "install-service", "--user", hostile, "--print")
+        assert refused.returncode == 2 and "--user" in refused.stderr, refused.stderr
 
 
 @needs_sshd
