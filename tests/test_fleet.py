@@ -6,6 +6,7 @@ with `systemd-analyze verify` and enabled, not started (the fleet says so)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
 import json
 import os
@@ -425,3 +426,37 @@ def test_ready_waits_for_the_node_in_node_list_with_a_bound(tmp_path):
         asyncio.run(deploy._ready(h, plan, started=True))
     said, _ = asyncio.run(deploy._ready(h, plan, started=False))
     assert said == "not waited for: the unit was not started"
+
+
+@needs_sshd
+def test_remove_drains_the_node_first_stops_its_unit_then_forgets_it(tmp_path, world):
+    spec = host(world, "leaving")
+    unit_dir = Path(spec["unit_dir"])
+    wants = unit_dir / "multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (unit_dir / "gpuprovider-node.service").write_text("[Unit]\n")
+    (wants / "gpuprovider-node.service").symlink_to("../gpuprovider-node.service")
+    Path(spec["prefix"]).mkdir(parents=True)
+    (Path(spec["prefix"]) / "node.toml").write_text("")
+    fields = {k: v for k, v in spec.items() if k not in ("host", "user", "port")}
+    target = f"{USER}@127.0.0.1:{world['sshd'].port}"
+    leaving = dataclasses.replace(from_targets([target], fields).hosts[0], name="leaving")
+    known = tmp_path / "known_hosts"
+    known.write_text(world["sshd"].known_line())
+    api = FakeApi()
+    plan = deploy.Plan(
+        head="", known=KnownHosts(known, []), accept_new=False, wheel_dir=tmp_path, api=api
+    )
+    steps: list[tuple[str, str]] = []
+    outcome = asyncio.run(
+        deploy.remove_host(leaving, plan, lambda h, s, st, d: steps.append((s, st)), purge=False)
+    )
+    assert outcome.ok, outcome
+    assert steps == [("drain", "ok"), ("connect", "ok"), ("stop", "ok"), ("forget", "ok")]
+    assert [c for c in api.calls if c[0] != "status"] == [
+        ("drain", "leaving"),
+        ("remove", "leaving"),
+    ]
+    assert not (unit_dir / "gpuprovider-node.service").exists()
+    assert not (wants / "gpuprovider-node.service").is_symlink()
+    assert not (Path(spec["prefix"]) / "node.toml").exists()
