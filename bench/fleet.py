@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import shutil
 import socket
 import statistics
 import sys
@@ -94,6 +95,7 @@ def main() -> None:
     finally:
         sshd.stop()
         head.close()
+        shutil.rmtree(root, ignore_errors=True)  # a venv per host: a GB or more
     per_host = [o.seconds for o in outcomes]
     figures = {
         "hosts": args.hosts,
