@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "gpuprovider"
 EVERYTHING = {
     "domain", "scheduler", "store", "lifecycle", "backends", "service", "daemon", "api",
     "cli", "check", "proof", "inventory", "identity", "config", "home", "bootstrap",
-    "testing", "telemetry", "market", "hub",
+    "testing", "telemetry", "market", "hub", "fleet",
 }  # fmt: skip
 FORBIDDEN = {
     "isolation": EVERYTHING,
@@ -31,6 +31,9 @@ FORBIDDEN = {
     # simulator, which place work with the scheduler library); hub/ is the hub app
     "market": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "hub"},
     "hub": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
+    # fleet/ drives hosts over SSH; the provider's API reaches it only through the
+    # ProviderApi the CLI hands it
+    "fleet": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
 }
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -722,3 +723,55 @@ def concurrent_attempts(marks: Path) -> list[tuple[int, int]]:
     """The pairs of attempts whose heartbeats overlap: (earlier, later)."""
     spans = sorted((min(b), max(b), attempt) for attempt, b in heartbeats(marks).items())
     return [(a, b) for (_, end, a), (start, _, b) in itertools.pairwise(spans) if end >= start]
+
+
+# -- a real sshd for the fleet's tests and benchmark --------------------------------------
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def keygen(path: Path) -> str:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f", str(path)],
+        check=True,
+    )
+    return path.with_suffix(".pub").read_text().strip()
+
+
+class Sshd:
+    """sshd -D on 127.0.0.1 at a free port, logging in only with the test's key."""
+
+    def __init__(self, root: Path, client_public: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.port = free_port()
+        self.host_public = keygen(root / "host_key")
+        authorized = root / "authorized_keys"
+        authorized.write_text(client_public + "\n")
+        authorized.chmod(0o600)
+        config = root / "sshd_config"
+        config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\n"
+            f"AuthorizedKeysFile {authorized}\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            f"UsePAM no\nStrictModes no\nPidFile {root / 'sshd.pid'}\n"
+            "Subsystem sftp internal-sftp\nLogLevel ERROR\n"
+        )
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
+        with open(root / "sshd.log", "w") as log:
+            self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log)
+        wait_for(lambda: _answers(self.port), 20, "sshd")
+
+    def known_line(self) -> str:
+        kind, key = self.host_public.split()[:2]
+        return f"[127.0.0.1]:{self.port} {kind} {key}\n"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False

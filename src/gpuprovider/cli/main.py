@@ -38,6 +38,8 @@ COMMANDS = {
     "market": "market:market_app",
     "price": "market:price_app",
     "hub": "hub:hub_app",
+    "fleet": "fleet:fleet_app",
+    "install-service": "fleet:install_service",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import socket
@@ -19,6 +20,7 @@ from gpuprovider.cli.client import Client, CliError
 from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import Id, ShortId, ago, console, print_json, table
 from gpuprovider.config import SimulatedGpu
+from gpuprovider.fleet.units import NodeConfig
 
 node_app = typer.Typer(help="Nodes of the pool.", no_args_is_help=True)
 gpu_app = typer.Typer(help="GPUs of every node.", no_args_is_help=True)
@@ -67,7 +69,7 @@ def node_list(
 
 @node_app.command("join")
 def node_join(
-    head: str = typer.Argument(..., help="The Ray head's host:port."),
+    head: str | None = typer.Argument(None, help="The Ray head's host:port."),
     name: str = typer.Option(socket.gethostname(), help="This node's name in the provider."),
     simulate_gpu: list[str] = typer.Option(
         [], "--simulate-gpu", help="Declare simulated GPUs, MODEL:COUNT (repeatable)."
@@ -75,10 +77,33 @@ def node_join(
     label: list[str] = typer.Option([], "--label", help="A node label KEY=VALUE (repeatable)."),
     num_cpus: int | None = typer.Option(None, help="CPUs Ray may use here (default: all)."),
     node_ip: str | None = typer.Option(None, help="This machine's address as the head sees it."),
+    config: Path | None = typer.Option(
+        None, "--config", help="Join as a node.toml says (written by `fleet add`)."
+    ),
+    block: bool = typer.Option(
+        False, "--block", help="Stay in the foreground as Ray's own process (under systemd)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check, print `ray start`, stop."),
 ) -> None:
     """Make this machine a node of a provider running on Ray (wraps `ray start`)."""
 
+    if config is not None:
+        if head is not None or simulate_gpu or label or num_cpus is not None or node_ip:
+            raise CliError("--config says everything: give no HEAD nor other option with it", 2)
+        try:
+            joined = NodeConfig.read(config)
+        except ValueError as exc:
+            raise CliError(f"--config {exc}", 2) from None
+        head, name, simulate_gpu, num_cpus, node_ip = (
+            joined.head,
+            joined.name,
+            joined.simulate_gpus,
+            joined.num_cpus,
+            joined.node_ip,
+        )
+        label = [f"{k}={v}" for k, v in joined.labels.items()]
+    if head is None:
+        raise CliError("name the Ray head's host:port (or --config FILE)", 2)
     sims = [_simulated(text) for text in simulate_gpu]
     labels = dict(_label(text) for text in label)
     if not re.fullmatch(LABEL_VALUE, name):
@@ -89,11 +114,17 @@ def node_join(
         raise CliError(str(exc), 2 if isinstance(exc, BadRayAddress) else 1) from None
     argv = join_command(head, name, sims, labels, num_cpus, node_ip)
     argv[0] = str(Path(sys.executable).parent / "ray")
+    if block:
+        argv.append("--block")
     console.print(f"head {head} runs gpuprovider {version}; joining as {name}")
     if dry_run:
         print(shlex.join(argv))
         return
-    done = subprocess.run(argv, capture_output=True, text=True, env=ray_node_env())
+    env = ray_node_env()
+    if block:  # Ray itself becomes this process: systemd watches and restarts it
+        sys.stdout.flush()
+        os.execve(argv[0], argv, env)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise CliError(f"`ray start` failed:\n{done.stderr.strip() or done.stdout.strip()}")
     console.print(f"joined: node {name} appears in `gpuprovider node list` within seconds")

@@ -1,0 +1,1 @@
+"""Hosts over SSH: inventory, install, rolling upgrade, system units."""
