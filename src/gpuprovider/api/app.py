@@ -13,6 +13,7 @@ from gpuprovider import __version__
 from gpuprovider.api.deps import Services
 from gpuprovider.api.routers import (
     events,
+    files,
     gpus,
     health,
     market,
@@ -28,6 +29,7 @@ from gpuprovider.domain.wire import parse_json
 from gpuprovider.service.errors import ServiceError
 
 PREFIX = "/api/v1"
+UPLOADS = f"{PREFIX}/uploads/"
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -91,6 +93,7 @@ def create_app(services: Services) -> FastAPI:
         market,
         swan,
         events,
+        files,
     ):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(watch.metrics_router)
@@ -118,6 +121,9 @@ class BodyLimit:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope.get("method") == "PUT" and scope.get("path", "").startswith(UPLOADS):
+            # an upload streams to disk, held to its Content-Length and the tenant's quota
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")

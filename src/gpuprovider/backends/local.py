@@ -25,8 +25,16 @@ from gpuprovider.backends.container import ContainerLimits
 from gpuprovider.backends.launch import Launch, choose_ports, settle
 from gpuprovider.backends.runner import LOG_NAME, read_output
 from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
+from gpuprovider.backends.workfiles import (
+    UPLOAD_MARK,
+    folder_bytes,
+    list_files,
+    read_file,
+    unpack,
+)
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.inventory.local import read_local_node
+from gpuprovider.isolation import users
 from gpuprovider.isolation.policy import Applied, Isolation, Settings, record_path, undo
 from gpuprovider.telemetry.node import NodeTelemetry, NodeWatcher
 
@@ -187,6 +195,7 @@ class LocalProcesses:
         if launch.container is not None:
             engine = shutil.which(launch.container.engine) or launch.container.engine
             container = [engine, launch.container.name]
+        mounts = self._volumes(launch)
         applied = self.isolation.apply(
             launch.task_id,
             launch.attempt,
@@ -197,7 +206,13 @@ class LocalProcesses:
             launch.cpu_milli,
             launch.gpu_minors,
             container,
+            mounts,
         )
+        try:
+            self._bring_files(launch, applied, mounts)
+        except OSError:
+            undo(applied)
+            raise
         limits = ContainerLimits(
             user=f"{applied.uid}:{applied.gid}" if applied.uid is not None else None,
             memory_bytes=applied.memory_limit_bytes,
@@ -222,6 +237,54 @@ class LocalProcesses:
             "lease_file": self.lease_file,
         }
         return request, applied, ports
+
+    @staticmethod
+    def _volumes(launch: Launch) -> list[tuple[str, str]]:
+        """Each volume's folder and where the task sees it (a path relative to the work
+        folder made absolute); OSError (the task's fault) for one gone or over its size."""
+        mounts = []
+        for source, target, size in launch.mounts:
+            if not os.path.isdir(source):
+                raise OSError(f"volume folder {source} is gone (the volume was deleted)")
+            used = folder_bytes(source)
+            if used > size:
+                raise OSError(
+                    f"a volume mounted at {target} holds {used >> 20} MiB, over its size of "
+                    f"{size >> 20} MiB; delete files from it or use a larger volume"
+                )
+            mounts.append((source, os.path.join(launch.workdir, target)))
+        return mounts
+
+    def _bring_files(self, launch: Launch, applied: Applied, mounts: list[tuple[str, str]]) -> None:
+        """The upload unpacked (at the task's first start), the volumes handed to this
+        attempt's user, and where no mount namespace can bind them, linked in place."""
+        mark = Path(launch.run_dir) / UPLOAD_MARK
+        if (launch.upload or launch.upload_data) and not mark.exists():
+            archive = launch.upload
+            if launch.upload_data is not None:  # sent along to a remote node
+                archive = str(Path(launch.run_dir) / "upload.tar.gz")
+                Path(archive).write_bytes(launch.upload_data)
+            try:
+                unpack(archive, launch.workdir, applied.uid, applied.gid)
+            except (OSError, ValueError) as exc:  # tarfile's filter errors are ValueErrors
+                raise OSError(f"upload could not be unpacked: {exc}") from None
+            finally:
+                if launch.upload_data is not None:
+                    Path(archive).unlink(missing_ok=True)
+            mark.touch()
+        for source, target in mounts:
+            if applied.uid is not None and applied.gid is not None:
+                os.chown(source, applied.uid, applied.gid)
+                users.hand_over(source, applied.uid, applied.gid)
+            if not applied.namespace:  # no namespace to bind it in: a link in its place
+                if not target.startswith(launch.workdir.rstrip("/") + "/"):
+                    raise OSError(
+                        f"a volume at {target} needs a mount namespace (the daemon as root); "
+                        "mount it at a path relative to the work folder"
+                    )
+                if not os.path.islink(target):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.symlink(source, target)
 
     def _start_process(self, request: dict) -> int | OSError:
         """A runner as a process of its own (when no runner server can be had)."""
@@ -310,6 +373,14 @@ class LocalProcesses:
         elif not any(run_dir in part for part in cmdline):
             return None
         return Handle(pid, start_time, run_dir, attempt, node_id)
+
+    def list_files(self, node_id: str, run_dir: str, path: str) -> list[dict]:
+        return list_files(os.path.join(run_dir, "work"), path)
+
+    def read_file(
+        self, node_id: str, run_dir: str, path: str, offset: int, limit: int
+    ) -> tuple[int, bytes]:
+        return read_file(os.path.join(run_dir, "work"), path, offset, limit)
 
     def _reap(self, pid: int) -> None:
         child = self._children.pop(pid, None)

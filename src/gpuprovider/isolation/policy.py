@@ -57,6 +57,8 @@ class Applied:
     namespace: bool = False
     dev_nodes: list[str] | None = None
     workdir: str = ""  # its working folder, made reachable by its path in the namespace
+    # Volumes bound in the namespace: [folder on the node, absolute path the task sees]
+    mounts: list[list[str]] | None = None
 
     def save(self, path: str) -> None:
         with open(path, "w") as handle:
@@ -143,6 +145,7 @@ class Isolation:
         cpu_milli: int,
         gpu_minors: list[int],
         container: list[str] | None = None,
+        mounts: list[tuple[str, str]] | None = None,
     ) -> Applied:
         """Lend a user, make the cgroup, hand the work folder over; what there is to undo
         is recorded in the run folder before anything runs. OSError when it cannot be
@@ -172,6 +175,7 @@ class Isolation:
             if not self.namespace_why and container is None:
                 applied.namespace = True
                 applied.workdir = workdir
+                applied.mounts = [[source, target] for source, target in mounts or []]
                 if self.devices == "namespace":
                     applied.dev_nodes = devices.nodes(gpu_minors)
             applied.memory_limit_bytes = self.memory_limit(memory_mib)
