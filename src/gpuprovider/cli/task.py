@@ -366,7 +366,7 @@ def files(
     as_json: bool = JSON,
 ) -> None:
     """List what a task has in its work folder (while it runs, and after)."""
-    found = globals_of(ctx).client().get(f"/tasks/{ref}/files", path=path)
+    found = globals_of(ctx).client().request("GET", f"/tasks/{ref}/files", params={"path": path})
     if as_json:
         return print_json(found)
     rows = [
