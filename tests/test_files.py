@@ -21,6 +21,7 @@ from gpuprovider.backends.workfiles import (
 from gpuprovider.cli import pack
 from gpuprovider.cli.client import Client
 from gpuprovider.cli.task import send_folder
+from gpuprovider.isolation import namespace
 from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
 PY = "/usr/bin/python3"
@@ -346,3 +347,54 @@ def test_a_volume_over_its_size_fails_the_next_start_and_cannot_be_deleted_while
     failed = provider.wait_state(again["id"], {"failed", "succeeded"})
     assert failed["state"] == "failed" and "over its size" in failed["reason"]
     assert provider.api.delete("/volumes/small").status_code == 204
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="tasks run as pool users only as root")
+def test_as_pool_users_an_upload_is_the_tasks_and_a_volume_is_bound_at_its_path(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    port = free_port()
+    p = Provider(make_home(tmp_path / "home", port, task_users="pool"), port)
+    p.start()
+    try:
+        facts = p.api.get("/nodes").json()[0]["facts"]["isolation"]
+        if facts["mounts"].startswith("none"):
+            pytest.skip(f"no mount namespace here: {facts['mounts']}")
+        src = _project(tmp_path)
+        ref = send_folder(Client(p.url, p.token), src)
+        assert p.api.post("/volumes", json={"name": "ckpt", "size_mib": 8}).status_code == 201
+        code = (
+            "import os, sys, json\n"
+            "st = os.stat('main.py')\n"
+            "p = '/tmp/ckpt/step'\n"
+            "if os.environ['GPUPROVIDER_ATTEMPT'] == '1':\n"
+            "    open(p, 'w').write('41')\n"
+            "    sys.exit(1)\n"
+            "print(json.dumps({'owner': st.st_uid == os.getuid(), 'step': open(p).read()}))\n"
+        )
+        task = p.submit(
+            command=[PY, "-c", code],
+            upload=ref,
+            volumes=[{"name": "ckpt", "path": "/tmp/ckpt"}],
+            retry={"attempts": 2, "backoff_s": 0.1},
+        )
+        done = p.wait_state(task["id"], {"succeeded", "failed"}, timeout=40)
+        assert done["state"] == "succeeded", (done["reason"], p.logs(task["id"]))
+        assert p.logs(task["id"]).strip().splitlines()[-1] == '{"owner": true, "step": "41"}'
+        assert not os.path.exists("/tmp/ckpt")  # bound in the task's own /tmp only
+    finally:
+        p.cancel_all()
+        p.stop()
+        kill_task_processes(p.home)
+
+
+def test_a_mount_path_through_a_link_is_refused_and_nothing_made_where_it_points(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "sub").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError, match="is not a folder"):
+        namespace._make_plain(str(tmp_path / "work" / "sub" / "vol"))
+    assert not (tmp_path / "elsewhere").exists()
+    namespace._make_plain(str(tmp_path / "work" / "plain" / "vol"))
+    assert (tmp_path / "work" / "plain" / "vol").is_dir()
