@@ -122,10 +122,11 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope.get("method") == "PUT" and scope.get("path", "").startswith(UPLOADS):
+        headers = dict(scope.get("headers") or [])
+        json_body = b"json" in headers.get(b"content-type", b"").lower()
+        if scope.get("method") == "PUT" and scope["path"].startswith(UPLOADS) and not json_body:
             # an upload streams to disk, held to its Content-Length and the tenant's quota
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         too_big = _refused_body(
             scope, 413, f"request body is larger than the limit of {self.limit} bytes"
