@@ -398,3 +398,30 @@ def test_a_mount_path_through_a_link_is_refused_and_nothing_made_where_it_points
     assert not (tmp_path / "elsewhere").exists()
     namespace._make_plain(str(tmp_path / "work" / "plain" / "vol"))
     assert (tmp_path / "work" / "plain" / "vol").is_dir()
+
+
+@pytest.mark.slow
+def test_a_work_folder_is_kept_for_its_period_after_the_task_ends_then_removed(tmp_path):
+    port = free_port()
+    home = make_home(tmp_path / "home", port)
+    # 3.6 s: long enough to read the files after the end, short enough to see them go
+    home.config.write_text(
+        home.config.read_text().replace("keep_work_h = 168.0", "keep_work_h = 0.001")
+    )
+    p = Provider(home, port)
+    p.start()
+    try:
+        task = p.submit(command=[PY, "-c", "open('result.txt', 'w').write('42')"])
+        p.wait_state(task["id"], "succeeded")
+        got = p.api.get(f"/tasks/{task['id']}/download", params={"path": "result.txt"})
+        assert got.status_code == 200 and got.content == b"42"
+        wait_for(
+            lambda: p.api.get(f"/tasks/{task['id']}/files").status_code == 404,
+            20,
+            "the work folder to go after its kept period",
+        )
+        assert p.api.get(f"/tasks/{task['id']}/logs").text == ""  # the log is not the work folder
+        assert (home.tasks / task["id"]).is_dir()
+    finally:
+        p.stop()
+        kill_task_processes(p.home)

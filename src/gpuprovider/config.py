@@ -183,6 +183,8 @@ class FilesConfig(_Section):
     # A tenant's volumes, their sizes together, and one volume at most.
     volume_quota_mib: int = Field(102_400, ge=1, le=1 << 40)
     max_volume_mib: int = Field(102_400, ge=1, le=1 << 40)
+    # An ended task's work folder (`task files`, `task download`) is kept this long.
+    keep_work_h: float = Field(168.0, gt=0, le=24 * 3650)
 
 
 class QuotaConfig(_Section):
@@ -612,6 +614,8 @@ max_entries = {d.files.max_entries}
 # `gpuprovider volume create`: a tenant's volumes (their sizes together), and one.
 volume_quota_mib = {d.files.volume_quota_mib}
 max_volume_mib = {d.files.max_volume_mib}
+# An ended task's work folder (`task files`, `task download`) is kept this many hours.
+keep_work_h = {d.files.keep_work_h}
 
 [reaper]
 # How often queue deadlines are checked.

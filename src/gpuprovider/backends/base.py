@@ -131,6 +131,11 @@ class Backend(Protocol):
         bytes from `offset` (NotInWorkdir as `list_files`)."""
         ...
 
+    def remove_work(self, node_id: str, run_dir: str) -> None:
+        """Delete an ended task's work folder on its node (its kept period is over);
+        NodeDown when the node cannot be asked."""
+        ...
+
     def telemetry(self, poll_nvml: bool, kernel_log: str) -> list[NodeTelemetry]:
         """What each alive node reports about its GPUs: new XIDs from its kernel log
         (`kernel_log`: "auto", a path, or ""), and with `poll_nvml` an NVML sample of

@@ -382,6 +382,10 @@ class LocalProcesses:
     ) -> tuple[int, bytes]:
         return read_file(os.path.join(run_dir, "work"), path, offset, limit)
 
+    def remove_work(self, node_id: str, run_dir: str) -> None:
+        # rmtree never follows a link the task left (it walks by file descriptor)
+        shutil.rmtree(os.path.join(run_dir, "work"), ignore_errors=True)
+
     def _reap(self, pid: int) -> None:
         child = self._children.pop(pid, None)
         if child is not None:

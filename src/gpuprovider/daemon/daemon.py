@@ -181,7 +181,7 @@ class Daemon:
             self.volumes,
         )
         self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
-        self.reaper = ReaperLoop(self.store, config)
+        self.reaper = ReaperLoop(self.store, config, self.backend)
         self.telemetry = TelemetryLoop(
             self.backend, self.repair, config.telemetry.interval_s, config.telemetry.kernel_log
         )

@@ -198,6 +198,10 @@ class NodeAgent:
         except NotInWorkdir:
             return None
 
+    def remove_work(self, credential: str, run_dir: str) -> None:
+        self._check(credential)
+        self.local.remove_work(self.node_id, run_dir)
+
     def read_log(self, credential: str, run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
         self._check(credential)
         return read_output(run_dir, offset, limit)

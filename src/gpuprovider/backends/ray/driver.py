@@ -476,5 +476,10 @@ class RayBackend:
             raise NotInWorkdir(path)
         return found
 
+    def remove_work(self, node_id: str, run_dir: str) -> None:
+        if node_id not in self.agents:
+            raise NodeDown(node_id, f"node {node_id} is not alive")
+        self._call(node_id, "remove_work", run_dir, timeout_s=CALL_TIMEOUT_S)
+
     def close(self) -> None:
         pass  # agents and their runners outlive the daemon by design
