@@ -365,24 +365,30 @@ def test_as_pool_users_an_upload_is_the_tasks_and_a_volume_is_bound_at_its_path(
         src = _project(tmp_path)
         ref = send_folder(Client(p.url, p.token), src)
         assert p.api.post("/volumes", json={"name": "ckpt", "size_mib": 8}).status_code == 201
+        assert p.api.post("/volumes", json={"name": "rel", "size_mib": 8}).status_code == 201
         code = (
             "import os, sys, json\n"
             "st = os.stat('main.py')\n"
             "p = '/tmp/ckpt/step'\n"
             "if os.environ['GPUPROVIDER_ATTEMPT'] == '1':\n"
             "    open(p, 'w').write('41')\n"
+            "    open('state/seen', 'w').write('yes')\n"
             "    sys.exit(1)\n"
-            "print(json.dumps({'owner': st.st_uid == os.getuid(), 'step': open(p).read()}))\n"
+            "print(json.dumps({'owner': st.st_uid == os.getuid(), 'step': open(p).read(),\n"
+            "                  'rel': open('state/seen').read()}))\n"
         )
         task = p.submit(
             command=[PY, "-c", code],
             upload=ref,
-            volumes=[{"name": "ckpt", "path": "/tmp/ckpt"}],
+            volumes=[{"name": "ckpt", "path": "/tmp/ckpt"}, {"name": "rel", "path": "state"}],
             retry={"attempts": 2, "backoff_s": 0.1},
         )
         done = p.wait_state(task["id"], {"succeeded", "failed"}, timeout=40)
         assert done["state"] == "succeeded", (done["reason"], p.logs(task["id"]))
-        assert p.logs(task["id"]).strip().splitlines()[-1] == '{"owner": true, "step": "41"}'
+        assert (
+            p.logs(task["id"]).strip().splitlines()[-1]
+            == '{"owner": true, "step": "41", "rel": "yes"}'
+        )
         assert not os.path.exists("/tmp/ckpt")  # bound in the task's own /tmp only
     finally:
         p.cancel_all()

@@ -27,14 +27,13 @@ from gpuprovider.backends.runner import LOG_NAME, read_output
 from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
 from gpuprovider.backends.workfiles import (
     UPLOAD_MARK,
-    folder_bytes,
     list_files,
     read_file,
+    settle_volume,
     unpack,
 )
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.inventory.local import read_local_node
-from gpuprovider.isolation import users
 from gpuprovider.isolation.policy import Applied, Isolation, Settings, record_path, undo
 from gpuprovider.telemetry.node import NodeTelemetry, NodeWatcher
 
@@ -241,17 +240,11 @@ class LocalProcesses:
     @staticmethod
     def _volumes(launch: Launch) -> list[tuple[str, str]]:
         """Each volume's folder and where the task sees it (a path relative to the work
-        folder made absolute); OSError (the task's fault) for one gone or over its size."""
+        folder made absolute); OSError (the task's fault) for one that is gone."""
         mounts = []
-        for source, target, size in launch.mounts:
+        for source, target, _ in launch.mounts:
             if not os.path.isdir(source):
                 raise OSError(f"volume folder {source} is gone (the volume was deleted)")
-            used = folder_bytes(source)
-            if used > size:
-                raise OSError(
-                    f"a volume mounted at {target} holds {used >> 20} MiB, over its size of "
-                    f"{size >> 20} MiB; delete files from it or use a larger volume"
-                )
             mounts.append((source, os.path.join(launch.workdir, target)))
         return mounts
 
@@ -272,10 +265,13 @@ class LocalProcesses:
                 if launch.upload_data is not None:
                     Path(archive).unlink(missing_ok=True)
             mark.touch()
-        for source, target in mounts:
-            if applied.uid is not None and applied.gid is not None:
-                os.chown(source, applied.uid, applied.gid)
-                users.hand_over(source, applied.uid, applied.gid)
+        for (source, target), (_, shown, size) in zip(mounts, launch.mounts, strict=True):
+            used = settle_volume(source, applied.uid, applied.gid)
+            if used > size:
+                raise OSError(
+                    f"the volume mounted at {shown} holds {used >> 20} MiB, over its size of "
+                    f"{size >> 20} MiB; delete files from it or use a larger volume"
+                )
             if not applied.namespace:  # no namespace to bind it in: a link in its place
                 if not target.startswith(launch.workdir.rstrip("/") + "/"):
                     raise OSError(

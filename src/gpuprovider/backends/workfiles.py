@@ -19,6 +19,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpuprovider.isolation import users
+
 MAX_ENTRY_NAME = 4096
 MAX_LISTED = 10_000  # entries of one folder in one answer
 UPLOAD_MARK = "upload.done"  # in the run folder: the upload is unpacked (once per task)
@@ -111,6 +113,36 @@ def folder_bytes(path: str) -> int:
         for name in files:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def settle_volume(folder: str, uid: int | None, gid: int | None) -> int:
+    """One walk of a volume's folder before an attempt mounts it: the bytes its files
+    take, and (with a user) every entry a pool user owns handed to `uid`, as
+    `users.hand_over` does for a work folder (links never followed; a file with other
+    hard links stays as it is)."""
+    total = 0
+    pool: dict[int, bool] = {}
+    if uid is not None and gid is not None:
+        os.chown(folder, uid, gid)
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                try:
+                    found = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(found.st_mode):
+                    stack.append(entry.path)
+                elif stat.S_ISREG(found.st_mode):
+                    total += found.st_size
+                if uid is None or gid is None or found.st_uid == uid:
+                    continue
+                if found.st_uid not in pool:
+                    pool[found.st_uid] = users.pool_uid(found.st_uid)
+                if pool[found.st_uid] and not (stat.S_ISREG(found.st_mode) and found.st_nlink > 1):
+                    os.lchown(entry.path, uid, gid)
     return total
 
 

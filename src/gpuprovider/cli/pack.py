@@ -119,31 +119,33 @@ def listing(root: Path) -> list[Entry]:
     folder, a device file, a pipe or socket)."""
     found: list[Entry] = []
 
-    def walk(folder: Path, rel: str, layers: list[tuple[str, list[_Rule]]]) -> None:
-        rules = _rules_in(folder)
+    def walk(folder: str, rel: str, layers: list[tuple[str, list[_Rule]]]) -> None:
+        rules = _rules_in(Path(folder))
         if rules:
             layers = [*layers, (rel, rules)]
-        for name in sorted(os.listdir(folder)):
-            path = folder / name
+        with os.scandir(folder) as listed:
+            entries = sorted(listed, key=lambda e: e.name)
+        for entry in entries:
+            name = entry.name
             sub = f"{rel}/{name}" if rel else name
-            info = os.lstat(path)
+            info = entry.stat(follow_symlinks=False)
             is_dir = stat.S_ISDIR(info.st_mode)
-            if name in ALWAYS_LEFT_OUT or _ignored(layers, sub, is_dir):
+            if name in ALWAYS_LEFT_OUT or (layers and _ignored(layers, sub, is_dir)):
                 continue
             if stat.S_ISLNK(info.st_mode):
-                target = os.readlink(path)
+                target = os.readlink(entry.path)
                 inside = os.path.normpath(os.path.join(os.path.dirname(sub), target))
                 if os.path.isabs(target) or inside.split("/")[0] == "..":
                     raise PackError(
                         f"{sub} links to {target}, outside the folder; copy the file in, or "
                         "leave it out (.gpuproviderignore)"
                     )
-                found.append(Entry(sub, str(path), info, target))
+                found.append(Entry(sub, entry.path, info, target))
             elif is_dir:
-                found.append(Entry(sub, str(path), info))
-                walk(path, sub, layers)
+                found.append(Entry(sub, entry.path, info))
+                walk(entry.path, sub, layers)
             elif stat.S_ISREG(info.st_mode):
-                found.append(Entry(sub, str(path), info))
+                found.append(Entry(sub, entry.path, info))
             else:
                 raise PackError(
                     f"{sub} is not a file, folder or link (a device, pipe or socket); "
@@ -152,7 +154,7 @@ def listing(root: Path) -> list[Entry]:
 
     if not root.is_dir():
         raise PackError(f"{root} is not a folder")
-    walk(root, "", [])
+    walk(str(root), "", [])
     return found
 
 
