@@ -4,8 +4,13 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
 import socket
+import subprocess
 import tarfile
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,9 +23,9 @@ from gpuprovider.backends.workfiles import (
     list_files,
     read_file,
 )
-from gpuprovider.cli import pack
-from gpuprovider.cli.client import Client
-from gpuprovider.cli.task import send_folder
+from gpuprovider.cli import pack, sources
+from gpuprovider.cli.client import Client, CliError
+from gpuprovider.cli.task import send_folder, send_source
 from gpuprovider.isolation import namespace
 from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
@@ -431,3 +436,64 @@ def test_a_work_folder_is_kept_for_its_period_after_the_task_ends_then_removed(t
     finally:
         p.stop()
         kill_task_processes(p.home)
+
+
+def _git(*args: str, cwd: Path) -> str:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@x",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@x",
+    }
+    done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_and_checksummed_archive_sources_are_fetched_here_and_sent(
+    provider, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    client = Client(provider.url, provider.token)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git("init", "-q", "-b", "main", cwd=repo)
+    (repo / "main.py").write_text("print(open('VERSION').read())")
+    (repo / "VERSION").write_text("one")
+    _git("add", ".", cwd=repo)
+    _git("commit", "-q", "-m", "one", cwd=repo)
+    commit = _git("rev-parse", "HEAD", cwd=repo)
+    (repo / "VERSION").write_text("two")
+    _git("commit", "-q", "-am", "two", cwd=repo)
+    ref = send_source(client, f"git:{repo}@{commit}")
+    task = provider.submit(command=[PY, "main.py"], upload=ref)
+    provider.wait_state(task["id"], "succeeded")
+    assert provider.api.get(f"/tasks/{task['id']}/logs").text == "one\n"
+    fetched: list[str] = []
+    monkeypatch.setattr(sources, "fetch_git", lambda *a: fetched.append(a[0]))
+    assert send_source(client, f"git:{repo}@{commit}") == ref and fetched == []  # a commit: kept
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert send_source(client, f"git:{repo}@main") != ref  # a branch: fetched again
+    # an http archive with its checksum
+    archive = tmp_path / "site" / "code.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(_tar([_file("run.py", b"print('from http')")]))
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    handler = partial(SimpleHTTPRequestHandler, directory=str(archive.parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/code.tar.gz"
+        ref = send_source(client, f"{url}#sha256={sha}")
+        task = provider.submit(command=[PY, "run.py"], upload=ref)
+        provider.wait_state(task["id"], "succeeded")
+        assert provider.api.get(f"/tasks/{task['id']}/logs").text == "from http\n"
+        for bad, why in ((f"{url}#sha256={'0' * 64}", "hash to"), (url, "checksum")):
+            with pytest.raises(CliError, match=why) as refused:
+                send_source(client, bad)
+            assert refused.value.code == 2
+    finally:
+        server.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import typer
 import yaml
 from rich.markup import escape
 
-from gpuprovider.cli import pack
+from gpuprovider.cli import pack, sources
 from gpuprovider.cli.client import Client, CliError
 from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import Id, ago, console, errors, print_json, table
@@ -66,11 +67,34 @@ def send_folder(client: Client, folder: Path) -> str:
     return f"sha256:{sha}"
 
 
+def send_source(client: Client, text: str) -> str:
+    """`--upload`'s reference: a folder, `git:URL@REV`, or an http(s) tar archive with
+    its checksum, fetched here and sent as a folder."""
+    if not sources.is_remote(text):
+        return send_folder(client, Path(text).expanduser())
+    key = sources.immutable_key(text)
+    sha = pack.remembered(key) if key else None
+    if sha and client.response_or_none("GET", f"/uploads/sha256:{sha}") is not None:
+        return f"sha256:{sha}"
+    with tempfile.TemporaryDirectory(prefix="gpuprovider-source-") as folder:
+        try:
+            if text.startswith("git:"):
+                sources.fetch_git(text, Path(folder))
+            else:
+                sources.fetch_archive(text, Path(folder))
+        except sources.SourceError as exc:
+            raise CliError(f"--upload: {exc}", 2) from None
+        ref = send_folder(client, Path(folder))
+    if key:
+        pack.remember(key, ref.removeprefix("sha256:"))
+    return ref
+
+
 def _submit(ctx: typer.Context, spec: dict[str, Any], dry_run: bool, as_json: bool) -> None:
     client = globals_of(ctx).client()
     upload = spec.get("upload")
     if isinstance(upload, str) and not upload.startswith("sha256:"):
-        spec["upload"] = send_folder(client, Path(upload).expanduser())
+        spec["upload"] = send_source(client, upload)
     if dry_run:
         verdict = client.post("/tasks", spec, dry_run="true")
         if as_json:
@@ -121,10 +145,11 @@ def run(
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeatable)."),
     workdir: str | None = typer.Option(None, help="Absolute working directory."),
     image: str | None = typer.Option(None, help="Container image (needs docker or podman)."),
-    upload: Path | None = typer.Option(
+    upload: str | None = typer.Option(
         None,
         help="A folder sent to the task's work folder (.gitignore and .gpuproviderignore "
-        "respected; an unchanged folder is not sent again).",
+        "respected; an unchanged folder is not sent again), git:URL@REV, or "
+        "https://…/code.tar.gz#sha256=HEX.",
     ),
     volume: list[str] = typer.Option(
         [], help="NAME:PATH: mount your volume NAME at PATH (repeatable)."
@@ -169,7 +194,7 @@ def run(
         ("image", image),
         ("workdir", workdir),
         ("max_duration_s", max_duration),
-        ("upload", str(upload) if upload is not None else None),
+        ("upload", upload),
     ):
         if value is not None:
             spec[key] = value
@@ -220,7 +245,8 @@ def submit(
     if not isinstance(spec, dict):
         raise CliError(f"{file} must hold a mapping of spec fields, not {type(spec).__name__}", 2)
     upload = spec.get("upload")
-    if isinstance(upload, str) and not upload.startswith("sha256:") and str(file) != "-":
+    local = isinstance(upload, str) and not upload.startswith("sha256:")
+    if local and not sources.is_remote(upload) and str(file) != "-":
         spec["upload"] = str(file.parent / Path(upload).expanduser())
     _submit(ctx, spec, dry_run, as_json)
 
