@@ -196,6 +196,8 @@ def test_an_upload_runs_and_its_results_come_out(provider, tmp_path, monkeypatch
     assert done["state"] == "succeeded", done["reason"]
     listed = provider.cli("task", "files", "up1", "out", "--json")
     assert '"result.txt"' in listed.stdout, listed.stderr
+    shown = provider.cli("task", "files", "up1", columns=80)
+    assert shown.returncode == 0 and "out/" in shown.stdout and "main.py" in shown.stdout
     dest = tmp_path / "result.txt"
     got = provider.cli("task", "download", "up1", "out/result.txt", str(dest))
     assert got.returncode == 0, got.stderr

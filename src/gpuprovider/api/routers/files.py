@@ -3,7 +3,7 @@
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
@@ -13,6 +13,7 @@ from gpuprovider.api.routers import ERRORS, answer
 from gpuprovider.domain.spec import UPLOAD_PATTERN
 
 router = APIRouter(tags=["files"], responses=ERRORS)
+IDLE_S = 30.0  # an upload whose bytes stop for this long is dropped
 UploadRef = Annotated[str, Path(pattern=UPLOAD_PATTERN.replace("^sha256:", "^(sha256:)?"))]
 
 
@@ -29,29 +30,39 @@ async def have_upload(ref: UploadRef, who: Reader, svc: Svc, uploads: UploadStor
     return answer({"sha256": "sha256:" + ref.removeprefix("sha256:")})
 
 
-@router.put("/uploads/{ref}", status_code=201)
+@router.put(
+    "/uploads/{ref}",
+    status_code=201,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
 async def put_upload(
-    ref: UploadRef,
-    request: Request,
-    who: Submitter,
-    svc: Svc,
-    uploads: UploadStore,
-    content_length: Annotated[int | None, Header(ge=0)] = None,
+    ref: UploadRef, request: Request, who: Submitter, svc: Svc, uploads: UploadStore
 ) -> JSONResponse:
-    """A gzip-compressed tar of a folder, named by the SHA-256 of its bytes: checked
-    (its hash, every entry, its unpacked size) before it is kept; nothing is kept of
-    one refused or cut short (send it again)."""
+    """A gzip-compressed tar of a folder, named by the SHA-256 of its bytes, with its
+    Content-Length: checked (its hash, every entry, its unpacked size) before it is
+    kept; nothing is kept of one refused or cut short (send it again)."""
     if await svc.slow(uploads.have, who.tenant, ref):
         return answer({"sha256": "sha256:" + ref.removeprefix("sha256:"), "kept": True})
-    partial = await svc.slow(uploads.begin, who.tenant, ref, content_length)
+    declared = request.headers.get("content-length", "")
+    length = int(declared) if declared.isdigit() and len(declared) < 19 else None
+    partial = await svc.slow(uploads.begin, who.tenant, ref, length)
     try:
-        try:
-            async for chunk in request.stream():
-                if chunk:
-                    await asyncio.to_thread(partial.write, chunk)
-        except ClientDisconnect:
-            await asyncio.to_thread(partial.abort)
-            return answer({"error": "upload: the client went away; nothing was kept"}, 400)
+        chunks = request.stream()
+        while True:
+            try:  # a client that stops sending holds its quota no longer than this
+                chunk = await asyncio.wait_for(anext(chunks), IDLE_S)
+            except StopAsyncIteration:
+                break
+            except (ClientDisconnect, TimeoutError):
+                await asyncio.to_thread(partial.abort)
+                return answer({"error": "upload: the bytes stopped coming; nothing was kept"}, 408)
+            if chunk:
+                await asyncio.to_thread(partial.write, chunk)
         kept = await svc.slow(partial.finish)
     except BaseException:
         await asyncio.to_thread(partial.abort)
