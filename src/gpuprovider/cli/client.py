@@ -117,7 +117,10 @@ class Client:
             try:
                 with open(file, "rb") as body:
                     size = os.fstat(body.fileno()).st_size
-                    headers = {"Content-Length": str(size), "Content-Type": "application/gzip"}
+                    headers = {
+                        "Content-Length": str(size),
+                        "Content-Type": "application/octet-stream",
+                    }
                     response = self.http.put(
                         f"/api/v1{path}", content=body, headers=headers, timeout=600
                     )

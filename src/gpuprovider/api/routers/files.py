@@ -36,7 +36,9 @@ async def have_upload(ref: UploadRef, who: Reader, svc: Svc, uploads: UploadStor
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
         }
     },
 )
