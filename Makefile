@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed  # and the test extra (torch, Ray, ...): what `make 
 # Debian packages the tests run for real: podman and runc for containers, busybox for
 # the image they run, prometheus for promtool and a real scrape, nginx in front of the
 # gateway, nftables and iproute2 for tasks' network rules (and the test's own "outside"
-# network namespace), openssh-server for the fleet's SSH hosts. Installed by `make test`
-# when missing (as root, with apt-get).
-TEST_DEBS := podman runc busybox-static prometheus nginx nftables iproute2 openssh-server
+# network namespace), openssh-server for the fleet's SSH hosts, git for uploads from a
+# git source. Installed by `make test` when missing (as root, with apt-get).
+TEST_DEBS := podman runc busybox-static prometheus nginx nftables iproute2 openssh-server git
 
 .PHONY: up test lint format bench clean debs
 

@@ -14,6 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from gpuprovider.cli.client import Client
+from gpuprovider.cli.task import send_folder
 from gpuprovider.telemetry.standin import ENV as STANDIN_NVML
 from gpuprovider.testing import (
     GPUPROVIDER,
@@ -120,6 +122,32 @@ def test_cancel_stops_the_process_on_its_node(ray_provider):
     assert cancelled.returncode == 0
     ended = ray_provider.wait_state(task["id"], "cancelled", timeout=60)
     assert ended["allocation"]["node"] == "node-h100"
+
+
+def test_an_upload_runs_on_a_ray_node_its_files_come_out_and_volumes_are_refused(
+    ray_provider, tmp_path
+):
+    src = tmp_path / "proj"
+    src.mkdir()
+    (src / "main.py").write_text("open('out.txt', 'w').write(open('in.txt').read() * 3)")
+    (src / "in.txt").write_text("ray ")
+    ref = send_folder(Client(ray_provider.url, ray_provider.token), src)
+    task = ray_provider.submit(
+        command=[PY, "main.py"], upload=ref, resources={"gpu": "A100:1"}, name="uploaded"
+    )
+    done = ray_provider.wait_state(task["id"], {"succeeded", "failed"}, timeout=60)
+    assert done["state"] == "succeeded", done["reason"]
+    assert done["allocation"]["node"] == "node-a100"
+    got = ray_provider.api.get(f"/tasks/{task['id']}/download", params={"path": "out.txt"})
+    assert got.status_code == 200 and got.content == b"ray ray ray "
+    names = [f["name"] for f in ray_provider.api.get(f"/tasks/{task['id']}/files").json()]
+    assert names == ["in.txt", "main.py", "out.txt"]
+    missing = ray_provider.api.get(f"/tasks/{task['id']}/download", params={"path": "../x"})
+    assert missing.status_code == 404
+    assert ray_provider.api.post("/volumes", json={"name": "v", "size_mib": 8}).status_code == 201
+    spec = {"command": ["true"], "volumes": [{"name": "v", "path": "v"}]}
+    refused = ray_provider.api.post("/tasks", json=spec)
+    assert refused.status_code == 422 and "only the local backend" in refused.json()["error"]
 
 
 def test_max_duration_as_on_the_local_backend(ray_provider):

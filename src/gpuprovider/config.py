@@ -178,6 +178,22 @@ class IsolationConfig(_Section):
         return [root.rstrip("/") or "/" for root in roots]
 
 
+class FilesConfig(_Section):
+    """Code in (uploads) and state kept (volumes), per tenant."""
+
+    # A tenant's uploads together, as sent (compressed); the least recently used that
+    # no live task needs make room for a new one.
+    upload_quota_mib: int = Field(2048, ge=1, le=1 << 30)
+    # One upload unpacked (a compression bomb stops here), and its entries.
+    max_unpacked_mib: int = Field(8192, ge=1, le=1 << 30)
+    max_entries: int = Field(200_000, ge=1, le=100_000_000)
+    # A tenant's volumes, their sizes together, and one volume at most.
+    volume_quota_mib: int = Field(102_400, ge=1, le=1 << 40)
+    max_volume_mib: int = Field(102_400, ge=1, le=1 << 40)
+    # An ended task's work folder (`task files`, `task download`) is kept this long.
+    keep_work_h: float = Field(168.0, gt=0, le=24 * 3650)
+
+
 class QuotaConfig(_Section):
     gpus: float = Field(ge=0, le=100_000, description="GPUs guaranteed to the tenant")
 
@@ -384,6 +400,7 @@ class ProviderConfig(_Section):
     reaper: ReaperConfig = Field(default_factory=ReaperConfig)
     proof: ProofConfig = Field(default_factory=ProofConfig)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    files: FilesConfig = Field(default_factory=FilesConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     repair: RepairConfig = Field(default_factory=RepairConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
@@ -599,6 +616,19 @@ nvml = {str(d.inventory.nvml).lower()}
 # [[inventory.expected_gpus]]
 # model = "h100-80gb-sxm"
 # count = 8
+
+[files]
+# `task run --upload DIR`: a tenant's uploads together (as sent, compressed), MiB. The
+# least recently used that no live task needs make room for a new one.
+upload_quota_mib = {d.files.upload_quota_mib}
+# One upload unpacked (a compression bomb stops here), and its entries.
+max_unpacked_mib = {d.files.max_unpacked_mib}
+max_entries = {d.files.max_entries}
+# `gpuprovider volume create`: a tenant's volumes (their sizes together), and one.
+volume_quota_mib = {d.files.volume_quota_mib}
+max_volume_mib = {d.files.max_volume_mib}
+# An ended task's work folder (`task files`, `task download`) is kept this many hours.
+keep_work_h = {d.files.keep_work_h}
 
 [reaper]
 # How often queue deadlines are checked.

@@ -53,6 +53,16 @@ class Home:
         return self.root / "verifier.key"
 
     @property
+    def uploads(self) -> Path:
+        """Tenants' uploads (one folder per tenant)."""
+        return self.root / "uploads"
+
+    @property
+    def volumes(self) -> Path:
+        """Tenants' volumes (one folder per tenant)."""
+        return self.root / "volumes"
+
+    @property
     def tasks(self) -> Path:
         return self.root / "tasks"
 

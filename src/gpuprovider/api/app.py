@@ -13,6 +13,7 @@ from gpuprovider import __version__
 from gpuprovider.api.deps import Services
 from gpuprovider.api.routers import (
     events,
+    files,
     gpus,
     health,
     market,
@@ -28,6 +29,7 @@ from gpuprovider.domain.wire import parse_json
 from gpuprovider.service.errors import ServiceError
 
 PREFIX = "/api/v1"
+UPLOADS = f"{PREFIX}/uploads/"
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -91,6 +93,7 @@ def create_app(services: Services) -> FastAPI:
         market,
         swan,
         events,
+        files,
     ):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(watch.metrics_router)
@@ -120,6 +123,10 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        json_body = b"json" in headers.get(b"content-type", b"").lower()
+        if scope.get("method") == "PUT" and scope["path"].startswith(UPLOADS) and not json_body:
+            # an upload streams to disk, held to its Content-Length and the tenant's quota
+            return await self.app(scope, receive, send)
         declared = headers.get(b"content-length")
         too_big = _refused_body(
             scope, 413, f"request body is larger than the limit of {self.limit} bytes"

@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Request
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.service.calls import Calls
 from gpuprovider.service.errors import Unavailable
+from gpuprovider.service.files import Uploads, Volumes
 from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
@@ -41,6 +42,8 @@ class Services:
     serving: Serving | None = None
     markets: list[MarketService] = field(default_factory=list)
     swan: SwanService | None = None  # Swan's job API, when a [market] is kind swan
+    uploads: Uploads | None = None
+    volumes: Volumes | None = None
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)
@@ -98,6 +101,8 @@ Svc = Annotated[Services, Depends(services)]
 Proofs = Annotated[ProofService, optional("proofs", "proof of GPU")]
 Repair = Annotated[RepairService, optional("repair", "watch and repair")]
 MetricsOf = Annotated[Metrics, optional("metrics", "metrics")]
+UploadStore = Annotated[Uploads, optional("uploads", "uploads")]
+VolumeStore = Annotated[Volumes, optional("volumes", "volumes")]
 Served = Annotated[Serving, optional("serving", "services")]
 Reader = Annotated[TokenRecord, needs("read")]
 Submitter = Annotated[TokenRecord, needs("submit")]

@@ -119,6 +119,23 @@ class Backend(Protocol):
         where they start (after `offset` when the output there was dropped by the cap)."""
         ...
 
+    def list_files(self, node_id: str, run_dir: str, path: str) -> list[dict]:
+        """The entries of folder `path` in the task's work folder on its node (never past
+        it: NotInWorkdir for '..', a link or nothing there)."""
+        ...
+
+    def read_file(
+        self, node_id: str, run_dir: str, path: str, offset: int, limit: int
+    ) -> tuple[int, bytes]:
+        """The size of file `path` in the task's work folder, and up to `limit` of its
+        bytes from `offset` (NotInWorkdir as `list_files`)."""
+        ...
+
+    def remove_work(self, node_id: str, run_dir: str) -> None:
+        """Delete an ended task's work folder on its node (its kept period is over);
+        NodeDown when the node cannot be asked."""
+        ...
+
     def telemetry(self, poll_nvml: bool, kernel_log: str) -> list[NodeTelemetry]:
         """What each alive node reports about its GPUs: new XIDs from its kernel log
         (`kernel_log`: "auto", a path, or ""), and with `poll_nvml` an NVML sample of

@@ -38,6 +38,12 @@ class Launch:
     cpu_milli: int = 0
     gpu_minors: list[int] = field(default_factory=list)
     own_workdir: bool = True  # the task's own folder (handed to its user), not the spec's
+    # An archive (checked when it came) unpacked into the work folder at the task's first
+    # start: its path on the provider's machine, and for a remote node its bytes.
+    upload: str = ""
+    upload_data: bytes | None = None
+    # Volumes: (folder on the node, where the task sees it, size limit in bytes)
+    mounts: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 def build_launch(
@@ -51,6 +57,8 @@ def build_launch(
     engine: str | None,
     container_runtime: str = "",
     container_read_only: bool = True,
+    upload: str = "",
+    mounts: list[tuple[str, str, int]] | None = None,
 ) -> Launch:
     """The launch of `task`'s current attempt on the GPUs `gpus` of its allocation."""
     spec = task.task_spec
@@ -82,6 +90,8 @@ def build_launch(
         cpu_milli=allocation.cpu_milli,
         gpu_minors=[g.idx for g in gpus],
         own_workdir=spec.workdir is None or bool(spec.image),
+        upload=upload,
+        mounts=mounts or [],
     )
     if spec.image:
         launch.container = ContainerLaunch(

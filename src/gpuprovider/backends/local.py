@@ -25,6 +25,13 @@ from gpuprovider.backends.container import ContainerLimits
 from gpuprovider.backends.launch import Launch, choose_ports, settle
 from gpuprovider.backends.runner import LOG_NAME, read_output
 from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
+from gpuprovider.backends.workfiles import (
+    UPLOAD_MARK,
+    list_files,
+    read_file,
+    settle_volume,
+    unpack,
+)
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.inventory.local import read_local_node
 from gpuprovider.isolation import users
@@ -194,6 +201,7 @@ class LocalProcesses:
         if launch.container is not None:
             engine = shutil.which(launch.container.engine) or launch.container.engine
             container = [engine, launch.container.name]
+        mounts = self._volumes(launch)
         applied = self.isolation.apply(
             launch.task_id,
             launch.attempt,
@@ -205,7 +213,13 @@ class LocalProcesses:
             launch.gpu_minors,
             container,
             sorted(ports.values()),
+            mounts,
         )
+        try:
+            self._bring_files(launch, applied, mounts)
+        except OSError:
+            undo(applied)
+            raise
         limits = ContainerLimits(
             user=f"{applied.uid}:{applied.gid}" if applied.uid is not None else None,
             memory_bytes=applied.memory_limit_bytes,
@@ -230,6 +244,51 @@ class LocalProcesses:
             "lease_file": self.lease_file,
         }
         return request, applied, ports
+
+    @staticmethod
+    def _volumes(launch: Launch) -> list[tuple[str, str]]:
+        """Each volume's folder and where the task sees it (a path relative to the work
+        folder made absolute); OSError (the task's fault) for one that is gone."""
+        mounts = []
+        for source, target, _ in launch.mounts:
+            if not os.path.isdir(source):
+                raise OSError(f"volume folder {source} is gone (the volume was deleted)")
+            mounts.append((source, os.path.join(launch.workdir, target)))
+        return mounts
+
+    def _bring_files(self, launch: Launch, applied: Applied, mounts: list[tuple[str, str]]) -> None:
+        """The upload unpacked (at the task's first start), the volumes handed to this
+        attempt's user, and where no mount namespace can bind them, linked in place."""
+        mark = Path(launch.run_dir) / UPLOAD_MARK
+        if (launch.upload or launch.upload_data) and not mark.exists():
+            archive = launch.upload
+            if launch.upload_data is not None:  # sent along to a remote node
+                archive = str(Path(launch.run_dir) / "upload.tar.gz")
+                Path(archive).write_bytes(launch.upload_data)
+            try:
+                unpack(archive, launch.workdir, applied.uid, applied.gid)
+            except (OSError, ValueError) as exc:  # tarfile's filter errors are ValueErrors
+                raise OSError(f"upload could not be unpacked: {exc}") from None
+            finally:
+                if launch.upload_data is not None:
+                    Path(archive).unlink(missing_ok=True)
+            mark.touch()
+        for (source, target), (_, shown, size) in zip(mounts, launch.mounts, strict=True):
+            used = settle_volume(source, applied.uid, applied.gid)
+            if used > size:
+                raise OSError(
+                    f"the volume mounted at {shown} holds {used >> 20} MiB, over its size of "
+                    f"{size >> 20} MiB; delete files from it or use a larger volume"
+                )
+            if not applied.namespace:  # no namespace to bind it in: a link in its place
+                if not target.startswith(launch.workdir.rstrip("/") + "/"):
+                    raise OSError(
+                        f"a volume at {target} needs a mount namespace (the daemon as root); "
+                        "mount it at a path relative to the work folder"
+                    )
+                if not os.path.islink(target):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.symlink(source, target)
 
     def _start_process(self, request: dict) -> int | OSError:
         """A runner as a process of its own (when no runner server can be had)."""
@@ -318,6 +377,18 @@ class LocalProcesses:
         elif not any(run_dir in part for part in cmdline):
             return None
         return Handle(pid, start_time, run_dir, attempt, node_id)
+
+    def list_files(self, node_id: str, run_dir: str, path: str) -> list[dict]:
+        return list_files(os.path.join(run_dir, "work"), path)
+
+    def read_file(
+        self, node_id: str, run_dir: str, path: str, offset: int, limit: int
+    ) -> tuple[int, bytes]:
+        return read_file(os.path.join(run_dir, "work"), path, offset, limit)
+
+    def remove_work(self, node_id: str, run_dir: str) -> None:
+        # rmtree never follows a link the task left (it walks by file descriptor)
+        shutil.rmtree(os.path.join(run_dir, "work"), ignore_errors=True)
 
     def _reap(self, pid: int) -> None:
         child = self._children.pop(pid, None)

@@ -85,7 +85,7 @@ def _become_task(applied: Applied | None) -> Callable[[], None] | None:
         if applied.cgroups:
             cgroups.join(applied.cgroups)
         if applied.namespace:
-            namespace.enter(applied.dev_nodes, applied.workdir)
+            namespace.enter(applied.dev_nodes, applied.workdir, mounts=applied.mounts)
         if applied.uid is not None and applied.drop_privileges:
             os.setgroups([])
             os.setgid(applied.gid)

@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -93,6 +94,40 @@ class Client:
                 raise self._unreachable(exc) from None
             except httpx.TransportError as exc:
                 if attempt + 1 == SUBMIT_TRIES:
+                    raise self._unreachable(exc) from None
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            return self._check(response)
+
+    def response_or_none(self, method: str, path: str) -> httpx.Response | None:
+        """The answer, or None for a 404."""
+        try:
+            response = self.http.request(method, f"/api/v1{path}")
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code == 404:
+            return None
+        self._check(response)
+        return response
+
+    def put_file(self, path: str, file: Path, tries: int) -> Any:
+        """PUT a file's bytes (streamed, with its length), sent again whole when the
+        connection drops: the provider keeps nothing of a cut upload."""
+        for attempt in range(tries):
+            try:
+                with open(file, "rb") as body:
+                    size = os.fstat(body.fileno()).st_size
+                    headers = {
+                        "Content-Length": str(size),
+                        "Content-Type": "application/octet-stream",
+                    }
+                    response = self.http.put(
+                        f"/api/v1{path}", content=body, headers=headers, timeout=600
+                    )
+            except httpx.ConnectError as exc:
+                raise self._unreachable(exc) from None
+            except httpx.TransportError as exc:
+                if attempt + 1 == tries:
                     raise self._unreachable(exc) from None
                 time.sleep(0.5 * (attempt + 1))
                 continue

@@ -29,6 +29,7 @@ COMMANDS = {
     "node": "resources:node_app",
     "gpu": "resources:gpu_app",
     "token": "resources:token_app",
+    "volume": "volume:volume_app",
     "proof": "proof:proof_app",
     "key": "key:key_app",
     "repair": "watch:repair_app",

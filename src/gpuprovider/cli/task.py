@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import typer
 import yaml
 from rich.markup import escape
 
-from gpuprovider.cli.client import CliError
+from gpuprovider.cli import pack, sources
+from gpuprovider.cli.client import Client, CliError
 from gpuprovider.cli.common import JSON, globals_of
 from gpuprovider.cli.output import Id, ago, console, errors, print_json, table
 
@@ -36,8 +38,63 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
+UPLOAD_TRIES = 3
+
+
+def send_folder(client: Client, folder: Path) -> str:
+    """The folder's upload reference (sha256:...), sent unless the provider has it."""
+    try:
+        entries = pack.listing(folder)
+    except pack.PackError as exc:
+        raise CliError(f"--upload: {exc}", 2) from None
+    except OSError as exc:
+        raise CliError(f"--upload: cannot read {exc.filename}: {exc.strerror}", 2) from None
+    key = pack.listing_key(folder, entries)
+    sha = pack.remembered(key)
+    if sha and client.response_or_none("GET", f"/uploads/sha256:{sha}") is not None:
+        return f"sha256:{sha}"
+    archive = pack.temporary_archive()
+    try:
+        try:
+            sha = pack.pack(entries, archive)
+        except OSError as exc:
+            raise CliError(f"--upload: cannot read {exc.filename}: {exc.strerror}", 2) from None
+        if client.response_or_none("GET", f"/uploads/sha256:{sha}") is None:
+            client.put_file(f"/uploads/sha256:{sha}", archive, UPLOAD_TRIES)
+    finally:
+        archive.unlink(missing_ok=True)
+    pack.remember(key, sha)
+    return f"sha256:{sha}"
+
+
+def send_source(client: Client, text: str) -> str:
+    """`--upload`'s reference: a folder, `git:URL@REV`, or an http(s) tar archive with
+    its checksum, fetched here and sent as a folder."""
+    if not sources.is_remote(text):
+        return send_folder(client, Path(text).expanduser())
+    key = sources.immutable_key(text)
+    sha = pack.remembered(key) if key else None
+    if sha and client.response_or_none("GET", f"/uploads/sha256:{sha}") is not None:
+        return f"sha256:{sha}"
+    with tempfile.TemporaryDirectory(prefix="gpuprovider-source-") as folder:
+        try:
+            if text.startswith("git:"):
+                sources.fetch_git(text, Path(folder))
+            else:
+                sources.fetch_archive(text, Path(folder))
+        except sources.SourceError as exc:
+            raise CliError(f"--upload: {exc}", 2) from None
+        ref = send_folder(client, Path(folder))
+    if key:
+        pack.remember(key, ref.removeprefix("sha256:"))
+    return ref
+
+
 def _submit(ctx: typer.Context, spec: dict[str, Any], dry_run: bool, as_json: bool) -> None:
     client = globals_of(ctx).client()
+    upload = spec.get("upload")
+    if isinstance(upload, str) and not upload.startswith("sha256:"):
+        spec["upload"] = send_source(client, upload)
     if dry_run:
         verdict = client.post("/tasks", spec, dry_run="true")
         if as_json:
@@ -88,6 +145,15 @@ def run(
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeatable)."),
     workdir: str | None = typer.Option(None, help="Absolute working directory."),
     image: str | None = typer.Option(None, help="Container image (needs docker or podman)."),
+    upload: str | None = typer.Option(
+        None,
+        help="A folder sent to the task's work folder (.gitignore and .gpuproviderignore "
+        "respected; an unchanged folder is not sent again), git:URL@REV, or "
+        "https://…/code.tar.gz#sha256=HEX.",
+    ),
+    volume: list[str] = typer.Option(
+        [], help="NAME:PATH: mount your volume NAME at PATH (repeatable)."
+    ),
     max_duration: float | None = typer.Option(None, help="Seconds before it is stopped."),
     attempts: int = typer.Option(1, help="Total attempts on failure."),
     backoff: float = typer.Option(1.0, help="Seconds before the first retry (doubles)."),
@@ -128,9 +194,17 @@ def run(
         ("image", image),
         ("workdir", workdir),
         ("max_duration_s", max_duration),
+        ("upload", upload),
     ):
         if value is not None:
             spec[key] = value
+    if volume:
+        spec["volumes"] = []
+        for item in volume:
+            vol_name, sep, path = item.partition(":")
+            if not sep or not vol_name or not path:
+                raise CliError(f"--volume {item!r} must be NAME:PATH", 2)
+            spec["volumes"].append({"name": vol_name, "path": path})
     serve: dict[str, Any] = {}
     for key, value in (
         ("replicas", replicas),
@@ -154,7 +228,8 @@ def submit(
     dry_run: bool = DRY_RUN,
     as_json: bool = JSON,
 ) -> None:
-    """Submit a task from a spec file."""
+    """Submit a task from a spec file (its `upload: DIR`, relative to the file, is sent
+    first)."""
     try:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()
     except OSError as exc:
@@ -169,6 +244,10 @@ def submit(
         raise CliError(f"{file} nests too deep to be a task spec", 2) from None
     if not isinstance(spec, dict):
         raise CliError(f"{file} must hold a mapping of spec fields, not {type(spec).__name__}", 2)
+    upload = spec.get("upload")
+    local = isinstance(upload, str) and not upload.startswith("sha256:")
+    if local and not sources.is_remote(upload) and str(file) != "-":
+        spec["upload"] = str(file.parent / Path(upload).expanduser())
     _submit(ctx, spec, dry_run, as_json)
 
 
@@ -295,3 +374,72 @@ def cancel(
     if as_json:
         return print_json(task)
     console.print(f"{task['id']} {task['state']}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@task_app.command("files")
+def files(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="Id or name."),
+    path: str = typer.Argument("", help="A folder (or file) in its work folder."),
+    as_json: bool = JSON,
+) -> None:
+    """List what a task has in its work folder (while it runs, and after)."""
+    found = globals_of(ctx).client().request("GET", f"/tasks/{ref}/files", params={"path": path})
+    if as_json:
+        return print_json(found)
+    rows = [
+        [
+            f["name"] + ("/" if f["type"] == "dir" else ""),
+            f["type"],
+            _size(f["size"]),
+            ago(f["mtime"]),
+        ]
+        for f in found
+    ]
+    table("Files", ["NAME", "TYPE", "SIZE", "MODIFIED"], rows)
+
+
+@task_app.command("download")
+def download(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="Id or name."),
+    path: str = typer.Argument(..., help="A file in its work folder."),
+    dest: Path = typer.Argument(..., help="Where to write it ('-': stdout; a folder: into it)."),
+) -> None:
+    """Fetch a file from a task's work folder, piece by piece."""
+    client = globals_of(ctx).client()
+    if dest.is_dir():
+        dest = dest / Path(path).name
+    out = sys.stdout.buffer if str(dest) == "-" else None
+    partial = dest.with_name(f".{dest.name}.part") if out is None else None
+    try:
+        handle = out or open(partial, "wb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise CliError(f"cannot write {dest}: {exc.strerror}", 2) from None
+    offset = 0
+    try:
+        while True:
+            page = client.response(
+                "GET", f"/tasks/{ref}/download", params={"path": path, "offset": offset}
+            )
+            handle.write(page.content)
+            offset = int(page.headers["X-File-Next"])
+            if not page.content or offset >= int(page.headers["X-File-Size"]):
+                break
+    except BaseException:
+        if partial is not None:
+            handle.close()
+            partial.unlink(missing_ok=True)
+        raise
+    if partial is not None:
+        handle.close()
+        partial.replace(dest)
+        errors.print(f"{path} -> {dest} ({_size(offset)})")

@@ -43,6 +43,7 @@ from gpuprovider.market.pricing import Pricing
 from gpuprovider.market.strategies import lease_strategy
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
+from gpuprovider.service.files import FileLimits, Uploads, Volumes
 from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
@@ -160,11 +161,28 @@ class Daemon:
         self.scheduler = SchedulerLoop(
             self.store, Framework(framework_policy), config, usability, self.metrics
         )
+        files = config.files
+        limits = FileLimits(
+            upload_quota_bytes=files.upload_quota_mib << 20,
+            max_unpacked_bytes=files.max_unpacked_mib << 20,
+            max_entries=files.max_entries,
+            volume_quota_bytes=files.volume_quota_mib << 20,
+            max_volume_bytes=files.max_volume_mib << 20,
+        )
+        # what live tasks need is read through the task service, made below
+        self.uploads = Uploads(home.uploads, limits, lambda t: self.tasks.uploads_in_use(t))
+        self.volumes = Volumes(home.volumes, limits, lambda t, n: self.tasks.mounted_by(t, n))
         self.executor = ExecutorLoop(
-            self.store, self.backend, config, tasks_dir(config, home.tasks), engine
+            self.store,
+            self.backend,
+            config,
+            tasks_dir(config, home.tasks),
+            engine,
+            self.uploads,
+            self.volumes,
         )
         self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
-        self.reaper = ReaperLoop(self.store, config)
+        self.reaper = ReaperLoop(self.store, config, self.backend)
         self.telemetry = TelemetryLoop(
             self.backend, self.repair, config.telemetry.interval_s, config.telemetry.kernel_log
         )
@@ -193,7 +211,11 @@ class Daemon:
             engine,
             self.serving,
             workdir_roots=config.isolation.workdir_roots,
+            uploads=self.uploads,
+            volumes=self.volumes,
+            home=str(home.root),
         )
+        self.tasks = tasks
         tokens = TokenService(self.store)
         markets, swan = [], None
         for name, section in config.market.items():
@@ -220,6 +242,8 @@ class Daemon:
         self.services = Services(
             journal=self.journal,
             tasks=tasks,
+            uploads=self.uploads,
+            volumes=self.volumes,
             nodes=NodeService(self.store, usability),
             repair=self.repair,
             metrics=self.metrics,

@@ -23,6 +23,7 @@ from gpuprovider.domain.states import STOPPING, TaskState
 from gpuprovider.lifecycle import nodes as node_lifecycle
 from gpuprovider.lifecycle import tasks as lifecycle
 from gpuprovider.lifecycle.kernel import Stale
+from gpuprovider.service.files import Uploads, Volumes
 from gpuprovider.store.store import Store, Tx
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ class ExecutorLoop(Loop):
         config: ProviderConfig,
         tasks_dir: Path,
         container_engine: Callable[[], str | None],
+        uploads: Uploads | None = None,
+        volumes: Volumes | None = None,
     ):
         super().__init__("executor", RESYNC_S)
+        self.uploads, self.volumes = uploads, volumes
         self.store = store
         self.backend = backend
         self.tasks_dir = tasks_dir
@@ -168,6 +172,7 @@ class ExecutorLoop(Loop):
                     engine,
                     self.container_runtime,
                     self.container_read_only,
+                    *self._files(task),
                 )
             )
         started: list[tuple[TaskRecord, Handle]] = []
@@ -185,6 +190,19 @@ class ExecutorLoop(Loop):
         self._record_processes(started, "running as pid {pid}")
         if failed:
             self._start_failed(failed)
+
+    def _files(self, task: TaskRecord) -> tuple[str, list[tuple[str, str, int]]]:
+        """Where the task's upload and volumes are on this machine."""
+        spec = task.task_spec
+        upload = ""
+        if spec.upload and self.uploads is not None:
+            upload = str(self.uploads.path(task.tenant, spec.upload))
+        mounts = []
+        if self.volumes is not None:
+            for mount in spec.volumes:
+                size = self.volumes.size_bytes(task.tenant, mount.name) or 0
+                mounts.append((str(self.volumes.data(task.tenant, mount.name)), mount.path, size))
+        return upload, mounts
 
     def _record_processes(self, started: list[tuple[TaskRecord, Handle]], why: str) -> None:
         """Runners started: their tasks run (a task cancelled while starting keeps its

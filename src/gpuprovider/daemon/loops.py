@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 
+from gpuprovider.backends.base import Backend, NodeDown
 from gpuprovider.config import ProviderConfig
 from gpuprovider.domain.states import TaskState
 from gpuprovider.lifecycle.kernel import Stale
@@ -63,13 +64,38 @@ class Loop:
                 soon = None
 
 
-class ReaperLoop(Loop):
-    """Expires tasks queued past their deadline, and checkpoints the store's log (so
-    that no commit ever does)."""
+SWEEP_EVERY_S = 60.0  # how often ended tasks' work folders past their kept period go
 
-    def __init__(self, store: Store, config: ProviderConfig):
+
+class ReaperLoop(Loop):
+    """Expires tasks queued past their deadline, removes ended tasks' work folders once
+    their kept period is over, and checkpoints the store's log (so that no commit ever
+    does)."""
+
+    def __init__(self, store: Store, config: ProviderConfig, backend: Backend | None = None):
         super().__init__("reaper", config.reaper.interval_s)
         self.store = store
+        self.backend = backend
+        self.keep_work_s = config.files.keep_work_h * 3600
+        self.swept_upto = 0.0  # tasks that ended before this had their folders removed
+        self.sweep_at = 0.0
+
+    def sweep(self, now: float) -> int:
+        """Remove the work folders of tasks that ended more than the kept period ago (a
+        node that does not answer is asked again at the next sweep); how many."""
+        if self.backend is None:
+            return 0
+        upto = now - self.keep_work_s
+        with self.store.read() as r:
+            ended = r.tasks.finished_between(self.swept_upto, upto)
+        for task in ended:
+            try:
+                self.backend.remove_work(task.node_id or "", task.run_dir or "")
+            except NodeDown:
+                return 0  # from this task on, next time
+            self.swept_upto = task.finished_at or self.swept_upto
+        self.swept_upto = upto
+        return len(ended)
 
     def tick(self) -> float | None:
         with self.store.read() as r:
@@ -84,5 +110,9 @@ class ReaperLoop(Loop):
                     transition(tx, task, S.EXPIRED, reason)
             except Stale:
                 continue  # placed or cancelled meanwhile
+        now = time.time()
+        if now >= self.sweep_at:
+            self.sweep_at = now + min(SWEEP_EVERY_S, self.keep_work_s)
+            self.sweep(now)
         self.store.checkpoint()
         return None

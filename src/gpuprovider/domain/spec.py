@@ -53,6 +53,14 @@ IMAGE_PATTERN = (
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
     r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
 )
+UPLOAD_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# Where a volume may not be mounted: the system's own folders (the provider's home is
+# refused by the service, which knows where it is).
+SYSTEM_FOLDERS = (
+    "/proc", "/sys", "/dev", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+    "/usr", "/boot", "/run", "/var/run", "/root",
+)  # fmt: skip
+MAX_VOLUMES = 16
 MAX_CPU = 4096
 MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB
 MAX_DURATION_S = 366 * 86400
@@ -84,6 +92,31 @@ class GangSpec(_Strict):
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     size: int = Field(ge=2, le=1024, description="how many tasks carry this gang name")
+
+
+class VolumeMount(_Strict):
+    """A tenant's volume (`gpuprovider volume create`) mounted at `path`: absolute, or
+    relative to the task's work folder."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    path: str = Field(min_length=1, max_length=1024)
+
+    @field_validator("path")
+    @classmethod
+    def _a_place(cls, value: str) -> str:
+        _printable(value, "volumes.path")
+        if ".." in value.split("/"):
+            raise ValueError(f"volumes.path {value!r} holds '..'; give a plain path")
+        normal = posixpath.normpath(value)
+        if normal in ("/", "."):
+            raise ValueError(f"volumes.path {value!r} would cover the whole folder")
+        for folder in SYSTEM_FOLDERS:
+            if normal == folder or normal.startswith(folder + "/"):
+                raise ValueError(
+                    f"volumes.path {value!r} is over {folder}, a system folder; mount it "
+                    "elsewhere (e.g. /data, or a path relative to the work folder)"
+                )
+        return normal
 
 
 class Resources(_Strict):
@@ -205,6 +238,12 @@ class TaskSpec(_Strict):
         Field(default_factory=dict)
     )
     serve: ServeSpec | None = Field(None, description="a service's gateway settings")
+    upload: Annotated[str, Field(pattern=UPLOAD_PATTERN)] | None = Field(
+        None,
+        description="sha256:<hex> of an upload (`task run --upload DIR` sends it): "
+        "unpacked into the task's work folder before it starts",
+    )
+    volumes: list[VolumeMount] = Field(default_factory=list, max_length=MAX_VOLUMES)
 
     @field_validator("command", mode="before")
     @classmethod
@@ -284,6 +323,16 @@ class TaskSpec(_Strict):
         names = [p.name for p in self.ports]
         if len(set(names)) != len(names):
             raise ValueError(f"port names repeat: {names}")
+        if self.upload is not None and self.workdir is not None:
+            raise ValueError("upload unpacks into the task's own work folder; leave workdir out")
+        if self.image is not None and (self.upload or self.volumes):
+            raise ValueError(
+                "upload and volumes are for commands, not container images yet; put the "
+                "code in the image"
+            )
+        mounts = [v.path for v in self.volumes]
+        if len(set(mounts)) != len(mounts):
+            raise ValueError(f"volumes.path repeats: {mounts}")
         if self.serve is not None:
             if self.kind != "service":
                 raise ValueError("serve applies to kind service only")

@@ -15,6 +15,10 @@ before it becomes the task's user. What it changes, for the task and nothing els
   first such folder on the way is covered by an empty tmpfs, and the working folder is
   bound at its place in it. What else was in that folder (the provider's home, other
   tasks' folders) is not there at all.
+- Its volumes (`mounts`: a folder on the node, the absolute path the task sees it at)
+  are bound at their paths, made as empty folders where missing; a path that goes
+  through a link is refused (the task may have made it, to have root make folders
+  elsewhere).
 - With `dev_nodes`, `/dev` is a fresh read-only tmpfs holding only those nodes (bind
   mounts of the host's), the host's pts and its own shm: how a task is kept to its own
   GPUs where there is no cgroup v1 devices controller (cgroup v2).
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import stat
 import subprocess
 import sys
 
@@ -76,7 +81,12 @@ def _bind_from(fd: int, target: str, flags: int = 0) -> None:
     _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | flags)
 
 
-def enter(dev_nodes: list[str] | None = None, workdir: str = "", dev: str = "/dev") -> None:
+def enter(
+    dev_nodes: list[str] | None = None,
+    workdir: str = "",
+    dev: str = "/dev",
+    mounts: list[list[str]] | None = None,
+) -> None:
     """Give the calling process the namespace described above."""
     _call("unshare", _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC))
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
@@ -92,7 +102,9 @@ def enter(dev_nodes: list[str] | None = None, workdir: str = "", dev: str = "/de
         if dev_nodes is not None:
             held[os.path.join(dev, "pts")] = os.open(os.path.join(dev, "pts"), os.O_PATH)
         work = os.open(workdir, os.O_PATH | os.O_DIRECTORY) if workdir else None
-        for fd in [*held.values(), *([work] if work is not None else [])]:
+        volumes = [(os.open(src, os.O_PATH | os.O_DIRECTORY), dst) for src, dst in mounts or []]
+        opened = [*held.values(), *([work] if work is not None else [])]
+        for fd in [*opened, *(fd for fd, _ in volumes)]:
             closing.callback(os.close, fd)
         if dev_nodes is not None:
             _own_dev(dev, held)
@@ -109,6 +121,26 @@ def enter(dev_nodes: list[str] | None = None, workdir: str = "", dev: str = "/de
             _mount("none", dev, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
         if work is not None:
             _reach(work, workdir)
+        for fd, target in volumes:
+            _make_plain(target)
+            _bind_from(fd, target, MS_REC)
+        if work is not None:
+            os.chdir(workdir)
+
+
+def _make_plain(path: str) -> None:
+    """Make folder `path` (and those above it) unless there; OSError when any part of
+    the way is a link."""
+    way = "/"
+    for part in os.path.normpath(path).strip("/").split("/"):
+        way = os.path.join(way, part)
+        try:
+            found = os.lstat(way)
+        except FileNotFoundError:
+            _mkdir(way, 0o755)
+            continue
+        if stat.S_ISLNK(found.st_mode) or not stat.S_ISDIR(found.st_mode):
+            raise OSError(f"cannot mount a volume at {path}: {way} is not a folder")
 
 
 def _reach(fd: int, workdir: str) -> None:

@@ -64,6 +64,8 @@ class Applied:
     workdir: str = ""  # its working folder, made reachable by its path in the namespace
     network: str = "host"  # how its sockets are guarded (isolation/network.py)
     ports: list[int] | None = None  # its declared ports, guarded with it
+    # Volumes bound in the namespace: [folder on the node, absolute path the task sees]
+    mounts: list[list[str]] | None = None
 
     def save(self, path: str) -> None:
         with open(path, "w") as handle:
@@ -176,6 +178,7 @@ class Isolation:
         gpu_minors: list[int],
         container: list[str] | None = None,
         ports: list[int] | None = None,
+        mounts: list[tuple[str, str]] | None = None,
     ) -> Applied:
         """Lend a user, make the cgroup, hand the work folder over; what there is to undo
         is recorded in the run folder before anything runs. OSError when it cannot be
@@ -206,6 +209,7 @@ class Isolation:
             if not self.namespace_why and container is None:
                 applied.namespace = True
                 applied.workdir = workdir
+                applied.mounts = [[source, target] for source, target in mounts or []]
                 if self.devices == "namespace":
                     applied.dev_nodes = devices.nodes(gpu_minors)
             applied.memory_limit_bytes = self.memory_limit(memory_mib)

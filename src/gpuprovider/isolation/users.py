@@ -201,6 +201,11 @@ def held_by(home: str, table: str = TABLE) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4096)
+def pool_uid(uid: int) -> bool:
+    """Whether `uid` is one of the pool's users."""
+    return _pool_uid(uid)
+
+
 def _pool_uid(uid: int) -> bool:
     try:
         return pwd.getpwuid(uid).pw_name.startswith(PREFIX)

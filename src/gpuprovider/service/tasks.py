@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from gpuprovider.backends.base import Backend, NodeDown
+from gpuprovider.backends.workfiles import NotInWorkdir
 from gpuprovider.domain.records import OwnerKind, TaskRecord, TokenRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
@@ -25,6 +26,7 @@ from gpuprovider.market.strategy import Option, probe
 from gpuprovider.scheduler import Framework, Placement, Policy, TaskRequest
 from gpuprovider.scheduler.state import ClusterState
 from gpuprovider.service.errors import Conflict, NotFound, Rejected, Unavailable
+from gpuprovider.service.files import Uploads, Volumes
 from gpuprovider.service.placement import build_snapshot, larger_than_every_node, task_request
 from gpuprovider.service.serving import Serving
 from gpuprovider.service.views import task_view
@@ -44,7 +46,11 @@ class TaskService:
         container_engine: Callable[[], str | None],
         serving: Serving,
         workdir_roots: list[str] | None = None,
+        uploads: Uploads | None = None,
+        volumes: Volumes | None = None,
+        home: str = "",
     ):
+        self.uploads, self.volumes, self.home = uploads, volumes, home
         self.store = store
         self.serving = serving
         # The scheduler loop has its own framework; dry runs come from API threads.
@@ -56,6 +62,57 @@ class TaskService:
         self.workdir_roots = workdir_roots or []
 
     # -- submit --------------------------------------------------------------------
+
+    def live_of(self, tenant: str) -> list[TaskRecord]:
+        with self.store.read() as r:
+            live = [s for s in TaskState if s not in TERMINAL]
+            return r.tasks.find(states=live, tenant=tenant)
+
+    def uploads_in_use(self, tenant: str) -> set[str]:
+        """The uploads the tenant's live tasks still need (never made room from)."""
+        return {t.task_spec.upload for t in self.live_of(tenant) if t.task_spec.upload}
+
+    def mounted_by(self, tenant: str, volume: str) -> str | None:
+        """A live task of the tenant that mounts `volume`, if any."""
+        for task in self.live_of(tenant):
+            if any(v.name == volume for v in task.task_spec.volumes):
+                return task.label
+        return None
+
+    def _check_files(self, spec: TaskSpec, tenant: str) -> None:
+        """What the spec brings in (an upload, volumes) is the tenant's and can be had."""
+        if spec.upload and (self.uploads is None or not self.uploads.have(tenant, spec.upload)):
+            raise Rejected(
+                f"upload: {spec.upload} was never uploaded by tenant {tenant} (or made room "
+                "for since); `task run --upload DIR` sends it"
+            )
+        if not spec.volumes:
+            return
+        if self.volumes is None:
+            raise Rejected("volumes: this provider keeps no volumes")
+        if self.backend is not None and self.backend.name != "local":
+            raise Rejected(
+                f"volumes: this provider runs tasks on {self.backend.name}, across machines; "
+                "a volume is a folder on one machine's disk, so only the local backend "
+                "mounts volumes"
+            )
+        home = self.home.rstrip("/")
+        for mount in spec.volumes:
+            if home and (mount.path == home or mount.path.startswith(home + "/")):
+                raise Rejected(
+                    f"volumes.path {mount.path!r} is over the provider's home ({home}); "
+                    "mount it elsewhere"
+                )
+            if self.volumes.size_bytes(tenant, mount.name) is None:
+                raise Rejected(
+                    f"volumes: no volume {mount.name!r} of tenant {tenant}; make it with "
+                    "`gpuprovider volume create`"
+                )
+            if holder := self.mounted_by(tenant, mount.name):
+                raise Conflict(
+                    f"volumes: {mount.name} is mounted by live task {holder}; one task at "
+                    "a time mounts a volume"
+                )
 
     def _check_runnable(self, spec: TaskSpec) -> None:
         if spec.workdir and not any(
@@ -123,11 +180,16 @@ class TaskService:
             )
         return task, True
 
-    def check_runnable(self, spec: TaskSpec, tx: Tx | None = None) -> None:
+    def check_runnable(
+        self, spec: TaskSpec, tx: Tx | None = None, tenant: str | None = None
+    ) -> None:
         """Refuse what this provider cannot run at all (Rejected, naming the field):
-        what it may not run, and what is larger than every node it has (read in `tx`
-        when the caller holds one)."""
+        what it may not run, what `tenant` cannot bring in (an upload or a volume it
+        does not have), and what is larger than every node it has (read in `tx` when
+        the caller holds one)."""
         self._check_runnable(spec)
+        if spec.upload or spec.volumes:
+            self._check_files(spec, tenant or "")
         if tx is None:
             with self.store.read() as r:
                 nodes = r.nodes.list()
@@ -390,6 +452,45 @@ class TaskService:
                 yield f"event: end\ndata: {json.dumps(state)}\n\n"
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
+
+    # -- files ---------------------------------------------------------------------
+
+    def _work_of(self, ref: str, who: TokenRecord) -> TaskRecord:
+        task = self.visible(ref, who)
+        if not task.run_dir:
+            raise NotFound(f"task {task.label} has not started: no files yet")
+        spec = task.task_spec
+        if spec.workdir and not spec.image:
+            raise NotFound(f"task {task.label} works in {spec.workdir}, no folder of its own")
+        return task
+
+    def files(self, ref: str, who: TokenRecord, path: str) -> list[dict[str, Any]]:
+        """The entries of a folder in the task's work folder (404 for one not there, a
+        link, or a path with '..')."""
+        task = self._work_of(ref, who)
+        try:
+            return self.backend.list_files(task.node_id or "", task.run_dir or "", path)
+        except NotInWorkdir:
+            what = f"no file or folder {path!r} in the work folder of {task.label}"
+            raise NotFound(what) from None
+        except NodeDown as exc:
+            gone = f"the files of {task.label} are on a node that is gone: {exc}"
+            raise Unavailable(gone) from None
+
+    def download(
+        self, ref: str, who: TokenRecord, path: str, offset: int, limit: int
+    ) -> tuple[int, bytes]:
+        """Up to `limit` bytes of a file of the task's work folder from `offset`, and the
+        file's size."""
+        task = self._work_of(ref, who)
+        node, run_dir = task.node_id or "", task.run_dir or ""
+        try:
+            return self.backend.read_file(node, run_dir, path, offset, limit)
+        except NotInWorkdir:
+            raise NotFound(f"no file {path!r} in the work folder of {task.label}") from None
+        except NodeDown as exc:
+            gone = f"the files of {task.label} are on a node that is gone: {exc}"
+            raise Unavailable(gone) from None
 
     def _reread(self, task_id: str) -> TaskRecord | None:
         with self.store.read() as r:

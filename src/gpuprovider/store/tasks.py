@@ -56,6 +56,11 @@ _SELECT_ACTIVE = select(t.allocations).where(t.allocations.c.active.is_(True))
 _SELECT_ACTIVE_OF = _SELECT_ACTIVE.where(
     t.allocations.c.task_id.in_(bindparam("ids", expanding=True))
 )
+_FINISHED_BETWEEN = _SELECT_TASKS.where(
+    t.tasks.c.finished_at > bindparam("after"),
+    t.tasks.c.finished_at <= bindparam("upto"),
+    t.tasks.c.run_dir.is_not(None),
+).order_by(t.tasks.c.finished_at)
 _COUNT_BY_STATE = select(t.tasks.c.state, func.count()).group_by(t.tasks.c.state)
 _COUNT_BY_STATE_OF = _COUNT_BY_STATE.where(t.tasks.c.tenant == bindparam("tenant"))
 _QUEUED_BRIEF = select(t.tasks.c.id, t.tasks.c.not_before, t.tasks.c.version).where(
@@ -301,6 +306,11 @@ class TaskRepo:
             rows = self.tx.conn.execute(_SELECT_BY_IDS, {"ids": wanted})
         else:
             rows = self.tx.conn.execute(_SELECT_BY_IDS_IN_STATE, {"ids": wanted, "state": state})
+        return [_task(r) for r in rows]
+
+    def finished_between(self, after: float, upto: float) -> list[TaskRecord]:
+        """Tasks that ran and ended after `after`, up to `upto`, oldest first."""
+        rows = self.tx.conn.execute(_FINISHED_BETWEEN, {"after": after, "upto": upto})
         return [_task(r) for r in rows]
 
     def queued_brief(self) -> dict[str, tuple[float, int]]:

@@ -1,6 +1,6 @@
 """/tasks: submit, dry-run, list, inspect, cancel, logs."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -11,6 +11,7 @@ from gpuprovider.api.schemas import DryRunOut, EventOut, TaskDetailOut, TaskOut
 from gpuprovider.domain.spec import TaskSpec
 
 LOG_LIMIT_MAX = 4 << 20  # bytes of output in one answer
+FILE_LIMIT_MAX = 8 << 20  # bytes of a file in one answer
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERRORS)
 
@@ -43,7 +44,7 @@ async def submit(
 ) -> JSONResponse:
     if dry_run:
         return answer(await svc.slow(svc.tasks.dry_run, spec, who))
-    await svc.slow(svc.tasks.check_runnable, spec)  # may ask the container engine
+    await svc.slow(svc.tasks.check_runnable, spec, None, who.tenant)  # may ask the engine
     task, created = await svc.write(svc.tasks.submit, spec, who, idempotency_key)
     if created:
         return answer(task, 201)
@@ -111,3 +112,34 @@ async def logs(
     start, data = await svc.slow(svc.tasks.log, ref, who, offset, limit)
     headers = {"X-Log-Start": str(start), "X-Log-Next": str(start + len(data))}
     return Response(data, media_type="text/plain; charset=utf-8", headers=headers)
+
+
+@router.get("/{ref}/files", response_model=list[dict[str, Any]])
+async def files(ref: str, who: Reader, svc: Svc, path: str = "") -> JSONResponse:
+    """The entries of a folder of the task's work folder (its root by default): name,
+    type, size, mtime. 404 for a path not there, through a link, or with '..'."""
+    return answer(await svc.slow(svc.tasks.files, ref, who, path))
+
+
+@router.get(
+    "/{ref}/download",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "headers": {"X-File-Size": {"description": "the whole file's size"}},
+        }
+    },
+)
+async def download(
+    ref: str,
+    who: Reader,
+    svc: Svc,
+    path: str,
+    offset: Annotated[int, Query(ge=0, le=1 << 62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=FILE_LIMIT_MAX)] = FILE_LIMIT_MAX,
+) -> Response:
+    """Up to `limit` bytes of a file of the task's work folder from `offset`."""
+    size, data = await svc.slow(svc.tasks.download, ref, who, path, offset, limit)
+    headers = {"X-File-Size": str(size), "X-File-Next": str(offset + len(data))}
+    return Response(data, media_type="application/octet-stream", headers=headers)

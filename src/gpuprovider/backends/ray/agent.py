@@ -24,6 +24,7 @@ from gpuprovider.backends.base import Exit, Handle, Launch
 from gpuprovider.backends.local import LocalProcesses
 from gpuprovider.backends.ray.common import SIM_PREFIX
 from gpuprovider.backends.runner import read_output
+from gpuprovider.backends.workfiles import NotInWorkdir
 from gpuprovider.config import SimulatedGpu
 from gpuprovider.domain.records import NodeRecord
 from gpuprovider.identity.keys import create_node_key, load_node_key, node_id_for
@@ -189,6 +190,27 @@ class NodeAgent:
     def recover(self, credential: str, run_dir: str, attempt: int) -> Handle | None:
         self._check(credential)
         return self.local.recover(run_dir, attempt, self.node_id)
+
+    def list_files(self, credential: str, run_dir: str, path: str) -> list[dict] | None:
+        """None: not in the work folder (the driver raises NotInWorkdir again)."""
+        self._check(credential)
+        try:
+            return self.local.list_files(self.node_id, run_dir, path)
+        except NotInWorkdir:
+            return None
+
+    def read_file(
+        self, credential: str, run_dir: str, path: str, offset: int, limit: int
+    ) -> tuple[int, bytes] | None:
+        self._check(credential)
+        try:
+            return self.local.read_file(self.node_id, run_dir, path, offset, limit)
+        except NotInWorkdir:
+            return None
+
+    def remove_work(self, credential: str, run_dir: str) -> None:
+        self._check(credential)
+        self.local.remove_work(self.node_id, run_dir)
 
     def read_log(self, credential: str, run_dir: str, offset: int, limit: int) -> tuple[int, bytes]:
         self._check(credential)

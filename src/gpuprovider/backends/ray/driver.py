@@ -55,6 +55,7 @@ from gpuprovider.backends.ray.common import (
     RayBackendError,
 )
 from gpuprovider.backends.ray.join import ray_init
+from gpuprovider.backends.workfiles import NotInWorkdir
 from gpuprovider.home import write_secret
 from gpuprovider.isolation.policy import Settings
 from gpuprovider.telemetry.node import NodeTelemetry
@@ -511,6 +512,16 @@ class RayBackend:
                 )
             else:
                 by_node.setdefault(launch.node_id, []).append(i)
+        for i in (i for rows in by_node.values() for i in rows):
+            if launches[i].upload:  # the node has no copy: the bytes go with the start
+                try:
+                    launches[i].upload_data = Path(launches[i].upload).read_bytes()
+                except OSError as exc:
+                    results[i] = OSError(f"upload cannot be read: {exc}")
+        by_node = {
+            node_id: [i for i in rows if results[i] is None] for node_id, rows in by_node.items()
+        }
+        by_node = {node_id: rows for node_id, rows in by_node.items() if rows}
         calls = {}
         for node_id, rows in by_node.items():
             keys = {attempt_key(launches[i].run_dir, launches[i].attempt) for i in rows}
@@ -592,6 +603,31 @@ class RayBackend:
         if node_id not in self.agents:
             raise NodeDown(node_id, f"node {node_id} is not alive; its log is there")
         return self._call(node_id, "read_log", run_dir, offset, limit, timeout_s=CALL_TIMEOUT_S)
+
+    def list_files(self, node_id: str, run_dir: str, path: str) -> list[dict]:
+        if node_id not in self.agents:
+            raise NodeDown(node_id, f"node {node_id} is not alive; the files are there")
+        found = self._call(node_id, "list_files", run_dir, path, timeout_s=CALL_TIMEOUT_S)
+        if found is None:
+            raise NotInWorkdir(path)
+        return found
+
+    def read_file(
+        self, node_id: str, run_dir: str, path: str, offset: int, limit: int
+    ) -> tuple[int, bytes]:
+        if node_id not in self.agents:
+            raise NodeDown(node_id, f"node {node_id} is not alive; the files are there")
+        found = self._call(
+            node_id, "read_file", run_dir, path, offset, limit, timeout_s=CALL_TIMEOUT_S
+        )
+        if found is None:
+            raise NotInWorkdir(path)
+        return found
+
+    def remove_work(self, node_id: str, run_dir: str) -> None:
+        if node_id not in self.agents:
+            raise NodeDown(node_id, f"node {node_id} is not alive")
+        self._call(node_id, "remove_work", run_dir, timeout_s=CALL_TIMEOUT_S)
 
     def close(self) -> None:
         """A clean stop: agents and their runners outlive the daemon by design, and
