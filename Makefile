@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests run for real: podman and runc for containers, busybox for
 # the image they run, prometheus for promtool and a real scrape, nginx in front of the
 # gateway. Installed by `make test` when missing (as root, with apt-get).
-TEST_DEBS := podman runc busybox-static prometheus nginx
+TEST_DEBS := podman runc busybox-static prometheus nginx chromium
 
 .PHONY: up test lint format bench clean debs
 

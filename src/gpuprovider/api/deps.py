@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Request
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.service.calls import Calls
 from gpuprovider.service.errors import Unavailable
+from gpuprovider.service.dashboard import Dashboard
 from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
@@ -41,6 +42,7 @@ class Services:
     serving: Serving | None = None
     markets: list[MarketService] = field(default_factory=list)
     swan: SwanService | None = None  # Swan's job API, when a [market] is kind swan
+    dashboard: Dashboard | None = None  # the figures of the dashboard's pages (/ui)
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)

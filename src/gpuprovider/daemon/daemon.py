@@ -42,6 +42,7 @@ from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
 from gpuprovider.market.pricing import Pricing
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
+from gpuprovider.service.dashboard import Dashboard
 from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
@@ -236,6 +237,7 @@ class Daemon:
                 config.proof.session_s,
             ),
             calls=Calls(self.store),
+            dashboard=Dashboard(self.store, usability, markets),
         )
 
     def preflight(self) -> None:
