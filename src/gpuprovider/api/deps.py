@@ -10,8 +10,8 @@ from fastapi import Depends, Header, Request
 
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.service.calls import Calls
-from gpuprovider.service.errors import Unavailable
 from gpuprovider.service.dashboard import Dashboard
+from gpuprovider.service.errors import Unavailable
 from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics

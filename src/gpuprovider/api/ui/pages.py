@@ -216,7 +216,9 @@ def _back(request: Request, where: str) -> Response:
 
 
 @router.get("/signin")
-async def signin_page(request: Request, why: Annotated[str, Query(max_length=300)] = "") -> Response:
+async def signin_page(
+    request: Request, why: Annotated[str, Query(max_length=300)] = ""
+) -> Response:
     pre = request.cookies.get(PRE_COOKIE) or Sessions().open("").csrf
     response = render(request, "signin.html", why=why, pre=pre)
     _set_cookie(request, response, PRE_COOKIE, pre, 600)
@@ -460,7 +462,12 @@ async def services_page(request: Request, viewing: Viewer) -> Response:
     svc = _services(request)
     listed = await svc.read(svc.serving.list, who) if svc.serving else []
     return render(
-        request, "services.html", session=session, who=who, services=listed, served=bool(svc.serving)
+        request,
+        "services.html",
+        session=session,
+        who=who,
+        services=listed,
+        served=bool(svc.serving),
     )
 
 
@@ -574,7 +581,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(SignInNeeded)
     async def _sign_in(request: Request, exc: SignInNeeded) -> Response:
-        url = base_path(request) + "/signin" + (f"?{urlencode({'why': exc.why})}" if exc.why else "")
+        url = (
+            base_path(request) + "/signin" + (f"?{urlencode({'why': exc.why})}" if exc.why else "")
+        )
         if request.headers.get("hx-request"):
             return Response(status_code=401, headers={"HX-Redirect": url})
         if request.headers.get("accept", "").startswith("text/event-stream"):
