@@ -140,7 +140,8 @@ def test_a_revoked_token_ends_its_session(provider) -> None:
     assert ended.status_code == 303
     assert ended.headers["location"].startswith("/ui/signin?why=")
     assert "revoked" in httpx.URL(ended.headers["location"]).params["why"]
-    assert client.get("/ui/").headers["location"] == "/ui/signin"  # gone for good
+    again = client.get("/ui/")  # gone for good, and still says why
+    assert again.status_code == 303 and "revoked" in again.headers["location"]
 
 
 def test_an_expired_token_ends_its_session(provider) -> None:
@@ -274,3 +275,14 @@ def test_task_pages_follow_the_cursor_without_gaps_or_repeats(tmp_path: Path) ->
     with pytest.raises(Rejected):
         dashboard.tasks(admin, state="nope")
     assert TaskCursor.parse(TaskCursor(1.5, "t-1").text()) == TaskCursor(1.5, "t-1")
+
+
+def test_a_token_made_on_the_page_is_checked_like_the_apis(provider) -> None:
+    admin = sign_in(provider.url, provider.token)
+    csrf = csrf_of(admin, "/ui/tokens")
+    bad = admin.post("/ui/tokens", data={"csrf": csrf, "name": "<b>x</b>", "scope_read": "1"})
+    assert bad.status_code == 422 and "name" in bad.text and "<b>x" not in bad.text
+    none = admin.post("/ui/tokens", data={"csrf": csrf, "name": "ui-noscope"})
+    assert none.status_code == 422 and "scopes" in none.text
+    names = [t["name"] for t in provider.api.get("/tokens").json()]
+    assert "ui-noscope" not in names and "<b>x</b>" not in names

@@ -295,8 +295,14 @@ class Daemon:
                 self.home.root,
             )
             event_loop = asyncio.get_running_loop()
+            stopping = app.app.state.stopping = asyncio.Event()  # ends open event streams
+
+            def stop() -> None:
+                server.should_exit = True
+                stopping.set()
+
             for sig in (signal.SIGINT, signal.SIGTERM):
-                event_loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+                event_loop.add_signal_handler(sig, stop)
             await server.serve(sockets=[sock])  # returns once should_exit is set
             for loop in self.loops:
                 await asyncio.to_thread(loop.stop)

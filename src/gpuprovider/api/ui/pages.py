@@ -18,9 +18,11 @@ import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 
 from gpuprovider import __version__
 from gpuprovider.api.deps import Services
+from gpuprovider.api.schemas import TokenIn
 from gpuprovider.api.sse import EventStream
 from gpuprovider.api.ui.session import (
     COOKIE,
@@ -167,14 +169,14 @@ async def viewer(request: Request) -> tuple[Session, TokenRecord]:
     sessions = _sessions(request)
     session = sessions.get(request.cookies.get(COOKIE))
     if session is None:
-        raise SignInNeeded()
+        raise SignInNeeded(sessions.why_ended(request.cookies.get(COOKIE)))
     svc = _services(request)
     try:
         who = svc.tokens.cached(session.authorization) or await svc.read(
             svc.tokens.authenticate, session.authorization
         )
     except Unauthenticated as exc:  # revoked or expired: the session ends with it
-        sessions.close(session.id)
+        sessions.end(session.id, f"signed out: {exc}")
         raise SignInNeeded(f"signed out: {exc}") from None
     TokenService.require(who, "read")
     return session, who
@@ -322,6 +324,7 @@ async def task(request: Request, ref: str, viewing: Viewer) -> Response:
     svc = _services(request)
     detail = await svc.read(svc.tasks.detail, ref, who)
     start, data = await svc.slow(svc.tasks.log, detail["id"], who, -LOG_TAIL, LOG_TAIL)
+    start = max(start, 0)  # no output yet: it starts at 0
     return render(
         request,
         "task.html",
@@ -378,14 +381,17 @@ async def log_stream(
     svc = _services(request)
     session, who = viewing
     task = await svc.read(svc.tasks.visible, ref, who)  # another tenant's: 404 here
-    return EventStream(_log(svc, session, svc.tasks.follow(task.id, offset)))
+    chunks = svc.tasks.follow(task.id, offset)
+    return EventStream(_log(svc, session, _sessions(request), chunks))
 
 
-async def _log(svc: Services, session: Session, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _log(
+    svc: Services, session: Session, sessions: Sessions, chunks: AsyncIterator[str]
+) -> AsyncIterator[str]:
     """The task's output as it comes, while the session's token holds."""
     try:
         async for chunk in chunks:
-            if not await _still_valid(svc, session):
+            if not await _still_valid(svc, session, sessions):
                 yield "event: signedout\ndata: {}\n\n"
                 return
             yield chunk
@@ -489,9 +495,18 @@ async def token_create(request: Request, acting: Actor) -> Response:
     TokenService.require(who, "admin")
     svc = _services(request)
     scopes = [s for s in ("read", "submit", "admin", "metrics") if form.get(f"scope_{s}")]
-    made = await svc.write(
-        svc.tokens.create, form.get("name", "").strip()[:64], scopes, form.get("tenant") or None
-    )
+    try:  # the API's own model: the same names and scopes, the same messages
+        asked = TokenIn(
+            name=form.get("name", "").strip(),
+            scopes=scopes,
+            tenant=form.get("tenant", "").strip() or None,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return error_page(request, 422, problems)
+    made = await svc.write(svc.tokens.create, asked.name, asked.scopes, asked.tenant)
     listed = await svc.read(svc.tokens.list)
     return render(request, "tokens.html", 201, session=session, who=who, tokens=listed, made=made)
 
@@ -535,7 +550,7 @@ async def _journal(
                 rows = await _next(follower)
             except TimeoutError:
                 rows = []
-            if sessions.get(session.id) is None or not await _still_valid(svc, session):
+            if sessions.get(session.id) is None or not await _still_valid(svc, session, sessions):
                 yield "event: signedout\ndata: {}\n\n"
                 return
             if rows is None:
@@ -553,15 +568,17 @@ async def _next(follower: Follower) -> list[JournalRow] | None:
     return await asyncio.wait_for(follower.next(), KEEPALIVE_S)
 
 
-async def _still_valid(svc: Services, session: Session) -> bool:
+async def _still_valid(svc: Services, session: Session, sessions: Sessions) -> bool:
     """Whether the session's token still holds (the token cache first: a store read
-    at most every few seconds; a revocation drops the cache entry at once)."""
+    at most every few seconds; a revocation drops the cache entry at once); if not,
+    the session ends."""
     try:
         if svc.tokens.cached(session.authorization) is not None:
             return True
         await svc.read(svc.tokens.authenticate, session.authorization)
         return True
-    except Unauthenticated:
+    except Unauthenticated as exc:
+        sessions.end(session.id, f"signed out: {exc}")
         return False
 
 

@@ -40,6 +40,7 @@ class Session:
 class Sessions:
     def __init__(self) -> None:
         self._by_id: OrderedDict[str, Session] = OrderedDict()
+        self._ended: OrderedDict[str, str] = OrderedDict()  # why recent sessions ended
         self._lock = threading.Lock()
 
     def open(self, token: str) -> Session:
@@ -68,6 +69,18 @@ class Sessions:
     def close(self, session_id: str | None) -> None:
         with self._lock:
             self._by_id.pop(session_id or "", None)
+
+    def end(self, session_id: str, why: str) -> None:
+        """End a session whose token no longer holds, remembering why for its browser."""
+        with self._lock:
+            if self._by_id.pop(session_id, None) is not None:
+                self._ended[session_id] = why
+                while len(self._ended) > 1000:
+                    self._ended.popitem(last=False)
+
+    def why_ended(self, session_id: str | None) -> str:
+        with self._lock:
+            return self._ended.get(session_id or "", "")
 
     def __len__(self) -> int:
         return len(self._by_id)

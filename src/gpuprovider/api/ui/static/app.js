@@ -5,8 +5,8 @@
   var body = document.body;
   var base = body.dataset.base || "/ui";
 
-  function signedOut(why) {
-    window.location.href = base + "/signin?why=" + encodeURIComponent(why || "signed out");
+  function signedOut() {
+    window.location.href = base + "/"; // the server says why, on its sign-in page
   }
 
   // The journal: every change the viewer may see tells the page to fetch its live part.
