@@ -8,13 +8,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.api.ui import pages
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.domain.usability import Usability
-from gpuprovider.service.dashboard import PAGE, Dashboard, TaskCursor
+from gpuprovider.market.model import LeaseRecord, LeaseState
+from gpuprovider.service.dashboard import PAGE, Dashboard, TaskCursor, earned_between
 from gpuprovider.service.errors import Rejected
-from gpuprovider.testing import StoreWorld, wait_for
+from gpuprovider.testing import MarketWorld, StoreWorld, wait_for
 
 UI = Path(pages.__file__).parent
 PY = "/usr/bin/python3"
@@ -286,3 +288,40 @@ def test_a_token_made_on_the_page_is_checked_like_the_apis(provider) -> None:
     assert none.status_code == 422 and "scopes" in none.text
     names = [t["name"] for t in provider.api.get("/tokens").json()]
     assert "ui-noscope" not in names and "<b>x</b>" not in names
+
+
+# -- earnings ------------------------------------------------------------------------------
+
+
+def lease_record(running_since: float | None, ended_at: float | None, duration_s: int):
+    return LeaseRecord(
+        "l-1", "hub", LeaseState.RUNNING, {"duration_s": duration_s}, "h100", 3_600_000, "",
+        None, "", running_since, ended_at, "", "", 0, "", None, 0.0, 0, "", 0.0, 0.0,
+    )  # fmt: skip
+
+
+def test_earnings_count_the_running_time_inside_each_window() -> None:
+    now = 1_000_000.0
+    day = 86_400.0
+    # 3.6 units an hour: ran 2 h, ending 1 h ago, started 3 h ago
+    lease = lease_record(now - 3 * 3600, now - 3600, 10 * 3600)
+    assert earned_between(lease, now - day, now) == 7_200_000
+    assert earned_between(lease, now - 2 * 3600, now) == 3_600_000  # its last hour only
+    assert earned_between(lease, now - 600, now) == 0
+    capped = lease_record(now - 5 * 3600, None, 3600)  # ran past its duration: paid for it
+    assert earned_between(capped, now - day, now) == 3_600_000
+    assert earned_between(lease_record(None, None, 3600), 0, now) == 0
+
+
+def test_the_overview_shows_a_leases_earnings_to_admins_only(tmp_path: Path) -> None:
+    world = MarketWorld(tmp_path, Ed25519PrivateKey.generate())
+    world.won()
+    world.run(world.task_of())
+    dashboard = Dashboard(world.store, Usability(), [world.service])
+    admin = TokenRecord("a", "admin", ["admin"], "admin", time.time())
+    earnings = dashboard.overview(admin)["earnings"]
+    (row,) = earnings["rows"]
+    assert row["market"] == "hub" and row["leases"] == 1
+    assert earnings["paid_by_the_hub"] == {"hub": None}  # the hub's own count, beside ours
+    tenant = TokenRecord("b", "market-hub", ["read"], "market-hub", time.time())
+    assert dashboard.overview(tenant)["earnings"] is None

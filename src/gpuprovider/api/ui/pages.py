@@ -280,7 +280,20 @@ async def overview(request: Request, viewing: Viewer) -> Response:
     svc = _services(request)
     assert svc.dashboard is not None
     figures = await svc.slow(svc.dashboard.overview, who)
-    return render(request, "overview.html", session=session, who=who, o=figures)
+    usage, actions = [], []
+    if svc.repair is not None:  # booked and idle GPU-hours (a tenant: its own), repairs
+        usage = await svc.read(svc.repair.accounting, who, 7)
+        if who.is_admin:
+            actions = await svc.read(svc.repair.events, None, None, 10)
+    return render(
+        request,
+        "overview.html",
+        session=session,
+        who=who,
+        o=figures,
+        usage=usage,
+        actions=actions,
+    )
 
 
 @router.get("")
