@@ -10,6 +10,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuprovider.api.loopwatch import MARK as LOOP_MARK
 from gpuprovider.api.ui import pages
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.domain.usability import Usability
@@ -325,3 +326,10 @@ def test_the_overview_shows_a_leases_earnings_to_admins_only(tmp_path: Path) -> 
     assert earnings["paid_by_the_hub"] == {"hub": None}  # the hub's own count, beside ours
     tenant = TokenRecord("b", "market-hub", ["read"], "market-hub", time.time())
     assert dashboard.overview(tenant)["earnings"] is None
+
+
+def test_nothing_blocked_the_event_loop(provider) -> None:
+    """The pages this module opened rendered and read off the loop that serves the API
+    (the module's daemon watches it at 50 ms). Last in the module."""
+    blocked = [line for line in provider.log().splitlines() if LOOP_MARK in line]
+    assert blocked == []

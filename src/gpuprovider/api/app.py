@@ -49,7 +49,7 @@ def _field_errors(exc: RequestValidationError) -> list[str]:
 async def _invalid(request: Request, exc: RequestValidationError) -> Response:
     details = _field_errors(exc)
     if pages.is_ui(request.scope):
-        return pages.error_page(request, 422, "; ".join(details))
+        return await pages.error_page(request, 422, "; ".join(details))
     return _error(422, "; ".join(details), details=details)
 
 
@@ -58,7 +58,7 @@ async def _http(request: Request, exc: StarletteHTTPException) -> Response:
     API's error shape (the dashboard's: as a page)."""
     message = str(exc.detail)
     if pages.is_ui(request.scope):
-        return pages.error_page(request, exc.status_code, message)
+        return await pages.error_page(request, exc.status_code, message)
     if exc.status_code == 400 and "parsing the body" in message:
         message = "the body could not be read as JSON: malformed, or nested too deep"
     response = _error(exc.status_code, message)
@@ -68,7 +68,7 @@ async def _http(request: Request, exc: StarletteHTTPException) -> Response:
 
 async def _refused(request: Request, exc: ServiceError) -> Response:
     if pages.is_ui(request.scope):
-        return pages.refused(request, exc)
+        return await pages.refused(request, exc)
     response = _error(exc.status, str(exc))
     response.headers.update(exc.headers)
     return response

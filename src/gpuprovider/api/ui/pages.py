@@ -112,7 +112,7 @@ templates = jinja2.Environment(
 templates.filters.update(ago=_ago, utc=_utc, iso=_iso, mib=_mib, tojson_text=json.dumps)
 
 
-def render(
+async def render(
     request: Request,
     name: str,
     status: int = 200,
@@ -120,7 +120,9 @@ def render(
     who: TokenRecord | None = None,
     **context: Any,
 ) -> HTMLResponse:
-    html = templates.get_template(name).render(
+    # on a worker thread: a long page (a task's log tail, fifty tasks) never holds the loop
+    html = await asyncio.to_thread(
+        templates.get_template(name).render,
         base=base_path(request),
         version=__version__,
         who=who,
@@ -141,9 +143,9 @@ def _here(request: Request) -> str:
     return base_path(request) + rest + (f"?{query}" if query else "")
 
 
-def error_page(request: Request, status: int, message: str) -> HTMLResponse:
+async def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     """A refusal as a page (403, 404, 409, ...): what was wrong, and a way back."""
-    return render(request, "error.html", status, message=message, status_code=status)
+    return await render(request, "error.html", status, message=message, status_code=status)
 
 
 def is_ui(scope: dict[str, Any]) -> bool:
@@ -222,7 +224,7 @@ async def signin_page(
     request: Request, why: Annotated[str, Query(max_length=300)] = ""
 ) -> Response:
     pre = request.cookies.get(PRE_COOKIE) or Sessions().open("").csrf
-    response = render(request, "signin.html", why=why, pre=pre)
+    response = await render(request, "signin.html", why=why, pre=pre)
     _set_cookie(request, response, PRE_COOKIE, pre, 600)
     return response
 
@@ -239,7 +241,7 @@ async def signin(request: Request) -> Response:
         who = await svc.read(svc.tokens.authenticate, f"Bearer {token}")
         TokenService.require(who, "read")
     except (Unauthenticated, Forbidden) as exc:
-        response = render(request, "signin.html", 401, why=str(exc), pre=pre)
+        response = await render(request, "signin.html", 401, why=str(exc), pre=pre)
         return response
     session = _sessions(request).open(token)
     response = RedirectResponse(base_path(request) + "/", status_code=303)
@@ -285,7 +287,7 @@ async def overview(request: Request, viewing: Viewer) -> Response:
         usage = await svc.read(svc.repair.accounting, who, 7)
         if who.is_admin:
             actions = await svc.read(svc.repair.events, None, None, 10)
-    return render(
+    return await render(
         request,
         "overview.html",
         session=session,
@@ -319,7 +321,7 @@ async def tasks(
     page = await svc.read(svc.dashboard.tasks, who, state, name, tenant, before)
     filters = {"state": state, "name": name, "tenant": tenant}
     more = urlencode({**filters, "before": page["next"]}) if page["next"] else None
-    return render(
+    return await render(
         request,
         "tasks.html",
         session=session,
@@ -338,7 +340,7 @@ async def task(request: Request, ref: str, viewing: Viewer) -> Response:
     detail = await svc.read(svc.tasks.detail, ref, who)
     start, data = await svc.slow(svc.tasks.log, detail["id"], who, -LOG_TAIL, LOG_TAIL)
     start = max(start, 0)  # no output yet: it starts at 0
-    return render(
+    return await render(
         request,
         "task.html",
         session=session,
@@ -420,7 +422,7 @@ async def nodes(request: Request, viewing: Viewer) -> Response:
     session, who = viewing
     svc = _services(request)
     listed = await svc.read(svc.nodes.list)
-    return render(request, "nodes.html", session=session, who=who, nodes=listed)
+    return await render(request, "nodes.html", session=session, who=who, nodes=listed)
 
 
 @router.get("/nodes/{ref}")
@@ -438,7 +440,7 @@ async def node(request: Request, ref: str, viewing: Viewer) -> Response:
         gpu["sample"] = state.sample if state else None
         if allowed is not None:
             gpu["tasks"] = [t for t in gpu["tasks"] if t in allowed]
-    return render(
+    return await render(
         request,
         "node.html",
         session=session,
@@ -460,7 +462,7 @@ async def node_action(request: Request, ref: str, action: str, acting: Actor) ->
     elif action == "drain":
         done = await svc.write(svc.nodes.drain, ref, who)
     else:
-        return error_page(request, 404, f"no action {action[:40]!r}: cordon, resume or drain")
+        return await error_page(request, 404, f"no action {action[:40]!r}: cordon, resume or drain")
     return _back(request, f"/nodes/{quote(ref)}" if done else "/nodes")
 
 
@@ -480,7 +482,7 @@ async def services_page(request: Request, viewing: Viewer) -> Response:
     session, who = viewing
     svc = _services(request)
     listed = await svc.read(svc.serving.list, who) if svc.serving else []
-    return render(
+    return await render(
         request,
         "services.html",
         session=session,
@@ -499,7 +501,7 @@ async def tokens(request: Request, viewing: Viewer) -> Response:
     TokenService.require(who, "admin")
     svc = _services(request)
     listed = await svc.read(svc.tokens.list)
-    return render(request, "tokens.html", session=session, who=who, tokens=listed, made=None)
+    return await render(request, "tokens.html", session=session, who=who, tokens=listed, made=None)
 
 
 @router.post("/tokens")
@@ -518,10 +520,12 @@ async def token_create(request: Request, acting: Actor) -> Response:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
-        return error_page(request, 422, problems)
+        return await error_page(request, 422, problems)
     made = await svc.write(svc.tokens.create, asked.name, asked.scopes, asked.tenant)
     listed = await svc.read(svc.tokens.list)
-    return render(request, "tokens.html", 201, session=session, who=who, tokens=listed, made=made)
+    return await render(
+        request, "tokens.html", 201, session=session, who=who, tokens=listed, made=made
+    )
 
 
 @router.post("/tokens/{name}/revoke")
@@ -621,5 +625,5 @@ def install(app: FastAPI) -> None:
         return RedirectResponse(url, status_code=303)
 
 
-def refused(request: Request, exc: ServiceError) -> HTMLResponse:
-    return error_page(request, exc.status, str(exc))
+async def refused(request: Request, exc: ServiceError) -> HTMLResponse:
+    return await error_page(request, exc.status, str(exc))
