@@ -289,10 +289,12 @@ class Daemon:
                 ensure_gateway_token(self.home, self.services.tokens, self.node_id)
                 start_gateway(self.home)
             log.info(
-                "gpuprovider listening on http://%s:%d (home %s)",
+                "gpuprovider listening on http://%s:%d (home %s); dashboard: http://%s:%d/ui/",
                 self.config.api.host,
                 self.config.api.port,
                 self.home.root,
+                self.config.api.host,
+                self.config.api.port,
             )
             event_loop = asyncio.get_running_loop()
             stopping = app.app.state.stopping = asyncio.Event()  # ends open event streams
