@@ -108,9 +108,6 @@ def first_load_bytes(client: httpx.Client) -> dict[str, int]:
     page = client.get("/ui/")
     assets = re.findall(r'(?:src|href)="(/ui/static/[^"]+)"', page.text)
     sizes = {path: len(client.get(path).content) for path in assets}
-    gz = {
-        path: len(client.get(path, headers={"Accept-Encoding": "gzip"}).content) for path in assets
-    }
     return {
         "html": len(page.content),
         "assets": sum(sizes.values()),
