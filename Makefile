@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ray_backend.py
 	$(BIN)/python bench/isolation.py
 	$(BIN)/python bench/fuzz.py
+	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/telemetry.py
 	$(MAKE) debs TEST_DEBS=wrk
 	$(BIN)/python bench/gateway.py

@@ -328,6 +328,44 @@ def test_the_overview_shows_a_leases_earnings_to_admins_only(tmp_path: Path) -> 
     assert dashboard.overview(tenant)["earnings"] is None
 
 
+HOSTILE_BODIES = [
+    b"",
+    b"\xff\xfe\x00garbage",
+    b'{"csrf": "x"}',
+    b"csrf=" + b"A" * 70_000,  # over the form limit
+    b"csrf=%ZZ&&&==&name=%00%01",
+    b"name=" + "é".encode() * 10 + b"&csrf",
+]
+
+
+def test_hostile_forms_never_make_a_page_fail(provider) -> None:
+    client = sign_in(provider.url, provider.token)
+    csrf = csrf_of(client)
+    node = provider.api.get("/nodes").json()[0]["id"]
+    paths = [
+        "/ui/signin",
+        "/ui/signout",
+        "/ui/tasks/t-nope/cancel",
+        f"/ui/nodes/{node}/cordon",
+        f"/ui/nodes/{node}/explode",
+        "/ui/tokens",
+        "/ui/tokens/nobody/revoke",
+    ]
+    for path in paths:
+        for body in HOSTILE_BODIES:
+            for header in ({}, {"X-CSRF-Token": csrf}):
+                answer = client.post(
+                    path,
+                    content=body,
+                    headers={"Content-Type": "application/x-www-form-urlencoded", **header},
+                )
+                assert answer.status_code < 500, (path, body[:20], answer.status_code)
+    assert provider.api.get(f"/nodes/{node}").json()["status"] == "ready"
+    client = sign_in(provider.url, provider.token)  # /ui/signout above ended the session
+    for path in ("/ui/tasks?before=x~", "/ui/tasks?state=%00", "/ui/tasks?before=1e999~t"):
+        assert client.get(path).status_code in (400, 422), path
+
+
 def test_nothing_blocked_the_event_loop(provider) -> None:
     """The pages this module opened rendered and read off the loop that serves the API
     (the module's daemon watches it at 50 ms). Last in the module."""

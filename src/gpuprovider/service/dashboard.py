@@ -5,6 +5,7 @@ render these; a tenant's view holds its own tasks and nothing of the market."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class TaskCursor:
             created_at = float(at)
         except ValueError:
             created_at = float("nan")
-        if created_at != created_at or not task_id or len(task_id) > 64:  # NaN: malformed
+        if not math.isfinite(created_at) or not task_id or len(task_id) > 64:
             raise Rejected(f"before: {text[:40]!r} is not a cursor this page gave")
         return cls(created_at, task_id)
 
