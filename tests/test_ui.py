@@ -3,6 +3,8 @@ escaping, the vendored assets. (tests/test_ui_browser.py drives it in a real bro
 
 import hashlib
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from gpuprovider.domain.usability import Usability
 from gpuprovider.market.model import LeaseRecord, LeaseState
 from gpuprovider.service.dashboard import PAGE, Dashboard, TaskCursor, earned_between
 from gpuprovider.service.errors import Rejected
-from gpuprovider.testing import MarketWorld, StoreWorld, wait_for
+from gpuprovider.testing import MarketWorld, StoreWorld, free_port, wait_for
 
 UI = Path(pages.__file__).parent
 PY = "/usr/bin/python3"
@@ -364,6 +366,64 @@ def test_hostile_forms_never_make_a_page_fail(provider) -> None:
     client = sign_in(provider.url, provider.token)  # /ui/signout above ended the session
     for path in ("/ui/tasks?before=x~", "/ui/tasks?state=%00", "/ui/tasks?before=1e999~t"):
         assert client.get(path).status_code in (400, 422), path
+
+
+NGINX_SITE = """
+server {{
+    listen 127.0.0.1:{listen};
+    location /provider/ {{
+        proxy_pass http://127.0.0.1:{port}/;
+        proxy_http_version 1.1;
+        proxy_set_header X-Forwarded-Prefix /provider;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_buffering off;
+        proxy_read_timeout 1h;
+    }}
+}}
+"""
+
+
+def test_behind_nginx_under_a_path_prefix(provider, tmp_path: Path) -> None:
+    """The README's nginx location: the dashboard at /provider/ui/, cookies scoped to
+    it, links and assets under it, its event stream passed through as it comes."""
+    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx_bin).exists():
+        pytest.skip("nginx missing: `make test` installs Debian's nginx")
+    listen = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log; daemon off;\n"
+        f"events {{}}\nhttp {{ access_log off; client_body_temp_path {tmp_path}/body; "
+        f"proxy_temp_path {tmp_path}/proxy;\n"
+        + NGINX_SITE.format(listen=listen, port=provider.port)
+        + "}\n"
+    )
+    server = subprocess.Popen([nginx_bin, "-c", str(conf), "-p", str(tmp_path)])
+    try:
+        base = f"http://127.0.0.1:{listen}/provider"
+
+        def answers() -> bool:
+            try:
+                return httpx.get(base + "/ui/signin", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(answers, 20, "nginx to answer")
+        client = httpx.Client(base_url=base, timeout=30, follow_redirects=True)
+        form = client.get("/ui/")  # redirected to the sign-in page under the prefix
+        assert str(form.url) == base + "/ui/signin"
+        pre = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        page = client.post("/ui/signin", data={"csrf": pre, "token": provider.token})
+        assert str(page.url) == base + "/ui/" and 'href="/provider/ui/tasks"' in page.text
+        assert all(c.path == "/provider/ui" for c in client.cookies.jar)
+        asset = client.get("/ui/static/vendor/htmx-2.0.11.min.js")
+        assert hashlib.sha256(asset.content).hexdigest() == PINNED["htmx-2.0.11.min.js"]
+        with client.stream("GET", "/ui/events") as stream:
+            first = next(stream.iter_lines())
+        assert first == ": following"
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_nothing_blocked_the_event_loop(provider) -> None:
