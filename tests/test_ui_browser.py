@@ -6,16 +6,27 @@ smuggles into a name, a command or a log must never run.
 GPUPROVIDER_SCREENSHOTS=1 also writes every page at 1280x800 and 390x844 to
 docs/screenshots/ (the README shows them)."""
 
+import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-from gpuprovider.testing import SLACK, wait_for
+from gpuprovider.testing import (
+    SLACK,
+    HubProcess,
+    Provider,
+    free_port,
+    kill_task_processes,
+    make_home,
+    market_home,
+    wait_for,
+)
 
 playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -e .[test])"
@@ -264,3 +275,72 @@ def test_screenshots_of_every_page(browser, provider):
             tab.page.screenshot(path=SCREENSHOTS / f"{name}-{width}.png", full_page=True)
         tab.close()
     provider.api.post(f"/tasks/{task['id']}/cancel")
+
+
+# -- a lease from a real hub ---------------------------------------------------------------
+
+PRICES = {"h100": 1.83, "rtx-4090": 0.52}
+JOB = {  # an order file as a tenant writes it: its price in currency units per hour
+    "resources": {"gpus": 1, "gpu_model": "h100", "cpus": 0, "memory_gb": 0},
+    "max_price_per_hour": 2.0,
+    "duration_s": 600,
+    "payload": {"command": ["sleep", "1.5"]},
+}
+
+
+@pytest.fixture(scope="module")
+def hub_and_provider(tmp_path_factory) -> Iterator:
+    """A hub (simulated GPUs allowed), a provider it admits, a funded tenant."""
+    root = tmp_path_factory.mktemp("ui-market")
+    hub = HubProcess(
+        root / "hub", free_port(), "--auction-window-s", "0.5", "--heartbeat-s", "1",
+        "--allow-simulated",
+    )  # fmt: skip
+    port = free_port()
+    home = make_home(root / "provider", port)
+    market_home(home, hub.url, hub.key, PRICES)
+    provider = Provider(home, port)
+    try:
+        provider.start()
+        tenant_home = str(root / "tenant")
+        done = provider.cli("--home", tenant_home, "hub", "register", hub.url, "alice")
+        assert done.returncode == 0, done.stderr
+        done = provider.cli("hub", "deposit", hub.url, "alice", "100", "--dir", str(hub.folder))
+        assert done.returncode == 0, done.stderr
+        yield hub, provider, tenant_home
+    finally:
+        provider.cancel_all()
+        provider.stop(signal.SIGKILL)
+        kill_task_processes(provider.home)
+        hub.stop()
+
+
+def test_a_lease_from_a_real_hub_appears_with_its_earnings(browser, hub_and_provider, tmp_path):
+    hub, provider, tenant_home = hub_and_provider
+    wait_for(
+        lambda: provider.api.get("/market").json()[0]["status"] == "admitted",
+        60,
+        "the hub to admit the provider",
+    )
+    admin = Tab(browser, provider.url).sign_in(provider.token)
+    admin.goto("/ui/market")
+    expect(admin.page.locator("#live")).to_contain_text("admitted")
+    admin.page.evaluate("window.stayed = true")
+    order = tmp_path / "order.json"
+    order.write_text(json.dumps(JOB))
+    done = provider.cli(
+        "--home", tenant_home, "hub", "order", hub.url, str(order), "--deposit", "5", "--json"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lease_id = json.loads(done.stdout)["id"]
+    row = admin.page.locator(f"tr[data-lease='{lease_id}']")
+    expect(row).to_be_visible(timeout=60_000 * SLACK)  # arrives live, no reload
+    expect(row).to_contain_text("closed", timeout=60_000 * SLACK)
+    assert admin.page.evaluate("window.stayed") is True
+    ours = next(x for x in provider.api.get("/market/leases").json() if x["id"] == lease_id)
+    assert ours["earned"] > 0
+    expect(row).to_contain_text(f"{ours['earned'] / 1_000_000:.6f} units")
+    expect(admin.page.locator("#live")).to_contain_text("paid, as the hub says")
+    admin.goto("/ui/")  # the overview counts it in its windows
+    expect(admin.page.locator("#live")).to_contain_text("h100")
+    admin.close()
