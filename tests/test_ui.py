@@ -19,6 +19,7 @@ from gpuprovider.domain.usability import Usability
 from gpuprovider.market.model import LeaseRecord, LeaseState
 from gpuprovider.service.dashboard import PAGE, Dashboard, TaskCursor, earned_between
 from gpuprovider.service.errors import Rejected
+from gpuprovider.store.store import Store
 from gpuprovider.testing import MarketWorld, StoreWorld, free_port, wait_for
 
 UI = Path(pages.__file__).parent
@@ -175,6 +176,7 @@ def test_a_tenant_sees_only_its_own_tasks(provider) -> None:
     assert secret["id"] not in bob.get("/ui/tasks", params={"tenant": "ui-alice"}).text
     # what an admin-only page or action answers a tenant: 403, nothing changed
     assert bob.get("/ui/tokens").status_code == 403
+    assert bob.get("/ui/market").status_code == 403
     node = provider.api.get("/nodes").json()[0]
     cordon = bob.post(f"/ui/nodes/{node['id']}/cordon", data={"csrf": csrf_of(bob)})
     assert cordon.status_code == 403
@@ -424,6 +426,27 @@ def test_behind_nginx_under_a_path_prefix(provider, tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_accounting_shows_a_tenant_its_own_gpu_hours_and_exports_them(provider) -> None:
+    store = Store(provider.home.store_url(""))
+    with store.tx() as tx:
+        tx.repairs.add_usage(
+            time.time(),
+            {("ui-acct", "h100-80gb-sxm"): (7200.0, 1800.0), ("=evil", "h100-80gb-sxm"): (3600, 0)},
+        )
+    store.close()
+    token = provider.api.post("/tokens", json={"name": "ui-acct", "scopes": ["read"]}).json()
+    tenant = sign_in(provider.url, token["token"])
+    page = tenant.get("/ui/accounting", params={"days": 14}).text
+    assert "2.00 GPU-h" in page and "0.50 GPU-h" in page and "25 %" in page
+    assert "evil" not in page
+    exported = tenant.get("/ui/accounting.csv", params={"days": 31})
+    assert exported.headers["content-type"].startswith("text/csv")
+    assert exported.text.splitlines()[1] == "ui-acct,h100-80gb-sxm,2.0000,0.5000,0.2500"
+    admin = sign_in(provider.url, provider.token).get("/ui/accounting.csv").text
+    assert "'=evil,h100-80gb-sxm,1.0000" in admin  # never a formula in a spreadsheet
+    assert tenant.get("/ui/accounting", params={"days": 0}).status_code == 422
 
 
 def test_nothing_blocked_the_event_loop(provider) -> None:

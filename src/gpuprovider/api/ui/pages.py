@@ -6,7 +6,9 @@ log comes by range, and live from the task's own follower."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import datetime as dt
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -490,6 +492,63 @@ async def services_page(request: Request, viewing: Viewer) -> Response:
         services=listed,
         served=bool(svc.serving),
     )
+
+
+# -- accounting ---------------------------------------------------------------------------------
+
+ACCOUNTING_DAYS = (7, 14, 31)
+
+
+@router.get("/accounting")
+async def accounting(
+    request: Request, viewing: Viewer, days: Annotated[int, Query(ge=1, le=366)] = 7
+) -> Response:
+    """Booked and idle GPU-hours per tenant and model (a tenant: its own)."""
+    session, who = viewing
+    svc = _services(request)
+    rows = await svc.read(svc.repair.accounting, who, days) if svc.repair else []
+    return await render(
+        request,
+        "accounting.html",
+        session=session,
+        who=who,
+        rows=rows,
+        days=days,
+        choices=ACCOUNTING_DAYS,
+    )
+
+
+@router.get("/accounting.csv")
+async def accounting_csv(
+    request: Request, viewing: Viewer, days: Annotated[int, Query(ge=1, le=366)] = 7
+) -> Response:
+    _, who = viewing
+    svc = _services(request)
+    rows = await svc.read(svc.repair.accounting, who, days) if svc.repair else []
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["tenant", "gpu_model", "booked_gpu_hours", "idle_gpu_hours", "idle_ratio"])
+    for row in rows:
+        writer.writerow(
+            [
+                _csv_cell(row["tenant"]),
+                _csv_cell(row["model"]),
+                f"{row['booked_gpu_hours']:.4f}",
+                f"{row['idle_gpu_hours']:.4f}",
+                f"{row['idle_ratio']:.4f}",
+            ]
+        )
+    headers = {
+        **SECURITY_HEADERS,
+        "Content-Disposition": f'attachment; filename="gpu-hours-{days}d.csv"',
+    }
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
+
+
+def _csv_cell(text: str) -> str:
+    """A name as a spreadsheet will not run it (a cell starting =, +, - or @ is a
+    formula there)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
 # -- market (admins) -------------------------------------------------------------------------
