@@ -449,6 +449,39 @@ def test_accounting_shows_a_tenant_its_own_gpu_hours_and_exports_them(provider) 
     assert tenant.get("/ui/accounting", params={"days": 0}).status_code == 422
 
 
+def test_a_service_page_shows_its_replicas_to_its_tenant_only(provider) -> None:
+    owner = provider.tenant("ui-svc")
+    made = owner.post(
+        "/tasks",
+        json={
+            "name": "web",
+            "kind": "service",
+            "command": [PY, "-c", "import time; time.sleep(60)"],
+            "ports": ["http"],
+            "serve": {"name": "ui-web"},
+        },
+    )
+    assert made.status_code == 201, made.text
+    service = owner.get("/services/ui-web").json()
+    token = provider.api.post(
+        "/tokens", json={"name": "ui-svc-web", "scopes": ["read"], "tenant": "ui-svc"}
+    ).json()["token"]
+    mine = sign_in(provider.url, token)
+    assert f'href="/ui/services/{service["id"]}"' in mine.get("/ui/services").text
+    page = mine.get(f"/ui/services/{service['id']}")
+    assert page.status_code == 200 and "Service ui-web" in page.text
+    assert made.json()["id"] in page.text  # its replica, linked to its log
+    other = sign_in(
+        provider.url,
+        provider.api.post("/tokens", json={"name": "ui-svc-other", "scopes": ["read"]}).json()[
+            "token"
+        ],
+    )
+    assert other.get(f"/ui/services/{service['id']}").status_code == 404
+    assert "ui-web" not in other.get("/ui/services").text
+    owner.delete("/services/ui-web")
+
+
 def test_nothing_blocked_the_event_loop(provider) -> None:
     """The pages this module opened rendered and read off the loop that serves the API
     (the module's daemon watches it at 50 ms). Last in the module."""

@@ -494,6 +494,16 @@ async def services_page(request: Request, viewing: Viewer) -> Response:
     )
 
 
+@router.get("/services/{ref}")
+async def service_page(request: Request, ref: str, viewing: Viewer) -> Response:
+    session, who = viewing
+    svc = _services(request)
+    if svc.serving is None:
+        return await error_page(request, 404, "this provider serves no services")
+    view = await svc.read(svc.serving.get, ref, who)  # another tenant's: 404
+    return await render(request, "service.html", session=session, who=who, s=view)
+
+
 # -- accounting ---------------------------------------------------------------------------------
 
 ACCOUNTING_DAYS = (7, 14, 31)
