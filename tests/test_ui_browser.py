@@ -252,7 +252,13 @@ def test_sign_out(tab, provider):
 @pytest.mark.skipif(not os.environ.get("GPUPROVIDER_SCREENSHOTS"), reason="screenshots asked")
 def test_screenshots_of_every_page(browser, provider):
     provider.submit(name="train", command=[PY, "-c", "print('epoch 1 loss 0.93')"])
-    task = provider.submit(name="serve", command=[PY, "-c", "import time; time.sleep(20)"])
+    script = (
+        "import time\n"
+        "for step in range(1, 6):\n"
+        "    print(f'step {step}: loss {1 / step:.3f}', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    task = provider.submit(name="train2", command=[PY, "-c", script], resources={"gpu": 1})
     wait_for(lambda: provider.task(task["id"])["state"] == "running", 20, "a running task")
     node = only_node(provider)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -268,6 +274,8 @@ def test_screenshots_of_every_page(browser, provider):
             ("nodes", "/ui/nodes"),
             ("node", f"/ui/nodes/{node['id']}"),
             ("services", "/ui/services"),
+            ("accounting", "/ui/accounting"),
+            ("market", "/ui/market"),
             ("tokens", "/ui/tokens"),
         ):
             tab.goto(path)
