@@ -23,6 +23,8 @@ from gpuprovider.store.store import Store
 PAGE = 50  # tasks per page of the task list
 WINDOWS = (("today", 86_400.0), ("7 d", 7 * 86_400.0), ("30 d", 30 * 86_400.0))
 MICROS = 1_000_000
+PAID_TTL_S = 30.0  # what a hub says it paid is asked at most this often (pages refresh live)
+LEASES_SHOWN = 200
 
 
 def earned_between(lease: LeaseRecord, since: float, now: float) -> int:
@@ -61,6 +63,41 @@ class Dashboard:
         self.store = store
         self.usability = usability
         self.markets = markets
+        self._paid: dict[str, tuple[float, int | None]] = {}
+
+    def paid(self, market: MarketService) -> int | None:
+        """Micros the market's hub says it paid (None: it does not answer), asked at most
+        every PAID_TTL_S: a page refreshed on every journal row never floods the hub."""
+        now = time.monotonic()
+        kept = self._paid.get(market.market)
+        if kept is not None and now - kept[0] < PAID_TTL_S:
+            return kept[1]
+        try:
+            value = market.earnings()["paid_by_the_hub"]
+        except Exception:  # a hub that does not answer: shown as unknown
+            value = None
+        self._paid[market.market] = (now, value)
+        return value
+
+    def markets_view(self) -> list[dict[str, Any]]:
+        """Each market's standing (reliability as its hub computes it), its earnings by
+        our count beside the hub's, and its newest leases."""
+        now = time.time()
+        views = []
+        for market in self.markets:
+            with self.store.read() as r:
+                rows = r.market.list(market.market)
+            leases = market.leases(limit=LEASES_SHOWN)
+            views.append(
+                {
+                    "status": market.status(),
+                    "earned_by_our_count": sum(lease.earned(now) for lease in rows),
+                    "paid_by_the_hub": self.paid(market),
+                    "gpu_seconds_reported": round(sum(x.usage_gpu_seconds for x in rows), 3),
+                    "leases": sorted(leases, key=lambda lease: lease["id"], reverse=True),
+                }
+            )
+        return views
 
     def overview(self, who: TokenRecord) -> dict[str, Any]:
         """The overview's figures as `who` may see them (earnings: admins only). Asks
@@ -97,12 +134,7 @@ class Dashboard:
             row["leases"] += 1
             for name, span in WINDOWS:
                 row[name] += earned_between(lease, now - span, now) / MICROS
-        paid = {}
-        for market in self.markets:
-            try:
-                paid[market.market] = market.earnings()["paid_by_the_hub"]
-            except Exception:  # a hub that does not answer: shown as unknown
-                paid[market.market] = None
+        paid = {market.market: self.paid(market) for market in self.markets}
         return {
             "windows": [name for name, _ in WINDOWS],
             "rows": [

@@ -563,31 +563,14 @@ def _csv_cell(text: str) -> str:
 
 # -- market (admins) -------------------------------------------------------------------------
 
-LEASES_SHOWN = 200
-
-
-def _market_views(svc: Services) -> list[dict[str, Any]]:
-    """Each market's standing (reliability as its hub computes it) and newest leases;
-    what each hub says it paid, beside this provider's count (asks each hub)."""
-    views = []
-    for market in svc.markets:
-        leases = market.leases(limit=LEASES_SHOWN)
-        views.append(
-            {
-                "status": market.status(),
-                "earnings": market.earnings(),
-                "leases": sorted(leases, key=lambda lease: lease["id"], reverse=True),
-            }
-        )
-    return views
-
 
 @router.get("/market")
 async def market_page(request: Request, viewing: Viewer) -> Response:
     session, who = viewing
     TokenService.require(who, "admin")
     svc = _services(request)
-    markets = await svc.slow(_market_views, svc)
+    assert svc.dashboard is not None
+    markets = await svc.slow(svc.dashboard.markets_view)
     return await render(request, "market.html", session=session, who=who, markets=markets)
 
 
