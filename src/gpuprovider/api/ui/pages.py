@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import io
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -64,10 +65,6 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 class SignInNeeded(Exception):
     """No session, or one whose token no longer holds: back to the sign-in page."""
 
-    def __init__(self, why: str = ""):
-        super().__init__(why)
-        self.why = why
-
 
 # -- rendering --------------------------------------------------------------------------
 
@@ -111,7 +108,7 @@ templates = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-templates.filters.update(ago=_ago, utc=_utc, iso=_iso, mib=_mib, tojson_text=json.dumps)
+templates.filters.update(ago=_ago, utc=_utc, iso=_iso, mib=_mib)
 
 
 async def render(
@@ -173,7 +170,7 @@ async def viewer(request: Request) -> tuple[Session, TokenRecord]:
     sessions = _sessions(request)
     session = sessions.get(request.cookies.get(COOKIE))
     if session is None:
-        raise SignInNeeded(sessions.why_ended(request.cookies.get(COOKIE)))
+        raise SignInNeeded()
     svc = _services(request)
     try:
         who = svc.tokens.cached(session.authorization) or await svc.read(
@@ -222,10 +219,11 @@ def _back(request: Request, where: str) -> Response:
 
 
 @router.get("/signin")
-async def signin_page(
-    request: Request, why: Annotated[str, Query(max_length=300)] = ""
-) -> Response:
-    pre = request.cookies.get(PRE_COOKIE) or Sessions().open("").csrf
+async def signin_page(request: Request) -> Response:
+    # why a session ended comes from the daemon's memory, never from the address (a
+    # link cannot put words on this page)
+    why = _sessions(request).why_ended(request.cookies.get(COOKIE))
+    pre = request.cookies.get(PRE_COOKIE) or secrets.token_urlsafe(32)
     response = await render(request, "signin.html", why=why, pre=pre)
     _set_cookie(request, response, PRE_COOKIE, pre, 600)
     return response
@@ -697,9 +695,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(SignInNeeded)
     async def _sign_in(request: Request, exc: SignInNeeded) -> Response:
-        url = (
-            base_path(request) + "/signin" + (f"?{urlencode({'why': exc.why})}" if exc.why else "")
-        )
+        url = base_path(request) + "/signin"  # which says why, from the session's record
         if request.headers.get("hx-request"):
             return Response(status_code=401, headers={"HX-Redirect": url})
         if request.headers.get("accept", "").startswith("text/event-stream"):
