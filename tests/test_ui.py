@@ -484,6 +484,18 @@ def test_a_service_page_shows_its_replicas_to_its_tenant_only(provider) -> None:
     owner.delete("/services/ui-web")
 
 
+def test_a_node_page_shows_its_gpus_checks_and_events(provider) -> None:
+    node = provider.api.get("/nodes").json()[0]
+    client = sign_in(provider.url, provider.token)
+    page = client.get(f"/ui/nodes/{node['id']}").text
+    stored = provider.api.get(f"/nodes/{node['id']}/checks").json()["results"]
+    assert stored, "the daemon stores its preflight checks at start"
+    assert f"{stored[0]['group']}/{stored[0]['name']}" in page
+    assert page.count("(simulated)") == node["gpu_count"]
+    assert "registered" in page  # its first event
+    assert client.get("/ui/nodes/no-such-node").status_code == 404
+
+
 def test_nothing_blocked_the_event_loop(provider) -> None:
     """The pages this module opened rendered and read off the loop that serves the API
     (the module's daemon watches it at 50 ms). Last in the module."""

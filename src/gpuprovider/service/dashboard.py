@@ -178,13 +178,15 @@ class Dashboard:
         return {"tasks": [task_view(t) for t in page], "next": following}
 
     def node(self, ref: str) -> dict[str, Any]:
-        """A node with its events and its GPUs (the tasks on each)."""
+        """A node with its events, its GPUs (the tasks on each) and its checks."""
         with self.store.read() as r:
             node = r.nodes.get(ref)
             if node is None:
                 raise NotFound(f"no node {ref!r}")
             events = r.nodes.events(node.id)
             allocations = r.tasks.active_allocations()
+            checks = r.checks.latest(node.id)
         view = node_view(node, self.usability, events)
         view["gpus"] = gpu_views([node], allocations, self.usability)
+        view["checks"] = checks  # the latest result of each check (`gpuprovider check`)
         return view
