@@ -248,7 +248,10 @@ def test_sign_out(tab, provider):
     tab.page.wait_for_url("**/ui/signin")
 
 
-@pytest.mark.skipif(not os.environ.get("GPUPROVIDER_SCREENSHOTS"), reason="screenshots are made on request: GPUPROVIDER_SCREENSHOTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("GPUPROVIDER_SCREENSHOTS"),
+    reason="screenshots are made on request: GPUPROVIDER_SCREENSHOTS=1",
+)
 def test_screenshots_of_every_page(browser, provider):
     provider.submit(name="train", command=[PY, "-c", "print('epoch 1 loss 0.93')"])
     script = (
