@@ -9,7 +9,10 @@ round trip). The live update delay is from an API call that makes a transition (
 node cordoned, then resumed) to the dashboard's `/ui/events` telling the page, against
 the API's own `/events/stream` seeing the same row.
 
-Usage: python bench/dashboard.py [--tasks 100000] [--nodes 50] [--repeat 50]
+The cost of --followers dashboards following one task's log (a line every 0.1 s) is the
+daemon's CPU over 10 s, against the same 10 s with no one following.
+
+Usage: python bench/dashboard.py [--tasks 100000] [--nodes 50] [--repeat 50] [--followers 100]
 Prints a human summary, then JSON on the last line.
 """
 
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 from sqlalchemy import insert
 
 from gpuprovider.lifecycle import nodes as lifecycle_nodes
@@ -148,11 +152,62 @@ def live_delay(provider: Provider, client: httpx.Client, url: str, rounds: int) 
     return delays
 
 
+def followers_cost(provider: Provider, session: httpx.Client, followers: int, span_s: float):
+    """Cores the daemon uses while a task writes a line every 0.1 s: with no one
+    following its log (the baseline), then with `followers` dashboards following it."""
+    script = (
+        "import time\n"
+        "for i in range(100000):\n"
+        "    print('line', i, flush=True)\n"
+        "    time.sleep(0.1)\n"
+    )
+    task = provider.submit(name="chatty", command=["/usr/bin/python3", "-c", script])
+    provider.wait_state(task["id"], "running", 60)
+    daemon = psutil.Process(provider.proc.pid)
+
+    def cores() -> float:
+        before, start = daemon.cpu_times(), time.perf_counter()
+        time.sleep(span_s)
+        after = daemon.cpu_times()
+        spent = (after.user - before.user) + (after.system - before.system)
+        return spent / (time.perf_counter() - start)
+
+    alone = cores()
+    cookie = {"gpp_session": session.cookies["gpp_session"]}
+    limits = httpx.Limits(max_connections=followers + 8)
+    reading = threading.Barrier(followers + 1, timeout=120)
+    stop = threading.Event()
+
+    def follow() -> None:
+        with httpx.Client(base_url=provider.url, cookies=cookie, limits=limits) as client:
+            path = f"/ui/tasks/{task['id']}/log/stream"
+            with client.stream("GET", path, timeout=None) as stream:
+                lines = stream.iter_lines()
+                next(line for line in lines if line.startswith("data:"))
+                reading.wait()
+                for _ in lines:
+                    if stop.is_set():
+                        return
+
+    threads = [threading.Thread(target=follow, daemon=True) for _ in range(followers)]
+    for thread in threads:
+        thread.start()
+    reading.wait()
+    followed = cores()
+    stop.set()
+    provider.api.post(f"/tasks/{task['id']}/cancel")
+    return {
+        "cores_with_no_follower": round(alone, 4),
+        f"cores_with_{followers}": round(followed, 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--followers", type=int, default=100)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gpp-bench-ui-"))
     port = free_port()
@@ -185,6 +240,7 @@ def main() -> None:
         loaded = first_load_bytes(client)
         ui_delay = live_delay(provider, client, "/ui/events", 20)
         api_delay = live_delay(provider, provider.api, "/events/stream?after=now", 20)
+        following = followers_cost(provider, client, args.followers, 10.0)
     finally:
         provider.stop()
         kill_task_processes(provider.home)
@@ -195,6 +251,7 @@ def main() -> None:
         "pages": {name: figures(v) for name, v in pages.items()},
         "baseline": {name: figures(v) for name, v in baseline.items()},
         "first_load_bytes": loaded,
+        "log_followers": following,
         "live_update_delay": {
             "ui_events": figures(ui_delay),
             "api_events_stream": figures(api_delay),
@@ -208,6 +265,7 @@ def main() -> None:
         )
     print(f"first load: {loaded['total']} bytes ({loaded['html']} of HTML)")
     print(f"live update delay: {result['live_update_delay']}")
+    print(f"daemon cores, a task's log followed: {following}")
     print(json.dumps(result))
 
 
