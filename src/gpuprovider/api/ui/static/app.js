@@ -9,19 +9,44 @@
     window.location.href = base + "/"; // the server says why, on its sign-in page
   }
 
-  // The journal: every change the viewer may see tells the page to fetch its live part.
+  // The journal: each change the viewer may see refreshes the page's live part. The
+  // page's live part (#live, data-refresh: its address) is fetched again at most
+  // once per 150 ms and always after the last change: a busy provider's stream of
+  // changes never starves the page nor costs a fetch per change, and a change that
+  // comes while a fetch is running is fetched again after it.
+  var refreshing = null;
+  var running = false;
+  var missed = false;
+  function refresh() {
+    if (refreshing) return;
+    refreshing = setTimeout(fetchLive, 150);
+  }
+  function fetchLive() {
+    refreshing = null;
+    var live = document.getElementById("live");
+    if (!live || !live.dataset.refresh) return;
+    if (running) { missed = true; return; }
+    running = true;
+    htmx.ajax("GET", live.dataset.refresh, { target: "#live", select: "#live", swap: "outerHTML" })
+      .then(fetched, fetched);
+  }
+  function fetched() {
+    running = false;
+    if (missed) { missed = false; refresh(); }
+  }
+
   function follow(url) {
     var source = new EventSource(url);
     var opened = false;
     source.addEventListener("open", function () {
-      if (opened) htmx.trigger(body, "journal"); // back after a break: catch up
+      if (opened) refresh(); // back after a break: catch up
       opened = true;
     });
-    source.addEventListener("change", function () { htmx.trigger(body, "journal"); });
+    source.addEventListener("change", refresh);
     source.addEventListener("signedout", function () { source.close(); signedOut(); });
     source.addEventListener("dropped", function () {
       source.close();
-      htmx.trigger(body, "journal");
+      refresh();
       setTimeout(function () { follow(url); }, 1000);
     });
   }
@@ -55,7 +80,7 @@
     stream.addEventListener("end", function (e) {
       stream.close();
       status.textContent = "ended: " + JSON.parse(e.data);
-      htmx.trigger(body, "journal");
+      refresh();
     });
     stream.addEventListener("signedout", function () { stream.close(); signedOut(); });
     stream.addEventListener("error", function (e) {
