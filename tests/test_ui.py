@@ -496,6 +496,21 @@ def test_a_node_page_shows_its_gpus_checks_and_events(provider) -> None:
     assert client.get("/ui/nodes/no-such-node").status_code == 404
 
 
+def test_open_event_streams_never_hold_up_a_stop(fresh_provider) -> None:
+    """An open dashboard (or a client of /events/stream) never keeps the daemon running
+    once it is told to stop."""
+    fresh_provider.start()
+    client = sign_in(fresh_provider.url, fresh_provider.token)
+    api = fresh_provider.api
+    with (
+        client.stream("GET", "/ui/events") as page,
+        api.stream("GET", "/events/stream", params={"after": "now"}) as feed,
+    ):
+        assert next(page.iter_lines()) == ": following"
+        assert next(feed.iter_lines()) == ": following"
+        assert fresh_provider.stop() == 0  # SIGTERM; fails if it is still up after 20 s
+
+
 def test_nothing_blocked_the_event_loop(provider) -> None:
     """The pages this module opened rendered and read off the loop that serves the API
     (the module's daemon watches it at 50 ms). Last in the module."""

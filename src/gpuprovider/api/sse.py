@@ -32,7 +32,8 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
-        # the server stopping ends every stream (uvicorn waits for open responses)
+        # the server stopping ends every stream (what uvicorn does on its own too, as of
+        # 0.55; kept so that no server version's shutdown waits on a stream)
         stopping: asyncio.Event | None = getattr(
             getattr(scope.get("app"), "state", None), "stopping", None
         )
