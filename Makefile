@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed  # and the test extra (torch, Ray, ...): what `make 
 # the image they run, prometheus for promtool and a real scrape, nginx in front of the
 # gateway, nftables and iproute2 for tasks' network rules (and the test's own "outside"
 # network namespace), openssh-server for the fleet's SSH hosts, git for uploads from a
-# git source. Installed by `make test` when missing (as root, with apt-get).
-TEST_DEBS := podman runc busybox-static prometheus nginx nftables iproute2 openssh-server git
+# git source, chromium for the dashboard's browser tests. Installed by `make test` when
+# missing (as root, with apt-get).
+TEST_DEBS := podman runc busybox-static prometheus nginx nftables iproute2 openssh-server \
+	git chromium
 
 .PHONY: up test lint format bench clean debs
 
@@ -57,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ray_backend.py
 	$(BIN)/python bench/isolation.py
 	$(BIN)/python bench/fuzz.py
+	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/telemetry.py
 	$(MAKE) debs TEST_DEBS=wrk
 	$(BIN)/python bench/gateway.py

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpuprovider import __version__
@@ -25,6 +25,7 @@ from gpuprovider.api.routers import (
     watch,
 )
 from gpuprovider.api.routers import services as service_routes
+from gpuprovider.api.ui import pages
 from gpuprovider.domain.wire import parse_json
 from gpuprovider.service.errors import ServiceError
 
@@ -47,15 +48,19 @@ def _field_errors(exc: RequestValidationError) -> list[str]:
     return lines
 
 
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> Response:
     details = _field_errors(exc)
+    if pages.is_ui(request.scope):
+        return await pages.error_page(request, 422, "; ".join(details))
     return _error(422, "; ".join(details), details=details)
 
 
-async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http(request: Request, exc: StarletteHTTPException) -> Response:
     """FastAPI's own refusals (a body it cannot parse, a route that is not there), in the
-    API's error shape."""
+    API's error shape (the dashboard's: as a page)."""
     message = str(exc.detail)
+    if pages.is_ui(request.scope):
+        return await pages.error_page(request, exc.status_code, message)
     if exc.status_code == 400 and "parsing the body" in message:
         message = "the body could not be read as JSON: malformed, or nested too deep"
     response = _error(exc.status_code, message)
@@ -63,7 +68,9 @@ async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return response
 
 
-async def _refused(_: Request, exc: ServiceError) -> JSONResponse:
+async def _refused(request: Request, exc: ServiceError) -> Response:
+    if pages.is_ui(request.scope):
+        return await pages.refused(request, exc)
     response = _error(exc.status, str(exc))
     response.headers.update(exc.headers)
     return response
@@ -97,6 +104,7 @@ def create_app(services: Services) -> FastAPI:
     ):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(watch.metrics_router)
+    pages.install(app)  # the dashboard, under /ui
     return app
 
 

@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 
 from gpuprovider.domain.records import TokenRecord
 from gpuprovider.service.calls import Calls
+from gpuprovider.service.dashboard import Dashboard
 from gpuprovider.service.errors import Unavailable
 from gpuprovider.service.files import Uploads, Volumes
 from gpuprovider.service.journal import Journal
@@ -44,6 +45,7 @@ class Services:
     swan: SwanService | None = None  # Swan's job API, when a [market] is kind swan
     uploads: Uploads | None = None
     volumes: Volumes | None = None
+    dashboard: Dashboard | None = None  # the figures of the dashboard's pages (/ui)
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)

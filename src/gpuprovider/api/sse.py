@@ -1,6 +1,7 @@
 """A server-sent-events response that never lets a client hold the daemon: each write
 waits for the client at most SEND_TIMEOUT_S (a client that does not read is dropped),
-and a client that goes away ends the stream at once."""
+a client that goes away ends the stream at once, and so does the server stopping (the
+app's `state.stopping` event: an open dashboard never holds up `gpuprovider down`)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,24 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
+        # the server stopping ends every stream (what uvicorn does on its own too, as of
+        # 0.55; kept so that no server version's shutdown waits on a stream)
+        stopping: asyncio.Event | None = getattr(
+            getattr(scope.get("app"), "state", None), "stopping", None
+        )
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
             gone.set()
 
+        async def stop() -> None:
+            if stopping is not None:
+                await stopping.wait()
+                gone.set()
+
         watcher = asyncio.create_task(watch())
+        stopper = asyncio.create_task(stop())
         try:
             await self._send(
                 send, {"type": "http.response.start", "status": 200, "headers": HEADERS}
@@ -49,6 +61,7 @@ class EventStream(Response):
             await self._send(send, {"type": "http.response.body", "body": b""})
         finally:
             watcher.cancel()
+            stopper.cancel()
             with contextlib.suppress(Exception):
                 await self.events.aclose()  # type: ignore[attr-defined]
 

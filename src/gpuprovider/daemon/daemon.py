@@ -43,6 +43,7 @@ from gpuprovider.market.pricing import Pricing
 from gpuprovider.market.strategies import lease_strategy
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
+from gpuprovider.service.dashboard import Dashboard
 from gpuprovider.service.files import FileLimits, Uploads, Volumes
 from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
@@ -262,6 +263,7 @@ class Daemon:
                 config.proof.session_s,
             ),
             calls=Calls(self.store),
+            dashboard=Dashboard(self.store, usability, markets),
         )
 
     def preflight(self) -> None:
@@ -314,7 +316,10 @@ class Daemon:
                 ensure_gateway_token(self.home, self.services.tokens, self.node_id)
                 start_gateway(self.home)
             log.info(
-                "gpuprovider ready: API http://%s:%d/api/v1, %s (home %s)",
+                "gpuprovider ready: API http://%s:%d/api/v1, dashboard http://%s:%d/ui/, %s "
+                "(home %s)",
+                self.config.api.host,
+                self.config.api.port,
                 self.config.api.host,
                 self.config.api.port,
                 f"services at {'https' if gateway.tls_cert else 'http'}://{gateway.host}:"
@@ -324,8 +329,14 @@ class Daemon:
                 self.home.root,
             )
             event_loop = asyncio.get_running_loop()
+            stopping = app.app.state.stopping = asyncio.Event()  # ends open event streams
+
+            def stop() -> None:
+                server.should_exit = True
+                stopping.set()
+
             for sig in (signal.SIGINT, signal.SIGTERM):
-                event_loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+                event_loop.add_signal_handler(sig, stop)
             await server.serve(sockets=[sock])  # returns once should_exit is set
             for loop in self.loops:
                 await asyncio.to_thread(loop.stop)

@@ -87,6 +87,11 @@ _FILTERS = {
     "kind": t.tasks.c.kind == bindparam("kind"),
     "tenant": t.tasks.c.tenant == bindparam("tenant"),
     "node_id": t.tasks.c.node_id == bindparam("node_id"),
+    # keyset paging, newest first: the tasks after (older than) one already shown
+    "before": or_(
+        t.tasks.c.created_at < bindparam("before_at"),
+        and_(t.tasks.c.created_at == bindparam("before_at"), t.tasks.c.id > bindparam("before_id")),
+    ),
 }
 
 
@@ -280,8 +285,10 @@ class TaskRepo:
         node_id: str | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        before: tuple[float, str] | None = None,
     ) -> list[TaskRecord]:
-        """Tasks matching every filter given, oldest first (or newest first)."""
+        """Tasks matching every filter given, oldest first (or newest first); `before`
+        (created_at, id): those after that task in newest-first order."""
         values: dict[str, Any] = {
             "states": [s.value for s in states] if states else None,
             "ids": list(ids) if ids is not None else None,
@@ -291,10 +298,13 @@ class TaskRepo:
             "tenant": tenant or None,
             "node_id": node_id or None,
             "limit": limit or None,
+            "before": before,
         }
         given = tuple(key for key, value in values.items() if value is not None)
         query = _find_statement(given, newest_first)
-        bound = {key: values[key] for key in given}
+        bound = {key: values[key] for key in given if key != "before"}
+        if before is not None:
+            bound["before_at"], bound["before_id"] = before
         return [_task(r) for r in self.tx.conn.execute(query, bound)]
 
     def by_ids(self, ids: Iterable[str], state: TaskState | None = None) -> list[TaskRecord]:
