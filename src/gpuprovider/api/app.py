@@ -17,6 +17,7 @@ from gpuprovider.api.routers import (
     health,
     market,
     nodes,
+    pipelines,
     proofs,
     swan,
     tasks,
@@ -91,8 +92,10 @@ def create_app(services: Services) -> FastAPI:
         market,
         swan,
         events,
+        pipelines,
     ):
         app.include_router(module.router, prefix=PREFIX)
+    app.include_router(pipelines.batches, prefix=PREFIX)
     app.include_router(watch.metrics_router)
     return app
 

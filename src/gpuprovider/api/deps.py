@@ -15,6 +15,7 @@ from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
+from gpuprovider.service.pipelines import PipelineService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.repair import RepairService
 from gpuprovider.service.serving import Serving
@@ -41,6 +42,7 @@ class Services:
     serving: Serving | None = None
     markets: list[MarketService] = field(default_factory=list)
     swan: SwanService | None = None  # Swan's job API, when a [market] is kind swan
+    pipelines: PipelineService | None = None
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)

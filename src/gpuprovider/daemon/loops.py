@@ -13,6 +13,7 @@ from gpuprovider.config import ProviderConfig
 from gpuprovider.domain.states import TaskState
 from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.lifecycle.tasks import transition
+from gpuprovider.service.pipelines import PipelineTimers
 from gpuprovider.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ class Loop:
 
 
 class ReaperLoop(Loop):
-    """Expires tasks queued past their deadline, and checkpoints the store's log (so
-    that no commit ever does)."""
+    """Expires tasks queued past their deadline, fires pipeline stages' timers when due
+    (woken when one is set), and checkpoints the store's log (so that no commit ever
+    does)."""
 
-    def __init__(self, store: Store, config: ProviderConfig):
+    def __init__(self, store: Store, config: ProviderConfig, timers: PipelineTimers | None = None):
         super().__init__("reaper", config.reaper.interval_s)
         self.store = store
+        self.timers = timers
 
     def tick(self) -> float | None:
         with self.store.read() as r:
@@ -84,5 +87,6 @@ class ReaperLoop(Loop):
                     transition(tx, task, S.EXPIRED, reason)
             except Stale:
                 continue  # placed or cancelled meanwhile
+        soon = self.timers.tick() if self.timers is not None else None
         self.store.checkpoint()
-        return None
+        return None if soon is None else min(soon, self.interval_s)
