@@ -10,7 +10,14 @@ import posixpath
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gpuprovider.domain.spec import (
     ENV_KEY_PATTERN,
@@ -227,8 +234,11 @@ class PipelineSpec(_Strict):
             if stage.wait is None:
                 try:
                     stage.task_spec(0, self.node_selector)
-                except ValueError as exc:
-                    raise ValueError(f"stages.{stage.name}: {exc}") from None
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    msg = str(first["msg"]).removeprefix("Value error, ")
+                    raise ValueError(f"stages.{stage.name}.{where}: {msg}") from None
         return self
 
     def stage(self, name: str) -> Stage:
