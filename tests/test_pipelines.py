@@ -2,6 +2,9 @@
 pools, failure levels, pause/resume, wait stages, batching, restart safety, and
 hostile specs refused with the field named."""
 
+import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -484,3 +487,125 @@ def test_cli_shows_the_stages_as_a_table(provider, folder, tmp_path):
     bad.write_text("kind: pipeline\nstages:\n  - name: a\n    after: [a]\n    command: [x]\n")
     refused = provider.cli("pipeline", "submit", "-f", str(bad))
     assert refused.returncode == 2 and "stages.a.after" in refused.stderr
+
+
+def started(
+    p: Provider, tmp_path: Path, roots: list[Path] | None = None, text: str = ""
+) -> Provider:
+    if roots:
+        config = p.home.config.read_text()
+        listed = ", ".join(f'"{r}"' for r in roots)
+        p.home.config.write_text(
+            config.replace("workdir_roots = []", f"workdir_roots = [{listed}]") + text
+        )
+    elif text:
+        p.home.config.write_text(p.home.config.read_text() + text)
+    p.start()
+    return p
+
+
+def test_a_work_store_is_shared_by_stages_and_cleaned_on_abort(fresh_provider, tmp_path):
+    root = tmp_path / "stores"
+    root.mkdir()
+    p = started(fresh_provider, tmp_path, [root])
+    write = job("open('sector.dat', 'w').write('sealed')")
+    read = job("import sys; sys.exit(0 if open('sector.dat').read() == 'sealed' else 1)")
+    abort = job("import sys; open('partial.dat', 'w').write('x'); sys.exit(42)")
+    made = submit(
+        p,
+        {
+            "work_store": str(root),
+            "stages": [
+                {"name": "write", "command": write},
+                {"name": "read", "after": ["write"], "command": read},
+                {
+                    "name": "bad",
+                    "after": ["read"],
+                    "command": abort,
+                    "failure": {"exit_codes": {"abort": [42]}},
+                },
+            ],
+        },
+    )
+    store = Path(made["work_store"])
+    assert store.parent == root
+    ended = wait_pipeline(p, made["id"], "aborted")
+    assert stages(ended)["read"]["state"] == "done"
+    assert stages(ended)["bad"]["level"] == "abort"
+    assert store.is_dir() and list(store.iterdir()) == []  # cleaned
+    outside = p.api.post(
+        "/pipelines",
+        json={
+            "kind": "pipeline",
+            "work_store": str(tmp_path),
+            "stages": [{"name": "a", "command": write}],
+        },
+    )
+    assert outside.status_code == 422 and "work_store" in outside.json()["error"]
+
+
+def test_tenant_overrides_change_limits_and_retries(fresh_provider, tmp_path, folder):
+    text = "\n[pipelines.admin]\nmax_retries = 0\npools.s = { total = 1 }\n"
+    p = started(fresh_provider, tmp_path, text=text)
+    made = submit(
+        p,
+        {
+            "stages": [
+                {
+                    "name": "s",
+                    "command": counter_stage(folder, "s", 5, 75),
+                    "failure": {"exit_codes": {"temporary": [75]}, "max_retries": 5},
+                }
+            ]
+        },
+    )
+    paused = wait_pipeline(p, made["id"], "paused")
+    assert stages(paused)["s"]["level"] == "permanent"
+    assert runs(folder) == ["s"]  # the override: no retry
+    assert pipeline(p, made["id"])["spec"]["pools"] == {"s": {"total": 1}}
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_loses_no_pipeline_and_runs_no_stage_twice(
+    fresh_provider, tmp_path, folder
+):
+    """The operators' main complaint about venus: state desync after restarts."""
+    p = started(fresh_provider, tmp_path)
+    step = job(
+        "import os, sys, time\n"
+        f"out = {str(folder)!r}\n"
+        "me = os.environ['PIPELINE_ID'] + '.' + os.environ['PIPELINE_STAGE']\n"
+        "open(os.path.join(out, 'runs.txt'), 'a').write(me + '\\n')\n"
+        "time.sleep(0.3)\n"
+    )
+    spec = {
+        "stages": [
+            {"name": "pc1", "command": step},
+            {"name": "pc2", "after": ["pc1"], "command": step, "resources": {"gpu": 1}},
+            {"name": "seed", "after": ["pc2"], "wait": {"timer_s": 0.2}},
+            {"name": "c2", "after": ["seed"], "command": step, "resources": {"gpu": 1}},
+            {
+                "name": "commit",
+                "after": ["c2"],
+                "command": step,
+                "batch": {"size": 4, "max_wait_s": 1},
+            },
+        ],
+        "pools": {"pc1": {"total": 4}, "pc2": {"per_node": 1}, "c2": {"per_node": 1}},
+    }
+    made = [submit(p, spec)["id"] for _ in range(12)]
+    rng = random.Random(30)
+    for _ in range(3):
+        wait_for(lambda: len(runs(folder)) >= 1, what="work to run")
+        time.sleep(rng.uniform(0.2, 1.5))
+        p.stop(signal.SIGKILL)
+        p.start()
+    for ref in made:
+        wait_pipeline(p, ref, "succeeded", timeout=120)
+    seen = runs(folder)
+    # a commit batch writes once per batch (as its first member)
+    for ref in made:
+        for stage in ("pc1", "pc2", "c2"):
+            assert seen.count(f"{ref}.{stage}") == 1, (ref, stage, seen)
+    assert overlaps(p, made, "pc2") == 1
+    assert overlaps(p, made, "c2") == 1

@@ -62,7 +62,8 @@ class Failure(_Strict):
     exit_codes: dict[Level, list[Annotated[int, Field(ge=1, le=255)]]] = Field(
         default_factory=dict, description="level -> exit codes"
     )
-    default: Level = Level.PERMANENT
+    # not strict: a stored spec (JSON) is read back with its levels as text
+    default: Annotated[Level, Field(strict=False)] = Level.PERMANENT
     max_retries: int = Field(3, ge=0, le=MAX_RETRIES, description="temporary failures retried")
     retry_interval_s: float = Field(10.0, ge=0, le=86400)
 
