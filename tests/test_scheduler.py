@@ -486,3 +486,25 @@ def test_a_filter_reading_another_field_never_gets_a_stale_verdict(signs):
     assert isinstance(paid, Placement) and paid.node_id == "vip"
     compiled = ClusterState(snap.nodes).compile(req("x", "1"))
     assert (custom.shape_key(compiled) is None) == (signs(compiled) is None)
+
+
+def test_a_pool_holds_its_per_node_limit_and_the_next_node_takes_the_rest():
+    """A pipeline stage's pool (pipelines/): at most `per_node` of it on one node, work
+    already there counted; a task of no pool is never held by it."""
+    first = node("a", ["h100-80gb-sxm"] * 4)
+    first.pools["t/pc2"] = 1  # one running there already
+    snap = Snapshot([first, node("b", ["h100-80gb-sxm"] * 4)])
+    pool = ("t/pc2", 2)
+    decisions = Framework(policy("first-fit")).place(
+        snap,
+        [
+            TaskRequest("p1", parse_gpu_request("1"), pool=pool),
+            TaskRequest("p2", parse_gpu_request("1"), pool=pool),
+            TaskRequest("p3", parse_gpu_request("1"), pool=pool),
+            TaskRequest("p4", parse_gpu_request("1"), pool=pool),
+            TaskRequest("free", parse_gpu_request("1")),
+        ],
+    )
+    where = {d.task_id: getattr(d, "node_id", None) for d in decisions}
+    assert where == {"p1": "a", "p2": "b", "p3": "b", "p4": None, "free": "a"}
+    assert "pool pc2 is at its limit (2 per node)" in decisions[3].reason

@@ -106,7 +106,7 @@ def _pool_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) ->
 
 
 # A pipeline stage's pool: at most its per-node limit of the pool's stages on a node.
-pool_limit = Filter("pool", _pool_ok, _pool_reason, lambda t: t.request.pool)
+pool_limit = Filter("pool", _pool_ok, _pool_reason, lambda t: t.request.pool or ())
 
 DEFAULT_FILTERS = (node_usable, node_selector, cpu_fits, memory_fits, gpus_fit, pool_limit)
 
