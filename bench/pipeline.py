@@ -1,0 +1,202 @@
+"""A sealing-shaped pipeline on a real daemon with simulated GPUs, against a naive chain.
+
+Each pipeline: PC1 (CPU) -> PC2 (GPU) -> wait (timer) -> C2 (GPU) -> commit (batched by
+8), stages sleeping their time times --scale (the issue's 60/20/10/30 s at --scale 1).
+Pools: pc1 4 per node, pc2 1 per node, c2 1 per node, on one node with 2 GPUs (the
+local backend is one node; the issue's 2-node run needs the Ray backend). The baseline,
+in the same run on a fresh daemon: each pipeline as one sequential script holding a GPU
+throughout (what a user scripts outside a pipeline runner).
+
+Figures, from the tasks' recorded start and end times:
+  - gpu_busy_while_waiting: the share of the GPUs busy while a GPU stage waits to start;
+  - limit_violations: moments a pool ran more than its limit;
+  - makespan against a lower bound: the first PC1 and PC2 plus every C2 back to back
+    (C2 is the bottleneck pool: 1 per node) plus the last commit;
+  - stage_start: a stage's task from submitted to running (placement and start), p50/p99.
+
+Usage: python bench/pipeline.py [--pipelines 64] [--scale 0.05]
+Prints a summary, then JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
+
+TWO_GPUS = '\n[[inventory.simulated_gpus]]\nmodel = "h100-80gb-sxm"\ncount = 2\n'
+PY = sys.executable
+SECONDS = {"pc1": 60.0, "pc2": 20.0, "wait": 10.0, "c2": 30.0, "commit": 1.0}
+LIMITS = {"pc1": 4, "pc2": 1, "c2": 1}
+GPU_STAGES = ("pc2", "c2")
+
+
+def sleep(s: float) -> list[str]:
+    return [PY, "-c", f"import time; time.sleep({s})"]
+
+
+def pipeline_spec(scale: float) -> dict:
+    t = {k: v * scale for k, v in SECONDS.items()}
+    return {
+        "kind": "pipeline",
+        "stages": [
+            {"name": "pc1", "command": sleep(t["pc1"]), "resources": {"cpu": 0.1}},
+            {"name": "pc2", "after": ["pc1"], "command": sleep(t["pc2"]), "resources": {"gpu": 1}},
+            {"name": "seed", "after": ["pc2"], "wait": {"timer_s": t["wait"]}},
+            {"name": "c2", "after": ["seed"], "command": sleep(t["c2"]), "resources": {"gpu": 1}},
+            {
+                "name": "commit",
+                "after": ["c2"],
+                "command": sleep(t["commit"]),
+                "batch": {"size": 8, "max_wait_s": t["c2"] * 4},
+            },
+        ],
+        "pools": {
+            "pc1": {"per_node": LIMITS["pc1"]},
+            "pc2": {"per_node": LIMITS["pc2"]},
+            "c2": {"per_node": LIMITS["c2"]},
+        },
+    }
+
+
+def chain_spec(scale: float) -> dict:
+    t = {k: v * scale for k, v in SECONDS.items()}
+    total = t["pc1"] + t["pc2"] + t["wait"] + t["c2"] + t["commit"]
+    return {"command": sleep(total), "resources": {"gpu": 1}}
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def busy_while_waiting(gpu_tasks: list[dict], gpus: int) -> float:
+    """GPU-seconds busy over GPU-seconds available, over the time some GPU stage waited."""
+    events = []
+    for task in gpu_tasks:
+        events += [(task["created_at"], "wait", 1), (task["started_at"], "wait", -1)]
+        events += [(task["started_at"], "busy", 1), (task["finished_at"], "busy", -1)]
+    events.sort()
+    waiting = busy = 0
+    last = events[0][0]
+    busy_s = total_s = 0.0
+    for at, kind, step in events:
+        if waiting > 0:
+            total_s += (at - last) * gpus
+            busy_s += (at - last) * min(busy, gpus)
+        last = at
+        if kind == "wait":
+            waiting += step
+        else:
+            busy += step
+    return busy_s / total_s if total_s else 1.0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def run_pipelines(p: Provider, n: int, scale: float) -> dict:
+    began = time.time()
+    made = []
+    for _ in range(n):
+        answer = p.api.post("/pipelines", json=pipeline_spec(scale))
+        assert answer.status_code == 201, answer.text
+        made.append(answer.json()["id"])
+
+    def all_done() -> bool:
+        views = p.api.get("/pipelines", params={"limit": n}).json()
+        return all(v["state"] == "succeeded" for v in views)
+
+    wait_for(all_done, timeout=max(600.0, n * 60 * scale * 4), what="every pipeline")
+    tasks = {t["id"]: t for t in p.api.get("/tasks", params={"limit": 100000}).json()}
+    by_stage: dict[str, list[dict]] = {}
+    for ref in made:
+        for stage in p.api.get(f"/pipelines/{ref}").json()["stages"]:
+            if stage["task"]:
+                by_stage.setdefault(stage["name"], []).append(tasks[stage["task"]])
+    for name, found in by_stage.items():  # a batch's task is listed once per member
+        by_stage[name] = list({t["id"]: t for t in found}.values())
+    end = max(t["finished_at"] for found in by_stage.values() for t in found)
+    violations = {
+        pool: max(
+            0, most_at_once([(t["started_at"], t["finished_at"]) for t in by_stage[pool]]) - limit
+        )
+        for pool, limit in LIMITS.items()
+    }
+    t = {k: v * scale for k, v in SECONDS.items()}
+    bound = t["pc1"] + t["pc2"] + t["wait"] + n * t["c2"] + t["commit"]
+    starts = [t_["started_at"] - t_["created_at"] for found in by_stage.values() for t_ in found]
+    gpu_tasks = [x for name in GPU_STAGES for x in by_stage[name]]
+    return {
+        "makespan_s": round(end - began, 2),
+        "lower_bound_s": round(bound, 2),
+        "makespan_over_bound": round((end - began) / bound, 3),
+        "gpu_busy_while_waiting": round(busy_while_waiting(gpu_tasks, 2), 4),
+        "limit_violations": violations,
+        "commit_batches": len(by_stage["commit"]),
+        "stage_start_p50_ms": round(pct(starts, 50) * 1000, 1),
+        "stage_start_p99_ms": round(pct(starts, 99) * 1000, 1),
+    }
+
+
+def run_chains(p: Provider, n: int, scale: float) -> dict:
+    began = time.time()
+    ids = []
+    for _ in range(n):
+        answer = p.api.post("/tasks", json=chain_spec(scale))
+        assert answer.status_code == 201, answer.text
+        ids.append(answer.json()["id"])
+    wait_for(
+        lambda: all(p.task(i)["state"] == "succeeded" for i in ids),
+        timeout=max(600.0, n * 130 * scale * 2),
+        what="every chain",
+    )
+    found = [p.task(i) for i in ids]
+    end = max(t["finished_at"] for t in found)
+    t = {k: v * scale for k, v in SECONDS.items()}
+    gpu_work = n * (t["pc2"] + t["c2"])
+    return {
+        "makespan_s": round(end - began, 2),
+        # held GPU-seconds doing GPU work: the rest idles in PC1 and the wait
+        "gpu_doing_gpu_work": round(gpu_work / (2 * (end - began)), 4),
+    }
+
+
+def daemon(root: Path) -> Provider:
+    port = free_port()
+    p = Provider(make_home(root, port, gpus=TWO_GPUS, reaper_interval_s=0.2), port)
+    p.start()
+    return p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pipelines", type=int, default=64)
+    ap.add_argument("--scale", type=float, default=0.05)
+    args = ap.parse_args()
+    results: dict = {"pipelines": args.pipelines, "scale": args.scale}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, run in (("pipeline", run_pipelines), ("naive_chain", run_chains)):
+            p = daemon(Path(folder) / name)
+            try:
+                results[name] = run(p, args.pipelines, args.scale)
+            finally:
+                p.stop()
+                kill_task_processes(p.home)
+            print(name, results[name], flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
