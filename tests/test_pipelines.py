@@ -336,7 +336,8 @@ def test_pool_limits_hold_per_node_and_in_total(provider, folder):
 def test_a_batch_runs_once_for_its_members_at_its_size(provider, folder):
     batch = job(
         "import os\n"
-        f"open({str(folder / 'runs.txt')!r}, 'a').write(os.environ['PIPELINE_BATCH'].replace(' ', ',') + '\\n')\n"
+        "members = os.environ['PIPELINE_BATCH'].replace(' ', ',')\n"
+        f"open({str(folder / 'runs.txt')!r}, 'a').write(members + '\\n')\n"
     )
     spec = {
         "stages": [
@@ -361,8 +362,9 @@ def test_a_batch_runs_once_for_its_members_at_its_size(provider, folder):
 def test_a_batch_flushes_by_hand_and_at_its_deadline(provider, folder):
     batch = job(
         "import os\n"
-        f"open({str(folder / 'runs.txt')!r}, 'a').write(os.environ['PIPELINE_BATCH'].replace(' ', ',') if 'PIPELINE_BATCH' in os.environ else os.environ['PIPELINE_ID'])\n"
-        f"open({str(folder / 'runs.txt')!r}, 'a').write('\\n')\n"
+        "env = os.environ\n"
+        "members = env.get('PIPELINE_BATCH', env['PIPELINE_ID']).replace(' ', ',')\n"
+        f"open({str(folder / 'runs.txt')!r}, 'a').write(members + '\\n')\n"
     )
 
     def spec(wait: float) -> dict:
@@ -609,3 +611,33 @@ def test_kill_9_at_random_moments_loses_no_pipeline_and_runs_no_stage_twice(
             assert seen.count(f"{ref}.{stage}") == 1, (ref, stage, seen)
     assert overlaps(p, made, "pc2") == 1
     assert overlaps(p, made, "c2") == 1
+
+
+def test_a_freed_slot_goes_to_the_later_stage_of_a_started_pipeline(provider, folder):
+    """The drain policy: when a pool slot frees, the deepest waiting stage takes it
+    (the second stage of a started pipeline before the first stage of a new one), so
+    work drains rather than piles up."""
+    gate = folder / "gate"
+    first = job(
+        "import os, pathlib, time\n"
+        f"while not pathlib.Path({str(gate)!r}).exists(): time.sleep(0.05)\n"
+        f"open({str(folder / 'runs.txt')!r}, 'a').write(os.environ['PIPELINE_ID'] + '.a\\n')\n"
+    )
+    second = job(
+        "import os\n"
+        f"open({str(folder / 'runs.txt')!r}, 'a').write(os.environ['PIPELINE_ID'] + '.b\\n')\n"
+    )
+    spec = {
+        "stages": [
+            {"name": "a", "command": first, "pool": "gpu"},
+            {"name": "b", "after": ["a"], "command": second, "pool": "gpu"},
+        ],
+        "pools": {"gpu": {"total": 1}},
+    }
+    one = submit(provider, spec)["id"]
+    two = submit(provider, spec)["id"]
+    assert stages(pipeline(provider, two))["a"]["state"] == "ready"  # the pool is full
+    gate.touch()
+    wait_pipeline(provider, one, "succeeded")
+    wait_pipeline(provider, two, "succeeded")
+    assert runs(folder) == [f"{one}.a", f"{one}.b", f"{two}.a", f"{two}.b"]

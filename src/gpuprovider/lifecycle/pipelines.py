@@ -233,11 +233,11 @@ def fire(tx: Tx, stage: StageRecord) -> None:
             admit(tx, stage.tenant, stage.pool)
     elif stage.state == St.HELD:
         stage_transition(tx, stage, St.DONE, "its timer ran out", due_at=None, finished_at=tx.now)
-    elif stage.state == St.BATCHING:
-        if flush(tx, stage.tenant, stage.name) == 0:  # its pipeline is paused: wait again
-            batch = _fresh(tx, stage.pipeline_id).pipeline_spec.stage(stage.name).batch
-            wait = batch.max_wait_s if batch else 0.0
-            tx.pipelines.update_stage(stage, due_at=tx.now + max(wait, 1.0))
+    elif stage.state == St.BATCHING and flush(tx, stage.tenant, stage.name) == 0:
+        # its pipeline is paused: look again after another wait
+        batch = _fresh(tx, stage.pipeline_id).pipeline_spec.stage(stage.name).batch
+        wait = batch.max_wait_s if batch else 0.0
+        tx.pipelines.update_stage(stage, due_at=tx.now + max(wait, 1.0))
 
 
 def signal(tx: Tx, pipeline: PipelineRecord, name: str, by: str) -> None:

@@ -192,14 +192,13 @@ class PipelineSpec(_Strict):
     @field_validator("work_store")
     @classmethod
     def _store_path(cls, value: str | None) -> str | None:
-        if value is not None:
-            if (
-                not posixpath.isabs(value)
-                or ".." in value.split("/")
-                or len(value) > 1024
-                or any(ord(c) < 32 or c == "\x7f" for c in value)
-            ):
-                raise ValueError(f"work_store {value[:80]!r} must be an absolute path without '..'")
+        if value is not None and (
+            not posixpath.isabs(value)
+            or ".." in value.split("/")
+            or len(value) > 1024
+            or any(ord(c) < 32 or c == "\x7f" for c in value)
+        ):
+            raise ValueError(f"work_store {value[:80]!r} must be an absolute path without '..'")
         return value
 
     @model_validator(mode="after")
