@@ -578,7 +578,7 @@ def test_kill_9_at_random_moments_loses_no_pipeline_and_runs_no_stage_twice(
         f"out = {str(folder)!r}\n"
         "me = os.environ['PIPELINE_ID'] + '.' + os.environ['PIPELINE_STAGE']\n"
         "open(os.path.join(out, 'runs.txt'), 'a').write(me + '\\n')\n"
-        "time.sleep(0.3)\n"
+        "time.sleep(0.1)\n"
     )
     spec = {
         "stages": [
@@ -595,15 +595,16 @@ def test_kill_9_at_random_moments_loses_no_pipeline_and_runs_no_stage_twice(
         ],
         "pools": {"pc1": {"total": 4}, "pc2": {"per_node": 1}, "c2": {"per_node": 1}},
     }
-    made = [submit(p, spec)["id"] for _ in range(12)]
+    made = [submit(p, spec)["id"] for _ in range(50)]
     rng = random.Random(30)
-    for _ in range(3):
-        wait_for(lambda: len(runs(folder)) >= 1, what="work to run")
+    for kill in range(3):  # spread over the run: early, midway, late
+        enough = 1 + 40 * kill
+        wait_for(lambda: len(runs(folder)) >= enough, timeout=120, what="work to run")  # noqa: B023
         time.sleep(rng.uniform(0.2, 1.5))
         p.stop(signal.SIGKILL)
         p.start()
     for ref in made:
-        wait_pipeline(p, ref, "succeeded", timeout=120)
+        wait_pipeline(p, ref, "succeeded", timeout=300)
     seen = runs(folder)
     # a commit batch writes once per batch (as its first member)
     for ref in made:

@@ -508,3 +508,17 @@ def test_a_pool_holds_its_per_node_limit_and_the_next_node_takes_the_rest():
     where = {d.task_id: getattr(d, "node_id", None) for d in decisions}
     assert where == {"p1": "a", "p2": "b", "p3": "b", "p4": None, "free": "a"}
     assert "pool pc2 is at its limit (2 per node)" in decisions[3].reason
+
+
+def test_a_pinned_task_goes_to_its_node_only():
+    """A pipeline stage whose work store is a folder of one node runs there or waits."""
+    snap = Snapshot([node("a", ["h100-80gb-sxm"]), node("b", ["h100-80gb-sxm"] * 2)])
+    decisions = Framework(policy("best-fit")).place(
+        snap,
+        [
+            TaskRequest("there", parse_gpu_request("1"), node_id="b"),
+            TaskRequest("again", parse_gpu_request("1"), node_id="b"),
+            TaskRequest("full", parse_gpu_request("1"), node_id="b"),
+        ],
+    )
+    assert [getattr(d, "node_id", None) for d in decisions] == ["b", "b", None]

@@ -17,7 +17,7 @@ from gpuprovider.lifecycle.tasks import transition
 from gpuprovider.scheduler import Framework, Placement, Preemption, Snapshot
 from gpuprovider.scheduler.fragmentation import TypicalTasks
 from gpuprovider.service.metrics import Metrics
-from gpuprovider.service.placement import build_snapshot, pool_of, task_request
+from gpuprovider.service.placement import build_snapshot, pinned_to, pool_of, task_request
 from gpuprovider.service.quotas import QuotaBook, effective_priority, running_work
 from gpuprovider.store.store import Store
 
@@ -195,6 +195,7 @@ class SchedulerLoop(Loop):
                 effective_priority(t.priority, over_quota[t.id]),
                 t.gang,
                 pool_of(t),
+                pinned_to(t),
             )
             for t in ready
         ]

@@ -35,6 +35,7 @@ from gpuprovider.pipelines.model import (
     StageState,
 )
 from gpuprovider.pipelines.spec import (
+    NODE_LABEL,
     PIPELINE_LABEL,
     POOL_LABEL,
     POOL_PER_NODE_LABEL,
@@ -170,6 +171,8 @@ def stage_task_spec(
     labels = {PIPELINE_LABEL: pipeline.id, STAGE_LABEL: defined.name, POOL_LABEL: defined.pool_name}
     if per_node is not None:
         labels[POOL_PER_NODE_LABEL] = str(per_node)
+    if pipeline.work_store and pipeline.node_id:  # the store is a folder of that node
+        labels[NODE_LABEL] = pipeline.node_id
     changes: dict[str, Any] = {"labels": labels, "env": {**task_spec.env, **extra_env}}
     if pipeline.work_store:
         changes["workdir"] = pipeline.work_store
@@ -408,6 +411,8 @@ def _after_stage(tx: Tx, pipeline: PipelineRecord, stage: StageRecord) -> None:
 def _finish_stopping(tx: Tx, pipeline: PipelineRecord) -> None:
     """A cancelling or aborting pipeline ends once none of its stages runs: an aborted
     one after a task has cleaned its work store."""
+    if pipeline.state not in (P.CANCELLING, P.ABORTING):
+        return  # ended meanwhile (a stage that never started ended at once)
     stages = tx.pipelines.stages(pipeline.id)
     if any(s.state == St.RUNNING for s in stages):
         return

@@ -40,6 +40,7 @@ POOL_LABEL = "gpuprovider.pool"
 POOL_PER_NODE_LABEL = "gpuprovider.pool-per-node"
 STAGE_LABEL = "gpuprovider.stage"
 PIPELINE_LABEL = "gpuprovider.pipeline"
+NODE_LABEL = "gpuprovider.node"  # the node its work store is on
 
 
 class Level(StrEnum):

@@ -85,6 +85,8 @@ class TaskRequest:
     gang_size: int = 0
     # A pool with a per-node limit (a pipeline stage's): (pool, at most this many on a node).
     pool: tuple[str, int] | None = None
+    # Only this node may take it (a pipeline stage whose work store is a folder there).
+    node_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -105,10 +105,35 @@ def _pool_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) ->
     return {f"pool {pool} is at its limit ({limit} per node)": len(failed)}
 
 
+def _pinned_ok(
+    state: ClusterState, task: CompiledTask, rows: np.ndarray | slice, fitting: np.ndarray
+) -> np.ndarray:
+    pin = task.request.node_id
+    if pin is None:
+        return np.ones(len(fitting), dtype=bool)
+    return np.array([state.nodes[i].id == pin for i in np.arange(len(state))[rows]], dtype=bool)
+
+
+pinned = Filter(
+    "pinned",
+    _pinned_ok,
+    lambda s, t, failed: {"its pipeline's work store is on another node": len(failed)},
+    lambda t: t.request.node_id or "",
+    static=True,
+)
+
 # A pipeline stage's pool: at most its per-node limit of the pool's stages on a node.
 pool_limit = Filter("pool", _pool_ok, _pool_reason, lambda t: t.request.pool or ())
 
-DEFAULT_FILTERS = (node_usable, node_selector, cpu_fits, memory_fits, gpus_fit, pool_limit)
+DEFAULT_FILTERS = (
+    node_usable,
+    node_selector,
+    pinned,
+    cpu_fits,
+    memory_fits,
+    gpus_fit,
+    pool_limit,
+)
 
 # -- GPU pickers ----------------------------------------------------------------
 

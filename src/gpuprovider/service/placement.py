@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from gpuprovider.domain.records import AllocationRecord, NodeRecord, OwnerKind, TaskRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.usability import Usability
-from gpuprovider.pipelines.spec import POOL_LABEL, POOL_PER_NODE_LABEL
+from gpuprovider.pipelines.spec import NODE_LABEL, POOL_LABEL, POOL_PER_NODE_LABEL
 from gpuprovider.scheduler import GpuView, NodeView, Snapshot, TaskRequest
 
 
@@ -66,12 +66,20 @@ def pool_of(task: TaskRecord) -> tuple[str, int] | None:
     return f"{task.tenant}/{pool}", int(limit)
 
 
+def pinned_to(task: TaskRecord) -> str | None:
+    """The node a pipeline's stage must run on (its work store's), if any."""
+    if task.owner_kind != OwnerKind.PIPELINE:
+        return None
+    return task.task_spec.labels.get(NODE_LABEL)
+
+
 def task_request(
     task_id: str,
     spec: TaskSpec,
     priority: int | None = None,
     gang: str | None = None,
     pool: tuple[str, int] | None = None,
+    node_id: str | None = None,
 ) -> TaskRequest:
     """What the scheduler needs of a task; `priority` overrides the spec's (quotas)."""
     return TaskRequest(
@@ -84,6 +92,7 @@ def task_request(
         gang=gang,
         gang_size=spec.gang.size if spec.gang else 0,
         pool=pool,
+        node_id=node_id,
     )
 
 
