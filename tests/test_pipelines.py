@@ -116,9 +116,7 @@ def test_temporary_failures_retry_at_the_interval_then_succeed(provider, folder)
     assert runs(folder) == ["flaky", "flaky", "flaky", "next"]
     flaky = stages(done)["flaky"]
     assert flaky["attempts"] == 2 and flaky["state"] == "done"
-    history = provider.api.get(
-        "/events", params={"kind": "stage", "subject": f"{made['id']}.flaky"}
-    )
+    history = provider.api.get("/events", params={"kind": "stage", "id": f"{made['id']}.flaky"})
     reasons = [e["reason"] for e in history.json()["events"]]
     assert any("temporary: retry 1 of 3" in r for r in reasons), reasons
 

@@ -146,18 +146,21 @@ def pool_limits(spec: PipelineSpec, pool: str) -> tuple[int | None, int | None]:
 
 def admit(tx: Tx, tenant: str, pool: str) -> int:
     """Start the tenant's ready stages of `pool` while it has room: deepest stages first
-    (later stages of started pipelines), then the longest waiting. How many started."""
+    (later stages of started pipelines), then the longest waiting. The pool's total is
+    the one of the pipeline next in line (pipelines of one tenant share their pools).
+    How many started."""
     started = 0
-    holding = tx.pipelines.holding(tenant, pool)
-    for stage in tx.pipelines.in_state(St.READY, tenant=tenant, pool=pool):
+    holding: int | None = None  # counted once a pipeline in line has a total
+    for stage in tx.pipelines.ready_to_run(tenant, pool):
         pipeline = _fresh(tx, stage.pipeline_id)
-        if pipeline.state != P.RUNNING:
-            continue
         _, total = pool_limits(pipeline.pipeline_spec, pool)
-        if total is not None and holding >= total:
-            continue  # another pipeline's limit for this pool may be higher
+        if total is not None:
+            if holding is None:
+                holding = tx.pipelines.holding(tenant, pool)
+            if holding >= total:
+                break  # the pool is full for the next in line: it waits its turn
         start(tx, pipeline, [stage])
-        holding += 1
+        holding = holding + 1 if holding is not None else None
         started += 1
     return started
 

@@ -16,6 +16,7 @@ waiting ──(what it waits for is done)──► ready ──(a pool slot)─�
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
@@ -96,7 +97,22 @@ class PipelineRecord:
 
     @cached_property
     def pipeline_spec(self) -> PipelineSpec:
-        return PipelineSpec.model_validate(self.spec)
+        """The spec as a model, validated once per pipeline in the process (a spec never
+        changes once stored; every stage's transition reads it)."""
+        found = _SPECS.get(self.id)
+        if found is None:
+            found = PipelineSpec.model_validate(self.spec)
+            with _SPECS_LOCK:
+                if len(_SPECS) >= SPECS_KEPT:  # forget the oldest half
+                    for stale in list(_SPECS)[: SPECS_KEPT // 2]:
+                        del _SPECS[stale]
+                _SPECS[self.id] = found
+        return found
+
+
+SPECS_KEPT = 4096
+_SPECS: dict[str, PipelineSpec] = {}
+_SPECS_LOCK = threading.Lock()
 
 
 @dataclass

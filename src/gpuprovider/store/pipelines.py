@@ -4,11 +4,11 @@ each record's version, with a journal row)."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 
 from gpuprovider.domain.records import JournalRow
 from gpuprovider.lifecycle.kernel import Stale
@@ -20,23 +20,52 @@ from gpuprovider.pipelines.model import (
     StageState,
 )
 from gpuprovider.store import schema as t
-from gpuprovider.store.rows import record
 
 if TYPE_CHECKING:
     from gpuprovider.store.store import Tx
 
 _P = [t.pipelines.c[f.name] for f in fields(PipelineRecord)]
 _S = [t.pipeline_stages.c[f.name] for f in fields(StageRecord)]
+_SC = t.pipeline_stages.c
+# Read on every transition of a stage's task: constant statements, compiled once.
+_GET = select(*_P).where(t.pipelines.c.id == bindparam("id"))
+_STAGE = select(*_S).where(_SC.id == bindparam("id"))
+_STAGES = select(*_S).where(_SC.pipeline_id == bindparam("id")).order_by(_SC.depth, _SC.name)
+_OF_TASK = select(*_S).where(_SC.task_id == bindparam("id")).order_by(_SC.id)
+_HOLDING = select(func.count(func.distinct(_SC.task_id))).where(
+    _SC.tenant == bindparam("tenant"),
+    _SC.pool == bindparam("pool"),
+    _SC.state == StageState.RUNNING.value,
+)
+# Guarded by the version read; the columns set are the parameters given.
+_UPDATE_PIPELINE = update(t.pipelines).where(
+    t.pipelines.c.id == bindparam("b_id"), t.pipelines.c.version == bindparam("b_version")
+)
+_UPDATE_STAGE = update(t.pipeline_stages).where(
+    _SC.id == bindparam("b_id"), _SC.version == bindparam("b_version")
+)
+# A pool's ready stages whose pipeline runs, in the order they get a slot.
+_READY_TO_RUN = (
+    select(*_S)
+    .join(t.pipelines, t.pipelines.c.id == _SC.pipeline_id)
+    .where(
+        _SC.tenant == bindparam("tenant"),
+        _SC.pool == bindparam("pool"),
+        _SC.state == StageState.READY.value,
+        t.pipelines.c.state == PipelineState.RUNNING.value,
+    )
+    .order_by(_SC.depth.desc(), _SC.updated_at, _SC.id)
+)
 
 
 def _pipeline(row: Any) -> PipelineRecord:
-    found = record(PipelineRecord, row)
+    found = PipelineRecord(*row)  # the columns are selected in the fields' order
     found.state = PipelineState(found.state)
     return found
 
 
 def _stage(row: Any) -> StageRecord:
-    found = record(StageRecord, row)
+    found = StageRecord(*row)
     found.state = StageState(found.state)
     return found
 
@@ -120,9 +149,7 @@ class PipelineRepo:
         if target not in PIPELINE_LIVE:
             values["finished_at"] = self.tx.now
         done = self.tx.conn.execute(
-            update(t.pipelines)
-            .where(t.pipelines.c.id == pipeline.id, t.pipelines.c.version == pipeline.version)
-            .values(**values)
+            _UPDATE_PIPELINE, {**values, "b_id": pipeline.id, "b_version": pipeline.version}
         )
         if done.rowcount != 1:
             raise Stale("pipeline", pipeline.id)
@@ -137,9 +164,7 @@ class PipelineRepo:
         """Change fields other than the state, guarded by the version."""
         values.update(updated_at=self.tx.now, version=pipeline.version + 1)
         done = self.tx.conn.execute(
-            update(t.pipelines)
-            .where(t.pipelines.c.id == pipeline.id, t.pipelines.c.version == pipeline.version)
-            .values(**values)
+            _UPDATE_PIPELINE, {**values, "b_id": pipeline.id, "b_version": pipeline.version}
         )
         if done.rowcount != 1:
             raise Stale("pipeline", pipeline.id)
@@ -157,12 +182,7 @@ class PipelineRepo:
             version=stage.version + 1,
         )
         done = self.tx.conn.execute(
-            update(t.pipeline_stages)
-            .where(
-                t.pipeline_stages.c.id == stage.id,
-                t.pipeline_stages.c.version == stage.version,
-            )
-            .values(**values)
+            _UPDATE_STAGE, {**values, "b_id": stage.id, "b_version": stage.version}
         )
         if done.rowcount != 1:
             raise Stale("stage", stage.id)
@@ -177,12 +197,7 @@ class PipelineRepo:
         """Change a stage's fields other than its state, guarded by its version."""
         values.update(updated_at=self.tx.now, version=stage.version + 1)
         done = self.tx.conn.execute(
-            update(t.pipeline_stages)
-            .where(
-                t.pipeline_stages.c.id == stage.id,
-                t.pipeline_stages.c.version == stage.version,
-            )
-            .values(**values)
+            _UPDATE_STAGE, {**values, "b_id": stage.id, "b_version": stage.version}
         )
         if done.rowcount != 1:
             raise Stale("stage", stage.id)
@@ -197,7 +212,7 @@ class PipelineRepo:
     # -- reads --------------------------------------------------------------------
 
     def get(self, pipeline_id: str) -> PipelineRecord | None:
-        row = self.tx.conn.execute(select(*_P).where(t.pipelines.c.id == pipeline_id)).first()
+        row = self.tx.conn.execute(_GET, {"id": pipeline_id}).first()
         return _pipeline(row) if row else None
 
     def resolve(self, ref: str, tenant: str) -> PipelineRecord | None:
@@ -243,19 +258,21 @@ class PipelineRepo:
         return int(self.tx.conn.execute(query).scalar() or 0)
 
     def stages(self, pipeline_id: str) -> list[StageRecord]:
-        c = t.pipeline_stages.c
-        query = select(*_S).where(c.pipeline_id == pipeline_id).order_by(c.depth, c.name)
-        return [_stage(r) for r in self.tx.conn.execute(query)]
+        return [_stage(r) for r in self.tx.conn.execute(_STAGES, {"id": pipeline_id})]
 
     def stage(self, stage_id: str) -> StageRecord | None:
-        row = self.tx.conn.execute(select(*_S).where(t.pipeline_stages.c.id == stage_id)).first()
+        row = self.tx.conn.execute(_STAGE, {"id": stage_id}).first()
         return _stage(row) if row else None
 
     def stages_of_task(self, task_id: str) -> list[StageRecord]:
         """The stages a task runs: one, or a batch's members."""
-        c = t.pipeline_stages.c
-        query = select(*_S).where(c.task_id == task_id).order_by(c.id)
-        return [_stage(r) for r in self.tx.conn.execute(query)]
+        return [_stage(r) for r in self.tx.conn.execute(_OF_TASK, {"id": task_id})]
+
+    def ready_to_run(self, tenant: str, pool: str) -> Iterator[StageRecord]:
+        """A pool's ready stages whose pipeline runs: deepest first, then the longest
+        waiting (the order in which they get a slot), read as they are taken."""
+        rows = self.tx.conn.execute(_READY_TO_RUN, {"tenant": tenant, "pool": pool}).all()
+        return (_stage(r) for r in rows)
 
     def in_state(
         self,
@@ -279,11 +296,8 @@ class PipelineRepo:
 
     def holding(self, tenant: str, pool: str) -> int:
         """How many of a tenant's stages of `pool` hold a slot (their task is live)."""
-        c = t.pipeline_stages.c
-        query = select(func.count(func.distinct(c.task_id))).where(
-            c.tenant == tenant, c.pool == pool, c.state == StageState.RUNNING.value
-        )
-        return int(self.tx.conn.execute(query).scalar() or 0)
+        found = self.tx.conn.execute(_HOLDING, {"tenant": tenant, "pool": pool}).scalar()
+        return int(found or 0)
 
     def due(self, now: float) -> list[StageRecord]:
         """Stages whose timer has come: retries, wait timers, batch deadlines."""
