@@ -406,7 +406,7 @@ def _after_stage(tx: Tx, pipeline: PipelineRecord, stage: StageRecord) -> None:
     """A stage left `running`: its slot is free, and its pipeline may move on or end."""
     if pipeline.state in (P.CANCELLING, P.ABORTING):
         _finish_stopping(tx, pipeline)
-    elif pipeline.state == P.RUNNING:
+    elif pipeline.state in (P.RUNNING, P.PAUSED):  # paused: stages become ready, none starts
         advance(tx, pipeline)
     admit(tx, stage.tenant, stage.pool)
 

@@ -326,9 +326,17 @@ class PipelineRepo:
         return float(value) if value is not None else None
 
     def ready_pools(self) -> list[tuple[str, str]]:
-        """(tenant, pool) of every stage that waits for a slot."""
+        """(tenant, pool) of every stage that waits for a slot in a running pipeline."""
         c = t.pipeline_stages.c
-        query = select(c.tenant, c.pool).where(c.state == StageState.READY.value).distinct()
+        query = (
+            select(c.tenant, c.pool)
+            .join(t.pipelines, t.pipelines.c.id == c.pipeline_id)
+            .where(
+                c.state == StageState.READY.value,
+                t.pipelines.c.state == PipelineState.RUNNING.value,
+            )
+            .distinct()
+        )
         return [(r[0], r[1]) for r in self.tx.conn.execute(query)]
 
     def history(self, pipeline_id: str) -> list[JournalRow]:
