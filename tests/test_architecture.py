@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "gpuprovider"
 EVERYTHING = {
     "domain", "scheduler", "store", "lifecycle", "backends", "service", "daemon", "api",
     "cli", "check", "proof", "inventory", "identity", "config", "home", "bootstrap",
-    "testing", "telemetry", "market", "hub", "fleet",
+    "testing", "telemetry", "market", "hub", "fleet", "pipelines",
 }  # fmt: skip
 FORBIDDEN = {
     "isolation": EVERYTHING,
@@ -34,6 +34,8 @@ FORBIDDEN = {
     # fleet/ drives hosts over SSH; the provider's API reaches it only through the
     # ProviderApi the CLI hands it
     "fleet": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
+    # pipelines/ is a library: the spec, the two state tables, the status file
+    "pipelines": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
 }
 
 

@@ -33,6 +33,9 @@ def test_default_config_writes_every_default_and_reads_back():
         if section == "quotas":  # per tenant; the template shows a commented example
             assert "# [quotas.team-a]" in text
             continue
+        if section == "pipelines":  # per tenant; the template shows a commented example
+            assert "# [pipelines.team-a]" in text
+            continue
         if section == "market":  # per market; the template shows a commented example
             assert "# [market.hub]" in text
             continue

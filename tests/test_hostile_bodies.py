@@ -34,7 +34,7 @@ def _routes(openapi: dict) -> list[tuple[str, str]]:
     found = []
     for path, methods in openapi["paths"].items():
         concrete = path
-        for part in ("{ref}", "{uuid}", "{name}", "{job_uuid}", "{subject}"):
+        for part in ("{ref}", "{uuid}", "{name}", "{job_uuid}", "{subject}", "{stage}"):
             concrete = concrete.replace(part, "x")
         for method in methods:
             if method in ("post", "put", "patch", "delete"):

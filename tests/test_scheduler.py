@@ -486,3 +486,39 @@ def test_a_filter_reading_another_field_never_gets_a_stale_verdict(signs):
     assert isinstance(paid, Placement) and paid.node_id == "vip"
     compiled = ClusterState(snap.nodes).compile(req("x", "1"))
     assert (custom.shape_key(compiled) is None) == (signs(compiled) is None)
+
+
+def test_a_pool_holds_its_per_node_limit_and_the_next_node_takes_the_rest():
+    """A pipeline stage's pool (pipelines/): at most `per_node` of it on one node, work
+    already there counted; a task of no pool is never held by it."""
+    first = node("a", ["h100-80gb-sxm"] * 4)
+    first.pools["t/pc2"] = 1  # one running there already
+    snap = Snapshot([first, node("b", ["h100-80gb-sxm"] * 4)])
+    pool = ("t/pc2", 2)
+    decisions = Framework(policy("first-fit")).place(
+        snap,
+        [
+            TaskRequest("p1", parse_gpu_request("1"), pool=pool),
+            TaskRequest("p2", parse_gpu_request("1"), pool=pool),
+            TaskRequest("p3", parse_gpu_request("1"), pool=pool),
+            TaskRequest("p4", parse_gpu_request("1"), pool=pool),
+            TaskRequest("free", parse_gpu_request("1")),
+        ],
+    )
+    where = {d.task_id: getattr(d, "node_id", None) for d in decisions}
+    assert where == {"p1": "a", "p2": "b", "p3": "b", "p4": None, "free": "a"}
+    assert "pool pc2 is at its limit (2 per node)" in decisions[3].reason
+
+
+def test_a_pinned_task_goes_to_its_node_only():
+    """A pipeline stage whose work store is a folder of one node runs there or waits."""
+    snap = Snapshot([node("a", ["h100-80gb-sxm"]), node("b", ["h100-80gb-sxm"] * 2)])
+    decisions = Framework(policy("best-fit")).place(
+        snap,
+        [
+            TaskRequest("there", parse_gpu_request("1"), node_id="b"),
+            TaskRequest("again", parse_gpu_request("1"), node_id="b"),
+            TaskRequest("full", parse_gpu_request("1"), node_id="b"),
+        ],
+    )
+    assert [getattr(d, "node_id", None) for d in decisions] == ["b", "b", None]

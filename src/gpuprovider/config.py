@@ -198,6 +198,21 @@ class QuotaConfig(_Section):
     gpus: float = Field(ge=0, le=100_000, description="GPUs guaranteed to the tenant")
 
 
+class PipelinePoolConfig(_Section):
+    per_node: int | None = Field(None, ge=1, le=10_000)
+    total: int | None = Field(None, ge=1, le=10_000)
+
+
+class PipelineTenantConfig(_Section):
+    """A tenant's overrides of its pipelines' specs (venus' per-miner policy): pool
+    limits, and how many times a temporary failure is retried."""
+
+    pools: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")], PipelinePoolConfig] = (
+        Field(default_factory=dict)
+    )
+    max_retries: int | None = Field(None, ge=0, le=100)
+
+
 class ProofConfig(_Section):
     required: bool = False
     max_age_s: float = Field(86400.0, gt=0, le=365 * 86400)
@@ -412,6 +427,8 @@ class ProviderConfig(_Section):
     # Per tenant: work within its GPUs is guaranteed; work beyond them runs only as
     # preemptible. A tenant without an entry has no limit.
     quotas: dict[str, QuotaConfig] = Field(default_factory=dict)
+    # Per tenant: overrides of its pipelines' pool limits and retries.
+    pipelines: dict[str, PipelineTenantConfig] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -780,4 +797,10 @@ script_concurrency = {d.pricing.script_concurrency}
 # beyond it, work runs only as preemptible and gives way to guaranteed work.
 # [quotas.team-a]
 # gpus = 8
+
+# Per-tenant overrides of pipeline specs (venus-cluster's per-miner policy), applied
+# to the tenant's pipelines submitted from then on.
+# [pipelines.team-a]
+# max_retries = 5                    # temporary failures retried, every stage
+# pools.pc2 = {{ per_node = 1, total = 4 }}
 """

@@ -18,6 +18,7 @@ from gpuprovider.api.routers import (
     health,
     market,
     nodes,
+    pipelines,
     proofs,
     swan,
     tasks,
@@ -101,8 +102,10 @@ def create_app(services: Services) -> FastAPI:
         swan,
         events,
         files,
+        pipelines,
     ):
         app.include_router(module.router, prefix=PREFIX)
+    app.include_router(pipelines.batches, prefix=PREFIX)
     app.include_router(watch.metrics_router)
     pages.install(app)  # the dashboard, under /ui
     return app

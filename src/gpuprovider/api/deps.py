@@ -17,6 +17,7 @@ from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
+from gpuprovider.service.pipelines import PipelineService
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.repair import RepairService
 from gpuprovider.service.serving import Serving
@@ -46,6 +47,7 @@ class Services:
     uploads: Uploads | None = None
     volumes: Volumes | None = None
     dashboard: Dashboard | None = None  # the figures of the dashboard's pages (/ui)
+    pipelines: PipelineService | None = None
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)

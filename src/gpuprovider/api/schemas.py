@@ -530,3 +530,39 @@ class EarningsOut(BaseModel):
     paid_by_the_hub: int | None
     gpu_seconds_reported: float
     leases: int
+
+
+class StageOut(BaseModel):
+    name: str
+    state: str
+    reason: str
+    pool: str
+    task: str | None
+    attempts: int
+    level: str
+    due_at: float | None
+    started_at: float | None
+    finished_at: float | None
+
+
+class PipelineOut(BaseModel):
+    id: str
+    name: str | None
+    tenant: str
+    state: str
+    reason: str
+    work_store: str | None
+    node: str | None
+    created_at: float
+    finished_at: float | None
+    stages: list[StageOut]
+
+
+class PipelineDetailOut(PipelineOut):
+    events: list[EventOut]
+    spec: dict[str, Any]
+
+
+class FlushOut(BaseModel):
+    stage: str
+    flushed: int

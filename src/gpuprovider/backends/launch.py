@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass, field
 
 from gpuprovider.backends.container import ContainerLaunch, ContainerLimits, container_argv
-from gpuprovider.domain.records import AllocationRecord, GpuRecord, TaskRecord
+from gpuprovider.domain.records import AllocationRecord, GpuRecord, OwnerKind, TaskRecord
 from gpuprovider.domain.spec import VISIBILITY_ENV, set_by_provider
 
 
@@ -89,7 +89,11 @@ def build_launch(
         memory_mib=allocation.memory_mib,
         cpu_milli=allocation.cpu_milli,
         gpu_minors=[g.idx for g in gpus],
-        own_workdir=spec.workdir is None or bool(spec.image),
+        # a pipeline's work store (its own folder, made by the provider) is handed to
+        # each stage's user in turn, with what earlier stages left there
+        own_workdir=spec.workdir is None
+        or bool(spec.image)
+        or task.owner_kind == OwnerKind.PIPELINE,
         upload=upload,
         mounts=mounts or [],
     )

@@ -25,7 +25,7 @@ def _line(row: dict[str, Any]) -> str:
 def events(
     ctx: typer.Context,
     kind: list[str] = typer.Option(
-        [], "--kind", help="task, node, service or lease (repeat for several)."
+        [], "--kind", help="task, node, service, lease, pipeline or stage (repeat for several)."
     ),
     subject: str | None = typer.Option(None, "--id", help="One task, node, service or lease."),
     tenant: str | None = typer.Option(None, "--tenant", help="Admin: one tenant's events."),

@@ -26,6 +26,7 @@ COMMANDS = {
     "accounting": "watch:accounting",
     "events": "events:events",
     "task": "task:task_app",
+    "pipeline": "pipeline:pipeline_app",
     "node": "resources:node_app",
     "gpu": "resources:gpu_app",
     "token": "resources:token_app",

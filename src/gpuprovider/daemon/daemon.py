@@ -49,6 +49,7 @@ from gpuprovider.service.journal import Journal
 from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
+from gpuprovider.service.pipelines import PipelineService, PipelineTimers
 from gpuprovider.service.proofs import ProofService
 from gpuprovider.service.repair import RepairService, RepairSettings
 from gpuprovider.service.serving import GatewaySettings, Serving
@@ -183,7 +184,7 @@ class Daemon:
             self.volumes,
         )
         self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
-        self.reaper = ReaperLoop(self.store, config, self.backend)
+        self.reaper = ReaperLoop(self.store, config, self.backend, PipelineTimers(self.store))
         self.telemetry = TelemetryLoop(
             self.backend, self.repair, config.telemetry.interval_s, config.telemetry.kernel_log
         )
@@ -202,6 +203,7 @@ class Daemon:
             (Signal.PLACED, self.executor.placed),
             (Signal.STOP, self.executor.resync),
             (Signal.EXITED, self.executor.wake),
+            (Signal.TIMERS, self.reaper.wake),
         ):
             self.signals.subscribe(fired, listener)
         tasks = TaskService(
@@ -238,6 +240,9 @@ class Daemon:
             for loop in joined.loops:
                 if isinstance(loop, MarketReporter):
                     self.signals.subscribe(Signal.LEASES, loop.wake)
+        pipelines = PipelineService(
+            self.store, tasks, config.isolation.workdir_roots, config.pipelines
+        )
         self.journal = Journal(self.store)
         self.signals.subscribe(Signal.JOURNAL, self.journal.committed)
         self.services = Services(
@@ -264,6 +269,7 @@ class Daemon:
             ),
             calls=Calls(self.store),
             dashboard=Dashboard(self.store, usability, markets),
+            pipelines=pipelines,
         )
 
     def preflight(self) -> None:

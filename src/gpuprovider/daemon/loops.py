@@ -14,6 +14,7 @@ from gpuprovider.config import ProviderConfig
 from gpuprovider.domain.states import TaskState
 from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.lifecycle.tasks import transition
+from gpuprovider.service.pipelines import PipelineTimers
 from gpuprovider.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,20 @@ SWEEP_EVERY_S = 60.0  # how often ended tasks' work folders past their kept peri
 
 class ReaperLoop(Loop):
     """Expires tasks queued past their deadline, removes ended tasks' work folders once
-    their kept period is over, and checkpoints the store's log (so that no commit ever
-    does)."""
+    their kept period is over, fires pipeline stages' timers when due (woken when one
+    is set), and checkpoints the store's log (so that no commit ever does)."""
 
-    def __init__(self, store: Store, config: ProviderConfig, backend: Backend | None = None):
+    def __init__(
+        self,
+        store: Store,
+        config: ProviderConfig,
+        backend: Backend | None = None,
+        timers: PipelineTimers | None = None,
+    ):
         super().__init__("reaper", config.reaper.interval_s)
         self.store = store
         self.backend = backend
+        self.timers = timers
         self.keep_work_s = config.files.keep_work_h * 3600
         self.swept_upto = 0.0  # tasks that ended before this had their folders removed
         self.sweep_at = 0.0
@@ -114,5 +122,6 @@ class ReaperLoop(Loop):
         if now >= self.sweep_at:
             self.sweep_at = now + min(SWEEP_EVERY_S, self.keep_work_s)
             self.sweep(now)
+        soon = self.timers.tick() if self.timers is not None else None
         self.store.checkpoint()
-        return None
+        return None if soon is None else min(soon, self.interval_s)

@@ -17,7 +17,7 @@ from gpuprovider.lifecycle.tasks import transition
 from gpuprovider.scheduler import Framework, Placement, Preemption, Snapshot
 from gpuprovider.scheduler.fragmentation import TypicalTasks
 from gpuprovider.service.metrics import Metrics
-from gpuprovider.service.placement import build_snapshot, task_request
+from gpuprovider.service.placement import build_snapshot, pinned_to, pool_of, task_request
 from gpuprovider.service.quotas import QuotaBook, effective_priority, running_work
 from gpuprovider.store.store import Store
 
@@ -190,11 +190,16 @@ class SchedulerLoop(Loop):
         ready.sort(key=lambda t: (-effective_priority(t.priority, over_quota[t.id]), t.created_at))
         requests = [
             task_request(
-                t.id, specs[t.id], effective_priority(t.priority, over_quota[t.id]), t.gang
+                t.id,
+                specs[t.id],
+                effective_priority(t.priority, over_quota[t.id]),
+                t.gang,
+                pool_of(t),
+                pinned_to(t),
             )
             for t in ready
         ]
-        snapshot = build_snapshot(self._nodes, allocations, self.usability)
+        snapshot = build_snapshot(self._nodes, allocations, self.usability, holders=holders)
         snapshot.running = running_work(allocations, holders)
         decisions = self.framework.place(snapshot, requests)
         notes: list[tuple[TaskRecord, str]] = []

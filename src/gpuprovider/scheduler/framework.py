@@ -427,6 +427,8 @@ class Framework:
         chosen = int(cache.share_gpu[node])
         gpus = [chosen] if chosen >= 0 else self.policy.pick_gpus(context, node)
         state.reserve(node, gpus, task.milli, task.cpu, task.memory)
+        if request.pool is not None:
+            state.take_pool(node, request.pool[0])
         view = state.nodes[node]
         return Placement(
             task_id=request.task_id,

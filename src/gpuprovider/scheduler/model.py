@@ -28,6 +28,8 @@ class NodeView:
     unusable_reason: str = ""  # non-empty: cordoned, draining, unreachable
     used_cpu_milli: int = 0
     used_memory_mib: int = 0
+    # work of each pool (a pipeline stage's) holding resources here: pool -> how many
+    pools: dict[str, int] = field(default_factory=dict)
 
     def take(
         self,
@@ -81,6 +83,10 @@ class TaskRequest:
     # Members of one gang are placed all together or not at all.
     gang: str | None = None
     gang_size: int = 0
+    # A pool with a per-node limit (a pipeline stage's): (pool, at most this many on a node).
+    pool: tuple[str, int] | None = None
+    # Only this node may take it (a pipeline stage whose work store is a folder there).
+    node_id: str | None = None
 
 
 @dataclass(frozen=True)

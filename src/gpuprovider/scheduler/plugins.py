@@ -88,7 +88,52 @@ gpus_fit = Filter(
     signs_nothing,  # reads only `fitting`, which the framework signs
 )
 
-DEFAULT_FILTERS = (node_usable, node_selector, cpu_fits, memory_fits, gpus_fit)
+
+def _pool_ok(
+    state: ClusterState, task: CompiledTask, rows: np.ndarray | slice, fitting: np.ndarray
+) -> np.ndarray:
+    pool = task.request.pool
+    if pool is None:
+        return np.ones(len(fitting), dtype=bool)
+    return state.pool_free(rows, pool[0], pool[1])
+
+
+def _pool_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> dict[str, int]:
+    assert task.request.pool is not None
+    name, limit = task.request.pool
+    pool = name.split("/", 1)[-1]
+    return {f"pool {pool} is at its limit ({limit} per node)": len(failed)}
+
+
+def _pinned_ok(
+    state: ClusterState, task: CompiledTask, rows: np.ndarray | slice, fitting: np.ndarray
+) -> np.ndarray:
+    pin = task.request.node_id
+    if pin is None:
+        return np.ones(len(fitting), dtype=bool)
+    return np.array([state.nodes[i].id == pin for i in np.arange(len(state))[rows]], dtype=bool)
+
+
+pinned = Filter(
+    "pinned",
+    _pinned_ok,
+    lambda s, t, failed: {"its pipeline's work store is on another node": len(failed)},
+    lambda t: t.request.node_id or "",
+    static=True,
+)
+
+# A pipeline stage's pool: at most its per-node limit of the pool's stages on a node.
+pool_limit = Filter("pool", _pool_ok, _pool_reason, lambda t: t.request.pool or ())
+
+DEFAULT_FILTERS = (
+    node_usable,
+    node_selector,
+    pinned,
+    cpu_fits,
+    memory_fits,
+    gpus_fit,
+    pool_limit,
+)
 
 # -- GPU pickers ----------------------------------------------------------------
 

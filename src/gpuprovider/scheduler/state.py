@@ -52,6 +52,8 @@ class ClusterState:
         )
         self.cpu_total = np.array([nd.cpu_milli for nd in nodes], dtype=np.int64)
         self.usable = np.array([not nd.unusable_reason for nd in nodes], dtype=bool)
+        # per node: pool -> work of that pool there (pipeline stages with per-node limits)
+        self.pool_used: list[dict[str, int]] = [dict(nd.pools) for nd in nodes]
         self.gpu_free = np.zeros((n, g), dtype=np.int64)
         self.gpu_usable = np.zeros((n, g), dtype=bool)
         self.gpu_model = np.full((n, g), -1, dtype=np.int64)
@@ -138,6 +140,16 @@ class ClusterState:
         self.changed_at[node] = len(self.changes)
         self.changes.append(node)
 
+    def take_pool(self, node: int, pool: str, count: int = 1) -> None:
+        """Count work of `pool` on `node` (after `reserve`, which logged the change)."""
+        used = self.pool_used[node]
+        used[pool] = used.get(pool, 0) + count
+
+    def pool_free(self, rows: np.ndarray | slice, pool: str, limit: int) -> np.ndarray:
+        """bool per node of `rows`: fewer than `limit` of `pool` run there."""
+        indices = np.arange(len(self))[rows]
+        return np.array([self.pool_used[i].get(pool, 0) < limit for i in indices], dtype=bool)
+
     def changed_since(self, seen: int) -> np.ndarray:
         """Rows of the nodes reserved on since the log held `seen` entries, in node order
         and each once; every node for `seen` -1 (a cache's first look)."""
@@ -168,6 +180,7 @@ class ClusterState:
             int(self.cpu_free[i]),
             int(self.mem_free[i]),
             self.gpu_free[i].tobytes(),
+            tuple(sorted(self.pool_used[i].items())),
         )
         return self._state_ids.setdefault(key, len(self._state_ids))
 

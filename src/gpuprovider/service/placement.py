@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from gpuprovider.domain.records import AllocationRecord, NodeRecord
+from gpuprovider.domain.records import AllocationRecord, NodeRecord, OwnerKind, TaskRecord
 from gpuprovider.domain.spec import TaskSpec
 from gpuprovider.domain.usability import Usability
+from gpuprovider.pipelines.spec import NODE_LABEL, POOL_LABEL, POOL_PER_NODE_LABEL
 from gpuprovider.scheduler import GpuView, NodeView, Snapshot, TaskRequest
 
 
@@ -16,8 +17,10 @@ def build_snapshot(
     allocations: Iterable[AllocationRecord],
     usability: Usability,
     idle: bool = False,
+    holders: dict[str, TaskRecord] | None = None,
 ) -> Snapshot:
-    """The cluster as the scheduler sees it; `idle` ignores current allocations."""
+    """The cluster as the scheduler sees it; `idle` ignores current allocations.
+    `holders` (the allocations' tasks) count pipeline stages per pool on each node."""
     now = time.time()
     views: dict[str, NodeView] = {}
     for node in nodes:
@@ -43,11 +46,40 @@ def build_snapshot(
         for alloc in allocations:
             if view := views.get(alloc.node_id):
                 view.take(alloc.gpu_uuids, alloc.gpu_milli, alloc.cpu_milli, alloc.memory_mib)
+                holder = holders.get(alloc.task_id) if holders else None
+                if holder is not None and (pool := pool_of(holder)) is not None:
+                    view.pools[pool[0]] = view.pools.get(pool[0], 0) + 1
     return Snapshot(list(views.values()))
 
 
+def pool_of(task: TaskRecord) -> tuple[str, int] | None:
+    """A pipeline stage's pool with a per-node limit, as the scheduler holds it: the
+    tenant's pool (pools are per tenant) and the limit. Only tasks a pipeline owns have
+    one: the labels of a tenant's own task mean nothing to the scheduler."""
+    if task.owner_kind != OwnerKind.PIPELINE:
+        return None
+    labels = task.task_spec.labels
+    limit = labels.get(POOL_PER_NODE_LABEL, "")
+    pool = labels.get(POOL_LABEL)
+    if not pool or not limit.isdigit():
+        return None
+    return f"{task.tenant}/{pool}", int(limit)
+
+
+def pinned_to(task: TaskRecord) -> str | None:
+    """The node a pipeline's stage must run on (its work store's), if any."""
+    if task.owner_kind != OwnerKind.PIPELINE:
+        return None
+    return task.task_spec.labels.get(NODE_LABEL)
+
+
 def task_request(
-    task_id: str, spec: TaskSpec, priority: int | None = None, gang: str | None = None
+    task_id: str,
+    spec: TaskSpec,
+    priority: int | None = None,
+    gang: str | None = None,
+    pool: tuple[str, int] | None = None,
+    node_id: str | None = None,
 ) -> TaskRequest:
     """What the scheduler needs of a task; `priority` overrides the spec's (quotas)."""
     return TaskRequest(
@@ -59,6 +91,8 @@ def task_request(
         node_selector=tuple(sorted(spec.node_selector.items())),
         gang=gang,
         gang_size=spec.gang.size if spec.gang else 0,
+        pool=pool,
+        node_id=node_id,
     )
 
 

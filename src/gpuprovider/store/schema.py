@@ -320,3 +320,54 @@ market_nonces = Table(
     Column("nonce", String(64), primary_key=True),
     Column("expires_at", Float, nullable=False, index=True),
 )
+
+# Pipelines (migration 0011_pipelines): a pipeline, and one row per stage of it. A
+# stage's task names the pipeline as its owner (tasks.owner_kind = 'pipeline').
+pipelines = Table(
+    "pipelines",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64)),
+    Column("tenant", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("state_reason", Text, nullable=False, server_default=""),
+    Column("spec", JSON, nullable=False),
+    Column("work_store", Text),
+    Column("node_id", String(64)),
+    Column("cleanup_task_id", String(32)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("version", Integer, nullable=False, server_default="0"),
+)
+Index("ix_pipelines_tenant", pipelines.c.tenant, pipelines.c.state)
+
+pipeline_stages = Table(
+    "pipeline_stages",
+    metadata,
+    Column("id", String(48), primary_key=True),
+    Column("pipeline_id", String(32), ForeignKey("pipelines.id"), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("name", String(32), nullable=False),
+    Column("pool", String(32), nullable=False),
+    Column("depth", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("state_reason", Text, nullable=False, server_default=""),
+    Column("task_id", String(32)),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("level", String(16), nullable=False, server_default=""),
+    Column("due_at", Float),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("updated_at", Float, nullable=False),
+    Column("version", Integer, nullable=False, server_default="0"),
+)
+Index("ix_pipeline_stages_pipeline", pipeline_stages.c.pipeline_id)
+Index("ix_pipeline_stages_task", pipeline_stages.c.task_id)
+Index(
+    "ix_pipeline_stages_pool",
+    pipeline_stages.c.tenant,
+    pipeline_stages.c.pool,
+    pipeline_stages.c.state,
+)
+Index("ix_pipeline_stages_due", pipeline_stages.c.state, pipeline_stages.c.due_at)

@@ -22,6 +22,7 @@ class Signal(StrEnum):
     EXITED = "exited"  # a backend saw task processes end (not from the store)
     JOURNAL = "journal"  # rows were added to the journal: its followers read them
     LEASES = "leases"  # market leases (ids) changed: their market reports them
+    TIMERS = "timers"  # a pipeline stage's timer was set: the reaper looks when it is due
 
 
 Fired = dict[Signal, set[str]]

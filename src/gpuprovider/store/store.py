@@ -36,6 +36,7 @@ from gpuprovider.store.checks import CheckRepo
 from gpuprovider.store.journal import JournalRepo
 from gpuprovider.store.market import MarketRepo
 from gpuprovider.store.nodes import NodeRepo
+from gpuprovider.store.pipelines import PipelineRepo
 from gpuprovider.store.proofs import ProofRepo
 from gpuprovider.store.repairs import RepairRepo
 from gpuprovider.store.services import ServiceRepo
@@ -114,6 +115,10 @@ class Tx:
     @cached_property
     def market(self) -> MarketRepo:
         return MarketRepo(self)
+
+    @cached_property
+    def pipelines(self) -> PipelineRepo:
+        return PipelineRepo(self)
 
 
 class Store:

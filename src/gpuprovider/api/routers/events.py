@@ -21,7 +21,9 @@ from gpuprovider.service.journal import PAGE_MAX, Follower, Scope, parse_cursor,
 router = APIRouter(prefix="/events", tags=["events"], responses={**ERRORS, 400: ERRORS[404]})
 KEEPALIVE_S = 15.0
 
-Kinds = Annotated[list[str] | None, Query(description="task, node, service, lease")]
+Kinds = Annotated[
+    list[str] | None, Query(description="task, node, service, lease, pipeline, stage")
+]
 Subject = Annotated[str | None, Query(alias="id", max_length=64, description="one aggregate")]
 Tenant = Annotated[str | None, Query(max_length=64, description="admins: one tenant's rows")]
 After = Annotated[str | None, Query(max_length=40, description="a cursor: rows after it")]
