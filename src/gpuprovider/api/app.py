@@ -23,6 +23,7 @@ from gpuprovider.api.routers import (
     tokens,
     watch,
 )
+from gpuprovider.api.routers import rentals as rental_routes
 from gpuprovider.api.routers import services as service_routes
 from gpuprovider.domain.wire import parse_json
 from gpuprovider.service.errors import ServiceError
@@ -88,6 +89,7 @@ def create_app(services: Services) -> FastAPI:
         tokens,
         watch,
         service_routes,
+        rental_routes,
         market,
         swan,
         events,

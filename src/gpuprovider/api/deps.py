@@ -16,6 +16,7 @@ from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
+from gpuprovider.service.rentals import RentalService
 from gpuprovider.service.repair import RepairService
 from gpuprovider.service.serving import Serving
 from gpuprovider.service.swan import SwanService
@@ -41,6 +42,7 @@ class Services:
     serving: Serving | None = None
     markets: list[MarketService] = field(default_factory=list)
     swan: SwanService | None = None  # Swan's job API, when a [market] is kind swan
+    rentals: RentalService | None = None
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)
@@ -99,6 +101,7 @@ Proofs = Annotated[ProofService, optional("proofs", "proof of GPU")]
 Repair = Annotated[RepairService, optional("repair", "watch and repair")]
 MetricsOf = Annotated[Metrics, optional("metrics", "metrics")]
 Served = Annotated[Serving, optional("serving", "services")]
+Rented = Annotated[RentalService, optional("rentals", "rentals")]
 Reader = Annotated[TokenRecord, needs("read")]
 Submitter = Annotated[TokenRecord, needs("submit")]
 Admin = Annotated[TokenRecord, needs("admin")]

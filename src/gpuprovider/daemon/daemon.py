@@ -47,6 +47,7 @@ from gpuprovider.service.market import MarketService
 from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.proofs import ProofService
+from gpuprovider.service.rentals import RentalService, rentals_dir
 from gpuprovider.service.repair import RepairService, RepairSettings
 from gpuprovider.service.serving import GatewaySettings, Serving
 from gpuprovider.service.tasks import TaskService
@@ -160,7 +161,12 @@ class Daemon:
             self.store, Framework(framework_policy), config, usability, self.metrics
         )
         self.executor = ExecutorLoop(
-            self.store, self.backend, config, tasks_dir(config, home.tasks), engine
+            self.store,
+            self.backend,
+            config,
+            tasks_dir(config, home.tasks),
+            engine,
+            rentals_dir(config, home),
         )
         self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
         self.reaper = ReaperLoop(self.store, config)
@@ -225,6 +231,7 @@ class Daemon:
             tokens=tokens,
             markets=markets,
             swan=swan,
+            rentals=RentalService(self.store, config, rentals_dir(config, home)),
             proofs=ProofService(
                 self.store,
                 key,

@@ -47,6 +47,7 @@ class OwnerKind(StrEnum):
 
     SERVICE = "service"  # a replica of a service
     LEASE = "lease"  # the work of a market lease
+    RENTAL = "rental"  # the environment of a rental
 
 
 @dataclass

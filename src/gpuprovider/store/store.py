@@ -37,6 +37,7 @@ from gpuprovider.store.journal import JournalRepo
 from gpuprovider.store.market import MarketRepo
 from gpuprovider.store.nodes import NodeRepo
 from gpuprovider.store.proofs import ProofRepo
+from gpuprovider.store.rentals import RentalRepo
 from gpuprovider.store.repairs import RepairRepo
 from gpuprovider.store.services import ServiceRepo
 from gpuprovider.store.signals import Fired, Signal, Signals
@@ -114,6 +115,10 @@ class Tx:
     @cached_property
     def market(self) -> MarketRepo:
         return MarketRepo(self)
+
+    @cached_property
+    def rentals(self) -> RentalRepo:
+        return RentalRepo(self)
 
 
 class Store:

@@ -1,0 +1,233 @@
+"""Rentals: an environment a tenant logs in to over SSH, on a disk that outlives its
+stops, starts and the daemon's restarts. The API's refusals run anywhere; the rest runs
+a real container (podman as root, the rental image made from Debian's busybox-static and
+dropbear) and logs in with OpenSSH's own client, the host key checked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gpuprovider.domain.rentals import parse_ssh_key
+from gpuprovider.rentals import disks, image, keys
+from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
+
+RENTAL_IMAGE = "localhost/gpp-rental:test"
+
+
+def ssh_keypair(folder: Path, name: str) -> tuple[Path, str]:
+    key = folder / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
+                   check=True, capture_output=True)  # fmt: skip
+    return key, (folder / f"{name}.pub").read_text().strip()
+
+
+def can_rent() -> str:
+    """Why rentals cannot run for real here ("" when they can)."""
+    if os.geteuid() != 0:
+        return "rentals run containers as pool users: the tests run as root"
+    for tool in ("podman", "runc", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (make test installs it)"
+    return image.missing() or keys.unavailable() or disks.unavailable()
+
+
+def rental_home(folder: Path, pool: bool) -> tuple[Provider, int]:
+    port = free_port()
+    home = make_home(folder, port, container_engine="podman" if pool else "none",
+                     task_users="pool" if pool else "none")  # fmt: skip
+    text = home.config.read_text().replace('container_runtime = ""', 'container_runtime = "runc"')
+    home.config.write_text(text.replace("max_disk_gib = 100.0", "max_disk_gib = 2.0"))
+    return Provider(home, port), port
+
+
+@pytest.fixture(scope="module")
+def tenant_keys(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen is not installed (openssh-client)")
+    folder = tmp_path_factory.mktemp("keys")
+    return {name: ssh_keypair(folder, name) for name in ("alice", "bob")}
+
+
+# -- refusals: no container needed ----------------------------------------------------
+
+
+def test_an_ssh_key_is_checked_and_its_comment_dropped(tenant_keys):
+    line = tenant_keys["alice"][1]
+    assert parse_ssh_key(line) == " ".join(line.split()[:2])
+    for bad in ["not a key", "ssh-ed25519 !!!", "ssh-dss AAAAB3NzaC1kc3M=",
+                "ssh-rsa " + line.split()[1]]:  # fmt: skip
+        with pytest.raises(ValueError):
+            parse_ssh_key(bad)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Provider:
+    why = disks.unavailable() or keys.unavailable()
+    if why:
+        pytest.skip(why)
+    provider, _ = rental_home(tmp_path_factory.mktemp("rent-plain"), pool=False)
+    provider.start()
+    yield provider
+    provider.stop()
+    kill_task_processes(provider.home)
+
+
+def body(name: str, key: str, **extra) -> dict:
+    return {"name": name, "image": RENTAL_IMAGE, "ssh_keys": [key], **extra}
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"ssh_keys": ["ssh-ed25519 AAAAnotakey"]}, "ssh_keys"),
+        ({"ssh_keys": []}, "ssh_keys"),
+        ({"disk_gib": 3}, "disk_gib"),
+        ({"ports": [{"name": "web", "port": 80}]}, "ports[0].port"),
+        ({"ports": [{"name": "ssh"}]}, "ports"),
+        ({"image": "--privileged"}, "image"),
+        ({"name": "Not_A_Label"}, "name"),
+        ({"whole_node": True, "gpu": 1}, "gpu"),
+    ],
+)
+def test_bad_requests_are_refused_naming_the_field_and_store_nothing(
+    plain, tenant_keys, extra, field
+):
+    response = plain.api.post("/rentals", json=body("bad", tenant_keys["alice"][1]) | extra)
+    assert response.status_code == 422, response.text
+    assert field in response.json()["error"]
+    assert plain.api.get("/rentals").json() == []
+    assert not any((plain.home.rentals).glob("r-*")) if plain.home.rentals.exists() else True
+
+
+def test_another_tenant_neither_sees_nor_touches_a_rental(plain, tenant_keys):
+    alice, bob = plain.tenant("rent-alice"), plain.tenant("rent-bob")
+    made = alice.post("/rentals", json=body("alices", tenant_keys["alice"][1]))
+    assert made.status_code == 201, made.text
+    rental = made.json()
+    assert rental["ssh"]["user"] == "alices" and rental["host_key"].startswith("ssh-ed25519 ")
+    for ref in ("alices", rental["id"]):
+        assert bob.get(f"/rentals/{ref}").status_code == 404
+        for action in ("stop", "start"):
+            assert bob.post(f"/rentals/{ref}/{action}").status_code == 404
+        assert bob.delete(f"/rentals/{ref}").status_code == 404
+        assert bob.post(f"/rentals/{ref}/evict", json={}).status_code in (403, 404)
+    assert bob.get("/rentals").json() == []
+    # its port is its own: a second rental asking for it is refused
+    taken = rental["ssh"]["port"]
+    again = bob.post("/rentals", json=body("bobs", tenant_keys["bob"][1],
+                                           ports=[{"name": "web", "port": taken}]))  # fmt: skip
+    assert again.status_code == 409 and "ports[0].port" in again.json()["error"]
+    # with no container engine its environment cannot start: stopped, saying why
+    ended = wait_for(lambda: (r := alice.get("/rentals/alices").json())["state"] == "stopped"
+                     and r, 30, "the rental stopped")  # fmt: skip
+    assert "ended" in ended["reason"] or "stopped" in ended["reason"]
+    assert alice.delete("/rentals/alices").json()["state"] == "deleted"
+    assert not (plain.home.rentals / rental["id"]).exists()
+
+
+# -- for real: podman, dropbear, OpenSSH's client ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rental_image() -> str:
+    why = can_rent()
+    if why:
+        pytest.skip(why)
+    try:
+        return image.build("podman", RENTAL_IMAGE)
+    except image.ImageError as exc:
+        pytest.skip(f"the rental image cannot be made here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def pooled(rental_image, tmp_path_factory) -> Provider:
+    provider, _ = rental_home(tmp_path_factory.mktemp("rent-pool"), pool=True)
+    provider.start()
+    yield provider
+    provider.cancel_all()
+    provider.stop()
+    kill_task_processes(provider.home)
+
+
+def ssh(rental: dict, key: Path, command: str, folder: Path, timeout: float = 30,
+        user: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    known = folder / f"known-{rental['name']}"
+    known.write_text(rental["ssh"]["known_hosts"] + "\n")
+    argv = ["ssh", "-F", "none", "-i", str(key), "-p", str(rental["ssh"]["port"]),
+            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
+            f"{user or rental['ssh']['user']}@{rental['ssh']['host']}", command]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def wait_rental(p: Provider, name: str, state: str, timeout: float = 60) -> dict:
+    def reached() -> dict | None:
+        rental = p.api.get(f"/rentals/{name}").json()
+        assert rental["state"] not in {"stopped", "expired"} or state in {"stopped", "expired"}, (
+            rental
+        )
+        return rental if rental["state"] == state else None
+
+    return wait_for(reached, timeout, f"rental {name} {state}")
+
+
+def login(rental: dict, key: Path, command: str, folder: Path) -> str:
+    """`command`'s output over SSH, once the rental's SSH server answers."""
+    def answered() -> str | None:
+        done = ssh(rental, key, command, folder)
+        return done.stdout if done.returncode == 0 else None
+
+    return wait_for(answered, 30, f"an SSH login to {rental['name']}")
+
+
+@pytest.mark.slow
+def test_a_tenant_logs_in_and_its_disk_outlives_stop_start_and_a_daemon_kill(
+    pooled, tenant_keys, tmp_path
+):
+    p = pooled
+    alice_key, alice_pub = tenant_keys["alice"]
+    made = p.api.post("/rentals", json=body("box", alice_pub, disk_gib=0.1,
+                                             ports=[{"name": "web"}]))  # fmt: skip
+    assert made.status_code == 201, made.text
+    rental = wait_rental(p, "box", "running")
+    assert rental["ready_s"] is not None and rental["ready_s"] >= 0
+    out = login(rental, alice_key, "id -un; id -u; echo kept > /data/note; "
+                "grep CapEff /proc/self/status; touch /etc/x 2>&1; df -k /data | tail -1; "
+                "echo port=$GPUPROVIDER_PORT_WEB", tmp_path)  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "box" and int(lines[1]) >= 900  # a pool user, never root
+    assert "CapEff:\t0000000000000000" in out and "Read-only file system" in out
+    assert int(lines[4].split()[1]) < 200 * 1024  # the disk is its own 0.1 GiB filesystem
+    # the wrong key, a password, another user: refused
+    bob_key = tenant_keys["bob"][0]
+    assert ssh(rental, bob_key, "true", tmp_path).returncode != 0
+    assert ssh(rental, alice_key, "true", tmp_path, user="root").returncode != 0
+    # stop keeps the disk; start again: the same port, host key and file
+    assert p.api.post("/rentals/box/stop").json()["state"] in ("stopping", "stopped")
+    wait_rental(p, "box", "stopped")
+    assert ssh(rental, alice_key, "true", tmp_path).returncode != 0
+    assert p.api.post("/rentals/box/start").json()["state"] == "provisioning"
+    again = wait_rental(p, "box", "running")
+    assert again["ssh"] == rental["ssh"] and again["starts"] == 2
+    assert login(again, alice_key, "cat /data/note", tmp_path).strip() == "kept"
+    # the daemon killed with -9 and started again: the rental runs on, reachable
+    assert p.stop(signal.SIGKILL) is not None
+    p.start()
+    assert wait_rental(p, "box", "running")["task_id"] == again["task_id"]
+    assert login(again, alice_key, "cat /data/note", tmp_path).strip() == "kept"
+    # delete stops nothing by itself: stop, then delete wipes the disk
+    assert p.api.delete("/rentals/box").status_code == 409
+    p.api.post("/rentals/box/stop")
+    wait_rental(p, "box", "stopped")
+    gone = p.api.delete("/rentals/box").json()
+    assert gone["state"] == "deleted" and gone["ssh"] is None
+    assert not (p.home.rentals / rental["id"]).exists()
+    events = [e["state"] for e in gone["events"]][::-1]
+    assert events[:3] == ["provisioning", "running", "stopping"]
