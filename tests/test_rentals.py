@@ -37,6 +37,12 @@ def can_rent() -> str:
     return image.missing() or keys.unavailable() or disks.unavailable()
 
 
+def unmount_disks(provider: Provider) -> None:
+    """The disks a test's rentals left mounted (a deleted rental leaves none)."""
+    for folder in provider.home.rentals.glob("r-*/disk") if provider.home.rentals.exists() else []:
+        disks.unmount(folder)
+
+
 def rental_home(folder: Path, pool: bool) -> tuple[Provider, int]:
     port = free_port()
     home = make_home(folder, port, container_engine="podman" if pool else "none",
@@ -76,6 +82,7 @@ def plain(tmp_path_factory) -> Provider:
     yield provider
     provider.stop()
     kill_task_processes(provider.home)
+    unmount_disks(provider)
 
 
 def body(name: str, key: str, **extra) -> dict:
@@ -153,6 +160,7 @@ def pooled(rental_image, tmp_path_factory) -> Provider:
     provider.cancel_all()
     provider.stop()
     kill_task_processes(provider.home)
+    unmount_disks(provider)
 
 
 def ssh(rental: dict, key: Path, command: str, folder: Path, timeout: float = 30,
