@@ -188,6 +188,7 @@ def wait_rental(p: Provider, name: str, state: str, timeout: float = 60) -> dict
 
 def login(rental: dict, key: Path, command: str, folder: Path) -> str:
     """`command`'s output over SSH, once the rental's SSH server answers."""
+
     def answered() -> str | None:
         done = ssh(rental, key, command, folder)
         return done.stdout if done.returncode == 0 else None
@@ -213,6 +214,7 @@ def test_a_tenant_logs_in_and_its_disk_outlives_stop_start_and_a_daemon_kill(
     assert lines[0] == "box" and int(lines[1]) >= 900  # a pool user, never root
     assert "CapEff:\t0000000000000000" in out and "Read-only file system" in out
     assert int(lines[4].split()[1]) < 200 * 1024  # the disk is its own 0.1 GiB filesystem
+    assert lines[5] == f"port={rental['ports']['web']}"  # its TCP port, stable
     # the wrong key, a password, another user: refused
     bob_key = tenant_keys["bob"][0]
     assert ssh(rental, bob_key, "true", tmp_path).returncode != 0
@@ -239,3 +241,101 @@ def test_a_tenant_logs_in_and_its_disk_outlives_stop_start_and_a_daemon_kill(
     assert not (p.home.rentals / rental["id"]).exists()
     events = [e["state"] for e in gone["events"]][::-1]
     assert events[:3] == ["provisioning", "running", "stopping"]
+
+
+@pytest.mark.slow
+def test_owner_work_gives_way_to_a_whole_node_rental_and_the_owner_evicts_it(
+    pooled, tenant_keys, tmp_path
+):
+    p = pooled
+    owner_work = p.submit(command=["/usr/bin/python3", "-c", "import time; time.sleep(600)"],
+                          resources={"gpu": 2}, preemptible=True, priority=-10)  # fmt: skip
+    p.wait_state(owner_work["id"], "running", timeout=30)
+    alice = p.tenant("whole-alice")
+    made = alice.post("/rentals", json=body("node", tenant_keys["alice"][1], whole_node=True,
+                                            disk_gib=0.05))  # fmt: skip
+    assert made.status_code == 201, made.text
+    rental = wait_rental(p, "node", "running")
+    assert rental["whole_node"] and rental["gpu"] == "3"  # the node's 2 H100 and its 4090
+    assert p.task(owner_work["id"])["state"] in ("preempted", "queued")  # it gave way
+    assert rental["ready_s"] is not None  # request -> running, the eviction included
+    out = login(rental, tenant_keys["alice"][0], "echo $CUDA_VISIBLE_DEVICES", tmp_path)
+    assert out.strip() == "0,1,2"  # every (simulated) GPU is the rental's
+    # a tenant cannot evict; the owner can, saying why, and the disk is kept
+    assert alice.post("/rentals/node/evict", json={}).status_code == 403
+    evicted = p.api.post("/rentals/node/evict", json={"reason": "maintenance at 3"}).json()
+    assert evicted["state"] in ("evicting", "evicted") and "maintenance at 3" in evicted["reason"]
+    wait_rental(p, "node", "evicted")
+    p.wait_state(owner_work["id"], "running", timeout=30)  # the owner's work runs again
+    p.api.post(f"/tasks/{owner_work['id']}/cancel")
+    assert alice.delete("/rentals/node").json()["state"] == "deleted"
+
+
+@pytest.mark.slow
+def test_a_tenant_cannot_reach_the_host_through_its_disk_or_network(pooled, tenant_keys, tmp_path):
+    p = pooled
+    key, pub = tenant_keys["bob"]
+    made = p.api.post("/rentals", json=body("esc", pub, disk_gib=0.05, duration_s=600))
+    assert made.status_code == 201, made.text
+    rental = wait_rental(p, "esc", "running")
+    api_port = p.home.config.read_text().split("\nport = ")[1].split()[0]
+    script = (
+        "ln -s / /data/root; ln -s /etc/shadow /data/shadow; ln /etc/passwd /data/pw 2>&1; "
+        f"ls /data/root/; nc -z -w 2 127.0.0.1 {api_port} && echo API-REACHED; echo done"
+    )
+    out = login(rental, key, script, tmp_path)
+    assert "API-REACHED" not in out and "done" in out
+    assert "tasks" not in out and "store.db" not in out  # its own root, not the host's
+    shadow = os.stat("/etc/shadow")
+    p.api.post("/rentals/esc/stop")
+    wait_rental(p, "esc", "stopped")
+    p.api.post("/rentals/esc/start")
+    wait_rental(p, "esc", "running")  # the disk was handed over again: links not followed
+    assert (os.stat("/etc/shadow").st_uid, os.stat("/etc/shadow").st_mode) == (
+        shadow.st_uid, shadow.st_mode)  # fmt: skip
+    assert os.stat("/").st_uid == 0
+    p.api.post("/rentals/esc/stop")
+    wait_rental(p, "esc", "stopped")
+    p.api.delete("/rentals/esc")
+
+
+@pytest.mark.slow
+def test_a_rental_expires_when_its_time_runs_out_and_keeps_its_disk(pooled, tenant_keys):
+    p = pooled
+    made = p.api.post("/rentals", json=body("brief", tenant_keys["alice"][1], disk_gib=0.05,
+                                             duration_s=4))  # fmt: skip
+    assert made.status_code == 201, made.text
+    expired = wait_rental(p, "brief", "expired", timeout=60)
+    assert "time ran out" in expired["reason"]
+    assert (p.home.rentals / expired["id"] / "disk.img").exists()
+    again = p.api.post("/rentals/brief/start")
+    assert again.status_code == 409 and "no time left" in again.json()["error"]
+    assert p.api.delete("/rentals/brief").json()["state"] == "deleted"
+
+
+@pytest.mark.slow
+def test_the_cli_rents_prints_the_ssh_command_and_stops(pooled, tenant_keys, tmp_path):
+    p = pooled
+    key, _ = tenant_keys["alice"]
+    made = p.cli("rent", "create", "clibox", "--image", RENTAL_IMAGE, "--key", f"{key}.pub",
+                 "--disk", "0.05", "--port", "web")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "clibox" in made.stdout
+    wait_rental(p, "clibox", "running")
+    printed = p.cli("rent", "ssh", "clibox")
+    assert printed.returncode == 0, printed.stderr
+    command = printed.stdout.split()
+    assert command[:2] == ["ssh", "-p"] and command[-1].startswith("clibox@")
+    argv = [*command[:-1], "-i", str(key), "-o", "StrictHostKeyChecking=yes", "-o",
+            "BatchMode=yes", command[-1], "echo", "in"]  # fmt: skip
+    done = wait_for(lambda: (d := subprocess.run(argv, capture_output=True, text=True,
+                                                 timeout=30)).returncode == 0 and d,
+                    30, "a login with the printed command")  # fmt: skip
+    assert done.stdout.strip() == "in"
+    listed = p.cli("rent", "list")
+    assert "clibox" in listed.stdout and "running" in listed.stdout
+    bad = p.cli("rent", "create", "x", "--key", f"{key}.pub", "--disk", "5000")
+    assert bad.returncode == 2 and "disk_gib" in bad.stderr
+    assert p.cli("rent", "stop", "clibox").returncode == 0
+    wait_rental(p, "clibox", "stopped")
+    assert p.cli("rent", "delete", "clibox").returncode == 0

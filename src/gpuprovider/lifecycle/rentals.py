@@ -47,11 +47,13 @@ def _write(
 
 def ssh_command(rental: RentalRecord) -> list[str]:
     """The SSH server the environment runs, as the container's command: in the
-    foreground, logging to its output, keys only, no root, on the rental's port."""
+    foreground, logging to its output, keys only, no root, on the rental's port; its
+    sessions get the environment's variables (the GPUs it holds, its ports)."""
     return [
         SSH_SERVER,
         "-F",
         "-E",
+        "-e",
         "-s",
         "-w",
         "-p",
