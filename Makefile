@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the tests run for real: podman and runc for containers, busybox for
 # the image they run, prometheus for promtool and a real scrape, nginx in front of the
-# gateway. Installed by `make test` when missing (as root, with apt-get).
-TEST_DEBS := podman runc busybox-static prometheus nginx
+# gateway, dropbear-bin (the SSH server in a rental and its host keys), e2fsprogs (a
+# rental's disk) and openssh-client (the tenant's side of a login). Installed by
+# `make test` when missing (as root, with apt-get).
+TEST_DEBS := podman runc busybox-static prometheus nginx dropbear-bin e2fsprogs openssh-client
 
 .PHONY: up test lint format bench clean debs
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "gpuprovider"
 EVERYTHING = {
     "domain", "scheduler", "store", "lifecycle", "backends", "service", "daemon", "api",
     "cli", "check", "proof", "inventory", "identity", "config", "home", "bootstrap",
-    "testing", "telemetry", "market", "hub",
+    "testing", "telemetry", "market", "hub", "rentals",
 }  # fmt: skip
 FORBIDDEN = {
     "isolation": EVERYTHING,
@@ -31,6 +31,8 @@ FORBIDDEN = {
     # simulator, which place work with the scheduler library); hub/ is the hub app
     "market": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "hub"},
     "hub": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
+    # rentals/ is what a node does for a rental (disks, host keys, the image): a library
+    "rentals": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "domain"},
 }
 
 
