@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gpuprovider.domain.rentals import parse_ssh_key
-from gpuprovider.rentals import disks, image, keys
+from gpuprovider.rentals import broadcast, disks, image, keys
 from gpuprovider.testing import Provider, free_port, kill_task_processes, make_home, wait_for
 
 RENTAL_IMAGE = "localhost/gpp-rental:test"
@@ -44,12 +46,25 @@ def unmount_disks(provider: Provider) -> None:
 
 
 def rental_home(folder: Path, pool: bool) -> tuple[Provider, int]:
+    """A provider for rentals, broadcasting DBC's rental status to 127.0.0.1 on the
+    UDP port it returns."""
     port = free_port()
     home = make_home(folder, port, container_engine="podman" if pool else "none",
                      task_users="pool" if pool else "none")  # fmt: skip
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        udp_port = probe.getsockname()[1]
     text = home.config.read_text().replace('container_runtime = ""', 'container_runtime = "runc"')
-    home.config.write_text(text.replace("max_disk_gib = 100.0", "max_disk_gib = 2.0"))
-    return Provider(home, port), port
+    for default, wanted in (
+        ("max_disk_gib = 100.0", "max_disk_gib = 2.0"),
+        ("broadcast = false", "broadcast = true"),
+        ('broadcast_address = "255.255.255.255"', 'broadcast_address = "127.0.0.1"'),
+        ("broadcast_port = 55555", f"broadcast_port = {udp_port}"),
+    ):
+        assert default in text
+        text = text.replace(default, wanted)
+    home.config.write_text(text)
+    return Provider(home, port), udp_port
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +169,8 @@ def rental_image() -> str:
 
 @pytest.fixture(scope="module")
 def pooled(rental_image, tmp_path_factory) -> Provider:
-    provider, _ = rental_home(tmp_path_factory.mktemp("rent-pool"), pool=True)
+    provider, udp_port = rental_home(tmp_path_factory.mktemp("rent-pool"), pool=True)
+    provider.status_port = udp_port
     provider.start()
     yield provider
     provider.cancel_all()
@@ -248,6 +264,9 @@ def test_owner_work_gives_way_to_a_whole_node_rental_and_the_owner_evicts_it(
     pooled, tenant_keys, tmp_path
 ):
     p = pooled
+    status = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    status.bind(("127.0.0.1", p.status_port))
+    status.settimeout(30)
     owner_work = p.submit(command=["/usr/bin/python3", "-c", "import time; time.sleep(600)"],
                           resources={"gpu": 2}, preemptible=True, priority=-10)  # fmt: skip
     p.wait_state(owner_work["id"], "running", timeout=30)
@@ -259,6 +278,13 @@ def test_owner_work_gives_way_to_a_whole_node_rental_and_the_owner_evicts_it(
     assert rental["whole_node"] and rental["gpu"] == "3"  # the node's 2 H100 and its 4090
     assert p.task(owner_work["id"])["state"] in ("preempted", "queued")  # it gave way
     assert rental["ready_s"] is not None  # request -> running, the eviction included
+    # the node is renting: a DBC broadcast, a note in the node's journal, a metric
+    assert broadcast.read(status.recv(4096)) == {"node_id": rental["node_id"], "status": "renting"}
+    notes = p.api.get("/events", params={"kind": "node", "limit": 1000}).json()
+    assert any("renting: rental node running" in e["reason"] for e in notes["events"]), notes
+    metrics = httpx.get(p.url + "/metrics", headers={"Authorization": f"Bearer {p.token}"}).text
+    assert 'gpuprovider_rentals{state="running"} 1.0' in metrics
+    assert "gpuprovider_node_rented{" in metrics and "} 1.0" in metrics.split("node_rented{")[-1]
     out = login(rental, tenant_keys["alice"][0], "echo $CUDA_VISIBLE_DEVICES", tmp_path)
     assert out.strip() == "0,1,2"  # every (simulated) GPU is the rental's
     # a tenant cannot evict; the owner can, saying why, and the disk is kept
@@ -266,6 +292,8 @@ def test_owner_work_gives_way_to_a_whole_node_rental_and_the_owner_evicts_it(
     evicted = p.api.post("/rentals/node/evict", json={"reason": "maintenance at 3"}).json()
     assert evicted["state"] in ("evicting", "evicted") and "maintenance at 3" in evicted["reason"]
     wait_rental(p, "node", "evicted")
+    assert broadcast.read(status.recv(4096))["status"] == "empty"
+    status.close()
     p.wait_state(owner_work["id"], "running", timeout=30)  # the owner's work runs again
     p.api.post(f"/tasks/{owner_work['id']}/cancel")
     assert alice.delete("/rentals/node").json()["state"] == "deleted"

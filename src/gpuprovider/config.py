@@ -332,6 +332,20 @@ class RentalsConfig(_Section):
     # A rental's environment is a task of this priority and never preemptible: the
     # owner's preemptible work of lower priority gives way to it.
     priority: int = Field(1000, ge=-1000, le=1000)
+    # DBC's rental status broadcast: {"node_id", "status": "renting"|"empty"} as JSON,
+    # base64, one UDP datagram to broadcast_address:broadcast_port per change.
+    broadcast: bool = False
+    broadcast_address: str = "255.255.255.255"
+    broadcast_port: int = Field(55555, ge=1, le=65535)
+
+    @field_validator("broadcast_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 address, e.g. 255.255.255.255") from None
+        return value
 
     @field_validator("port_range")
     @classmethod
@@ -739,6 +753,11 @@ disks_dir = "{d.rentals.disks_dir}"
 # The priority of a rental's environment (never preemptible): the owner's preemptible
 # work of lower priority is stopped to make room for it.
 priority = {d.rentals.priority}
+# DeepBrainChain's rental status broadcast, for an owner's DBC-aware scripts: each time
+# a node turns renting or empty, {{"node_id", "status"}} as base64 JSON over UDP.
+broadcast = {str(d.rentals.broadcast).lower()}
+broadcast_address = "{d.rentals.broadcast_address}"
+broadcast_port = {d.rentals.broadcast_port}
 
 [pricing]
 # What market orders are charged here, in currency units per hour (USD on the

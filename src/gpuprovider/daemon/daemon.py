@@ -40,6 +40,7 @@ from gpuprovider.domain.usability import Usability
 from gpuprovider.home import Home, make_private
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
 from gpuprovider.market.pricing import Pricing
+from gpuprovider.rentals.broadcast import Broadcaster
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
 from gpuprovider.service.journal import Journal
@@ -221,6 +222,9 @@ class Daemon:
                     self.signals.subscribe(Signal.LEASES, loop.wake)
         self.journal = Journal(self.store)
         self.signals.subscribe(Signal.JOURNAL, self.journal.committed)
+        if config.rentals.broadcast:
+            rented = Broadcaster(config.rentals.broadcast_address, config.rentals.broadcast_port)
+            self.signals.subscribe(Signal.RENTED, rented.changed)
         self.services = Services(
             journal=self.journal,
             tasks=tasks,

@@ -19,6 +19,7 @@ from gpuprovider.domain.spec import PortSpec, Resources, RetryPolicy, TaskSpec
 from gpuprovider.domain.states import TERMINAL, TaskState
 from gpuprovider.lifecycle import tasks
 from gpuprovider.lifecycle.kernel import Change, Machine, Refused, Rule
+from gpuprovider.store.signals import Signal
 from gpuprovider.store.store import Tx
 
 R = RentalState
@@ -146,6 +147,27 @@ def _ready(tx: Tx, rental: RentalRecord) -> dict[str, Any]:
     return {"ready_s": round(tx.now - rental.requested_at, 3)}
 
 
+def _node_rented(tx: Tx, rental: RentalRecord, change: RentalChange) -> None:
+    """A node is renting while a rental runs on it, empty otherwise (DBC's rental
+    status): each change is a note in the node's journal and a RENTED signal (the
+    daemon broadcasts it where asked)."""
+    if R.RUNNING not in (change.source, change.target) or not rental.node_id:
+        return
+    others = any(
+        r.state == R.RUNNING and r.node_id == rental.node_id and r.id != rental.id
+        for r in tx.rentals.list()
+    )
+    before, now = others or change.source == R.RUNNING, others or change.target == R.RUNNING
+    if before == now:
+        return
+    node = tx.nodes.get(rental.node_id)
+    status = node.status.value if node is not None else "ready"
+    status_now = "renting" if now else "empty"
+    why = f"{status_now}: rental {rental.name} {change.target}"
+    tx.journal.write("node", rental.node_id, "", status, status, why)
+    tx.signal(Signal.RENTED, f"{rental.node_id}={status_now}")
+
+
 def _not_running(tx: Tx, rental: RentalRecord, change: RentalChange) -> None:
     if _live_task(tx, rental) is not None:
         raise Refused(f"rental {rental.name} still runs; stop it first")
@@ -164,6 +186,12 @@ RENTAL_RULES: list[RentalRule] = [
         frozenset({R.RUNNING}),
         frozenset({R.PROVISIONING}),
         changes=_ready,
+    ),
+    RentalRule(
+        "node-rented",
+        "a node with a rental running is renting, else empty: a node note and a signal",
+        frozenset(R),
+        then=_node_rented,
     ),
     RentalRule(
         "delete-at-rest",

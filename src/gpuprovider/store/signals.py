@@ -22,6 +22,7 @@ class Signal(StrEnum):
     EXITED = "exited"  # a backend saw task processes end (not from the store)
     JOURNAL = "journal"  # rows were added to the journal: its followers read them
     LEASES = "leases"  # market leases (ids) changed: their market reports them
+    RENTED = "rented"  # nodes whose rented status changed ("<node id>=renting|empty")
 
 
 Fired = dict[Signal, set[str]]
