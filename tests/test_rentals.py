@@ -153,6 +153,25 @@ def test_another_tenant_neither_sees_nor_touches_a_rental(plain, tenant_keys):
     assert not (plain.home.rentals / rental["id"]).exists()
 
 
+def test_a_whole_node_held_by_work_that_cannot_give_way_waits_saying_why(plain, tenant_keys):
+    held = plain.submit(command=["/usr/bin/python3", "-c", "import time; time.sleep(600)"],
+                        resources={"gpu": 1})  # fmt: skip
+    plain.wait_state(held["id"], "running", timeout=30)
+    made = plain.api.post("/rentals", json=body("whole", tenant_keys["bob"][1], whole_node=True))
+    assert made.status_code == 201, made.text
+
+    def waiting() -> dict | None:
+        rental = plain.api.get("/rentals/whole").json()
+        return rental if "queued" in rental["reason"] else None
+
+    rental = wait_for(waiting, 30, "the rental to say why it waits")
+    assert rental["state"] == "provisioning" and "GPU" in rental["reason"], rental
+    assert plain.task(held["id"])["state"] == "running"  # not preemptible: never stopped
+    assert plain.api.post("/rentals/whole/stop").json()["state"] == "stopped"
+    plain.api.post(f"/tasks/{held['id']}/cancel")
+    assert plain.api.delete("/rentals/whole").json()["state"] == "deleted"
+
+
 # -- for real: podman, dropbear, OpenSSH's client ---------------------------------------
 
 
@@ -209,7 +228,7 @@ def login(rental: dict, key: Path, command: str, folder: Path) -> str:
         done = ssh(rental, key, command, folder)
         return done.stdout if done.returncode == 0 else None
 
-    return wait_for(answered, 30, f"an SSH login to {rental['name']}")
+    return wait_for(answered, 60, f"an SSH login to {rental['name']}")
 
 
 @pytest.mark.slow

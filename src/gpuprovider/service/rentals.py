@@ -165,12 +165,16 @@ class RentalService:
                 "command": f"ssh -p {rental.ssh_port} {rental.login}@{host}",
                 "known_hosts": f"[{host}]:{rental.ssh_port} {rental.host_key}",
             }
+        reason = rental.state_reason
+        task = tx.tasks.get(rental.task_id) if rental.task_id else None
+        if rental.state == RentalState.PROVISIONING and task is not None and task.state_reason:
+            reason = f"{reason}; its environment is {task.state}: {task.state_reason}"
         return {
             "id": rental.id,
             "name": rental.name,
             "tenant": rental.tenant,
             "state": rental.state.value,
-            "reason": rental.state_reason,
+            "reason": reason,
             "image": spec.image,
             "gpu": spec.gpu,
             "whole_node": spec.whole_node,
