@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -67,6 +68,7 @@ def wait_state(p: Provider, name: str, state: str, timeout: float = 60) -> dict:
 def baseline(folder: Path, key: Path, pub: str, count: int) -> list[float]:
     """`podman run` of the same image and SSH server, no provider: -> login answered."""
     times = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # as the provider passes it
     for i in range(count):
         home = folder / f"base-{i}"
         (home / ".ssh").mkdir(parents=True)
@@ -83,7 +85,8 @@ def baseline(folder: Path, key: Path, pub: str, count: int) -> list[float]:
         start = time.monotonic()
         subprocess.run(
             ["podman", "run", "-d", "--rm", "--init", "--name", name, "--runtime", "runc",
-             "--cap-drop", "ALL", "--read-only", "--user", "65534:65534",
+             "--cap-drop", "ALL", "--read-only", "--user", "65534:65534", "--ulimit",
+             f"nofile={soft}:{hard}", "--ulimit", "nproc=4096:4096",
              "--passwd-entry", "bench:x:65534:65534:b:/home/bench:/bin/sh",
              "--mount", f"type=bind,src={home},dst=/home/bench,ro",
              "--mount", f"type=bind,src={host_key},dst=/etc/hk,ro", "-p", f"{port}:{port}",
@@ -113,6 +116,7 @@ def main() -> None:
     home.config.write_text(
         home.config.read_text().replace('container_runtime = ""', 'container_runtime = "runc"')
     )
+    base = baseline(folder, key, pub, args.rentals)
     p = Provider(home, port)
     p.start()
     first, again, ready, again_ready, evicting, evicting_ready = [], [], [], [], [], []
@@ -154,7 +158,6 @@ def main() -> None:
             p.api.post(f"/rentals/{name}/stop")
             wait_state(p, name, "stopped")
             p.api.delete(f"/rentals/{name}")
-        base = baseline(folder, key, pub, args.rentals)
     finally:
         p.cancel_all()
         p.stop()
