@@ -332,6 +332,13 @@ def test_a_tenant_cannot_reach_the_host_through_its_disk_or_network(pooled, tena
     )
     out = login(rental, key, script, tmp_path)
     assert "API-REACHED" not in out and "done" in out
+    # nor through the host's address on the container network (the API binds 127.0.0.1)
+    routes = login(rental, key, "cat /proc/net/route", tmp_path).splitlines()[1:]
+    gateway = next(r.split()[2] for r in routes if r.split()[1] == "00000000")
+    host = ".".join(str(b) for b in bytes.fromhex(gateway)[::-1])
+    assert host.count(".") == 3 and not host.startswith("127.")
+    probe = f"nc -z -w 2 {host} {api_port} && echo API-REACHED; echo probed"
+    assert "API-REACHED" not in login(rental, key, probe, tmp_path)
     assert "tasks" not in out and "store.db" not in out  # its own root, not the host's
     shadow = os.stat("/etc/shadow")
     p.api.post("/rentals/esc/stop")
