@@ -176,10 +176,17 @@ def test_a_whole_node_held_by_work_that_cannot_give_way_waits_saying_why(plain, 
 
 
 @pytest.fixture(scope="module")
-def rental_image() -> str:
+def rental_image(tmp_path_factory) -> str:
     why = can_rent()
     if why:
         pytest.skip(why)
+    probe = tmp_path_factory.mktemp("disk-probe")
+    try:  # a loop device to mount a disk on (a container may have none)
+        disks.create(probe / "probe.img", 0.01)
+        disks.mount(probe / "probe.img", probe / "mnt")
+        disks.unmount(probe / "mnt")
+    except OSError as exc:
+        pytest.skip(f"a rental's disk cannot be mounted here: {exc}")
     try:
         return image.build("podman", RENTAL_IMAGE)
     except image.ImageError as exc:
