@@ -50,7 +50,8 @@ def rental_home(folder: Path, pool: bool) -> tuple[Provider, int]:
     UDP port it returns."""
     port = free_port()
     home = make_home(folder, port, container_engine="podman" if pool else "none",
-                     task_users="pool" if pool else "none")  # fmt: skip
+                     task_users="pool" if pool else "none",
+                     gateway_port=free_port() if pool else None)  # fmt: skip
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         udp_port = probe.getsockname()[1]
@@ -231,11 +232,11 @@ def wait_rental(p: Provider, name: str, state: str, timeout: float = 60) -> dict
 def login(rental: dict, key: Path, command: str, folder: Path) -> str:
     """`command`'s output over SSH, once the rental's SSH server answers."""
 
-    def answered() -> str | None:
+    def answered() -> tuple[str] | None:
         done = ssh(rental, key, command, folder)
-        return done.stdout if done.returncode == 0 else None
+        return (done.stdout,) if done.returncode == 0 else None  # "" is an answer too
 
-    return wait_for(answered, 60, f"an SSH login to {rental['name']}")
+    return wait_for(answered, 60, f"an SSH login to {rental['name']}")[0]
 
 
 @pytest.mark.slow
@@ -400,3 +401,37 @@ def test_the_cli_rents_prints_the_ssh_command_and_stops(pooled, tenant_keys, tmp
     assert p.cli("rent", "stop", "clibox").returncode == 0
     wait_rental(p, "clibox", "stopped")
     assert p.cli("rent", "delete", "clibox").returncode == 0
+
+
+@pytest.mark.slow
+def test_an_http_port_is_served_by_the_gateway_with_the_tenants_tokens(
+    pooled, tenant_keys, tmp_path
+):
+    p = pooled
+    key, pub = tenant_keys["alice"]
+    alice, bob = p.tenant("http-alice"), p.tenant("http-bob")
+    made = alice.post("/rentals", json=body("site", pub, disk_gib=0.05,
+                                            ports=[{"name": "www", "http": True}]))  # fmt: skip
+    assert made.status_code == 201, made.text
+    rental = wait_rental(p, "site", "running")
+    assert rental["routes"] == ["site-www"]
+    login(rental, key, "true", tmp_path)
+    script = "echo hello > /data/index.html; httpd -p $GPUPROVIDER_PORT_WWW -h /data"
+    started = ssh(rental, key, f"{script} </dev/null >/dev/null 2>&1; echo $?", tmp_path)
+    assert started.stdout.strip() == "0", (started.stdout, started.stderr)
+    gateway = p.home.config.read_text().split("[gateway]")[1].split("\nport = ")[1].split()[0]
+    url = f"http://127.0.0.1:{gateway}/s/site-www/index.html"
+    token = alice.headers["Authorization"]
+
+    def served() -> httpx.Response | None:
+        answer = httpx.get(url, headers={"Authorization": token})
+        return answer if answer.status_code == 200 else None
+
+    assert wait_for(served, 30, "the gateway to serve the rental").text == "hello\n"
+    assert httpx.get(url).status_code == 401
+    assert (
+        httpx.get(url, headers={"Authorization": bob.headers["Authorization"]}).status_code == 403
+    )
+    alice.post("/rentals/site/stop")
+    wait_rental(p, "site", "stopped")
+    alice.delete("/rentals/site")

@@ -554,6 +554,7 @@ class RentalOut(BaseModel):
     disk_gib: float
     ssh: RentalSshOut | None
     ports: dict[str, int]
+    routes: list[str]  # the gateway's names for its HTTP ports: <name>.localhost, /s/<name>/
     host_key: str
     node_id: str | None
     task_id: str | None

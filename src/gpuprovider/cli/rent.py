@@ -18,14 +18,14 @@ rent_app = typer.Typer(help="Rentals: environments you log in to over SSH.", no_
 NAME = typer.Argument(..., help="Rental name or id.")
 
 
-def _ports(values: list[str]) -> list[dict[str, Any]]:
+def _ports(values: list[str], http: bool) -> list[dict[str, Any]]:
     """`web` or `web=30010`: a named TCP port, given one or asking for that number."""
     ports = []
     for value in values:
         name, _, number = value.partition("=")
         if number and not number.isdigit():
-            raise CliError(f"--port {value}: expected NAME or NAME=NUMBER, e.g. web=30010", 2)
-        ports.append({"name": name, **({"port": int(number)} if number else {})})
+            raise CliError(f"{value}: expected NAME or NAME=NUMBER, e.g. web=30010", 2)
+        ports.append({"name": name, "http": http, **({"port": int(number)} if number else {})})
     return ports
 
 
@@ -52,12 +52,14 @@ def create(
     disk: float = typer.Option(1.0, help="Persistent disk in GiB."),
     duration: str = typer.Option("", help="How long (90m, 2h); empty: until stopped."),
     port: list[str] = typer.Option([], help="A raw TCP port: NAME or NAME=NUMBER."),
+    http: list[str] = typer.Option([], help="An HTTP port, also through the gateway."),
     as_json: bool = JSON,
 ) -> None:
     """Rent an environment: its SSH server answers on a port of its own."""
+    ports = _ports(port, False) + _ports(http, True)
     body: dict[str, Any] = {"name": name, "image": image, "ssh_keys": _keys(key), "gpu": gpu,
                             "whole_node": whole_node, "cpu": cpu, "memory_mib": memory,
-                            "disk_gib": disk, "ports": _ports(port)}  # fmt: skip
+                            "disk_gib": disk, "ports": ports}  # fmt: skip
     if duration:
         try:
             body["duration_s"] = parse_duration(duration)
@@ -92,6 +94,8 @@ def _show(r: dict[str, Any]) -> None:
         console.print(f"  ssh: {r['ssh']['command']}")
     if r["ports"]:
         console.print("  ports: " + ", ".join(f"{k} {v}" for k, v in r["ports"].items()))
+    for route in r["routes"]:
+        console.print(f"  http: {route}.localhost (gateway), /s/{route}/")
     if r["ready_s"] is not None:
         console.print(f"  request to running: {r['ready_s']:.2f} s (start {r['starts']})")
     for event in r.get("events") or []:

@@ -64,7 +64,7 @@ KEY_TYPES = frozenset(
 )
 MAX_KEYS = 16
 MAX_PORTS = 8
-PORT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,15}$"
+PORT_NAME_PATTERN = r"^[a-z][a-z0-9]{0,15}$"  # `<rental>-<port>` is a DNS label
 RESERVED_PORT_NAMES = frozenset({"ssh"})
 
 
@@ -94,11 +94,14 @@ class _Strict(BaseModel):
 
 
 class RentalPort(_Strict):
-    """A raw TCP port of the rental: the same number inside and outside, stable for
-    the rental's life; chosen from `[rentals] port_range` unless the tenant names one."""
+    """A TCP port of the rental: the same number inside and outside, stable for the
+    rental's life; chosen from `[rentals] port_range` unless the tenant names one. An
+    `http` port is also served by the gateway as `<rental>-<name>`, with the tenant's
+    tokens, as services are."""
 
     name: Annotated[str, Field(pattern=PORT_NAME_PATTERN)]
     port: int | None = Field(None, ge=1, le=65535)
+    http: bool = False
 
 
 class RentalSpec(_Strict):
@@ -140,6 +143,11 @@ class RentalSpec(_Strict):
         if len(set(numbers)) != len(numbers):
             raise ValueError(f"ports: numbers must differ, got {numbers}")
         return self
+
+
+def route_name(rental: str, port: str) -> str:
+    """The gateway's name for a rental's HTTP port."""
+    return f"{rental}-{port}"
 
 
 @dataclass

@@ -19,7 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from gpuprovider.backends.launch import port_free
 from gpuprovider.config import ProviderConfig
 from gpuprovider.domain.records import TokenRecord
-from gpuprovider.domain.rentals import ACTIVE, AT_REST, RentalRecord, RentalSpec, RentalState
+from gpuprovider.domain.rentals import (
+    ACTIVE,
+    AT_REST,
+    RentalRecord,
+    RentalSpec,
+    RentalState,
+    route_name,
+)
 from gpuprovider.home import Home
 from gpuprovider.lifecycle import rentals as lifecycle
 from gpuprovider.lifecycle.kernel import IllegalTransition, Refused, Stale
@@ -183,6 +190,7 @@ class RentalService:
             "disk_gib": spec.disk_gib,
             "ssh": ssh,
             "ports": dict(rental.ports),
+            "routes": [route_name(rental.name, p.name) for p in spec.ports if p.http],
             "host_key": rental.host_key,
             "node_id": rental.node_id,
             "task_id": rental.task_id,
