@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed  # and the test extra (torch, Ray, ...): what `make 
 # the image they run, prometheus for promtool and a real scrape, nginx in front of the
 # gateway, nftables and iproute2 for tasks' network rules (and the test's own "outside"
 # network namespace), openssh-server for the fleet's SSH hosts, git for uploads from a
-# git source, chromium for the dashboard's browser tests. Installed by `make test` when
-# missing (as root, with apt-get).
+# git source, chromium for the dashboard's browser tests, dropbear-bin (the SSH server
+# in a rental and its host keys), e2fsprogs (a rental's disk) and openssh-client (the
+# tenant's side of a login). Installed by `make test` when missing (as root, apt-get).
 TEST_DEBS := podman runc busybox-static prometheus nginx nftables iproute2 openssh-server \
-	git chromium
+	git chromium dropbear-bin e2fsprogs openssh-client
 
 .PHONY: up test lint format bench clean debs
 

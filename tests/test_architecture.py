@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parent.parent / "src" / "gpuprovider"
 EVERYTHING = {
     "domain", "scheduler", "store", "lifecycle", "backends", "service", "daemon", "api",
     "cli", "check", "proof", "inventory", "identity", "config", "home", "bootstrap",
-    "testing", "telemetry", "market", "hub", "fleet", "pipelines",
+    "testing", "telemetry", "market", "hub", "fleet", "pipelines", "rentals",
 }  # fmt: skip
 FORBIDDEN = {
     "isolation": EVERYTHING,
@@ -36,6 +36,8 @@ FORBIDDEN = {
     "fleet": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
     # pipelines/ is a library: the spec, the two state tables, the status file
     "pipelines": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "scheduler"},
+    # rentals/ is what a node does for a rental (disks, host keys, the image): a library
+    "rentals": {"store", "lifecycle", "service", "daemon", "api", "cli", "backends", "domain"},
 }
 
 

@@ -359,6 +359,41 @@ class GatewayConfig(_Section):
         return self
 
 
+class RentalsConfig(_Section):
+    # Each rental's SSH port and raw TCP ports come from this range (same number inside
+    # and outside its container), fixed for the rental's life.
+    port_range: tuple[int, int] = (30000, 30999)
+    # The largest disk one rental may ask for, and where the disks are kept (a folder of
+    # this machine; empty: `rentals/` in the provider's home).
+    max_disk_gib: float = Field(100.0, gt=0, le=1024 * 1024)
+    disks_dir: str = ""
+    # A rental's environment is a task of this priority and never preemptible: the
+    # owner's preemptible work of lower priority gives way to it.
+    priority: int = Field(1000, ge=-1000, le=1000)
+    # DBC's rental status broadcast: {"node_id", "status": "renting"|"empty"} as JSON,
+    # base64, one UDP datagram to broadcast_address:broadcast_port per change.
+    broadcast: bool = False
+    broadcast_address: str = "255.255.255.255"
+    broadcast_port: int = Field(55555, ge=1, le=65535)
+
+    @field_validator("broadcast_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 address, e.g. 255.255.255.255") from None
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = value
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError("port_range must be [low, high] with 1024 <= low <= high <= 65535")
+        return value
+
+
 class _MarketConfig(_Section):
     """What every market section has."""
 
@@ -420,6 +455,7 @@ class ProviderConfig(_Section):
     repair: RepairConfig = Field(default_factory=RepairConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    rentals: RentalsConfig = Field(default_factory=RentalsConfig)
     pricing: PriceTable = Field(default_factory=PriceTable)
     market: dict[Annotated[str, Field(pattern=r"^[a-z0-9-]{1,32}$")], MarketConfig] = Field(
         default_factory=dict, max_length=8
@@ -462,6 +498,11 @@ class ProviderConfig(_Section):
             raise ValueError(f"gateway.port {self.gateway.port} lies inside executor.port_range")
         if self.gateway.enabled and self.gateway.port == self.api.port:
             raise ValueError(f"gateway.port {self.gateway.port} is api.port too; give another")
+        rlo, rhi = self.rentals.port_range
+        if rlo <= hi and lo <= rhi:
+            raise ValueError("rentals.port_range overlaps executor.port_range; keep them apart")
+        if rlo <= self.api.port <= rhi:
+            raise ValueError(f"api.port {self.api.port} lies inside rentals.port_range")
         return self
 
 
@@ -765,6 +806,23 @@ max_connections_per_client = {d.gateway.max_connections_per_client}
 # Proxies in front (nginx) whose X-Forwarded-* and X-Real-IP are believed, and which
 # are not limited per client. Empty: the router is the edge itself.
 trusted_proxies = {list(d.gateway.trusted_proxies)!r}
+
+[rentals]
+# Environments tenants log in to over SSH (`gpuprovider rent`). Each rental's SSH port
+# and raw TCP ports come from port_range and stay the same for its whole life.
+port_range = {list(d.rentals.port_range)!r}
+# The largest disk one rental may ask for (GiB); disks live in disks_dir (empty:
+# rentals/ in the provider's home), one ext4 image each, mounted while in use.
+max_disk_gib = {d.rentals.max_disk_gib}
+disks_dir = "{d.rentals.disks_dir}"
+# The priority of a rental's environment (never preemptible): the owner's preemptible
+# work of lower priority is stopped to make room for it.
+priority = {d.rentals.priority}
+# DeepBrainChain's rental status broadcast, for an owner's DBC-aware scripts: each time
+# a node turns renting or empty, {{"node_id", "status"}} as base64 JSON over UDP.
+broadcast = {str(d.rentals.broadcast).lower()}
+broadcast_address = "{d.rentals.broadcast_address}"
+broadcast_port = {d.rentals.broadcast_port}
 
 [pricing]
 # What market orders are charged here, in currency units per hour (USD on the

@@ -67,6 +67,10 @@ class Home:
         return self.root / "tasks"
 
     @property
+    def rentals(self) -> Path:
+        return self.root / "rentals"
+
+    @property
     def lock(self) -> Path:
         return self.root / "daemon.lock"
 

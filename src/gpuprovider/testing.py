@@ -277,7 +277,10 @@ def make_home(
         (r"(?m)^port = 8085$", f"port = {port}"),
         (r"(?m)^poll_interval_s = .*$", f"poll_interval_s = {poll_interval_s}"),
         (r"(?m)^stop_grace_s = .*$", f"stop_grace_s = {grace_s}"),
-        (r"(?m)^port_range = .*$", f"port_range = [{port_range[0]}, {port_range[1]}]"),
+        (
+            r"(?ms)^(\[executor\].*?)^port_range = .*?$",
+            rf"\1port_range = [{port_range[0]}, {port_range[1]}]",
+        ),
         (r"(?ms)^(\[reaper\].*?)^interval_s = .*?$", rf"\1interval_s = {reaper_interval_s}"),
         # whatever GPUs and engines the machine has, tests see what they ask for only
         (r"(?m)^nvml = true$", "nvml = false"),

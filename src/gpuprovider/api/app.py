@@ -25,6 +25,7 @@ from gpuprovider.api.routers import (
     tokens,
     watch,
 )
+from gpuprovider.api.routers import rentals as rental_routes
 from gpuprovider.api.routers import services as service_routes
 from gpuprovider.api.ui import pages
 from gpuprovider.domain.wire import parse_json
@@ -98,6 +99,7 @@ def create_app(services: Services) -> FastAPI:
         tokens,
         watch,
         service_routes,
+        rental_routes,
         market,
         swan,
         events,

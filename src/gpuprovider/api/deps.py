@@ -19,6 +19,7 @@ from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.pipelines import PipelineService
 from gpuprovider.service.proofs import ProofService
+from gpuprovider.service.rentals import RentalService
 from gpuprovider.service.repair import RepairService
 from gpuprovider.service.serving import Serving
 from gpuprovider.service.swan import SwanService
@@ -48,6 +49,7 @@ class Services:
     volumes: Volumes | None = None
     dashboard: Dashboard | None = None  # the figures of the dashboard's pages (/ui)
     pipelines: PipelineService | None = None
+    rentals: RentalService | None = None
 
     async def read(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.calls.read(call, *args, **kwargs)
@@ -108,6 +110,7 @@ MetricsOf = Annotated[Metrics, optional("metrics", "metrics")]
 UploadStore = Annotated[Uploads, optional("uploads", "uploads")]
 VolumeStore = Annotated[Volumes, optional("volumes", "volumes")]
 Served = Annotated[Serving, optional("serving", "services")]
+Rented = Annotated[RentalService, optional("rentals", "rentals")]
 Reader = Annotated[TokenRecord, needs("read")]
 Submitter = Annotated[TokenRecord, needs("submit")]
 Admin = Annotated[TokenRecord, needs("admin")]

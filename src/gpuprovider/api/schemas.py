@@ -566,3 +566,41 @@ class PipelineDetailOut(PipelineOut):
 class FlushOut(BaseModel):
     stage: str
     flushed: int
+
+
+class RentalSshOut(BaseModel):
+    host: str
+    port: int
+    user: str
+    command: str
+    known_hosts: str  # the line for a known_hosts file: the host key is checked
+
+
+class RentalOut(BaseModel):
+    id: str
+    name: str
+    tenant: str
+    state: str
+    reason: str
+    image: str
+    gpu: str
+    whole_node: bool
+    cpu: float
+    memory_mib: int
+    disk_gib: float
+    ssh: RentalSshOut | None
+    ports: dict[str, int]
+    routes: list[str]  # the gateway's names for its HTTP ports: <name>.localhost, /s/<name>/
+    host_key: str
+    node_id: str | None
+    task_id: str | None
+    starts: int
+    requested_at: float
+    ready_s: float | None  # request -> environment running, for the current start
+    expires_at: float | None
+    created_at: float
+    events: list[dict[str, Any]] | None = None
+
+
+class EvictIn(_In):
+    reason: str = Field("the owner needs the machine", min_length=1, max_length=500)

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 ENGINES = ("docker", "podman")
@@ -74,6 +74,10 @@ class ContainerLaunch:
     workdir: str | None
     runtime: str = ""  # the engine's OCI runtime ("": its default)
     read_only: bool = True
+    # Folders and files of the node the provider binds in (source, target, read-only):
+    # a rental's disk, home and host key. Never from a spec.
+    mounts: list[tuple[str, str, bool]] = field(default_factory=list)
+    passwd_entry: str = ""  # podman's --passwd-entry: the user a rental logs in as
 
 
 @dataclass(frozen=True)
@@ -123,4 +127,8 @@ def container_argv(
         argv += ["-p", f"{port}:{port}"]
     if c.workdir:
         argv += ["-w", c.workdir]
+    for source, target, read_only in c.mounts:
+        argv += ["--mount", f"type=bind,src={source},dst={target}" + (",ro" if read_only else "")]
+    if c.passwd_entry:
+        argv += ["--passwd-entry", c.passwd_entry]
     return [*argv, "--", c.image, *c.args]

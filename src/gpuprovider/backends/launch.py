@@ -19,6 +19,24 @@ from gpuprovider.domain.spec import VISIBILITY_ENV, set_by_provider
 
 
 @dataclass
+class RentalLaunch:
+    """What a rental's environment needs of the node beyond a container: its disk (an
+    image mounted at `mount_dir`, bound in read-write), its home (bound in read-only,
+    holding the keys its SSH server accepts), its host key, and its ports, whose
+    numbers are the rental's and never chosen here."""
+
+    name: str  # the user the tenant logs in as
+    disk_image: str
+    mount_dir: str
+    home_dir: str
+    host_key: str
+    ports: dict[str, int]
+    disk_target: str = "/data"
+    home_target: str = "/home"
+    host_key_target: str = "/etc/gpuprovider/ssh_host_key"
+
+
+@dataclass
 class Launch:
     task_id: str
     attempt: int
@@ -44,6 +62,7 @@ class Launch:
     upload_data: bytes | None = None
     # Volumes: (folder on the node, where the task sees it, size limit in bytes)
     mounts: list[tuple[str, str, int]] = field(default_factory=list)
+    rental: RentalLaunch | None = None
 
 
 def build_launch(

@@ -22,7 +22,7 @@ import psutil
 
 from gpuprovider.backends.base import Discovery, Exit, Handle, NoFreePort
 from gpuprovider.backends.container import ContainerLimits
-from gpuprovider.backends.launch import Launch, choose_ports, settle
+from gpuprovider.backends.launch import Launch, RentalLaunch, choose_ports, port_free, settle
 from gpuprovider.backends.runner import LOG_NAME, read_output
 from gpuprovider.backends.spawner import RUNNER, Spawner, SpawnerError
 from gpuprovider.backends.workfiles import (
@@ -36,6 +36,7 @@ from gpuprovider.config import SimulatedGpu
 from gpuprovider.inventory.local import read_local_node
 from gpuprovider.isolation import users
 from gpuprovider.isolation.policy import Applied, Isolation, Settings, record_path, undo
+from gpuprovider.rentals import disks
 from gpuprovider.telemetry.node import NodeTelemetry, NodeWatcher
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,10 @@ class LocalProcesses:
         Path(launch.run_dir).mkdir(parents=True, exist_ok=True)
         Path(launch.workdir).mkdir(parents=True, exist_ok=True)
         ports: dict[str, int] = {}
-        if launch.port_names:
+        if launch.rental is not None:  # its own ports, whatever the range
+            ports = self._rental_ports(launch.rental, claimed)
+            disks.mount(Path(launch.rental.disk_image), Path(launch.rental.mount_dir))
+        elif launch.port_names:
             taken = claimed | set(launch.taken_ports)
             chosen = choose_ports(launch.port_names, taken, launch.port_range)
             if chosen is None:
@@ -220,6 +224,12 @@ class LocalProcesses:
         except OSError:
             undo(applied)
             raise
+        if launch.rental is not None:
+            try:
+                self._hand_rental_over(launch, applied)
+            except OSError:
+                undo(applied)
+                raise
         limits = ContainerLimits(
             user=f"{applied.uid}:{applied.gid}" if applied.uid is not None else None,
             memory_bytes=applied.memory_limit_bytes,
@@ -289,6 +299,38 @@ class LocalProcesses:
                 if not os.path.islink(target):
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     os.symlink(source, target)
+
+    @staticmethod
+    def _rental_ports(rental: RentalLaunch, claimed: set[int]) -> dict[str, int]:
+        for name, port in rental.ports.items():
+            if port in claimed or not port_free(port):
+                raise NoFreePort(f"port {port} ({name}) of rental {rental.name} is held")
+        claimed.update(rental.ports.values())
+        return dict(rental.ports)
+
+    @staticmethod
+    def _hand_rental_over(launch: Launch, applied: Applied) -> None:
+        """The disk and host key to the attempt's user; the container binds them in,
+        with the home holding the accepted keys read-only and the login user."""
+        rental, container = launch.rental, launch.container
+        assert rental is not None
+        if applied.uid is None or applied.gid is None or container is None:
+            raise OSError(
+                "a rental runs as a pool user in a container: set [isolation] "
+                'task_users = "pool" (as root) and a container engine'
+            )
+        uid, gid = applied.uid, applied.gid
+        os.chown(rental.mount_dir, uid, gid)  # a mount point: never a tenant's link
+        os.chmod(rental.mount_dir, 0o700)
+        users.hand_over(rental.mount_dir, uid, gid)
+        os.chown(rental.host_key, uid, gid)
+        home = f"{rental.home_target}/{rental.name}"
+        container.mounts = [
+            (rental.mount_dir, rental.disk_target, False),
+            (rental.home_dir, home, True),
+            (rental.host_key, rental.host_key_target, True),
+        ]
+        container.passwd_entry = f"{rental.name}:x:{uid}:{gid}:rental:{home}:/bin/sh"
 
     def _start_process(self, request: dict) -> int | OSError:
         """A runner as a process of its own (when no runner server can be had)."""

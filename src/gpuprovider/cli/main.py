@@ -35,6 +35,7 @@ COMMANDS = {
     "key": "key:key_app",
     "repair": "watch:repair_app",
     "service": "gateway:service_app",
+    "rent": "rent:rent_app",
     "gateway": "gateway:gateway_app",
     "alert": "watch:alert_app",
     "market": "market:market_app",

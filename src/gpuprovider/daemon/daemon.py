@@ -41,6 +41,7 @@ from gpuprovider.home import Home, make_private
 from gpuprovider.identity.keys import load_node_key, node_id_for, public_key_hex
 from gpuprovider.market.pricing import Pricing
 from gpuprovider.market.strategies import lease_strategy
+from gpuprovider.rentals.broadcast import Broadcaster
 from gpuprovider.scheduler import Framework, policy
 from gpuprovider.service.calls import Calls
 from gpuprovider.service.dashboard import Dashboard
@@ -51,6 +52,7 @@ from gpuprovider.service.metrics import Metrics
 from gpuprovider.service.nodes import NodeService
 from gpuprovider.service.pipelines import PipelineService, PipelineTimers
 from gpuprovider.service.proofs import ProofService
+from gpuprovider.service.rentals import RentalService, rentals_dir
 from gpuprovider.service.repair import RepairService, RepairSettings
 from gpuprovider.service.serving import GatewaySettings, Serving
 from gpuprovider.service.tasks import TaskService
@@ -182,6 +184,7 @@ class Daemon:
             engine,
             self.uploads,
             self.volumes,
+            rentals_dir(config, home),
         )
         self.inventory = InventoryLoop(self.store, self.backend, config.inventory.interval_s)
         self.reaper = ReaperLoop(self.store, config, self.backend, PipelineTimers(self.store))
@@ -245,6 +248,9 @@ class Daemon:
         )
         self.journal = Journal(self.store)
         self.signals.subscribe(Signal.JOURNAL, self.journal.committed)
+        if config.rentals.broadcast:
+            rented = Broadcaster(config.rentals.broadcast_address, config.rentals.broadcast_port)
+            self.signals.subscribe(Signal.RENTED, rented.changed)
         self.services = Services(
             journal=self.journal,
             tasks=tasks,
@@ -257,6 +263,7 @@ class Daemon:
             tokens=tokens,
             markets=markets,
             swan=swan,
+            rentals=RentalService(self.store, config, rentals_dir(config, home)),
             proofs=ProofService(
                 self.store,
                 key,

@@ -15,14 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpuprovider.backends.base import Backend, Exit, Handle, NodeDown, NodeNotReady, NoFreePort
-from gpuprovider.backends.launch import build_launch
+from gpuprovider.backends.launch import RentalLaunch, build_launch
 from gpuprovider.config import ProviderConfig
 from gpuprovider.daemon.loops import Loop
-from gpuprovider.domain.records import AllocationRecord, GpuRecord, TaskRecord
+from gpuprovider.domain.records import AllocationRecord, GpuRecord, OwnerKind, TaskRecord
+from gpuprovider.domain.rentals import RentalRecord
 from gpuprovider.domain.states import STOPPING, TaskState
 from gpuprovider.lifecycle import nodes as node_lifecycle
 from gpuprovider.lifecycle import tasks as lifecycle
 from gpuprovider.lifecycle.kernel import Stale
+from gpuprovider.rentals.disks import RentalFolder
 from gpuprovider.service.files import Uploads, Volumes
 from gpuprovider.store.store import Store, Tx
 
@@ -36,6 +38,20 @@ KILL_AFTER_GRACE_S = 5.0
 LIVE = [S.STARTING, S.RUNNING, S.CANCELLING, S.PREEMPTED]
 
 
+def rental_launch(rental: RentalRecord, rentals_dir: Path) -> RentalLaunch:
+    """What the node needs to run `rental`'s environment: its folder, its ports."""
+    folder = RentalFolder(rentals_dir, rental.id)
+    ports = {"ssh": rental.ssh_port or 0, **rental.ports}
+    return RentalLaunch(
+        rental.name,
+        str(folder.image),
+        str(folder.mount),
+        str(folder.home),
+        str(folder.host_key),
+        ports,
+    )
+
+
 class ExecutorLoop(Loop):
     def __init__(
         self,
@@ -46,6 +62,7 @@ class ExecutorLoop(Loop):
         container_engine: Callable[[], str | None],
         uploads: Uploads | None = None,
         volumes: Volumes | None = None,
+        rentals_dir: Path | None = None,
     ):
         super().__init__("executor", RESYNC_S)
         self.uploads, self.volumes = uploads, volumes
@@ -53,6 +70,7 @@ class ExecutorLoop(Loop):
         self.backend = backend
         self.tasks_dir = tasks_dir
         self.container_engine = container_engine
+        self.rentals_dir = rentals_dir
         self.grace_s = config.executor.stop_grace_s
         self.port_range = config.executor.port_range
         self.container_runtime = config.executor.container_runtime
@@ -137,6 +155,12 @@ class ExecutorLoop(Loop):
             wanted = {uuid for a in allocations.values() for uuid in a.gpu_uuids}
             if not wanted <= self._gpus.keys():  # a GPU not seen yet: read them all
                 self._gpus = {g.uuid: g for n in r.nodes.list(removed=True) for g in n.gpus}
+            rentals = {
+                t.id: rental
+                for t in tasks
+                if t.owner_kind == OwnerKind.RENTAL
+                and (rental := r.rentals.get(t.owner_id or "")) is not None
+            }
         starting: list[tuple[TaskRecord, AllocationRecord]] = []
         with self.store.tx() as tx:
             for task in tasks:
@@ -160,21 +184,22 @@ class ExecutorLoop(Loop):
                 if other.node_id == mine.node_id and other.task_id != task.id
                 for port in other.ports.values()
             ]
-            launches.append(
-                build_launch(
-                    task,
-                    mine,
-                    gpus,
-                    task.run_dir or "",
-                    self.grace_s,
-                    self.port_range,
-                    taken,
-                    engine,
-                    self.container_runtime,
-                    self.container_read_only,
-                    *self._files(task),
-                )
+            launch = build_launch(
+                task,
+                mine,
+                gpus,
+                task.run_dir or "",
+                self.grace_s,
+                self.port_range,
+                taken,
+                engine,
+                self.container_runtime,
+                self.container_read_only,
+                *self._files(task),
             )
+            if task.id in rentals and self.rentals_dir is not None:
+                launch.rental = rental_launch(rentals[task.id], self.rentals_dir)
+            launches.append(launch)
         started: list[tuple[TaskRecord, Handle]] = []
         failed: list[tuple[TaskRecord, str, bool]] = []
         results = self.backend.start_many(launches) if launches else []

@@ -48,6 +48,7 @@ class OwnerKind(StrEnum):
     SERVICE = "service"  # a replica of a service
     LEASE = "lease"  # the work of a market lease
     PIPELINE = "pipeline"  # a pipeline's stage (or a batch of stages), or its clean-up
+    RENTAL = "rental"  # the environment of a rental
 
 
 @dataclass

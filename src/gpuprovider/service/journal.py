@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 PAGE_MAX = 1000
 FOLLOWER_BUFFER = 2000  # rows a follower may have unread before it is dropped
 RESYNC_S = 1.0  # the feed also looks on a timer: another daemon may share the store
-KINDS = frozenset({"task", "node", "service", "lease", "pipeline", "stage"})
+KINDS = frozenset({"task", "node", "service", "lease", "pipeline", "stage", "rental"})
 
 
 class BadCursor(ServiceError):

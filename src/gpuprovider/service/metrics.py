@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from gpuprovider.domain.nodes import NodeStatus
 from gpuprovider.domain.process import failure_kind
+from gpuprovider.domain.rentals import RentalState
 from gpuprovider.domain.usability import Usability
 from gpuprovider.service.repair import REPAIR_CORDON, RepairService
 from gpuprovider.store.store import Store
@@ -66,7 +67,9 @@ class ProviderCollector(Collector):
             usage = r.repairs.usage()
             checks = r.checks.last_pass()
             repairs = r.repairs.counts()
+            rentals = r.rentals.list()
         self._nodes(f, nodes, now)
+        self._rentals(f, nodes, rentals)
         self._tasks(f, by_state, transitions, failures)
         for tenant, model, booked_s, idle_s in usage:
             f.counter(
@@ -95,6 +98,20 @@ class ProviderCollector(Collector):
         if self.repair is not None:
             self._telemetry(f, nodes)
         yield from f.made.values()
+
+    @staticmethod
+    def _rentals(f: _Families, nodes: list[Any], rentals: list[Any]) -> None:
+        running = {r.node_id for r in rentals if r.state == RentalState.RUNNING}
+        for node in nodes:
+            f.gauge(
+                "gpuprovider_node_rented", "1 while a rental runs on the node", ["node"]
+            ).add_metric([node.name], float(node.id in running))
+        for state in RentalState:
+            if state == RentalState.DELETED:
+                continue
+            f.gauge("gpuprovider_rentals", "rentals by state", ["state"]).add_metric(
+                [state.value], float(sum(r.state == state for r in rentals))
+            )
 
     def _nodes(self, f: _Families, nodes: list[Any], now: float) -> None:
         for node in nodes:

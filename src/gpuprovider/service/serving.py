@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from gpuprovider.domain.records import OwnerKind, ServiceRecord, TaskRecord, TokenRecord
+from gpuprovider.domain.rentals import RentalRecord, RentalState, route_name
 from gpuprovider.domain.services import ACTIVE
 from gpuprovider.domain.spec import DNS_LABEL_PATTERN, Readiness, TaskSpec
 from gpuprovider.domain.states import TaskState
@@ -197,6 +198,7 @@ class Serving:
             ]
             held = {a.task_id: a for a in r.tasks.active_allocations_of(t.id for t in running)}
             addresses = {n.id: n.address for n in r.nodes.list()}
+            r_rentals = [x for x in r.rentals.list() if x.state == RentalState.RUNNING]
         out = []
         for service in services:
             spec = service.task_spec
@@ -229,10 +231,33 @@ class Serving:
                     "replicas": reachable,
                 }
             )
+        out += self._rental_routes(r_rentals, addresses, {s["name"] for s in out})
         hashes: dict[str, list[str]] = {}
         for token_hash, whom in callers:
             hashes.setdefault(whom, []).append(token_hash)
         return {"services": out, "token_hashes": hashes}
+
+    @staticmethod
+    def _rental_routes(
+        rentals: list[RentalRecord], addresses: dict[str, str], taken: set[str]
+    ) -> list[dict[str, Any]]:
+        """Each running rental's HTTP ports, as one-replica routes named
+        `<rental>-<port>` with the tenant's tokens (a service of that name wins)."""
+        out = []
+        for rental in rentals:
+            address = addresses.get(rental.node_id or "")
+            for port in rental.rental_spec.ports:
+                name = route_name(rental.name, port.name)
+                if not port.http or address is None or name in taken:
+                    continue
+                replica = {"task_id": rental.task_id, "address": address,
+                           "port": rental.ports[port.name], "draining": False}  # fmt: skip
+                out.append(
+                    {"id": rental.id, "name": name, "tenant": rental.tenant, "auth": "token",
+                     "sticky": False, "max_body_bytes": 100 << 20, "rate_per_s": None,
+                     "readiness": Readiness().model_dump(), "replicas": [replica]}
+                )  # fmt: skip
+        return out
 
     def report(self, reports: list[dict[str, Any]]) -> None:
         """The router's figures per service (every second or so)."""

@@ -371,3 +371,30 @@ Index(
     pipeline_stages.c.state,
 )
 Index("ix_pipeline_stages_due", pipeline_stages.c.state, pipeline_stages.c.due_at)
+# Rentals (migration 0011): environments tenants log in to over SSH. Their history is in
+# the journal; `live_name` is the name while not deleted (NULL after), so a name is
+# taken once at a time.
+rentals = Table(
+    "rentals",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(63), nullable=False, index=True),
+    Column("live_name", String(63), unique=True),
+    Column("tenant", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # RentalState
+    Column("state_reason", Text, nullable=False, server_default=""),
+    Column("spec", JSON, nullable=False),
+    Column("ssh_port", Integer),  # NULL once deleted: the port is free again
+    Column("ports", JSON, nullable=False),  # name -> port
+    Column("disk_path", Text, nullable=False),
+    Column("host_key", Text, nullable=False),
+    Column("node_id", String(64)),
+    Column("task_id", String(32)),
+    Column("starts", Integer, nullable=False, server_default="0"),
+    Column("requested_at", Float, nullable=False),
+    Column("ready_s", Float),
+    Column("expires_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("ssh_port", name="uq_rentals_ssh_port"),
+)

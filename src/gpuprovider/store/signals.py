@@ -23,6 +23,7 @@ class Signal(StrEnum):
     JOURNAL = "journal"  # rows were added to the journal: its followers read them
     LEASES = "leases"  # market leases (ids) changed: their market reports them
     TIMERS = "timers"  # a pipeline stage's timer was set: the reaper looks when it is due
+    RENTED = "rented"  # nodes whose rented status changed ("<node id>=renting|empty")
 
 
 Fired = dict[Signal, set[str]]

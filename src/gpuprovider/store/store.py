@@ -38,6 +38,7 @@ from gpuprovider.store.market import MarketRepo
 from gpuprovider.store.nodes import NodeRepo
 from gpuprovider.store.pipelines import PipelineRepo
 from gpuprovider.store.proofs import ProofRepo
+from gpuprovider.store.rentals import RentalRepo
 from gpuprovider.store.repairs import RepairRepo
 from gpuprovider.store.services import ServiceRepo
 from gpuprovider.store.signals import Fired, Signal, Signals
@@ -119,6 +120,10 @@ class Tx:
     @cached_property
     def pipelines(self) -> PipelineRepo:
         return PipelineRepo(self)
+
+    @cached_property
+    def rentals(self) -> RentalRepo:
+        return RentalRepo(self)
 
 
 class Store:
