@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 
 from gpuprovider.isolation import cgroups, namespace, network
-from gpuprovider.isolation.policy import Applied, undo
+from gpuprovider.isolation.policy import Applied, give_user_back, undo
 
 
 def _version() -> str:
@@ -346,16 +346,23 @@ def run(
     }
     if fenced:
         ended["fenced"] = fenced
+    gone = False
     if applied is not None:
         if applied.cgroups and cgroups.out_of_memory(applied.cgroups):
             ended["oom"] = True
             ended["memory_limit_bytes"] = applied.memory_limit_bytes
-        if not undo(applied):
+        gone = undo(applied, give_user_back=False)
+        if not gone:
             ended["leftovers"] = "processes of the attempt outlived it; its user is kept back"
     _copy(output_r, log)  # what they wrote before they went
     os.close(output_r)
     log.close()
     _write_json(exit_path, {**ended, "finished_at": time.time()})
+    # Nothing of it runs: its GPU may go to the next task now, while its user's network
+    # rules are lifted and the user given back. (A runner killed right here leaves the
+    # user lent and its ports guarded: the safe side.)
+    if applied is not None and gone:
+        give_user_back(applied)
     return 0
 
 

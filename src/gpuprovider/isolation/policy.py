@@ -238,12 +238,14 @@ class Isolation:
         return env
 
 
-def undo(applied: Applied) -> bool:
+def undo(applied: Applied, give_user_back: bool = True) -> bool:
     """Kill what is left of the attempt (its cgroup; without one, its user's processes),
     remove its cgroup and container, lift its network rules, give its user back. True
     when all of it is gone (the user is given back only then). Safe to call again, from
     any process: what is done to its uid is done only while its lease still holds it,
-    never to a uid lent since to another attempt."""
+    never to a uid lent since to another attempt. With `give_user_back` False, the user
+    stays lent, its rules in place, until `give_user_back(applied)`: a runner records
+    the attempt's end first, so that its GPU is not held while they are lifted."""
     gone = cgroups.kill_and_remove(applied.cgroups) if applied.cgroups else True
     if applied.container:  # its client is gone; the container may run on without it
         engine, name = applied.container
@@ -263,8 +265,24 @@ def undo(applied: Applied) -> bool:
             gone = users.kill_all(applied.uid)
         if not gone:
             return False
-        if applied.network != "host":
-            with contextlib.suppress(OSError):  # left guarded: the safe side
-                network.release(applied.uid, applied.ports or [], applied.network)
-        users.end(applied.lease)
+        if give_user_back:
+            _give_back_held(applied)
     return True
+
+
+def give_user_back(applied: Applied) -> None:
+    """Lift the attempt's network rules and end its user's lease, once `undo` (with
+    `give_user_back` False) found nothing of it left; only while its lease holds."""
+    if applied.uid is None or not applied.lease:
+        return
+    with users.holding(applied.lease, applied.lease_token) as held:
+        if held:
+            _give_back_held(applied)
+
+
+def _give_back_held(applied: Applied) -> None:
+    assert applied.uid is not None
+    if applied.network != "host":
+        with contextlib.suppress(OSError):  # left guarded: the safe side
+            network.release(applied.uid, applied.ports or [], applied.network)
+    users.end(applied.lease)
