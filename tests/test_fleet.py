@@ -462,3 +462,18 @@ def test_remove_drains_the_node_first_stops_its_unit_then_forgets_it(tmp_path, w
     assert not (unit_dir / "gpuprovider-node.service").exists()
     assert not (wants / "gpuprovider-node.service").is_symlink()
     assert not (Path(spec["prefix"]) / "node.toml").exists()
+
+
+def test_node_join_reads_its_config_and_refuses_a_bad_one(tmp_path):
+    good = tmp_path / "node.toml"
+    h = from_targets(["gpu-07.example"], {"labels": {"zone": "eu"}}).hosts[0]
+    good.write_text(units.node_config(h, "127.0.0.1:1").toml())
+    assert units.NodeConfig.read(good).labels == {"zone": "eu"}
+    done = run_cli(tmp_path / "home", "node", "join", "--config", str(good), "--dry-run")
+    assert done.returncode == 1 and "nothing answers at 127.0.0.1:1" in done.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('head = "127.0.0.1:1"\nname = "x;reboot"\n')
+    done = run_cli(tmp_path / "home", "node", "join", "--config", str(bad))
+    assert done.returncode == 2 and "bad.toml: name:" in done.stderr, done.stderr
+    both = run_cli(tmp_path / "home", "node", "join", "127.0.0.1:1", "--config", str(good))
+    assert both.returncode == 2 and "--config says everything" in both.stderr

@@ -218,14 +218,20 @@ def _python() -> str:
 async def _install(session: Session, host: Host, plan: Plan, report: Reporter) -> str:
     """venv, wheels, install: the provider's exact versions; returns gpuprovider's."""
     await _step(report, host, Step.VENV, _venv(session, host))
-    wanted = wheelhouse.closure()
-    answer = await session.check([f"{host.venv}/bin/python", "-c", INSTALLED], timeout_s=60)
-    have = json.loads(answer.strip().splitlines()[-1])
-    needed = sorted(n for n, v in wanted.items() if n != wheelhouse.ROOT and have.get(n) != v)
+    wanted: dict[str, str] = {}
 
     async def upload() -> tuple[str, list[str]]:
-        own = await plan.own_wheel()
-        files = [*(await plan.wheels(needed)), own]
+        try:
+            wanted.update(wheelhouse.closure())
+            answer = await session.check([f"{host.venv}/bin/python", "-c", INSTALLED], 60)
+            have = json.loads(answer.strip().splitlines()[-1])
+            needed = sorted(
+                n for n, v in wanted.items() if n != wheelhouse.ROOT and have.get(n) != v
+            )
+            own = await plan.own_wheel()
+            files = [*(await plan.wheels(needed)), own]
+        except wheelhouse.WheelhouseError as exc:
+            raise StepFailed(str(exc)) from None
         present = set((await session.check(["ls", host.wheels], timeout_s=60)).split())
         sent = 0
         for path in files:
