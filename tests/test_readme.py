@@ -180,7 +180,7 @@ class World:
             command = command.replace(old, new)
         return command
 
-    def run(self, command: str, comment: str) -> subprocess.CompletedProcess:
+    def run(self, command: str) -> subprocess.CompletedProcess:
         filled = self.fill(command)
         if filled.startswith("gpuprovider hub serve"):
             return self.start_hub(filled)
@@ -223,7 +223,7 @@ class World:
     def configure(self, snippet: str) -> None:
         """Put a README snippet into provider.toml and restart the provider: a table the
         default config has gets the snippet's keys in place, a new one is added whole."""
-        key = self.run("gpuprovider hub key", "").stdout.strip().split()[-1]
+        key = self.run("gpuprovider hub key").stdout.strip().split()[-1]
         snippet = self.fill(snippet.replace("<gpuprovider hub key>", key))
         text = self.home.config.read_text()
         for table, values in tomllib.loads(snippet).items():
@@ -304,7 +304,7 @@ def test_the_readme_runs_as_written(world, block):
         if block.lang == "toml":
             load_config(path)
         else:  # a task spec: the provider must take it (dry run: nothing is stored)
-            done = world.run(f"gpuprovider task submit --dry-run -f {path}", "")
+            done = world.run(f"gpuprovider task submit --dry-run -f {path}")
             assert done.returncode in (0, 3), done.stdout + done.stderr
         return
     snippets = config_snippets(block.text)
@@ -316,7 +316,7 @@ def test_the_readme_runs_as_written(world, block):
             world.configure(snippets.pop(0))  # "in provider.toml, then `gpuprovider up`"
         if command.startswith("gpuprovider market status"):
             wait_for(
-                lambda c=command: "admitted" in world.run(c, "").stdout,
+                lambda c=command: "admitted" in world.run(c).stdout,
                 120 * SLACK,
                 "the hub to admit the provider, as a person waits to see `admitted`",
             )
@@ -325,7 +325,7 @@ def test_the_readme_runs_as_written(world, block):
         elif command.startswith("curl"):  # a service just asked for: retry, as a person would
             done = wait_for(
                 lambda c=command: (
-                    (d := world.run(c, ""))
+                    (d := world.run(c))
                     and not re.search("try again shortly|no service", d.stdout)
                     and d
                 ),
@@ -333,7 +333,7 @@ def test_the_readme_runs_as_written(world, block):
                 "the service to have a ready replica",
             )
         else:
-            done = world.run(command, comment)
+            done = world.run(command)
         shown = done.stdout + done.stderr
         wanted = int(m.group(1)) if (m := re.search(r"\bexits (\d+)", comment)) else 0
         assert done.returncode == wanted, f"README line {block.line}: {command}\n{shown}"
