@@ -218,7 +218,7 @@ class Volumes:
     ):
         self.root, self.limits, self.mounted_by = root, limits, mounted_by
         root.mkdir(parents=True, exist_ok=True)
-        root.chmod(0o711)  # task users pass through to their volume's folder
+        root.chmod(0o700)  # a task reaches its volume by a bind mount, never by this path
         self._lock = threading.Lock()
 
     @staticmethod
@@ -279,10 +279,10 @@ class Volumes:
                     f"size: the tenant's volumes would hold {(others + size_bytes) >> 20} MiB, "
                     f"over its quota of {limits.volume_quota_bytes >> 20} MiB"
                 )
-            tenant_folder(self.root, tenant).mkdir(mode=0o711, exist_ok=True)
+            tenant_folder(self.root, tenant).mkdir(mode=0o700, exist_ok=True)
             partial = folder.with_name(f"{PARTIAL}{name}")
             shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(mode=0o711)
+            partial.mkdir(mode=0o700)
             (partial / DATA).mkdir(mode=0o700)
             meta = {"name": name, "size_bytes": size_bytes, "created_at": time.time()}
             (partial / META).write_text(json.dumps(meta))
