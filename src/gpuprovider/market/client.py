@@ -52,8 +52,13 @@ class HubClient:
         headers = sign_request(self.key, method, path, content)
         if content:
             headers["Content-Type"] = "application/json"
-        extra = {"timeout": timeout} if timeout else {}
-        return self.http.build_request(method, path, content=content, headers=headers, **extra)
+        return self.http.build_request(
+            method,
+            path,
+            content=content,
+            headers=headers,
+            timeout=timeout if timeout else httpx.USE_CLIENT_DEFAULT,
+        )
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """The hub's JSON answer. MarketUnreachable when it does not answer in time,

@@ -11,6 +11,7 @@ import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,8 @@ class NumpyBackend:
     same bits (exact while n <= 1024), moving ~11 bytes per byte."""
 
     def __init__(self) -> None:
-        self.big: np.ndarray | None = None
+        # np.ndarray here, a torch tensor in TorchBackend; None once released
+        self.big: Any = None
 
     @property
     def name(self) -> str:

@@ -171,6 +171,7 @@ class ShapeCache:
         passing = changed[ok]
         if not len(passing):
             return
+        spread: np.ndarray | slice
         if len(passing) >= SCORE_DISTINCT_FROM:  # a first look: score each state once
             scored, spread = state.distinct(passing)
         else:

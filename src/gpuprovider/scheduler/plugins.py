@@ -160,7 +160,8 @@ def _share_candidates(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray,
     fits = ctx.fitting(candidates)
     same = (free[:, :, None] == free[:, None, :]) & fits[:, None, :]
     duplicate = (same & _earlier(free.shape[1])).any(axis=2)
-    return np.nonzero(fits & ~duplicate)
+    rows, gpus = np.nonzero(fits & ~duplicate)
+    return rows, gpus
 
 
 def _group_starts(keys: np.ndarray) -> np.ndarray:
@@ -190,7 +191,9 @@ def _best_per_node(
     return Scores(best.astype(np.float64), gpus[first])
 
 
-def _frag_growth(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
+def _frag_growth(
+    ctx: Context, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """How much each candidate placement would grow its node's fragmentation.
 
     Returns (candidate row, GPU slot or None, growth). The after-state is the node's

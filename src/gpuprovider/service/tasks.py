@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import asyncio
 import codecs
 import json
@@ -279,7 +280,7 @@ class TaskService:
             events = r.tasks.events(task.id)
         return self._with_service(task_view(task, alloc, node, events), task)
 
-    def events(self, ref: str, who: TokenRecord) -> list[dict[str, Any]]:
+    def events(self, ref: str, who: TokenRecord) -> builtins.list[dict[str, Any]]:
         return self.detail(ref, who)["events"]
 
     def counts(self, who: TokenRecord | None) -> dict[str, int] | None:

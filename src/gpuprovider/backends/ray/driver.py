@@ -253,7 +253,7 @@ class RayBackend:
         ray_id, labels = info["NodeID"], info.get("Labels") or {}
         node_id = self.node_of.get(ray_id)
         agent = self.agents.get(node_id) if node_id else None
-        if agent is not None and self.ray_of.get(node_id) == ray_id:
+        if agent is not None and node_id and self.ray_of.get(node_id) == ray_id:
             return agent
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
