@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import tempfile
@@ -352,7 +353,7 @@ def peer(ctx: CheckContext) -> list[Result]:
             continue
         src = torch.empty(size, dtype=torch.uint8, device=ia)
         dst = torch.empty(size, dtype=torch.uint8, device=ib)
-        rate, spread = cuda_rate(torch, lambda s=src, d=dst: d.copy_(s), size / 1e9)
+        rate, spread = cuda_rate(torch, functools.partial(dst.copy_, src), size / 1e9)
         p2p = torch.cuda.can_device_access_peer(ia, ib)
         del src, dst
         results.append(

@@ -9,8 +9,8 @@ import hashlib
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Collection
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np

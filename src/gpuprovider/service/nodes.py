@@ -129,7 +129,9 @@ class NodeService:
             node = self._find(r, ref)
             return {"node_id": node.id, "node": node.name, "results": r.checks.latest(node.id)}
 
-    def save_checks(self, ref: str, results: builtins.list[Result], ran_at: float) -> dict[str, Any]:
+    def save_checks(
+        self, ref: str, results: builtins.list[Result], ran_at: float
+    ) -> dict[str, Any]:
         """Store a `gpuprovider check` run; a GPU whose latest result FAILs gets no new
         work until a passing run clears it."""
         with self.store.tx() as tx:
@@ -145,7 +147,9 @@ class NodeService:
         return {"node_id": node.id, "saved": len(results), "returned": returned}
 
     @staticmethod
-    def _return_repaired(tx: Tx, node: NodeRecord, results: builtins.list[Result]) -> builtins.list[str]:
+    def _return_repaired(
+        tx: Tx, node: NodeRecord, results: builtins.list[Result]
+    ) -> builtins.list[str]:
         """A GPU a repair rule cordoned returns once a check run passes on it: results
         for the GPU, at least one passing and none failing."""
         returned = []

@@ -284,7 +284,9 @@ class Serving:
         if figures is not None and time.time() - figures.at > STATS_STALE_S:
             figures = None  # stale: shown as unknown
         fresh = figures is not None
-        ready = sum(1 for v in (figures.replicas.values() if figures is not None else []) if v.get("ready"))
+        ready = sum(
+            1 for v in (figures.replicas.values() if figures is not None else []) if v.get("ready")
+        )
         view: dict[str, Any] = {
             "id": service.id,
             "name": service.name,

@@ -89,7 +89,7 @@ def provider_credential(path: Path) -> str:
 
 class RayBackend:
     name = "ray"
-    liveness_interval_s = LIVENESS_S
+    liveness_interval_s: float | None = LIVENESS_S
 
     def __init__(
         self,
