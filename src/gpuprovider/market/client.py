@@ -81,7 +81,8 @@ class HubClient:
 
     def info(self) -> dict[str, Any]:
         try:
-            return self.http.get("/v1/info").json()
+            info: dict[str, Any] = self.http.get("/v1/info").json()
+            return info
         except (httpx.TransportError, ValueError) as exc:
             raise MarketUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
 

@@ -114,7 +114,7 @@ class TorchBackend(NumpyBackend):
         self.big = torch.empty(
             (params.matrices, params.n, params.n), dtype=torch.int8, device=self.device
         )
-        self._table = None
+        self._table: Any = None  # a torch tensor, made on the first fill
 
     def fill(self, k0: int, keys: np.ndarray, start: int, stop: int) -> None:
         if self._table is None:
