@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.bootstrap import init_home
 from gpuprovider.domain.nodes import NodeStatus
+from gpuprovider.domain.pricing import PriceTable
 from gpuprovider.domain.process import Exit
 from gpuprovider.domain.records import GpuRecord, NodeRecord, TaskRecord
 from gpuprovider.domain.spec import TaskSpec
@@ -34,7 +35,7 @@ from gpuprovider.lifecycle import nodes as lifecycle_nodes
 from gpuprovider.lifecycle import tasks as lifecycle_tasks
 from gpuprovider.market.client import Event
 from gpuprovider.market.model import Decision
-from gpuprovider.market.pricing import PriceTable, Pricing
+from gpuprovider.market.pricing import Pricing
 from gpuprovider.market.usage import Usage
 from gpuprovider.scheduler import policy
 from gpuprovider.service.market import MarketService, MarketSettings

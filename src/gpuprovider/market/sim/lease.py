@@ -531,7 +531,7 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
         return gone
 
     def close(
-        so: SimOrder, mine: Bid | None, theirs: list[tuple[int, str, tuple[int, ...], int]]
+        so: SimOrder, mine: Bid | None, theirs: list[tuple[int, str, tuple[int, np.ndarray], int]]
     ) -> Callable[[float], None]:
         def decide(now: float) -> None:
             cap = so.order.max_price_per_hour
