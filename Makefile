@@ -41,6 +41,7 @@ debs:
 
 test: $(STAMP) debs
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gpuprovider.bootstrap import init_home
 from gpuprovider.domain.nodes import NodeStatus
+from gpuprovider.domain.pricing import PriceTable
 from gpuprovider.domain.process import Exit
 from gpuprovider.domain.records import GpuRecord, NodeRecord, TaskRecord
 from gpuprovider.domain.spec import TaskSpec
@@ -35,7 +36,7 @@ from gpuprovider.lifecycle import nodes as lifecycle_nodes
 from gpuprovider.lifecycle import tasks as lifecycle_tasks
 from gpuprovider.market.client import Event
 from gpuprovider.market.model import Decision
-from gpuprovider.market.pricing import PriceTable, Pricing
+from gpuprovider.market.pricing import Pricing
 from gpuprovider.market.usage import Usage
 from gpuprovider.scheduler import policy
 from gpuprovider.service.market import MarketService, MarketSettings
@@ -96,7 +97,11 @@ class StoreWorld:
         self.signals = Signals()
         self.fired: list[tuple[Signal, set[str]]] = []
         for fired in set(Signal) - {Signal.JOURNAL}:  # every write journals: not news here
-            self.signals.subscribe(fired, lambda ids, s=fired: self.fired.append((s, ids)))
+
+            def record(ids: set[str], s: Signal = fired) -> None:
+                self.fired.append((s, ids))
+
+            self.signals.subscribe(fired, record)
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.store = Store(f"sqlite:///{tmp_path / 'store.db'}", self.signals)
         migrate.upgrade(self.store)
@@ -171,8 +176,8 @@ class FakeMarket:
     def register(self, name: str, api_url: str, verify_token: str) -> dict[str, Any]:
         return {"status": "admitted", "status_reason": ""}
 
-    def beat(self) -> None:
-        pass
+    def beat(self) -> dict[str, Any]:
+        return {}  # the market's view of this provider: nothing to say
 
     def events(self, after: int) -> Iterator[Event]:
         return iter(())
@@ -209,7 +214,7 @@ class MarketWorld(StoreWorld):
             self.store,
             policy("best-fit"),
             Usability(),
-            None,
+            None,  # type: ignore[arg-type]  # no backend: these tests run no task
             lambda: None,
             serving,  # type: ignore[arg-type]
         )
@@ -556,6 +561,7 @@ class Provider:
         log.close()
 
         def healthy() -> bool:
+            assert self.proc is not None  # started above
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()}")
             try:

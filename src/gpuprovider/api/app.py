@@ -87,9 +87,10 @@ def create_app(services: Services) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(ServiceError, _refused)
-    app.add_exception_handler(StarletteHTTPException, _http)
+    # starlette types a handler as taking any Exception, not the class it is added for
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(ServiceError, _refused)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     for module in (
         health,
         tasks,

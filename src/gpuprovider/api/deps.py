@@ -93,7 +93,10 @@ def needs(scope: str) -> Any:
 async def _identify(request: Request, authorization: str | None) -> TokenRecord:
     services: Services = request.app.state.services
     tokens = services.tokens
-    return tokens.cached(authorization) or await services.read(tokens.authenticate, authorization)
+    cached = tokens.cached(authorization)
+    if cached is not None:
+        return cached
+    return await services.read(tokens.authenticate, authorization)
 
 
 async def maybe_caller(

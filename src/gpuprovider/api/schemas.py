@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpuprovider.check.registry import GROUPS
+from gpuprovider.check.registry import Group
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -78,7 +78,7 @@ class CheckResultIn(_In):
     subject: Annotated[str, Field(max_length=64)] = ""
     gpu_uuid: Annotated[str, Field(max_length=96)] = ""
     data: dict[str, Any] = Field(default_factory=dict)
-    group: Literal[GROUPS]
+    group: Group
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
 
 

@@ -456,7 +456,7 @@ class LocalNode:
 
 class LocalBackend(LocalProcesses):
     name = "local"
-    liveness_interval_s = None  # the machine is alive as long as the daemon is
+    liveness_interval_s: float | None = None  # the machine is alive as long as the daemon is
 
     def __init__(
         self,

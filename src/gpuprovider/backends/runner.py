@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 from gpuprovider.isolation import cgroups, namespace, network
 from gpuprovider.isolation.policy import Applied, give_user_back, undo
@@ -88,6 +89,7 @@ def _become_task(applied: Applied | None) -> Callable[[], None] | None:
             namespace.enter(applied.dev_nodes, applied.workdir, mounts=applied.mounts)
         if applied.uid is not None and applied.drop_privileges:
             os.setgroups([])
+            assert applied.gid is not None  # set with uid (IsolationPolicy.apply)
             os.setgid(applied.gid)
             os.setuid(applied.uid)
         os.umask(0o077)
@@ -246,7 +248,7 @@ def run(
     exit_path = os.path.join(run_dir, f"exit-{attempt}.json")
     fence = Fence(lease_file, f"{run_dir}#{attempt}") if lease_file else None
     started = time.time()
-    stop = {"reason": "", "deadline": 0.0}
+    stop: dict[str, Any] = {"reason": "", "deadline": 0.0}
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -339,7 +341,7 @@ def run(
     # Whatever the command left behind goes with it: its group, its cgroup, its user's
     # processes; then its cgroup and user are given back.
     _signal_all(child.pid, signal.SIGKILL, applied)
-    ended = {
+    ended: dict[str, object] = {
         "exit_code": code,
         "stopped": stop["reason"] == "stopped",
         "timed_out": stop["reason"] == "max_duration",
@@ -586,7 +588,7 @@ def serve(directory: str, name: str) -> None:
                         pass
                 reap()
             else:
-                conn = key.fileobj
+                conn = cast(socket.socket, key.fileobj)  # "client": an accepted socket
                 try:
                     data = conn.recv(1 << 16)
                 except OSError:

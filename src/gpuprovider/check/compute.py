@@ -116,6 +116,7 @@ def device_memory(ctx: CheckContext) -> list[Result]:
     size = max(256 * 2**20, int(2 * 2**30 * ctx.scale))
 
     def measure(gpu: GpuRecord, index: int) -> Result:
+        assert torch is not None  # per_cuda_gpu measures only where PyTorch sees a GPU
         src = torch.empty(size, dtype=torch.uint8, device=index)
         dst = torch.empty_like(src)
         rate, spread = cuda_rate(torch, lambda: dst.copy_(src), 2 * size / 1e9, reps=10)

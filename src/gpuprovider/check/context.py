@@ -30,9 +30,15 @@ class CheckContext:
             self.nvml = read_nvml(self.node_id)
 
     @property
+    def report(self) -> NvmlReport:
+        """What NVML reported (read, or given, by the time the context exists)."""
+        assert self.nvml is not None  # __post_init__ sets it
+        return self.nvml
+
+    @property
     def gpus(self) -> list[GpuRecord]:
         """The NVIDIA GPUs the driver reports (simulated GPUs are not measured)."""
-        return self.nvml.gpus
+        return self.report.gpus
 
     def model(self, gpu: GpuRecord) -> catalogue.GpuModel | None:
         return catalogue.models().get(gpu.model)

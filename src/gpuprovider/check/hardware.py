@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import tempfile
@@ -145,7 +146,7 @@ def gpus_present(ctx: CheckContext) -> Result:
             return Result(
                 Status.SKIP,
                 "none" + note,
-                advice=f"no NVIDIA GPU found ({ctx.nvml.unavailable_reason or 'none reported'})",
+                advice=f"no NVIDIA GPU found ({ctx.report.unavailable_reason or 'none reported'})",
             )
         return Result(Status.PASS, shown + note, threshold="no [[inventory.expected_gpus]]")
     mismatches = [
@@ -266,6 +267,7 @@ def vram(ctx: CheckContext) -> list[Result]:
     torch, _ = ctx.torch
 
     def fill(gpu: GpuRecord, index: int) -> Result:
+        assert torch is not None  # per_cuda_gpu measures only where PyTorch sees a GPU
         free, total = torch.cuda.mem_get_info(index)
         chunk = 256 * MIB
         held = []
@@ -311,6 +313,7 @@ def host_device(ctx: CheckContext) -> list[Result]:
     torch, _ = ctx.torch
 
     def copy(gpu: GpuRecord, index: int) -> Result:
+        assert torch is not None  # per_cuda_gpu measures only where PyTorch sees a GPU
         size = max(64 * MIB, int(1 * GIB * ctx.scale))
         host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         device = torch.empty(size, dtype=torch.uint8, device=index)
@@ -339,6 +342,7 @@ def peer(ctx: CheckContext) -> list[Result]:
         return [Result(Status.SKIP, advice="fewer than two GPUs")]
     if why:
         return [Result(Status.SKIP, advice=why)]
+    assert torch is not None  # no reason why not: PyTorch is there
     size = max(64 * MIB, int(1 * GIB * ctx.scale))
     results = []
     for a, b in itertools.combinations(ctx.gpus, 2):
@@ -349,7 +353,7 @@ def peer(ctx: CheckContext) -> list[Result]:
             continue
         src = torch.empty(size, dtype=torch.uint8, device=ia)
         dst = torch.empty(size, dtype=torch.uint8, device=ib)
-        rate, spread = cuda_rate(torch, lambda s=src, d=dst: d.copy_(s), size / 1e9)
+        rate, spread = cuda_rate(torch, functools.partial(dst.copy_, src), size / 1e9)
         p2p = torch.cuda.can_device_access_peer(ia, ib)
         del src, dst
         results.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import TypedDict
 
 import pynvml
 
@@ -13,7 +14,7 @@ from gpuprovider.check.result import Result, Status
 from gpuprovider.domain.records import GpuRecord
 
 
-def best_rate(work: Callable[[], None], amount: float, reps: int = 10) -> tuple[float, float]:
+def best_rate(work: Callable[[], object], amount: float, reps: int = 10) -> tuple[float, float]:
     """Run `work` `reps` times after one warm-up: (best amount/s, spread in %).
 
     The best run, as STREAM reports it: what the hardware delivers when nothing else
@@ -50,7 +51,12 @@ def nvml() -> Iterator[None]:
             pynvml.nvmlShutdown()
 
 
-def on_gpu(gpu: GpuRecord) -> dict[str, str]:
+class OnGpu(TypedDict):
+    subject: str
+    gpu_uuid: str
+
+
+def on_gpu(gpu: GpuRecord) -> OnGpu:
     """The fields that tie a result to one GPU (a FAIL there keeps work off that GPU)."""
     return {"subject": f"GPU {gpu.idx}", "gpu_uuid": gpu.uuid}
 
@@ -61,7 +67,7 @@ def gpu_result(gpu: GpuRecord, status: Status, value=None, unit: str = "", **fie
 
 def no_gpus(ctx: CheckContext) -> list[Result]:
     """The single SKIP a per-GPU check gives on a machine without NVIDIA GPUs."""
-    reason = ctx.nvml.unavailable_reason or "the NVIDIA driver reports no GPU"
+    reason = ctx.report.unavailable_reason or "the NVIDIA driver reports no GPU"
     return [Result(Status.SKIP, advice=f"no NVIDIA GPU to measure ({reason})")]
 
 
@@ -88,6 +94,7 @@ def per_cuda_gpu(ctx: CheckContext, measure: Callable[[GpuRecord, int], Result |
         return [Result(Status.SKIP, advice=why)]
 
     def on_device(gpu: GpuRecord) -> Result | list[Result]:
+        assert torch is not None  # no reason why not (or no GPU to measure)
         index = ctx.cuda_index(gpu)
         if index is None:
             return gpu_result(gpu, Status.SKIP, advice="PyTorch does not see this GPU")

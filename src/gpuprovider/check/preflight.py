@@ -25,9 +25,9 @@ GIB = 2**30
 
 
 def _no_nvml(ctx: CheckContext) -> Result | None:
-    if ctx.nvml.driver_version:
+    if ctx.report.driver_version:
         return None
-    return Result(Status.SKIP, advice=ctx.nvml.unavailable_reason or "no NVIDIA driver found")
+    return Result(Status.SKIP, advice=ctx.report.unavailable_reason or "no NVIDIA driver found")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -64,13 +64,13 @@ def _distro() -> str:
 def driver(ctx: CheckContext) -> Result:
     if skipped := _no_nvml(ctx):
         return skipped
-    version = ctx.nvml.driver_version
+    version = ctx.report.driver_version
     major = (_version_tuple(version) or (0,))[0]
     ok = major >= MIN_DRIVER
     return Result.judged(
         ok,
         Status.FAIL,
-        f"{version} (CUDA {ctx.nvml.cuda_version})",
+        f"{version} (CUDA {ctx.report.cuda_version})",
         threshold=f"driver >= {MIN_DRIVER}",
         advice=f"install NVIDIA driver {MIN_DRIVER} or newer",
     )

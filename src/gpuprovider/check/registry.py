@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from gpuprovider.check.context import CheckContext
 from gpuprovider.check.result import Result
 
-GROUPS = ("preflight", "hardware", "compute", "workload")
+Group = Literal["preflight", "hardware", "compute", "workload"]
+GROUPS: tuple[Group, ...] = get_args(Group)
 
 CheckFn = Callable[[CheckContext], Result | Iterable[Result]]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
-import click
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
@@ -15,6 +15,9 @@ from gpuprovider.cli.client import CliError
 from gpuprovider.cli.common import Globals
 from gpuprovider.cli.output import errors
 from gpuprovider.home import Home
+
+if TYPE_CHECKING:  # typer vendors click (0.2x): its Command and Context, not click's
+    from typer import _click as click
 
 # Each command's module, loaded only when that command runs (or `--help` lists them):
 # most commands only talk to the API and need none of the daemon, the hub, the gateway

@@ -8,6 +8,7 @@ import importlib
 import json
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import typer
 from pydantic import ValidationError
@@ -180,7 +181,7 @@ def quote(
         if order.resources.gpus
         else ["cpu"]
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in models:
         try:
             q = pricing.quote(order, name)

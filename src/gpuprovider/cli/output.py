@@ -84,7 +84,7 @@ def wrap(text: str, width: int) -> str:
     return "\n".join(lines)
 
 
-def _shortened(ids: list[str]) -> list[str]:
+def _shortened(ids: list[str]) -> list[ShortId]:
     """Each id as its shortest prefix of at least ID_PREFIX characters that no other
     id in the column shares."""
     out = []
@@ -156,15 +156,17 @@ def table(
             for row in cells:
                 row[i] = next(shorts) if isinstance(row[i], ShortId) else row[i]
             natural[i] = max(len(column), longest(i, str.splitlines))
-    left_out = []  # what does not fit without breaking a cell
+    left_out: list[str] = []  # what does not fit without breaking a cell
     for name in reversed(optional):
         if sum(natural) <= room():
             break
         i = names.index(name)
         left_out.insert(0, names.pop(i))
         natural.pop(i)
-        for row in (*cells, *styles):
+        for row in cells:
             row.pop(i)
+        for style_row in styles:
+            style_row.pop(i)
     widths = _widths(natural, least(), [len(name) for name in names], room())
     grid = Table(
         title=title, title_justify="left", show_edge=False, pad_edge=False, header_style="bold"

@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -333,7 +334,7 @@ def token_create(
     as_json: bool = JSON,
 ) -> None:
     """Create an API token (shown once)."""
-    body = {"name": name, "scopes": scope, "tenant": tenant}
+    body: dict[str, Any] = {"name": name, "scopes": scope, "tenant": tenant}
     if expires_in is not None:
         body["expires_in_s"] = _duration(expires_in)
     made = globals_of(ctx).client().post("/tokens", body)

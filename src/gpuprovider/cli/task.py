@@ -188,6 +188,7 @@ def run(
     }
     if memory is not None:
         spec["resources"]["memory"] = memory
+    value: Any
     for key, value in (
         ("name", name),
         ("command", command or None),

@@ -242,7 +242,9 @@ class ExecutorLoop(Loop):
         for task, handle in stale:
             for _ in range(3):
                 with self.store.read() as r:
-                    task = r.tasks.get(task.id)
+                    fresh = r.tasks.get(task.id)
+                assert fresh is not None  # tasks are never deleted
+                task = fresh
                 try:
                     with self.store.tx() as tx:
                         self._record_process(tx, task, handle, why.format(pid=handle.pid))
@@ -272,7 +274,9 @@ class ExecutorLoop(Loop):
                     break
                 except Stale:
                     with self.store.read() as r:
-                        task = r.tasks.get(task.id)
+                        fresh = r.tasks.get(task.id)
+                    assert fresh is not None  # tasks are never deleted
+                    task = fresh
 
     # -- watch -----------------------------------------------------------------------
 
@@ -307,6 +311,7 @@ class ExecutorLoop(Loop):
     def _finish(self, ended: list[tuple[TaskRecord, Exit]]) -> None:
         """Record how tasks ended, all in one transaction; if any of them changed
         meanwhile, each on its own (what follows an end can reach other tasks)."""
+        task: TaskRecord | None
         for task, _ in ended:
             self._watched.pop(task.id, None)
         try:

@@ -355,9 +355,9 @@ class TaskSpec(_Strict):
 
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
+_DNS_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
 
 
 def is_domain(value: str) -> bool:
     """A lowercase DNS name of two labels or more (no scheme, port or wildcard)."""
-    return len(value) <= 253 and bool(_DOMAIN.match(value))
+    return len(value) <= 253 and bool(_DNS_NAME.match(value))

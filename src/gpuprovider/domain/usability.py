@@ -77,6 +77,6 @@ class Usability:
         if not gpu.simulated and gpu.proof_covered_bytes < MIN_PROOF_COVER * memory:
             return f"latest proof of GPU covered under {MIN_PROOF_COVER:.0%} of its memory"
         # proof_at is the time the verifier signed, never when the provider stored it
-        if now - (gpu.proof_at or 0.0) > self.proof_max_age_s:
+        if self.proof_max_age_s is not None and now - (gpu.proof_at or 0.0) > self.proof_max_age_s:
             return f"proof of GPU older than {self.proof_max_age_s:g} s (proof.max_age_s)"
         return ""

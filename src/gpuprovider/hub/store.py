@@ -29,6 +29,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import DefaultClause
 
 from gpuprovider.market.model import EXTERNAL, Transfer
 
@@ -165,7 +166,8 @@ def _add_missing_columns(engine: Engine) -> None:
                 if column.name in have:
                     continue
                 kind = column.type.compile(dialect=engine.dialect)
-                default = column.server_default.arg if column.server_default is not None else None
+                server_default = column.server_default
+                default = server_default.arg if isinstance(server_default, DefaultClause) else None
                 clause = f" NOT NULL DEFAULT '{default}'" if default is not None else ""
                 conn.execute(
                     text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}')

@@ -73,7 +73,7 @@ def found(prefer: str = "auto") -> Hierarchy:
         mounts = _mounts()
     except OSError as exc:
         return Hierarchy("", why_not=f"cannot read /proc/self/mounts: {exc.strerror}")
-    v1 = {}
+    v1: dict[str, str] = {}
     for point, kind, options in mounts:
         if kind == "cgroup":
             for controller in V1_CONTROLLERS:

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 from decimal import Decimal
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ class AkashStockPricing:
                 return self.mappings[candidate]
         return self.gpu_max  # unknown model: the highest mapped price
 
-    def month_usd(self, akash: dict) -> Decimal:
+    def month_usd(self, akash: dict[str, Any]) -> Decimal:
         total = Decimal(0)
         for r in akash["resources"]:
             count = r["count"]

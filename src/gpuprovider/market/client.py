@@ -52,8 +52,13 @@ class HubClient:
         headers = sign_request(self.key, method, path, content)
         if content:
             headers["Content-Type"] = "application/json"
-        extra = {"timeout": timeout} if timeout else {}
-        return self.http.build_request(method, path, content=content, headers=headers, **extra)
+        return self.http.build_request(
+            method,
+            path,
+            content=content,
+            headers=headers,
+            timeout=timeout if timeout else httpx.USE_CLIENT_DEFAULT,
+        )
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """The hub's JSON answer. MarketUnreachable when it does not answer in time,
@@ -76,7 +81,8 @@ class HubClient:
 
     def info(self) -> dict[str, Any]:
         try:
-            return self.http.get("/v1/info").json()
+            info: dict[str, Any] = self.http.get("/v1/info").json()
+            return info
         except (httpx.TransportError, ValueError) as exc:
             raise MarketUnreachable(f"hub {self.url}: {exc.__class__.__name__}") from None
 

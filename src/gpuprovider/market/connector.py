@@ -61,7 +61,8 @@ class HubConnector:
 
     def register(self, name: str, api_url: str, verify_token: str) -> dict[str, Any]:
         body = {"name": name, "api_url": api_url, "verify_token": verify_token}
-        return self.client.call("POST", "/v1/providers", body)
+        answer: dict[str, Any] = self.client.call("POST", "/v1/providers", body)
+        return answer
 
     def beat(self) -> dict[str, Any]:
         answer = self.client.call("POST", "/v1/providers/heartbeat")

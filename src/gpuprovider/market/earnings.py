@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,8 +154,8 @@ class EarningsStrategy:
         self.seen = 0
         self.bound: dict[str, BoundTypicalTasks] = {}
         self.masks: dict[str, np.ndarray] = {}  # the cluster's GPUs of each model
-        self._shapes: dict[tuple, TaskShape] = {}  # shapes are few: made once each
-        self._frags: dict[tuple, float] = {}  # fragmentation growth by node state
+        self._shapes: dict[tuple[Hashable, ...], TaskShape] = {}  # shapes are few: made once each
+        self._frags: dict[tuple[Hashable, ...], float] = {}  # fragmentation growth by node state
         self.bound_to: ClusterState | None = None
 
     # -- learning ---------------------------------------------------------------------
@@ -453,11 +453,12 @@ class EarningsApps:
             mine_after = after * served_after / (others + after)
             work = (mine_after - mine_before) * 3600
             first = (count[a] == 0) if sign > 0 else (count[a] == 1)
-            return (
+            earned: np.ndarray = (
                 per_cu * work * units_per_work[m] * gpus[a]
                 + per_call * work / per_request[a]
                 + per_app * first
             )
+            return earned
 
         fresh = 1 - s.cold_start_s / s.horizon_s
         everything = np.arange(len(pair_app))

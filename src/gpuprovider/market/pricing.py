@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from gpuprovider.domain import catalogue
 from gpuprovider.domain.pricing import PriceTable
@@ -64,7 +64,9 @@ def _micros(value: float) -> int:
     return math.ceil(Decimal(str(value)) * MICROS)
 
 
-def _total(table: PriceTable, order: Order, model: str, per_hour: int, lines) -> Quote:
+def _total(
+    table: PriceTable, order: Order, model: str, per_hour: int, lines: list[tuple[str, int]]
+) -> Quote:
     billed = max(order.duration_s, table.min_duration_s)
     return Quote(model, per_hour, charge(per_hour, billed), billed, lines)
 
@@ -88,10 +90,10 @@ def quote_table(table: PriceTable, order: Order, model: str) -> Quote:
     return _total(table, order, model, min(per_hour, MAX_MONEY), lines)
 
 
-def akash_input(order: Order, model: str, block_s: float) -> dict:
+def akash_input(order: Order, model: str, block_s: float) -> dict[str, Any]:
     """The order as an Akash provider hands it to its pricing script."""
     r: OrderResources = order.resources
-    entry: dict = {
+    entry: dict[str, Any] = {
         "memory": int(r.memory_gb * GIB),
         "cpu": int(r.cpus * 1000),
         "storage": [{"class": "ephemeral", "size": int(r.storage_gb * GIB)}],

@@ -133,7 +133,7 @@ class GrindingProver(Prover):
         backend: PartialMemoryBackend = self.backend  # type: ignore[assignment]
         levels = P.merkle_levels(step, host)
         honest = host[-1, -1]
-        best = None
+        best: tuple[int, int, bytes] | None = None
         for t in range(self.tries):
             host[-1, -1] = np.int8((int(honest) + 128 + t) % 256 - 128)
             # only the last leaf and its path change: log2(m) + 1 hashes per try
@@ -145,6 +145,7 @@ class GrindingProver(Prover):
                 self.missing_before += missing
             if best is None or missing < best[0]:
                 best = (missing, t, digest)
+        assert best is not None  # tries >= 1
         missing, t, digest = best
         self.missing_after += missing
         host[-1, -1] = np.int8((int(honest) + 128 + t) % 256 - 128)

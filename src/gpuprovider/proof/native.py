@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+_loaded: ModuleType | None
+_merkle_loaded: ModuleType | None
 try:  # optional by design: a machine without a C compiler still proves and verifies
     from gpuprovider.proof import _native as _loaded
 except ImportError:  # pragma: no cover - depends on the build

@@ -255,7 +255,7 @@ class Challenge:
         return np.frombuffer(raw, dtype=np.int8).reshape(p.m, p.n).copy()
 
 
-def words_u32(base: np.ndarray, keys: np.ndarray, rounds: int) -> np.ndarray:
+def words_u32(base: np.ndarray, keys: np.ndarray | np.uint32, rounds: int) -> np.ndarray:
     """Matrix words (uint32) from table entries and matrix keys, `rounds` keyed rounds:
     x <- mix32(x + key). `base` is consumed."""
     x = base

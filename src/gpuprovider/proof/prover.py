@@ -11,6 +11,7 @@ import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,8 @@ class NumpyBackend:
     same bits (exact while n <= 1024), moving ~11 bytes per byte."""
 
     def __init__(self) -> None:
-        self.big: np.ndarray | None = None
+        # np.ndarray here, a torch tensor in TorchBackend; None once released
+        self.big: Any = None
 
     @property
     def name(self) -> str:
@@ -112,7 +114,7 @@ class TorchBackend(NumpyBackend):
         self.big = torch.empty(
             (params.matrices, params.n, params.n), dtype=torch.int8, device=self.device
         )
-        self._table = None
+        self._table: Any = None  # a torch tensor, made on the first fill
 
     def fill(self, k0: int, keys: np.ndarray, start: int, stop: int) -> None:
         if self._table is None:

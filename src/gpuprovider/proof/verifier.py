@@ -9,6 +9,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -172,13 +173,13 @@ def verify(
         )
     timed = False
     if expected_s:
-        lo, hi = WINDOW
+        low, high = WINDOW
         ratio = elapsed_s / expected_s
         figures["time_ratio"] = round(ratio, 3)
-        if not lo <= ratio <= hi:
+        if not low <= ratio <= high:
             return fail(
                 f"walked in {elapsed_s:.2f} s, {ratio:.2f}x the {expected_s:.2f} s expected "
-                f"(window {lo}x-{hi}x): not the claimed GPU, or its memory is not all there"
+                f"(window {low}x-{high}x): not the claimed GPU, or its memory is not all there"
             )
         timed = True
     figures["verifier_cpu_s"] = round(time.process_time() - t0, 3)
@@ -217,7 +218,7 @@ def sign_verdict(
     return {"verdict": body, "signature": base64.b64encode(signature).decode()}
 
 
-def check_signed_verdict(raw: Any, trusted: set[str]) -> dict[str, Any]:
+def check_signed_verdict(raw: Any, trusted: Collection[str]) -> dict[str, Any]:
     """The verdict inside `raw` when a trusted verifier key signed it; ProofError else."""
     if not isinstance(raw, dict) or not isinstance(raw.get("verdict"), dict):
         raise ProofError("a signed verdict is {verdict: {...}, signature: base64}")

@@ -42,16 +42,16 @@ from gpuprovider.scheduler.state import ALL, ClusterState, CompiledTask, row_cou
 Signer = Callable[[CompiledTask], Hashable | None]
 
 
-def signs_nothing(task: CompiledTask) -> tuple:
+def signs_nothing(task: CompiledTask) -> tuple[Hashable, ...]:
     return ()
 
 
-def signs_resources(task: CompiledTask) -> tuple:
+def signs_resources(task: CompiledTask) -> tuple[Hashable, ...]:
     """For plugins that read what the task takes: CPU, memory, GPUs and share."""
     return (task.cpu, task.memory, task.count, task.milli)
 
 
-def signs_gpu_fit(task: CompiledTask) -> tuple:
+def signs_gpu_fit(task: CompiledTask) -> tuple[Hashable, ...]:
     """What `fitting` (the GPUs with room, handed to every plugin) depends on."""
     gpu = task.request.gpu
     return (task.count, task.milli, gpu.models, gpu.min_memory_gb, gpu.max_memory_gb)
@@ -115,7 +115,7 @@ class Policy:
     # The part of the task the scorer reads (see Signer).
     scorer_signs: Signer = signs_resources
 
-    def shape_key(self, task: CompiledTask) -> tuple | None:
+    def shape_key(self, task: CompiledTask) -> tuple[Hashable, ...] | None:
         """The key under which a task's verdicts and scores are kept: every plugin's
         signature, or None when one cannot sign."""
         parts = [signs_gpu_fit(task), self.scorer_signs(task)]
@@ -171,6 +171,7 @@ class ShapeCache:
         passing = changed[ok]
         if not len(passing):
             return
+        spread: np.ndarray | slice
         if len(passing) >= SCORE_DISTINCT_FROM:  # a first look: score each state once
             scored, spread = state.distinct(passing)
         else:
@@ -207,7 +208,9 @@ class Framework:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
         self._trackers: dict[int, FragTracker] = {}
-        self._shape_caches: dict[int, tuple[ClusterState, OrderedDict[tuple, ShapeCache]]] = {}
+        self._shape_caches: dict[
+            int, tuple[ClusterState, OrderedDict[tuple[Hashable, ...], ShapeCache]]
+        ] = {}
         self._typical_now = self.typical
 
     # -- entry points -----------------------------------------------------------
@@ -232,7 +235,7 @@ class Framework:
         decisions: dict[str, Decision] = {}
         # Free room only shrinks during a pass (until a preemption frees some): a task
         # shaped like one found to fit nowhere fits nowhere either, and says so at once.
-        nowhere: dict[tuple, str] = {}
+        nowhere: dict[tuple[Hashable, ...], str] = {}
         for task in tasks:
             if task.task_id in decisions:
                 continue
@@ -344,7 +347,7 @@ class Framework:
             if all(v.preemptible and v.priority < task.priority for v in unit):
                 for node in {state.index[v.node_id] for v in unit}:
                     by_node.setdefault(node, []).append(unit)
-        best: tuple[tuple, int, list[RunningTask]] | None = None
+        best: tuple[tuple[Hashable, ...], int, list[RunningTask]] | None = None
         for node, candidates in by_node.items():
             # lowest priority first; then the smallest; of equals, the latest started
             # (least progress lost)
@@ -413,7 +416,7 @@ class Framework:
         state: ClusterState,
         request: TaskRequest,
         compiled: CompiledTask | None = None,
-        key: tuple | None = None,
+        key: tuple[Hashable, ...] | None = None,
     ) -> Decision:
         """Place one task on `state` and reserve it there, or say why not. `compiled` and
         its shape `key` may be given when the caller has them already."""
@@ -440,7 +443,7 @@ class Framework:
         )
 
     def shape_cache(
-        self, state: ClusterState, task: CompiledTask, key: tuple | None = None
+        self, state: ClusterState, task: CompiledTask, key: tuple[Hashable, ...] | None = None
     ) -> ShapeCache:
         held = self._shape_caches.get(id(state))
         if held is None or held[0] is not state:

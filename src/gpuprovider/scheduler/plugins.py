@@ -33,14 +33,14 @@ def _selector_ok(
     return np.array([all(n.labels.get(k) == v for k, v in selector) for n in nodes], dtype=bool)
 
 
-def _selector_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> Counter:
+def _selector_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> Counter[str]:
     def missing(labels: dict[str, str]) -> str:
         return next(f"{k}={v}" for k, v in task.request.node_selector if labels.get(k) != v)
 
     return Counter(f"label {missing(state.nodes[i].labels)} not set" for i in failed)
 
 
-def _usable_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> Counter:
+def _usable_reason(state: ClusterState, task: CompiledTask, failed: np.ndarray) -> Counter[str]:
     return Counter(state.nodes[i].unusable_reason for i in failed)
 
 
@@ -174,7 +174,8 @@ def _leftover(ctx: Context, candidates: np.ndarray) -> np.ndarray:
     state, task = ctx.state, ctx.task
     cpu_left = (state.cpu_free[candidates] - task.cpu) / MAX_SPEC_CPU
     gpu_left = (state.gpu_free_total[candidates] - task.milli * task.count) / MAX_SPEC_GPU
-    return 0.5 * cpu_left + 0.5 * gpu_left
+    score: np.ndarray = 0.5 * cpu_left + 0.5 * gpu_left
+    return score
 
 
 def score_first(ctx: Context, candidates: np.ndarray) -> Scores:
@@ -205,7 +206,8 @@ def _share_candidates(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray,
     fits = ctx.fitting(candidates)
     same = (free[:, :, None] == free[:, None, :]) & fits[:, None, :]
     duplicate = (same & _earlier(free.shape[1])).any(axis=2)
-    return np.nonzero(fits & ~duplicate)
+    rows, gpus = np.nonzero(fits & ~duplicate)
+    return rows, gpus
 
 
 def _group_starts(keys: np.ndarray) -> np.ndarray:
@@ -235,7 +237,9 @@ def _best_per_node(
     return Scores(best.astype(np.float64), gpus[first])
 
 
-def _frag_growth(ctx: Context, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
+def _frag_growth(
+    ctx: Context, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """How much each candidate placement would grow its node's fragmentation.
 
     Returns (candidate row, GPU slot or None, growth). The after-state is the node's

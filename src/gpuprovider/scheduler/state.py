@@ -7,6 +7,7 @@ production trace in seconds.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,11 +80,11 @@ class ClusterState:
         # Equal for nodes in equal states (same hardware, labels and free resources), so
         # a scorer can score one node of each state. Brought up to date when read, not
         # on every reservation: only a shape's first look reads them.
-        self._state_ids: dict[tuple, int] = {}
+        self._state_ids: dict[tuple[Hashable, ...], int] = {}
         self._fixed = [self._fixed_key(i) for i in range(n)]
         self._state_id = np.array([self._state_key(i) for i in range(n)], dtype=np.int64)
         self._state_ids_at = 0  # the change log position they are current at
-        self._eligible: dict[tuple, np.ndarray] = {}
+        self._eligible: dict[tuple[Hashable, ...], np.ndarray] = {}
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> ClusterState:
@@ -162,7 +163,7 @@ class ClusterState:
             return np.array(sorted(set(self.changes[seen:])), dtype=np.int64)
         return np.flatnonzero(self.changed_at >= seen)
 
-    def _fixed_key(self, i: int) -> tuple:
+    def _fixed_key(self, i: int) -> tuple[Hashable, ...]:
         node = self.nodes[i]
         return (
             tuple(sorted(node.labels.items())),

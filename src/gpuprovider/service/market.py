@@ -623,8 +623,9 @@ class MarketService:
             changes: dict[str, Any] = {"reported": wanted.value}
             if wanted == Reported.RUNNING:  # the market bills from when it heard: so do we
                 heard = answer.get("running_at")
-                sane = isinstance(heard, int | float) and abs(heard - now) < 3600
-                changes["running_since"] = float(heard) if sane else now
+                if not (isinstance(heard, int | float) and abs(heard - now) < 3600):
+                    heard = now
+                changes["running_since"] = float(heard)
             tx.market.update(current, **changes)
             tx.market.note(current, f"reported {wanted.value} to the market")
         said = f" ({lease.close_reason}: {lease.reason[:200]})" if wanted == Reported.CLOSED else ""

@@ -209,8 +209,8 @@ class ProviderCollector(Collector):
             [*GPU_LABELS, "code"],
         )
         for (node_id, uuid, code), n in sorted(repair.xid_counts().items()):
-            state = samples.get(uuid)
-            index = str(state.sample.index) if state else ""
+            sampled = samples.get(uuid)
+            index = str(sampled.sample.index) if sampled else ""
             xids.add_metric(
                 [names.get(node_id, node_id), uuid, index, models.get(uuid, ""), str(code)], n
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 from gpuprovider.check.result import Result, Status
@@ -84,7 +85,7 @@ class NodeService:
 
     # -- GPUs ----------------------------------------------------------------------
 
-    def gpus(self, who: TokenRecord) -> list[dict[str, Any]]:
+    def gpus(self, who: TokenRecord) -> builtins.list[dict[str, Any]]:
         """Every GPU and how much of it is used; the tasks on it only where `who` sees
         them (a tenant: its own)."""
         with self.store.read() as r:
@@ -128,7 +129,9 @@ class NodeService:
             node = self._find(r, ref)
             return {"node_id": node.id, "node": node.name, "results": r.checks.latest(node.id)}
 
-    def save_checks(self, ref: str, results: list[Result], ran_at: float) -> dict[str, Any]:
+    def save_checks(
+        self, ref: str, results: builtins.list[Result], ran_at: float
+    ) -> dict[str, Any]:
         """Store a `gpuprovider check` run; a GPU whose latest result FAILs gets no new
         work until a passing run clears it."""
         with self.store.tx() as tx:
@@ -144,7 +147,9 @@ class NodeService:
         return {"node_id": node.id, "saved": len(results), "returned": returned}
 
     @staticmethod
-    def _return_repaired(tx: Tx, node: NodeRecord, results: list[Result]) -> list[str]:
+    def _return_repaired(
+        tx: Tx, node: NodeRecord, results: builtins.list[Result]
+    ) -> builtins.list[str]:
         """A GPU a repair rule cordoned returns once a check run passes on it: results
         for the GPU, at least one passing and none failing."""
         returned = []

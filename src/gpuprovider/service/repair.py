@@ -288,7 +288,12 @@ class RepairService:
             self._record(finding, A.RESET_GPU, outcome, detail)
 
     def _alert(
-        self, finding: Finding, where: str, disruptive: list[str], allowed: bool, why_not: str
+        self,
+        finding: Finding,
+        where: str,
+        disruptive: list[RepairAction],
+        allowed: bool,
+        why_not: str,
     ) -> None:
         rule = finding.rule
         took = ""

@@ -151,6 +151,8 @@ class Serving:
         figures = self.figures.get(service.name)
         if scale is None or figures is None or now - figures.at > STATS_STALE_S:
             return
+        load: float
+        target: float | None
         if scale.target_in_flight is not None:
             load, target, what = figures.in_flight, scale.target_in_flight, "requests in flight"
         else:
@@ -304,8 +306,12 @@ class Serving:
     ) -> dict[str, Any]:
         spec = service.task_spec
         figures = self.figures.get(service.name)
-        fresh = figures is not None and time.time() - figures.at <= STATS_STALE_S
-        ready = sum(1 for v in (figures.replicas.values() if fresh else []) if v.get("ready"))
+        if figures is not None and time.time() - figures.at > STATS_STALE_S:
+            figures = None  # stale: shown as unknown
+        fresh = figures is not None
+        ready = sum(
+            1 for v in (figures.replicas.values() if figures is not None else []) if v.get("ready")
+        )
         view: dict[str, Any] = {
             "id": service.id,
             "name": service.name,
@@ -337,7 +343,7 @@ class Serving:
                     "ttfb_p50_ms": figures.ttfb_p50_ms,
                     "in_flight": figures.in_flight,
                 }
-                if fresh
+                if figures is not None
                 else None
             ),
         }

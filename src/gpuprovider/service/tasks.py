@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import codecs
 import json
 import threading
@@ -360,7 +361,7 @@ class TaskService:
             events = r.tasks.events(task.id)
         return self._with_service(task_view(task, alloc, node, events), task)
 
-    def events(self, ref: str, who: TokenRecord) -> list[dict[str, Any]]:
+    def events(self, ref: str, who: TokenRecord) -> builtins.list[dict[str, Any]]:
         return self.detail(ref, who)["events"]
 
     def counts(self, who: TokenRecord | None) -> dict[str, int] | None:

@@ -105,6 +105,7 @@ class TokenService:
                     )
                 tx.tokens.revoke(token.id)
             token = tx.tokens.named(name)
+            assert token is not None  # revoked, never deleted
         for token_hash, (_, seen) in list(self._seen.items()):
             if seen.id == token.id:
                 self._seen.pop(token_hash, None)

@@ -3,6 +3,7 @@ where each market's event stream is."""
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +123,7 @@ class MarketRepo:
             return [_lease(r) for r in reversed(self.tx.conn.execute(query).all())]
         return [_lease(r) for r in self.tx.conn.execute(query.order_by(c.created_at))]
 
-    def to_report(self, market: str) -> list[LeaseRecord]:
+    def to_report(self, market: str) -> builtins.list[LeaseRecord]:
         """The market's leases it must still hear of: live ones (their state, their
         usage), ended ones whose close it has not heard, refused wins."""
         c = t.market_leases.c
@@ -143,7 +144,7 @@ class MarketRepo:
         )
         return [_lease(r) for r in self.tx.conn.execute(query)]
 
-    def history(self, lease_id: str) -> list[JournalRow]:
+    def history(self, lease_id: str) -> builtins.list[JournalRow]:
         return self.tx.journal.of("lease", lease_id)
 
     # -- push markets' nonces ---------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
@@ -139,7 +140,7 @@ class NodeRepo:
         """The journal row of a node that registers for the first time."""
         self.tx.journal.write("node", node.id, "", None, node.status.value, reason)
 
-    def events(self, node_id: str) -> list[JournalRow]:
+    def events(self, node_id: str) -> builtins.list[JournalRow]:
         return self.tx.journal.of("node", node_id)
 
     def gpu(self, uuid: str) -> GpuRecord | None:

@@ -60,7 +60,7 @@ class RepairRepo:
         query = select(c.rule, c.action, c.outcome, func.count()).group_by(
             c.rule, c.action, c.outcome
         )
-        return [tuple(row) for row in self.tx.conn.execute(query)]  # type: ignore[misc]
+        return [tuple(row) for row in self.tx.conn.execute(query)]
 
     def add_usage(self, at: float, booked: dict[tuple[str, str], tuple[float, float]]) -> None:
         """Add (booked, idle) GPU-seconds per (tenant, model) to `at`'s day."""
@@ -89,4 +89,4 @@ class RepairRepo:
         )
         if since is not None:
             query = query.where(c.day >= int(since // DAY_S))
-        return [tuple(row) for row in self.tx.conn.execute(query)]  # type: ignore[misc]
+        return [tuple(row) for row in self.tx.conn.execute(query)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import secrets
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
@@ -92,7 +93,7 @@ class ServiceRepo:
             query = query.where(c.state.in_(_ACTIVE))
         return [_service(r) for r in self.tx.conn.execute(query)]
 
-    def draining_any(self) -> list[ServiceRecord]:
+    def draining_any(self) -> builtins.list[ServiceRecord]:
         """Services with replicas being drained (the service loop finishes them)."""
         return [s for s in self.list() if s.draining]
 
@@ -133,6 +134,6 @@ class ServiceRepo:
         state = service.state.value
         self.tx.journal.write("service", service.id, service.tenant, state, state, reason)
 
-    def events(self, service_id: str, limit: int = 50) -> list[JournalRow]:
+    def events(self, service_id: str, limit: int = 50) -> builtins.list[JournalRow]:
         """The latest of the service's journal, newest first."""
         return self.tx.journal.latest("service", service_id, limit)

@@ -172,12 +172,14 @@ class Store:
         if not self.is_sqlite:
             yield False
             return
-        held = self._writing.acquire(blocking=False)
+        lock = self._writing
+        assert not isinstance(lock, contextlib.nullcontext)  # SQLite's is an RLock
+        held = lock.acquire(blocking=False)
         try:
             yield held
         finally:
             if held:
-                self._writing.release()
+                lock.release()
 
     def checkpoint(self) -> None:
         """Move what the WAL holds into the database file (SQLite; nothing elsewhere)."""

@@ -357,6 +357,7 @@ class TaskRepo:
         )
         for row in self.tx.conn.execute(query):
             task = _task(row)
+            assert task.service_id is not None  # its owner is a service
             found[task.service_id].append(task)
         return found
 

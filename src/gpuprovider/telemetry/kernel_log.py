@@ -93,6 +93,7 @@ class KernelLog:
 
     def _read_device(self) -> list[str]:
         """/dev/kmsg: each read returns one record, `prio,seq,usec,flags;message`."""
+        assert self._fd is not None  # read() opens it first
         lines, total = [], 0
         while total < MAX_READ_BYTES:
             try:
@@ -111,6 +112,7 @@ class KernelLog:
         return lines
 
     def _read_file(self) -> list[str]:
+        assert self._fd is not None  # read() opens it first
         size = os.fstat(self._fd).st_size
         if size < self._offset:  # truncated or replaced: start again from its top
             self._offset, self._partial = 0, b""

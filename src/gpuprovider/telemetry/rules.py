@@ -71,7 +71,7 @@ LEVELS: dict[str, Any] = {
 
 
 def _rule(name: str, signal: str, actions: list[str], **more: Any) -> RepairRule:
-    return RepairRule(name=name, signal=signal, actions=actions, **more)
+    return RepairRule.model_validate({"name": name, "signal": signal, "actions": actions, **more})
 
 
 # Shipped rules: NVIDIA's XID catalogue (what each error needs) and DLWS' ECC rule.

@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse, Response
 from gpuprovider.api.schemas import ErrorOut
 
 # Every route can answer these, each with {"error": "..."}.
-ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 422)
+}
 
 
 def answer(content: object, status: int = 200) -> JSONResponse:

@@ -79,6 +79,7 @@ async def _events(
 ) -> AsyncIterator[str]:
     journal = svc.journal
     try:
+        rows: list[JournalRow] | None
         while True:  # the backlog, a page at a time
             rows = await svc.read(journal.backlog, scope, cursor)
             for row in rows:

@@ -128,7 +128,7 @@ def provider_credential(path: Path) -> str:
 
 class RayBackend:
     name = "ray"
-    liveness_interval_s = LIVENESS_S
+    liveness_interval_s: float | None = LIVENESS_S
 
     def __init__(
         self,
@@ -373,7 +373,7 @@ class RayBackend:
         ray_id, labels = info["NodeID"], info.get("Labels") or {}
         node_id = self.node_of.get(ray_id)
         agent = self.agents.get(node_id) if node_id else None
-        if agent is not None and self.ray_of.get(node_id) == ray_id:
+        if agent is not None and node_id and self.ray_of.get(node_id) == ray_id:
             return agent
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

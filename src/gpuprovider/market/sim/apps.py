@@ -37,6 +37,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -246,7 +247,7 @@ class AppRun:
     seed: int
     metrics: dict[str, float]
     series: dict[str, list[float]]
-    decisions: list[dict] = field(default_factory=list)  # this miner's first actions
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # this miner's first actions
 
 
 def run_apps(market: AppMarket, strategy: AppStrategy) -> AppRun:
@@ -277,7 +278,7 @@ def run_apps(market: AppMarket, strategy: AppStrategy) -> AppRun:
     sums = {name: np.zeros(n_apps) for name in ring}
     last_invoked = np.full(n_apps, -math.inf)
     instances: dict[str, Instance] = {}
-    decisions: list[dict] = []
+    decisions: list[dict[str, Any]] = []
     serial = 0
     warmup = sc.warmup_hours * 3600
     series: dict[str, list[float]] = {"t_h": [], "score": [], "utilisation": [], "cu_per_hour": []}

@@ -73,7 +73,13 @@ def lease_bound(
 
 
 def _greedy(
-    start, end, gpus, values, cap, horizon_s: float, step_s: float = 60.0
+    start: np.ndarray,
+    end: np.ndarray,
+    gpus: np.ndarray,
+    values: np.ndarray,
+    cap: np.ndarray,
+    horizon_s: float,
+    step_s: float = 60.0,
 ) -> tuple[float, float]:
     """(value of the set, of which leases of 4 GPUs or more)."""
     slots = max(1, math.ceil(horizon_s / step_s))
@@ -128,7 +134,17 @@ class _Slots:
         return (total + np.cumsum(steps))[: self.slots]
 
 
-def _dual(start, end, gpus, values, cap, horizon_s, slot_s, iterations, lower) -> float:
+def _dual(
+    start: np.ndarray,
+    end: np.ndarray,
+    gpus: np.ndarray,
+    values: np.ndarray,
+    cap: np.ndarray,
+    horizon_s: float,
+    slot_s: float,
+    iterations: int,
+    lower: float,
+) -> float:
     slots = max(1, math.ceil(horizon_s / slot_s))
     prices = np.zeros((len(cap), slots))  # lambda: USD per GPU-second
     best_bound = math.inf

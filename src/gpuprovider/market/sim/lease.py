@@ -37,6 +37,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ from gpuprovider.market.baselines import TablePricing
 from gpuprovider.market.model import MICROS, Order, OrderResources, charge
 from gpuprovider.market.pricing import Pricing, Quote
 from gpuprovider.market.sim import fleet as fleets
-from gpuprovider.market.sim.hindsight import BoundOrder, lease_bound
+from gpuprovider.market.sim.hindsight import Bound, BoundOrder, lease_bound
 from gpuprovider.market.sim.traces import Pod, default_traces, load_pods, load_prices
 from gpuprovider.market.strategy import (
     LeaseView,
@@ -59,7 +60,7 @@ from gpuprovider.market.strategy import (
     probe,
 )
 from gpuprovider.scheduler import Framework, Placement, policy
-from gpuprovider.scheduler.model import TaskRequest
+from gpuprovider.scheduler.model import NodeView, TaskRequest
 from gpuprovider.scheduler.state import ClusterState
 
 # openb's GPU models (anonymised G2/G3 included) onto the fleet's, by standing: T4 and
@@ -203,7 +204,7 @@ def make_orders(
     ties = rng.random((n, k)).argsort(axis=1)
     picks = rng.random(n)
     pricing = Pricing(table)
-    made: dict[tuple[str, tuple[str, ...]], tuple[Order, dict, dict]] = {}
+    made: dict[tuple[str, tuple[str, ...]], tuple[Order, dict[str, Any], dict[str, Any]]] = {}
     orders = []
     for index, (arrival, pod, copy) in enumerate(draws):
         accepted = _accepted(pod, group_of, market_gpus, float(picks[index]))
@@ -334,7 +335,10 @@ class Rivals:
 
 def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     width = max(a.shape[1], b.shape[1])
-    pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1)  # noqa: E731
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1)
+
     return np.vstack([pad(a), pad(b)])
 
 
@@ -367,7 +371,7 @@ class Bid:
 class SimProvider:
     name: str
     strategy: Strategy
-    nodes: list
+    nodes: list[NodeView]
     framework: Framework
     state: ClusterState = field(init=False)
     leases: dict[str, Lease] = field(default_factory=dict)
@@ -382,7 +386,7 @@ class SimProvider:
     errors: int = 0
     refused_fragmentation: int = 0
     ratios: list[float] = field(default_factory=list)
-    decisions: list[dict] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state = ClusterState(self.nodes)
@@ -474,7 +478,7 @@ class LeaseRun:
     seed: int
     metrics: dict[str, float]
     series: dict[str, list[float]]
-    decisions: list[dict] = field(default_factory=list)  # a sample, with their reasons
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # a sample, with their reasons
 
 
 def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) -> LeaseRun:
@@ -527,7 +531,7 @@ def run(market: Market, strategy: Strategy, fallback: Strategy | None = None) ->
         return gone
 
     def close(
-        so: SimOrder, mine: Bid | None, theirs: list[tuple[int, str, tuple, int]]
+        so: SimOrder, mine: Bid | None, theirs: list[tuple[int, str, tuple[int, np.ndarray], int]]
     ) -> Callable[[float], None]:
         def decide(now: float) -> None:
             cap = so.order.max_price_per_hour
@@ -655,7 +659,9 @@ def _bound_order(
     return BoundOrder(now, end, gpus, values)
 
 
-def _metrics(ours: SimProvider, cost: dict[str, float], horizon: float, bound) -> dict[str, float]:
+def _metrics(
+    ours: SimProvider, cost: dict[str, float], horizon: float, bound: Bound
+) -> dict[str, float]:
     gpu_hours = ours.gpus * horizon / 3600
     revenue = ours.revenue / MICROS
     net = revenue - ours.busy_cost_usd(cost)

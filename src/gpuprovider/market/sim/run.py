@@ -93,7 +93,11 @@ def simulate(
 
 
 def _entry(
-    metrics: dict, series: dict, started: float, cpu: float, decisions: list[dict]
+    metrics: dict[str, Any],
+    series: dict[str, Any],
+    started: float,
+    cpu: float,
+    decisions: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "metrics": dict(metrics)

@@ -7,6 +7,8 @@ Revision ID: 0006
 Revises: 0005
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -15,7 +17,7 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-COLUMNS = [
+COLUMNS: list[sa.Column[Any]] = [
     sa.Column("verifier_key", sa.String(64), nullable=False, server_default=""),
     sa.Column("model", sa.String(64), nullable=False, server_default=""),
     sa.Column("simulated", sa.Boolean, nullable=False, server_default=sa.false()),
