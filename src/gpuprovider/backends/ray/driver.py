@@ -181,7 +181,10 @@ class RayBackend:
         ray = ray_init(self.address)
         self._agent_cls = ray.remote(NodeAgent)
         self.ray = ray
-        self._mark()
+        try:
+            self._mark()
+        except Exception as exc:  # asked again with the next question to the GCS
+            log.warning("could not mark the Ray cluster as served: %s", type(exc).__name__)
 
     def _mark(self, stopped: bool = False) -> None:
         """Say in Ray's KV that this provider runs on the cluster, and when it last did
