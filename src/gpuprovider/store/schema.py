@@ -127,8 +127,10 @@ tasks = Table(
 )
 Index("ix_tasks_name", tasks.c.name)
 Index("ix_tasks_created_at", tasks.c.created_at)
-# one tenant's tasks, newest first (the dashboard's task list), as a range of the index
+# one tenant's tasks, newest first (the dashboard's task list), as a range of the index;
+# and a tenant's task by name, so that SQLite never looks that up through the first
 Index("ix_tasks_tenant_created_at", tasks.c.tenant, tasks.c.created_at)
+Index("ix_tasks_tenant_name", tasks.c.tenant, tasks.c.name)
 Index("ix_tasks_gang", tasks.c.gang)
 Index("ix_tasks_owner", tasks.c.owner_id, tasks.c.owner_kind)
 

@@ -182,7 +182,10 @@ class RayBackend:
         ray = ray_init(self.address)
         self._agent_cls = ray.remote(NodeAgent)
         self.ray = ray
-        self._mark()
+        try:
+            self._mark()
+        except Exception as exc:  # asked again with the next question to the GCS
+            log.warning("could not mark the Ray cluster as served: %s", type(exc).__name__)
 
     def _mark(self, stopped: bool = False) -> None:
         """Say in Ray's KV that this provider runs on the cluster, and when it last did
@@ -254,16 +257,15 @@ class RayBackend:
             self._gcs_question = asked_aside(self._ask_gcs)
         try:
             infos = self._gcs_question.result(timeout=GCS_TIMEOUT_S)
-        except FuturesTimeout:
-            raise RayBackendError(
-                f"Ray's GCS has not answered for {GCS_TIMEOUT_S:g}s or more: no node is "
-                "discovered or lost meanwhile; tasks run on while their nodes answer "
-                "(run Ray's GCS fault tolerance so that a restarted head keeps its cluster)"
-            ) from None
         except ClusterReplaced:
             raise
-        except Exception as exc:
-            raise RayBackendError(f"Ray's GCS does not answer: {type(exc).__name__}") from None
+        except Exception as exc:  # its client's timeout (RpcError), or ours
+            why = "" if isinstance(exc, FuturesTimeout) else f" ({type(exc).__name__})"
+            raise RayBackendError(
+                f"Ray's GCS has not answered for {GCS_TIMEOUT_S:g}s or more{why}: no node "
+                "is discovered or lost meanwhile; tasks run on while their nodes answer "
+                "(run Ray's GCS fault tolerance so that a restarted head keeps its cluster)"
+            ) from None
         return [i for i in infos if (i.get("Labels") or {}).get(LABEL_NODE) == "1"]
 
     def _lost(self, infos: list[dict]) -> dict[str, str]:
