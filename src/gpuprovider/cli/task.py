@@ -247,7 +247,7 @@ def submit(
         raise CliError(f"{file} must hold a mapping of spec fields, not {type(spec).__name__}", 2)
     upload = spec.get("upload")
     local = isinstance(upload, str) and not upload.startswith("sha256:")
-    if local and not sources.is_remote(upload) and str(file) != "-":
+    if local and isinstance(upload, str) and not sources.is_remote(upload) and str(file) != "-":
         spec["upload"] = str(file.parent / Path(upload).expanduser())
     _submit(ctx, spec, dry_run, as_json)
 
@@ -377,7 +377,8 @@ def cancel(
     console.print(f"{task['id']} {task['state']}")
 
 
-def _size(n: int) -> str:
+def _size(size: int) -> str:
+    n = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -422,7 +423,7 @@ def download(
     out = sys.stdout.buffer if str(dest) == "-" else None
     partial = dest.with_name(f".{dest.name}.part") if out is None else None
     try:
-        handle = out or open(partial, "wb")  # noqa: SIM115 - closed below
+        handle = out or open(partial or dest, "wb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise CliError(f"cannot write {dest}: {exc.strerror}", 2) from None
     offset = 0

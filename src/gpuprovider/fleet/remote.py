@@ -173,7 +173,7 @@ class Session:
         except asyncssh.TimeoutError as exc:
             raise RemoteError(
                 f"{argv[0]} did not finish within {timeout_s:g}s",
-                f"{exc.stdout or ''}{exc.stderr or ''}",
+                f"{exc.stdout or ''!s}{exc.stderr or ''!s}",
             ) from None
         except (OSError, asyncssh.Error) as exc:
             raise RemoteError(f"the connection broke: {exc}") from None

@@ -9,6 +9,7 @@ its owner hook, in the task's own transaction.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 from pathlib import Path
@@ -158,7 +159,7 @@ class RentalService:
             return [self.view(r, rental) for rental in rentals]
 
     def view(
-        self, tx: Tx, rental: RentalRecord, events: list[dict[str, Any]] | None = None
+        self, tx: Tx, rental: RentalRecord, events: builtins.list[dict[str, Any]] | None = None
     ) -> dict[str, Any]:
         spec = rental.rental_spec
         node = tx.nodes.get(rental.node_id) if rental.node_id else None

@@ -233,7 +233,7 @@ class Serving:
                     "replicas": reachable,
                 }
             )
-        out += self._rental_routes(r_rentals, addresses, {s["name"] for s in out})
+        out += self._rental_routes(r_rentals, addresses, {str(s["name"]) for s in out})
         hashes: dict[str, list[str]] = {}
         for token_hash, whom in callers:
             hashes.setdefault(whom, []).append(token_hash)

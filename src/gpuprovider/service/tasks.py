@@ -465,7 +465,7 @@ class TaskService:
             raise NotFound(f"task {task.label} works in {spec.workdir}, no folder of its own")
         return task
 
-    def files(self, ref: str, who: TokenRecord, path: str) -> list[dict[str, Any]]:
+    def files(self, ref: str, who: TokenRecord, path: str) -> builtins.list[dict[str, Any]]:
         """The entries of a folder in the task's work folder (404 for one not there, a
         link, or a path with '..')."""
         task = self._work_of(ref, who)

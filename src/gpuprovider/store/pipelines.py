@@ -3,6 +3,7 @@ each record's version, with a journal row)."""
 
 from __future__ import annotations
 
+import builtins
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import fields
@@ -257,14 +258,14 @@ class PipelineRepo:
         )
         return int(self.tx.conn.execute(query).scalar() or 0)
 
-    def stages(self, pipeline_id: str) -> list[StageRecord]:
+    def stages(self, pipeline_id: str) -> builtins.list[StageRecord]:
         return [_stage(r) for r in self.tx.conn.execute(_STAGES, {"id": pipeline_id})]
 
     def stage(self, stage_id: str) -> StageRecord | None:
         row = self.tx.conn.execute(_STAGE, {"id": stage_id}).first()
         return _stage(row) if row else None
 
-    def stages_of_task(self, task_id: str) -> list[StageRecord]:
+    def stages_of_task(self, task_id: str) -> builtins.list[StageRecord]:
         """The stages a task runs: one, or a batch's members."""
         return [_stage(r) for r in self.tx.conn.execute(_OF_TASK, {"id": task_id})]
 
@@ -280,7 +281,7 @@ class PipelineRepo:
         tenant: str | None = None,
         pool: str | None = None,
         name: str | None = None,
-    ) -> list[StageRecord]:
+    ) -> builtins.list[StageRecord]:
         """Stages in `state` (of one tenant's pool, of one stage name), deepest first, then
         oldest first: the order in which they get a pool slot."""
         c = t.pipeline_stages.c
@@ -299,7 +300,7 @@ class PipelineRepo:
         found = self.tx.conn.execute(_HOLDING, {"tenant": tenant, "pool": pool}).scalar()
         return int(found or 0)
 
-    def due(self, now: float) -> list[StageRecord]:
+    def due(self, now: float) -> builtins.list[StageRecord]:
         """Stages whose timer has come: retries, wait timers, batch deadlines."""
         c = t.pipeline_stages.c
         query = (
@@ -325,7 +326,7 @@ class PipelineRepo:
         value = self.tx.conn.execute(query).scalar()
         return float(value) if value is not None else None
 
-    def ready_pools(self) -> list[tuple[str, str]]:
+    def ready_pools(self) -> builtins.list[tuple[str, str]]:
         """(tenant, pool) of every stage that waits for a slot in a running pipeline."""
         c = t.pipeline_stages.c
         query = (
@@ -339,8 +340,8 @@ class PipelineRepo:
         )
         return [(r[0], r[1]) for r in self.tx.conn.execute(query)]
 
-    def history(self, pipeline_id: str) -> list[JournalRow]:
+    def history(self, pipeline_id: str) -> builtins.list[JournalRow]:
         return self.tx.journal.of("pipeline", pipeline_id)
 
-    def stage_history(self, stage_id: str) -> list[JournalRow]:
+    def stage_history(self, stage_id: str) -> builtins.list[JournalRow]:
         return self.tx.journal.of("stage", stage_id)

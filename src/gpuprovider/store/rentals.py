@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import secrets
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
 
+from gpuprovider.domain.records import JournalRow
 from gpuprovider.domain.rentals import RentalRecord, RentalSpec, RentalState
 from gpuprovider.lifecycle.kernel import Stale
 from gpuprovider.store import schema as t
@@ -136,7 +138,7 @@ class RentalRepo:
             setattr(rental, key, value)
         rental.state = target
 
-    def events(self, rental_id: str, limit: int = 50) -> list:
+    def events(self, rental_id: str, limit: int = 50) -> builtins.list[JournalRow]:
         """The latest of the rental's journal, newest first."""
         return self.tx.journal.latest("rental", rental_id, limit)
 

@@ -12,7 +12,7 @@ import io
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlencode
@@ -147,7 +147,7 @@ async def error_page(request: Request, status: int, message: str) -> HTMLRespons
     return await render(request, "error.html", status, message=message, status_code=status)
 
 
-def is_ui(scope: dict[str, Any]) -> bool:
+def is_ui(scope: Mapping[str, Any]) -> bool:
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
@@ -173,9 +173,9 @@ async def viewer(request: Request) -> tuple[Session, TokenRecord]:
         raise SignInNeeded()
     svc = _services(request)
     try:
-        who = svc.tokens.cached(session.authorization) or await svc.read(
-            svc.tokens.authenticate, session.authorization
-        )
+        who = svc.tokens.cached(session.authorization)
+        if who is None:
+            who = await svc.read(svc.tokens.authenticate, session.authorization)
     except Unauthenticated as exc:  # revoked or expired: the session ends with it
         sessions.end(session.id, f"signed out: {exc}")
         raise SignInNeeded(f"signed out: {exc}") from None
@@ -244,10 +244,10 @@ async def signin(request: Request) -> Response:
         response = await render(request, "signin.html", 401, why=str(exc), pre=pre)
         return response
     session = _sessions(request).open(token)
-    response = RedirectResponse(base_path(request) + "/", status_code=303)
-    _set_cookie(request, response, COOKIE, session.id, None)
-    response.delete_cookie(PRE_COOKIE, path=base_path(request))
-    return response
+    redirect = RedirectResponse(base_path(request) + "/", status_code=303)
+    _set_cookie(request, redirect, COOKIE, session.id, None)
+    redirect.delete_cookie(PRE_COOKIE, path=base_path(request))
+    return redirect
 
 
 @router.post("/signout")

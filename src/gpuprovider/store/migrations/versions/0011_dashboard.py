@@ -11,7 +11,7 @@ Revises: 0010
 from alembic import op
 
 revision = "0011_dashboard"
-down_revision = "0010"
+down_revision = "0011_rentals"
 branch_labels = None
 depends_on = None
 
