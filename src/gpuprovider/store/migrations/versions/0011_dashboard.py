@@ -5,7 +5,7 @@ SQLite would otherwise look a tenant's task up by name through the first index, 
 the tenant's tasks (25 ms instead of 0.4 at 100,000 tasks). Schema 11.
 
 Revision ID: 0011_dashboard
-Revises: 0010
+Revises: 0011_rentals
 """
 
 from alembic import op

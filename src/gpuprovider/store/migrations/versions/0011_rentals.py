@@ -2,7 +2,7 @@
 stable numbers. Their transitions are in the journal.
 
 Revision ID: 0011_rentals
-Revises: 0010
+Revises: 0011_pipelines
 """
 
 import sqlalchemy as sa
