@@ -65,7 +65,9 @@ async def list_tasks(
 
 @router.get("/{ref}", response_model=TaskDetailOut)
 async def get_task(ref: str, who: Reader, svc: Svc) -> JSONResponse:
-    return answer(await svc.read(svc.tasks.detail, ref, who))
+    # a handful of reads (the task, its allocation and node, its events, its service):
+    # on a worker thread, where a statement compiled for the first time costs no one
+    return answer(await svc.slow(svc.tasks.detail, ref, who))
 
 
 @router.get("/{ref}/events", response_model=list[EventOut])
